@@ -1,0 +1,183 @@
+"""Prompt embeddings: SD3's three text encoders run once per prompt, results cached on disk.
+
+A run needs at most 2^K + 1 prompts (METHOD §1). They are encoded with diffusers' own SD3 prompt encoding
+(CLIP-L and CLIP-G penultimate hidden states + pooled outputs, T5 up to 256 tokens), saved one safetensors
+file per prompt under `<cache>/<base fingerprint>/`, and the encoders are freed. The sampler reads only
+cached embeddings, so array jobs that find the cache filled never load T5.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+T5_MAX_TOKENS = 256
+_TEXT_FOLDERS = {
+    "text_encoder": ("tokenizer", "CLIPTextModelWithProjection"),
+    "text_encoder_2": ("tokenizer_2", "CLIPTextModelWithProjection"),
+    "text_encoder_3": ("tokenizer_3", "T5EncoderModel"),
+}
+TINY_CLIP = dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                 projection_dim=16, max_position_embeddings=77)
+TINY_T5 = dict(d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
+
+
+@dataclass(frozen=True)
+class PromptEmbedding:
+    """One prompt's embeddings: `embeds` [S, D] (CLIP-L|CLIP-G padded to T5 width, then T5) and `pooled` [P]."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor
+
+
+class TextEncoder:
+    """SD3's text encoders wrapped in a text-only diffusers pipeline, so encoding follows SD3's conventions."""
+
+    def __init__(self, pipeline, device: torch.device | str):
+        self.pipeline = pipeline
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=T5_MAX_TOKENS,
+        )
+        return [PromptEmbedding(e.float().cpu().contiguous(), p.float().cpu().contiguous()) for e, p in zip(embeds, pooled)]
+
+
+def _char_tokenizer(max_length: int, bos: bool):
+    """An offline character-level tokenizer (tiny preset only)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    vocab = {token: index for index, token in enumerate(specials + [chr(i) for i in range(33, 127)])}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Split("", "isolated")])
+    template = "<bos> $A <eos>" if bos else "$A <eos>"
+    tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<bos>", 1), ("<eos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=max_length)
+
+
+def tiny_text_encoder(seed: int, device: torch.device | str = "cpu") -> TextEncoder:
+    """Seeded random CLIP-L / CLIP-G / T5 stand-ins with offline tokenizers for the `tiny` preset."""
+    from diffusers import StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    vocab = 4 + 94
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        clip_config = CLIPTextConfig(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, **TINY_CLIP)
+        clip_l, clip_g = CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_config)
+        t5 = T5EncoderModel(T5Config(vocab_size=vocab, pad_token_id=0, eos_token_id=2, **TINY_T5))
+    pipeline = StableDiffusion3Pipeline(
+        transformer=None, scheduler=None, vae=None,
+        text_encoder=clip_l.to(device).eval(), tokenizer=_char_tokenizer(77, bos=True),
+        text_encoder_2=clip_g.to(device).eval(), tokenizer_2=_char_tokenizer(77, bos=True),
+        text_encoder_3=t5.to(device).eval(), tokenizer_3=_char_tokenizer(512, bos=False),
+    )
+    return TextEncoder(pipeline, device)
+
+
+def folder_text_encoder(root: str | os.PathLike, device: torch.device | str, dtype: torch.dtype) -> TextEncoder:
+    """SD3's text encoders from a local diffusers folder; T5 is optional (SD3 then uses zeros for it)."""
+    import transformers
+    from diffusers import StableDiffusion3Pipeline
+
+    root = Path(root)
+    parts = {}
+    for encoder_name, (tokenizer_name, class_name) in _TEXT_FOLDERS.items():
+        if not (root / encoder_name).is_dir():
+            if encoder_name != "text_encoder_3":
+                raise FileNotFoundError(f"base model folder {root} has no {encoder_name}/ (needed to encode prompts)")
+            parts[encoder_name] = parts[tokenizer_name] = None
+            continue
+        model_class = getattr(transformers, class_name)
+        parts[encoder_name] = model_class.from_pretrained(root / encoder_name, torch_dtype=dtype, local_files_only=True).to(device).eval()
+        parts[tokenizer_name] = transformers.AutoTokenizer.from_pretrained(root / tokenizer_name, local_files_only=True)
+    pipeline = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **parts)
+    return TextEncoder(pipeline, device)
+
+
+def default_cache_dir() -> Path:
+    """$MDSD3_PROMPT_CACHE, else $XDG_CACHE_HOME/mdsd3/prompts, else ~/.cache/mdsd3/prompts."""
+    if os.environ.get("MDSD3_PROMPT_CACHE"):
+        return Path(os.environ["MDSD3_PROMPT_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "mdsd3" / "prompts"
+
+
+class PromptCache:
+    """Prompt embeddings on disk, keyed by base fingerprint and prompt text; one file per prompt."""
+
+    def __init__(self, cache_dir: str | os.PathLike, fingerprint: str):
+        self.folder = Path(cache_dir).expanduser() / fingerprint
+        self.fingerprint = fingerprint
+
+    def path_for(self, prompt: str) -> Path:
+        return self.folder / (hashlib.sha256(prompt.encode()).hexdigest()[:32] + ".safetensors")
+
+    def _read(self, prompt: str) -> PromptEmbedding | None:
+        path = self.path_for(prompt)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                if handle.metadata().get("prompt") != prompt:
+                    return None
+                return PromptEmbedding(handle.get_tensor("embeds"), handle.get_tensor("pooled"))
+        except Exception:  # a damaged cache entry is re-encoded, never trusted
+            return None
+
+    def _write(self, prompt: str, embedding: PromptEmbedding) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.path_for(prompt)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"embeds": embedding.embeds, "pooled": embedding.pooled}, str(tmp),
+                  metadata={"prompt": prompt, "fingerprint": self.fingerprint})
+        os.replace(tmp, path)
+
+    def missing(self, prompts: Iterable[str]) -> list[str]:
+        """Prompts that have no valid cache entry."""
+        return [prompt for prompt in dict.fromkeys(prompts) if self._read(prompt) is None]
+
+    def get(self, prompts: Iterable[str], make_encoder: Callable[[], TextEncoder]) -> dict[str, PromptEmbedding]:
+        """Embeddings for `prompts`; only on a miss is `make_encoder` called (once), then the encoders are freed."""
+        prompts = list(dict.fromkeys(prompts))
+        found = {prompt: self._read(prompt) for prompt in prompts}
+        todo = [prompt for prompt, embedding in found.items() if embedding is None]
+        if todo:
+            encoder = make_encoder()
+            for prompt, embedding in zip(todo, encoder.encode(todo)):
+                self._write(prompt, embedding)
+                found[prompt] = embedding
+            del encoder
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return found
+
+
+def text_encoder_for(source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
+    """The text encoders of a base: the tiny preset's stand-ins, or those in a local SD3 folder."""
+    from .weights import TINY, TINY_SEED
+
+    if source == TINY:
+        return tiny_text_encoder(TINY_SEED, device)
+    return folder_text_encoder(source, device, dtype)
+
+
+def load_prompt_embeddings(source: str, fingerprint: str, prompts: Iterable[str], cache_dir: str | os.PathLike | None = None,
+                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, PromptEmbedding]:
+    """Embeddings for `prompts` from the cache, encoding (and caching) only those missing."""
+    cache = PromptCache(cache_dir or default_cache_dir(), fingerprint)
+    return cache.get(prompts, lambda: text_encoder_for(source, device, dtype))

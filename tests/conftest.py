@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny preset, cached prompt embeddings and real photos from scikit-image."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from mdsd3_cli.heads import all_prompts  # noqa: E402
+from mdsd3_cli.prompts import load_prompt_embeddings  # noqa: E402
+from mdsd3_cli.weights import build_tiny  # noqa: E402
+
+CLASSES = ["rain", "haze", "noise"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base():
+    return build_tiny()
+
+
+@pytest.fixture()
+def fresh_base(tiny_base):
+    """A private copy of the tiny base (tests that modify weights must not leak into others)."""
+    return copy.deepcopy(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def prompt_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("prompt_cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts(tiny_base, prompt_cache_dir):
+    return load_prompt_embeddings("tiny", tiny_base.fingerprint, all_prompts(CLASSES), prompt_cache_dir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_prompt_cache(tmp_path_factory):
+    """Never touch the user's ~/.cache from tests."""
+    os.environ["MDSD3_PROMPT_CACHE"] = str(tmp_path_factory.mktemp("user_prompt_cache"))

@@ -1,0 +1,57 @@
+"""Prompt rule and the prompt-embedding cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdsd3_cli import prompts as prompts_module
+from mdsd3_cli.heads import all_prompts, prompt_for
+from mdsd3_cli.prompts import PromptCache, load_prompt_embeddings
+
+from .conftest import CLASSES
+
+
+def test_prompt_rule_follows_adapter_order():
+    assert prompt_for({"haze": 1.0, "rain": 0.3}, CLASSES) == "rain haze"
+    assert prompt_for({"haze": 0.0}, CLASSES) == "clean"
+    assert prompt_for({}, CLASSES) == "clean"
+    assert len(all_prompts(CLASSES)) == 2 ** len(CLASSES) + 1  # every subset ("clean" for none) + ""
+
+
+def test_cache_hit_never_constructs_text_encoders(tiny_base, tmp_path, monkeypatch):
+    built = []
+    real = prompts_module.tiny_text_encoder
+    monkeypatch.setattr(prompts_module, "tiny_text_encoder", lambda *a, **k: built.append(1) or real(*a, **k))
+    first = load_prompt_embeddings("tiny", tiny_base.fingerprint, ["rain", ""], tmp_path)
+    assert built == [1]
+    second = load_prompt_embeddings("tiny", tiny_base.fingerprint, ["", "rain"], tmp_path)
+    assert built == [1], "a cache hit must not build the text encoders"
+    for prompt in ("rain", ""):
+        assert torch.equal(first[prompt].embeds, second[prompt].embeds)
+    load_prompt_embeddings("tiny", tiny_base.fingerprint, ["rain", "haze"], tmp_path)
+    assert built == [1, 1]  # only the miss triggers encoding
+
+
+def test_cache_is_keyed_by_fingerprint_and_text(tmp_path):
+    a, b = PromptCache(tmp_path, "base-a"), PromptCache(tmp_path, "base-b")
+    assert a.path_for("rain") != b.path_for("rain") != a.path_for("haze")
+
+
+def test_damaged_cache_entry_is_reencoded(tiny_base, tmp_path):
+    load_prompt_embeddings("tiny", tiny_base.fingerprint, ["rain"], tmp_path)
+    cache = PromptCache(tmp_path, tiny_base.fingerprint)
+    cache.path_for("rain").write_bytes(b"garbage")
+    assert cache.missing(["rain"]) == ["rain"]
+    fresh = load_prompt_embeddings("tiny", tiny_base.fingerprint, ["rain"], tmp_path)
+    assert fresh["rain"].embeds.shape[0] == 77 + 256
+
+
+def test_distinct_prompts_embed_differently(tiny_prompts):
+    assert not torch.equal(tiny_prompts["rain"].embeds, tiny_prompts["haze"].embeds)
+    assert not torch.equal(tiny_prompts["rain"].pooled, tiny_prompts[""].pooled)
+
+
+def test_missing_text_encoder_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="text_encoder/"):
+        prompts_module.folder_text_encoder(tmp_path, "cpu", torch.float32)

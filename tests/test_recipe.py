@@ -1,0 +1,375 @@
+"""Recipe loading: schema rules, error messages naming file and field, overrides, paths, identity."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mdsd3_cli.adapter import WEIGHTS_NAME, AdapterConfig, write_adapter_config
+from mdsd3_cli.recipe import (
+    InputSection,
+    ModelSection,
+    OutputSection,
+    RecipeError,
+    SamplingSection,
+    Variant,
+    example_recipe_text,
+    load_recipe,
+)
+
+VALID: dict[str, Any] = {
+    "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
+    "input": {"paths": ["photos/"]},
+    "output": {"dir": "out"},
+    "sampling": {"steps": 4, "guidance": 7.0, "seed": 1, "batch_size": 2},
+    "variants": [
+        {"name": "rain_haze", "classes": {"rain": 1.0, "haze": 1.0}},
+        {"name": "mix", "classes": {"rain": [0.3, 1.0], "haze": [0.0, 0.6]}, "repeats": 2, "alpha": 0.9, "beta": 0.4},
+    ],
+}
+
+
+def write_recipe(folder: Path, data: Any) -> Path:
+    """Write a recipe (and the photos/ folder it names) into `folder`."""
+    (folder / "photos").mkdir(exist_ok=True)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def with_change(dotted: str, value: Any) -> dict[str, Any]:
+    """A deep copy of VALID with one field set (a `...` value deletes it)."""
+    data = copy.deepcopy(VALID)
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    slot: Any = int(last) if isinstance(node, list) else last
+    if value is ...:
+        del node[slot]
+    else:
+        node[slot] = value
+    return data
+
+
+def make_adapter(folder: Path, classes: list[str], weights: bool = True) -> Path:
+    write_adapter_config(folder, AdapterConfig.fresh(classes, "fingerprint", {"num_attention_heads": 6}))
+    if weights:
+        (folder / WEIGHTS_NAME).write_bytes(b"")
+    return folder
+
+
+def assert_error(path: Path, field: str, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path, overrides)
+    message = str(caught.value)
+    assert f"{path}: {field}: " in message, message
+    return message
+
+
+def test_valid_recipe_loads_with_defaults(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, VALID))
+    assert recipe.classes() == ["rain", "haze", "noise"]
+    assert recipe.sampling.alpha == 1.0 and recipe.input.size == 512 and recipe.output.format == "png"
+    assert recipe.variants[1].classes == {"rain": [0.3, 1.0], "haze": [0.0, 0.6]}
+    assert recipe.variant_alpha(recipe.variants[0]) == 1.0 and recipe.variant_alpha(recipe.variants[1]) == 0.9
+    assert recipe.variant_beta(recipe.variants[0]) == 0.0 and recipe.variant_beta(recipe.variants[1]) == 0.4
+    assert recipe.source_path == tmp_path / "recipe.yaml"
+    assert "_source_path" not in recipe.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("sampling.stepz", 3),                      # unknown key in a section
+        ("extra_section", {}),                      # unknown top-level key
+        ("variants.0.ratio", 1.0),                  # unknown key in a variant
+        ("sampling.steps", "many"),                 # wrong type
+        ("sampling.steps", 2.5),
+        ("input.recursive", "yes"),
+        ("model.compile", 1),
+        ("variants.0.classes.rain", True),
+        ("sampling.guidance", float("nan")),
+        ("sampling.beta", float("inf")),
+        ("sampling.steps", 0),                      # steps < 1
+        ("sampling.guidance", -0.5),                # guidance < 0
+        ("sampling.alpha", 0.0),                    # alpha <= 0
+        ("variants.1.alpha", -1.0),
+        ("sampling.beta", -0.1),                    # beta < 0
+        ("variants.1.beta", -0.1),
+        ("sampling.batch_size", 0),                 # batch_size < 1
+        ("input.size", 500),                        # not a multiple of 16
+        ("input.size", 0),
+        ("input.resize", "stretch"),
+        ("input.paths", []),
+        ("output.format", "tiff"),
+        ("output.quality", 0),
+        ("output.png_compress_level", 10),
+        ("model.dtype", "float64"),
+        ("model.device", "gpu"),
+        ("model.classes", ["rain", "rain"]),
+        ("model.classes", ["clean"]),
+        ("model.base", ...),                        # required field
+        ("variants.0.classes.rain", 1.5),           # ratio outside [0, 1]
+        ("variants.0.classes.rain", -0.1),
+        ("variants.1.classes.rain", [0.2, 1.2]),
+        ("variants.1.classes.rain", [0.8, 0.2]),    # range lo > hi
+        ("variants.1.classes.rain", [0.1, 0.2, 0.3]),
+        ("variants.1.repeats", 0),
+        ("variants.0.name", "../up"),               # not a plain folder name
+        ("variants.0.name", "."),
+        ("variants.0.name", ".."),
+        ("variants.0.name", "has space"),
+        ("variants.0.name", "a/b"),
+        ("variants.0.name", "x" * 101),
+        ("variants", []),                           # at least one variant
+    ],
+)
+def test_schema_rules_name_file_and_field(tmp_path: Path, field: str, value: Any) -> None:
+    assert_error(write_recipe(tmp_path, with_change(field, value)), field)
+
+
+def test_name_of_exactly_100_characters_is_accepted(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, with_change("variants.0.name", "x" * 100)))
+    assert recipe.variants[0].folder(1) == "x" * 100
+
+
+def test_unknown_class_in_variant(tmp_path: Path) -> None:
+    message = assert_error(write_recipe(tmp_path, with_change("variants.1.classes.snow", 0.5)),
+                           "variants.1.classes.snow")
+    assert "'snow'" in message and "rain" in message
+
+
+def test_duplicate_variant_names(tmp_path: Path) -> None:
+    data = with_change("variants.1.name", "rain_haze")
+    data["variants"][1]["repeats"] = 1
+    assert_error(write_recipe(tmp_path, data), "variants.1.name")
+
+
+def test_duplicate_variant_names_with_different_repeats(tmp_path: Path) -> None:
+    data = with_change("variants.1.name", "rain_haze")
+    message = assert_error(write_recipe(tmp_path, data), "variants.1.name")
+    assert "collides" not in message
+
+
+def test_variant_folders_that_collide(tmp_path: Path) -> None:
+    data = with_change("variants.0.name", "mix_r2")
+    message = assert_error(write_recipe(tmp_path, data), "variants.1")
+    assert "'mix_r2'" in message
+
+
+def test_variant_folders_follow_repeats(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, VALID))
+    assert recipe.variants[0].folders() == ["rain_haze"]
+    assert recipe.variants[1].folders() == ["mix_r1", "mix_r2"]
+    with pytest.raises(ValueError):
+        recipe.variants[1].folder(3)
+
+
+def test_missing_base_folder(tmp_path: Path) -> None:
+    message = assert_error(write_recipe(tmp_path, with_change("model.base", "models/sd3")), "model.base")
+    assert str(tmp_path / "models" / "sd3") in message
+
+
+def test_existing_base_folder_resolves_against_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "models" / "sd3").mkdir(parents=True)
+    path = write_recipe(tmp_path, with_change("model.base", "models/sd3"))
+    monkeypatch.chdir("/")
+    assert load_recipe(path).base_dir() == tmp_path / "models" / "sd3"
+
+
+def test_missing_input_path(tmp_path: Path) -> None:
+    assert_error(write_recipe(tmp_path, with_change("input.paths", ["photos/", "nowhere/"])), "input.paths.1")
+
+
+def test_input_globs_are_not_checked_and_paths_resolve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_recipe(tmp_path, with_change("input.paths", ["photos/", "more/*.jpg", "/abs/list.txt*"]))
+    monkeypatch.chdir("/")
+    recipe = load_recipe(path)
+    assert recipe.input_paths() == [str(tmp_path / "photos"), str(tmp_path / "more" / "*.jpg"), "/abs/list.txt*"]
+    assert recipe.output_dir() == tmp_path / "out"
+
+
+def test_classes_required_without_adapter(tmp_path: Path) -> None:
+    assert_error(write_recipe(tmp_path, with_change("model.classes", ...)), "model.classes")
+
+
+def test_missing_adapter(tmp_path: Path) -> None:
+    assert_error(write_recipe(tmp_path, with_change("model.adapter", "adapters/none")), "model.adapter")
+
+
+def test_adapter_without_config_or_weights(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert_error(write_recipe(tmp_path, with_change("model.adapter", "empty")), "model.adapter")
+    make_adapter(tmp_path / "noweights", ["rain", "haze", "noise"], weights=False)
+    assert_error(write_recipe(tmp_path, with_change("model.adapter", "noweights")), "model.adapter")
+
+
+def test_corrupt_adapter_config(tmp_path: Path) -> None:
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    assert_error(write_recipe(tmp_path, with_change("model.adapter", "bad")), "model.adapter")
+
+
+def test_adapter_classes_are_used(tmp_path: Path) -> None:
+    make_adapter(tmp_path / "adapter", ["rain", "haze", "noise", "snow"])
+    data = with_change("model.adapter", "adapter")
+    del data["model"]["classes"]
+    data["variants"][0]["classes"]["snow"] = 0.5
+    recipe = load_recipe(write_recipe(tmp_path, data))
+    assert recipe.classes() == ["rain", "haze", "noise", "snow"]
+    assert recipe.adapter_dir() == tmp_path / "adapter"
+
+
+def test_adapter_classes_check_variants(tmp_path: Path) -> None:
+    make_adapter(tmp_path / "adapter", ["rain", "snow"])
+    data = with_change("model.adapter", "adapter")
+    del data["model"]["classes"]
+    assert_error(write_recipe(tmp_path, data), "variants.0.classes.haze")
+
+
+def test_adapter_classes_mismatch(tmp_path: Path) -> None:
+    make_adapter(tmp_path / "adapter", ["haze", "rain", "noise"])
+    message = assert_error(write_recipe(tmp_path, with_change("model.adapter", "adapter")), "model.classes")
+    assert "['haze', 'rain', 'noise']" in message
+
+
+def test_all_problems_are_reported_together(tmp_path: Path) -> None:
+    data = with_change("variants.0.classes.snow", 1.0)
+    data["model"]["base"] = "missing"
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write_recipe(tmp_path, data))
+    assert [field for field, _ in caught.value.problems] == ["variants.0.classes.snow", "model.base"]
+
+
+def test_recipe_error_survives_pickling(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write_recipe(tmp_path, with_change("sampling.steps", 0)))
+    copied = pickle.loads(pickle.dumps(caught.value))
+    assert str(copied) == str(caught.value) and copied.problems == caught.value.problems
+
+
+def test_missing_file_and_bad_yaml_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="nothere.yaml"):
+        load_recipe(tmp_path / "nothere.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {base: tiny\nvariants: [")
+    with pytest.raises(RecipeError, match="broken.yaml: invalid YAML"):
+        load_recipe(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="list.yaml: a recipe is a YAML mapping"):
+        load_recipe(listing)
+
+
+def test_empty_file_reports_missing_sections(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(empty)
+    assert {field for field, _ in caught.value.problems} == {"model", "input", "output", "variants"}
+
+
+def test_python_object_tags_are_refused(tmp_path: Path) -> None:
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("model: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(RecipeError, match="tagged.yaml: invalid YAML"):
+        load_recipe(tagged)
+
+
+def test_overrides_set_values_with_yaml_types(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, VALID)
+    recipe = load_recipe(path, [
+        "sampling.steps=20",
+        "sampling.guidance=3",
+        "model.compile=true",
+        "variants.0.classes.rain=[0.1, 0.5]",
+        "variants.1.name=renamed",
+        "output.dir=elsewhere/out",
+    ])
+    assert recipe.sampling.steps == 20 and isinstance(recipe.sampling.steps, int)
+    assert recipe.sampling.guidance == 3.0 and isinstance(recipe.sampling.guidance, float)
+    assert recipe.model.compile is True
+    assert recipe.variants[0].classes["rain"] == [0.1, 0.5]
+    assert recipe.variants[1].name == "renamed"
+    assert recipe.output_dir() == tmp_path / "elsewhere" / "out"
+
+
+def test_override_creates_missing_sections(tmp_path: Path) -> None:
+    data = copy.deepcopy(VALID)
+    del data["sampling"]
+    recipe = load_recipe(write_recipe(tmp_path, data), ["sampling.seed=7"])
+    assert recipe.sampling.seed == 7 and recipe.sampling.steps == 28
+
+
+@pytest.mark.parametrize("override", ["sampling.steps", "=3", "sampling..steps=3", "variants.5.name=x",
+                                      "variants.name=x", "sampling.steps.deeper=1", "sampling.steps=[1,"])
+def test_bad_overrides_name_the_override(tmp_path: Path, override: str) -> None:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write_recipe(tmp_path, VALID), [override])
+    assert f"--set {override!r}" in str(caught.value) and "recipe.yaml" in str(caught.value)
+
+
+def test_override_values_are_validated(tmp_path: Path) -> None:
+    assert_error(write_recipe(tmp_path, VALID), "sampling.steps", ("sampling.steps=abc",))
+    assert_error(write_recipe(tmp_path, VALID), "sampling.newfield", ("sampling.newfield=1",))
+
+
+def test_prompt_cache_location(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, VALID))
+    assert recipe.prompt_cache_dir({"MDSD3_PROMPT_CACHE": "/cache/p"}) == Path("/cache/p")
+    assert recipe.prompt_cache_dir({}) == Path("~/.cache/mdsd3/prompts").expanduser()
+    explicit = load_recipe(write_recipe(tmp_path, with_change("model.prompt_cache", "cache")))
+    assert explicit.prompt_cache_dir({"MDSD3_PROMPT_CACHE": "/cache/p"}) == tmp_path / "cache"
+
+
+@pytest.mark.parametrize("override", ["sampling.batch_size=16", "input.workers=8", "output.workers=8",
+                                      "model.device=cuda:1", "model.dtype=float32", "model.compile=true",
+                                      "model.prompt_cache=elsewhere", "output.png_compress_level=9",
+                                      "output.quality=50", "input.paths=[photos/, photos]"])
+def test_identity_ignores_execution_settings(tmp_path: Path, override: str) -> None:
+    path = write_recipe(tmp_path, VALID)
+    assert load_recipe(path, [override]).identity() == load_recipe(path).identity()
+
+
+@pytest.mark.parametrize("override", ["sampling.steps=5", "sampling.seed=2", "sampling.guidance=4.5",
+                                      "sampling.alpha=0.5", "variants.1.beta=0.1", "variants.0.classes.rain=0.5",
+                                      "variants.1.repeats=3", "variants.0.name=other", "input.size=256",
+                                      "input.resize=resize", "output.format=jpeg", "model.classes=[rain, haze, fog]"])
+def test_identity_follows_output_settings(tmp_path: Path, override: str) -> None:
+    path = write_recipe(tmp_path, VALID)
+    assert load_recipe(path, [override]).identity() != load_recipe(path).identity()
+
+
+def test_identity_uses_effective_alpha_beta_and_lossy_quality(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, VALID)
+    plain = load_recipe(path).identity()
+    assert plain["variants"][0]["alpha"] == 1.0 and plain["variants"][1]["alpha"] == 0.9
+    assert "batch_size" not in plain["sampling"]
+    jpeg = load_recipe(path, ["output.format=jpeg"])
+    assert jpeg.identity() != load_recipe(path, ["output.format=jpeg", "output.quality=50"]).identity()
+
+
+def test_example_recipe_loads_and_sets_every_field(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(example_recipe_text())
+    (tmp_path / "photos").mkdir()
+    recipe = load_recipe(path)
+    assert recipe.model.base == "tiny" and recipe.classes() == ["rain", "haze", "noise"]
+    raw = yaml.safe_load(example_recipe_text())
+    sections = {"model": ModelSection, "input": InputSection, "output": OutputSection, "sampling": SamplingSection}
+    for name, schema in sections.items():
+        assert set(raw[name]) == set(schema.model_fields), name
+    assert set().union(*(variant.keys() for variant in raw["variants"])) == set(Variant.model_fields)
+    assert "#" in example_recipe_text()
+
+
+def test_example_recipe_needs_its_photos_folder(tmp_path: Path) -> None:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(example_recipe_text())
+    assert_error(path, "input.paths.0")
