@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import itertools
 import os
 import re
 import stat
@@ -14,13 +15,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal, TypeVar
+from typing import BinaryIO, Literal, TypeVar, get_args
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 ResizePolicy = Literal["center_crop", "resize", "native"]
-RESIZE_POLICIES: tuple[str, ...] = ("center_crop", "resize", "native")
+RESIZE_POLICIES: tuple[str, ...] = get_args(ResizePolicy)
 MIN_SIDE = 16
 """Smallest usable image side, and the multiple `native` crops to."""
 MAX_KEY_PART_BYTES = 200
@@ -30,6 +31,7 @@ DEFAULT_MAX_PIXELS = 89_478_485
 REDUCING_GAP = 3.0
 """Pillow reduces by an integer factor first, then LANCZOS: deterministic, near-LANCZOS quality, fast."""
 
+_IDENTIFY_ONLY_FORMATS = frozenset({"MPEG"})
 _GLOB_MAGIC = re.compile(r"[*?[]")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")
@@ -98,8 +100,17 @@ class LoadedImage:
 
 @functools.cache
 def image_extensions() -> frozenset[str]:
-    """Lower-case file extensions (with dot) of the formats Pillow can open."""
-    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+    """Lower-case file extensions (with dot) of the formats Pillow can decode (stub and identify-only
+    formats such as HDF5, GRIB or MPEG excluded)."""
+    return frozenset(
+        ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and _decodable(fmt)
+    )
+
+
+def _decodable(fmt: str) -> bool:
+    factory = Image.OPEN[fmt][0]
+    is_stub = isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile)
+    return not is_stub and fmt not in _IDENTIFY_ONLY_FORMATS
 
 
 def unsafe_key_reason(key: str) -> str | None:
@@ -300,7 +311,7 @@ def _decode(path: Path, max_pixels: int, max_side: int | None) -> Image.Image:
         raise ImageError(_pillow_bomb_reason(exc, max_pixels)) from None
     except MemoryError:
         raise ImageError("out of memory while decoding") from None
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input, never a crash
+    except Exception as exc:  # any decoder failure is bad input, never a crash
         raise ImageError(f"truncated or corrupt image: {type(exc).__name__}: {exc}") from None
 
 
@@ -398,10 +409,7 @@ def iter_loaded(
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mdsd3-decode") as pool:
 
         def top_up() -> None:
-            while len(pending) < prefetch:
-                item = next(remaining, _END)
-                if item is _END:
-                    return
+            for item in itertools.islice(remaining, prefetch - len(pending)):
                 pending.append((item, pool.submit(load, item)))
 
         try:
@@ -418,5 +426,3 @@ def iter_loaded(
             for _, future in pending:
                 future.cancel()
 
-
-_END = object()

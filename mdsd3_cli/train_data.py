@@ -88,7 +88,8 @@ class DataReport:
 
     def counts(self, dataset: str | None = None) -> dict[str, int]:
         """Distinct skipped items per reason (optionally for one dataset)."""
-        counts = {reason: sum(1 for skip in items if dataset in (None, skip.dataset)) for reason, items in self._items.items()}
+        counts = {reason: sum(1 for skip in items if dataset in (None, skip.dataset))
+                  for reason, items in self._items.items()}
         return {reason: count for reason, count in counts.items() if count}
 
     def draws_skipped(self) -> int:
@@ -185,7 +186,8 @@ def _list_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             reader = csv.DictReader(handle)
             missing = {"clean", "degraded"} - set(reader.fieldnames or ())
             if missing:
-                raise DatasetError(f"{path}:1: the header needs columns clean,degraded[,classes]; missing {sorted(missing)}")
+                raise DatasetError(f"{path}:1: the header needs columns clean,degraded[,classes]; "
+                                   f"missing {sorted(missing)}")
             for row in reader:
                 yield f"{path}:{reader.line_num}", row
         return
@@ -221,7 +223,7 @@ def _pair_list(spec: PairListDataset, classes: Sequence[str], report: DataReport
 
 
 def _mdsd3_output(spec: Mdsd3OutputDataset, classes: Sequence[str], report: DataReport) -> list[Pair]:
-    """Pairs from manifest records {"clean": .., "degraded": .., "ratios": {..}}; paths relative to the output folder."""
+    """Pairs from manifest records {"clean": .., "degraded": .., "ratios": {..}}; paths relative to `dir`."""
     pairs, seen = [], set()
     for manifest in sorted((spec.dir / "manifest").glob("*.jsonl")):
         with manifest.open() as handle:
@@ -377,16 +379,15 @@ class PairedDataset(Dataset):
         width, height = _resized_size(clean.width, clean.height, resolution, self.data.resize)
         left, top = round(draw.crop_x * (width - resolution)), round(draw.crop_y * (height - resolution))
         box = (left, top, left + resolution, top + resolution)
-        images = []
-        for image in (clean, degraded):
+        tensors = []
+        for image in (clean,) if draw.identity else (clean, degraded):
             if image.size != (width, height):
-                image = image.resize((width, height), Image.Resampling.BICUBIC)
+                image = image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
             image = image.crop(box)
-            images.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if draw.flip else image)
-        clean_tensor = _to_tensor(images[0])
+            tensors.append(_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if draw.flip else image))
         return {
-            "clean": clean_tensor,
-            "degraded": clean_tensor.clone() if draw.identity else _to_tensor(images[1]),
+            "clean": tensors[0],
+            "degraded": tensors[0].clone() if draw.identity else tensors[1],
             "ratios": torch.zeros(len(self.classes)) if draw.identity else self._ratio_rows[draw.pair_index].clone(),
             "identity": torch.tensor(draw.identity),
         }

@@ -255,11 +255,13 @@ class TrainRecipe(_Section):
         seen: dict[str, int] = {}
         for index, dataset in enumerate(self.datasets):
             if dataset.name in seen:
-                problems.append(f"datasets.{index}.name: {dataset.name!r} is also the name of datasets.{seen[dataset.name]}")
+                first = seen[dataset.name]
+                problems.append(f"datasets.{index}.name: {dataset.name!r} is also the name of datasets.{first}")
             seen.setdefault(dataset.name, index)
             for name in getattr(dataset, "classes", {}):
                 if name not in self.classes:
-                    problems.append(f"datasets.{index}.classes.{name}: unknown class; the recipe's classes are {self.classes}")
+                    problems.append(f"datasets.{index}.classes.{name}: unknown class; "
+                                    f"the recipe's classes are {self.classes}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -273,7 +275,8 @@ def _format_errors(source: str, error: ValidationError) -> str:
         if len(loc) > 2 and loc[0] == "datasets" and loc[2] in DATASET_KINDS:
             del loc[2]
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] not in ("value_error", "missing", "extra_forbidden") and not isinstance(item["input"], (dict, list)):
+        shows_input = item["type"] not in ("value_error", "missing", "extra_forbidden")
+        if shows_input and not isinstance(item["input"], (dict, list)):
             message += f" (got {item['input']!r})"
         if loc:
             lines.append(f"{source}: {'.'.join(loc)}: {message}")

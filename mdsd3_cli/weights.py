@@ -135,6 +135,15 @@ def load_base(source: str, dtype: torch.dtype = torch.float32, device: str | tor
     return BaseModel(str(root), transformer, vae, scheduler_config, fingerprint_folder(root))
 
 
+def fingerprint_adapter(adapter_dir: str | os.PathLike) -> str:
+    """A cheap, content-based fingerprint of an adapter folder (config + weight file samples)."""
+    folder = Path(adapter_dir)
+    digest = hashlib.sha256(b"mdsd3-adapter:v1")
+    digest.update((folder / "adapter_config.json").read_bytes())
+    _file_digest(digest, folder / WEIGHTS_NAME)
+    return digest.hexdigest()[:24]
+
+
 def fingerprint_base(source: str) -> str:
     """The fingerprint `load_base(source)` would report, without loading the folder's weights."""
     if source == TINY:

@@ -8,7 +8,7 @@ foreground as children of the test process. Nothing global is written: the daemo
 
 Use it from a test module::
 
-    from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+    from .slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
     def test_something(slurm_cluster, tmp_path):
         result = slurm_cluster.submit_array("scripts/slurm_generate.sbatch", array="0-2",
@@ -16,7 +16,9 @@ Use it from a test module::
         assert result.ok, result.report()
         assert result.exit_codes == [0, 0, 0]
 
-or, without pytest, ``with SlurmCluster.start() as cluster: ...``.
+(or import it once in tests/conftest.py). Without pytest:
+``with SlurmCluster.start() as cluster: ...``; ``python tests/slurm_cluster.py`` starts one,
+prints ``sinfo`` and stops it.
 
 If the binaries are missing or a daemon does not come up, the fixture calls ``pytest.skip``
 with the precise reason (including the daemon's log tail). Set ``MDSD3_REQUIRE_SLURM=1`` to
@@ -92,6 +94,15 @@ def _mem_mb() -> int:
                 # leave a margin for rounding between /proc/meminfo and slurmd's sysconf.
                 return max(1, int(kb / 1024 * 0.95))
     return 1024
+
+
+def _die_with_parent() -> None:
+    """In the daemon (before exec): get SIGTERM when the test process dies, so a killed
+    pytest (CI timeout, kill -9) leaves no daemons behind. Best effort, Linux only."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -321,7 +332,8 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         try:
             self.procs[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env=_clean_env({"SLURM_CONF": str(self.conf)}))
+                start_new_session=True, env=_clean_env({"SLURM_CONF": str(self.conf)}),
+                preexec_fn=_die_with_parent)
         except OSError as e:
             raise SlurmUnavailable(f"cannot exec {name} ({argv[0]}): {e}") from e
         finally:
@@ -347,7 +359,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             time.sleep(0.2)
 
     def _wait_idle(self, deadline: float) -> None:
-        last = ""
+        last, bad_since = "", None
         while True:
             for name in _DAEMONS:
                 self._check_alive(name)
@@ -357,7 +369,11 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             state = states.get(self.nodename, "")
             if r.returncode == 0 and state.rstrip("*~#$@^-") == "idle":
                 return
-            if state.startswith(("drain", "down", "inval")) and time.monotonic() > deadline - START_TIMEOUT_S / 2:
+            # "down*" is normal until slurmd registers; a node that stays down/drained/invalid
+            # for 10 s after that will not recover by itself.
+            bad = state.startswith(("drain", "down", "inval", "fail"))
+            bad_since = (bad_since or time.monotonic()) if bad else None
+            if bad_since is not None and time.monotonic() - bad_since > 10:
                 reason = self._client(["scontrol", "show", "node", self.nodename], timeout=10).stdout
                 raise SlurmUnavailable(f"node {self.nodename} is {state}:\n{reason.strip()}\n"
                                        + self.log_tail("slurmd"))

@@ -10,7 +10,10 @@ import textwrap
 
 import pytest
 
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture, shared by all modules)
+try:  # tests/ is a package (tests/__init__.py); keep working if it stops being one
+    from .slurm_cluster import slurm_cluster  # noqa: F401  (session fixture, one cluster per run)
+except ImportError:
+    from slurm_cluster import slurm_cluster  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,190 @@
+"""The `mdsd3` command line: a thin Typer layer over the library."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Paired clean/degraded image datasets from a masked Stable Diffusion 3 transformer.\n\n"
+    "Start with `mdsd3 init recipe.yaml`, edit it, `mdsd3 check --config recipe.yaml`, then "
+    "`mdsd3 generate --config recipe.yaml`. Rerunning a stopped run finishes it.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True)
+EXIT_USAGE = 2
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
+SetOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override one recipe field, e.g. --set sampling.steps=20 (repeatable).",
+                 show_default=False),
+]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+
+
+@contextmanager
+def _clear_errors():
+    """Known user errors become one red message and exit status 2; nothing else is caught."""
+    from .adapter import AdapterError
+    from .generate import InputsError
+    from .plan import ShardError
+    from .recipe import RecipeError
+    from .weights import BaseModelError
+    from .writer import OutputConflictError
+
+    try:
+        yield
+    except (RecipeError, InputsError, AdapterError, BaseModelError, OutputConflictError, ShardError, OSError,
+            ValueError) as error:
+        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _load(config: Path, overrides: Optional[list[str]]):
+    from .recipe import load_recipe
+
+    return load_recipe(config, overrides or [])
+
+
+@app.command()
+def generate(
+    config: ConfigOption,
+    overrides: SetOption = None,
+    shard_index: Annotated[Optional[int], typer.Option(help="This process's shard (0-based). Default: from "
+                           "SLURM_ARRAY_TASK_ID and/or torchrun's RANK, else 0.")] = None,
+    num_shards: Annotated[Optional[int], typer.Option(help="Total shards. Default: from SLURM_ARRAY_TASK_COUNT "
+                          "and/or WORLD_SIZE, else 1.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N input images (sorted by key).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; load no model.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete this output folder's dataset and redo "
+                         "everything (default: resume, skipping finished samples).")] = False,
+) -> None:
+    """Generate the paired dataset a recipe describes (resumes by default).
+
+    Writes OUT/clean/<key>, OUT/degraded/<variant>/<key>, OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl
+    and OUT/run.json. Exit status: 0 all done, 1 some inputs failed (see errors/), 2 bad recipe or usage,
+    130/143 stopped by SIGINT/SIGTERM (rerun to finish).
+    """
+    _quiet_libraries()
+    from .generate import describe_plan, plan_run, run_generate
+    from .plan import detect_shard
+
+    with _clear_errors():
+        recipe = _load(config, overrides)
+        shard = detect_shard(shard_index, num_shards, os.environ)
+        run = plan_run(recipe, shard, limit)
+        if dry_run:
+            Console().print(describe_plan(run))
+            return
+        summary = run_generate(run, overwrite=overwrite, console=console)
+    Console().print(summary.table())
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def check(config: ConfigOption, overrides: SetOption = None) -> None:
+    """Validate a recipe without loading any model: fields, classes against the adapter, paths, inputs, output."""
+    from .generate import check_output_writable, describe_plan, plan_run
+    from .plan import ShardSpec
+
+    with _clear_errors():
+        recipe = _load(config, overrides)
+        check_output_writable(recipe.output_dir())
+        run = plan_run(recipe, ShardSpec(0, 1))
+    Console().print(describe_plan(run))
+    console.print(f"[green]ok:[/] {config} is valid")
+
+
+@app.command()
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the example recipe.")] = Path("recipe.yaml"),
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented example recipe to edit."""
+    from .recipe import example_recipe_text
+
+    if path.exists() and not force:
+        console.print(f"[bold red]error:[/] {path} exists; use --force to replace it")
+        raise typer.Exit(EXIT_USAGE)
+    path.write_text(example_recipe_text())
+    console.print(f"wrote {path}; edit input.paths and output.dir, then: mdsd3 check --config {path}")
+
+
+@app.command("encode-prompts")
+def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
+    """Encode every prompt the recipe's classes can need into the prompt cache (run once before array jobs,
+    so that no task loads the text encoders)."""
+    _quiet_libraries()
+    from .heads import all_prompts
+    from .prompts import PromptCache, load_prompt_embeddings
+    from .runtime import resolve_device, resolve_dtype
+    from .weights import fingerprint_base
+
+    with _clear_errors():
+        recipe = _load(config, overrides)
+        source = recipe.model.base if recipe.base_dir() is None else str(recipe.base_dir())
+        fingerprint = fingerprint_base(source)
+        prompts = all_prompts(recipe.classes())
+        cache = PromptCache(recipe.prompt_cache_dir(), fingerprint)
+        missing = cache.missing(prompts)
+        device = resolve_device(recipe.model.device)
+        load_prompt_embeddings(source, fingerprint, prompts, recipe.prompt_cache_dir(), device,
+                               resolve_dtype(recipe.model.dtype, device))
+    console.print(f"{len(prompts)} prompts cached in {cache.folder} ({len(missing)} newly encoded)")
+
+
+@app.command()
+def info(config: ConfigOption, overrides: SetOption = None) -> None:
+    """Model and adapter summary: classes, head partition, parameter counts, fingerprints."""
+    _quiet_libraries()
+    import torch
+
+    from .generate import open_session
+    from .weights import describe_parameters
+
+    with _clear_errors():
+        recipe = _load(config, overrides)
+        session = open_session(recipe, torch.device("cpu"), torch.float32)
+    table = Table(title="mdsd3 model", show_header=False)
+    adapter = session.adapter
+    table.add_row("base", f"{session.base.source} ({session.base.fingerprint})")
+    table.add_row("adapter", f"{recipe.model.adapter or 'fresh (untrained)'} ({session.adapter_fingerprint or '-'})")
+    table.add_row("shape", ", ".join(f"{k}={v}" for k, v in session.base.shape.items()))
+    for name, heads in zip(adapter.classes, adapter.head_partition):
+        table.add_row(f"class {name}", f"heads {heads[0]}-{heads[-1]} ({len(heads)})")
+    for name, count in describe_parameters(session.model).items():
+        table.add_row(f"parameters: {name}", f"{count:,}")
+    Console().print(table)
+
+
+@app.command()
+def preview(
+    dataset: Annotated[Path, typer.Option("--dataset", help="A generate output folder.", show_default=False)],
+    n: Annotated[int, typer.Option("--n", min=1, help="Rows (randomly chosen keys).")] = 16,
+    out: Annotated[Path, typer.Option("--out", help="PNG to write.")] = Path("preview.png"),
+    seed: Annotated[int, typer.Option(help="Which keys are chosen.")] = 0,
+    cell: Annotated[int, typer.Option(min=32, help="Thumbnail size in pixels.")] = 192,
+) -> None:
+    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios."""
+    from .preview import contact_sheet
+
+    with _clear_errors():
+        sheet = contact_sheet(dataset, n, cell, seed)
+        sheet.save(out)
+    console.print(f"wrote {out} ({sheet.width}x{sheet.height})")

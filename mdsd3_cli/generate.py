@@ -1,0 +1,321 @@
+"""`mdsd3 generate`: recipe -> plan -> shard -> resume filter -> decode -> sample -> write (DESIGN.md data flow)."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .adapter import AdapterConfig
+from .heads import UNCONDITIONAL_PROMPT, prompt_for
+from .images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded, load_image
+from .plan import ShardSpec, WorkItem, build_plan, shard_items
+from .progress import RunProgress
+from .prompts import load_prompt_embeddings
+from .recipe import Recipe
+from .runtime import StopRequest, resolve_device, resolve_dtype
+from .sampler import MDSD3Sampler, SampleRequest
+from .weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
+from .writer import DatasetWriter, check_run_compatible, clear_outputs, completed_samples, write_run_json
+
+EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
+
+
+class InputsError(ValueError):
+    """The recipe's inputs cannot be used at all (a listed path is missing or matches nothing)."""
+
+
+@dataclass
+class RunPlan:
+    """What a run would do, known before any model loads."""
+
+    recipe: Recipe
+    shard: ShardSpec
+    discovery: Discovery
+    plan: list[WorkItem]
+    mine: list[WorkItem]
+    done: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def todo(self) -> list[WorkItem]:
+        return [item for item in self.mine if (item.key, item.folder) not in self.done]
+
+    @property
+    def sources_in_plan(self) -> int:
+        return len({item.key for item in self.plan})
+
+
+@dataclass
+class RunSummary:
+    """Counts and timings of one `generate` run (one shard)."""
+
+    shard: str
+    planned: int = 0
+    already_done: int = 0
+    written: int = 0
+    failed_inputs: int = 0
+    elapsed_s: float = 0.0
+    sampler_s: float = 0.0
+    interrupted: str | None = None
+    batch_size: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def sampler_busy(self) -> float:
+        return self.sampler_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return {"SIGINT": 130, "SIGTERM": 143}.get(self.interrupted, 1)
+        return EXIT_FAILED_INPUTS if self.failed_inputs else EXIT_OK
+
+    def table(self) -> Table:
+        table = Table(title=f"mdsd3 generate — {self.shard}", show_header=False)
+        rows = [
+            ("samples in this shard", self.planned), ("already done (resumed)", self.already_done),
+            ("written now", self.written), ("failed inputs", self.failed_inputs),
+            ("elapsed", f"{self.elapsed_s:.1f} s"), ("images/s", f"{self.images_per_s:.2f}"),
+            ("sampler busy", f"{100 * self.sampler_busy:.0f}% of wall time"),
+        ]
+        if self.interrupted:
+            rows.append(("stopped by", f"{self.interrupted} (rerun the same command to finish)"))
+        for name, value in rows:
+            table.add_row(name, str(value))
+        return table
+
+
+def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunPlan:
+    """Discover inputs, build the deterministic plan and this shard's part; reads manifests, writes nothing."""
+    discovery = discover_sources(recipe.input_paths(), recursive=recipe.input.recursive)
+    fatal = [error for error in discovery.errors if error.fatal]
+    if fatal:
+        lines = "\n".join(f"  {error.path}: {error.reason}" for error in fatal)
+        raise InputsError(f"{recipe.source_path}: input.paths: unusable entries:\n{lines}")
+    plan = build_plan(recipe, discovery.sources)
+    if limit is not None:
+        keep = set(sorted({item.key for item in plan})[:limit])
+        plan = [item for item in plan if item.key in keep]
+    run = RunPlan(recipe, shard, discovery, plan, shard_items(plan, shard.index, shard.count))
+    run.done = completed_samples(recipe.output_dir())
+    return run
+
+
+@dataclass
+class Session:
+    """Loaded models for a recipe: base, MDSD3 transformer with its adapter, and their fingerprints."""
+
+    base: BaseModel
+    model: torch.nn.Module
+    adapter: AdapterConfig
+    adapter_fingerprint: str | None
+
+
+def open_session(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Session:
+    """Load the base and the adapter (or a fresh one with the recipe's classes)."""
+    base = load_base(recipe.model.base if recipe.base_dir() is None else str(recipe.base_dir()), dtype, device)
+    adapter_dir = recipe.adapter_dir()
+    fresh = None if adapter_dir else fresh_adapter_config(base, recipe.classes())
+    model, config = build_model(base, adapter_dir, config=fresh)
+    model.to(device).eval()
+    return Session(base, model, config, fingerprint_adapter(adapter_dir) if adapter_dir else None)
+
+
+def needed_prompts(items: Sequence[WorkItem], classes: Sequence[str], guidance: float) -> list[str]:
+    """The prompts a list of work items needs (plus the unconditional one when guided)."""
+    prompts = {prompt_for(item.ratios, classes) for item in items}
+    if guidance > 1.0:
+        prompts.add(UNCONDITIONAL_PROMPT)
+    return sorted(prompts)
+
+
+def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: dict[str, list[WorkItem]],
+             batch_size: int, on_error, stop: StopRequest) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
+    """Group samples of equally sized images into batches; stop taking new sources once a stop is requested."""
+    pending: dict[tuple[int, ...], list[tuple[WorkItem, LoadedImage]]] = defaultdict(list)
+    for source, image in loaded:
+        if stop.requested:
+            return
+        if isinstance(image, ImageError):
+            on_error(source, image.reason)
+            continue
+        group = pending[image.pixels.shape]
+        group.extend((item, image) for item in todo[source.key])
+        while len(group) >= batch_size:
+            yield group[:batch_size]
+            del group[:batch_size]
+    for group in pending.values():
+        while group and not stop.requested:
+            yield group[:batch_size]
+            del group[:batch_size]
+
+
+class _Generator:
+    """The sampling loop with OOM back-off."""
+
+    def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: Console):
+        self.sampler, self.steps, self.guidance = sampler, steps, guidance
+        self.batch_size, self.console = batch_size, console
+
+    def __call__(self, batch: list[tuple[WorkItem, LoadedImage]]) -> np.ndarray:
+        try:
+            pixels = torch.from_numpy(np.stack([image.pixels for _, image in batch]))
+            requests = [SampleRequest(item.ratios, item.seed, item.alpha, item.beta) for item, _ in batch]
+            return self.sampler.generate(pixels, requests, self.steps, self.guidance)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            if half < self.batch_size:
+                self.batch_size = half
+                self.console.print(f"[yellow]out of GPU memory: batch size lowered to {half}")
+            return np.concatenate([self(batch[:half]), self(batch[half:])])
+
+
+def _record(item: WorkItem, image: LoadedImage, run: RunPlan, session: Session) -> dict:
+    recipe = run.recipe
+    return {
+        "key": item.key, "source": str(item.source), "variant": item.variant, "folder": item.folder,
+        "repeat": item.repeat, "ratios": item.ratios, "prompt": prompt_for(item.ratios, session.adapter.classes),
+        "alpha": item.alpha, "beta": item.beta, "steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance,
+        "seed": item.seed, "size": [int(image.pixels.shape[1]), int(image.pixels.shape[0])],
+        "crop_box": list(image.crop_box), "original_size": list(image.original_size),
+        "base_fingerprint": session.base.fingerprint, "adapter_fingerprint": session.adapter_fingerprint,
+        "mdsd3_version": __version__,
+    }
+
+
+def run_payload(recipe: Recipe, session: Session) -> dict:
+    """run.json: the resolved recipe, versions and model fingerprints."""
+    import diffusers
+
+    return {
+        "identity": recipe.identity(), "recipe": recipe.model_dump(mode="json"),
+        "classes": session.adapter.classes, "head_partition": session.adapter.head_partition,
+        "base_fingerprint": session.base.fingerprint, "adapter_fingerprint": session.adapter_fingerprint,
+        "versions": {"mdsd3": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None = None) -> RunSummary:
+    """Produce this shard's missing samples. Resumable: killed at any moment, a rerun completes the same dataset."""
+    console = console or Console(stderr=True)
+    recipe, out = run.recipe, run.recipe.output_dir()
+    started = time.perf_counter()
+    if overwrite:
+        if run.shard.count > 1:
+            raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
+                             "Run it once without shards, or choose a new output.dir")
+        check_run_compatible(out, recipe.identity(), overwrite=True)
+        clear_outputs(out)
+        run.done = set()
+    else:
+        check_run_compatible(out, recipe.identity(), overwrite=False)
+    summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(run.todo))
+    todo = run.todo
+    device = resolve_device(recipe.model.device)
+    dtype = resolve_dtype(recipe.model.dtype, device)
+
+    with StopRequest() as stop:
+        session = open_session(recipe, device, dtype)
+        write_run_json(out, run_payload(recipe, session))
+        with DatasetWriter(out, run.shard.name, recipe.output.format, recipe.output.quality,
+                           recipe.output.png_compress_level, recipe.output.workers) as writer:
+            if run.shard.index == 0:
+                for error in run.discovery.errors:
+                    writer.record_error(error.key, error.path, error.reason)
+                    summary.failed_inputs += 1
+            if todo:
+                summary = _sample_all(run, todo, session, writer, summary, stop, console)
+            summary.elapsed_s = time.perf_counter() - started
+            if stop.requested:
+                summary.interrupted = stop.signal.name
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: DatasetWriter, summary: RunSummary,
+                stop: StopRequest, console: Console) -> RunSummary:
+    recipe = run.recipe
+    classes = session.adapter.classes
+    prompts = load_prompt_embeddings(
+        session.base.source, session.base.fingerprint, needed_prompts(todo, classes, recipe.sampling.guidance),
+        recipe.prompt_cache_dir(), session.base.vae.device, session.base.vae.dtype,
+    )
+    model = torch.compile(session.model) if recipe.model.compile else session.model
+    sampler = MDSD3Sampler(session.base, model, session.adapter, prompts)
+    sample = _Generator(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
+    by_key: dict[str, list[WorkItem]] = defaultdict(list)
+    for item in todo:
+        by_key[item.key].append(item)
+    sources = [Source(key, items[0].source) for key, items in by_key.items()]
+
+    def load(source: Source) -> LoadedImage:
+        return load_image(source.path, recipe.input.size, recipe.input.resize, recipe.input.max_side,
+                          recipe.input.max_pixels)
+
+    def failed(source: Source, reason: str) -> None:
+        writer.record_error(source.key, str(source.path), reason)
+        summary.failed_inputs += 1
+        progress.total -= len(by_key[source.key])
+
+    with RunProgress(len(todo), f"generate {run.shard.name}", console=console) as progress:
+        loaded = iter_loaded(sources, load, workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size)
+        for batch in _batches(loaded, by_key, sample.batch_size, failed, stop):
+            tick = time.perf_counter()
+            degraded = sample(batch)
+            summary.sampler_s += time.perf_counter() - tick
+            for (item, image), output in zip(batch, degraded):
+                writer.submit(_record(item, image, run, session), image.pixels, output)
+            summary.written += len(batch)
+            progress.advance(len(batch))
+        writer.drain()
+    summary.batch_size = sample.batch_size
+    return summary
+
+
+def describe_plan(run: RunPlan) -> Table:
+    """The plan's size, for `check` and `--dry-run`."""
+    recipe = run.recipe
+    table = Table(title=f"plan for {recipe.source_path.name} — {run.shard.name}", show_header=False)
+    folders = [folder for variant in recipe.variants for folder in variant.folders()]
+    nonfatal = [error for error in run.discovery.errors if not error.fatal]
+    rows = [
+        ("input images", len(run.discovery.sources)), ("inputs skipped at discovery", len(nonfatal)),
+        ("in plan (after --limit)", run.sources_in_plan), ("variant folders", ", ".join(folders)),
+        ("samples in plan", len(run.plan)), ("samples in this shard", len(run.mine)),
+        ("already done", len(run.mine) - len(run.todo)), ("to do", len(run.todo)),
+        ("classes", ", ".join(recipe.classes())), ("output", str(recipe.output_dir())),
+    ]
+    for name, value in rows:
+        table.add_row(name, str(value))
+    return table
+
+
+def check_output_writable(path: Path) -> None:
+    """Raise OSError naming the folder if outputs cannot be created there."""
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OSError(f"output.dir {path}: {probe_dir} is not a folder")
+    probe = probe_dir / f".mdsd3-write-test-{time.time_ns()}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as error:
+        raise OSError(f"output.dir {path}: cannot write in {probe_dir}: {error.strerror}") from error
+    probe.unlink()

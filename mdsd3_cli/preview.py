@@ -1,0 +1,60 @@
+"""Contact sheets: one row per sampled key, the clean image then each variant, labelled."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+LABEL_HEIGHT = 18
+
+
+def read_manifests(dataset: Path) -> list[dict]:
+    """All complete manifest records of a generate output folder."""
+    records = []
+    for path in sorted((dataset / "manifest").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0) -> Image.Image:
+    """A grid: rows = up to `count` randomly chosen keys, columns = clean + every variant folder."""
+    records = read_manifests(dataset)
+    if not records:
+        raise FileNotFoundError(f"{dataset} has no manifest records (is it an mdsd3 generate output folder?)")
+    by_key: dict[str, dict[str, dict]] = defaultdict(dict)
+    for record in records:
+        by_key[record["key"]][record["folder"]] = record
+    folders = sorted({record["folder"] for record in records})
+    keys = sorted(by_key)
+    keys = sorted(random.Random(seed).sample(keys, min(count, len(keys))))
+    columns = ["clean", *folders]
+    sheet = Image.new("RGB", (cell * len(columns), (cell + LABEL_HEIGHT) * len(keys)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for row, key in enumerate(keys):
+        top = row * (cell + LABEL_HEIGHT)
+        any_record = next(iter(by_key[key].values()))
+        for column, name in enumerate(columns):
+            record = any_record if name == "clean" else by_key[key].get(name)
+            left = column * cell
+            label = f"{key} · clean" if name == "clean" else name
+            if record is not None:
+                with Image.open(dataset / record["clean" if name == "clean" else "degraded"]) as image:
+                    thumb = image.convert("RGB")
+                    thumb.thumbnail((cell, cell))
+                    sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + LABEL_HEIGHT))
+                if name != "clean":
+                    ratios = ", ".join(f"{c}={v:g}" for c, v in record["ratios"].items() if v > 0) or "none"
+                    label = f"{name}: {ratios}"
+            else:
+                label = f"{name}: missing"
+            draw.text((left + 3, top + 3), label[: cell // 6], fill="black", font=font)
+    return sheet

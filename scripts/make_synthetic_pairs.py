@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Synthetic clean/degraded training pairs from clean photos, for smoke runs of `mdsd3 train`.
+
+    python scripts/make_synthetic_pairs.py --photos examples/photos --out out/synthetic_pairs --size 64
+
+writes OUT/clean/<name>.png, OUT/haze/<name>.png and OUT/noise/<name>.png (same basenames, so each degraded
+folder pairs with clean/ as a `paired_folders` dataset):
+
+* haze  = blend toward white:  x' = (1 - h) * x + h * 255           (--haze h, default 0.5)
+* noise = additive Gaussian:   x' = clip(x + N(0, s^2)), s in 0-255 (--noise-sigma s, default 25),
+          one fixed noise field per photo (seeded by --seed and the file name)
+
+`--size N` first scales each photo so its short side is N (do this at the training resolution: noise added at
+a larger size and then downscaled by the data loader would be averaged away). PNG only: JPEG would smear the
+noise. These filters are stand-ins to exercise the trainer; real training data should be real degradations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def haze(pixels: np.ndarray, amount: float) -> np.ndarray:
+    """Blend toward white: uint8 [H, W, 3] -> uint8."""
+    return np.clip((1.0 - amount) * pixels.astype(np.float64) + amount * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def gaussian_noise(pixels: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """Additive Gaussian noise with standard deviation `sigma` (0-255 scale): uint8 [H, W, 3] -> uint8."""
+    noise = np.random.default_rng(seed).normal(0.0, sigma, pixels.shape)
+    return np.clip(pixels.astype(np.float64) + noise + 0.5, 0, 255).astype(np.uint8)
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def _load(path: Path, size: int | None) -> Image.Image:
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    if size:
+        scale = size / min(image.size)
+        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+                             Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image
+
+
+def make_pairs(photos: Path, out: Path, size: int | None = None, haze_amount: float = 0.5,
+               noise_sigma: float = 25.0, seed: int = 0) -> int:
+    """Write clean/, haze/ and noise/ under `out` for every photo in `photos`; returns the number of photos."""
+    paths = sorted(p for p in Path(photos).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise FileNotFoundError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {photos}")
+    for folder in ("clean", "haze", "noise"):
+        (Path(out) / folder).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        pixels = np.asarray(_load(path, size))
+        outputs = {
+            "clean": pixels,
+            "haze": haze(pixels, haze_amount),
+            "noise": gaussian_noise(pixels, noise_sigma, _name_seed(seed, path.stem)),
+        }
+        for folder, array in outputs.items():
+            target = Path(out) / folder / f"{path.stem}.png"
+            tmp = target.with_name(f".{target.name}.tmp")
+            Image.fromarray(array).save(tmp, format="PNG")
+            tmp.replace(target)
+    return len(paths)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", type=Path, required=True, help="folder of clean photos")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (gets clean/, haze/, noise/)")
+    parser.add_argument("--size", type=int, default=None, help="scale each photo's short side to this first")
+    parser.add_argument("--haze", type=float, default=0.5, help="blend-toward-white amount in [0, 1]")
+    parser.add_argument("--noise-sigma", type=float, default=25.0, help="Gaussian noise std on the 0-255 scale")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.haze <= 1.0:
+        parser.error("--haze must lie in [0, 1]")
+    try:
+        count = make_pairs(args.photos, args.out, args.size, args.haze, args.noise_sigma, args.seed)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {count} pairs per class to {args.out}/{{clean,haze,noise}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
