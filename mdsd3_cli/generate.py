@@ -173,7 +173,7 @@ class _Generator:
         try:
             pixels = torch.from_numpy(np.stack([image.pixels for _, image in batch]))
             requests = [SampleRequest(item.ratios, item.seed, item.alpha, item.beta) for item, _ in batch]
-            return self.sampler.generate(pixels, requests, self.steps, self.guidance)
+            return self.sampler.generate(pixels, requests, self.steps, self.guidance, pad_to=self.batch_size)
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise

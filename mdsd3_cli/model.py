@@ -157,7 +157,8 @@ class MDSD3Transformer(SD3Transformer2DModel):
 
     @classmethod
     def from_base(cls, base: SD3Transformer2DModel) -> "MDSD3Transformer":
-        """Wrap a loaded base transformer: its modules are reused (not copied); the clean branch is
+        """Wrap a loaded base transformer: its modules are taken over, not copied (no second copy of 2B
+        weights), so the base object afterwards runs MDSD3's attention processor too; the clean branch is
         initialised from them with zero Z layers."""
         config = {key: value for key, value in dict(base.config).items() if not key.startswith("_")}
         with torch.device("meta"):

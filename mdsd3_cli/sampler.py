@@ -64,18 +64,20 @@ class MDSD3Sampler:
         self.device, self.dtype = parameter.device, parameter.dtype
 
     # -- VAE ---------------------------------------------------------------------------------------------------
+    # The VAE runs one image at a time: convolution kernels may pick another algorithm for another batch
+    # size, which would make a sample's bytes depend on its batch. It also bounds the VAE's peak memory.
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, H, W, 3] -> clean latents (SD3 shift and scale applied)."""
         images = pixels.to(self.device).permute(0, 3, 1, 2).to(self.vae.dtype) / 127.5 - 1.0
-        latents = self.vae.encode(images).latent_dist.mode()
+        latents = torch.cat([self.vae.encode(image[None]).latent_dist.mode() for image in images])
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> uint8 [B, H, W, 3] numpy."""
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        images = self.vae.decode(latents).sample
+        images = torch.cat([self.vae.decode(latent[None]).sample for latent in latents])
         images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         return (images * 255).round().to(torch.uint8).cpu().numpy()
 
@@ -131,20 +133,29 @@ class MDSD3Sampler:
 
     @torch.no_grad()
     def generate(self, pixels: torch.Tensor, requests: Sequence[SampleRequest], steps: int, guidance: float,
-                 output: str = "np") -> np.ndarray | torch.Tensor:
-        """Degrade a batch of clean uint8 images [B, H, W, 3]; returns uint8 numpy images or latents."""
+                 output: str = "np", pad_to: int | None = None) -> np.ndarray | torch.Tensor:
+        """Degrade a batch of clean uint8 images [B, H, W, 3]; returns uint8 numpy images or latents.
+
+        `pad_to` runs the transformer on a batch of at least that many samples (the last one repeated, its
+        copies discarded). Kernels may pick another algorithm for another batch shape, so a run that always
+        uses the same transformer batch gives every sample the same bytes, however partial its batch was.
+        """
         if len(pixels) != len(requests):
             raise ValueError(f"{len(pixels)} images but {len(requests)} requests")
+        count = len(requests)
         clean_latents = self.encode(pixels)
+        padding = max((pad_to or count) - count, 0)
+        if padding:
+            clean_latents = torch.cat([clean_latents, clean_latents[-1:].expand(padding, *clean_latents.shape[1:])])
+            requests = [*requests, *[requests[-1]] * padding]
         injections = self.model.encode_clean(clean_latents.to(self.dtype))
         noise = seeded_noise([r.seed for r in requests], clean_latents.shape[1:]).to(self.device)
         alpha = torch.tensor([r.alpha for r in requests], device=self.device)
         beta = torch.tensor([r.beta for r in requests], device=self.device)
         latents = initial_latents(noise, clean_latents.float(), alpha, beta)
         cond, uncond = self.request_conditioning(requests)
-        latents = self.denoise(latents, injections, cond, uncond, steps, guidance)
+        latents = self.denoise(latents, injections, cond, uncond, steps, guidance)[:count]
         return latents if output == "latent" else self.decode(latents)
-
 
 def _cat_masks(first: torch.Tensor | None, second: torch.Tensor | None, batch: int, heads: int) -> torch.Tensor | None:
     """Concatenate two branches' head masks, materialising all-ones where one branch has none."""

@@ -201,6 +201,9 @@ class SlurmCluster:
             cluster._start_daemon("slurmd", [cluster.bins["slurmd"], "-D", "-f", str(cluster.conf),
                                              "-N", cluster.nodename])
             cluster._wait_idle(t0 + timeout)
+        except (subprocess.TimeoutExpired, OSError) as e:
+            cluster.stop()
+            raise SlurmUnavailable(f"cluster start failed: {e}") from e
         except BaseException:
             cluster.stop()
             raise

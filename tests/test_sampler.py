@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3Pipeline
+from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from skimage import data
 
 from mdsd3_cli.sampler import Conditioning, MDSD3Sampler, SampleRequest, seeded_noise
-from mdsd3_cli.weights import build_model, fresh_adapter_config
+from mdsd3_cli.weights import TINY_TRANSFORMER, build_model, fresh_adapter_config
 
 from .conftest import CLASSES
 
@@ -26,8 +26,13 @@ def _sampler(base, prompts, z_scale: float = 0.0) -> MDSD3Sampler:
 
 
 def _pipeline(base) -> StableDiffusion3Pipeline:
+    """diffusers' own pipeline on a stock copy of the base (MDSD3Transformer.from_base takes over the base's
+    attention modules and installs its processor on them)."""
+    transformer = SD3Transformer2DModel(**TINY_TRANSFORMER)
+    transformer.load_state_dict(base.transformer.state_dict())
+    assert type(transformer.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"
     return StableDiffusion3Pipeline(
-        transformer=base.transformer, scheduler=base.make_scheduler(), vae=base.vae,
+        transformer=transformer.eval(), scheduler=base.make_scheduler(), vae=base.vae,
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
     )
 
@@ -74,6 +79,8 @@ def test_guidance_one_runs_a_single_branch(fresh_base, tiny_prompts):
 
 
 def test_sample_is_independent_of_batch(fresh_base, tiny_prompts):
+    """With the transformer batch held constant (pad_to), a sample's bytes do not depend on its batch mates,
+    their number or their order."""
     sampler = _sampler(fresh_base, tiny_prompts, z_scale=0.3)
     requests = [
         SampleRequest({"rain": 1.0, "haze": 0.5}, seed=7, alpha=0.9, beta=0.4),
@@ -82,14 +89,18 @@ def test_sample_is_independent_of_batch(fresh_base, tiny_prompts):
         SampleRequest({"haze": 0.3}, seed=10),
     ]
     photos = _photos(4)
-    batch = sampler.generate(photos, requests, steps=3, guidance=3.0)
-    alone = sampler.generate(photos[:1], requests[:1], steps=3, guidance=3.0)
-    last = sampler.generate(photos[3:], requests[3:], steps=3, guidance=3.0)
-    assert batch.dtype == np.uint8 and batch.shape == (4, 32, 32, 3)
+    batch = sampler.generate(photos, requests, steps=3, guidance=3.0, pad_to=4)
+    alone = sampler.generate(photos[:1], requests[:1], steps=3, guidance=3.0, pad_to=4)
+    last = sampler.generate(photos[3:], requests[3:], steps=3, guidance=3.0, pad_to=4)
+    reordered = sampler.generate(photos[[2, 0]], [requests[2], requests[0]], steps=3, guidance=3.0, pad_to=4)
+    assert batch.dtype == np.uint8 and batch.shape == (4, 32, 32, 3) and alone.shape == (1, 32, 32, 3)
     np.testing.assert_array_equal(batch[0], alone[0])
     np.testing.assert_array_equal(batch[3], last[0])
-    reordered = sampler.generate(photos[[2, 0]], [requests[2], requests[0]], steps=3, guidance=3.0)
     np.testing.assert_array_equal(reordered[1], batch[0])
+    np.testing.assert_array_equal(reordered[0], batch[2])
+    latents = sampler.generate(photos, requests, steps=3, guidance=3.0, output="latent", pad_to=4)
+    alone_latent = sampler.generate(photos[1:2], requests[1:2], steps=3, guidance=3.0, output="latent", pad_to=4)
+    assert torch.equal(latents[1], alone_latent[0])
 
 
 def test_alpha_beta_and_ratios_change_the_output(fresh_base, tiny_prompts):

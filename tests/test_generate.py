@@ -1,0 +1,308 @@
+"""`mdsd3 generate` end to end on real photos with the tiny preset: layout, manifest, bad inputs, kills and
+resumes, shards sharing one output folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from skimage import data
+
+from mdsd3_cli.generate import plan_run, run_generate
+from mdsd3_cli.images import load_image
+from mdsd3_cli.plan import ShardSpec
+from mdsd3_cli.recipe import load_recipe
+from mdsd3_cli.sampler import MDSD3Sampler
+
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat"]
+
+
+def write_photos(folder: Path, names=PHOTOS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    return folder
+
+
+def write_recipe(path: Path, inputs: Path, out: Path, **changes) -> Path:
+    recipe = {
+        "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
+        "input": {"paths": [str(inputs)], "size": 64},
+        "output": {"dir": str(out)},
+        "sampling": {"steps": 3, "guidance": 3.0, "alpha": 1.0, "beta": 0.3, "seed": 7, "batch_size": 3},
+        "variants": [
+            {"name": "rain", "classes": {"rain": 1.0}},
+            {"name": "mix", "classes": {"haze": [0.2, 0.8], "noise": 0.5}},
+        ],
+    }
+    for dotted, value in changes.items():
+        node = recipe
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def mdsd3(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "mdsd3_cli", *args], capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"mdsd3 {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dataset_files(out: Path) -> dict[str, bytes]:
+    """Every image under clean/ and degraded/, by relative path."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))
+            if p.relative_to(out).parts[0] in ("clean", "degraded")}
+
+
+def manifest_lines(out: Path) -> list[str]:
+    return [line for path in sorted((out / "manifest").glob("*.jsonl")) for line in path.read_text().splitlines()]
+
+
+def leftovers(out: Path) -> list[str]:
+    return [p.name for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    return write_photos(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, photos) -> Path:
+    """One uninterrupted CLI run: the dataset every interrupted run must reproduce."""
+    root = tmp_path_factory.mktemp("reference")
+    recipe = write_recipe(root / "recipe.yaml", photos, root / "out")
+    result = mdsd3("generate", "--config", str(recipe), check=True)
+    assert "written now" in result.stdout and "12" in result.stdout
+    return root / "out"
+
+
+def test_cli_writes_the_paired_dataset(reference, photos):
+    files = dataset_files(reference)
+    assert sorted(files) == sorted(
+        [f"clean/{n}.png" for n in PHOTOS]
+        + [f"degraded/{v}/{n}.png" for v in ("rain", "mix") for n in PHOTOS]
+    )
+    records = [json.loads(line) for line in manifest_lines(reference)]
+    assert len(records) == 12 and len({(r["key"], r["folder"]) for r in records}) == 12
+    for record in records:
+        for field in ("key", "source", "clean", "degraded", "variant", "ratios", "alpha", "beta", "steps",
+                      "guidance", "seed", "size", "crop_box", "base_fingerprint", "adapter_fingerprint",
+                      "mdsd3_version"):
+            assert field in record, field
+        assert record["size"] == [64, 64] and record["steps"] == 3 and record["beta"] == 0.3
+        clean = np.asarray(Image.open(reference / record["clean"]))
+        degraded = np.asarray(Image.open(reference / record["degraded"]))
+        assert clean.shape == degraded.shape == (64, 64, 3)
+        expected = load_image(record["source"], 64, "center_crop").pixels
+        np.testing.assert_array_equal(clean, expected)
+        if record["variant"] == "mix":
+            assert 0.2 <= record["ratios"]["haze"] <= 0.8 and record["ratios"]["noise"] == 0.5
+    run = json.loads((reference / "run.json").read_text())
+    assert run["classes"] == ["rain", "haze", "noise"] and run["identity"]["sampling"]["steps"] == 3
+    assert not leftovers(reference) and not (reference / "errors" / "shard-00000-of-00001.jsonl").read_text()
+
+
+def test_clean_images_are_exactly_what_the_model_was_given(tmp_path, photos, monkeypatch):
+    given = []
+    original = MDSD3Sampler.generate
+
+    def spy(self, pixels, requests, *args, **kwargs):
+        given.extend(zip([r.seed for r in requests], pixels.numpy().copy()))
+        return original(self, pixels, requests, *args, **kwargs)
+
+    monkeypatch.setattr(MDSD3Sampler, "generate", spy)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out", input__resize="native",
+                                      input__paths=[str(photos / "coffee.png"), str(photos / "camera.png")]))
+    summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
+    assert summary.written == 4 and summary.exit_code == 0
+    records = {r["seed"]: r for r in map(json.loads, manifest_lines(tmp_path / "out"))}
+    for seed, pixels in given:
+        clean = np.asarray(Image.open(tmp_path / "out" / records[seed]["clean"]))
+        np.testing.assert_array_equal(clean, pixels)
+        assert np.asarray(Image.open(tmp_path / "out" / records[seed]["degraded"])).shape == pixels.shape
+    assert {tuple(p.shape) for _, p in given} == {(400, 592, 3), (512, 512, 3)}  # native: cropped to x16
+
+
+def test_rerun_resumes_and_changes_nothing(reference, tmp_path, photos):
+    before = dataset_files(reference)
+    lines = manifest_lines(reference)
+    recipe = write_recipe(tmp_path / "again.yaml", photos, reference)
+    result = mdsd3("generate", "--config", str(recipe), check=True)
+    assert "already done (resumed) │ 12" in result.stdout
+    assert dataset_files(reference) == before and manifest_lines(reference) == lines
+
+
+def test_batch_size_does_not_change_the_bytes(reference, tmp_path, photos):
+    recipe = write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out", sampling__batch_size=5)
+    mdsd3("generate", "--config", str(recipe), check=True)
+    assert dataset_files(tmp_path / "out") == dataset_files(reference)
+
+
+def test_other_recipe_into_same_folder_is_refused(reference, tmp_path, photos):
+    recipe = write_recipe(tmp_path / "r.yaml", photos, reference, sampling__steps=4)
+    result = mdsd3("generate", "--config", str(recipe))
+    assert result.returncode == 2 and "different run" in result.stderr and "sampling" in result.stderr
+
+
+def make_bad_input_folder(folder: Path) -> tuple[Path, list[str], list[str]]:
+    """Odd and broken files: returns the folder, the keys that must work and the keys that must fail."""
+    folder.mkdir(parents=True)
+    photo = data.astronaut()[::4, ::4]
+    jpeg = folder / "good_photo.jpg"
+    Image.fromarray(photo).save(jpeg, quality=90)
+    (folder / "truncated.jpg").write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("this is not an image")
+    Image.new("RGB", (1, 1), "red").save(folder / "tiny.png")
+    Image.fromarray((data.camera().astype(np.uint16) * 257)).save(folder / "sixteen_bit.png")
+    Image.fromarray(photo).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(photo).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(photo).convert("P").save(folder / "palette.gif")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90
+    Image.fromarray(photo[:, :100]).save(folder / "rotated.jpg", exif=exif)
+    Image.new("L", (2000, 2000)).save(folder / "bomb.png")  # 4 MP > max_pixels (3 MP) of the recipe below
+    good = ["good_photo", "sixteen_bit", "cmyk", "rgba", "palette", "rotated"]
+    bad = ["truncated", "empty", "text", "tiny", "bomb"]
+    return folder, good, bad
+
+
+def test_bad_inputs_are_recorded_and_the_run_completes(tmp_path):
+    folder, good, bad = make_bad_input_folder(tmp_path / "inputs")
+    recipe = write_recipe(tmp_path / "r.yaml", folder, tmp_path / "out", input__max_pixels=3_000_000,
+                          variants=[{"name": "rain", "classes": {"rain": 1.0}}], sampling__steps=1)
+    result = mdsd3("generate", "--config", str(recipe))
+    assert result.returncode == 1, result.stderr
+    out = tmp_path / "out"
+    assert sorted(p.stem for p in (out / "degraded" / "rain").iterdir()) == sorted(good)
+    errors = [json.loads(line) for line in (out / "errors" / "shard-00000-of-00001.jsonl").read_text().splitlines()]
+    assert sorted(e["key"] for e in errors) == sorted(bad)
+    assert all(e["reason"] for e in errors)
+    assert re.search(rf"failed inputs\s+│ {len(bad)} ", result.stdout)
+
+
+@pytest.mark.parametrize(
+    "how, after_lines",
+    [(signal.SIGKILL, 0), (signal.SIGKILL, 1), (signal.SIGKILL, 7), (signal.SIGTERM, 2), (signal.SIGINT, 5)],
+)
+def test_killed_then_rerun_gives_the_uninterrupted_dataset(reference, tmp_path, photos, how, after_lines):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        done = len(manifest_lines(out)) if (out / "manifest").is_dir() else -1
+        if done >= after_lines:
+            break
+        time.sleep(0.02)
+    process.send_signal(how)
+    _, stderr = process.communicate(timeout=120)
+    if how != signal.SIGKILL and process.returncode != 0:
+        assert process.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[how], stderr
+    mdsd3("generate", "--config", str(recipe), check=True)
+    assert dataset_files(out) == dataset_files(reference)
+    lines = manifest_lines(out)
+    assert sorted(lines) == sorted(manifest_lines(reference)) and len(set(lines)) == len(lines)
+    assert not leftovers(out)
+
+
+def test_two_shard_processes_share_one_output_folder(reference, tmp_path, photos):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe),
+                          "--shard-index", str(i), "--num-shards", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
+    for process in processes:
+        process.communicate(timeout=300)
+        assert process.returncode == 0
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == [
+        "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
+    assert dataset_files(out) == dataset_files(reference)
+    assert sorted(manifest_lines(out)) == sorted(manifest_lines(reference))
+
+
+def test_torchrun_environment_selects_the_shard(reference, tmp_path, photos):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    for rank in range(3):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(rank))
+        mdsd3("generate", "--config", str(recipe), check=True, env=env)
+    assert dataset_files(out) == dataset_files(reference)
+    assert len(list((out / "manifest").iterdir())) == 3
+
+
+def test_dry_run_and_check_load_no_model(tmp_path, photos):
+    recipe = write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out")
+    dry = mdsd3("generate", "--config", str(recipe), "--dry-run", "--limit", "2", check=True)
+    assert "samples in plan" in dry.stdout and "│ 4" in dry.stdout
+    assert not (tmp_path / "out").exists()
+    checked = mdsd3("check", "--config", str(recipe), check=True)
+    assert "to do" in checked.stdout and "valid" in checked.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"sampling__steps": 0}, "sampling.steps"),
+        ({"sampling__alpha": 0}, "sampling.alpha"),
+        ({"sampling__beta": -0.1}, "sampling.beta"),
+        ({"input__size": 100}, "input.size"),
+        ({"variants": [{"name": "../up", "classes": {"rain": 1.0}}]}, "variants.0.name"),
+        ({"variants": [{"name": "a", "classes": {"snow": 1.0}}]}, "variants.0.classes"),
+        ({"variants": [{"name": "a", "classes": {"rain": 1.5}}]}, "variants.0.classes.rain"),
+        ({"sampling__colour": 1}, "sampling.colour"),
+        ({"model__adapter": "/nonexistent/adapter"}, "model.adapter"),
+    ],
+)
+def test_bad_recipe_names_file_and_field_and_loads_nothing(tmp_path, photos, changes, field):
+    recipe = write_recipe(tmp_path / "bad.yaml", photos, tmp_path / "out", **changes)
+    result = mdsd3("generate", "--config", str(recipe))
+    assert result.returncode == 2
+    assert "bad.yaml" in result.stderr and field in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_writes_a_recipe_that_check_accepts(tmp_path, photos):
+    target = tmp_path / "recipe.yaml"
+    mdsd3("init", str(target), check=True)
+    assert mdsd3("init", str(target)).returncode == 2  # never overwrites silently
+    text = target.read_text()
+    assert text.lstrip().startswith("#")
+    (tmp_path / "photos").symlink_to(photos)
+    result = mdsd3("check", "--config", str(target), "--set", f"output.dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr
+
+
+def test_preview_contact_sheet(reference, tmp_path):
+    sheet = tmp_path / "grid.png"
+    mdsd3("preview", "--dataset", str(reference), "--n", "3", "--out", str(sheet), "--cell", "64", check=True)
+    image = Image.open(sheet)
+    assert image.size[0] == 64 * 3 and image.size[1] == 3 * (64 + 18)  # clean + 2 variants, 3 rows
+
+
+def test_info_and_encode_prompts(tmp_path, photos):
+    recipe = write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out", model__prompt_cache=str(tmp_path / "pc"))
+    encoded = mdsd3("encode-prompts", "--config", str(recipe), check=True)
+    assert "9 prompts cached" in encoded.stderr
+    assert len(list((tmp_path / "pc").rglob("*.safetensors"))) == 9
+    info = mdsd3("info", "--config", str(recipe), check=True)
+    assert "class rain" in info.stdout and "heads 0-1" in info.stdout and "z_layers" in info.stdout
