@@ -24,6 +24,8 @@ from mdsd3_cli.plan import ShardSpec
 from mdsd3_cli.recipe import load_recipe
 from mdsd3_cli.sampler import MDSD3Sampler
 
+from .slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat"]
 
 
@@ -306,3 +308,18 @@ def test_info_and_encode_prompts(tmp_path, photos):
     assert len(list((tmp_path / "pc").rglob("*.safetensors"))) == 9
     info = mdsd3("info", "--config", str(recipe), check=True)
     assert "class rain" in info.stdout and "heads 0-1" in info.stdout and "z_layers" in info.stdout
+
+
+@pytest.mark.slow
+def test_slurm_array_job_produces_the_single_process_dataset(reference, tmp_path, photos, slurm_cluster):
+    """A real 3-task array job (one-node cluster) through scripts/slurm_generate.sbatch."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_generate.sbatch"
+    result = slurm_cluster.submit_array(script, array="0-2", args=[str(recipe)], cwd=tmp_path, timeout=600,
+                                        env={"MDSD3_PYTHON": sys.executable,
+                                             "MDSD3_PROMPT_CACHE": os.environ["MDSD3_PROMPT_CACHE"]})
+    assert result.ok, result.report()
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == [f"shard-0000{i}-of-00003.jsonl" for i in range(3)]
+    assert dataset_files(out) == dataset_files(reference)
+    assert sorted(manifest_lines(out)) == sorted(manifest_lines(reference))
