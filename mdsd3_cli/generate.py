@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,8 +142,10 @@ def needed_prompts(items: Sequence[WorkItem], classes: Sequence[str], guidance: 
 
 
 def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: dict[str, list[WorkItem]],
-             batch_size: int, on_error, stop: StopRequest) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
-    """Group samples of equally sized images into batches; stop taking new sources once a stop is requested."""
+             batch_size: Callable[[], int], on_error: Callable[[Source, str], None],
+             stop: StopRequest) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
+    """Group samples of equally sized images into batches of the current batch size (it drops after an
+    out-of-memory); stop taking new sources once a stop is requested."""
     pending: dict[tuple[int, ...], list[tuple[WorkItem, LoadedImage]]] = defaultdict(list)
     for source, image in loaded:
         if stop.requested:
@@ -153,13 +155,13 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
             continue
         group = pending[image.pixels.shape]
         group.extend((item, image) for item in todo[source.key])
-        while len(group) >= batch_size:
-            yield group[:batch_size]
-            del group[:batch_size]
+        while len(group) >= batch_size():
+            batch, group[:] = group[:batch_size()], group[batch_size():]
+            yield batch
     for group in pending.values():
         while group and not stop.requested:
-            yield group[:batch_size]
-            del group[:batch_size]
+            batch, group[:] = group[:batch_size()], group[batch_size():]
+            yield batch
 
 
 class _Generator:
@@ -275,7 +277,7 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: Da
 
     with RunProgress(len(todo), f"generate {run.shard.name}", console=console) as progress:
         loaded = iter_loaded(sources, load, workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size)
-        for batch in _batches(loaded, by_key, sample.batch_size, failed, stop):
+        for batch in _batches(loaded, by_key, lambda: sample.batch_size, failed, stop):
             tick = time.perf_counter()
             degraded = sample(batch)
             summary.sampler_s += time.perf_counter() - tick

@@ -14,7 +14,7 @@ class RunProgress:
     """Counts finished items; `rate_label` names the unit (images/s)."""
 
     def __init__(self, total: int, description: str, unit: str = "images", console: Console | None = None,
-                 plain_interval_s: float = 10.0):
+                 plain_interval_s: float = 5.0):
         self.total, self.done, self.unit = total, 0, unit
         self.description = description
         self.console = console or Console(stderr=True)

@@ -3,12 +3,13 @@
 
     python scripts/make_synthetic_pairs.py --photos examples/photos --out out/synthetic_pairs --size 64
 
-writes OUT/clean/<name>.png, OUT/haze/<name>.png and OUT/noise/<name>.png (same basenames, so each degraded
-folder pairs with clean/ as a `paired_folders` dataset):
+writes OUT/clean/<name>.png, OUT/haze/<name>.png, OUT/noise/<name>.png and the half-strength versions
+OUT/haze_half/<name>.png, OUT/noise_half/<name>.png (same basenames, so each degraded folder pairs with clean/
+as a `paired_folders` dataset; label the half folders with ratio 0.5 to teach what a ratio of 0.5 means):
 
-* haze  = blend toward white:  x' = (1 - h) * x + h * 255           (--haze h, default 0.5)
-* noise = additive Gaussian:   x' = clip(x + N(0, s^2)), s in 0-255 (--noise-sigma s, default 25),
-          one fixed noise field per photo (seeded by --seed and the file name)
+* haze  = blend toward white:  x' = (1 - h) * x + h * 255           (--haze h, default 0.5; half: h / 2)
+* noise = additive Gaussian:   x' = clip(x + N(0, s^2)), s in 0-255 (--noise-sigma s, default 25; half: s / 2),
+          one fixed noise field per photo (seeded by --seed and the file name; the half version scales it)
 
 `--size N` first scales each photo so its short side is N (do this at the training resolution: noise added at
 a larger size and then downscaled by the data loader would be averaged away). PNG only: JPEG would smear the
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+FOLDERS = ("clean", "haze", "noise", "haze_half", "noise_half")
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
@@ -55,18 +57,22 @@ def _load(path: Path, size: int | None) -> Image.Image:
 
 def make_pairs(photos: Path, out: Path, size: int | None = None, haze_amount: float = 0.5,
                noise_sigma: float = 25.0, seed: int = 0) -> int:
-    """Write clean/, haze/ and noise/ under `out` for every photo in `photos`; returns the number of photos."""
+    """Write clean/, haze/, noise/, haze_half/ and noise_half/ under `out` for every photo in `photos`;
+    returns the number of photos."""
     paths = sorted(p for p in Path(photos).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith("."))
     if not paths:
         raise FileNotFoundError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {photos}")
-    for folder in ("clean", "haze", "noise"):
+    for folder in FOLDERS:
         (Path(out) / folder).mkdir(parents=True, exist_ok=True)
     for path in paths:
         pixels = np.asarray(_load(path, size))
+        noise_seed = _name_seed(seed, path.stem)
         outputs = {
             "clean": pixels,
             "haze": haze(pixels, haze_amount),
-            "noise": gaussian_noise(pixels, noise_sigma, _name_seed(seed, path.stem)),
+            "noise": gaussian_noise(pixels, noise_sigma, noise_seed),
+            "haze_half": haze(pixels, haze_amount / 2),
+            "noise_half": gaussian_noise(pixels, noise_sigma / 2, noise_seed),
         }
         for folder, array in outputs.items():
             target = Path(out) / folder / f"{path.stem}.png"
@@ -79,7 +85,7 @@ def make_pairs(photos: Path, out: Path, size: int | None = None, haze_amount: fl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=Path, required=True, help="folder of clean photos")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (gets clean/, haze/, noise/)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (gets " + ", ".join(f"{f}/" for f in FOLDERS) + ")")
     parser.add_argument("--size", type=int, default=None, help="scale each photo's short side to this first")
     parser.add_argument("--haze", type=float, default=0.5, help="blend-toward-white amount in [0, 1]")
     parser.add_argument("--noise-sigma", type=float, default=25.0, help="Gaussian noise std on the 0-255 scale")
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {count} pairs per class to {args.out}/{{clean,haze,noise}}")
+    print(f"wrote {count} photos to {args.out}/{{{','.join(FOLDERS)}}}")
     return 0
 
 
