@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator
 
 from .adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
+from .overrides import apply_override
 
 TINY_BASE = "tiny"
 PROMPT_CACHE_ENV = "MDSD3_PROMPT_CACHE"
@@ -342,40 +343,6 @@ def parse_recipe(data: Any, source_path: str | os.PathLike) -> Recipe:
     return recipe
 
 
-def apply_override(data: dict[str, Any], override: str, source: str) -> None:
-    """Set one field in raw recipe data from `dotted.key=value`; the value is read as YAML
-    (`20` an int, `[0.1, 0.5]` a list). Integer parts index lists."""
-    def fail(message: str) -> RecipeError:
-        return RecipeError(source, [("", f"--set {override!r}: {message}")])
-
-    key, equals, text = override.partition("=")
-    parts = key.strip().split(".")
-    if not equals or not all(parts):
-        raise fail("expected FIELD=VALUE with a dotted field, e.g. sampling.steps=20")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise fail(f"value is not valid YAML: {error}") from None
-    container: Any = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        if isinstance(container, list):
-            if not part.isdigit() or int(part) >= len(container):
-                raise fail(f"{'.'.join(parts[:depth]) or 'recipe'} is a list of {len(container)}; "
-                           f"{part!r} is not an index in it")
-            slot: int | str = int(part)
-        elif isinstance(container, dict):
-            slot = part
-            if not last and container.get(part) is None:
-                container[part] = {}
-        else:
-            raise fail(f"{'.'.join(parts[:depth])} is not a mapping or a list")
-        if last:
-            container[slot] = value
-        else:
-            container = container[slot]
-
-
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe file (yaml.safe_load), apply `--set` overrides, and validate it with its paths."""
     source = str(path)
@@ -392,7 +359,10 @@ def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recip
     if not isinstance(data, dict):
         raise RecipeError(source, [("", _NOT_A_MAPPING)])
     for override in overrides:
-        apply_override(data, override, source)
+        try:
+            apply_override(data, override)
+        except ValueError as error:
+            raise RecipeError(source, [("", f"--set {override!r}: {error}")]) from None
     return parse_recipe(data, path)
 
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .heads import CLEAN_PROMPT
+from .overrides import apply_override
 
 TINY_BASE = "tiny"
 PAIR_LIST_SUFFIXES = (".csv", ".jsonl")
@@ -285,38 +286,6 @@ def _format_errors(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _apply_override(data: dict[str, Any], override: str) -> None:
-    """Set `a.b.c=value` in raw recipe data; list items by index or, for datasets, by name."""
-    key, sep, raw_value = override.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"override {override!r} is not of the form a.b=value")
-    value = yaml.safe_load(raw_value) if raw_value.strip() else None
-    parts = key.strip().split(".")
-    node: Any = data
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[: depth + 1])
-        if isinstance(node, list):
-            names = [item.get("name") if isinstance(item, dict) else None for item in node]
-            if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
-                index = int(part)
-            elif part in names:
-                index = names.index(part)
-            else:
-                raise ValueError(f"{where}: no list item {part!r} (give an index below {len(node)} or a dataset name)")
-            if last:
-                node[index] = value
-            else:
-                node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
-        else:
-            raise ValueError(f"{where}: cannot set a field inside a {type(node).__name__}")
-
-
 def load_train_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> TrainRecipe:
     """Read, override and validate a training recipe; every problem raises `TrainRecipeError`."""
     path = Path(path)
@@ -334,8 +303,8 @@ def load_train_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) ->
         raise TrainRecipeError(f"{path}: the recipe must be a mapping of sections, not a {type(data).__name__}")
     for override in overrides:
         try:
-            _apply_override(data, override)
-        except (ValueError, yaml.YAMLError) as error:
+            apply_override(data, override)
+        except ValueError as error:
             raise TrainRecipeError(f"{path}: --set {override}: {error}") from error
     try:
         return TrainRecipe.model_validate(data, context={"base_dir": path.parent.resolve()})
