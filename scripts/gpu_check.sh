@@ -11,10 +11,9 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -30 | tee "$OUT/cuda_tests.txt"
 python3 scripts/benchmark.py --preset sd3-medium --device cuda --size 1024 --batch 1,2 --iters 5 --warmup 2 \
   --skip-sampler 2>>"$OUT/benchmark.err" | tee "$OUT/benchmark.jsonl"
-if [ -f scripts/train_benchmark.py ]; then
-  python3 scripts/train_benchmark.py --preset sd3-medium --device cuda --size 512 --batch 1,4 \
+python3 scripts/train_benchmark.py --preset sd3-medium --device cuda --resolution 512 --batch 1 4 \
+    --checkpointing both --steps 5 --warmup 2 \
     2>>"$OUT/train_benchmark.err" | tee "$OUT/train_benchmark.jsonl"
-fi
