@@ -174,6 +174,32 @@ def info(config: ConfigOption, overrides: SetOption = None) -> None:
 
 
 @app.command()
+def train(
+    config: ConfigOption,
+    overrides: SetOption = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="`latest` (newest checkpoint in OUT/checkpoints; "
+                      "a fresh start when there is none) or a checkpoint folder.", show_default=False)] = None,
+) -> None:
+    """Train an adapter from clean/degraded pairs (one process, or several under `accelerate launch` / torchrun).
+
+    Writes OUT/log.jsonl, OUT/checkpoints/step-N/, OUT/previews/step-N.png and, when finished, OUT/adapter/.
+    SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop. Exit status: 0 finished, 2 bad recipe or usage,
+    130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (rerun with --resume latest to continue).
+    """
+    _quiet_libraries()
+    from .train import Trainer
+    from .train_recipe import load_train_recipe
+
+    with _clear_errors():  # recipe, data, checkpoint and adapter errors are ValueErrors
+        recipe = load_train_recipe(config, overrides or [])
+        trainer = Trainer(recipe, resume=resume, console=console)
+        summary = trainer.run()
+    if trainer.accelerator is None or trainer.accelerator.is_main_process:
+        Console().print(summary.table())
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command()
 def preview(
     dataset: Annotated[Path, typer.Option("--dataset", help="A generate output folder.", show_default=False)],
     n: Annotated[int, typer.Option("--n", min=1, help="Rows (randomly chosen keys).")] = 16,

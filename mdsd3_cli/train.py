@@ -47,8 +47,7 @@ import re
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,7 @@ from .prompts import PromptEmbedding, load_prompt_embeddings
 from .runtime import StopRequest, resolve_device
 from .sampler import MDSD3Sampler, SampleRequest
 from .train_data import Draw, PairedDataset, batch_prompts, build_dataset, condition_drop_mask
-from .train_recipe import TrainRecipe, TrainRecipeError
+from .train_recipe import TrainRecipe
 from .weights import BaseModel, add_lora, build_model, describe_parameters, fingerprint_base, fresh_adapter_config, load_base, save_adapter
 
 CHECKPOINTS = "checkpoints"
@@ -539,7 +538,7 @@ class Trainer:
         base = load_base(source, dtype=weight_dtype, device=self.device)
         base.vae.requires_grad_(False)
         self.base = base
-        model, config = self._build_model(base)
+        model, config = self._build_model(base)  # fresh LoRA weights are seeded: the same in every process
         self.adapter_config = config
         self.trainable = set_trainable(model, train.trainable)
         upcast_trainable(model)

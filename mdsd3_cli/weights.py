@@ -154,11 +154,16 @@ def fingerprint_base(source: str) -> str:
 # --- adapters -----------------------------------------------------------------------------------------------
 
 
-def add_lora(model: MDSD3Transformer, rank: int) -> None:
-    """LoRA (peft) on the context stream's attention projections, where the head mask acts."""
+def add_lora(model: MDSD3Transformer, rank: int, seed: int = 0) -> None:
+    """LoRA (peft) on the context stream's attention projections, where the head mask acts.
+
+    LoRA's A matrices are drawn from a private RNG seeded with `seed`, so a fresh adapter is the same in
+    every process (B starts at zero, so it does not change the model's output)."""
     from peft import LoraConfig
 
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, init_lora_weights=True))
 
 
 def adapter_state_dict(model: MDSD3Transformer) -> dict[str, torch.Tensor]:

@@ -38,7 +38,15 @@ from mdsd3_cli.train import (
 )
 from mdsd3_cli.train_data import EmptyDatasetError
 from mdsd3_cli.train_recipe import load_train_recipe
-from mdsd3_cli.weights import SD3_SCHEDULER, TINY_SEED, build_model, build_tiny, fingerprint_folder, fresh_adapter_config
+from mdsd3_cli.weights import (
+    SD3_SCHEDULER,
+    TINY_SEED,
+    build_model,
+    build_tiny,
+    fingerprint_folder,
+    fresh_adapter_config,
+    load_base,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "train_tiny.yaml"
@@ -136,6 +144,15 @@ def test_exported_adapter_loads_and_samples(uninterrupted, tiny_base):
     assert out.shape == (1, 32, 32, 3) and out.dtype == np.uint8
 
 
+def test_training_continues_from_an_adapter(uninterrupted, pairs, tmp_path):
+    trainer = Trainer(quick_recipe(pairs, tmp_path, "train.steps=1", f"model.adapter={uninterrupted / 'adapter'}"))
+    trainer.setup()
+    exported = load_file(str(uninterrupted / "adapter" / "adapter.safetensors"))
+    params = dict(trainer.unwrapped.named_parameters())
+    assert all(torch.equal(params[name], tensor) for name, tensor in exported.items())
+    assert trainer.run().exit_code == 0
+
+
 def test_fresh_start_into_a_run_with_checkpoints_is_refused(uninterrupted, pairs):
     with pytest.raises(TrainError, match="--resume latest"):
         Trainer(quick_recipe(pairs, uninterrupted, "train.steps=6"))
@@ -213,28 +230,32 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
 
 def test_sigusr1_saves_a_checkpoint_and_the_cli_resumes(uninterrupted, pairs, tmp_path):
     out = tmp_path / "preempted"
-    sets = [arg for item in tiny_overrides(pairs, out, *QUICK, "train.steps=100000", "output.checkpoint_every=100000",
-                                           "output.preview_every=0") for arg in ("--set", item)]
-    process = _cli("train", "--config", str(TINY_CONFIG), *sets)
+
+    def train_args(steps: int, *extra: str) -> list[str]:
+        sets = tiny_overrides(pairs, out, *QUICK, f"train.steps={steps}", "output.checkpoint_every=100000",
+                              "output.preview_every=0")
+        return ["train", "--config", str(TINY_CONFIG), *(arg for item in sets for arg in ("--set", item)), *extra]
+
+    process = _cli(*train_args(100000))
     deadline = time.monotonic() + 120
     while not ((out / "log.jsonl").is_file() and len((out / "log.jsonl").read_text().splitlines()) >= 2):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
         time.sleep(0.05)
-    process.send_signal(signal.SIGUSR1)
+    process.send_signal(signal.SIGUSR1)  # what scripts/slurm_train.sbatch forwards before the time limit
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 138, output
     (stopped, folder), = list_checkpoints(out)
     assert stopped >= 2 and json.loads((folder / "trainer_state.json").read_text())["step"] == stopped
     assert not (out / "adapter").exists()
+    # the CLI computes what the library computed (fresh LoRA initialisation included)
     reference = log_losses(uninterrupted)
     assert {s: v for s, v in log_losses(out).items() if s <= 6} == {s: reference[s] for s in range(1, min(stopped, 6) + 1)}
 
-    resumed = _cli("train", "--config", str(TINY_CONFIG), *sets[:-6], "--set", f"train.steps={stopped + 1}",
-                   "--set", "output.checkpoint_every=100000", "--set", "output.preview_every=0", "--resume", "latest")
+    resumed = _cli(*train_args(stopped + 1, "--resume", "latest"))
     output = resumed.communicate(timeout=180)[0]
     assert resumed.returncode == 0, output
     assert max(log_losses(out)) == stopped + 1 and (out / "adapter" / "adapter.safetensors").is_file()
-    assert "mdsd3 train" in output
+    assert f"resumed from {folder}" in output.replace("\n", "")
 
 
 def test_generate_uses_the_trained_adapter(uninterrupted, tmp_path):
@@ -262,6 +283,11 @@ def test_generate_uses_the_trained_adapter(uninterrupted, tmp_path):
 
 # ---------------------------------------------------------------- learning
 
+PRETRAIN_STEPS = 600  # the tiny base as a denoiser (see pretrain_tiny_base)
+ADAPTER_STEPS = 800   # = train.steps of configs/train_tiny.yaml
+ALPHA, BETA, SAMPLE_STEPS, GUIDANCE = 1.0, 0.0, 8, 3.0  # plain SD3 start; guidance as in the preview grids
+MARGIN, BETWEEN = 0.05, 0.02  # seen (three runs, 1 and 2 threads): >= 0.3, >= 0.06
+
 
 def pretrain_tiny_base(pairs: Path, root: Path, cache_dir: Path, steps: int, lr: float = 3e-3, batch: int = 16) -> Path:
     """The tiny preset's transformer, trained briefly as a class-conditional SD3 flow model on the pair images,
@@ -277,7 +303,7 @@ def pretrain_tiny_base(pairs: Path, root: Path, cache_dir: Path, steps: int, lr:
     base = build_tiny()
     vae, model = base.vae, base.transformer
     prompts = {"clean": "clean", "haze": "haze", "haze_half": "haze", "noise": "noise", "noise_half": "noise"}
-    embeddings = load_prompt_embeddings("tiny", base.fingerprint, [*set(prompts.values()), ""], cache_dir)
+    embeddings = load_prompt_embeddings("tiny", base.fingerprint, sorted({*prompts.values(), ""}), cache_dir)
     latents, labels = [], []
     with torch.no_grad():
         for folder, prompt in prompts.items():
@@ -356,7 +382,7 @@ def test_training_learns_the_classes(pairs, tmp_path):
     assert summary.exit_code == 0 and summary.last_loss < summary.first_loss
     print(f"pretrain {pretrain_s:.0f}s, adapter {train_s:.0f}s, loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
 
-    trainer_base = __import__("mdsd3_cli.weights", fromlist=["load_base"]).load_base(str(base_dir))
+    trainer_base = load_base(str(base_dir))
     clean = torch.stack([_pixels(p) for p in sorted((pairs / "clean").glob("*.png"))])
     results = {}
     for name, adapter in (("trained", out / "adapter"), ("fresh", None)):
@@ -387,13 +413,13 @@ def test_training_learns_the_classes(pairs, tmp_path):
     for cls in ("haze", "noise"):
         assert coord(cls, cls) > 0.5 + MARGIN, cls                               # closer to its target
         assert coord("empty", cls) < 0.5 - MARGIN, cls                           # empty set: closer to clean
-        assert coord("empty", cls) + MARGIN < coord(f"{cls}_half", cls) < coord(cls, cls) - MARGIN, cls
-    empty = (dc(generated["empty"]) - dc(targets["clean"])).norm(dim=1).mean()
-    for cls in ("haze", "noise"):
-        assert empty < (dc(generated["empty"]) - dc(targets[cls])).norm(dim=1).mean()
+    # Ratio 0.5 between 0 and 1, checked for haze: the statistic scales with haze strength, whereas for noise
+    # it saturates (the half-sigma target itself sits at ~0.8 of the way), so "between" is not resolvable there.
+    assert coord("empty", "haze") + BETWEEN < coord("haze_half", "haze") < coord("haze", "haze") - BETWEEN
+    # Learned, not inherited from the base: with an untrained adapter the empty class set lands much further
+    # from the clean input.
     fresh_targets, fresh_generated = results["fresh"]
-    assert empty < (dc(fresh_generated["empty"]) - dc(fresh_targets["clean"])).norm(dim=1).mean()
+    trained_gap = (dc(generated["empty"]) - dc(targets["clean"])).norm(dim=1).mean()
+    fresh_gap = (dc(fresh_generated["empty"]) - dc(fresh_targets["clean"])).norm(dim=1).mean()
+    assert trained_gap < 0.8 * fresh_gap
 
-
-PRETRAIN_STEPS, ADAPTER_STEPS = 600, 800
-ALPHA, BETA, SAMPLE_STEPS, GUIDANCE, MARGIN = 1.0, 0.0, 8, 1.0, 0.05
