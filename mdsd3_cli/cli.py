@@ -40,7 +40,7 @@ def _quiet_libraries() -> None:
 
 @contextmanager
 def _clear_errors():
-    """Known user errors become one red message and exit status 2; nothing else is caught."""
+    """Known user errors (and a diverged training loss) become one red message and exit status 2."""
     from .adapter import AdapterError
     from .generate import InputsError
     from .plan import ShardError
@@ -51,7 +51,7 @@ def _clear_errors():
     try:
         yield
     except (RecipeError, InputsError, AdapterError, BaseModelError, OutputConflictError, ShardError, OSError,
-            ValueError) as error:
+            ValueError, FloatingPointError) as error:
         console.print(f"[bold red]error:[/] {error}", highlight=False)
         raise typer.Exit(EXIT_USAGE) from None
 
