@@ -233,25 +233,26 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
     dtype = resolve_dtype(recipe.model.dtype, device)
 
     with StopRequest() as stop:
-        session = open_session(recipe, device, dtype)
-        write_run_json(out, run_payload(recipe, session))
+        session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
+        if session is not None:
+            write_run_json(out, run_payload(recipe, session))
         with DatasetWriter(out, run.shard.name, recipe.output.format, recipe.output.quality,
                            recipe.output.png_compress_level, recipe.output.workers) as writer:
             if run.shard.index == 0:
                 for error in run.discovery.errors:
                     writer.record_error(error.key, error.path, error.reason)
                     summary.failed_inputs += 1
-            if todo:
-                summary = _sample_all(run, todo, session, writer, summary, stop, console)
-            summary.elapsed_s = time.perf_counter() - started
-            if stop.requested:
-                summary.interrupted = stop.signal.name
+            if session is not None:
+                _sample_all(run, todo, session, writer, summary, stop, console)
+        if stop.requested:
+            summary.interrupted = stop.signal.name
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
 
 def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: DatasetWriter, summary: RunSummary,
-                stop: StopRequest, console: Console) -> RunSummary:
+                stop: StopRequest, console: Console) -> None:
+    """Decode, sample and submit every item of `todo`, counting into `summary`."""
     recipe = run.recipe
     classes = session.adapter.classes
     prompts = load_prompt_embeddings(
@@ -287,7 +288,6 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: Da
             progress.advance(len(batch))
         writer.drain()
     summary.batch_size = sample.batch_size
-    return summary
 
 
 def describe_plan(run: RunPlan) -> Table:

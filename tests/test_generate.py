@@ -355,3 +355,18 @@ def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, photos, monkeypat
     assert summary.written == 12 and summary.batch_size == 1 and summary.exit_code == 0
     assert calls[0] == (4, 4) and (2, 2) in calls and calls[-1] == (1, 1)
     assert len(manifest_lines(tmp_path / "out")) == 12
+
+
+def test_a_finished_shard_loads_no_model(tmp_path, photos, monkeypatch):
+    from mdsd3_cli import generate as generate_module  # noqa: PLC0415
+
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out"))
+    first = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
+    assert first.written == 2
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a shard with nothing to do must not load the model")
+
+    monkeypatch.setattr(generate_module, "open_session", no_model)
+    again = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
+    assert again.written == 0 and again.already_done == 2 and again.exit_code == 0
