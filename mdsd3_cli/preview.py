@@ -25,7 +25,8 @@ def read_manifests(dataset: Path) -> list[dict]:
 
 
 def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0) -> Image.Image:
-    """A grid: rows = up to `count` randomly chosen keys, columns = clean + every variant folder."""
+    """A grid: a header row of folder names, then up to `count` randomly chosen keys, one per row: the clean
+    image and every variant folder's image, each labelled (key, or the sample's class ratios)."""
     records = read_manifests(dataset)
     if not records:
         raise FileNotFoundError(f"{dataset} has no manifest records (is it an mdsd3 generate output folder?)")
@@ -36,25 +37,28 @@ def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0
     keys = sorted(by_key)
     keys = sorted(random.Random(seed).sample(keys, min(count, len(keys))))
     columns = ["clean", *folders]
-    sheet = Image.new("RGB", (cell * len(columns), (cell + LABEL_HEIGHT) * len(keys)), "white")
+    sheet = Image.new("RGB", (cell * len(columns), LABEL_HEIGHT + (cell + LABEL_HEIGHT) * len(keys)), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
+    width = max(cell // 6, 8)
+    for column, name in enumerate(columns):  # header: one folder name per column
+        draw.text((column * cell + 3, 3), name[:width], fill="black", font=font)
     for row, key in enumerate(keys):
-        top = row * (cell + LABEL_HEIGHT)
+        top = LABEL_HEIGHT + row * (cell + LABEL_HEIGHT)
         any_record = next(iter(by_key[key].values()))
         for column, name in enumerate(columns):
             record = any_record if name == "clean" else by_key[key].get(name)
             left = column * cell
-            label = f"{key} · clean" if name == "clean" else name
+            if record is None:
+                label = "missing"
+            elif name == "clean":
+                label = key
+            else:
+                label = " ".join(f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
             if record is not None:
                 with Image.open(dataset / record["clean" if name == "clean" else "degraded"]) as image:
                     thumb = image.convert("RGB")
                     thumb.thumbnail((cell, cell))
                     sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + LABEL_HEIGHT))
-                if name != "clean":
-                    ratios = ", ".join(f"{c}={v:g}" for c, v in record["ratios"].items() if v > 0) or "none"
-                    label = f"{name}: {ratios}"
-            else:
-                label = f"{name}: missing"
-            draw.text((left + 3, top + 3), label[: cell // 6], fill="black", font=font)
+            draw.text((left + 3, top + 3), label[-width:] if name == "clean" else label[:width], fill="dimgray", font=font)
     return sheet

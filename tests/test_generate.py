@@ -300,7 +300,7 @@ def test_preview_contact_sheet(reference, tmp_path):
     sheet = tmp_path / "grid.png"
     mdsd3("preview", "--dataset", str(reference), "--n", "3", "--out", str(sheet), "--cell", "64", check=True)
     image = Image.open(sheet)
-    assert image.size[0] == 64 * 3 and image.size[1] == 3 * (64 + 18)  # clean + 2 variants, 3 rows
+    assert image.size[0] == 64 * 3 and image.size[1] == 18 + 3 * (64 + 18)  # header, then 3 rows of clean + 2 variants
 
 
 def test_info_and_encode_prompts(tmp_path, photos):
