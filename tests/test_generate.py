@@ -23,6 +23,7 @@ from mdsd3_cli.images import load_image
 from mdsd3_cli.plan import ShardSpec
 from mdsd3_cli.recipe import load_recipe
 from mdsd3_cli.sampler import MDSD3Sampler
+from mdsd3_cli.writer import OutputConflictError
 
 from .slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
@@ -370,3 +371,20 @@ def test_a_finished_shard_loads_no_model(tmp_path, photos, monkeypatch):
     monkeypatch.setattr(generate_module, "open_session", no_model)
     again = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
     assert again.written == 0 and again.already_done == 2 and again.exit_code == 0
+
+
+def test_overwrite_redoes_the_run_and_keeps_unrelated_files(tmp_path, photos):
+    out = tmp_path / "out"
+    first = load_recipe(write_recipe(tmp_path / "a.yaml", photos, out))
+    run_generate(plan_run(first, ShardSpec(0, 1), limit=1))
+    (out / "notes.txt").write_text("mine")
+    changed = load_recipe(write_recipe(tmp_path / "b.yaml", photos, out, sampling__steps=2))
+    with pytest.raises(OutputConflictError, match="different run"):
+        run_generate(plan_run(changed, ShardSpec(0, 1), limit=1))
+    with pytest.raises(ValueError, match="cannot be combined with shards"):
+        run_generate(plan_run(changed, ShardSpec(0, 2), limit=1), overwrite=True)
+    summary = run_generate(plan_run(changed, ShardSpec(0, 1), limit=1), overwrite=True)
+    assert summary.written == 2 and summary.already_done == 0
+    assert {json.loads(line)["steps"] for line in manifest_lines(out)} == {2}
+    assert json.loads((out / "run.json").read_text())["identity"]["sampling"]["steps"] == 2
+    assert (out / "notes.txt").read_text() == "mine"
