@@ -22,7 +22,7 @@ from .plan import ShardSpec, WorkItem, build_plan, shard_items
 from .progress import RunProgress
 from .prompts import load_prompt_embeddings
 from .recipe import Recipe
-from .runtime import StopRequest, resolve_device, resolve_dtype
+from .runtime import StopRequest, exit_code_for, resolve_device, resolve_dtype
 from .sampler import MDSD3Sampler, SampleRequest
 from .weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
 from .writer import DatasetWriter, check_run_compatible, clear_outputs, completed_samples, write_run_json
@@ -79,7 +79,7 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         if self.interrupted:
-            return {"SIGINT": 130, "SIGTERM": 143}.get(self.interrupted, 1)
+            return exit_code_for(self.interrupted)
         return EXIT_FAILED_INPUTS if self.failed_inputs else EXIT_OK
 
     def table(self) -> Table:

@@ -27,9 +27,6 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 from torch import nn
 
-INJECTIONS = 3  # Δq, Δk, Δv
-
-
 class UnsupportedBaseError(ValueError):
     """The base transformer has features the MDSD3 method does not define (SD3.5's q/k norm, dual attention)."""
 

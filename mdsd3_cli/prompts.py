@@ -11,7 +11,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 T5_MAX_TOKENS = 256
+PROMPT_CACHE_ENV = "MDSD3_PROMPT_CACHE"
 _TEXT_FOLDERS = {
     "text_encoder": ("tokenizer", "CLIPTextModelWithProjection"),
     "text_encoder_2": ("tokenizer_2", "CLIPTextModelWithProjection"),
@@ -109,11 +110,11 @@ def folder_text_encoder(root: str | os.PathLike, device: torch.device | str, dty
     return TextEncoder(pipeline, device)
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
     """$MDSD3_PROMPT_CACHE, else $XDG_CACHE_HOME/mdsd3/prompts, else ~/.cache/mdsd3/prompts."""
-    if os.environ.get("MDSD3_PROMPT_CACHE"):
-        return Path(os.environ["MDSD3_PROMPT_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "mdsd3" / "prompts"
+    if environ.get(PROMPT_CACHE_ENV):
+        return Path(environ[PROMPT_CACHE_ENV]).expanduser()
+    return Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mdsd3" / "prompts"
 
 
 class PromptCache:

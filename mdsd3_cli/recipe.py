@@ -16,8 +16,6 @@ from .adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 from .overrides import apply_override
 
 TINY_BASE = "tiny"
-PROMPT_CACHE_ENV = "MDSD3_PROMPT_CACHE"
-DEFAULT_PROMPT_CACHE = Path("~/.cache/mdsd3/prompts")
 VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
 
@@ -197,10 +195,12 @@ class Recipe(_Section):
         return self.resolve(self.output.dir)
 
     def prompt_cache_dir(self, environ: Mapping[str, str] = os.environ) -> Path:
-        """Prompt embedding cache: model.prompt_cache, else $MDSD3_PROMPT_CACHE, else ~/.cache/mdsd3/prompts."""
+        """Prompt embedding cache: model.prompt_cache, else the default (prompts.default_cache_dir)."""
+        from .prompts import default_cache_dir  # torch-free import of the recipe module stays possible
+
         if self.model.prompt_cache is not None:
             return self.resolve(self.model.prompt_cache)
-        return Path(environ.get(PROMPT_CACHE_ENV) or DEFAULT_PROMPT_CACHE).expanduser()
+        return default_cache_dir(environ)
 
     def variant_alpha(self, variant: Variant) -> float:
         """α of a variant: its own, else sampling.alpha."""

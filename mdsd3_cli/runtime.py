@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Mapping
 from types import FrameType
 
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def exit_code_for(signal_name: str) -> int:
+    """Exit status of a run stopped by a signal, by the shell's convention: 128 + the signal's number."""
+    return 128 + signal.Signals[signal_name].value
 
 
 def resolve_device(spec: str, environ: Mapping[str, str] = os.environ) -> torch.device:
@@ -30,15 +36,19 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 class StopRequest:
-    """Turns the first SIGTERM/SIGINT into a flag the work loop polls; a second SIGINT interrupts at once."""
+    """Turns the first stop signal into a flag the work loop polls; a second SIGINT interrupts at once.
 
-    def __init__(self) -> None:
+    Handlers are installed only from the main thread (elsewhere a stop is never requested)."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+        self.signals = signals
         self.signal: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
 
     def __enter__(self) -> "StopRequest":
-        for sig in EXIT_INTERRUPTED:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -53,7 +63,3 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal is not None
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_INTERRUPTED.get(self.signal, 1) if self.signal else 0

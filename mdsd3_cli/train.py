@@ -63,7 +63,7 @@ from .heads import UNCONDITIONAL_PROMPT, all_prompts, head_mask
 from .model import MDSD3Transformer
 from .progress import RunProgress
 from .prompts import PromptEmbedding, load_prompt_embeddings
-from .runtime import StopRequest, resolve_device
+from .runtime import StopRequest, exit_code_for, resolve_device
 from .sampler import MDSD3Sampler, SampleRequest
 from .train_data import Draw, PairedDataset, batch_prompts, build_dataset, condition_drop_mask
 from .train_recipe import TrainRecipe
@@ -79,7 +79,6 @@ TRAINABLE_SETS = ("default", "lora_only")
 WEIGHTING_SCHEME = "logit_normal"
 _NOISE_STREAM = 0x70F5
 _CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR1": 138}
 
 
 class TrainError(ValueError):
@@ -289,23 +288,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------------------------- signals, summary
 
 
-class TrainStop(StopRequest):
-    """SIGTERM/SIGINT (preemption, Ctrl-C) and SIGUSR1 (SLURM's time-limit warning): finish the current
-    optimizer step, save a checkpoint, exit non-zero. Handlers are installed only on the main thread."""
-
-    SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
-
-    def __enter__(self) -> "TrainStop":
-        try:
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: no handlers, never requested
-            pass
-        return self
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES.get(self.signal.name, 1) if self.signal else 0
+TRAIN_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+"""SIGTERM/SIGINT (preemption, Ctrl-C) and SIGUSR1 (SLURM's time-limit warning): finish the current optimizer
+step, save a checkpoint, exit non-zero."""
 
 
 @dataclass
@@ -335,7 +320,7 @@ class TrainSummary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES.get(self.stopped_by, 1) if self.stopped_by else 0
+        return exit_code_for(self.stopped_by) if self.stopped_by else 0
 
     def table(self) -> Table:
         table = Table(title="mdsd3 train", show_header=False)
@@ -774,7 +759,7 @@ class Trainer:
         return self.dataset.batches(start * ga, end * ga, self.recipe.train.batch_size, self.rank, self.world_size,
                                     pin_memory=self.device.type == "cuda")
 
-    def _agree_on_stop(self, stop: TrainStop) -> str | None:
+    def _agree_on_stop(self, stop: StopRequest) -> str | None:
         """The signal that stops this step, agreed by all ranks (a rank may see it a step later than another)."""
         local = stop.signal.value if stop.signal is not None else 0
         if self.world_size == 1:
@@ -801,7 +786,7 @@ class Trainer:
         progress = (RunProgress(max(total - step, 0), "train", unit="steps", console=self.console)
                     if accelerator.is_main_process else _NoProgress())
         stop_signal = None
-        with TrainStop() as stop, progress:
+        with StopRequest(TRAIN_STOP_SIGNALS) as stop, progress:
             batches = self._batches(step, total) if step < total else iter(())
             try:
                 for data_step, batch in batches:
@@ -868,7 +853,7 @@ def run_train(recipe: TrainRecipe, resume: str | os.PathLike | None = None, cons
 
 
 __all__ = [
-    "TRAINABLE_SETS", "FlowSchedule", "LatentEncoder", "PreviewSettings", "PromptTable", "TrainError", "TrainStop",
+    "TRAINABLE_SETS", "FlowSchedule", "LatentEncoder", "PreviewSettings", "PromptTable", "TrainError",
     "TrainSummary", "Trainer", "batch_conditioning", "check_recipe", "flow_matching_loss", "is_trainable",
     "list_checkpoints", "read_state", "resolve_precision", "resolve_resume", "run_train", "set_trainable",
     "step_generator", "upcast_trainable",
