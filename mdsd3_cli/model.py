@@ -3,8 +3,8 @@
 Everything that differs from diffusers' `SD3Transformer2DModel` lives in this file:
 
 * `MDSD3AttnProcessor` – the joint attention of every block, with two additions: the context tokens'
-  q/k/v are scaled per sample and per head by `head_mask` [B, H], and the image stream's q/k/v receive
-  additive clean-image injections `(Δq, Δk, Δv)`.
+  q/k/v are scaled per sample and per head by the head mask [B, H] (passed as a per-channel
+  `context_scale`), and the image stream's q/k/v receive additive clean-image injections `(Δq, Δk, Δv)`.
 * `CleanBlock` – one block of the clean branch: LayerNorm (no AdaLN), copies of the block's image-stream
   q/k/v projections, zero-initialised Z layers producing the injections, and (except in the last block)
   copies of the output projection and feed-forward so the clean tokens evolve from block to block.
@@ -42,6 +42,11 @@ def _add_grouped(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return (x.unflatten(0, (groups, delta.shape[0])) + delta).flatten(0, 1)
 
 
+def context_scale(head_mask: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, H] head mask -> [B, 1, H*hd] per-channel scale for the context q/k/v (built once per forward)."""
+    return head_mask.to(dtype).repeat_interleave(head_dim, dim=1)[:, None, :]
+
+
 class MDSD3AttnProcessor:
     """SD3 joint attention with a per-head context mask and additive clean-image q/k/v injections."""
 
@@ -51,7 +56,7 @@ class MDSD3AttnProcessor:
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        head_mask: torch.Tensor | None = None,
+        context_scale: torch.Tensor | None = None,
         clean_injection: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, image_tokens = hidden_states.shape[:2]
@@ -64,10 +69,9 @@ class MDSD3AttnProcessor:
         context_q = attn.add_q_proj(encoder_hidden_states)
         context_k = attn.add_k_proj(encoder_hidden_states)
         context_v = attn.add_v_proj(encoder_hidden_states)
-        if head_mask is not None:
-            channel_mask = head_mask.to(context_q.dtype).repeat_interleave(context_q.shape[-1] // attn.heads, dim=1)
-            channel_mask = channel_mask[:, None, :]
-            context_q, context_k, context_v = context_q * channel_mask, context_k * channel_mask, context_v * channel_mask
+        if context_scale is not None:
+            scale = context_scale.to(context_q.dtype)  # a no-op unless autocast changed the projections' dtype
+            context_q, context_k, context_v = context_q * scale, context_k * scale, context_v * scale
 
         query = _split_heads(torch.cat([query, context_q], dim=1), attn.heads)
         key = _split_heads(torch.cat([key, context_k], dim=1), attn.heads)
@@ -224,7 +228,7 @@ class MDSD3Transformer(SD3Transformer2DModel):
         clean_tokens = None if clean_latents is None else self.clean_pos_embed(clean_latents).contiguous()
         extra = dict(joint_attention_kwargs or {})
         if head_mask is not None:
-            extra["head_mask"] = head_mask
+            extra["context_scale"] = context_scale(head_mask, self.config.attention_head_dim, hidden_states.dtype)
 
         for index, block in enumerate(self.transformer_blocks):
             checkpoint = torch.is_grad_enabled() and self.gradient_checkpointing

@@ -7,7 +7,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 
 from mdsd3_cli.heads import head_mask, partition_heads
-from mdsd3_cli.model import MDSD3AttnProcessor, MDSD3Transformer, UnsupportedBaseError
+from mdsd3_cli.model import MDSD3AttnProcessor, MDSD3Transformer, UnsupportedBaseError, context_scale
 from mdsd3_cli.weights import TINY_TRANSFORMER
 
 HEADS = TINY_TRANSFORMER["num_attention_heads"]
@@ -107,7 +107,7 @@ def test_mask_semantics_against_direct_computation(fresh_base):
     x, e = _attention_inputs()
     mask = torch.tensor([[1.0, 1.0, 0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 0.25, 0.25]])
     with torch.no_grad():
-        image_out, context_out = MDSD3AttnProcessor()(attn, x, e, head_mask=mask)
+        image_out, context_out = MDSD3AttnProcessor()(attn, x, e, context_scale=context_scale(mask, 8, x.dtype))
         expected_image, expected_context, _ = _direct_joint_attention(attn, x, e, mask)
     torch.testing.assert_close(image_out, expected_image, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(context_out, expected_context, atol=1e-5, rtol=1e-5)
@@ -122,8 +122,8 @@ def test_masked_heads_take_nothing_from_context_values(fresh_base):
     with torch.no_grad():
         _, _, heads_a = _direct_joint_attention(attn, x, e, mask)
         _, _, heads_b = _direct_joint_attention(attn, x, e2, mask)
-        processor_a, _ = MDSD3AttnProcessor()(attn, x, e, head_mask=mask)
-        processor_b, _ = MDSD3AttnProcessor()(attn, x, e2, head_mask=mask)
+        processor_a, _ = MDSD3AttnProcessor()(attn, x, e, context_scale=context_scale(mask, 8, x.dtype))
+        processor_b, _ = MDSD3AttnProcessor()(attn, x, e2, context_scale=context_scale(mask, 8, x.dtype))
     image = slice(0, x.shape[1])
     torch.testing.assert_close(heads_a[:, image, :16], heads_b[:, image, :16])  # heads 0-1 (mask 0)
     assert (heads_a[:, image, 16:] - heads_b[:, image, 16:]).abs().max() > 1e-3
@@ -147,9 +147,9 @@ def test_half_ratio_scales_context_qkv_by_half(fresh_base):
     with torch.no_grad():
         torch.nn.functional.scaled_dot_product_attention = capture
         try:
-            MDSD3AttnProcessor()(attn, x, e, head_mask=half)
+            MDSD3AttnProcessor()(attn, x, e, context_scale=context_scale(half, 8, x.dtype))
             masked = dict(captured)
-            MDSD3AttnProcessor()(attn, x, e, head_mask=torch.ones(1, HEADS))
+            MDSD3AttnProcessor()(attn, x, e, context_scale=context_scale(torch.ones(1, HEADS), 8, x.dtype))
             full = dict(captured)
         finally:
             torch.nn.functional.scaled_dot_product_attention = original
