@@ -36,7 +36,7 @@ class Conditioning:
 
     embeds: torch.Tensor  # [B, S, D]
     pooled: torch.Tensor  # [B, P]
-    head_mask: torch.Tensor | None  # [B, H]; None = all ones
+    head_mask: torch.Tensor  # [B, H]
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -87,12 +87,12 @@ class MDSD3Sampler:
             raise KeyError(f"prompt {prompt!r} has no cached embedding; encode it first (mdsd3 encode-prompts)")
         return self.prompts[prompt]
 
-    def conditioning(self, prompts: Sequence[str], masks: torch.Tensor | None) -> Conditioning:
+    def conditioning(self, prompts: Sequence[str], masks: torch.Tensor) -> Conditioning:
         """Stack cached embeddings per sample (repeated by the caller's list, never by the pipeline)."""
         rows = [self._embedding(p) for p in prompts]
         embeds = torch.stack([r.embeds for r in rows]).to(self.device, self.dtype)
         pooled = torch.stack([r.pooled for r in rows]).to(self.device, self.dtype)
-        return Conditioning(embeds, pooled, None if masks is None else masks.to(self.device, self.dtype))
+        return Conditioning(embeds, pooled, masks.to(self.device, self.dtype))
 
     def request_conditioning(self, requests: Sequence[SampleRequest]) -> tuple[Conditioning, Conditioning]:
         """(conditional, unconditional) branches per METHOD §1: class prompt + ratio mask; "" + all-zero mask."""
@@ -114,7 +114,7 @@ class MDSD3Sampler:
         if guided:
             embeds = torch.cat([uncond.embeds, cond.embeds])
             pooled = torch.cat([uncond.pooled, cond.pooled])
-            mask = _cat_masks(uncond.head_mask, cond.head_mask, len(latents), self.model.config.num_attention_heads)
+            mask = torch.cat([uncond.head_mask, cond.head_mask])
         else:
             embeds, pooled, mask = cond.embeds, cond.pooled, cond.head_mask
         latents = latents.to(self.dtype)
@@ -156,13 +156,3 @@ class MDSD3Sampler:
         cond, uncond = self.request_conditioning(requests)
         latents = self.denoise(latents, injections, cond, uncond, steps, guidance)[:count]
         return latents if output == "latent" else self.decode(latents)
-
-def _cat_masks(first: torch.Tensor | None, second: torch.Tensor | None, batch: int, heads: int) -> torch.Tensor | None:
-    """Concatenate two branches' head masks, materialising all-ones where one branch has none."""
-    if first is None and second is None:
-        return None
-    ones = None
-    if first is None or second is None:
-        reference = first if first is not None else second
-        ones = torch.ones(batch, heads, device=reference.device, dtype=reference.dtype)
-    return torch.cat([first if first is not None else ones, second if second is not None else ones])
