@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -214,3 +215,27 @@ def preview(
         sheet = contact_sheet(dataset, n, cell, seed)
         sheet.save(out)
     console.print(f"wrote {out} ({sheet.width}x{sheet.height})")
+
+
+@app.command()
+def verify(
+    dataset: Annotated[Path, typer.Option("--dataset", help="A generate output folder (any layout).",
+                                          show_default=False)],
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Hashing threads (default: one per CPU core).",
+                                                   show_default=False)] = None,
+) -> None:
+    """Check a dataset after copying it: every manifest record's files exist, decode, and have the recorded
+    size and SHA-256; every key has all variants; no file lacks a record (orphans).
+
+    Exit status: 0 no problem, 1 problems found (listed), 2 not a dataset.
+    """
+    from .verify import NotADatasetError, print_problems, verify_dataset
+
+    try:
+        report = verify_dataset(dataset, workers, console=console)
+    except NotADatasetError as error:
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+        raise typer.Exit(EXIT_USAGE) from None
+    print_problems(report, console)
+    Console().print(report.table())
+    raise typer.Exit(0 if report.ok else 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -112,6 +113,26 @@ def _check_pixels(pixels: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} must be an HxWx3 uint8 array, got {description}")
 
 
+FileDigest = tuple[str, int]
+"""A file's SHA-256 (hex) and size in bytes, as the manifest records them."""
+
+
+def digest(data: bytes) -> FileDigest:
+    """SHA-256 (hex) and size of `data`."""
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def file_digest_fields(role: str, sha256: str, size: int) -> dict[str, Any]:
+    """Manifest fields of one written file: `<role>_sha256` and `<role>_bytes` (role: clean or degraded)."""
+    return {f"{role}_sha256": sha256, f"{role}_bytes": size}
+
+
+def _resolved(value: FileDigest) -> Future[FileDigest]:
+    future: Future[FileDigest] = Future()
+    future.set_result(value)
+    return future
+
+
 def _json_line(record: Mapping[str, Any]) -> bytes:
     """One manifest/errors line: sorted keys, ASCII-only (any file name encodes), newline-terminated."""
     return (json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode("ascii")
@@ -184,8 +205,8 @@ class DatasetWriter:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mdsd3-writer")
         self._pending: set[Future[None]] = set()
         self._in_flight: set[tuple[str, str]] = set()
-        self._clean_written: set[str] = set()
-        self._clean_writing: dict[str, Future[None]] = {}
+        self._clean_written: dict[str, FileDigest] = {}
+        self._clean_writing: dict[str, Future[FileDigest]] = {}
         self._failure: BaseException | None = None
         self._closed = False
 
@@ -210,24 +231,25 @@ class DatasetWriter:
         clean_path, degraded_path = self.layout.clean_path(key), self.layout.degraded_path(folder, key)
         _check_pixels(clean, "clean")
         _check_pixels(degraded, "degraded")
-        line = _json_line(
-            {**record, "clean": self.layout.relative(clean_path), "degraded": self.layout.relative(degraded_path)}
-        )
+        located = {**record, "clean": self.layout.relative(clean_path), "degraded": self.layout.relative(degraded_path)}
+        _json_line(located)  # a record that cannot be written fails here, in the caller
         with self._lock:
             if (key, folder) in self._in_flight:
                 raise ValueError(f"sample key={key!r} folder={folder!r} is already being written")
             self._in_flight.add((key, folder))
         self._slots.acquire()  # backpressure: blocks while too many samples are in flight
         with self._lock:
-            clean_owner: Future[None] | None = None
+            clean_owner: Future[FileDigest] | None = None
             clean_wait = self._clean_writing.get(key)
-            if key not in self._clean_written and clean_wait is None:
+            if key in self._clean_written:
+                clean_wait = _resolved(self._clean_written[key])
+            elif clean_wait is None:
                 clean_owner = self._clean_writing[key] = Future()
         future = self._pool.submit(
             self._write_sample,
             key,
             folder,
-            line,
+            located,
             (clean_path, clean.copy(), clean_owner) if clean_owner is not None else None,
             clean_wait,
             (degraded_path, degraded.copy()),
@@ -267,19 +289,22 @@ class DatasetWriter:
         self,
         key: str,
         folder: str,
-        line: bytes,
-        clean_job: tuple[Path, np.ndarray, Future[None]] | None,
-        clean_wait: Future[None] | None,
+        record: dict[str, Any],
+        clean_job: tuple[Path, np.ndarray, Future[FileDigest]] | None,
+        clean_wait: Future[FileDigest] | None,
         degraded_job: tuple[Path, np.ndarray],
     ) -> None:
-        """Worker: write the clean image (if this sample owns it), the degraded one, then the manifest line."""
+        """Worker: write the clean image (if this sample owns it), the degraded one, then the manifest line
+        with both files' SHA-256 and size."""
         try:
-            if clean_job is not None:
-                self._write_clean(key, *clean_job)
+            clean_digest = self._write_clean(key, *clean_job) if clean_job is not None else None
             degraded_path, degraded = degraded_job
-            self._write_file(degraded_path, encode_image(degraded, self.fmt, self.quality, self.png_compress_level))
+            degraded_bytes = encode_image(degraded, self.fmt, self.quality, self.png_compress_level)
+            self._write_file(degraded_path, degraded_bytes)
             if clean_wait is not None:
-                clean_wait.result()  # the clean image of this key is written by an earlier sample
+                clean_digest = clean_wait.result()  # the clean image of this key is written by an earlier sample
+            line = _json_line({**record, **file_digest_fields("clean", *clean_digest),
+                               **file_digest_fields("degraded", *digest(degraded_bytes))})
             with self._lock:
                 self._manifest.write(line)
                 self._manifest.flush()
@@ -293,18 +318,21 @@ class DatasetWriter:
                 self._in_flight.discard((key, folder))
             self._slots.release()
 
-    def _write_clean(self, key: str, path: Path, pixels: np.ndarray, done: Future[None]) -> None:
+    def _write_clean(self, key: str, path: Path, pixels: np.ndarray, done: Future[FileDigest]) -> FileDigest:
         try:
-            self._write_file(path, encode_image(pixels, self.fmt, self.quality, self.png_compress_level))
+            data = encode_image(pixels, self.fmt, self.quality, self.png_compress_level)
+            self._write_file(path, data)
+            result = digest(data)
         except BaseException as exc:
             done.set_exception(exc)
             with self._lock:
                 del self._clean_writing[key]
             raise
         with self._lock:
-            self._clean_written.add(key)
+            self._clean_written[key] = result
             del self._clean_writing[key]
-        done.set_result(None)
+        done.set_result(result)
+        return result
 
     def _write_file(self, path: Path, data: bytes) -> None:
         """Write to `.<name>.tmp` beside `path`, fsync, then rename: `path` is never partial."""

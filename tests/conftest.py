@@ -43,3 +43,6 @@ def tiny_prompts(tiny_base, prompt_cache_dir):
 def _private_prompt_cache(tmp_path_factory):
     """Never touch the user's ~/.cache from tests."""
     os.environ["MDSD3_PROMPT_CACHE"] = str(tmp_path_factory.mktemp("user_prompt_cache"))
+
+
+from .tiny_datasets import folders_dataset, tiny_photos  # noqa: E402,F401  (session fixtures)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -159,13 +160,20 @@ def test_samples_share_one_clean_image_and_get_manifest_lines(tmp_path: Path, mo
         (key, folder) for folder in ("rain", "haze", "snow") for key in ("div2k/0001", "div2k/0002")
     )
     first = next(r for r in records if r["key"] == "div2k/0002" and r["folder"] == "snow")
+    clean_bytes, degraded_bytes = (tmp_path / "clean/div2k/0002.png").read_bytes(), \
+        (tmp_path / "degraded/snow/div2k/0002.png").read_bytes()
     assert first == {
         "alpha": 0.9,
         "clean": "clean/div2k/0002.png",
         "degraded": "degraded/snow/div2k/0002.png",
         "folder": "snow",
         "key": "div2k/0002",
+        "clean_sha256": hashlib.sha256(clean_bytes).hexdigest(),
+        "clean_bytes": len(clean_bytes),
+        "degraded_sha256": hashlib.sha256(degraded_bytes).hexdigest(),
+        "degraded_bytes": len(degraded_bytes),
     }
+    assert len({r["clean_sha256"] for r in records if r["key"] == "div2k/0002"}) == 1  # shared clean image
     clean, degraded = sample_pixels(1)
     np.testing.assert_array_equal(decode(tmp_path / first["clean"]), clean)
     np.testing.assert_array_equal(decode(tmp_path / first["degraded"]), degraded)
