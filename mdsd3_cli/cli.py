@@ -43,6 +43,7 @@ def _quiet_libraries() -> None:
 def _clear_errors():
     """Known user errors (and a diverged training loss) become one red message and exit status 2."""
     from .adapter import AdapterError
+    from .evaluate import EvaluateError
     from .generate import InputsError
     from .plan import ShardError
     from .recipe import RecipeError
@@ -51,9 +52,9 @@ def _clear_errors():
 
     try:
         yield
-    except (RecipeError, InputsError, AdapterError, BaseModelError, OutputConflictError, ShardError, OSError,
-            ValueError, FloatingPointError) as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+    except (RecipeError, InputsError, AdapterError, BaseModelError, OutputConflictError, ShardError, EvaluateError,
+            OSError, ValueError, FloatingPointError) as error:
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -239,3 +240,46 @@ def verify(
     print_problems(report, console)
     Console().print(report.table())
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def evaluate(
+    dataset: Annotated[Optional[Path], typer.Option("--dataset", help="An mdsd3 generate output folder (read "
+                       "through its manifest/, every shard, finished or partial), or a folder holding clean/ and "
+                       "degraded/ matched by relative path.", show_default=False)] = None,
+    pairs: Annotated[Optional[tuple[Path, Path]], typer.Option("--pairs", metavar="CLEAN_DIR DEGRADED_DIR",
+                     help="Instead of --dataset: a clean folder and a degraded folder, images matched by relative "
+                     "path without extension (e.g. a RESIDE or Rain100 copy).", show_default=False)] = None,
+    against: Annotated[Optional[list[Path]], typer.Option("--against", help="A set to compare with (an mdsd3 "
+                       "output, or a folder with clean/ and degraded/); repeatable.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", help="Report folder: report.json, samples.csv and plots.")] = Path(
+        "evaluate_report"),
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring pairs. "
+                       "Default: the number of CPUs.", show_default=False)] = None,
+) -> None:
+    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, each class's strength by a
+    classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
+    selectivity of single-class variants, diversity between repeats, and distances to --against sets.
+
+    Prints tables and writes OUT/report.json, OUT/samples.csv and OUT/*.png. Unreadable files are listed,
+    not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage.
+    """
+    from .evaluate import evaluate_dataset, write_report
+    from .evaluate.report import classes_table, distances_table, problem_lines, variants_table
+
+    if (dataset is None) == (pairs is None):
+        console.print("[bold red]error:[/] give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
+        raise typer.Exit(EXIT_USAGE)
+    with _clear_errors():
+        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console)
+        written = write_report(report, out)
+    terminal = Console()
+    terminal.print(variants_table(report.summary))
+    if report.summary["monotonicity"]:
+        terminal.print(classes_table(report.summary))
+    for label, distances in report.distances.items():
+        terminal.print(distances_table(label, distances))
+    for line in problem_lines(report):
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"wrote {escape(str(out / 'samples.csv'))}, " + ", ".join(escape(path.name) for path in written),
+                  highlight=False, soft_wrap=True)

@@ -1,0 +1,119 @@
+"""`evaluate_dataset`: open the sets, measure every pair on worker processes (streaming the per-sample CSV),
+then aggregate into a `Report`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from .. import __version__
+from ..progress import RunProgress
+from .aggregate import SampleTable, class_info, compare, summarise
+from .estimators import ESTIMATOR_VERSIONS
+from .pairs import EvaluateError, PairSource, Problem, match_folders, open_dataset
+from .report import SampleCsv
+from .runner import measure_groups
+
+REPORT_VERSION = 1
+
+
+@dataclass
+class Report:
+    """Everything `evaluate` found. `summary` and `against` are what report.json holds per set; `tables` has
+    the per-sample numbers of every set by label (the dataset's first)."""
+
+    summary: dict[str, Any]
+    against: list[dict[str, Any]] = field(default_factory=list)
+    distances: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    tables: dict[str, SampleTable] = field(default_factory=dict)
+
+    def variant(self, name: str) -> dict[str, Any]:
+        """The dataset's statistics of one variant (samples, requested ratios, measures, normalised, diversity)."""
+        return self.summary["variants"][name]
+
+    def samples(self, label: str | None = None) -> list[dict[str, Any]]:
+        """Per-sample rows of one set (default: the dataset)."""
+        table = self.tables[label or self.summary["label"]]
+        return [table.row(index) for index in range(len(table))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "report_version": REPORT_VERSION, "mdsd3_version": __version__, "estimators": ESTIMATOR_VERSIONS,
+            "classes": class_info(), "dataset": self.summary, "against": self.against, "distances": self.distances,
+            "problems": [{"path": problem.path, "reason": problem.reason} for problem in self.problems],
+        }
+
+
+def _measure(source: PairSource, workers: int, csv: SampleCsv | None, console: Console | None) -> SampleTable:
+    table = SampleTable(source.classes)
+    with RunProgress(source.sample_count, f"evaluate {source.label}", unit="pairs", console=console) as progress:
+        for result in measure_groups(source.groups, min(workers, max(1, len(source.groups)))):
+            table.add(result)
+            source.problems.extend(result.problems)
+            if csv is not None:
+                csv.write(source.label, table, len(result.measured))
+            progress.advance(result.attempted)
+    return table
+
+
+def evaluate_dataset(
+    dataset: Path | None = None,
+    pairs: tuple[Path, Path] | None = None,
+    against: list[Path] | tuple[Path, ...] = (),
+    out_dir: Path | None = None,
+    workers: int | None = None,
+    console: Console | None = None,
+) -> Report:
+    """Measure `dataset` (an mdsd3 output, or a folder with clean/ and degraded/) or `pairs` (clean folder,
+    degraded folder), and each `against` set. With `out_dir`, the per-sample table is streamed to
+    OUT_DIR/samples.csv (report.json and plots are written by `write_report`). EvaluateError when the
+    dataset has no usable pair."""
+    if (dataset is None) == (pairs is None):
+        raise EvaluateError("give either a dataset folder or a (clean, degraded) folder pair")
+    workers = workers or os.cpu_count() or 1
+    main = open_dataset(Path(dataset)) if dataset is not None else match_folders(Path(pairs[0]), Path(pairs[1]))
+    others = [open_dataset(Path(path)) for path in against]
+    _unique_labels([main, *others])
+    for source in (main, *others):
+        if source.sample_count == 0:
+            raise EvaluateError(f"{source.label}: no pairs to evaluate" + _first_problems(source.problems))
+    csv = SampleCsv(Path(out_dir) / "samples.csv", [main, *others]) if out_dir is not None else None
+    try:
+        tables = {source.label: _measure(source, workers, csv, console) for source in (main, *others)}
+    finally:
+        if csv is not None:
+            csv.close()
+    for source in (main, *others):
+        if len(tables[source.label]) == 0:
+            raise EvaluateError(f"{source.label}: none of its {source.sample_count} pairs could be read"
+                                + _first_problems(source.problems))
+    main_table = tables[main.label]
+    return Report(
+        summary=summarise(main_table, main.label),
+        against=[summarise(tables[source.label], source.label) for source in others],
+        distances={source.label: compare(main_table, tables[source.label]) for source in others},
+        problems=[problem for source in (main, *others) for problem in source.problems],
+        tables=tables,
+    )
+
+
+def _unique_labels(sources: list[PairSource]) -> None:
+    """Sets with one folder name get numbered labels (name, name-2, ...)."""
+    seen: dict[str, int] = {}
+    for source in sources:
+        count = seen.get(source.label, 0) + 1
+        seen[source.label] = count
+        if count > 1:
+            source.label = f"{source.label}-{count}"
+
+
+def _first_problems(problems: list[Problem], limit: int = 3) -> str:
+    if not problems:
+        return ""
+    listed = "; ".join(f"{problem.path}: {problem.reason}" for problem in problems[:limit])
+    return f" ({len(problems)} problem(s), e.g. {listed})"

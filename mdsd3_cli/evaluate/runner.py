@@ -1,0 +1,96 @@
+"""Measure pair groups, in order, on worker processes: images are decoded and measured inside the workers,
+so the parent holds only the numbers (constant memory in the number of images)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .estimators import repeat_diversity
+from .measures import measure_pair
+from .pairs import PairGroup, Problem, Sample
+
+MAX_PIXELS = 89_478_485
+"""Images above this many pixels are refused (decompression-bomb guard, as in generate)."""
+
+
+@dataclass(frozen=True)
+class MeasuredSample:
+    """One measured degraded image."""
+
+    sample: Sample
+    measures: dict[str, float]
+
+
+@dataclass(frozen=True)
+class GroupResult:
+    """The measured repeats of one group, their diversity (None for a single repeat) and what failed."""
+
+    group: PairGroup
+    measured: tuple[MeasuredSample, ...]
+    diversity: float | None
+    problems: tuple[Problem, ...]
+
+    @property
+    def attempted(self) -> int:
+        return len(self.group.samples)
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """Decode an image to uint8 RGB [H, W, 3] (EXIF orientation applied); `_Unreadable` with the reason."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise _Unreadable(f"{width}x{height} exceeds the {MAX_PIXELS}-pixel decompression-bomb guard")
+            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except FileNotFoundError:
+        raise _Unreadable("file not found") from None
+    except _Unreadable:
+        raise
+    except Exception as error:  # any decoder failure is bad input, never a crash
+        raise _Unreadable(f"unreadable: {type(error).__name__}: {error}") from None
+
+
+def measure_group(group: PairGroup) -> GroupResult:
+    """Decode the clean image once and every repeat; measure each pair; diversity across the readable repeats."""
+    try:
+        clean = read_rgb(group.clean)
+    except _Unreadable as error:
+        problem = Problem(str(group.clean), f"clean image {error} (skipped {len(group.samples)} pair(s))")
+        return GroupResult(group, (), None, (problem,))
+    measured, problems, images = [], [], []
+    for sample in group.samples:
+        try:
+            degraded = read_rgb(sample.path)
+        except _Unreadable as error:
+            problems.append(Problem(str(sample.path), str(error)))
+            continue
+        if degraded.shape != clean.shape:
+            problems.append(Problem(str(sample.path), f"size {degraded.shape[1]}x{degraded.shape[0]} differs from "
+                                    f"its clean image {group.clean} ({clean.shape[1]}x{clean.shape[0]})"))
+            continue
+        measured.append(MeasuredSample(sample, measure_pair(clean, degraded)))
+        images.append(degraded)
+    diversity = repeat_diversity(images) if len(images) > 1 else None
+    return GroupResult(group, tuple(measured), diversity, tuple(problems))
+
+
+def measure_groups(groups: Iterable[PairGroup], workers: int) -> Iterator[GroupResult]:
+    """`measure_group` over `groups`, results in input order; `workers` > 1 uses that many processes."""
+    if workers <= 1:
+        yield from map(measure_group, groups)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+    with context.Pool(workers) as pool:
+        yield from pool.imap(measure_group, groups, chunksize=4)
+
