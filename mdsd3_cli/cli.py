@@ -283,3 +283,30 @@ def evaluate(
         console.print(line, highlight=False, soft_wrap=True)
     console.print(f"wrote {escape(str(out / 'samples.csv'))}, " + ", ".join(escape(path.name) for path in written),
                   highlight=False, soft_wrap=True)
+
+
+@app.command()
+def export(
+    dataset: Annotated[Path, typer.Option("--dataset", help="A finished generate output folder (folders layout).",
+                                          show_default=False)],
+    to: Annotated[str, typer.Option("--to", help="webdataset (tar shards), lmdb (BasicSR's paired LMDB) or "
+                                    "parquet (Hugging Face datasets).", show_default=False)],
+    destination: Annotated[Path, typer.Argument(help="Folder to create (must not exist).", show_default=False)],
+    per_file: Annotated[int, typer.Option("--per-file", min=1, help="Pairs per tar (webdataset) or per "
+                                          "Parquet file.")] = 1000,
+) -> None:
+    """Convert a finished dataset into what large-scale trainers read.
+
+    `lmdb` writes DEST/gt.lmdb and DEST/lq_<variant>.lmdb, each with BasicSR's meta_info.txt; `webdataset` writes
+    DEST/data-000000.tar, ... (one sample per pair: .clean.png, .degraded.png, .json); `parquet` writes
+    DEST/data-00000.parquet, ... (one row per pair). The destination appears only when complete; an interrupted
+    export leaves DEST's `.partial` sibling, removed by the next export. Exit status: 0 done, 2 unusable input.
+    """
+    from .export import EXPORT_FORMATS, run_export
+
+    if to not in EXPORT_FORMATS:
+        console.print(f"[bold red]error:[/] --to {escape(to)}: expected one of {', '.join(EXPORT_FORMATS)}")
+        raise typer.Exit(EXIT_USAGE)
+    with _clear_errors():
+        summary = run_export(dataset, to, destination, per_file, console=console)
+    Console().print(summary.table())

@@ -14,32 +14,29 @@ import json
 import os
 import tarfile
 import time
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .manifest import (FILE_FIELDS, MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files, parse_record,
+                       run_folders, run_info)
+from .parallel import ordered_map
 from .progress import RunProgress
 from .writer import RUN_JSON
 
 SCANNED_FOLDERS = ("clean", "degraded", "tars")
 """Where dataset files live: a file there without a record is an orphan."""
-TAR_FIELD = "tar"
-TAR_MEMBER_FIELDS = {"clean": "clean_member", "degraded": "degraded_member"}
-"""Record fields naming a sample's tar and its image members (the webdataset layout)."""
-JSON_MEMBER_FIELD = "json_member"
 
 LISTED_PER_KIND = 20
 """Problems of one kind listed by `print_problems`; the rest are counted."""
 
-R = TypeVar("R")
 
 
 class NotADatasetError(ValueError):
@@ -137,9 +134,8 @@ def verify_dataset(dataset: str | os.PathLike, workers: int | None = None,
     tasks += [_tar_task(root, tar, members) for tar, members in sorted(index.members.items())]
     total = len(index.files) + sum(len(members) for members in index.members.values())
     workers = workers or os.cpu_count() or 1
-    with RunProgress(total, "verify", unit="files", console=console) as progress, \
-            ThreadPoolExecutor(workers, thread_name_prefix="mdsd3-verify") as pool:
-        for checked in _bounded_map(pool, tasks, window=4 * workers):
+    with RunProgress(total, "verify", unit="files", console=console) as progress:
+        for checked in ordered_map(lambda task: task(), tasks, workers, name="mdsd3-verify"):
             report.files += checked.files
             report.bytes += checked.bytes
             report.problems += checked.problems
@@ -165,18 +161,20 @@ def print_problems(report: VerifyReport, console: Console) -> None:
 
 def _read_manifests(root: Path, report: VerifyReport) -> _Index:
     index = _Index()
-    seen: dict[tuple[str, str], str] = {}
-    for manifest in sorted(root.glob("manifest/*.jsonl")):
+    seen: dict[tuple[str, str], bytes] = {}
+    for manifest in manifest_files(root):
         where_file = manifest.relative_to(root).as_posix()
         with open(manifest, "rb") as handle:
             for number, line in enumerate(handle, 1):
                 where = f"{where_file}:{number}"
-                record = _parse_record(line, where, report.problems)
-                if record is None:
+                try:
+                    record = parse_record(line)
+                except ManifestLineError as error:
+                    report.problems.append(Problem("manifest", where, str(error)))
                     continue
                 report.records += 1
                 sample = (record["key"], record["folder"])
-                digest = json.dumps(record, sort_keys=True)
+                digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
                 if sample in seen:
                     if seen[sample] != digest:
                         report.problems.append(Problem("conflict", where, f"a second, different record for key "
@@ -186,23 +184,6 @@ def _read_manifests(root: Path, report: VerifyReport) -> _Index:
                 index.folders_by_key[record["key"]].add(record["folder"])
                 _index_record(root, record, line, where, index, report)
     return index
-
-
-def _parse_record(line: bytes, where: str, problems: list[Problem]) -> dict[str, Any] | None:
-    if not line.endswith(b"\n"):
-        problems.append(Problem("manifest", where, "unfinished last line (a killed run; rerun generate)"))
-        return None
-    try:
-        record = json.loads(line)
-    except ValueError as error:
-        problems.append(Problem("manifest", where, f"not JSON: {error}"))
-        return None
-    in_tar = isinstance(record, dict) and TAR_FIELD in record
-    needed = ["key", "folder", *([TAR_FIELD, *TAR_MEMBER_FIELDS.values()] if in_tar else TAR_MEMBER_FIELDS)]
-    if not isinstance(record, dict) or not all(isinstance(record.get(name), str) for name in needed):
-        problems.append(Problem("manifest", where, f"a record needs the text fields {', '.join(needed)}"))
-        return None
-    return record
 
 
 def _index_record(root: Path, record: dict[str, Any], line: bytes, where: str, index: _Index,
@@ -215,12 +196,11 @@ def _index_record(root: Path, record: dict[str, Any], line: bytes, where: str, i
             report.problems.append(Problem("manifest", where, f"tar {tar!r} is outside the dataset"))
             return
         members = index.members[tar]
-        for role, name_field in TAR_MEMBER_FIELDS.items():
-            members[record[name_field]] = _expected(record, role, dims, report)
-        if isinstance(record.get(JSON_MEMBER_FIELD), str):
-            members[record[JSON_MEMBER_FIELD]] = line.rstrip(b"\n")
+        for role in FILE_FIELDS:
+            members[record[MEMBER_FIELDS[role]]] = _expected(record, role, dims, report)
+        members[record[MEMBER_FIELDS["json"]]] = line.rstrip(b"\n")
         return
-    for role in TAR_MEMBER_FIELDS:
+    for role in FILE_FIELDS:
         relative = record[role]
         if not _inside(root, relative):
             report.problems.append(Problem("manifest", where, f"{role} path {relative!r} is outside the dataset"))
@@ -257,13 +237,11 @@ def _incomplete_keys(root: Path, index: _Index, report: VerifyReport) -> list[Pr
 
 def _run_folders(root: Path, report: VerifyReport) -> list[str] | None:
     try:
-        variants = json.loads((root / RUN_JSON).read_text(encoding="utf-8"))["recipe"]["variants"]
-        return [variant["name"] if variant.get("repeats", 1) == 1 else f"{variant['name']}_r{repeat}"
-                for variant in variants for repeat in range(1, variant.get("repeats", 1) + 1)]
+        return run_folders(run_info(root))
     except FileNotFoundError:
         report.problems.append(Problem("manifest", RUN_JSON, "missing"))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        report.problems.append(Problem("manifest", RUN_JSON, f"unreadable: {error!r}"))
+    except (OSError, ValueError) as error:
+        report.problems.append(Problem("manifest", RUN_JSON, f"unreadable: {error}"))
     return None
 
 
@@ -358,14 +336,3 @@ def _check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:
         problems.append(Problem("size", where, f"{dims[0]}x{dims[1]} pixels, manifest says "
                                 f"{expected.dims[0]}x{expected.dims[1]}"))
     return problems
-
-
-def _bounded_map(pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], R]], window: int) -> Iterator[R]:
-    """Run `tasks` on `pool` with at most `window` in flight; results in task order."""
-    pending: deque[Future[R]] = deque()
-    for task in tasks:
-        pending.append(pool.submit(task))
-        if len(pending) >= window:
-            yield pending.popleft().result()
-    for future in pending:
-        yield future.result()

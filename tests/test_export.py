@@ -1,0 +1,150 @@
+"""`mdsd3 export`: round trips through the real consumers (lmdb read the way BasicSR reads it, Hugging Face
+`datasets`, the `webdataset` loader), byte for byte against the folders layout; atomic destinations."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import datasets
+import lmdb
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+from typer.testing import CliRunner
+
+from mdsd3_cli.cli import app
+from mdsd3_cli.export import ExportError, run_export
+from mdsd3_cli.formats import webdataset as webdataset_format
+from mdsd3_cli.formats.sample import flat_key
+
+from .tiny_datasets import FOLDERS, copy_dataset
+
+META_LINE = re.compile(r"^([^. ]+)\.png \((\d+),(\d+),3\) 1$")
+
+
+def folders_pairs(dataset: Path) -> dict[tuple[str, str], tuple[bytes, bytes]]:
+    """(key, folder) -> (clean bytes, degraded bytes) of a folders-layout dataset."""
+    pairs = {}
+    for path in sorted((dataset / "manifest").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            pairs[record["key"], record["folder"]] = ((dataset / record["clean"]).read_bytes(),
+                                                      (dataset / record["degraded"]).read_bytes())
+    return pairs
+
+
+def basicsr_lmdb_paths(lq_folder: Path, gt_folder: Path) -> list[str]:
+    """What BasicSR's `paired_paths_from_lmdb` does: keys from meta_info (text before the first dot), same sets."""
+    lq_keys = [line.split(".")[0] for line in (lq_folder / "meta_info.txt").read_text().splitlines()]
+    gt_keys = [line.split(".")[0] for line in (gt_folder / "meta_info.txt").read_text().splitlines()]
+    assert set(lq_keys) == set(gt_keys), "BasicSR raises: keys in lq and gt folders are not the same"
+    return sorted(lq_keys)
+
+
+def basicsr_lmdb_get(folder: Path, key: str) -> bytes:
+    """BasicSR's LmdbBackend.get: readonly, lock=False, readahead=False; the key ASCII-encoded."""
+    environment = lmdb.open(str(folder), readonly=True, lock=False, readahead=False)
+    try:
+        with environment.begin(write=False) as transaction:
+            return bytes(transaction.get(key.encode("ascii")))
+    finally:
+        environment.close()
+
+
+def test_lmdb_export_reads_like_basicsr(folders_dataset, tmp_path):
+    expected = folders_pairs(folders_dataset)
+    run_export(folders_dataset, "lmdb", tmp_path / "lmdb")
+    gt = tmp_path / "lmdb" / "gt.lmdb"
+    keys = {flat_key(key): key for key, _ in expected}
+    assert "sub/chelsea%2Ev2%20x" in keys  # a key with a dot and a space, escaped
+    for folder in FOLDERS:
+        lq = tmp_path / "lmdb" / f"lq_{folder}.lmdb"
+        assert basicsr_lmdb_paths(lq, gt) == sorted(keys)
+        for line in (lq / "meta_info.txt").read_text().splitlines():
+            name, height, width = META_LINE.match(line).groups()
+            assert (int(height), int(width)) == (32, 32) and name in keys
+        for flat, key in keys.items():
+            clean, degraded = expected[key, folder]
+            assert basicsr_lmdb_get(gt, flat) == clean
+            assert basicsr_lmdb_get(lq, flat) == degraded
+    assert sorted(p.name for p in (tmp_path / "lmdb").iterdir()) == sorted(
+        ["gt.lmdb", *(f"lq_{folder}.lmdb" for folder in FOLDERS)])
+
+
+def test_parquet_export_loads_with_datasets(folders_dataset, tmp_path):
+    expected = folders_pairs(folders_dataset)
+    run_export(folders_dataset, "parquet", tmp_path / "parquet", per_file=4)
+    assert len(list((tmp_path / "parquet").glob("*.parquet"))) == 3
+    loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "parquet"), split="train",
+                                   cache_dir=str(tmp_path / "hf_cache"))
+    assert len(loaded) == len(expected)
+    assert set(loaded.features["ratios"]) == {"rain", "haze", "noise"}
+    for row in loaded:
+        clean, degraded = expected[row["key"], row["folder"]]
+        assert isinstance(row["clean"], Image.Image) and (row["width"], row["height"]) == (32, 32)
+        np.testing.assert_array_equal(np.asarray(row["degraded"]), np.asarray(Image.open(io.BytesIO(degraded))))
+        assert json.loads(row["manifest"])["key"] == row["key"]
+    raw = loaded.cast_column("clean", datasets.Image(decode=False)).cast_column("degraded", datasets.Image(decode=False))
+    for row in raw:
+        assert (row["clean"]["bytes"], row["degraded"]["bytes"]) == expected[row["key"], row["folder"]]
+
+
+def test_webdataset_export_reads_with_webdataset(folders_dataset, tmp_path):
+    expected = folders_pairs(folders_dataset)
+    summary = run_export(folders_dataset, "webdataset", tmp_path / "wds", per_file=4)
+    assert summary.how_to_read.endswith('data-{000000..000002}.tar")')
+    samples = list(wds.WebDataset(str(tmp_path / "wds" / "data-{000000..000002}.tar"), shardshuffle=False))
+    assert len(samples) == len(expected)
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert sample["__key__"] == f"{flat_key(record['key'])}/{record['folder']}"
+        assert (sample["clean.png"], sample["degraded.png"]) == expected[record["key"], record["folder"]]
+
+
+def test_export_appears_only_when_finished(folders_dataset, tmp_path, monkeypatch):
+    destination = tmp_path / "out.lmdb_export"
+    stale = tmp_path / f".{destination.name}.partial"
+    stale.mkdir()
+    (stale / "junk").write_bytes(b"a killed export")
+    original = webdataset_format.TarWriter.write
+    written = []
+
+    def failing_write(self, sample):
+        if len(written) == 5:
+            raise RuntimeError("disk full")
+        written.append(sample)
+        original(self, sample)
+
+    monkeypatch.setattr(webdataset_format.TarWriter, "write", failing_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_export(folders_dataset, "webdataset", destination, per_file=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no destination, no partial folder, no junk
+    monkeypatch.undo()
+    run_export(folders_dataset, "webdataset", destination, per_file=2)
+    assert len(list(destination.glob("*.tar"))) == 5 and not list(tmp_path.glob(".*"))
+    with pytest.raises(FileExistsError, match="exists"):
+        run_export(folders_dataset, "webdataset", destination)
+
+
+def test_export_refuses_an_unfinished_dataset(folders_dataset, tmp_path):
+    dataset = copy_dataset(folders_dataset, tmp_path / "unfinished")
+    manifest = sorted((dataset / "manifest").glob("*.jsonl"))[0]
+    manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(ExportError, match="unfinished: 1 of 9 pairs"):
+        run_export(dataset, "parquet", tmp_path / "parquet")
+    result = CliRunner().invoke(app, ["export", "--dataset", str(dataset), "--to", "lmdb", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "unfinished" in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "parquet").exists()
+
+
+def test_export_refuses_damaged_images(folders_dataset, tmp_path):
+    dataset = copy_dataset(folders_dataset, tmp_path / "damaged")
+    victim = next((dataset / "degraded" / "rain").glob("*.png"))
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ExportError, match="SHA-256 differs"):
+        run_export(dataset, "lmdb", tmp_path / "lmdb")
+    assert not list(tmp_path.glob("*lmdb*")) and not list(tmp_path.glob(".*"))
