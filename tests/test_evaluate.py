@@ -20,7 +20,7 @@ from mdsd3_cli.evaluate import (CLASS_ESTIMATORS, CLASS_SCALES, ESTIMATOR_VERSIO
                                 measure_pair, normalised_strengths, write_report)
 from mdsd3_cli.evaluate import classical
 from mdsd3_cli.evaluate.aggregate import spearman
-from mdsd3_cli.evaluate.estimators import haze_veil, low_light_stops, noise_sigma, rain_streaks, blur_loss
+from mdsd3_cli.evaluate.estimators import Pair, blur_loss, haze_veil, low_light_stops, noise_sigma, rain_streaks
 
 SIZE = 128
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -35,10 +35,6 @@ def photo(name: str, size: int = SIZE) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side)))
 
 
-def as_float(pixels: np.ndarray) -> np.ndarray:
-    return pixels.astype(np.float64)
-
-
 # ---------------------------------------------------------------- estimators on known parameters
 
 
@@ -47,16 +43,16 @@ def test_noise_sigma_is_recovered_within_15_percent(name: str) -> None:
     clean = photo(name)
     for sigma in (5, 15, 30, 50):
         noisy = classical.gaussian_noise(clean, sigma, seed=sigma)
-        estimate = noise_sigma(as_float(clean), as_float(noisy))
+        estimate = noise_sigma(Pair(clean, noisy))
         assert abs(estimate - sigma) <= 0.15 * sigma, (name, sigma, estimate)
 
 
 def test_haze_follows_transmission_and_airlight() -> None:
     clean = photo("chelsea")
-    by_transmission = [haze_veil(as_float(clean), as_float(classical.haze(clean, t, 230.0)))
+    by_transmission = [haze_veil(Pair(clean, classical.haze(clean, t, 230.0)))
                        for t in (0.9, 0.7, 0.5, 0.3, 0.1)]
     assert np.all(np.diff(by_transmission) > 0), by_transmission
-    by_airlight = [haze_veil(as_float(clean), as_float(classical.haze(clean, 0.5, a))) for a in (120, 160, 200, 240)]
+    by_airlight = [haze_veil(Pair(clean, classical.haze(clean, 0.5, a))) for a in (120, 160, 200, 240)]
     assert np.all(np.diff(by_airlight) > 0), by_airlight
     for t, veil in zip((0.9, 0.7, 0.5, 0.3, 0.1), by_transmission):  # the veil is (1 - t)·A/255 exactly
         assert veil == pytest.approx((1 - t) * 230.0 / 255.0, abs=0.01)
@@ -65,17 +61,17 @@ def test_haze_follows_transmission_and_airlight() -> None:
 def test_rain_follows_streak_density() -> None:
     for name in ("astronaut", "coffee"):
         clean = photo(name)
-        readings = [rain_streaks(as_float(clean), as_float(classical.rain(clean, density, seed=3)))
+        readings = [rain_streaks(Pair(clean, classical.rain(clean, density, seed=3)))
                     for density in (0.001, 0.003, 0.01, 0.03)]
         assert np.all(np.diff(readings) > 0), (name, readings)
 
 
 def test_low_light_reads_stops_and_blur_reads_detail_loss() -> None:
     clean = photo("coffee")
-    stops = [low_light_stops(as_float(clean), as_float(classical.low_light(clean, exposure)))
+    stops = [low_light_stops(Pair(clean, classical.low_light(clean, exposure)))
              for exposure in (0.5, 0.25, 0.125)]
     assert stops == pytest.approx([1.0, 2.0, 3.0], abs=0.15)
-    blur = [blur_loss(as_float(clean), as_float(classical.gaussian_blur(clean, s))) for s in (0.5, 1.0, 2.0)]
+    blur = [blur_loss(Pair(clean, classical.gaussian_blur(clean, s))) for s in (0.5, 1.0, 2.0)]
     assert np.all(np.diff(blur) > 0) and 0 < blur[0] and blur[-1] <= 1, blur
 
 

@@ -42,15 +42,15 @@ class SampleTable:
         for measured in result.measured:
             sample = measured.sample
             self.keys.append(result.group.key)
-            self.variants.append(result.group.variant)
+            self.variants.append(sample.variant)
             self.folders.append(sample.folder)
             self.repeats.append(sample.repeat)
             for name in self.classes:
                 self.ratios[name].append(sample.ratios.get(name, 0.0))
             for name in MEASURE_NAMES:
                 self.measures[name].append(measured.measures[name])
-        if result.diversity is not None:
-            self.diversity.setdefault(result.group.variant, array("d")).append(result.diversity)
+        for variant, diversity in result.diversity.items():
+            self.diversity.setdefault(variant, array("d")).append(diversity)
 
     def column(self, name: str) -> np.ndarray:
         """A measure (or, with a `ratio:` prefix, a requested ratio) as a float array."""

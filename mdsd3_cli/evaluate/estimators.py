@@ -1,18 +1,22 @@
-"""Classical strength estimators, one pure function each: (clean, degraded) float arrays in, one number out.
+"""Classical strength estimators, one pure function each: a `Pair` (two float arrays) in, one number out.
 
-Inputs are RGB arrays [H, W, 3] of 8-bit levels (0-255, any float dtype), the same shape. Each class estimator
-reads 0 on an unchanged image. Before measuring, most estimators remove the best affine photometric fit of the
-degraded image on the clean one (`photometric_fit`): that fit absorbs uniform haze and exposure changes, so
-the noise, rain and blur estimators are not moved by them.
+A `Pair` holds the clean and degraded RGB images [H, W, 3] in 8-bit levels (0-255) as float32, plus the
+intermediate planes several estimators share (luma, photometric fits, Laplacians), each computed once on first
+use. Every class estimator reads 0 on an unchanged image. Most remove the best affine photometric fit of the
+degraded image on the clean one first (`photometric_fit`): it absorbs uniform haze and exposure changes, so the
+noise, rain and blur estimators are not moved by them.
 """
 
 from __future__ import annotations
+
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-LUMA = np.array([0.299, 0.587, 0.114])
+LUMA = (0.299, 0.587, 0.114)
+"""Rec. 601 luma weights."""
 MAD_TO_SIGMA = 1.0 / 0.6744897501960817
 """Median absolute deviation → standard deviation of a normal distribution."""
 FIT_BLOCK = 8
@@ -26,7 +30,7 @@ STREAK_SCALE = 1.0
 """Std in pixels of the Gaussian derivative behind the rain estimator's gradients."""
 
 ESTIMATOR_VERSIONS: dict[str, str] = {
-    "psnr": "skimage-1",
+    "psnr": "rgb-peak255-1",
     "ssim": "skimage-luma-1",
     "noise": "haar-hh-mad-1",
     "haze": "affine-veil-1",
@@ -43,14 +47,18 @@ def luminance(pixels: np.ndarray) -> np.ndarray:
 
 
 def _block_means(plane: np.ndarray, block: int) -> np.ndarray:
+    """Means of `block`x`block` tiles of [H, W] or [H, W, C] (a ragged edge is dropped)."""
     height, width = (plane.shape[0] // block) * block, (plane.shape[1] // block) * block
-    return plane[:height, :width].reshape(height // block, block, width // block, block).mean(axis=(1, 3))
+    rows = plane[:height, :width].reshape(height // block, block, -1).sum(axis=1)  # contiguous adds: fast
+    tiles = rows.reshape(height // block, width // block, block, *plane.shape[2:])
+    return tiles.sum(axis=2).astype(np.float64) / (block * block)  # float32 sums of 8-bit values are exact
 
 
-def photometric_fit(clean: np.ndarray, degraded: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) of the least-squares line degraded ≈ slope·clean + intercept, on 8x8 block means of
-    one plane [H, W]. Independent zero-mean noise and sparse additions barely bias the slope."""
-    x, y = _block_means(clean, FIT_BLOCK).ravel(), _block_means(degraded, FIT_BLOCK).ravel()
+def photometric_fit(clean_blocks: np.ndarray, degraded_blocks: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of the least-squares line degraded ≈ slope·clean + intercept through the 8x8 block
+    means of one plane (`Pair.block_means`). Independent zero-mean noise and sparse additions barely bias the
+    slope."""
+    x, y = clean_blocks.ravel(), degraded_blocks.ravel()
     x_mean, y_mean = float(x.mean()), float(y.mean())
     variance = float(((x - x_mean) ** 2).mean())
     if variance < 1e-6:  # a flat clean image: no contrast to compare, only the offset
@@ -59,31 +67,62 @@ def photometric_fit(clean: np.ndarray, degraded: np.ndarray) -> tuple[float, flo
     return slope, y_mean - slope * x_mean
 
 
-def _photometric_residual(clean: np.ndarray, degraded: np.ndarray) -> np.ndarray:
-    """Degraded minus the affine fit of the clean image, per channel: [H, W, 3]."""
-    residual = np.empty(degraded.shape, dtype=np.float64)
-    for channel in range(degraded.shape[2]):
-        slope, intercept = photometric_fit(clean[..., channel], degraded[..., channel])
-        residual[..., channel] = degraded[..., channel] - (slope * clean[..., channel] + intercept)
-    return residual
+def haar_diagonal(planes: np.ndarray) -> np.ndarray:
+    """The finest orthonormal Haar HH (diagonal detail) band of [H, W] or [H, W, C]: white noise keeps its std."""
+    height, width = planes.shape[0] // 2 * 2, planes.shape[1] // 2 * 2
+    p = planes[:height, :width]
+    return (p[0::2, 0::2] - p[0::2, 1::2] - p[1::2, 0::2] + p[1::2, 1::2]) * 0.5
 
 
-def psnr(clean: np.ndarray, degraded: np.ndarray) -> float:
+class Pair:
+    """A clean/degraded pair of RGB images [H, W, 3] (uint8 or float, 0-255; same shape) and the planes the
+    estimators share, each computed once."""
+
+    def __init__(self, clean: np.ndarray, degraded: np.ndarray) -> None:
+        clean, degraded = np.asarray(clean), np.asarray(degraded)
+        if clean.shape != degraded.shape or clean.ndim != 3 or clean.shape[2] != 3:
+            raise ValueError(f"expected two RGB arrays [H, W, 3] of one shape, got {clean.shape} and {degraded.shape}")
+        self.clean = clean.astype(np.float32, copy=False)
+        self.degraded = degraded.astype(np.float32, copy=False)
+
+    @cached_property
+    def clean_luma(self) -> np.ndarray:
+        return luminance(self.clean)
+
+    @cached_property
+    def degraded_luma(self) -> np.ndarray:
+        return luminance(self.degraded)
+
+    @cached_property
+    def block_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """8x8 block means [h, w, 3] of the clean and the degraded image (float64)."""
+        return _block_means(self.clean, FIT_BLOCK), _block_means(self.degraded, FIT_BLOCK)
+
+    @cached_property
+    def luma_fit(self) -> tuple[float, float]:
+        clean, degraded = self.block_means
+        return photometric_fit(luminance(clean), luminance(degraded))
+
+    @cached_property
+    def channel_fits(self) -> list[tuple[float, float]]:
+        clean, degraded = self.block_means
+        return [photometric_fit(clean[..., c], degraded[..., c]) for c in range(3)]
+
+    @cached_property
+    def clean_detail(self) -> np.ndarray:
+        """Laplacian of the clean luma (the finest detail)."""
+        return ndimage.laplace(self.clean_luma)
+
+
+def psnr(pair: Pair) -> float:
     """Peak signal-to-noise ratio in dB (peak 255) over all channels; inf for identical images."""
-    mse = float(np.mean((np.asarray(degraded, np.float64) - clean) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+    mse = float(np.mean(np.square(pair.degraded - pair.clean)))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
 
 
-def ssim(clean: np.ndarray, degraded: np.ndarray) -> float:
+def ssim(pair: Pair) -> float:
     """Structural similarity (scikit-image, 7x7 window, data range 255) of the luma planes; 1 = identical."""
-    return float(structural_similarity(luminance(clean), luminance(degraded), data_range=255.0))
-
-
-def haar_diagonal(plane: np.ndarray) -> np.ndarray:
-    """The finest orthonormal Haar HH (diagonal detail) band of a plane [H, W]: white noise keeps its std."""
-    height, width = plane.shape[0] // 2 * 2, plane.shape[1] // 2 * 2
-    p = plane[:height, :width]
-    return (p[0::2, 0::2] - p[0::2, 1::2] - p[1::2, 0::2] + p[1::2, 1::2]) / 2.0
+    return float(structural_similarity(pair.clean_luma, pair.degraded_luma, data_range=255.0))
 
 
 def _tie_aware_median(values: np.ndarray, step: float) -> float:
@@ -96,76 +135,69 @@ def _tie_aware_median(values: np.ndarray, step: float) -> float:
     return max(0.0, middle - step / 2 + step * (values.size / 2 - below) / equal)
 
 
-def noise_sigma(clean: np.ndarray, degraded: np.ndarray) -> float:
+def noise_sigma(pair: Pair) -> float:
     """Noise std in 8-bit levels (per channel): the median absolute finest Haar-HH coefficient of the
     photometric residual, divided by 0.6745 (Donoho's robust estimator). Clipping at 0/255 shrinks noise, so
-    a second and third pass keep only 2x2 blocks whose clean pixels lie 1.5 estimated sigmas away from both
-    ends (when at least 5% of blocks do)."""
-    residual = _photometric_residual(clean, degraded)
-    coefficients, lowest, highest = [], [], []
-    for channel in range(residual.shape[2]):
-        band = haar_diagonal(residual[..., channel])
-        rows, columns = band.shape
-        blocks = np.asarray(clean[: 2 * rows, : 2 * columns, channel]).reshape(rows, 2, columns, 2)
-        coefficients.append(np.abs(band).ravel())
-        lowest.append(blocks.min(axis=(1, 3)).ravel())
-        highest.append(blocks.max(axis=(1, 3)).ravel())
-    magnitudes, low, high = np.concatenate(coefficients), np.concatenate(lowest), np.concatenate(highest)
+    a second pass keeps only the 2x2 blocks whose clean pixels lie 1.5 first-pass sigmas away from both ends
+    (when at least 5% of blocks do)."""
+    slopes = np.array([slope for slope, _ in pair.channel_fits], dtype=np.float32)
+    magnitudes = np.abs(haar_diagonal(pair.degraded - slopes * pair.clean)).ravel()
     sigma = _tie_aware_median(magnitudes, NOISE_TIE_STEP) * MAD_TO_SIGMA
-    for _ in range(2):
-        away = (low >= CLIP_MARGIN * sigma) & (high <= 255.0 - CLIP_MARGIN * sigma)
-        if away.mean() < MIN_UNCLIPPED_FRACTION:
-            break
+    height, width = pair.clean.shape[0] // 2 * 2, pair.clean.shape[1] // 2 * 2
+    corners = [pair.clean[row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)]
+    low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3])).ravel()
+    high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3])).ravel()
+    away = (low >= CLIP_MARGIN * sigma) & (high <= 255.0 - CLIP_MARGIN * sigma)
+    if away.mean() >= MIN_UNCLIPPED_FRACTION:
         sigma = _tie_aware_median(magnitudes[away], NOISE_TIE_STEP) * MAD_TO_SIGMA
     return float(sigma)
 
 
-def haze_veil(clean: np.ndarray, degraded: np.ndarray) -> float:
+def haze_veil(pair: Pair) -> float:
     """Airlight veil as a fraction of full scale (0-1): (1 − t)·A / 255 under Koschmieder's model
-    I = t·J + (1 − t)·A, with t the photometric fit's slope and the veil the per-pixel median of I − t·J
-    (sparse bright additions such as rain streaks do not move a median), averaged over channels.
+    I = t·J + (1 − t)·A, with t the photometric fit's slope and the veil the median of I − t·J over every
+    second pixel (sparse bright additions such as rain streaks do not move a median), averaged over channels.
     Darkening reads 0."""
-    veils = []
-    for channel in range(degraded.shape[2]):
-        slope, _ = photometric_fit(clean[..., channel], degraded[..., channel])
-        veils.append(float(np.median(degraded[..., channel] - slope * clean[..., channel])))
+    clean, degraded = pair.clean[::2, ::2], pair.degraded[::2, ::2]
+    veils = [float(np.median(degraded[..., c] - slope * clean[..., c])) for c, (slope, _) in enumerate(pair.channel_fits)]
     return max(0.0, float(np.mean(veils)) / 255.0)
 
 
-def rain_streaks(clean: np.ndarray, degraded: np.ndarray) -> float:
+def rain_streaks(pair: Pair) -> float:
     """Oriented streak energy in 8-bit levels per pixel: sqrt(λ1 − λ2) of the image-wide structure tensor of the
-    luma photometric residual (Gaussian derivatives, σ = 1 px). Isotropic changes (noise) cancel; streaks
-    sharing one direction add up."""
-    clean_luma, degraded_luma = luminance(clean), luminance(degraded)
-    slope, intercept = photometric_fit(clean_luma, degraded_luma)
-    residual = degraded_luma - (slope * clean_luma + intercept)
-    detail = ndimage.laplace(clean_luma)
-    energy = float(np.mean(detail * detail))
-    if energy > 1e-6:  # what blur or sharpening did to the clean edges is not rain
-        residual -= float(np.mean(residual * detail)) / energy * detail
+    luma photometric residual (Gaussian derivatives, σ = 1 px), after removing the part of the residual that
+    follows the clean image's Laplacian (blur or sharpening). Isotropic changes (noise) cancel; streaks sharing
+    one direction add up."""
+    slope, intercept = pair.luma_fit
+    residual = pair.degraded_luma - (slope * pair.clean_luma + intercept)
+    detail = pair.clean_detail
+    energy = float(np.mean(np.square(detail), dtype=np.float64))
+    if energy > 1e-6:
+        residual -= float(np.mean(residual * detail, dtype=np.float64)) / energy * detail
     gx = ndimage.gaussian_filter(residual, STREAK_SCALE, order=(0, 1))
     gy = ndimage.gaussian_filter(residual, STREAK_SCALE, order=(1, 0))
-    jxx, jyy, jxy = float(np.mean(gx * gx)), float(np.mean(gy * gy)), float(np.mean(gx * gy))
+    jxx, jyy = float(np.mean(gx * gx, dtype=np.float64)), float(np.mean(gy * gy, dtype=np.float64))
+    jxy = float(np.mean(gx * gy, dtype=np.float64))
     return float(np.sqrt(np.hypot(jxx - jyy, 2.0 * jxy)))
 
 
-def low_light_stops(clean: np.ndarray, degraded: np.ndarray) -> float:
+def low_light_stops(pair: Pair) -> float:
     """Exposure loss in stops (EV): log2(mean clean luma / mean degraded luma), 0 when not darker."""
-    ratio = (float(luminance(clean).mean()) + 1.0) / (float(luminance(degraded).mean()) + 1.0)
-    return max(0.0, float(np.log2(ratio)))
+    clean_mean = float(np.mean(pair.clean_luma, dtype=np.float64))
+    degraded_mean = float(np.mean(pair.degraded_luma, dtype=np.float64))
+    return max(0.0, float(np.log2((clean_mean + 1.0) / (degraded_mean + 1.0))))
 
 
-def blur_loss(clean: np.ndarray, degraded: np.ndarray) -> float:
+def blur_loss(pair: Pair) -> float:
     """Fraction (0-1) of the finest-scale detail lost: 1 − ⟨L(d), L(c)⟩ / (slope·⟨L(c), L(c)⟩) with L the
     Laplacian of luma and slope the photometric fit's (so haze and exposure do not count). Noise, being
     uncorrelated with the clean detail, does not count either."""
-    clean_luma, degraded_luma = luminance(clean), luminance(degraded)
-    slope, _ = photometric_fit(clean_luma, degraded_luma)
-    clean_detail = ndimage.laplace(clean_luma)
-    energy = float(np.mean(clean_detail * clean_detail))
+    slope, _ = pair.luma_fit
+    detail = pair.clean_detail
+    energy = float(np.mean(np.square(detail), dtype=np.float64))
     if energy < 1e-6 or slope <= 1e-6:
         return 0.0
-    transfer = float(np.mean(ndimage.laplace(degraded_luma) * clean_detail)) / (slope * energy)
+    transfer = float(np.mean(ndimage.laplace(pair.degraded_luma) * detail, dtype=np.float64)) / (slope * energy)
     return float(np.clip(1.0 - transfer, 0.0, 1.0))
 
 
@@ -174,6 +206,6 @@ def repeat_diversity(images: list[np.ndarray]) -> float:
     sample); 0 when they are identical. Needs at least two images of one shape."""
     if len(images) < 2:
         raise ValueError("repeat diversity needs at least two images")
-    differences = [float(np.mean(np.abs(np.asarray(a, np.float64) - b)))
+    differences = [float(np.mean(np.abs(np.asarray(a, np.float32) - b), dtype=np.float64))
                    for index, a in enumerate(images) for b in images[index + 1:]]
     return float(np.mean(differences))

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import estimators
 
-Estimator = Callable[[np.ndarray, np.ndarray], float]
+Estimator = Callable[[estimators.Pair], float]
 
 GENERIC_MEASURES: dict[str, Estimator] = {"psnr": estimators.psnr, "ssim": estimators.ssim}
 """Full-reference measures every pair gets, whatever its classes."""
@@ -43,11 +43,8 @@ def measure_pair(clean: np.ndarray, degraded: np.ndarray) -> dict[str, float]:
 
     `clean` and `degraded` are RGB arrays [H, W, 3] of the same shape, uint8 or float in 0-255.
     """
-    clean, degraded = np.asarray(clean), np.asarray(degraded)
-    if clean.shape != degraded.shape or clean.ndim != 3 or clean.shape[2] != 3:
-        raise ValueError(f"expected two RGB arrays [H, W, 3] of one shape, got {clean.shape} and {degraded.shape}")
-    clean, degraded = clean.astype(np.float64, copy=False), degraded.astype(np.float64, copy=False)
-    return {name: measure(clean, degraded) for name, measure in {**GENERIC_MEASURES, **CLASS_ESTIMATORS}.items()}
+    pair = estimators.Pair(clean, degraded)
+    return {name: measure(pair) for name, measure in {**GENERIC_MEASURES, **CLASS_ESTIMATORS}.items()}
 
 
 def normalised_strengths(measures: dict[str, float]) -> dict[str, float]:

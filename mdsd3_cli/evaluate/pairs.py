@@ -1,5 +1,5 @@
 """Where pairs come from: an mdsd3 output's manifests (every shard, finished or partial runs) or two folders
-matched by relative path. Pairs are grouped by (key, variant) so the repeats of one sample travel together."""
+matched by relative path. Pairs are grouped by key, so a clean image is decoded once for all its variants and repeats."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ class Problem:
 
 @dataclass(frozen=True)
 class Sample:
-    """One degraded image: its folder (variant + repeat), repeat number and requested class ratios."""
+    """One degraded image: its variant, folder (variant + repeat), repeat number and requested class ratios."""
 
+    variant: str
     folder: str
     path: Path
     repeat: int = 1
@@ -36,10 +37,9 @@ class Sample:
 
 @dataclass(frozen=True)
 class PairGroup:
-    """Every repeat of one (key, variant) with their shared clean image."""
+    """Every degraded image of one key (all variants and repeats) with their shared clean image."""
 
     key: str
-    variant: str
     clean: Path
     samples: tuple[Sample, ...]
 
@@ -79,8 +79,8 @@ def _inside(root: Path, relative: object) -> Path | None:
     return target if target.resolve().is_relative_to(root.resolve()) else None
 
 
-def _sample_from_record(root: Path, record: object) -> tuple[str, str, Path, Sample] | str:
-    """(key, variant, clean, sample) of a manifest record, or the reason it is unusable."""
+def _sample_from_record(root: Path, record: object) -> tuple[str, Path, Sample] | str:
+    """(key, clean, sample) of a manifest record, or the reason it is unusable."""
     if not isinstance(record, dict):
         return "not a JSON object"
     key, folder = record.get("key"), record.get("folder")
@@ -96,15 +96,15 @@ def _sample_from_record(root: Path, record: object) -> tuple[str, str, Path, Sam
     variant = record.get("variant", folder)
     if not isinstance(repeat, int) or not isinstance(variant, str):
         return "'repeat' or 'variant' has the wrong type"
-    sample = Sample(folder, degraded, repeat, {str(name): float(value) for name, value in ratios.items()})
-    return key, variant, clean, sample
+    sample = Sample(variant, folder, degraded, repeat, {str(name): float(value) for name, value in ratios.items()})
+    return key, clean, sample
 
 
 def read_manifests(root: Path, label: str | None = None) -> PairSource:
     """Every record of every OUT/manifest/*.jsonl (all shards, finished or not); bad lines become problems,
     a (key, folder) written twice counts once."""
     manifests = sorted(entry for entry in (root / "manifest").iterdir() if entry.suffix == ".jsonl" and entry.is_file())
-    grouped: dict[tuple[str, str], tuple[Path, dict[str, Sample]]] = {}
+    grouped: dict[str, tuple[Path, dict[str, Sample]]] = {}
     classes: dict[str, None] = {}
     problems: list[Problem] = []
     for manifest in manifests:
@@ -123,12 +123,12 @@ def read_manifests(root: Path, label: str | None = None) -> PairSource:
                 if isinstance(parsed, str):
                     problems.append(Problem(where, parsed))
                     continue
-                key, variant, clean, sample = parsed
+                key, clean, sample = parsed
                 classes.update(dict.fromkeys(sample.ratios))
-                _, samples = grouped.setdefault((key, variant), (clean, {}))
+                _, samples = grouped.setdefault(key, (clean, {}))
                 samples.setdefault(sample.folder, sample)
-    groups = [PairGroup(key, variant, clean, tuple(sorted(samples.values(), key=lambda s: (s.repeat, s.folder))))
-              for (key, variant), (clean, samples) in sorted(grouped.items())]
+    groups = [PairGroup(key, clean, tuple(sorted(samples.values(), key=lambda s: (s.variant, s.repeat, s.folder))))
+              for key, (clean, samples) in sorted(grouped.items())]
     ordered = [name for name in _run_classes(root) if name in classes]
     return PairSource(label or root.name, groups, ordered + [name for name in classes if name not in ordered],
                       problems)
@@ -170,5 +170,5 @@ def match_folders(clean_dir: Path, degraded_dir: Path, label: str | None = None)
         if clean is None:
             problems.append(Problem(str(path), f"no clean image {key}.* in {clean_dir}"))
         else:
-            groups.append(PairGroup(key, variant, clean, (Sample(variant, path),)))
+            groups.append(PairGroup(key, clean, (Sample(variant, variant, path),)))
     return PairSource(label or Path(degraded_dir).name, groups, [], problems)

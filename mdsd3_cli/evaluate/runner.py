@@ -29,11 +29,12 @@ class MeasuredSample:
 
 @dataclass(frozen=True)
 class GroupResult:
-    """The measured repeats of one group, their diversity (None for a single repeat) and what failed."""
+    """The measured images of one group, the repeat diversity of each variant with two or more readable repeats,
+    and what failed."""
 
     group: PairGroup
     measured: tuple[MeasuredSample, ...]
-    diversity: float | None
+    diversity: dict[str, float]
     problems: tuple[Problem, ...]
 
     @property
@@ -62,13 +63,16 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 def measure_group(group: PairGroup) -> GroupResult:
-    """Decode the clean image once and every repeat; measure each pair; diversity across the readable repeats."""
+    """Decode the clean image once, then each degraded image; measure each pair; diversity across each variant's
+    readable repeats."""
     try:
         clean = read_rgb(group.clean)
     except _Unreadable as error:
         problem = Problem(str(group.clean), f"clean image {error} (skipped {len(group.samples)} pair(s))")
-        return GroupResult(group, (), None, (problem,))
-    measured, problems, images = [], [], []
+        return GroupResult(group, (), {}, (problem,))
+    measured, problems = [], []
+    variants = [sample.variant for sample in group.samples]
+    repeats: dict[str, list[np.ndarray]] = {variant: [] for variant in variants if variants.count(variant) > 1}
     for sample in group.samples:
         try:
             degraded = read_rgb(sample.path)
@@ -80,8 +84,9 @@ def measure_group(group: PairGroup) -> GroupResult:
                                     f"its clean image {group.clean} ({clean.shape[1]}x{clean.shape[0]})"))
             continue
         measured.append(MeasuredSample(sample, measure_pair(clean, degraded)))
-        images.append(degraded)
-    diversity = repeat_diversity(images) if len(images) > 1 else None
+        if sample.variant in repeats:
+            repeats[sample.variant].append(degraded)
+    diversity = {variant: repeat_diversity(images) for variant, images in repeats.items() if len(images) > 1}
     return GroupResult(group, tuple(measured), diversity, tuple(problems))
 
 
