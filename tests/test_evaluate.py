@@ -13,6 +13,7 @@ import yaml
 from scipy import stats
 from PIL import Image
 from skimage import data
+from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
@@ -20,7 +21,8 @@ from mdsd3_cli.evaluate import (CLASS_ESTIMATORS, CLASS_SCALES, ESTIMATOR_VERSIO
                                 measure_pair, normalised_strengths, write_report)
 from mdsd3_cli.evaluate import classical
 from mdsd3_cli.evaluate.aggregate import spearman
-from mdsd3_cli.evaluate.estimators import Pair, blur_loss, haze_veil, low_light_stops, noise_sigma, rain_streaks
+from mdsd3_cli.evaluate.estimators import (Pair, blur_loss, haze_veil, low_light_stops, noise_sigma, rain_streaks,
+                                           ssim)
 
 SIZE = 128
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -263,3 +265,13 @@ def test_tiny_preset_output_with_two_shards_and_a_partial_run(tmp_path: Path) ->
     written = json.loads((tmp_path / "report" / "report.json").read_text())
     assert written["classes"]["noise"]["scale"] == CLASS_SCALES["noise"]
     assert (tmp_path / "report" / "strength_vs_ratio.png").is_file()
+
+
+@pytest.mark.parametrize("name", ("astronaut", "coffee"))
+def test_ssim_equals_scikit_image(name: str) -> None:
+    clean = photo(name)
+    for degraded in (classical.gaussian_noise(clean, 20, seed=2), classical.haze(clean, 0.4), clean):
+        pair = Pair(clean, degraded)
+        reference = structural_similarity(pair.clean_luma.astype(np.float64), pair.degraded_luma.astype(np.float64),
+                                          data_range=255.0)
+        assert ssim(pair) == pytest.approx(reference, abs=1e-5)

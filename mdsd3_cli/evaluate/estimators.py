@@ -1,7 +1,7 @@
 """Classical strength estimators, one pure function each: a `Pair` (two float arrays) in, one number out.
 
-A `Pair` holds the clean and degraded RGB images [H, W, 3] in 8-bit levels (0-255) as float32, plus the
-intermediate planes several estimators share (luma, photometric fits, Laplacians), each computed once on first
+A `Pair` holds the clean and degraded RGB images in 8-bit levels (0-255) as float32 channel planes [3, H, W],
+plus the intermediate planes several estimators share (luma, photometric fits, Laplacians), each computed once on first
 use. Every class estimator reads 0 on an unchanged image. Most remove the best affine photometric fit of the
 degraded image on the clean one first (`photometric_fit`): it absorbs uniform haze and exposure changes, so the
 noise, rain and blur estimators are not moved by them.
@@ -12,8 +12,6 @@ from __future__ import annotations
 from functools import cached_property
 
 import numpy as np
-from scipy import ndimage
-from skimage.metrics import structural_similarity
 
 LUMA = (0.299, 0.587, 0.114)
 """Rec. 601 luma weights."""
@@ -26,32 +24,32 @@ NOISE_TIE_STEP = 0.5
 CLIP_MARGIN = 1.5
 """Blocks closer than this many sigmas to 0 or 255 are left out of the noise estimate."""
 MIN_UNCLIPPED_FRACTION = 0.05
-STREAK_SCALE = 1.0
-"""Std in pixels of the Gaussian derivative behind the rain estimator's gradients."""
+SSIM_WINDOW = 7
 
 ESTIMATOR_VERSIONS: dict[str, str] = {
     "psnr": "rgb-peak255-1",
-    "ssim": "skimage-luma-1",
+    "ssim": "skimage-definition-luma-1",
     "noise": "haar-hh-mad-1",
     "haze": "affine-veil-1",
-    "rain": "residual-anisotropy-1",
+    "rain": "residual-anisotropy-2",
     "low_light": "luma-stops-1",
-    "blur": "laplacian-transfer-1",
+    "blur": "laplacian-transfer-2",
 }
 """Bumped whenever an estimator's output changes; recorded in every report."""
 
 
-def luminance(pixels: np.ndarray) -> np.ndarray:
-    """Rec. 601 luma [H, W] of RGB pixels [H, W, 3], in the same units."""
-    return LUMA[0] * pixels[..., 0] + LUMA[1] * pixels[..., 1] + LUMA[2] * pixels[..., 2]
+def luminance(planes: np.ndarray) -> np.ndarray:
+    """Rec. 601 luma [H, W] of RGB channel planes [3, H, W], in the same units."""
+    return LUMA[0] * planes[0] + LUMA[1] * planes[1] + LUMA[2] * planes[2]
 
 
-def _block_means(plane: np.ndarray, block: int) -> np.ndarray:
-    """Means of `block`x`block` tiles of [H, W] or [H, W, C] (a ragged edge is dropped)."""
-    height, width = (plane.shape[0] // block) * block, (plane.shape[1] // block) * block
-    rows = plane[:height, :width].reshape(height // block, block, -1).sum(axis=1)  # contiguous adds: fast
-    tiles = rows.reshape(height // block, width // block, block, *plane.shape[2:])
-    return tiles.sum(axis=2).astype(np.float64) / (block * block)  # float32 sums of 8-bit values are exact
+def _block_means(planes: np.ndarray, block: int) -> np.ndarray:
+    """Means of `block`x`block` tiles of channel planes [C, H, W] → [C, H / block, W / block] (a ragged edge is
+    dropped)."""
+    channels, height, width = planes.shape[0], planes.shape[1] // block * block, planes.shape[2] // block * block
+    rows = planes[:, :height, :width].reshape(channels, height // block, block, width).sum(axis=2)
+    tiles = rows.reshape(channels, height // block, width // block, block)
+    return tiles.sum(axis=3).astype(np.float64) / (block * block)  # float32 sums of 8-bit values are exact
 
 
 def photometric_fit(clean_blocks: np.ndarray, degraded_blocks: np.ndarray) -> tuple[float, float]:
@@ -68,22 +66,53 @@ def photometric_fit(clean_blocks: np.ndarray, degraded_blocks: np.ndarray) -> tu
 
 
 def haar_diagonal(planes: np.ndarray) -> np.ndarray:
-    """The finest orthonormal Haar HH (diagonal detail) band of [H, W] or [H, W, C]: white noise keeps its std."""
-    height, width = planes.shape[0] // 2 * 2, planes.shape[1] // 2 * 2
-    p = planes[:height, :width]
-    return (p[0::2, 0::2] - p[0::2, 1::2] - p[1::2, 0::2] + p[1::2, 1::2]) * 0.5
+    """The finest orthonormal Haar HH (diagonal detail) band of channel planes [C, H, W]: white noise keeps its
+    std."""
+    height, width = planes.shape[1] // 2 * 2, planes.shape[2] // 2 * 2
+    p = planes[:, :height, :width]
+    return (p[:, 0::2, 0::2] - p[:, 0::2, 1::2] - p[:, 1::2, 0::2] + p[:, 1::2, 1::2]) * np.float32(0.5)
+
+
+def _window_sums(plane: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Sums of `size` consecutive values along `axis` of [H, W] (valid positions only: that axis shrinks by
+    size − 1), as shifted slice additions (memory-order friendly on both axes)."""
+    count = plane.shape[axis] - size + 1
+
+    def shifted(offset: int) -> np.ndarray:
+        return plane[offset:offset + count] if axis == 0 else plane[:, offset:offset + count]
+
+    total = shifted(0).copy()
+    for offset in range(1, size):
+        total += shifted(offset)
+    return total
+
+
+def box_mean(plane: np.ndarray, size: int) -> np.ndarray:
+    """Mean over every `size`x`size` window fully inside the plane [H, W] → [H − size + 1, W − size + 1]."""
+    return _window_sums(_window_sums(plane, size, 0), size, 1) * np.float32(1.0 / (size * size))
+
+
+def laplacian(plane: np.ndarray) -> np.ndarray:
+    """4-neighbour Laplacian of the interior pixels of [H, W] → [H − 2, W − 2]."""
+    return (plane[1:-1, :-2] + plane[1:-1, 2:] + plane[:-2, 1:-1] + plane[2:, 1:-1]) - 4 * plane[1:-1, 1:-1]
+
+
+def _binomial_smooth(plane: np.ndarray) -> np.ndarray:
+    """Separable [1, 4, 6, 4, 1] / 16 smoothing (a Gaussian of std 1 pixel), valid region: [H − 4, W − 4]."""
+    rows = (plane[:-4] + plane[4:]) + 4 * (plane[1:-3] + plane[3:-1]) + 6 * plane[2:-2]
+    return ((rows[:, :-4] + rows[:, 4:]) + 4 * (rows[:, 1:-3] + rows[:, 3:-1]) + 6 * rows[:, 2:-2]) * np.float32(1 / 256)
 
 
 class Pair:
-    """A clean/degraded pair of RGB images [H, W, 3] (uint8 or float, 0-255; same shape) and the planes the
-    estimators share, each computed once."""
+    """A clean/degraded pair of RGB images [H, W, 3] (uint8 or float, 0-255; same shape), kept as float32
+    channel planes [3, H, W], and the planes the estimators share, each computed once."""
 
     def __init__(self, clean: np.ndarray, degraded: np.ndarray) -> None:
         clean, degraded = np.asarray(clean), np.asarray(degraded)
         if clean.shape != degraded.shape or clean.ndim != 3 or clean.shape[2] != 3:
             raise ValueError(f"expected two RGB arrays [H, W, 3] of one shape, got {clean.shape} and {degraded.shape}")
-        self.clean = clean.astype(np.float32, copy=False)
-        self.degraded = degraded.astype(np.float32, copy=False)
+        self.clean = np.moveaxis(clean, 2, 0).astype(np.float32, order="C")
+        self.degraded = np.moveaxis(degraded, 2, 0).astype(np.float32, order="C")
 
     @cached_property
     def clean_luma(self) -> np.ndarray:
@@ -95,7 +124,7 @@ class Pair:
 
     @cached_property
     def block_means(self) -> tuple[np.ndarray, np.ndarray]:
-        """8x8 block means [h, w, 3] of the clean and the degraded image (float64)."""
+        """8x8 block means [3, h, w] of the clean and the degraded image (float64)."""
         return _block_means(self.clean, FIT_BLOCK), _block_means(self.degraded, FIT_BLOCK)
 
     @cached_property
@@ -106,12 +135,12 @@ class Pair:
     @cached_property
     def channel_fits(self) -> list[tuple[float, float]]:
         clean, degraded = self.block_means
-        return [photometric_fit(clean[..., c], degraded[..., c]) for c in range(3)]
+        return [photometric_fit(clean[c], degraded[c]) for c in range(3)]
 
     @cached_property
     def clean_detail(self) -> np.ndarray:
-        """Laplacian of the clean luma (the finest detail)."""
-        return ndimage.laplace(self.clean_luma)
+        """Laplacian of the clean luma (the finest detail), interior pixels [H − 2, W − 2]."""
+        return laplacian(self.clean_luma)
 
 
 def psnr(pair: Pair) -> float:
@@ -121,14 +150,31 @@ def psnr(pair: Pair) -> float:
 
 
 def ssim(pair: Pair) -> float:
-    """Structural similarity (scikit-image, 7x7 window, data range 255) of the luma planes; 1 = identical."""
-    return float(structural_similarity(pair.clean_luma, pair.degraded_luma, data_range=255.0))
+    """Structural similarity of the luma planes, 1 = identical: scikit-image's `structural_similarity` definition
+    (Wang et al. 2004; 7x7 uniform window, K1 = 0.01, K2 = 0.03, sample covariance, data range 255, mean over
+    the windows that fit inside the image), computed with box sums (several times faster; the tests check it
+    equals scikit-image's value)."""
+    x, y = pair.clean_luma, pair.degraded_luma
+    mean_x, mean_y = box_mean(x, SSIM_WINDOW), box_mean(y, SSIM_WINDOW)
+    correction = SSIM_WINDOW**2 / (SSIM_WINDOW**2 - 1.0)
+    var_x = (box_mean(x * x, SSIM_WINDOW) - mean_x * mean_x) * correction
+    var_y = (box_mean(y * y, SSIM_WINDOW) - mean_y * mean_y) * correction
+    cov = (box_mean(x * y, SSIM_WINDOW) - mean_x * mean_y) * correction
+    c1, c2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
+    index = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x * mean_x + mean_y * mean_y + c1) * (var_x + var_y + c2))
+    return float(np.mean(index, dtype=np.float64))
+
+
+def _median(values: np.ndarray) -> float:
+    """The (upper) median of a flat array, by one partial sort (np.median is several times slower)."""
+    middle = values.size // 2
+    return float(np.partition(values, middle)[middle])
 
 
 def _tie_aware_median(values: np.ndarray, step: float) -> float:
     """Median of `values`; when many equal values straddle it (8-bit data gives ties on a grid of `step`),
     the median is interpolated inside that grid cell as for grouped data, so it moves smoothly."""
-    middle = float(np.median(values))
+    middle = _median(values)
     below, equal = int(np.count_nonzero(values < middle)), int(np.count_nonzero(values == middle))
     if equal <= 1:
         return middle
@@ -140,11 +186,11 @@ def noise_sigma(pair: Pair) -> float:
     photometric residual, divided by 0.6745 (Donoho's robust estimator). Clipping at 0/255 shrinks noise, so
     a second pass keeps only the 2x2 blocks whose clean pixels lie 1.5 first-pass sigmas away from both ends
     (when at least 5% of blocks do)."""
-    slopes = np.array([slope for slope, _ in pair.channel_fits], dtype=np.float32)
+    slopes = np.array([slope for slope, _ in pair.channel_fits], dtype=np.float32)[:, None, None]
     magnitudes = np.abs(haar_diagonal(pair.degraded - slopes * pair.clean)).ravel()
     sigma = _tie_aware_median(magnitudes, NOISE_TIE_STEP) * MAD_TO_SIGMA
-    height, width = pair.clean.shape[0] // 2 * 2, pair.clean.shape[1] // 2 * 2
-    corners = [pair.clean[row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)]
+    height, width = pair.clean.shape[1] // 2 * 2, pair.clean.shape[2] // 2 * 2
+    corners = [pair.clean[:, row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)]
     low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3])).ravel()
     high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3])).ravel()
     away = (low >= CLIP_MARGIN * sigma) & (high <= 255.0 - CLIP_MARGIN * sigma)
@@ -158,24 +204,25 @@ def haze_veil(pair: Pair) -> float:
     I = t·J + (1 − t)·A, with t the photometric fit's slope and the veil the median of I − t·J over every
     second pixel (sparse bright additions such as rain streaks do not move a median), averaged over channels.
     Darkening reads 0."""
-    clean, degraded = pair.clean[::2, ::2], pair.degraded[::2, ::2]
-    veils = [float(np.median(degraded[..., c] - slope * clean[..., c])) for c, (slope, _) in enumerate(pair.channel_fits)]
+    clean, degraded = pair.clean[:, ::2, ::2], pair.degraded[:, ::2, ::2]
+    veils = [_median((degraded[c] - np.float32(slope) * clean[c]).ravel()) for c, (slope, _) in enumerate(pair.channel_fits)]
     return max(0.0, float(np.mean(veils)) / 255.0)
 
 
 def rain_streaks(pair: Pair) -> float:
     """Oriented streak energy in 8-bit levels per pixel: sqrt(λ1 − λ2) of the image-wide structure tensor of the
-    luma photometric residual (Gaussian derivatives, σ = 1 px), after removing the part of the residual that
-    follows the clean image's Laplacian (blur or sharpening). Isotropic changes (noise) cancel; streaks sharing
-    one direction add up."""
+    luma photometric residual (gradients of its Gaussian-smoothed version, σ ≈ 1 px), after removing the part of
+    the residual that follows the clean image's Laplacian (blur or sharpening). Isotropic changes (noise)
+    cancel; streaks sharing one direction add up."""
     slope, intercept = pair.luma_fit
-    residual = pair.degraded_luma - (slope * pair.clean_luma + intercept)
+    residual = (pair.degraded_luma - (slope * pair.clean_luma + np.float32(intercept)))[1:-1, 1:-1]
     detail = pair.clean_detail
     energy = float(np.mean(np.square(detail), dtype=np.float64))
     if energy > 1e-6:
-        residual -= float(np.mean(residual * detail, dtype=np.float64)) / energy * detail
-    gx = ndimage.gaussian_filter(residual, STREAK_SCALE, order=(0, 1))
-    gy = ndimage.gaussian_filter(residual, STREAK_SCALE, order=(1, 0))
+        residual -= np.float32(float(np.mean(residual * detail, dtype=np.float64)) / energy) * detail
+    smooth = _binomial_smooth(residual)
+    gx = (smooth[1:-1, 2:] - smooth[1:-1, :-2]) * np.float32(0.5)
+    gy = (smooth[2:, 1:-1] - smooth[:-2, 1:-1]) * np.float32(0.5)
     jxx, jyy = float(np.mean(gx * gx, dtype=np.float64)), float(np.mean(gy * gy, dtype=np.float64))
     jxy = float(np.mean(gx * gy, dtype=np.float64))
     return float(np.sqrt(np.hypot(jxx - jyy, 2.0 * jxy)))
@@ -197,7 +244,7 @@ def blur_loss(pair: Pair) -> float:
     energy = float(np.mean(np.square(detail), dtype=np.float64))
     if energy < 1e-6 or slope <= 1e-6:
         return 0.0
-    transfer = float(np.mean(ndimage.laplace(pair.degraded_luma) * detail, dtype=np.float64)) / (slope * energy)
+    transfer = float(np.mean(laplacian(pair.degraded_luma) * detail, dtype=np.float64)) / (slope * energy)
     return float(np.clip(1.0 - transfer, 0.0, 1.0))
 
 

@@ -30,7 +30,7 @@ CLASS_UNITS: dict[str, str] = {
     "blur": "fraction of finest detail lost",
 }
 
-CLASS_SCALES: dict[str, float] = {"noise": 25.0, "haze": 0.5, "rain": 10.0, "low_light": 2.0, "blur": 0.5}
+CLASS_SCALES: dict[str, float] = {"noise": 25.0, "haze": 0.5, "rain": 8.0, "low_light": 2.0, "blur": 0.5}
 """Reference strength of each class: normalised strength = strength / scale, so 1.0 means a clearly visible
 degradation of that class (noise sigma 25 levels, a veil of half the full scale, moderate rain, two stops
 under-exposed, half the finest detail gone) and classes compare on one scale."""
