@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .atomic import atomic_write
 from .heads import partition_heads
 
 CONFIG_NAME = "adapter_config.json"
@@ -73,8 +74,5 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> AdapterConfig:
 def write_adapter_config(adapter_dir: str | os.PathLike, config: AdapterConfig) -> Path:
     """Write the config atomically."""
     path = Path(adapter_dir) / CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(config.model_dump_json(indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (config.model_dump_json(indent=2) + "\n").encode())
     return path

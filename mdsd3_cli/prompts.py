@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from .atomic import atomic_write
 
 T5_MAX_TOKENS = 256
 PROMPT_CACHE_ENV = "MDSD3_PROMPT_CACHE"
@@ -140,12 +142,9 @@ class PromptCache:
             return None
 
     def _write(self, prompt: str, embedding: PromptEmbedding) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.path_for(prompt)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"embeds": embedding.embeds, "pooled": embedding.pooled}, str(tmp),
-                  metadata={"prompt": prompt, "fingerprint": self.fingerprint})
-        os.replace(tmp, path)
+        tensors = {"embeds": embedding.embeds, "pooled": embedding.pooled}
+        metadata = {"prompt": prompt, "fingerprint": self.fingerprint}
+        atomic_write(self.path_for(prompt), save(tensors, metadata=metadata), shared=True)  # several processes
 
     def missing(self, prompts: Iterable[str]) -> list[str]:
         """Prompts that have no valid cache entry."""

@@ -58,6 +58,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .atomic import atomic_write, ensure_folder, fresh_folder, open_append
 from .adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, read_adapter_config
 from .heads import UNCONDITIONAL_PROMPT, all_prompts, head_mask
 from .model import MDSD3Transformer
@@ -277,12 +278,6 @@ def resolve_resume(out_dir: Path, resume: str | os.PathLike | None) -> Path | No
         raise TrainError(f"--resume {resume}: checkpoint folder not found: {path}")
     read_state(path)
     return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- signals, summary
@@ -665,17 +660,17 @@ class Trainer:
         final = folder / checkpoint_name(step)
         tmp = folder / f".tmp-{final.name}"
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            ensure_folder(folder, self.out)
+            fresh_folder(tmp)
         accelerator.wait_for_everyone()
         self._saving_step = step
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            _atomic_write_text(tmp / STATE_NAME, json.dumps(self._state(step, elapsed), indent=2) + "\n")
+            atomic_write(tmp / STATE_NAME, (json.dumps(self._state(step, elapsed), indent=2) + "\n").encode())
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             trash = None
-            if final.exists():  # re-saving a step (resumed from an older checkpoint): swap, then delete
+            if os.path.lexists(final):  # re-saving a step (resumed from an older checkpoint): swap, then delete
                 trash = folder / f".tmp-old-{final.name}"
                 shutil.rmtree(trash, ignore_errors=True)
                 os.replace(final, trash)
@@ -692,7 +687,7 @@ class Trainer:
         """OUT/adapter: the trained adapter, loadable by `weights.build_model` and `mdsd3 generate`."""
         target = self.out / ADAPTER_DIR
         if self.accelerator.is_main_process:
-            save_adapter(self.unwrapped, self._export_config(step), target)
+            save_adapter(self.unwrapped, self._export_config(step), target, root=self.out)
         self.accelerator.wait_for_everyone()
         return target
 
@@ -709,14 +704,13 @@ class Trainer:
                     kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
-        _atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        atomic_write(path, "".join(f"{line}\n" for line in kept).encode(), root=self.out)
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        with (self.out / LOG_NAME).open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
+        with open_append(self.out / LOG_NAME, self.out) as handle:
+            handle.write((json.dumps(record) + "\n").encode())
         if self._tensorboard is not None:
             for key in ("loss", "lr", "grad_norm"):
                 if record.get(key) is not None:
@@ -734,10 +728,7 @@ class Trainer:
             finally:
                 self.unwrapped.train()
             path = self.out / PREVIEWS / f"{checkpoint_name(step)}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            grid.save(tmp, format="PNG", compress_level=1)
-            os.replace(tmp, path)
+            atomic_write(path, lambda file: grid.save(file, format="PNG", compress_level=1), root=self.out)
         self.accelerator.wait_for_everyone()
         return path
 

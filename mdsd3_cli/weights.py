@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .atomic import atomic_write
 from .adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, read_adapter_config, write_adapter_config
 from .model import MDSD3Transformer
 
@@ -178,14 +179,12 @@ def adapter_state_dict(model: MDSD3Transformer) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
 
 
-def save_adapter(model: MDSD3Transformer, config: AdapterConfig, adapter_dir: str | os.PathLike) -> Path:
-    """Write `adapter.safetensors` and `adapter_config.json` atomically."""
+def save_adapter(model: MDSD3Transformer, config: AdapterConfig, adapter_dir: str | os.PathLike,
+                 root: Path | None = None) -> Path:
+    """Write `adapter.safetensors` and `adapter_config.json` atomically (inside `root`, when given)."""
     folder = Path(adapter_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / WEIGHTS_NAME
-    tmp = folder / f".{WEIGHTS_NAME}.tmp"
-    save_file(adapter_state_dict(model), str(tmp), metadata={"format": "mdsd3-adapter", "config": config.model_dump_json()})
-    os.replace(tmp, target)
+    metadata = {"format": "mdsd3-adapter", "config": config.model_dump_json()}
+    atomic_write(folder / WEIGHTS_NAME, save(adapter_state_dict(model), metadata=metadata), root=root)
     write_adapter_config(folder, config)
     return folder
 

@@ -7,17 +7,17 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Container, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image
 
+from .atomic import atomic_write, open_append
 from .images import unsafe_key_reason
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -69,7 +69,7 @@ class OutputLayout:
 
     def _inside(self, area: str, name: str, extension: str) -> Path:
         path = self.root / area / f"{name}.{extension}"
-        if not path.resolve().is_relative_to(self.root):
+        if not path.parent.resolve().is_relative_to(self.root):  # a link at the final name itself is replaced
             raise OutputPathError(f"{area}/{name}.{extension} resolves outside the output folder {self.root}")
         return path
 
@@ -138,30 +138,20 @@ def _json_line(record: Mapping[str, Any]) -> bytes:
     return (json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n").encode("ascii")
 
 
-def _truncate_partial_line(path: Path) -> None:
+def _truncate_partial_line(file: BinaryIO) -> None:
     """Cut a line left unfinished by a killed append (everything after the last newline)."""
-    if not path.exists():
-        return
-    with open(path, "r+b") as file:
-        end = file.seek(0, os.SEEK_END)
-        keep, position = 0, end
-        while position > 0:
-            start = max(0, position - _TAIL_CHUNK)
-            file.seek(start)
-            newline = file.read(position - start).rfind(b"\n")
-            if newline >= 0:
-                keep = start + newline + 1
-                break
-            position = start
-        if keep != end:
-            file.truncate(keep)
-            file.flush()
-            os.fsync(file.fileno())
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as file:
-        file.write(data)
+    end = file.seek(0, os.SEEK_END)
+    keep, position = 0, end
+    while position > 0:
+        start = max(0, position - _TAIL_CHUNK)
+        file.seek(start)
+        newline = file.read(position - start).rfind(b"\n")
+        if newline >= 0:
+            keep = start + newline + 1
+            break
+        position = start
+    if keep != end:
+        file.truncate(keep)
         file.flush()
         os.fsync(file.fileno())
 
@@ -194,12 +184,10 @@ class DatasetWriter:
         self.written = 0
         self.errors = 0
         self.bytes_written = 0
-        manifest_path, errors_path = self.layout.manifest_path(shard), self.layout.errors_path(shard)
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        errors_path.parent.mkdir(parents=True, exist_ok=True)
-        _truncate_partial_line(manifest_path)
-        self._manifest = open(manifest_path, "ab")  # open for the writer's lifetime
-        self._errors = open(errors_path, "wb")  # truncated: errors describe the latest run
+        root = self.layout.root
+        self._manifest = open_append(self.layout.manifest_path(shard), root)  # open for the writer's lifetime
+        _truncate_partial_line(self._manifest)
+        self._errors = open_append(self.layout.errors_path(shard), root, truncate=True)  # the latest run's errors
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(2 * workers + 4)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mdsd3-writer")
@@ -335,15 +323,8 @@ class DatasetWriter:
         return result
 
     def _write_file(self, path: Path, data: bytes) -> None:
-        """Write to `.<name>.tmp` beside `path`, fsync, then rename: `path` is never partial."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.tmp")
-        try:
-            _fsync_write(temp, data)
-            os.replace(temp, path)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        """Write atomically (see `atomic.atomic_write`): `path` is never partial."""
+        atomic_write(path, data, root=self.layout.root)
         with self._lock:
             self.bytes_written += len(data)
 
@@ -400,21 +381,13 @@ def _parse_manifest_line(line: bytes) -> tuple[str, str, str, str] | None:
 def write_run_json(out_dir: str | Path, payload: Mapping[str, Any]) -> Path:
     """Atomically write OUT/run.json; `payload["identity"]` is what `check_run_compatible` compares.
 
-    The temp name is unique because every shard of an array job may write run.json at the same time.
+    Every shard of an array job may write run.json at the same time: each uses its own temp file.
     """
     if "identity" not in payload:
         raise ValueError("run.json payload needs an 'identity' entry")
     path = Path(out_dir) / RUN_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{RUN_JSON}.", suffix=".tmp")
-    os.close(descriptor)
-    temp = Path(temp_name)
-    try:
-        _fsync_write(temp, (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"),
+                 shared=True)
     return path
 
 
