@@ -25,7 +25,8 @@ from .recipe import Recipe
 from .runtime import StopRequest, exit_code_for, resolve_device, resolve_dtype
 from .sampler import MDSD3Sampler, SampleRequest
 from .weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
-from .writer import DatasetWriter, check_run_compatible, clear_outputs, completed_samples, write_run_json
+from .formats.layout import LayoutWriter, completed_in_layout, open_layout_writer
+from .writer import check_run_compatible, clear_outputs, write_run_json
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
 
@@ -109,7 +110,7 @@ def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunP
         keep = set(sorted({item.key for item in plan})[:limit])
         plan = [item for item in plan if item.key in keep]
     run = RunPlan(recipe, shard, discovery, plan, shard_items(plan, shard.index, shard.count))
-    run.done = completed_samples(recipe.output_dir())
+    run.done = completed_in_layout(recipe, shard, run.mine)
     return run
 
 
@@ -236,8 +237,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
         session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
         if session is not None:
             write_run_json(out, run_payload(recipe, session))
-        with DatasetWriter(out, run.shard.name, recipe.output.format, recipe.output.quality,
-                           recipe.output.png_compress_level, recipe.output.workers) as writer:
+        with open_layout_writer(recipe, run.shard, run.mine) as writer:
             if run.shard.index == 0:
                 for error in run.discovery.errors:
                     writer.record_error(error.key, error.path, error.reason)
@@ -250,7 +250,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
     return summary
 
 
-def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: DatasetWriter, summary: RunSummary,
+def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: LayoutWriter, summary: RunSummary,
                 stop: StopRequest, console: Console) -> None:
     """Decode, sample and submit every item of `todo`, counting into `summary`."""
     recipe = run.recipe

@@ -108,6 +108,8 @@ class OutputSection(_Section):
     quality: int = Field(default=95, ge=1, le=100)
     png_compress_level: int = Field(default=1, ge=0, le=9)
     workers: int = Field(default=2, ge=1)
+    layout: Literal["folders", "webdataset"] = "folders"
+    samples_per_tar: int = Field(default=1000, ge=1)
 
 
 class SamplingSection(_Section):
@@ -230,6 +232,8 @@ class Recipe(_Section):
             "output": {
                 "format": self.output.format,
                 "quality": None if self.output.format == "png" else self.output.quality,
+                **({"layout": "webdataset", "samples_per_tar": self.output.samples_per_tar}
+                   if self.output.layout == "webdataset" else {}),  # a folders run keeps its old identity
             },
             "sampling": {
                 "steps": self.sampling.steps,
@@ -404,6 +408,8 @@ output:
   quality: 95               # jpeg and webp quality, 1..100
   png_compress_level: 1     # 0..9; 1 is fast, higher is smaller and much slower
   workers: 2                # encoding threads
+  layout: folders           # folders | webdataset (tars/<shard>-NNNNNN.tar instead of clean/ and degraded/)
+  samples_per_tar: 1000     # webdataset: samples per tar
 
 sampling:
   steps: 28                 # denoising steps

@@ -26,7 +26,7 @@ JPEG_444_MIN_QUALITY = 90
 """From this JPEG quality on, chroma is kept at full resolution (4:4:4); below it, 4:2:0."""
 WEBP_METHOD = 4
 RUN_JSON = "run.json"
-OUTPUT_FOLDERS = ("clean", "degraded", "manifest", "errors")
+OUTPUT_FOLDERS = ("clean", "degraded", "tars", "manifest", "errors")
 _TAIL_CHUNK = 1 << 16
 
 
@@ -253,6 +253,13 @@ class DatasetWriter:
             self._errors.write(line)
             self._errors.flush()
             self.errors += 1
+
+    def append_manifest_lines(self, lines: list[bytes]) -> None:
+        """Append whole records another layout's writer finished (formats.webdataset_layout), fsynced."""
+        with self._lock:
+            self._manifest.writelines(lines)
+            self._manifest.flush()
+            os.fsync(self._manifest.fileno())
 
     def drain(self) -> None:
         """Wait for every queued sample; raise the first worker failure, if any."""

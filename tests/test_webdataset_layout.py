@@ -1,0 +1,140 @@
+"""`output.layout: webdataset`: tars read by the `webdataset` loader hold the folders layout's exact bytes;
+kills at several moments and reruns rebuild the same tars; resume rules (manifest restore, shard count)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from mdsd3_cli.generate import plan_run, run_generate
+from mdsd3_cli.plan import ShardSpec
+from mdsd3_cli.recipe import load_recipe
+from mdsd3_cli.verify import verify_dataset
+from mdsd3_cli.writer import OutputConflictError
+
+from .tiny_datasets import FOLDERS, PHOTOS, generate, write_recipe
+
+PER_TAR = 2
+TARS = [f"shard-00000-of-00001-{index:06d}.tar" for index in range(5)]  # 3 keys x 3 folders, 2 per tar
+
+
+def tar_bytes(out: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted((out / "tars").glob("*.tar"))}
+
+
+def manifest_lines(out: Path) -> list[str]:
+    return [line for path in sorted((out / "manifest").glob("*.jsonl")) for line in path.read_text().splitlines()]
+
+
+def webdataset_recipe(root: Path, photos: Path, **output) -> Path:
+    return write_recipe(root / "recipe.yaml", photos, root / "out", layout="webdataset", samples_per_tar=PER_TAR,
+                        **output)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_photos) -> Path:
+    """One uninterrupted webdataset run of the folders_dataset recipe."""
+    root = tmp_path_factory.mktemp("webdataset_reference")
+    generate(webdataset_recipe(root, tiny_photos))
+    return root / "out"
+
+
+def test_tars_hold_the_folders_layouts_bytes(reference, folders_dataset):
+    assert list(tar_bytes(reference)) == TARS
+    folders_records = {(r["key"], r["folder"]): r for r in map(json.loads, manifest_lines(folders_dataset))}
+    urls = [str(reference / "tars" / name) for name in TARS]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == len(folders_records) == 9
+    for sample in samples:
+        record = json.loads(sample["json"])
+        assert "." not in sample["__key__"]
+        expected = folders_records[record["key"], record["folder"]]
+        assert sample["clean.png"] == (folders_dataset / expected["clean"]).read_bytes()
+        assert sample["degraded.png"] == (folders_dataset / expected["degraded"]).read_bytes()
+        assert record["degraded_sha256"] == expected["degraded_sha256"]
+    assert {(r["key"], r["folder"]) for r in (json.loads(s["json"]) for s in samples)} == set(folders_records)
+    assert sorted(manifest_lines(reference)) == sorted(s["json"].decode() for s in samples)
+    assert verify_dataset(reference).ok
+
+
+def test_tar_membership_follows_the_plan(reference):
+    with tarfile.open(reference / "tars" / TARS[0]) as archive:
+        members = archive.getmembers()
+    assert [m.name for m in members] == ["astronaut/rain.clean.png", "astronaut/rain.degraded.png",
+                                         "astronaut/rain.json", "astronaut/mix_r1.clean.png",
+                                         "astronaut/mix_r1.degraded.png", "astronaut/mix_r1.json"]
+    assert {(m.mtime, m.mode, m.uid, m.uname) for m in members} == {(0, 0o644, 0, "")}
+
+
+@pytest.mark.parametrize("moment", ["temp tar", "1 tar", "3 tars"])
+def test_killed_run_rebuilds_the_same_tars(reference, tiny_photos, tmp_path, moment):
+    out = tmp_path / "out"
+    recipe = webdataset_recipe(tmp_path, tiny_photos)
+    process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        tars = out / "tars"
+        if (list(tars.glob(".*.tmp")) if moment == "temp tar" else len(list(tars.glob("*.tar"))) >= int(moment[0])):
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    survivors = tar_bytes(out) if (out / "tars").is_dir() else {}
+    for name, data in survivors.items():  # a visible tar is always a finished one
+        assert data == tar_bytes(reference)[name], name
+    stats = {name: os.stat(out / "tars" / name) for name in survivors}
+
+    generate(recipe)
+    assert tar_bytes(out) == tar_bytes(reference)
+    for name, before in stats.items():  # finished tars are never rewritten
+        after = os.stat(out / "tars" / name)
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    lines = manifest_lines(out)
+    assert sorted(lines) == sorted(manifest_lines(reference)) and len(set(lines)) == len(lines)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_manifest_lines_lost_after_a_rename_are_restored(reference, tmp_path):
+    out = shutil.copytree(reference, tmp_path / "out")
+    manifest = out / "manifest" / "shard-00000-of-00001.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines[:-1]) + lines[-1][:10])  # the last tar's lines: one missing, one torn
+    recipe = load_recipe(reference.parent / "recipe.yaml", [f"output.dir={out}"])
+    summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
+    assert summary.written == 0 and summary.exit_code == 0
+    assert sorted(manifest.read_text().splitlines()) == sorted(manifest_lines(reference))
+    assert tar_bytes(out) == tar_bytes(reference)
+
+
+def test_resuming_with_another_shard_count_is_refused(reference, tmp_path):
+    out = shutil.copytree(reference, tmp_path / "out")
+    (out / "tars" / TARS[-1]).unlink()
+    recipe = load_recipe(reference.parent / "recipe.yaml", [f"output.dir={out}"])
+    with pytest.raises(OutputConflictError, match="same shard count"):
+        run_generate(plan_run(recipe, ShardSpec(1, 2)))
+
+
+def test_failed_inputs_are_left_out_of_their_tar(tiny_photos, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(tiny_photos / PHOTOS["astronaut"], photos / "astronaut.png")
+    (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    recipe = webdataset_recipe(tmp_path, photos)
+    summary = run_generate(plan_run(load_recipe(recipe), ShardSpec(0, 1)))
+    assert summary.exit_code == 1 and summary.failed_inputs == 1
+    out = tmp_path / "out"
+    assert list(tar_bytes(out)) == TARS[:2]  # astronaut x 3 folders: 2 + 1 (its tar-mate failed); none for broken
+    with tarfile.open(out / "tars" / TARS[1]) as archive:
+        assert archive.getnames() == [f"astronaut/{FOLDERS[2]}.{part}" for part in ("clean.png", "degraded.png", "json")]
+    assert verify_dataset(out).ok
