@@ -79,8 +79,8 @@ def generate(
 ) -> None:
     """Generate the paired dataset a recipe describes (resumes by default).
 
-    Writes OUT/clean/<key>, OUT/degraded/<variant>/<key>, OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl
-    and OUT/run.json. Exit status: 0 all done, 1 some inputs failed (see errors/), 2 bad recipe or usage,
+    Writes OUT/clean/<key>, OUT/degraded/<variant>/<key> (with output.layout webdataset: OUT/tars/<shard>-N.tar),
+    OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and OUT/run.json. Exit status: 0 all done, 1 some inputs failed (see errors/), 2 bad recipe or usage,
     130/143 stopped by SIGINT/SIGTERM (rerun to finish).
     """
     _quiet_libraries()
