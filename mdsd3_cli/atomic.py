@@ -88,6 +88,38 @@ def atomic_write(path: Path, content: bytes | WriteFunction, root: Path | None =
     return size
 
 
+class AtomicFile:
+    """A file written over time (a tar shard): `.<name>.tmp`, created as `atomic_write` creates it, open in
+    `file`; `commit()` fsyncs and renames it onto `path`, `discard()` removes it. `path` is never seen partial."""
+
+    def __init__(self, path: Path, root: Path | None = None) -> None:
+        self.path = Path(path)
+        ensure_folder(self.path.parent, root)
+        try:
+            descriptor, self._temp = _exclusive_temp(self.path)
+            os.fchmod(descriptor, file_mode())
+        except OSError as error:
+            raise _naming(error, self.path) from None
+        self.file: BinaryIO = os.fdopen(descriptor, "wb")
+
+    def commit(self) -> None:
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self._temp, self.path)
+        except OSError as error:
+            self.discard()
+            raise _naming(error, self.path) from None
+
+    def discard(self) -> None:
+        self.file.close()
+        try:
+            os.unlink(self._temp)
+        except FileNotFoundError:
+            pass
+
+
 def _unique_temp(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
 

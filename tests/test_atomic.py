@@ -10,7 +10,7 @@ import stat
 import numpy as np
 import pytest
 
-from mdsd3_cli.atomic import UnsafeOutputError, atomic_write, file_mode, fresh_folder, open_append
+from mdsd3_cli.atomic import AtomicFile, UnsafeOutputError, atomic_write, file_mode, fresh_folder, open_append
 from mdsd3_cli.writer import DatasetWriter, write_run_json
 
 PIXELS = np.full((16, 16, 3), 7, dtype=np.uint8)
@@ -106,3 +106,19 @@ def test_fresh_folder_removes_a_link_without_following_it(tmp_path, victim):
     fresh_folder(folder)
     assert folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir())
     assert victim.read_bytes() == b"X\n"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink"])
+def test_atomic_file_is_never_seen_partial_and_replaces_leftovers(tmp_path, victim, kind):
+    final = tmp_path / "tars" / "a.tar"
+    plant(kind, final.with_name(".a.tar.tmp"), victim)  # a killed run's leftover, or a planted link
+    streaming = AtomicFile(final, root=tmp_path)
+    streaming.file.write(b"part one, ")
+    assert not final.exists() and victim.read_bytes() == b"X\n"
+    streaming.file.write(b"part two")
+    streaming.commit()
+    assert final.read_bytes() == b"part one, part two" and stat.S_IMODE(final.stat().st_mode) == file_mode()
+    abandoned = AtomicFile(tmp_path / "tars" / "b.tar")
+    abandoned.file.write(b"half")
+    abandoned.discard()
+    assert sorted(p.name for p in final.parent.iterdir()) == ["a.tar"] and victim.read_bytes() == b"X\n"

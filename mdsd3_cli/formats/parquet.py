@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .sample import EncodedSample
-from .staging import AtomicFile, StagedFolder
+from ..atomic import AtomicFile
+from .staging import StagedFolder
 
 FILE_PATTERN = "data-{index:05d}.parquet"
 ROW_GROUP_ROWS = 100

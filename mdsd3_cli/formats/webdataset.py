@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .sample import EncodedSample, sample_key
-from .staging import AtomicFile, StagedFolder
+from ..atomic import AtomicFile
+from .staging import StagedFolder
 
 MEMBER_MTIME = 0
 MEMBER_MODE = 0o644
@@ -29,15 +30,16 @@ def record_json(record: dict[str, Any]) -> bytes:
 
 
 class TarWriter:
-    """One tar file, written under a temporary name and renamed when `close()`d; members in `write` order.
+    """One tar file, written under a temporary name and renamed when `close()`d (inside `root`, when given);
+    members in `write` order.
 
     Members carry fixed metadata (mode 0644, mtime 0, uid/gid 0, no user names), so the same samples in the same
     order always give the same bytes.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, root: Path | None = None) -> None:
         self.path = Path(path)
-        self._file = AtomicFile(self.path)
+        self._file = AtomicFile(self.path, root)
         self._tar = tarfile.open(fileobj=self._file.file, mode="w", format=tarfile.PAX_FORMAT)
         self.samples = 0
 

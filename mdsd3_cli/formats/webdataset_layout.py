@@ -208,7 +208,7 @@ class WebDatasetLayoutWriter:
             if group.next in group.ready:
                 sample = group.ready.pop(group.next)
                 if group.tar is None:
-                    group.tar = TarWriter(group.path)
+                    group.tar = TarWriter(group.path, self.layout.root)
                 group.tar.write(sample)
                 group.lines.append(record_json(sample.record) + b"\n")
                 self.bytes_written += len(sample.clean) + len(sample.degraded)
