@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import tarfile
 from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .manifest import MEMBER_FIELDS, TAR_FIELD
 
 LABEL_HEIGHT = 18
 
@@ -56,9 +60,17 @@ def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0
             else:
                 label = " ".join(f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
             if record is not None:
-                with Image.open(dataset / record["clean" if name == "clean" else "degraded"]) as image:
+                with Image.open(_image_file(dataset, record, "clean" if name == "clean" else "degraded")) as image:
                     thumb = image.convert("RGB")
                     thumb.thumbnail((cell, cell))
                     sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + LABEL_HEIGHT))
             draw.text((left + 3, top + 3), label[-width:] if name == "clean" else label[:width], fill="dimgray", font=font)
     return sheet
+
+
+def _image_file(dataset: Path, record: dict, role: str) -> Path | io.BytesIO:
+    """A record's image: its file (folders layout) or its tar member (webdataset layout)."""
+    if TAR_FIELD not in record:
+        return dataset / record[role]
+    with tarfile.open(dataset / record[TAR_FIELD]) as archive:
+        return io.BytesIO(archive.extractfile(record[MEMBER_FIELDS[role]]).read())

@@ -13,11 +13,13 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 
 from mdsd3_cli.generate import plan_run, run_generate
 from mdsd3_cli.plan import ShardSpec
+from mdsd3_cli.preview import contact_sheet
 from mdsd3_cli.recipe import load_recipe
 from mdsd3_cli.verify import verify_dataset
 from mdsd3_cli.writer import OutputConflictError
@@ -65,6 +67,12 @@ def test_tars_hold_the_folders_layouts_bytes(reference, folders_dataset):
     assert {(r["key"], r["folder"]) for r in (json.loads(s["json"]) for s in samples)} == set(folders_records)
     assert sorted(manifest_lines(reference)) == sorted(s["json"].decode() for s in samples)
     assert verify_dataset(reference).ok
+
+
+def test_preview_reads_the_tars(reference, folders_dataset):
+    from_tars = np.asarray(contact_sheet(reference, count=3, cell=32))
+    assert from_tars.shape == (18 + 3 * (32 + 18), 4 * 32, 3)
+    np.testing.assert_array_equal(from_tars, np.asarray(contact_sheet(folders_dataset, count=3, cell=32)))
 
 
 def test_tar_membership_follows_the_plan(reference):
