@@ -125,12 +125,15 @@ def test_manifest_lines_lost_after_a_rename_are_restored(reference, tmp_path):
     assert tar_bytes(out) == tar_bytes(reference)
 
 
-def test_resuming_with_another_shard_count_is_refused(reference, tmp_path):
+@pytest.mark.parametrize("shard, limit, message", [(ShardSpec(1, 2), None, "with .1. shards"),
+                                                    (ShardSpec(0, 1), 2, "another plan")])
+def test_resuming_another_plan_is_refused(reference, tmp_path, shard, limit, message):
     out = shutil.copytree(reference, tmp_path / "out")
     (out / "tars" / TARS[-1]).unlink()
     recipe = load_recipe(reference.parent / "recipe.yaml", [f"output.dir={out}"])
-    with pytest.raises(OutputConflictError, match="same shard count"):
-        run_generate(plan_run(recipe, ShardSpec(1, 2)))
+    with pytest.raises(OutputConflictError, match=message):
+        run_generate(plan_run(recipe, shard, limit))
+    assert sorted(tar_bytes(out)) == TARS[:-1]
 
 
 def test_failed_inputs_are_left_out_of_their_tar(tiny_photos, tmp_path):

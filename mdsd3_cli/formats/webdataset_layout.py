@@ -6,11 +6,14 @@ rerun rebuilds exactly the same tars. A tar is written under a temporary name an
 is in; its samples' manifest lines (each the sample's `.json` member) are appended after the rename. On
 resume a tar that exists is finished and never rewritten (its manifest lines are restored if a kill came
 between the rename and the append); a group without a tar is redone from its first sample. Inputs that fail
-to decode are left out of their tar (and listed in errors/). The shard count must stay the same across reruns.
+to decode are left out of their tar (and listed in errors/). A rerun must have the same plan (inputs, --limit,
+shard count): `manifest/<shard>.tars.json` records the plan's digest and another plan is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import tarfile
 import threading
@@ -24,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ..manifest import MEMBER_FIELDS, TAR_FIELD, ManifestLineError, parse_record
 from ..plan import ShardSpec, WorkItem
 from ..writer import (FORMAT_EXTENSIONS, DatasetWriter, ImageFormat, OutputConflictError, OutputLayout, digest,
@@ -32,6 +36,7 @@ from .sample import EncodedSample
 from .webdataset import TarWriter, member_names, record_json
 
 TARS_FOLDER = "tars"
+PLAN_SUFFIX = ".tars.json"
 _TAR_NAME = re.compile(r"^shard-\d{5}-of-(\d{5})-\d{6}\.tar$")
 
 
@@ -44,15 +49,29 @@ def groups_of(items: Sequence[WorkItem], samples_per_tar: int) -> list[list[Work
     return [list(items[start:start + samples_per_tar]) for start in range(0, len(items), samples_per_tar)]
 
 
-def check_shard_count(out_dir: Path, shard: ShardSpec) -> None:
-    """OutputConflictError when tars of another shard count are present (their groups differ, so mixing them
-    would duplicate samples)."""
+def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int) -> None:
+    """OutputConflictError when the folder holds tars of another plan: another shard count, or other items for
+    this shard (inputs or --limit changed). Tar groups follow the plan, so mixing plans would lose or duplicate
+    samples. Records this shard's plan digest for the next run."""
     folder = Path(out_dir) / TARS_FOLDER
     counts = {int(match.group(1)) for path in folder.glob("*.tar") if (match := _TAR_NAME.match(path.name))}
+    advice = "rerun with the same inputs, --limit and shard count, or pass --overwrite"
     if counts - {shard.count}:
-        raise OutputConflictError(f"{folder} holds tars of a run with {sorted(counts - {shard.count})} shards; "
-                                  f"the webdataset layout resumes only with the same shard count (not {shard.count}): "
-                                  "rerun with that count, or pass --overwrite")
+        raise OutputConflictError(f"{folder} holds tars of a run with {sorted(counts - {shard.count})} shards "
+                                  f"(not {shard.count}); the webdataset layout resumes only the same plan: {advice}")
+    plan = {"samples_per_tar": samples_per_tar, "samples": len(items), "plan_sha256": hashlib.sha256(
+        json.dumps([(item.key, item.folder) for item in items], ensure_ascii=True).encode("ascii")).hexdigest()}
+    record = Path(out_dir) / "manifest" / f"{shard.name}{PLAN_SUFFIX}"
+    if any(folder.glob(f"{shard.name}-*.tar")) and record.is_file():
+        try:
+            stored = json.loads(record.read_text(encoding="utf-8"))
+        except ValueError:
+            stored = None
+        if stored != plan:
+            raise OutputConflictError(f"{folder} holds {shard.name} tars of another plan (inputs or --limit "
+                                      f"changed; see {record}); the webdataset layout resumes only the same plan: "
+                                      f"{advice}")
+    atomic_write(record, (json.dumps(plan, indent=2) + "\n").encode("ascii"), root=Path(out_dir))
 
 
 def completed_tar_samples(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem],
@@ -88,7 +107,7 @@ class WebDatasetLayoutWriter:
         self.shard, self.fmt, self.quality, self.png_compress_level = shard, fmt, quality, png_compress_level
         self.extension = FORMAT_EXTENSIONS[fmt]
         self.written = self.errors = self.bytes_written = 0
-        check_shard_count(self.layout.root, shard)
+        check_same_plan(self.layout.root, shard, items, samples_per_tar)
         done = completed_tar_samples(self.layout.root, shard, items, samples_per_tar)
         self._groups: dict[int, _Group] = {}
         self._position: dict[tuple[str, str], tuple[int, int]] = {}
