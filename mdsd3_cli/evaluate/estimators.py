@@ -73,23 +73,31 @@ def haar_diagonal(planes: np.ndarray) -> np.ndarray:
     return (p[:, 0::2, 0::2] - p[:, 0::2, 1::2] - p[:, 1::2, 0::2] + p[:, 1::2, 1::2]) * np.float32(0.5)
 
 
-def _window_sums(plane: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """Sums of `size` consecutive values along `axis` of [H, W] (valid positions only: that axis shrinks by
-    size − 1), as shifted slice additions (memory-order friendly on both axes)."""
-    count = plane.shape[axis] - size + 1
+def _window_sums(planes: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """Sums of `size` consecutive values along `axis` (-2: rows, -1: columns) of [..., H, W], valid positions
+    only (that axis shrinks by size − 1): sums over 1, 2, 4, ... values are built by doubling, then the ones
+    making up `size` are added (7 = 4 + 2 + 1: four additions instead of six)."""
 
-    def shifted(offset: int) -> np.ndarray:
-        return plane[offset:offset + count] if axis == 0 else plane[:, offset:offset + count]
+    def cut(values: np.ndarray, start: int, count: int) -> np.ndarray:
+        return values[..., start:start + count, :] if axis == -2 else values[..., start:start + count]
 
-    total = shifted(0).copy()
-    for offset in range(1, size):
-        total += shifted(offset)
+    spans = {1: planes}
+    while 2 * max(spans) <= size:
+        span = max(spans)
+        count = spans[span].shape[axis] - span
+        spans[2 * span] = cut(spans[span], 0, count) + cut(spans[span], span, count)
+    count, offset, total = planes.shape[axis] - size + 1, 0, None
+    for span in sorted(spans, reverse=True):
+        if offset + span <= size:
+            part = cut(spans[span], offset, count)
+            total = part.copy() if total is None else np.add(total, part, out=total)
+            offset += span
     return total
 
 
-def box_mean(plane: np.ndarray, size: int) -> np.ndarray:
-    """Mean over every `size`x`size` window fully inside the plane [H, W] → [H − size + 1, W − size + 1]."""
-    return _window_sums(_window_sums(plane, size, 0), size, 1) * np.float32(1.0 / (size * size))
+def box_mean(planes: np.ndarray, size: int) -> np.ndarray:
+    """Mean over every `size`x`size` window fully inside [..., H, W] → [..., H − size + 1, W − size + 1]."""
+    return _window_sums(_window_sums(planes, size, -2), size, -1) * np.float32(1.0 / (size * size))
 
 
 def laplacian(plane: np.ndarray) -> np.ndarray:
@@ -103,20 +111,66 @@ def _binomial_smooth(plane: np.ndarray) -> np.ndarray:
     return ((rows[:, :-4] + rows[:, 4:]) + 4 * (rows[:, 1:-3] + rows[:, 3:-1]) + 6 * rows[:, 2:-2]) * np.float32(1 / 256)
 
 
-class Pair:
-    """A clean/degraded pair of RGB images [H, W, 3] (uint8 or float, 0-255; same shape), kept as float32
-    channel planes [3, H, W], and the planes the estimators share, each computed once."""
+class Reference:
+    """A clean RGB image [H, W, 3] (uint8 or float, 0-255) as float32 channel planes [3, H, W], and what the
+    estimators derive from it alone, each computed once: every degraded version of one clean image (its
+    variants and repeats) reuses them."""
 
-    def __init__(self, clean: np.ndarray, degraded: np.ndarray) -> None:
-        clean, degraded = np.asarray(clean), np.asarray(degraded)
-        if clean.shape != degraded.shape or clean.ndim != 3 or clean.shape[2] != 3:
-            raise ValueError(f"expected two RGB arrays [H, W, 3] of one shape, got {clean.shape} and {degraded.shape}")
-        self.clean = np.moveaxis(clean, 2, 0).astype(np.float32, order="C")
-        self.degraded = np.moveaxis(degraded, 2, 0).astype(np.float32, order="C")
+    def __init__(self, clean: np.ndarray) -> None:
+        clean = np.asarray(clean)
+        if clean.ndim != 3 or clean.shape[2] != 3:
+            raise ValueError(f"expected an RGB array [H, W, 3], got {clean.shape}")
+        self.planes = np.moveaxis(clean, 2, 0).astype(np.float32, order="C")
 
     @cached_property
+    def luma(self) -> np.ndarray:
+        return luminance(self.planes)
+
+    @cached_property
+    def block_means(self) -> np.ndarray:
+        """8x8 block means [3, h, w] (float64)."""
+        return _block_means(self.planes, FIT_BLOCK)
+
+    @cached_property
+    def detail(self) -> np.ndarray:
+        """Laplacian of the luma (the finest detail), interior pixels [H − 2, W − 2]."""
+        return laplacian(self.luma)
+
+    @cached_property
+    def detail_energy(self) -> float:
+        return float(np.mean(np.square(self.detail), dtype=np.float64))
+
+    @cached_property
+    def block_extremes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lowest and highest value of each 2x2 block of each channel (the Haar-HH grid), flattened."""
+        height, width = self.planes.shape[1] // 2 * 2, self.planes.shape[2] // 2 * 2
+        corners = [self.planes[:, row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)]
+        low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3])).ravel()
+        high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3])).ravel()
+        return low, high
+
+    @cached_property
+    def window_moments(self) -> np.ndarray:
+        """SSIM windows' mean of the luma and of its square, stacked [2, H − 6, W − 6]."""
+        return box_mean(np.stack([self.luma, self.luma * self.luma]), SSIM_WINDOW)
+
+
+class Pair:
+    """A clean image (array or `Reference`) and a degraded RGB image [H, W, 3] of the same shape, kept as float32
+    channel planes [3, H, W], and the planes the estimators share, each computed once."""
+
+    def __init__(self, clean: np.ndarray | Reference, degraded: np.ndarray) -> None:
+        self.reference = clean if isinstance(clean, Reference) else Reference(clean)
+        degraded = np.asarray(degraded)
+        if degraded.shape != self.reference.planes.shape[1:] + (3,):
+            raise ValueError(f"expected two RGB arrays [H, W, 3] of one shape, got "
+                             f"{self.reference.planes.shape[1:] + (3,)} and {degraded.shape}")
+        self.clean = self.reference.planes
+        self.degraded = np.moveaxis(degraded, 2, 0).astype(np.float32, order="C")
+
+    @property
     def clean_luma(self) -> np.ndarray:
-        return luminance(self.clean)
+        return self.reference.luma
 
     @cached_property
     def degraded_luma(self) -> np.ndarray:
@@ -125,7 +179,7 @@ class Pair:
     @cached_property
     def block_means(self) -> tuple[np.ndarray, np.ndarray]:
         """8x8 block means [3, h, w] of the clean and the degraded image (float64)."""
-        return _block_means(self.clean, FIT_BLOCK), _block_means(self.degraded, FIT_BLOCK)
+        return self.reference.block_means, _block_means(self.degraded, FIT_BLOCK)
 
     @cached_property
     def luma_fit(self) -> tuple[float, float]:
@@ -136,11 +190,6 @@ class Pair:
     def channel_fits(self) -> list[tuple[float, float]]:
         clean, degraded = self.block_means
         return [photometric_fit(clean[c], degraded[c]) for c in range(3)]
-
-    @cached_property
-    def clean_detail(self) -> np.ndarray:
-        """Laplacian of the clean luma (the finest detail), interior pixels [H − 2, W − 2]."""
-        return laplacian(self.clean_luma)
 
 
 def psnr(pair: Pair) -> float:
@@ -155,11 +204,12 @@ def ssim(pair: Pair) -> float:
     the windows that fit inside the image), computed with box sums (several times faster; the tests check it
     equals scikit-image's value)."""
     x, y = pair.clean_luma, pair.degraded_luma
-    mean_x, mean_y = box_mean(x, SSIM_WINDOW), box_mean(y, SSIM_WINDOW)
-    correction = SSIM_WINDOW**2 / (SSIM_WINDOW**2 - 1.0)
-    var_x = (box_mean(x * x, SSIM_WINDOW) - mean_x * mean_x) * correction
-    var_y = (box_mean(y * y, SSIM_WINDOW) - mean_y * mean_y) * correction
-    cov = (box_mean(x * y, SSIM_WINDOW) - mean_x * mean_y) * correction
+    mean_x, mean_xx = pair.reference.window_moments
+    mean_y, mean_yy, mean_xy = box_mean(np.stack([y, y * y, x * y]), SSIM_WINDOW)
+    correction = np.float32(SSIM_WINDOW**2 / (SSIM_WINDOW**2 - 1.0))
+    var_x = (mean_xx - mean_x * mean_x) * correction
+    var_y = (mean_yy - mean_y * mean_y) * correction
+    cov = (mean_xy - mean_x * mean_y) * correction
     c1, c2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
     index = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x * mean_x + mean_y * mean_y + c1) * (var_x + var_y + c2))
     return float(np.mean(index, dtype=np.float64))
@@ -189,10 +239,7 @@ def noise_sigma(pair: Pair) -> float:
     slopes = np.array([slope for slope, _ in pair.channel_fits], dtype=np.float32)[:, None, None]
     magnitudes = np.abs(haar_diagonal(pair.degraded - slopes * pair.clean)).ravel()
     sigma = _tie_aware_median(magnitudes, NOISE_TIE_STEP) * MAD_TO_SIGMA
-    height, width = pair.clean.shape[1] // 2 * 2, pair.clean.shape[2] // 2 * 2
-    corners = [pair.clean[:, row:height:2, column:width:2] for row in (0, 1) for column in (0, 1)]
-    low = np.minimum(np.minimum(corners[0], corners[1]), np.minimum(corners[2], corners[3])).ravel()
-    high = np.maximum(np.maximum(corners[0], corners[1]), np.maximum(corners[2], corners[3])).ravel()
+    low, high = pair.reference.block_extremes
     away = (low >= CLIP_MARGIN * sigma) & (high <= 255.0 - CLIP_MARGIN * sigma)
     if away.mean() >= MIN_UNCLIPPED_FRACTION:
         sigma = _tie_aware_median(magnitudes[away], NOISE_TIE_STEP) * MAD_TO_SIGMA
@@ -216,8 +263,7 @@ def rain_streaks(pair: Pair) -> float:
     cancel; streaks sharing one direction add up."""
     slope, intercept = pair.luma_fit
     residual = (pair.degraded_luma - (slope * pair.clean_luma + np.float32(intercept)))[1:-1, 1:-1]
-    detail = pair.clean_detail
-    energy = float(np.mean(np.square(detail), dtype=np.float64))
+    detail, energy = pair.reference.detail, pair.reference.detail_energy
     if energy > 1e-6:
         residual -= np.float32(float(np.mean(residual * detail, dtype=np.float64)) / energy) * detail
     smooth = _binomial_smooth(residual)
@@ -240,8 +286,7 @@ def blur_loss(pair: Pair) -> float:
     Laplacian of luma and slope the photometric fit's (so haze and exposure do not count). Noise, being
     uncorrelated with the clean detail, does not count either."""
     slope, _ = pair.luma_fit
-    detail = pair.clean_detail
-    energy = float(np.mean(np.square(detail), dtype=np.float64))
+    detail, energy = pair.reference.detail, pair.reference.detail_energy
     if energy < 1e-6 or slope <= 1e-6:
         return 0.0
     transfer = float(np.mean(laplacian(pair.degraded_luma) * detail, dtype=np.float64)) / (slope * energy)

@@ -38,10 +38,11 @@ under-exposed, half the finest detail gone) and classes compare on one scale."""
 MEASURE_NAMES: tuple[str, ...] = (*GENERIC_MEASURES, *CLASS_ESTIMATORS)
 
 
-def measure_pair(clean: np.ndarray, degraded: np.ndarray) -> dict[str, float]:
+def measure_pair(clean: np.ndarray | estimators.Reference, degraded: np.ndarray) -> dict[str, float]:
     """Every measure of one pair: PSNR (dB), SSIM and each class's strength in its own units (CLASS_UNITS).
 
-    `clean` and `degraded` are RGB arrays [H, W, 3] of the same shape, uint8 or float in 0-255.
+    `clean` and `degraded` are RGB arrays [H, W, 3] of the same shape, uint8 or float in 0-255; pass the clean
+    image as an `estimators.Reference` to reuse its planes across several degraded versions.
     """
     pair = estimators.Pair(clean, degraded)
     return {name: measure(pair) for name, measure in {**GENERIC_MEASURES, **CLASS_ESTIMATORS}.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .estimators import repeat_diversity
+from .estimators import Reference, repeat_diversity
 from .measures import measure_pair
 from .pairs import PairGroup, Problem, Sample
 
@@ -53,7 +53,8 @@ def read_rgb(path: Path) -> np.ndarray:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise _Unreadable(f"{width}x{height} exceeds the {MAX_PIXELS}-pixel decompression-bomb guard")
-            return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+            upright = ImageOps.exif_transpose(image)
+            return np.asarray(upright if upright.mode == "RGB" else upright.convert("RGB"))
     except FileNotFoundError:
         raise _Unreadable("file not found") from None
     except _Unreadable:
@@ -70,6 +71,7 @@ def measure_group(group: PairGroup) -> GroupResult:
     except _Unreadable as error:
         problem = Problem(str(group.clean), f"clean image {error} (skipped {len(group.samples)} pair(s))")
         return GroupResult(group, (), {}, (problem,))
+    reference = Reference(clean)
     measured, problems = [], []
     variants = [sample.variant for sample in group.samples]
     repeats: dict[str, list[np.ndarray]] = {variant: [] for variant in variants if variants.count(variant) > 1}
@@ -83,7 +85,7 @@ def measure_group(group: PairGroup) -> GroupResult:
             problems.append(Problem(str(sample.path), f"size {degraded.shape[1]}x{degraded.shape[0]} differs from "
                                     f"its clean image {group.clean} ({clean.shape[1]}x{clean.shape[0]})"))
             continue
-        measured.append(MeasuredSample(sample, measure_pair(clean, degraded)))
+        measured.append(MeasuredSample(sample, measure_pair(reference, degraded)))
         if sample.variant in repeats:
             repeats[sample.variant].append(degraded)
     diversity = {variant: repeat_diversity(images) for variant, images in repeats.items() if len(images) > 1}
