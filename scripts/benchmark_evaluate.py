@@ -73,7 +73,7 @@ def cost_by_measure(root: Path, groups: list, pairs: int = 20) -> dict[str, floa
     """Milliseconds per pair of decoding and of each measure, in this process (the shared planes a `Pair`
     caches are charged to the first measure that needs them)."""
     totals: dict[str, float] = {}
-    samples = [(group.clean, sample.path) for group in groups for sample in group.samples][:pairs]
+    samples = [(group.clean, sample.image) for group in groups for sample in group.samples][:pairs]
     for clean_path, degraded_path in samples:
         started = time.perf_counter()
         clean, degraded = read_rgb(clean_path), read_rgb(degraded_path)

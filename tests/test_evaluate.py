@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from scipy import stats
 from PIL import Image
 from skimage import data
@@ -21,6 +20,8 @@ from mdsd3_cli.evaluate import (CLASS_ESTIMATORS, CLASS_SCALES, ESTIMATOR_VERSIO
                                 measure_pair, normalised_strengths, write_report)
 from mdsd3_cli.evaluate import classical
 from mdsd3_cli.evaluate.aggregate import spearman
+
+from .tiny_datasets import copy_dataset, generate, write_recipe
 from mdsd3_cli.evaluate.estimators import (Pair, blur_loss, haze_veil, low_light_stops, noise_sigma, rain_streaks,
                                            ssim)
 
@@ -229,42 +230,37 @@ def test_empty_or_missing_datasets_are_one_line_errors(tmp_path: Path) -> None:
         evaluate_dataset(root, workers=1)
 
 
-def test_tiny_preset_output_with_two_shards_and_a_partial_run(tmp_path: Path) -> None:
-    from mdsd3_cli.generate import plan_run, run_generate
-    from mdsd3_cli.plan import ShardSpec
-    from mdsd3_cli.recipe import load_recipe
-
-    inputs = tmp_path / "photos"
-    for name in ("astronaut", "coffee", "chelsea"):
-        save(photo(name, 64), inputs / f"{name}.png")
-    recipe_path = tmp_path / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump({
-        "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
-        "input": {"paths": [str(inputs)], "size": 32}, "output": {"dir": str(tmp_path / "out")},
-        "sampling": {"steps": 2, "guidance": 2.0, "alpha": 1.0, "beta": 0.3, "seed": 3, "batch_size": 4},
-        "variants": [{"name": "haze", "classes": {"haze": [0.1, 1.0]}, "repeats": 2},
-                     {"name": "none", "classes": {}}],
-    }))
-    recipe = load_recipe(recipe_path, [])
-    for index in (0, 1):  # two shards write two manifests into one folder
-        run_generate(plan_run(recipe, ShardSpec(index, 2)))
-    out = tmp_path / "out"
-    assert len(list((out / "manifest").glob("*.jsonl"))) == 2
-    (out / "degraded" / "none" / "coffee.png").unlink()  # a partial / damaged run
-    with open(next((out / "manifest").glob("*.jsonl")), "ab") as manifest:
-        manifest.write(b'{"key": "half-written')
+def test_tiny_preset_output_in_two_shards_with_a_partial_run(folders_dataset: Path, tmp_path: Path) -> None:
+    out = copy_dataset(folders_dataset, tmp_path / "out")
+    (manifest,) = (out / "manifest").iterdir()
+    lines = manifest.read_bytes().splitlines(keepends=True)
+    manifest.unlink()  # the same records, as two shards' manifests, the second one cut by a killed run
+    (out / "manifest" / "shard-a.jsonl").write_bytes(b"".join(lines[:4]))
+    (out / "manifest" / "shard-b.jsonl").write_bytes(b"".join(lines[4:]) + b'{"key": "half-written')
+    missing = next(record["degraded"] for record in map(json.loads, lines) if record["folder"] == "rain")
+    (out / missing).unlink()
     report = evaluate_dataset(out, workers=1)
     write_report(report, tmp_path / "report")
     assert report.summary["samples"] == 3 * 3 - 1
-    assert set(report.summary["variants"]) == {"haze", "none"}
-    assert report.variant("haze")["diversity"]["groups"] == 3
+    assert set(report.summary["variants"]) == {"rain", "mix"}
+    assert report.variant("mix")["samples"] == 6 and report.variant("mix")["diversity"]["groups"] == 3
+    assert report.summary["classes"] == ["rain", "haze", "noise"]  # run.json's order
     assert report.summary["monotonicity"]["haze"]["samples"] == 8
-    assert report.summary["classes"] == ["rain", "haze", "noise"]
-    reasons = sorted(problem.reason for problem in report.problems)
-    assert reasons[0] == "file not found" and reasons[1].startswith("unfinished line")
+    reasons = {Path(problem.path.split(":")[0]).name: problem.reason for problem in report.problems}
+    assert reasons == {Path(missing).name: "file not found", "shard-b.jsonl": reasons["shard-b.jsonl"]}
+    assert reasons["shard-b.jsonl"].startswith("unfinished last line")
     written = json.loads((tmp_path / "report" / "report.json").read_text())
     assert written["classes"]["noise"]["scale"] == CLASS_SCALES["noise"]
     assert (tmp_path / "report" / "strength_vs_ratio.png").is_file()
+
+
+def test_webdataset_layout_measures_the_same_pairs(folders_dataset: Path, tiny_photos: Path, tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "wds", layout="webdataset")
+    generate(recipe)
+    assert not (tmp_path / "wds" / "degraded").exists() and list((tmp_path / "wds" / "tars").iterdir())
+    in_folders, in_tars = (evaluate_dataset(dataset, workers=1).samples() for dataset in (folders_dataset,
+                                                                                          tmp_path / "wds"))
+    assert len(in_tars) == 9 and in_tars == in_folders  # same bytes, same numbers
 
 
 @pytest.mark.parametrize("name", ("astronaut", "coffee"))

@@ -3,13 +3,14 @@ matched by relative path. Pairs are grouped by key, so a clean image is decoded 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..images import image_extensions
+from ..manifest import MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files, parse_record, run_info
 
 
 class EvaluateError(ValueError):
@@ -25,12 +26,23 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """An image file, or (webdataset layout) the member `member` of the tar file `path`."""
+
+    path: Path
+    member: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.path) if self.member is None else f"{self.path}:{self.member}"
+
+
+@dataclass(frozen=True)
 class Sample:
     """One degraded image: its variant, folder (variant + repeat), repeat number and requested class ratios."""
 
     variant: str
     folder: str
-    path: Path
+    image: ImageRef
     repeat: int = 1
     ratios: dict[str, float] = field(default_factory=dict)
 
@@ -40,7 +52,7 @@ class PairGroup:
     """Every degraded image of one key (all variants and repeats) with their shared clean image."""
 
     key: str
-    clean: Path
+    clean: ImageRef
     samples: tuple[Sample, ...]
 
 
@@ -79,49 +91,47 @@ def _inside(root: Path, relative: object) -> Path | None:
     return target if target.resolve().is_relative_to(root.resolve()) else None
 
 
-def _sample_from_record(root: Path, record: object) -> tuple[str, Path, Sample] | str:
-    """(key, clean, sample) of a manifest record, or the reason it is unusable."""
-    if not isinstance(record, dict):
-        return "not a JSON object"
-    key, folder = record.get("key"), record.get("folder")
-    if not isinstance(key, str) or not isinstance(folder, str):
-        return "missing 'key' or 'folder'"
-    clean, degraded = _inside(root, record.get("clean")), _inside(root, record.get("degraded"))
+def _image(root: Path, record: dict[str, Any], role: str) -> ImageRef | None:
+    """Where a record's clean or degraded image is: its file (folders layout) or tar member (webdataset layout)."""
+    if TAR_FIELD in record:
+        archive = _inside(root, record[TAR_FIELD])
+        return None if archive is None else ImageRef(archive, record[MEMBER_FIELDS[role]])
+    path = _inside(root, record[role])
+    return None if path is None else ImageRef(path)
+
+
+def _sample_from_record(root: Path, record: dict[str, Any]) -> tuple[str, ImageRef, Sample] | str:
+    """(key, clean image, sample) of a parsed manifest record, or the reason it is unusable."""
+    clean, degraded = _image(root, record, "clean"), _image(root, record, "degraded")
     if clean is None or degraded is None:
-        return "'clean' or 'degraded' is missing or not a path inside the dataset"
+        return "an image path leaves the dataset folder"
     ratios = record.get("ratios", {})
     if not isinstance(ratios, dict) or not all(isinstance(v, (int, float)) for v in ratios.values()):
         return "'ratios' is not a mapping of class names to numbers"
-    repeat = record.get("repeat", 1)
-    variant = record.get("variant", folder)
+    repeat, variant = record.get("repeat", 1), record.get("variant", record["folder"])
     if not isinstance(repeat, int) or not isinstance(variant, str):
         return "'repeat' or 'variant' has the wrong type"
-    sample = Sample(variant, folder, degraded, repeat, {str(name): float(value) for name, value in ratios.items()})
-    return key, clean, sample
+    ratios = {str(name): float(value) for name, value in ratios.items()}
+    return record["key"], clean, Sample(variant, record["folder"], degraded, repeat, ratios)
 
 
 def read_manifests(root: Path, label: str | None = None) -> PairSource:
-    """Every record of every OUT/manifest/*.jsonl (all shards, finished or not); bad lines become problems,
-    a (key, folder) written twice counts once."""
-    manifests = sorted(entry for entry in (root / "manifest").iterdir() if entry.suffix == ".jsonl" and entry.is_file())
-    grouped: dict[str, tuple[Path, dict[str, Sample]]] = {}
+    """Every record of every OUT/manifest/*.jsonl (all shards, finished or not; folders or webdataset layout);
+    bad lines become problems, a (key, folder) written twice counts once."""
+    grouped: dict[str, tuple[ImageRef, dict[str, Sample]]] = {}
     classes: dict[str, None] = {}
     problems: list[Problem] = []
-    for manifest in manifests:
+    for manifest in manifest_files(root):
         with open(manifest, "rb") as handle:
             for number, line in enumerate(handle, start=1):
-                where = f"{manifest}:{number}"
                 if not line.strip():
                     continue
-                if not line.endswith(b"\n"):
-                    problems.append(Problem(where, "unfinished line (a run still writing, or killed)"))
-                    continue
                 try:
-                    parsed = _sample_from_record(root, json.loads(line))
-                except ValueError as error:
-                    parsed = f"not JSON: {error}"
+                    parsed = _sample_from_record(root, parse_record(line))
+                except ManifestLineError as error:
+                    parsed = str(error)
                 if isinstance(parsed, str):
-                    problems.append(Problem(where, parsed))
+                    problems.append(Problem(f"{manifest}:{number}", parsed))
                     continue
                 key, clean, sample = parsed
                 classes.update(dict.fromkeys(sample.ratios))
@@ -137,8 +147,8 @@ def read_manifests(root: Path, label: str | None = None) -> PairSource:
 def _run_classes(root: Path) -> list[str]:
     """The class order of OUT/run.json (manifest ratios are stored sorted); empty when it is unreadable."""
     try:
-        classes = json.loads((root / "run.json").read_text(encoding="utf-8")).get("classes", [])
-    except (OSError, ValueError, AttributeError):
+        classes = run_info(root).get("classes", [])
+    except (OSError, ValueError):
         return []
     return [name for name in classes if isinstance(name, str)] if isinstance(classes, list) else []
 
@@ -170,5 +180,5 @@ def match_folders(clean_dir: Path, degraded_dir: Path, label: str | None = None)
         if clean is None:
             problems.append(Problem(str(path), f"no clean image {key}.* in {clean_dir}"))
         else:
-            groups.append(PairGroup(key, clean, (Sample(variant, variant, path),)))
+            groups.append(PairGroup(key, ImageRef(clean), (Sample(variant, variant, ImageRef(path)),)))
     return PairSource(label or Path(degraded_dir).name, groups, [], problems)

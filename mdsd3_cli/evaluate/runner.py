@@ -3,7 +3,10 @@ so the parent holds only the numbers (constant memory in the number of images)."
 
 from __future__ import annotations
 
+import functools
+import io
 import multiprocessing
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +16,7 @@ from PIL import Image, ImageOps
 
 from .estimators import Reference, repeat_diversity
 from .measures import measure_pair
-from .pairs import PairGroup, Problem, Sample
+from .pairs import ImageRef, PairGroup, Problem, Sample
 
 MAX_PIXELS = 89_478_485
 """Images above this many pixels are refused (decompression-bomb guard, as in generate)."""
@@ -46,10 +49,28 @@ class _Unreadable(Exception):
     pass
 
 
-def read_rgb(path: Path) -> np.ndarray:
+@functools.lru_cache(maxsize=2)
+def _tar(path: Path, modified_ns: int) -> tarfile.TarFile:
+    """An open tar with its member index (webdataset layout); a worker reads one tar's samples in a row
+    (`modified_ns` keys the cache, so a rewritten tar is opened afresh)."""
+    archive = tarfile.open(path)
+    archive.getmembers()
+    return archive
+
+
+def _open(image: ImageRef) -> Path | io.BytesIO:
+    if image.member is None:
+        return image.path
+    member = _tar(image.path, image.path.stat().st_mtime_ns).extractfile(image.member)
+    if member is None:
+        raise KeyError(image.member)
+    return io.BytesIO(member.read())
+
+
+def read_rgb(source: ImageRef) -> np.ndarray:
     """Decode an image to uint8 RGB [H, W, 3] (EXIF orientation applied); `_Unreadable` with the reason."""
     try:
-        with Image.open(path) as image:
+        with Image.open(_open(source)) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise _Unreadable(f"{width}x{height} exceeds the {MAX_PIXELS}-pixel decompression-bomb guard")
@@ -57,6 +78,8 @@ def read_rgb(path: Path) -> np.ndarray:
             return np.asarray(upright if upright.mode == "RGB" else upright.convert("RGB"))
     except FileNotFoundError:
         raise _Unreadable("file not found") from None
+    except KeyError:
+        raise _Unreadable("not in its tar") from None
     except _Unreadable:
         raise
     except Exception as error:  # any decoder failure is bad input, never a crash
@@ -77,12 +100,12 @@ def measure_group(group: PairGroup) -> GroupResult:
     repeats: dict[str, list[np.ndarray]] = {variant: [] for variant in variants if variants.count(variant) > 1}
     for sample in group.samples:
         try:
-            degraded = read_rgb(sample.path)
+            degraded = read_rgb(sample.image)
         except _Unreadable as error:
-            problems.append(Problem(str(sample.path), str(error)))
+            problems.append(Problem(str(sample.image), str(error)))
             continue
         if degraded.shape != clean.shape:
-            problems.append(Problem(str(sample.path), f"size {degraded.shape[1]}x{degraded.shape[0]} differs from "
+            problems.append(Problem(str(sample.image), f"size {degraded.shape[1]}x{degraded.shape[0]} differs from "
                                     f"its clean image {group.clean} ({clean.shape[1]}x{clean.shape[0]})"))
             continue
         measured.append(MeasuredSample(sample, measure_pair(reference, degraded)))
