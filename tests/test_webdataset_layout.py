@@ -149,3 +149,22 @@ def test_failed_inputs_are_left_out_of_their_tar(tiny_photos, tmp_path):
     with tarfile.open(out / "tars" / TARS[1]) as archive:
         assert archive.getnames() == [f"astronaut/{FOLDERS[2]}.{part}" for part in ("clean.png", "degraded.png", "json")]
     assert verify_dataset(out).ok
+
+
+def test_verify_checks_tar_members(reference, tmp_path):
+    out = shutil.copytree(reference, tmp_path / "out")
+    with tarfile.open(out / "tars" / TARS[1]) as archive:
+        member = archive.getmember("astronaut/mix_r2.degraded.png")
+    with open(out / "tars" / TARS[1], "r+b") as handle:  # flip one byte of that member's data in place
+        handle.seek(member.offset_data + member.size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 1]))
+    (out / "tars" / TARS[4]).unlink()
+    (out / "tars" / f".{TARS[4]}.tmp").write_bytes(b"a killed run's partial tar")
+    with tarfile.open(reference / "tars" / TARS[4]) as archive:
+        lost = archive.getnames()
+    found = {(p.kind, p.where) for p in verify_dataset(out).problems}
+    assert ("hash", f"tars/{TARS[1]}:astronaut/mix_r2.degraded.png") in found
+    assert ("orphan", f"tars/.{TARS[4]}.tmp") in found
+    assert {where for kind, where in found if kind == "missing"} == {f"tars/{TARS[4]}:{name}" for name in lost}
