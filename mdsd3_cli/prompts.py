@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -92,12 +93,71 @@ def tiny_text_encoder(seed: int, device: torch.device | str = "cpu") -> TextEnco
     return TextEncoder(pipeline, device)
 
 
-def folder_text_encoder(root: str | os.PathLike, device: torch.device | str, dtype: torch.dtype) -> TextEncoder:
-    """SD3's text encoders from a local diffusers folder; T5 is optional (SD3 then uses zeros for it)."""
+class WordTextEncoder:
+    """A bag-of-words text encoder (the `mini` preset's): each class word has a fixed vector, shipped as data.
+
+    `embeds` [max_words, D] holds the prompt's word vectors in order, zero rows after them (SD3 context tokens
+    carry no position, so "rain haze" is the set {rain, haze}); `pooled` is all zeros, so class information
+    reaches the model only through the context tokens, where the head mask acts, and a combination of classes
+    never meets an unseen pooled vector. Folder: `text_encoder/config.json` (`"_class_name": "WordTextEncoder"`,
+    `words`, `max_words`) + `text_encoder/model.safetensors` (`vectors` [len(words), D]).
+    """
+
+    CLASS_NAME = "WordTextEncoder"
+    WEIGHTS = "model.safetensors"
+
+    def __init__(self, words: list[str], vectors: torch.Tensor, max_words: int):
+        if vectors.shape[0] != len(words):
+            raise ValueError(f"{len(words)} words but {vectors.shape[0]} vectors")
+        self.words, self.vectors, self.max_words = list(words), vectors.float(), max_words
+
+    def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
+        rows = []
+        for prompt in prompts:
+            tokens = prompt.split()
+            unknown = [token for token in tokens if token not in self.words]
+            if unknown or len(tokens) > self.max_words:
+                raise ValueError(f"prompt {prompt!r}: this text encoder knows at most {self.max_words} of the words "
+                                 f"{self.words}")
+            embeds = torch.zeros(self.max_words, self.vectors.shape[1])
+            for index, token in enumerate(tokens):
+                embeds[index] = self.vectors[self.words.index(token)]
+            rows.append(PromptEmbedding(embeds, torch.zeros(self.vectors.shape[1])))
+        return rows
+
+    def save(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"vectors": self.vectors.contiguous()}, str(folder / self.WEIGHTS))
+        config = {"_class_name": self.CLASS_NAME, "words": self.words, "max_words": self.max_words}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "WordTextEncoder":
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        with safe_open(str(folder / cls.WEIGHTS), framework="pt") as handle:
+            vectors = handle.get_tensor("vectors")
+        return cls(list(config["words"]), vectors, int(config["max_words"]))
+
+    @classmethod
+    def is_folder(cls, folder: str | os.PathLike) -> bool:
+        try:
+            return json.loads((Path(folder) / "config.json").read_text()).get("_class_name") == cls.CLASS_NAME
+        except (OSError, json.JSONDecodeError):
+            return False
+
+
+def folder_text_encoder(root: str | os.PathLike, device: torch.device | str,
+                        dtype: torch.dtype) -> TextEncoder | WordTextEncoder:
+    """SD3's text encoders from a local diffusers folder; T5 is optional (SD3 then uses zeros for it). A folder
+    whose text_encoder/ is a `WordTextEncoder` (the mini preset) gets that instead."""
     import transformers
     from diffusers import StableDiffusion3Pipeline
 
     root = Path(root)
+    if WordTextEncoder.is_folder(root / "text_encoder"):
+        return WordTextEncoder.load(root / "text_encoder")
     parts = {}
     for encoder_name, (tokenizer_name, class_name) in _TEXT_FOLDERS.items():
         if not (root / encoder_name).is_dir():
@@ -150,7 +210,8 @@ class PromptCache:
         """Prompts that have no valid cache entry."""
         return [prompt for prompt in dict.fromkeys(prompts) if self._read(prompt) is None]
 
-    def get(self, prompts: Iterable[str], make_encoder: Callable[[], TextEncoder]) -> dict[str, PromptEmbedding]:
+    def get(self, prompts: Iterable[str],
+            make_encoder: Callable[[], TextEncoder | WordTextEncoder]) -> dict[str, PromptEmbedding]:
         """Embeddings for `prompts`; only on a miss is `make_encoder` called (once), then the encoders are freed."""
         prompts = list(dict.fromkeys(prompts))
         found = {prompt: self._read(prompt) for prompt in prompts}
@@ -167,13 +228,15 @@ class PromptCache:
         return found
 
 
-def text_encoder_for(source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
+def text_encoder_for(source: str, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> TextEncoder | WordTextEncoder:
     """The text encoders of a base: the tiny preset's stand-ins, or those in a local SD3 folder."""
+    from .presets import resolve_base_source
     from .weights import TINY, TINY_SEED
 
     if source == TINY:
         return tiny_text_encoder(TINY_SEED, device)
-    return folder_text_encoder(source, device, dtype)
+    return folder_text_encoder(resolve_base_source(source), device, dtype)
 
 
 def load_prompt_embeddings(source: str, fingerprint: str, prompts: Iterable[str], cache_dir: str | os.PathLike | None = None,

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, 
 
 from .adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 from .overrides import apply_override
+from .presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
 
 TINY_BASE = "tiny"
 VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
@@ -174,12 +175,18 @@ class Recipe(_Section):
         return Path(os.path.abspath(self._source_path.parent / path))
 
     def base_dir(self) -> Path | None:
-        """The diffusers SD3 folder, or None for the built-in `tiny` preset."""
-        return None if self.model.base == TINY_BASE else self.resolve(self.model.base)
+        """The diffusers SD3 folder (a shipped preset's own for `mini`), or None for the built-in `tiny` preset."""
+        if self.model.base == TINY_BASE:
+            return None
+        return preset_folder(self.model.base) / "base" if is_preset(self.model.base) else self.resolve(self.model.base)
 
     def adapter_dir(self) -> Path | None:
-        """The adapter folder, or None for a fresh untrained adapter."""
-        return None if self.model.adapter is None else self.resolve(self.model.adapter)
+        """The adapter folder (a shipped preset's own for `mini`), or None for a fresh untrained adapter."""
+        if self.model.adapter is None:
+            return None
+        if is_preset(self.model.adapter):
+            return preset_folder(self.model.adapter) / "adapter"
+        return self.resolve(self.model.adapter)
 
     def classes(self) -> list[str]:
         """Degradation classes in adapter order: the adapter's own, else model.classes."""
@@ -273,6 +280,11 @@ def _classes_problems(recipe: Recipe) -> tuple[list[str] | None, list[Problem]]:
     """The recipe's classes (None when they cannot be known) and what is wrong with model.adapter/classes."""
     model = recipe.model
     adapter = recipe.adapter_dir()
+    if is_preset(model.adapter):
+        try:
+            preset_adapter_dir(model.adapter)
+        except PresetNotInstalledError as error:
+            return model.classes, [("model.adapter", str(error))]
     if adapter is None:
         if model.classes is None:
             return None, [("model.classes", "required when model.adapter is null (a fresh adapter)")]
@@ -318,7 +330,12 @@ def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem
 def _path_problems(recipe: Recipe) -> list[Problem]:
     problems = []
     base = recipe.base_dir()
-    if base is not None and not base.is_dir():
+    if is_preset(recipe.model.base):
+        try:
+            preset_base_dir(recipe.model.base)
+        except PresetNotInstalledError as error:
+            problems.append(("model.base", str(error)))
+    elif base is not None and not base.is_dir():
         problems.append(("model.base", f"no such folder: {base} (use {TINY_BASE!r} for the built-in test preset)"))
     for index, raw in enumerate(recipe.input.paths):
         path = recipe.resolve(raw)
@@ -377,6 +394,7 @@ _EXAMPLE_RECIPE = """\
 
 model:
   # "tiny" is a built-in random model for smoke tests: its images mean nothing.
+  # "mini" (with adapter: mini) is a small trained demonstration model shipped in the package.
   # For real data, give a local diffusers-format SD3 folder, e.g. /models/sd3-medium.
   base: tiny
   # Trained adapter folder (adapter_config.json + adapter.safetensors);

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
-
 from .adapter import AdapterConfig
 from .heads import UNCONDITIONAL_PROMPT, head_mask, prompt_for, ratio_vector
 from .model import MDSD3Transformer
@@ -57,7 +55,7 @@ class MDSD3Sampler:
                  prompts: Mapping[str, PromptEmbedding]):
         self.base = base
         self.model = model
-        self.vae: AutoencoderKL = base.vae
+        self.vae = base.vae  # AutoencoderKL or a pixel codec with its interface
         self.adapter = adapter
         self.prompts = dict(prompts)
         parameter = next(model.parameters())

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from .heads import CLEAN_PROMPT
 from .overrides import apply_override
+from .presets import is_preset
 
 TINY_BASE = "tiny"
 PAIR_LIST_SUFFIXES = (".csv", ".jsonl")
@@ -59,7 +60,7 @@ class ModelSection(_Section):
     @field_validator("base")
     @classmethod
     def _base(cls, value: str, info: ValidationInfo) -> str:
-        return value if value == TINY_BASE else str(_existing_dir(Path(value), info))
+        return value if value == TINY_BASE or is_preset(value) else str(_existing_dir(Path(value), info))
 
     @field_validator("adapter")
     @classmethod

@@ -1,5 +1,5 @@
-"""Base-model loading (local diffusers SD3 folders or the seeded `tiny` preset), fingerprints, and adapter
-weights (safetensors + JSON config). Nothing here downloads anything."""
+"""Base-model loading (local diffusers SD3 folders, shipped presets such as `mini`, or the seeded `tiny`
+preset), fingerprints, and adapter weights (safetensors + JSON config). Nothing here downloads anything."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save
 
 from .atomic import atomic_write
 from .adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, read_adapter_config, write_adapter_config
+from .codec import PixelUnshuffleCodec, is_codec_folder
 from .model import MDSD3Transformer
+from .presets import resolve_base_source
 
 TINY = "tiny"
 TINY_SEED = 0
@@ -42,11 +44,12 @@ class BaseModelError(ValueError):
 
 @dataclass
 class BaseModel:
-    """A loaded SD3 base: transformer, VAE and scheduler configuration (text encoders load on demand)."""
+    """A loaded SD3 base: transformer, VAE (or pixel codec) and scheduler configuration (text encoders load on
+    demand)."""
 
     source: str
     transformer: SD3Transformer2DModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PixelUnshuffleCodec
     scheduler_config: dict[str, Any]
     fingerprint: str
     extra: dict[str, Any] = field(default_factory=dict)
@@ -124,12 +127,16 @@ def check_base_folder(root: str | os.PathLike) -> Path:
 
 
 def load_base(source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BaseModel:
-    """Load `tiny` or a local diffusers-format SD3 folder (transformer/, vae/, scheduler/)."""
+    """Load `tiny`, a shipped preset (`mini`) or a local diffusers-format SD3 folder (transformer/, vae/,
+    scheduler/); a vae/ whose config names `PixelUnshuffleCodec` loads that codec."""
     if source == TINY:
         return build_tiny(dtype=dtype, device=device)
-    root = check_base_folder(source)
+    root = check_base_folder(resolve_base_source(source))
     transformer = SD3Transformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, local_files_only=True)
+    if is_codec_folder(root / "vae"):
+        vae = PixelUnshuffleCodec.load(root / "vae").to(dtype=dtype)
+    else:
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, local_files_only=True)
     scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(root / "scheduler"))
     transformer.to(device).eval()
     vae.to(device).eval()
@@ -149,7 +156,7 @@ def fingerprint_base(source: str) -> str:
     """The fingerprint `load_base(source)` would report, without loading the folder's weights."""
     if source == TINY:
         return build_tiny().fingerprint
-    return fingerprint_folder(check_base_folder(source))
+    return fingerprint_folder(check_base_folder(resolve_base_source(source)))
 
 
 # --- adapters -----------------------------------------------------------------------------------------------
