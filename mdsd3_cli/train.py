@@ -154,14 +154,19 @@ class FlowSchedule:
 
 def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, target_latents: torch.Tensor,
                        embeds: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
-                       schedule: FlowSchedule, logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
-    """Flow-matching loss of one batch; ε and σ drawn from `generator` on the CPU (device independent)."""
+                       schedule: FlowSchedule, logit_mean: float = 0.0, logit_std: float = 1.0,
+                       noise_generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flow-matching loss of one batch; σ drawn from `generator` on the CPU, ε too (device independent) unless
+    `noise_generator` is given: then ε is drawn on that generator's device (fast, device dependent)."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     device = target_latents.device
     x0 = target_latents.float()
     sigmas, timesteps = schedule.draw(x0.shape[0], generator, logit_mean, logit_std)
-    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+    if noise_generator is None:
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+    else:
+        noise = torch.randn(x0.shape, generator=noise_generator, dtype=torch.float32, device=noise_generator.device)
     sigma = sigmas.to(device).view(-1, *([1] * (x0.dim() - 1)))
     noisy = (1.0 - sigma) * x0 + sigma * noise
     prediction = model(

@@ -1,0 +1,348 @@
+#!/usr/bin/env python3
+"""Reproduce the `mini` preset from scratch, seeded: training crops, joint training, preset folder, fingerprints.
+
+    python scripts/train_mini.py data --out out/mini_data                      # CPU, needs scikit-image
+    python scripts/train_mini.py train --data out/mini_data --out out/mini_run --minutes 7   # CUDA if present
+    python scripts/train_mini.py install --preset out/mini_run/preset          # copy into mdsd3_cli/presets/mini
+
+`data` writes `crops.safetensors` (uint8 [N, 160, 160, 3] random crops, at random scales, of real photos:
+scikit-image's colour photos and grayscale images, plus those in examples/photos) and `heldout.safetensors`
+(uint8 [2, 128, 128, 3] centre crops of the held-out photos `chelsea` and `coffee`, which no crop comes from).
+
+`train` trains the whole mini model (mdsd3_cli/mini.py) at once, base and adapter together, with the objective
+of `mdsd3 train` (mdsd3_cli/train.py: flow matching on the degraded latent, clean branch, head mask from the
+ratios, logit-normal σ, condition drop): each step takes random 128-px crops and flips of the training crops
+and degrades them on the device with mdsd3_cli/degradations.py — one class per sample at a random ratio, or
+none (identity pairs), never mixed. bf16 autocast on CUDA; an EMA of the weights is what gets saved. With
+`--minutes` the step count is fixed after 40 timed steps to fill the time (the log records it; `--steps N`
+reproduces that run's schedule). Then OUT/preset/ (base/ + adapter/, fp16), its fingerprints and sizes, a log
+(OUT/log.jsonl, OUT/summary.json) and sanity sheets of the held-out photos through the sampler
+(OUT/sanity.png: clean | each class | all classes; OUT/sanity_ratios.png: each class at 0, .25, .5, .75, 1).
+`--quick` checks the whole pipeline on a CPU in about two minutes (small crops, few steps: the weights mean
+nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mdsd3_cli.degradations import degrade, quantize  # noqa: E402
+from mdsd3_cli.heads import all_prompts, partition_heads  # noqa: E402
+from mdsd3_cli.mini import MINI_CLASSES, MINI_RESOLUTION, fresh_mini, preset_sizes, save_preset  # noqa: E402
+from mdsd3_cli.train import (  # noqa: E402
+    FlowSchedule, LatentEncoder, PreviewSettings, PromptTable, batch_conditioning, flow_matching_loss,
+    render_preview, step_generator,
+)
+from mdsd3_cli.train_data import condition_drop_mask  # noqa: E402
+
+HELD_OUT = ("chelsea", "coffee")
+COLOUR = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
+GRAY = ("camera", "coins", "moon", "page", "text", "brick", "grass", "gravel", "cell", "microaneurysms")
+CROP = 160
+CROPS = 340
+IDENTITY_FRACTION = 0.1
+FULL_RATIO_FRACTION = 0.3
+CONDITION_DROP = 0.1
+RATIO_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- data step
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    from skimage import data
+
+    image = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = (255 * (image.astype(np.float64) / max(float(image.max()), 1e-9))).round().astype(np.uint8)
+    return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
+
+
+def load_photos() -> dict[str, np.ndarray]:
+    """Training and held-out photos by name: examples/photos where present, else scikit-image's data module."""
+    from PIL import Image
+
+    photos = {}
+    for name in (*COLOUR, *GRAY, *HELD_OUT):
+        shipped = {"immunohistochemistry": "immunohistochemistry"}.get(name, name)
+        path = ROOT / "examples" / "photos" / f"{shipped}.jpg"
+        photos[name] = np.asarray(Image.open(path).convert("RGB")) if path.is_file() else _skimage_photo(name)
+    return photos
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0))
+
+
+def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
+    side = min(image.shape[:2])
+    top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+    return _resize(image[top:top + side, left:left + side], size)
+
+
+def make_data(out: Path, count: int = CROPS, seed: int = 0) -> None:
+    """crops.safetensors + heldout.safetensors (see the module docstring)."""
+    from safetensors.torch import save_file
+
+    photos = load_photos()
+    rng = np.random.default_rng(seed)
+    names = [*COLOUR, *GRAY]
+    weights = np.array([2.0 if name in COLOUR else 1.0 for name in names])
+    crops, sources = [], []
+    for _ in range(count):
+        name = names[rng.choice(len(names), p=weights / weights.sum())]
+        image = photos[name]
+        short = min(image.shape[:2])
+        side = int(round(short * math.exp(rng.uniform(math.log(0.3), 0.0))))
+        top, left = rng.integers(0, image.shape[0] - side + 1), rng.integers(0, image.shape[1] - side + 1)
+        crops.append(_resize(image[top:top + side, left:left + side], CROP))
+        sources.append(name)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"seed": str(seed), "sources": json.dumps(sources), "held_out": json.dumps(list(HELD_OUT))}
+    save_file({"images": torch.from_numpy(np.stack(crops))}, str(out / "crops.safetensors"), metadata=meta)
+    held = np.stack([centre_crop(photos[name], MINI_RESOLUTION) for name in HELD_OUT])
+    save_file({"images": torch.from_numpy(held)}, str(out / "heldout.safetensors"), metadata={"names": json.dumps(list(HELD_OUT))})
+    used = {name: sources.count(name) for name in names}
+    print(f"wrote {count} crops of {CROP} px to {out}/crops.safetensors ({(out / 'crops.safetensors').stat().st_size / 1e6:.1f} MB)")
+    print(f"crops per photo: {used}; held out: {', '.join(HELD_OUT)} -> {out}/heldout.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- training step
+
+
+class Batches:
+    """Random crops, flips, classes and ratios of one training step, a pure function of (seed, step)."""
+
+    def __init__(self, crops: torch.Tensor, size: int, batch: int, seed: int, device: torch.device):
+        self.crops, self.size, self.batch, self.seed, self.device = crops.to(device), size, batch, seed, device
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean [B, 3, S, S] in [0, 1], degraded likewise, ratios [B, K])."""
+        rng = np.random.default_rng([self.seed, 0xDA7A, step])
+        count, full = self.crops.shape[0], self.crops.shape[1]
+        index = rng.integers(0, count, self.batch)
+        ys, xs = rng.integers(0, full - self.size + 1, (2, self.batch))
+        flips = rng.random(self.batch) < 0.5
+        classes = rng.integers(0, len(MINI_CLASSES), self.batch)
+        ratio = np.where(rng.random(self.batch) < FULL_RATIO_FRACTION, 1.0, rng.uniform(0.05, 1.0, self.batch))
+        ratio[rng.random(self.batch) < IDENTITY_FRACTION] = 0.0
+        tiles = [self.crops[i, y:y + self.size, x:x + self.size] for i, y, x in zip(index, ys, xs)]
+        clean = torch.stack([t.flip(1) if f else t for t, f in zip(tiles, flips)]).permute(0, 3, 1, 2).float() / 255
+        generator = torch.Generator(self.device).manual_seed(int(rng.integers(0, 2**62)))
+        ratio_t = torch.from_numpy(ratio).float()
+        degraded = quantize(degrade(clean, MINI_CLASSES, torch.from_numpy(classes), ratio_t.to(self.device), generator))
+        ratios = torch.zeros(self.batch, len(MINI_CLASSES))
+        ratios[torch.arange(self.batch), torch.from_numpy(classes)] = ratio_t
+        return clean, degraded, ratios
+
+
+def _lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(args: argparse.Namespace) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    crops = load_file(str(Path(args.data) / "crops.safetensors"))["images"]
+    with safe_open(str(Path(args.data) / "heldout.safetensors"), framework="pt") as handle:
+        held, held_names = handle.get_tensor("images"), json.loads(handle.metadata()["names"])
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device: {gpu}; {len(crops)} training crops; torch {torch.__version__}", flush=True)
+
+    base, model, words = fresh_mini(args.seed)
+    model.to(device).train()
+    codec = base.vae.to(device)
+    encoder = LatentEncoder(codec, device)
+    schedule = FlowSchedule.from_base(base)
+    partition = partition_heads(model.config.num_attention_heads, len(MINI_CLASSES))
+    prompts = PromptTable(dict(zip(all_prompts(MINI_CLASSES), words.encode(all_prompts(MINI_CLASSES)))), device)
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    batches = Batches(crops, args.crop, args.batch, args.seed, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    noise_generator = torch.Generator(device).manual_seed(args.seed) if device.type == "cuda" else None
+
+    total = args.steps or 10**9
+    limit = args.minutes * 60 if args.minutes else None
+    log = (out / "log.jsonl").open("w")
+    window, losses, started, calibrated = [], [], time.perf_counter(), args.steps is not None
+    step = 0
+    while step < total:
+        lr = _lr(step, total if calibrated else 10**6, args.lr, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        clean, degraded, ratios = batches(step)
+        dropped = condition_drop_mask(args.seed, step, args.batch, CONDITION_DROP)
+        prompt_list, mask = batch_conditioning(ratios, dropped, MINI_CLASSES, partition)
+        embeds, pooled = prompts.batch(prompt_list)
+        clean_latents, target_latents = encoder.pair(clean * 2 - 1, degraded * 2 - 1)
+        with autocast:
+            loss = flow_matching_loss(model, clean_latents, target_latents, embeds, pooled, mask.to(device),
+                                      step_generator(args.seed, step, 0), schedule, noise_generator=noise_generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        step += 1
+        window.append(loss.detach())
+        if step % args.log_every == 0 or step == total:
+            mean = float(torch.stack(window).mean())
+            window.clear()
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"loss is {mean} at step {step}; lower --lr")
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "loss": round(mean, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
+                      "elapsed_s": round(elapsed, 2), "steps_per_s": round(step / elapsed, 3)}
+            losses.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(json.dumps(record), flush=True)
+        if not calibrated and step == 40:
+            elapsed = time.perf_counter() - started
+            total = max(step + 1, int(step + (limit - elapsed) * step / elapsed * 0.97)) if limit else total
+            calibrated = True
+            print(f"time limit {args.minutes} min: {total} steps (reproduce with --steps {total})", flush=True)
+    elapsed = time.perf_counter() - started
+    log.close()
+
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    model.eval()
+    training = {"script": "scripts/train_mini.py", "seed": args.seed, "steps": step, "batch": args.batch,
+                "crop": args.crop, "lr": args.lr, "ema": args.ema, "device": gpu, "train_seconds": round(elapsed, 1),
+                "torch": torch.__version__, "data_crops": len(crops), "held_out": held_names,
+                "first_loss": losses[0]["loss"] if losses else None, "last_loss": losses[-1]["loss"] if losses else None}
+    fingerprints = save_preset(model.to("cpu").float(), words, out / "preset", training)
+    sizes = preset_sizes(out / "preset")
+    summary = {**training, "steps_per_s": round(step / elapsed, 3), "fingerprints": fingerprints,
+               "preset_bytes": sum(sizes.values()), "files": sizes}
+    summary.update(sanity(out, held, held_names, args.sanity_steps))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
+    for name, size in sizes.items():
+        print(f"  {size / 1e6:8.2f} MB  preset/{name}")
+
+
+def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int) -> dict:
+    """Held-out photos through the saved preset (loaded as users load it): sheets + identity PSNR."""
+    from PIL import Image
+
+    from mdsd3_cli.prompts import load_prompt_embeddings
+    from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest
+    from mdsd3_cli.weights import build_model, load_base
+
+    base = load_base(str(out / "preset" / "base"))
+    model, config = build_model(base, out / "preset" / "adapter")
+    model.eval()
+    embeddings = load_prompt_embeddings(str(out / "preset" / "base"), base.fingerprint, all_prompts(config.classes),
+                                        out / "prompt_cache")
+    sampler = MDSD3Sampler(base, model, config, embeddings)
+    settings = PreviewSettings(images=len(held), steps=steps, guidance=1.0, alpha=1.0, beta=0.0)
+    render_preview(sampler, held, config.classes, settings).save(out / "sanity.png")
+    rows = []
+    for name in config.classes:
+        requests = [SampleRequest({name: r} if r else {}, settings.seed, 1.0, 0.0) for r in RATIO_SWEEP]
+        images = sampler.generate(held[:1].expand(len(requests), -1, -1, -1), requests, settings.steps, settings.guidance)
+        rows.append(np.concatenate(list(images), axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out / "sanity_ratios.png")
+    identity = sampler.generate(held, [SampleRequest({}, settings.seed + i, 1.0, 0.0) for i in range(len(held))],
+                                settings.steps, settings.guidance)
+    mse = ((identity.astype(np.float64) - held.numpy().astype(np.float64)) ** 2).reshape(len(held), -1).mean(axis=1)
+    psnr = [round(float(10 * np.log10(255**2 / max(m, 1e-10))), 2) for m in mse]
+    print(f"sanity: {out / 'sanity.png'}, {out / 'sanity_ratios.png'} (rows {config.classes}, "
+          f"columns ratio {list(RATIO_SWEEP)}, image {names[0]}); identity PSNR {dict(zip(names, psnr))}")
+    return {"identity_psnr_db": dict(zip(names, psnr))}
+
+
+# ---------------------------------------------------------------------------------------------- install step
+
+
+def install(preset: Path) -> None:
+    """Copy a trained preset folder into mdsd3_cli/presets/mini/ and verify its fingerprints there."""
+    from mdsd3_cli.presets import preset_folder
+    from mdsd3_cli.weights import build_model, fingerprint_adapter, fingerprint_base, load_base
+
+    expected = json.loads((preset / "fingerprints.json").read_text())
+    target = preset_folder("mini")
+    for part in ("base", "adapter"):
+        shutil.rmtree(target / part, ignore_errors=True)
+        shutil.copytree(preset / part, target / part)
+    shutil.copy2(preset / "fingerprints.json", target / "fingerprints.json")
+    found = {"base": fingerprint_base("mini"), "adapter": fingerprint_adapter(target / "adapter")}
+    build_model(load_base("mini"), target / "adapter")  # loads as `model.base: mini, model.adapter: mini` will
+    if found != expected:
+        raise SystemExit(f"fingerprints differ after copying: expected {expected}, found {found}")
+    total = sum(preset_sizes(target).values())
+    print(f"installed {preset} -> {target} ({total / 1e6:.1f} MB); fingerprints {found} verified")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="write the training crops and held-out images (CPU, needs scikit-image)")
+    data.add_argument("--out", type=Path, default=ROOT / "out" / "mini_data")
+    data.add_argument("--count", type=int, default=CROPS, help=f"number of {CROP}-px crops")
+    data.add_argument("--seed", type=int, default=0)
+    run = sub.add_parser("train", help="train, write OUT/preset, the log and sanity sheets")
+    run.add_argument("--data", type=Path, default=ROOT / "out" / "mini_data")
+    run.add_argument("--out", type=Path, default=ROOT / "out" / "mini_run")
+    run.add_argument("--minutes", type=float, default=7.0, help="training time (the step count is fitted to it)")
+    run.add_argument("--steps", type=int, default=None, help="fixed step count (overrides --minutes)")
+    run.add_argument("--batch", type=int, default=128)
+    run.add_argument("--crop", type=int, default=MINI_RESOLUTION, help="training crop size (a multiple of 8)")
+    run.add_argument("--lr", type=float, default=3e-4)
+    run.add_argument("--warmup", type=int, default=200)
+    run.add_argument("--ema", type=float, default=0.999)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--log-every", type=int, default=50)
+    run.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
+    run.add_argument("--sanity-steps", type=int, default=10, help="sampler steps of the sanity sheets")
+    run.add_argument("--quick", action="store_true",
+                     help="pipeline check on a CPU in about two minutes: 30 steps, batch 4, 32-px crops, 2 sanity steps")
+    inst = sub.add_parser("install", help="copy a trained preset into mdsd3_cli/presets/mini and verify it")
+    inst.add_argument("--preset", type=Path, default=ROOT / "out" / "mini_run" / "preset")
+    args = parser.parse_args(argv)
+    if args.command == "data":
+        make_data(args.out, args.count, args.seed)
+    elif args.command == "install":
+        install(args.preset)
+    else:
+        if args.quick:
+            args.steps, args.batch, args.crop, args.warmup, args.log_every, args.sanity_steps = 30, 4, 32, 10, 10, 2
+        train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
