@@ -92,12 +92,16 @@ class MDSD3Sampler:
         pooled = torch.stack([r.pooled for r in rows]).to(self.device, self.dtype)
         return Conditioning(embeds, pooled, masks.to(self.device, self.dtype))
 
-    def request_conditioning(self, requests: Sequence[SampleRequest]) -> tuple[Conditioning, Conditioning]:
-        """(conditional, unconditional) branches per METHOD §1: class prompt + ratio mask; "" + all-zero mask."""
+    def request_conditioning(self, requests: Sequence[SampleRequest],
+                             unconditional: bool = True) -> tuple[Conditioning, Conditioning | None]:
+        """(conditional, unconditional) branches per METHOD §1: class prompt + ratio mask; "" + all-zero mask.
+        Without guidance (`unconditional=False`) the unconditional branch is None and "" need not be cached."""
         classes = self.adapter.classes
         rows = [ratio_vector(r.ratios, classes) for r in requests]
         mask = head_mask(rows, self.adapter.head_partition)
         cond = self.conditioning([prompt_for(r.ratios, classes) for r in requests], mask)
+        if not unconditional:
+            return cond, None
         uncond = self.conditioning([UNCONDITIONAL_PROMPT] * len(requests), torch.zeros_like(mask))
         return cond, uncond
 
@@ -151,6 +155,6 @@ class MDSD3Sampler:
         alpha = torch.tensor([r.alpha for r in requests], device=self.device)
         beta = torch.tensor([r.beta for r in requests], device=self.device)
         latents = initial_latents(noise, clean_latents.float(), alpha, beta)
-        cond, uncond = self.request_conditioning(requests)
+        cond, uncond = self.request_conditioning(requests, unconditional=guidance > 1.0)
         latents = self.denoise(latents, injections, cond, uncond, steps, guidance)[:count]
         return latents if output == "latent" else self.decode(latents)

@@ -1,0 +1,64 @@
+"""Synthetic degradations (mdsd3_cli/degradations.py) on real photos: identity at ratio 0, strength growing
+with the ratio, seeded determinism, one class per sample."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mdsd3_cli.degradations import CLASSES, DEGRADATIONS, degrade, quantize
+
+PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    """Two real photos at 64 px, [2, 3, 64, 64] in [0, 1]."""
+    images = [np.asarray(Image.open(PHOTOS / f"{name}.jpg").convert("RGB").resize((64, 64))) for name in ("chelsea", "rocket")]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+
+
+def _apply(name: str, images: torch.Tensor, ratio: float, seed: int = 0) -> torch.Tensor:
+    return DEGRADATIONS[name](images, ratio, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_ratio_zero_is_the_clean_image_exactly(photos, name):
+    assert torch.equal(_apply(name, photos, 0.0), photos)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_strength_grows_with_the_ratio(photos, name):
+    change = [float((_apply(name, photos, r) - photos).abs().mean()) for r in (0.25, 0.5, 0.75, 1.0)]
+    assert all(a < b for a, b in zip(change, change[1:])), change
+    assert change[-1] > 0.03, change  # clearly visible at ratio 1 (mean change over 8/255)
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_seeded_and_resampled(photos, name):
+    first, again, other = _apply(name, photos, 0.7, 1), _apply(name, photos, 0.7, 1), _apply(name, photos, 0.7, 2)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert first.min() >= 0 and first.max() <= 1
+
+
+def test_physical_directions(photos):
+    assert _apply("haze", photos, 1.0).std() < photos.std()  # haze lowers contrast ...
+    assert _apply("haze", photos, 1.0).mean() > photos.mean()  # ... towards a light airlight
+    assert _apply("low_light", photos, 1.0).mean() < 0.4 * photos.mean()  # dark ...
+    assert _apply("low_light", photos, 1.0).mean() > 0.02  # ... but not black
+    rained = _apply("rain", photos, 1.0)
+    assert (rained >= photos - 1e-6).float().mean() > 0.99  # streaks are bright
+
+
+def test_degrade_applies_one_class_per_sample(photos):
+    batch = torch.cat([photos, photos])
+    out = degrade(batch, CLASSES, torch.tensor([0, 1, 2, 3]), torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.Generator().manual_seed(0))
+    assert torch.equal(out[0], batch[0]) and torch.equal(out[3], batch[3])
+    hazed = out[1]
+    assert hazed.mean() > batch[1].mean()
+    assert torch.equal(quantize(out), torch.round(out * 255) / 255)
