@@ -42,12 +42,12 @@ STORE_DTYPE = torch.float16
 
 
 def mini_words(seed: int) -> WordTextEncoder:
-    """Orthogonal word vectors (unit variance entries) for "clean" and the classes, from a seeded generator.
-    They are drawn once when a model is trained and then shipped, never redrawn at load time."""
+    """Orthogonal vectors (unit variance entries) for "clean", the classes and the shared pooled vector, from a
+    seeded generator. They are drawn once when a model is trained and then shipped, never redrawn at load time."""
     words = [CLEAN_PROMPT, *MINI_CLASSES]
-    gaussian = torch.randn(MINI_TEXT_DIM, len(words), generator=torch.Generator("cpu").manual_seed(seed))
+    gaussian = torch.randn(MINI_TEXT_DIM, len(words) + 1, generator=torch.Generator("cpu").manual_seed(seed))
     vectors = torch.linalg.qr(gaussian).Q.T.contiguous() * MINI_TEXT_DIM**0.5
-    return WordTextEncoder(words, vectors, max_words=len(MINI_CLASSES))
+    return WordTextEncoder(words, vectors[:-1], vectors[-1], max_words=len(MINI_CLASSES))
 
 
 def fresh_mini(seed: int) -> tuple[BaseModel, MDSD3Transformer, WordTextEncoder]:

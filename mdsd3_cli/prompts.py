@@ -97,19 +97,22 @@ class WordTextEncoder:
     """A bag-of-words text encoder (the `mini` preset's): each class word has a fixed vector, shipped as data.
 
     `embeds` [max_words, D] holds the prompt's word vectors in order, zero rows after them (SD3 context tokens
-    carry no position, so "rain haze" is the set {rain, haze}); `pooled` is all zeros, so class information
-    reaches the model only through the context tokens, where the head mask acts, and a combination of classes
-    never meets an unseen pooled vector. Folder: `text_encoder/config.json` (`"_class_name": "WordTextEncoder"`,
-    `words`, `max_words`) + `text_encoder/model.safetensors` (`vectors` [len(words), D]).
+    carry no position, so "rain haze" is the set {rain, haze}). `pooled` is one shared vector for every
+    non-empty prompt and zeros for the unconditional "": it tells conditional from unconditional samples (with
+    an all-zero head mask, "clean" and "" would otherwise look the same), while the classes reach the model only
+    through the context tokens, where the head mask acts, so a combination of classes never meets an unseen
+    pooled vector. Folder: `text_encoder/config.json` (`"_class_name": "WordTextEncoder"`, `words`,
+    `max_words`) + `text_encoder/model.safetensors` (`vectors` [len(words), D], `pooled` [D]).
     """
 
     CLASS_NAME = "WordTextEncoder"
     WEIGHTS = "model.safetensors"
 
-    def __init__(self, words: list[str], vectors: torch.Tensor, max_words: int):
-        if vectors.shape[0] != len(words):
-            raise ValueError(f"{len(words)} words but {vectors.shape[0]} vectors")
-        self.words, self.vectors, self.max_words = list(words), vectors.float(), max_words
+    def __init__(self, words: list[str], vectors: torch.Tensor, pooled: torch.Tensor, max_words: int):
+        if vectors.shape[0] != len(words) or pooled.shape != vectors.shape[1:]:
+            raise ValueError(f"{len(words)} words need vectors [{len(words)}, D] and pooled [D]; got "
+                             f"{list(vectors.shape)} and {list(pooled.shape)}")
+        self.words, self.vectors, self.pooled, self.max_words = list(words), vectors.float(), pooled.float(), max_words
 
     def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
         rows = []
@@ -122,13 +125,13 @@ class WordTextEncoder:
             embeds = torch.zeros(self.max_words, self.vectors.shape[1])
             for index, token in enumerate(tokens):
                 embeds[index] = self.vectors[self.words.index(token)]
-            rows.append(PromptEmbedding(embeds, torch.zeros(self.vectors.shape[1])))
+            rows.append(PromptEmbedding(embeds, self.pooled.clone() if tokens else torch.zeros_like(self.pooled)))
         return rows
 
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"vectors": self.vectors.contiguous()}, str(folder / self.WEIGHTS))
+        save_file({"vectors": self.vectors.contiguous(), "pooled": self.pooled.contiguous()}, str(folder / self.WEIGHTS))
         config = {"_class_name": self.CLASS_NAME, "words": self.words, "max_words": self.max_words}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
@@ -137,8 +140,8 @@ class WordTextEncoder:
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
         with safe_open(str(folder / cls.WEIGHTS), framework="pt") as handle:
-            vectors = handle.get_tensor("vectors")
-        return cls(list(config["words"]), vectors, int(config["max_words"]))
+            vectors, pooled = handle.get_tensor("vectors"), handle.get_tensor("pooled")
+        return cls(list(config["words"]), vectors, pooled, int(config["max_words"]))
 
     @classmethod
     def is_folder(cls, folder: str | os.PathLike) -> bool:

@@ -14,7 +14,7 @@ of `mdsd3 train` (mdsd3_cli/train.py: flow matching on the degraded latent, clea
 ratios, logit-normal σ, condition drop): each step takes random 128-px crops and flips of the training crops
 and degrades them on the device with mdsd3_cli/degradations.py — one class per sample at a random ratio, or
 none (identity pairs), never mixed. bf16 autocast on CUDA; an EMA of the weights is what gets saved. With
-`--minutes` the step count is fixed after 40 timed steps to fill the time (the log records it; `--steps N`
+`--minutes` the step count is fixed after timing steps 20-60 to fill the time (the log records it; `--steps N`
 reproduces that run's schedule). Then OUT/preset/ (base/ + adapter/, fp16), its fingerprints and sizes, a log
 (OUT/log.jsonl, OUT/summary.json) and sanity sheets of the held-out photos through the sampler
 (OUT/sanity.png: clean | each class | all classes; OUT/sanity_ratios.png: each class at 0, .25, .5, .75, 1).
@@ -56,6 +56,7 @@ IDENTITY_FRACTION = 0.1
 FULL_RATIO_FRACTION = 0.3
 CONDITION_DROP = 0.1
 RATIO_SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0)
+CALIBRATION = (20, 60)  # timed steps (after warm-up) that fit the step count to --minutes
 
 
 # ---------------------------------------------------------------------------------------------- data step
@@ -190,7 +191,7 @@ def train(args: argparse.Namespace) -> None:
     noise_generator = torch.Generator(device).manual_seed(args.seed) if device.type == "cuda" else None
 
     total = args.steps or 10**9
-    limit = args.minutes * 60 if args.minutes else None
+    limit = None if args.steps else args.minutes * 60
     log = (out / "log.jsonl").open("w")
     window, losses, started, calibrated = [], [], time.perf_counter(), args.steps is not None
     step = 0
@@ -227,11 +228,18 @@ def train(args: argparse.Namespace) -> None:
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(json.dumps(record), flush=True)
-        if not calibrated and step == 40:
-            elapsed = time.perf_counter() - started
-            total = max(step + 1, int(step + (limit - elapsed) * step / elapsed * 0.97)) if limit else total
+        if not calibrated and step == CALIBRATION[0]:
+            calibration_start = time.perf_counter()
+        if not calibrated and step == CALIBRATION[1]:
+            now = time.perf_counter()
+            rate = (CALIBRATION[1] - CALIBRATION[0]) / (now - calibration_start)
+            total = max(step + 1, int(step + (limit - (now - started)) * rate * 0.97))
             calibrated = True
-            print(f"time limit {args.minutes} min: {total} steps (reproduce with --steps {total})", flush=True)
+            print(f"time limit {args.minutes} min at {rate:.2f} steps/s: {total} steps "
+                  f"(reproduce with --steps {total})", flush=True)
+        if limit and time.perf_counter() - started > limit * 1.05:
+            print(f"stopping at step {step}: past the time limit", flush=True)
+            break
     elapsed = time.perf_counter() - started
     log.close()
 
@@ -247,14 +255,14 @@ def train(args: argparse.Namespace) -> None:
     sizes = preset_sizes(out / "preset")
     summary = {**training, "steps_per_s": round(step / elapsed, 3), "fingerprints": fingerprints,
                "preset_bytes": sum(sizes.values()), "files": sizes}
-    summary.update(sanity(out, held, held_names, args.sanity_steps))
+    summary.update(sanity(out, held, held_names, args.sanity_steps, device))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
     for name, size in sizes.items():
         print(f"  {size / 1e6:8.2f} MB  preset/{name}")
 
 
-def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int) -> dict:
+def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: torch.device) -> dict:
     """Held-out photos through the saved preset (loaded as users load it): sheets + identity PSNR."""
     from PIL import Image
 
@@ -262,9 +270,9 @@ def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int) -> dict:
     from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest
     from mdsd3_cli.weights import build_model, load_base
 
-    base = load_base(str(out / "preset" / "base"))
+    base = load_base(str(out / "preset" / "base"), device=device)
     model, config = build_model(base, out / "preset" / "adapter")
-    model.eval()
+    model.to(device).eval()
     embeddings = load_prompt_embeddings(str(out / "preset" / "base"), base.fingerprint, all_prompts(config.classes),
                                         out / "prompt_cache")
     sampler = MDSD3Sampler(base, model, config, embeddings)
@@ -333,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     inst = sub.add_parser("install", help="copy a trained preset into mdsd3_cli/presets/mini and verify it")
     inst.add_argument("--preset", type=Path, default=ROOT / "out" / "mini_run" / "preset")
     args = parser.parse_args(argv)
+    if args.command == "train" and not args.quick and not args.steps and not args.minutes > 0:
+        parser.error("give --minutes > 0 or --steps")
     if args.command == "data":
         make_data(args.out, args.count, args.seed)
     elif args.command == "install":

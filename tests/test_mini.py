@@ -60,7 +60,9 @@ def test_preset_loads_by_name_with_its_fingerprints(installed, tmp_path):
     embeddings = load_prompt_embeddings("mini", base.fingerprint, all_prompts(MINI_CLASSES), tmp_path)
     pair, rain, haze = embeddings["rain haze"], embeddings["rain"], embeddings["haze"]
     assert torch.equal(pair.embeds[0], rain.embeds[0]) and torch.equal(pair.embeds[1], haze.embeds[0])
-    assert not pair.embeds[2:].any() and not pair.pooled.any() and not embeddings[""].embeds.any()
+    assert not pair.embeds[2:].any() and not embeddings[""].embeds.any()
+    assert torch.equal(pair.pooled, rain.pooled) and torch.equal(pair.pooled, embeddings["clean"].pooled)
+    assert pair.pooled.any() and not embeddings[""].pooled.any()  # conditional vs unconditional
 
     sampler = MDSD3Sampler(base, loaded.eval(), config, embeddings)
     pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
