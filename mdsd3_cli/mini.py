@@ -21,6 +21,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from .adapter import AdapterConfig
+from .atomic import atomic_write
 from .codec import PixelUnshuffleCodec
 from .degradations import CLASSES
 from .heads import CLEAN_PROMPT
@@ -88,7 +89,7 @@ def save_preset(model: MDSD3Transformer, words: WordTextEncoder, folder: str | o
     adapter_config: AdapterConfig = fresh_adapter_config(base, MINI_CLASSES, training=dict(training or {}))
     save_adapter(stored, adapter_config, adapter_dir)
     fingerprints = {"base": base_fingerprint, "adapter": fingerprint_adapter(adapter_dir)}
-    (folder / "fingerprints.json").write_text(json.dumps(fingerprints, indent=2) + "\n")
+    atomic_write(folder / "fingerprints.json", (json.dumps(fingerprints, indent=2) + "\n").encode())
     return fingerprints
 
 

@@ -131,9 +131,9 @@ class WordTextEncoder:
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"vectors": self.vectors.contiguous(), "pooled": self.pooled.contiguous()}, str(folder / self.WEIGHTS))
+        atomic_write(folder / self.WEIGHTS, save({"vectors": self.vectors.contiguous(), "pooled": self.pooled.contiguous()}))
         config = {"_class_name": self.CLASS_NAME, "words": self.words, "max_words": self.max_words}
-        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "WordTextEncoder":
