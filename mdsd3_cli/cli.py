@@ -244,14 +244,14 @@ def verify(
 
 @app.command()
 def evaluate(
-    dataset: Annotated[Optional[Path], typer.Option("--dataset", help="An mdsd3 generate output folder (read "
-                       "through its manifest/, every shard, finished or partial), or a folder holding clean/ and "
+    dataset: Annotated[Optional[Path], typer.Option("--dataset", metavar="DIR", help="An mdsd3 generate output "
+                       "folder (read through its manifest/, every shard, finished or partial), or a folder holding clean/ and "
                        "degraded/ matched by relative path.", show_default=False)] = None,
     pairs: Annotated[Optional[tuple[Path, Path]], typer.Option("--pairs", metavar="CLEAN_DIR DEGRADED_DIR",
                      help="Instead of --dataset: a clean folder and a degraded folder, images matched by relative "
                      "path without extension (e.g. a RESIDE or Rain100 copy).", show_default=False)] = None,
-    against: Annotated[Optional[list[Path]], typer.Option("--against", help="A set to compare with (an mdsd3 "
-                       "output, or a folder with clean/ and degraded/); repeatable.", show_default=False)] = None,
+    against: Annotated[Optional[list[Path]], typer.Option("--against", metavar="DIR", help="A set to compare with "
+                       "(an mdsd3 output, or a folder with clean/ and degraded/); repeatable.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", help="Report folder: report.json, samples.csv and plots.")] = Path(
         "evaluate_report"),
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring pairs. "
@@ -261,8 +261,8 @@ def evaluate(
     classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
     selectivity of single-class variants, diversity between repeats, and distances to --against sets.
 
-    Prints tables and writes OUT/report.json, OUT/samples.csv and OUT/*.png. Unreadable files are listed,
-    not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage.
+    Prints tables and writes report.json, samples.csv and plots (*.png) to the --out folder. Unreadable files
+    are listed, not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage.
     """
     from .evaluate import evaluate_dataset, write_report
     from .evaluate.report import classes_table, distances_table, problem_lines, variants_table

@@ -7,7 +7,8 @@ Writes an mdsd3-style output folder to a temporary directory: scikit-image photo
 keys), centre-cropped to SIZE², each with four classical degradations of known strength (noise, haze, rain,
 low light) as four variants, recorded in a manifest. Then it measures them as `evaluate` does (decode in the
 workers, every estimator, PSNR and SSIM) and prints pairs/s, worker start-up included (use enough pairs to
-amortise it), and each measure's cost per pair in one process. Pin it to N cores with `taskset -c 0-(N-1)` to measure N cores.
+amortise it), and each measure's cost per pair in one process. Pin it to N cores with `taskset -c 0-(N-1)` to
+measure N cores.
 """
 
 from __future__ import annotations

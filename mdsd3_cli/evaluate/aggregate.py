@@ -132,7 +132,8 @@ def selectivity(table: SampleTable) -> dict[str, dict[str, Any]]:
         if table.classes and not requested[variant]:
             identity |= masks[variant]
     estimated = list(CLASS_ESTIMATORS)
-    baseline = {name: float(np.median(table.normalised(name)[identity])) if identity.any() else 0.0 for name in estimated}
+    baseline = {name: float(np.median(table.normalised(name)[identity])) if identity.any() else 0.0
+                for name in estimated}
     result = {}
     for variant in variants:
         own = requested[variant]

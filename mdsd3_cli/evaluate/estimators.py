@@ -108,7 +108,8 @@ def laplacian(plane: np.ndarray) -> np.ndarray:
 def _binomial_smooth(plane: np.ndarray) -> np.ndarray:
     """Separable [1, 4, 6, 4, 1] / 16 smoothing (a Gaussian of std 1 pixel), valid region: [H − 4, W − 4]."""
     rows = (plane[:-4] + plane[4:]) + 4 * (plane[1:-3] + plane[3:-1]) + 6 * plane[2:-2]
-    return ((rows[:, :-4] + rows[:, 4:]) + 4 * (rows[:, 1:-3] + rows[:, 3:-1]) + 6 * rows[:, 2:-2]) * np.float32(1 / 256)
+    smooth = (rows[:, :-4] + rows[:, 4:]) + 4 * (rows[:, 1:-3] + rows[:, 3:-1]) + 6 * rows[:, 2:-2]
+    return smooth * np.float32(1 / 256)
 
 
 class Reference:
@@ -211,7 +212,8 @@ def ssim(pair: Pair) -> float:
     var_y = (mean_yy - mean_y * mean_y) * correction
     cov = (mean_xy - mean_x * mean_y) * correction
     c1, c2 = (0.01 * 255.0) ** 2, (0.03 * 255.0) ** 2
-    index = ((2 * mean_x * mean_y + c1) * (2 * cov + c2)) / ((mean_x * mean_x + mean_y * mean_y + c1) * (var_x + var_y + c2))
+    numerator = (2 * mean_x * mean_y + c1) * (2 * cov + c2)
+    index = numerator / ((mean_x * mean_x + mean_y * mean_y + c1) * (var_x + var_y + c2))
     return float(np.mean(index, dtype=np.float64))
 
 
@@ -252,7 +254,8 @@ def haze_veil(pair: Pair) -> float:
     second pixel (sparse bright additions such as rain streaks do not move a median), averaged over channels.
     Darkening reads 0."""
     clean, degraded = pair.clean[:, ::2, ::2], pair.degraded[:, ::2, ::2]
-    veils = [_median((degraded[c] - np.float32(slope) * clean[c]).ravel()) for c, (slope, _) in enumerate(pair.channel_fits)]
+    veils = [_median((degraded[c] - np.float32(slope) * clean[c]).ravel())
+             for c, (slope, _) in enumerate(pair.channel_fits)]
     return max(0.0, float(np.mean(veils)) / 255.0)
 
 

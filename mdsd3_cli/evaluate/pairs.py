@@ -1,5 +1,6 @@
 """Where pairs come from: an mdsd3 output's manifests (every shard, finished or partial runs) or two folders
-matched by relative path. Pairs are grouped by key, so a clean image is decoded once for all its variants and repeats."""
+matched by relative path. Pairs are grouped by key, so a clean image is decoded once for all its variants and
+repeats."""
 
 from __future__ import annotations
 
