@@ -86,12 +86,16 @@ def _window_sums(planes: np.ndarray, size: int, axis: int) -> np.ndarray:
         span = max(spans)
         count = spans[span].shape[axis] - span
         spans[2 * span] = cut(spans[span], 0, count) + cut(spans[span], span, count)
-    count, offset, total = planes.shape[axis] - size + 1, 0, None
+    count, offset, parts = planes.shape[axis] - size + 1, 0, []
     for span in sorted(spans, reverse=True):
         if offset + span <= size:
-            part = cut(spans[span], offset, count)
-            total = part.copy() if total is None else np.add(total, part, out=total)
+            parts.append(cut(spans[span], offset, count))
             offset += span
+    if len(parts) == 1:
+        return parts[0].copy()
+    total = parts[0] + parts[1]
+    for part in parts[2:]:
+        total += part
     return total
 
 
