@@ -11,6 +11,7 @@ from pathlib import Path
 import datasets
 import lmdb
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -18,6 +19,8 @@ from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
 from mdsd3_cli.export import ExportError, run_export
+from mdsd3_cli.formats import basicsr_lmdb
+from mdsd3_cli.formats import parquet as parquet_format
 from mdsd3_cli.formats import webdataset as webdataset_format
 from mdsd3_cli.formats.sample import flat_key
 
@@ -55,7 +58,8 @@ def basicsr_lmdb_get(folder: Path, key: str) -> bytes:
         environment.close()
 
 
-def test_lmdb_export_reads_like_basicsr(folders_dataset, tmp_path):
+def test_lmdb_export_reads_like_basicsr(folders_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(basicsr_lmdb, "COMMIT_BYTES", 5000)  # several transactions per database
     expected = folders_pairs(folders_dataset)
     run_export(folders_dataset, "lmdb", tmp_path / "lmdb")
     gt = tmp_path / "lmdb" / "gt.lmdb"
@@ -75,10 +79,12 @@ def test_lmdb_export_reads_like_basicsr(folders_dataset, tmp_path):
         ["gt.lmdb", *(f"lq_{folder}.lmdb" for folder in FOLDERS)])
 
 
-def test_parquet_export_loads_with_datasets(folders_dataset, tmp_path):
+def test_parquet_export_loads_with_datasets(folders_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(parquet_format, "ROW_GROUP_BYTES", 1)  # one row group per row: memory stays bounded
     expected = folders_pairs(folders_dataset)
     run_export(folders_dataset, "parquet", tmp_path / "parquet", per_file=4)
-    assert len(list((tmp_path / "parquet").glob("*.parquet"))) == 3
+    files = sorted((tmp_path / "parquet").glob("*.parquet"))
+    assert [pq.ParquetFile(path).metadata.num_row_groups for path in files] == [4, 4, 1]
     loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "parquet"), split="train",
                                    cache_dir=str(tmp_path / "hf_cache"))
     assert len(loaded) == len(expected)

@@ -15,7 +15,8 @@ from .staging import StagedFolder
 GT_NAME = "gt.lmdb"
 META_INFO = "meta_info.txt"
 COMMIT_EVERY = 256
-"""Puts per LMDB transaction."""
+COMMIT_BYTES = 64 * 2**20
+"""A transaction is committed after COMMIT_EVERY puts or COMMIT_BYTES of values (its dirty pages stay in memory)."""
 PAGE_OVERHEAD = 2 * 4096
 """Bytes reserved per value beyond its size (LMDB stores large values on whole overflow pages)."""
 
@@ -25,23 +26,25 @@ def lq_name(folder: str) -> str:
 
 
 class _Database:
-    """One LMDB database folder with its meta_info.txt, filled in batches of COMMIT_EVERY puts."""
+    """One LMDB database folder with its meta_info.txt, filled in bounded transactions."""
 
     def __init__(self, path: Path, payload_bytes: int, entries: int) -> None:
         path.mkdir()
         self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
         self.meta_info = open(path / META_INFO, "w", encoding="ascii")
         self.transaction = self.environment.begin(write=True)
-        self.uncommitted = 0
+        self.uncommitted = self.uncommitted_bytes = 0
 
     def put(self, key: str, data: bytes, meta_line: str) -> None:
         if not self.transaction.put(key.encode("ascii"), data, overwrite=False):
             raise ValueError(f"key {key!r} is written twice")
         self.meta_info.write(meta_line)
         self.uncommitted += 1
-        if self.uncommitted == COMMIT_EVERY:
+        self.uncommitted_bytes += len(data)
+        if self.uncommitted == COMMIT_EVERY or self.uncommitted_bytes >= COMMIT_BYTES:
             self.transaction.commit()
-            self.transaction, self.uncommitted = self.environment.begin(write=True), 0
+            self.transaction = self.environment.begin(write=True)
+            self.uncommitted = self.uncommitted_bytes = 0
 
     def close(self, commit: bool) -> None:
         if commit:

@@ -17,7 +17,9 @@ from .staging import StagedFolder
 
 FILE_PATTERN = "data-{index:05d}.parquet"
 ROW_GROUP_ROWS = 100
-"""Rows buffered (and written) per row group: bounds memory to about 100 pairs of images."""
+ROW_GROUP_BYTES = 64 * 2**20
+"""A row group is written at ROW_GROUP_ROWS rows or ROW_GROUP_BYTES of images, whichever comes first
+(what bounds the writer's memory)."""
 _IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 _SCALARS: list[tuple[str, pa.DataType, str]] = [
     ("key", pa.string(), "string"), ("folder", pa.string(), "string"), ("variant", pa.string(), "string"),
@@ -51,6 +53,7 @@ class ParquetWriter:
         self.rows_per_file = rows_per_file
         self._folder = StagedFolder(destination)
         self._rows: list[dict[str, Any]] = []
+        self._buffered_bytes = 0
         self._file: AtomicFile | None = None
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
@@ -66,7 +69,9 @@ class ParquetWriter:
         row["manifest"] = json.dumps(record, sort_keys=True)
         self._rows.append(row)
         self._rows_in_file += 1
-        if len(self._rows) == ROW_GROUP_ROWS or self._rows_in_file == self.rows_per_file:
+        self._buffered_bytes += len(sample.clean) + len(sample.degraded)
+        if (len(self._rows) == ROW_GROUP_ROWS or self._buffered_bytes >= ROW_GROUP_BYTES
+                or self._rows_in_file == self.rows_per_file):
             self._flush()
 
     def close(self) -> None:
@@ -88,7 +93,7 @@ class ParquetWriter:
             self._writer = pq.ParquetWriter(self._file.file, self.schema)
             self.files += 1
         self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema), row_group_size=ROW_GROUP_ROWS)
-        self._rows = []
+        self._rows, self._buffered_bytes = [], 0
         if self._rows_in_file == self.rows_per_file:
             self._finish_file()
 
