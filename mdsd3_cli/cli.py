@@ -102,14 +102,19 @@ def generate(
 @app.command()
 def check(config: ConfigOption, overrides: SetOption = None) -> None:
     """Validate a recipe without loading any model: fields, classes against the adapter, paths, inputs, output."""
-    from .generate import check_output_writable, describe_plan, plan_run
+    from .generate import check_output_writable, describe_plan, free_space_warning, plan_run
+    from .ownership import claim_output
     from .plan import ShardSpec
 
     with _clear_errors():
         recipe = _load(config, overrides)
+        claim_output(recipe.output_dir())
         check_output_writable(recipe.output_dir())
         run = plan_run(recipe, ShardSpec(0, 1))
     Console().print(describe_plan(run))
+    warning = free_space_warning(run)
+    if warning is not None:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     console.print(f"[green]ok:[/] {config} is valid")
 
 

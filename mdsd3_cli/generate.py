@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +29,8 @@ from .runtime import StopRequest, exit_code_for, resolve_device, resolve_dtype
 from .sampler import MDSD3Sampler, SampleRequest
 from .weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
 from .formats.layout import LayoutWriter, completed_in_layout, open_layout_writer
-from .writer import check_run_compatible, clear_outputs, write_run_json
+from .ownership import claim_output, clear_outputs, shard_lock
+from .writer import RUN_JSON, check_run_compatible, write_run_json
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
 
@@ -53,6 +57,15 @@ class RunPlan:
     @property
     def sources_in_plan(self) -> int:
         return len({item.key for item in self.plan})
+
+    @property
+    def identity(self) -> dict:
+        """What run.json must match: the recipe's identity, plus how keys are formed when several input
+        folders prefix them with their names (adding a folder to a one-folder run changes every key)."""
+        identity = self.recipe.identity()
+        if self.discovery.prefixed_keys:
+            identity["input_keys"] = "prefixed with the input folder name"
+        return identity
 
 
 @dataclass
@@ -100,7 +113,7 @@ class RunSummary:
 
 def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunPlan:
     """Discover inputs, build the deterministic plan and this shard's part; reads manifests, writes nothing."""
-    discovery = discover_sources(recipe.input_paths(), recursive=recipe.input.recursive)
+    discovery = discover_sources(recipe.input_paths(), recursive=recipe.input.recursive, exclude=[recipe.output_dir()])
     fatal = [error for error in discovery.errors if error.fatal]
     if fatal:
         lines = "\n".join(f"  {error.path}: {error.reason}" for error in fatal)
@@ -201,12 +214,12 @@ def _record(item: WorkItem, image: LoadedImage, run: RunPlan, session: Session) 
     }
 
 
-def run_payload(recipe: Recipe, session: Session) -> dict:
+def run_payload(recipe: Recipe, identity: dict, session: Session) -> dict:
     """run.json: the resolved recipe, versions and model fingerprints."""
     import diffusers
 
     return {
-        "identity": recipe.identity(), "recipe": recipe.model_dump(mode="json"),
+        "identity": identity, "recipe": recipe.model_dump(mode="json"),
         "classes": session.adapter.classes, "head_partition": session.adapter.head_partition,
         "base_fingerprint": session.base.fingerprint, "adapter_fingerprint": session.adapter_fingerprint,
         "versions": {"mdsd3": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -217,17 +230,27 @@ def run_payload(recipe: Recipe, session: Session) -> dict:
 def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None = None) -> RunSummary:
     """Produce this shard's missing samples. Resumable: killed at any moment, a rerun completes the same dataset."""
     console = console or Console(stderr=True)
-    recipe, out = run.recipe, run.recipe.output_dir()
+    recipe, out, identity = run.recipe, run.recipe.output_dir(), run.identity
     started = time.perf_counter()
-    if overwrite:
-        if run.shard.count > 1:
-            raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
-                             "Run it once without shards, or choose a new output.dir")
-        check_run_compatible(out, recipe.identity(), overwrite=True)
-        clear_outputs(out)
-        run.done = set()
-    else:
-        check_run_compatible(out, recipe.identity(), overwrite=False)
+    claim_output(out)
+    if overwrite and run.shard.count > 1:
+        raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
+                         "Run it once without shards, or choose a new output.dir")
+    check_run_compatible(out, identity, overwrite=overwrite)
+    with shard_lock(out, run.shard.name):
+        if overwrite:
+            clear_outputs(out)
+        if overwrite or not (out / RUN_JSON).is_file():  # claims the folder before anything else is written
+            write_run_json(out, {"identity": identity, "recipe": recipe.model_dump(mode="json")})
+        run.done = completed_in_layout(recipe, run.shard, run.mine)  # again under the lock: a previous holder may have finished more
+        summary = _generate_locked(run, identity, console)
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def _generate_locked(run: RunPlan, identity: dict, console: Console) -> RunSummary:
+    """`run_generate` once this process owns the shard."""
+    recipe, out = run.recipe, run.recipe.output_dir()
     summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(run.todo))
     todo = run.todo
     device = resolve_device(recipe.model.device)
@@ -236,7 +259,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
     with StopRequest() as stop:
         session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
         if session is not None:
-            write_run_json(out, run_payload(recipe, session))
+            write_run_json(out, run_payload(recipe, identity, session))
         with open_layout_writer(recipe, run.shard, run.mine) as writer:
             if run.shard.index == 0:
                 for error in run.discovery.errors:
@@ -246,7 +269,6 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
                 _sample_all(run, todo, session, writer, summary, stop, console)
         if stop.requested:
             summary.interrupted = stop.signal.name
-    summary.elapsed_s = time.perf_counter() - started
     return summary
 
 
@@ -302,10 +324,34 @@ def describe_plan(run: RunPlan) -> Table:
         ("samples in plan", len(run.plan)), ("samples in this shard", len(run.mine)),
         ("already done", len(run.mine) - len(run.todo)), ("to do", len(run.todo)),
         ("classes", ", ".join(recipe.classes())), ("output", str(recipe.output_dir())),
+        *(("note", note) for note in run.discovery.notes),
     ]
     for name, value in rows:
         table.add_row(name, str(value))
     return table
+
+
+def estimated_output_bytes(run: RunPlan) -> int:
+    """A generous estimate of what the remaining work writes: every image at its raw RGB size, plus 1 KB of
+    manifest per sample (PNG at compression level 1 rarely beats raw by much on photos)."""
+    recipe = run.recipe
+    side = recipe.input.max_side if recipe.input.resize == "native" else recipe.input.size
+    todo = run.todo
+    new_keys = {item.key for item in todo}
+    return (len(todo) + len(new_keys)) * (side * side * 3 + 1024)
+
+
+def free_space_warning(run: RunPlan, free_bytes: int | None = None) -> str | None:
+    """A warning when the output disk has less free space than the plan may need (None when it has enough)."""
+    folder = run.recipe.output_dir()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free if free_bytes is None else free_bytes
+    needed = estimated_output_bytes(run)
+    if free >= needed:
+        return None
+    return (f"only {free / 1e6:,.0f} MB free on the disk of {run.recipe.output_dir()}; the remaining "
+            f"{len(run.todo)} samples may need up to {needed / 1e6:,.0f} MB")
 
 
 def check_output_writable(path: Path) -> None:
@@ -315,9 +361,9 @@ def check_output_writable(path: Path) -> None:
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
         raise OSError(f"output.dir {path}: {probe_dir} is not a folder")
-    probe = probe_dir / f".mdsd3-write-test-{time.time_ns()}"
     try:
-        probe.write_bytes(b"")
+        descriptor, probe = tempfile.mkstemp(dir=probe_dir, prefix=".mdsd3-write-test-")
     except OSError as error:
         raise OSError(f"output.dir {path}: cannot write in {probe_dir}: {error.strerror}") from error
-    probe.unlink()
+    os.close(descriptor)
+    os.unlink(probe)

@@ -65,10 +65,13 @@ class InputError:
 
 @dataclass
 class Discovery:
-    """Sources sorted by key, plus every problem found."""
+    """Sources sorted by key, every problem found, and notes (e.g. the output folder left out)."""
 
     sources: list[Source] = field(default_factory=list)
     errors: list[InputError] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    prefixed_keys: bool = False
+    """Several distinct input entries: keys start with their root folder's name."""
 
 
 @dataclass
@@ -133,16 +136,28 @@ def unsafe_key_reason(key: str) -> str | None:
 
 
 def discover_sources(
-    paths: Sequence[str | Path], recursive: bool = True, base_dir: Path | None = None
+    paths: Sequence[str | Path], recursive: bool = True, base_dir: Path | None = None,
+    exclude: Sequence[Path] = (),
 ) -> Discovery:
-    """Expand folders, glob patterns and `.txt` list files into uniquely keyed sources (see DESIGN.md)."""
+    """Expand folders, glob patterns and `.txt` list files into uniquely keyed sources (see DESIGN.md).
+
+    Entries naming the same thing (e.g. a folder and a link to it) count once. Files inside an `exclude`d
+    folder (the output folder) are never inputs.
+    """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    prefix_keys = len(paths) > 1
+    entries = _distinct_entries(paths, base)
+    prefix_keys = len(entries) > 1
+    excluded = [os.path.realpath(folder) for folder in exclude]
     errors: list[InputError] = []
+    notes: list[str] = []
     roots_by_name: dict[str, Path] = {}
     paths_by_key: dict[str, set[Path]] = {}
-    for entry in paths:
-        expanded = _expand_entry(str(entry), base, recursive)
+    for entry in entries:
+        expanded = _expand_entry(entry, base, recursive)
+        kept = [(key, path) for key, path in expanded.files if not _inside_any(path, excluded)]
+        if len(kept) < len(expanded.files):
+            notes.append(f"the output folder lies inside input {entry}: its files are not inputs")
+            expanded.files = kept
         errors.extend(expanded.errors)
         if expanded.root is None:
             continue
@@ -175,7 +190,24 @@ def discover_sources(
                 errors.append(InputError(str(path), f"duplicate key (also {others})", fatal=False, key=key))
         else:
             sources.append(Source(key, candidates[0]))
-    return Discovery(sources, errors)
+    return Discovery(sources, errors, notes, prefix_keys)
+
+
+def _distinct_entries(paths: Sequence[str | Path], base: Path) -> list[str]:
+    """`paths` without repeats of the same resolved path (first spelling kept)."""
+    seen: set[str] = set()
+    distinct = []
+    for entry in map(str, paths):
+        resolved = os.path.realpath(base / Path(entry).expanduser())
+        if resolved not in seen:
+            seen.add(resolved)
+            distinct.append(entry)
+    return distinct
+
+
+def _inside_any(path: Path, folders: Sequence[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == folder or real.startswith(folder.rstrip(os.sep) + os.sep) for folder in folders)
 
 
 def _expand_entry(entry: str, base: Path, recursive: bool) -> _Expanded:

@@ -23,6 +23,8 @@ from safetensors.torch import save
 from .atomic import atomic_write
 
 T5_MAX_TOKENS = 256
+CACHE_ENCODING = "one-prompt-per-forward"
+"""Cache entries written otherwise (batched, by older versions) depend on their batch mates: re-encoded."""
 PROMPT_CACHE_ENV = "MDSD3_PROMPT_CACHE"
 _TEXT_FOLDERS = {
     "text_encoder": ("tokenizer", "CLIPTextModelWithProjection"),
@@ -51,11 +53,16 @@ class TextEncoder:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
+        """One prompt per forward: an embedding must not depend on which prompts were encoded with it (a
+        batch of several takes other CPU matrix kernels than a batch of one, changing the last bits)."""
+        return [self._encode_one(prompt) for prompt in prompts]
+
+    def _encode_one(self, prompt: str) -> PromptEmbedding:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
+            prompt=[prompt], prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
             do_classifier_free_guidance=False, max_sequence_length=T5_MAX_TOKENS,
         )
-        return [PromptEmbedding(e.float().cpu().contiguous(), p.float().cpu().contiguous()) for e, p in zip(embeds, pooled)]
+        return PromptEmbedding(embeds[0].float().cpu().contiguous(), pooled[0].float().cpu().contiguous())
 
 
 def _char_tokenizer(max_length: int, bos: bool):
@@ -198,7 +205,8 @@ class PromptCache:
             return None
         try:
             with safe_open(str(path), framework="pt") as handle:
-                if handle.metadata().get("prompt") != prompt:
+                metadata = handle.metadata()
+                if metadata.get("prompt") != prompt or metadata.get("encoding") != CACHE_ENCODING:
                     return None
                 return PromptEmbedding(handle.get_tensor("embeds"), handle.get_tensor("pooled"))
         except Exception:  # a damaged cache entry is re-encoded, never trusted
@@ -206,7 +214,7 @@ class PromptCache:
 
     def _write(self, prompt: str, embedding: PromptEmbedding) -> None:
         tensors = {"embeds": embedding.embeds, "pooled": embedding.pooled}
-        metadata = {"prompt": prompt, "fingerprint": self.fingerprint}
+        metadata = {"prompt": prompt, "fingerprint": self.fingerprint, "encoding": CACHE_ENCODING}
         atomic_write(self.path_for(prompt), save(tensors, metadata=metadata), shared=True)  # several processes
 
     def missing(self, prompts: Iterable[str]) -> list[str]:

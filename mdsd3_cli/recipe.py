@@ -222,8 +222,10 @@ class Recipe(_Section):
     def identity(self) -> dict[str, Any]:
         """The settings that determine output pixels; a run refuses to resume into a folder made with others.
 
-        Execution choices (batch size, workers, device, dtype, compile, prompt cache) and the input list are
-        left out, as is the PNG compression level (lossless) and the quality of a PNG output.
+        The batch size is in: it changes the last bits of the transformer's results (CPU BLAS kernels depend on
+        the matrix shapes), so a resume with another batch size would mix outputs. Other execution choices
+        (workers, device, dtype, compile, prompt cache) and the input list are left out, as is the PNG
+        compression level (lossless) and the quality of a PNG output.
         """
         base, adapter = self.base_dir(), self.adapter_dir()
         return {
@@ -246,6 +248,7 @@ class Recipe(_Section):
                 "steps": self.sampling.steps,
                 "guidance": self.sampling.guidance,
                 "seed": self.sampling.seed,
+                "batch_size": self.sampling.batch_size,
             },
             "variants": [
                 {

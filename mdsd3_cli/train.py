@@ -59,6 +59,7 @@ from rich.table import Table
 
 from . import __version__
 from .atomic import atomic_write, ensure_folder, fresh_folder, open_append
+from .ownership import OutputLock
 from .adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, read_adapter_config
 from .heads import UNCONDITIONAL_PROMPT, all_prompts, head_mask
 from .model import MDSD3Transformer
@@ -507,6 +508,7 @@ class Trainer:
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._output_lock = OutputLock(self.out, "train", "training").__enter__()  # held until the process ends
             for stale in (self.out / CHECKPOINTS).glob(".tmp-*") if (self.out / CHECKPOINTS).is_dir() else ():
                 shutil.rmtree(stale, ignore_errors=True)
         self._print(f"data: {len(self.dataset.pairs)} pairs\n{self.dataset.summary()}")
@@ -669,7 +671,13 @@ class Trainer:
             fresh_folder(tmp)
         accelerator.wait_for_everyone()
         self._saving_step = step
-        accelerator.save_state(str(tmp))
+        try:
+            accelerator.save_state(str(tmp))
+        except RuntimeError as error:  # torch.save reports a full disk as "[enforce fail ...] unexpected pos"
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(folder).free
+            raise TrainError(f"cannot write checkpoint {final} ({str(error).splitlines()[0]}); {free / 1e6:,.0f} MB "
+                             "free on that disk: free some space, then rerun with --resume latest") from None
         if accelerator.is_main_process:
             atomic_write(tmp / STATE_NAME, (json.dumps(self._state(step, elapsed), indent=2) + "\n").encode())
         accelerator.wait_for_everyone()

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import threading
 from collections.abc import Container, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -26,7 +25,6 @@ JPEG_444_MIN_QUALITY = 90
 """From this JPEG quality on, chroma is kept at full resolution (4:4:4); below it, 4:2:0."""
 WEBP_METHOD = 4
 RUN_JSON = "run.json"
-OUTPUT_FOLDERS = ("clean", "degraded", "tars", "manifest", "errors")
 _TAIL_CHUNK = 1 << 16
 
 
@@ -422,15 +420,25 @@ def check_run_compatible(out_dir: str | Path, identity: Mapping[str, Any], overw
     )
 
 
-def clear_outputs(out_dir: str | Path) -> None:
-    """Remove what a run writes (clean/, degraded/, manifest/, errors/, run.json); nothing else in OUT."""
-    root = Path(out_dir)
-    for name in OUTPUT_FOLDERS:
-        entry = root / name
-        if entry.is_symlink() or entry.is_file():
-            entry.unlink()
-        elif entry.is_dir():
-            shutil.rmtree(entry)
-    (root / RUN_JSON).unlink(missing_ok=True)
-    for temp in root.glob(f".{RUN_JSON}.*.tmp"):
-        temp.unlink(missing_ok=True)
+LISTED_FILE_FIELDS = ("clean", "degraded", "tar")
+"""Manifest fields naming files in OUT (images of the folders layout, the tar of the webdataset layout)."""
+
+
+def manifest_listed_files(out_dir: str | Path) -> list[Path]:
+    """The files the manifest lines name (what mdsd3 recorded writing), each checked to be a safe relative path
+    whose folder lies inside the output folder; sorted, without duplicates."""
+    root = Path(out_dir).resolve()
+    listed: set[Path] = set()
+    for manifest in sorted(root.glob("manifest/*.jsonl")):
+        with open(manifest, "rb") as file:
+            for line in file:
+                try:
+                    record = json.loads(line) if line.endswith(b"\n") else None
+                except ValueError:
+                    continue
+                names = [record.get(name) for name in LISTED_FILE_FIELDS] if isinstance(record, dict) else []
+                for relative in (name for name in names if isinstance(name, str)):
+                    path = root / relative
+                    if unsafe_key_reason(relative) is None and path.parent.resolve().is_relative_to(root):
+                        listed.add(path)
+    return sorted(listed)

@@ -55,3 +55,21 @@ def test_distinct_prompts_embed_differently(tiny_prompts):
 def test_missing_text_encoder_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="text_encoder/"):
         prompts_module.folder_text_encoder(tmp_path, "cpu", torch.float32)
+
+
+def test_an_embedding_does_not_depend_on_which_prompts_were_missing_with_it(tiny_base, tmp_path):
+    """A cold cache filled by `encode-prompts` (all prompts) or by a run needing one prompt gives equal bytes
+    (batched encoding changed the pooled embedding's last bits, so outputs depended on the cache's history)."""
+    alone = load_prompt_embeddings("tiny", tiny_base.fingerprint, [""], tmp_path / "one")
+    together = load_prompt_embeddings("tiny", tiny_base.fingerprint, all_prompts(CLASSES), tmp_path / "all")
+    assert torch.equal(alone[""].pooled, together[""].pooled) and torch.equal(alone[""].embeds, together[""].embeds)
+
+
+def test_a_batch_encoded_cache_entry_of_an_older_version_is_reencoded(tiny_base, tmp_path):
+    from safetensors.torch import save_file
+
+    cache = PromptCache(tmp_path, tiny_base.fingerprint)
+    load_prompt_embeddings("tiny", tiny_base.fingerprint, ["rain"], tmp_path)
+    entry = load_prompt_embeddings("tiny", tiny_base.fingerprint, ["rain"], tmp_path)["rain"]
+    save_file({"embeds": entry.embeds, "pooled": entry.pooled}, str(cache.path_for("rain")), metadata={"prompt": "rain"})
+    assert cache.missing(["rain"]) == ["rain"]

@@ -25,7 +25,6 @@ from mdsd3_cli.writer import (
     OutputLayout,
     OutputPathError,
     check_run_compatible,
-    clear_outputs,
     completed_samples,
     encode_image,
     write_run_json,
@@ -431,14 +430,3 @@ def test_run_json_identity_check(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="identity"):
         write_run_json(tmp_path, {"versions": {}})
     assert temp_files(tmp_path) == []
-
-
-def test_clear_outputs_removes_only_what_a_run_writes(tmp_path: Path) -> None:
-    with DatasetWriter(tmp_path, "0of1") as writer:
-        writer.submit({"key": "a", "folder": "rain"}, *sample_pixels(0))
-        writer.record_error("b", "/in/b.jpg", "empty file")
-    write_run_json(tmp_path, {"identity": {}})
-    (tmp_path / "notes.md").write_text("mine")
-    (tmp_path / "analysis").mkdir()
-    clear_outputs(tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["analysis", "notes.md"]
