@@ -328,7 +328,7 @@ def test_prompt_cache_location(tmp_path: Path) -> None:
     assert explicit.prompt_cache_dir({"MDSD3_PROMPT_CACHE": "/cache/p"}) == tmp_path / "cache"
 
 
-@pytest.mark.parametrize("override", ["sampling.batch_size=16", "input.workers=8", "output.workers=8",
+@pytest.mark.parametrize("override", ["input.workers=8", "output.workers=8",
                                       "model.device=cuda:1", "model.dtype=float32", "model.compile=true",
                                       "model.prompt_cache=elsewhere", "output.png_compress_level=9",
                                       "output.quality=50", "input.paths=[photos/, photos]"])
@@ -337,7 +337,8 @@ def test_identity_ignores_execution_settings(tmp_path: Path, override: str) -> N
     assert load_recipe(path, [override]).identity() == load_recipe(path).identity()
 
 
-@pytest.mark.parametrize("override", ["sampling.steps=5", "sampling.seed=2", "sampling.guidance=4.5",
+@pytest.mark.parametrize("override", ["sampling.steps=5", "sampling.batch_size=16", "sampling.seed=2",
+                                      "sampling.guidance=4.5",
                                       "sampling.alpha=0.5", "variants.1.beta=0.1", "variants.0.classes.rain=0.5",
                                       "variants.1.repeats=3", "variants.0.name=other", "input.size=256",
                                       "input.resize=resize", "output.format=jpeg", "model.classes=[rain, haze, fog]"])
@@ -350,7 +351,7 @@ def test_identity_uses_effective_alpha_beta_and_lossy_quality(tmp_path: Path) ->
     path = write_recipe(tmp_path, VALID)
     plain = load_recipe(path).identity()
     assert plain["variants"][0]["alpha"] == 1.0 and plain["variants"][1]["alpha"] == 0.9
-    assert "batch_size" not in plain["sampling"]
+    assert plain["sampling"]["batch_size"] == 2
     jpeg = load_recipe(path, ["output.format=jpeg"])
     assert jpeg.identity() != load_recipe(path, ["output.format=jpeg", "output.quality=50"]).identity()
 
