@@ -74,13 +74,14 @@ def generate(
                           "and/or WORLD_SIZE, else 1.")] = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N input images (sorted by key).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; load no model.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete this output folder's dataset and redo "
-                         "everything (default: resume, skipping finished samples).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the files this output folder's manifests "
+                         "list (nothing else) and redo everything (default: resume, skipping finished samples).")] = False,
 ) -> None:
     """Generate the paired dataset a recipe describes (resumes by default).
 
     Writes OUT/clean/<key>, OUT/degraded/<variant>/<key> (with output.layout webdataset: OUT/tars/<shard>-N.tar),
-    OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and OUT/run.json. Exit status: 0 all done, 1 some inputs failed (see errors/), 2 bad recipe or usage,
+    OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and OUT/run.json. Exit status: 0 all done, 1 some inputs failed (see errors/), 2 bad recipe or usage, or an
+    output problem (a folder mdsd3 did not make, another process on this shard, a full disk),
     130/143 stopped by SIGINT/SIGTERM (rerun to finish).
     """
     _quiet_libraries()
@@ -191,7 +192,8 @@ def train(
 
     Writes OUT/log.jsonl, OUT/checkpoints/step-N/, OUT/previews/step-N.png and, when finished, OUT/adapter/.
     SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop. Exit status: 0 finished, 2 bad recipe or usage,
-    130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (rerun with --resume latest to continue).
+    130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (rerun with --resume latest to continue); a full disk or
+    another training process on OUT is exit 2 too.
     """
     _quiet_libraries()
     from .train import Trainer
