@@ -425,10 +425,18 @@ LISTED_FILE_FIELDS = ("clean", "degraded", "tar")
 
 
 def manifest_listed_files(out_dir: str | Path) -> list[Path]:
-    """The files the manifest lines name (what mdsd3 recorded writing), each checked to be a safe relative path
-    whose folder lies inside the output folder; sorted, without duplicates."""
+    """The files the manifest lines name (what mdsd3 recorded writing), and those a `manifest/*.json` file lists
+    under "files" (the tars a webdataset shard plans), each checked to be a safe relative path whose folder lies
+    inside the output folder; sorted, without duplicates."""
     root = Path(out_dir).resolve()
     listed: set[Path] = set()
+
+    def add(names: list[Any]) -> None:
+        for relative in (name for name in names if isinstance(name, str)):
+            path = root / relative
+            if unsafe_key_reason(relative) is None and path.parent.resolve().is_relative_to(root):
+                listed.add(path)
+
     for manifest in sorted(root.glob("manifest/*.jsonl")):
         with open(manifest, "rb") as file:
             for line in file:
@@ -436,9 +444,11 @@ def manifest_listed_files(out_dir: str | Path) -> list[Path]:
                     record = json.loads(line) if line.endswith(b"\n") else None
                 except ValueError:
                     continue
-                names = [record.get(name) for name in LISTED_FILE_FIELDS] if isinstance(record, dict) else []
-                for relative in (name for name in names if isinstance(name, str)):
-                    path = root / relative
-                    if unsafe_key_reason(relative) is None and path.parent.resolve().is_relative_to(root):
-                        listed.add(path)
+                add([record.get(name) for name in LISTED_FILE_FIELDS] if isinstance(record, dict) else [])
+    for listing in sorted(root.glob("manifest/*.json")):
+        try:
+            files = json.loads(listing.read_text(encoding="utf-8")).get("files")
+        except (OSError, ValueError, AttributeError):
+            continue
+        add(files if isinstance(files, list) else [])
     return sorted(listed)

@@ -168,3 +168,21 @@ def test_verify_checks_tar_members(reference, tmp_path):
     assert ("hash", f"tars/{TARS[1]}:astronaut/mix_r2.degraded.png") in found
     assert ("orphan", f"tars/.{TARS[4]}.tmp") in found
     assert {where for kind, where in found if kind == "missing"} == {f"tars/{TARS[4]}:{name}" for name in lost}
+
+
+def test_overwrite_replaces_every_planned_tar(reference, tmp_path):
+    out = shutil.copytree(reference, tmp_path / "out")
+    manifest = out / "manifest" / "shard-00000-of-00001.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    manifest.write_text("".join(lines[:-1]))  # killed between the last tar's rename and its manifest lines
+    (out / "tars" / f".{TARS[2]}.tmp").write_bytes(b"partial")
+    recipe = load_recipe(reference.parent / "recipe.yaml", [f"output.dir={out}", "sampling.seed=4"])
+    with pytest.raises(OutputConflictError):
+        run_generate(plan_run(recipe, ShardSpec(0, 1)))
+    summary = run_generate(plan_run(recipe, ShardSpec(0, 1)), overwrite=True)
+    assert summary.written == 9 and list(tar_bytes(out)) == TARS
+    old, new = tar_bytes(reference), tar_bytes(out)
+    assert all(old[name] != new[name] for name in TARS)  # the unlisted last tar was replaced too
+    assert {json.loads(line)["seed"] for line in manifest_lines(out)}.isdisjoint(
+        json.loads(line)["seed"] for line in manifest_lines(reference))
+    assert verify_dataset(out).ok

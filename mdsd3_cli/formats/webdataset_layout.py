@@ -60,7 +60,9 @@ def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
         raise OutputConflictError(f"{folder} holds tars of a run with {sorted(counts - {shard.count})} shards "
                                   f"(not {shard.count}); the webdataset layout resumes only the same plan: {advice}")
     plan = {"samples_per_tar": samples_per_tar, "samples": len(items), "plan_sha256": hashlib.sha256(
-        json.dumps([(item.key, item.folder) for item in items], ensure_ascii=True).encode("ascii")).hexdigest()}
+        json.dumps([(item.key, item.folder) for item in items], ensure_ascii=True).encode("ascii")).hexdigest(),
+        "files": [f"{TARS_FOLDER}/{tar_path(out_dir, shard, group).name}"  # what --overwrite removes
+                  for group in range(len(groups_of(items, samples_per_tar)))]}
     record = Path(out_dir) / "manifest" / f"{shard.name}{PLAN_SUFFIX}"
     if any(folder.glob(f"{shard.name}-*.tar")) and record.is_file():
         try:
