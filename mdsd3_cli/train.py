@@ -508,7 +508,8 @@ class Trainer:
         self.rank, self.world_size = accelerator.process_index, accelerator.num_processes
         if accelerator.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            self._output_lock = OutputLock(self.out, "train", "training").__enter__()  # held until the process ends
+            if self._output_lock is None:  # one training process per OUT, until `run` returns
+                self._output_lock = OutputLock(self.out, "train", "training").__enter__()
             for stale in (self.out / CHECKPOINTS).glob(".tmp-*") if (self.out / CHECKPOINTS).is_dir() else ():
                 shutil.rmtree(stale, ignore_errors=True)
         self._print(f"data: {len(self.dataset.pairs)} pairs\n{self.dataset.summary()}")
@@ -773,8 +774,18 @@ class Trainer:
         return signal.Signals(code).name if code else None
 
     # -- the loop -----------------------------------------------------------------------------------------------
+    _output_lock: OutputLock | None = None
+
     def run(self) -> TrainSummary:
         """Train from the start (or resumed) step to `train.steps`; checkpoints, previews, log, adapter export."""
+        try:
+            return self._run()
+        finally:
+            if self._output_lock is not None:
+                self._output_lock.__exit__(None, None, None)
+                self._output_lock = None
+
+    def _run(self) -> TrainSummary:
         if not self._ready:
             self.setup()
         accelerator, recipe = self.accelerator, self.recipe

@@ -423,3 +423,21 @@ def test_training_learns_the_classes(pairs, tmp_path):
     fresh_gap = (dc(fresh_generated["empty"]) - dc(fresh_targets["clean"])).norm(dim=1).mean()
     assert trained_gap < 0.8 * fresh_gap
 
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_a_second_trainer_is_refused(pairs, tmp_path, monkeypatch):
+    from mdsd3_cli.ownership import ShardBusyError
+
+    recipe = quick_recipe(pairs, tmp_path, "train.steps=2", "output.preview_every=0")
+    trainer = Trainer(recipe)
+    trainer.setup()
+    with pytest.raises(ShardBusyError, match=f"PID {os.getpid()}"):  # one training process per output folder
+        Trainer(recipe).setup()
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(TrainError, match="cannot write checkpoint .*step-000002.*--resume latest"):
+        trainer.run()
+    assert not list((tmp_path / CHECKPOINTS).iterdir())
