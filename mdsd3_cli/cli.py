@@ -12,11 +12,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import __version__
+
 app = typer.Typer(
     help="Paired clean/degraded image datasets from a masked Stable Diffusion 3 transformer.\n\n"
     "Start with `mdsd3 init recipe.yaml`, edit it, `mdsd3 check --config recipe.yaml`, then "
     "`mdsd3 generate --config recipe.yaml`. Rerunning a stopped run finishes it.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
@@ -29,6 +30,29 @@ SetOption = Annotated[
     typer.Option("--set", help="Override one recipe field, e.g. --set sampling.steps=20 (repeatable).",
                  show_default=False),
 ]
+
+
+def _error(message: object) -> None:
+    """One red error line; the message (paths, YAML excerpts, values) is printed verbatim, never as markup."""
+    console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"mdsd3 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(invoke_without_command=True)
+def main(
+    context: typer.Context,
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    # No docstring: the app's help text above is the one `mdsd3 --help` shows.
+    if context.invoked_subcommand is None:
+        print(context.get_help())
+        raise typer.Exit()
 
 
 def _quiet_libraries() -> None:
@@ -54,7 +78,7 @@ def _clear_errors():
         yield
     except (RecipeError, InputsError, AdapterError, BaseModelError, OutputConflictError, ShardError, EvaluateError,
             OSError, ValueError, FloatingPointError) as error:
-        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        _error(error)
         raise typer.Exit(EXIT_USAGE) from None
 
 
@@ -102,21 +126,53 @@ def generate(
 
 @app.command()
 def check(config: ConfigOption, overrides: SetOption = None) -> None:
-    """Validate a recipe without loading any model: fields, classes against the adapter, paths, inputs, output."""
+    """Validate a generate or training recipe without loading any model and print its plan.
+
+    A generate recipe: fields, classes against the adapter, base folder layout, device, inputs, output (empty
+    or made by mdsd3; free space). A training recipe (it has `datasets`): fields, base folder layout, device,
+    every dataset's pairs, output.
+    """
+    from .recipe_file import read_recipe, recipe_kind
+
+    with _clear_errors():
+        if recipe_kind(read_recipe(config).data) == "train":
+            plan, warning = _check_training(config, overrides), None
+        else:
+            plan, warning = _check_generate(config, overrides)
+    Console().print(plan)
+    if warning is not None:
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    console.print(f"[green]ok:[/] {escape(str(config))} is valid", highlight=False, soft_wrap=True)
+
+
+def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, Optional[str]]:
     from .generate import check_output_writable, describe_plan, free_space_warning, plan_run
     from .ownership import claim_output
     from .plan import ShardSpec
+    from .writer import OutputConflictError
 
-    with _clear_errors():
-        recipe = _load(config, overrides)
+    recipe = _load(config, overrides)
+    recipe.device()
+    try:
         claim_output(recipe.output_dir())
-        check_output_writable(recipe.output_dir())
-        run = plan_run(recipe, ShardSpec(0, 1))
-    Console().print(describe_plan(run))
-    warning = free_space_warning(run)
-    if warning is not None:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    console.print(f"[green]ok:[/] {config} is valid")
+    except OutputConflictError as error:
+        raise OutputConflictError(f"{config}: output.dir: {error}") from None
+    check_output_writable(recipe.output_dir(), config)
+    run = plan_run(recipe, ShardSpec(0, 1))
+    return describe_plan(run), free_space_warning(run)
+
+
+def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
+    from .generate import check_output_writable
+    from .train import describe_training
+    from .train_data import build_dataset
+    from .train_recipe import load_train_recipe
+
+    recipe = load_train_recipe(config, overrides or [])
+    recipe.device()
+    dataset = build_dataset(recipe)
+    check_output_writable(recipe.output.dir, config)
+    return describe_training(recipe, dataset)
 
 
 @app.command()
@@ -127,11 +183,19 @@ def init(
     """Write a commented example recipe to edit."""
     from .recipe import example_recipe_text
 
-    if path.exists() and not force:
-        console.print(f"[bold red]error:[/] {path} exists; use --force to replace it")
+    if path.is_dir():
+        _error(f"{path} is a folder; give a file name, e.g. {path / 'recipe.yaml'}")
         raise typer.Exit(EXIT_USAGE)
-    path.write_text(example_recipe_text())
-    console.print(f"wrote {path}; edit input.paths and output.dir, then: mdsd3 check --config {path}")
+    if path.exists() and not force:
+        _error(f"{path} exists; use --force to replace it")
+        raise typer.Exit(EXIT_USAGE)
+    if not path.parent.is_dir():
+        _error(f"cannot write {path}: folder {path.parent} does not exist")
+        raise typer.Exit(EXIT_USAGE)
+    with _clear_errors():
+        path.write_text(example_recipe_text())
+    console.print(f"wrote {escape(str(path))}; edit input.paths and output.dir, then: "
+                  f"mdsd3 check --config {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 @app.command("encode-prompts")
@@ -141,7 +205,7 @@ def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
     _quiet_libraries()
     from .heads import all_prompts
     from .prompts import PromptCache, load_prompt_embeddings
-    from .runtime import resolve_device, resolve_dtype
+    from .runtime import resolve_dtype
     from .weights import fingerprint_base
 
     with _clear_errors():
@@ -151,10 +215,11 @@ def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
         prompts = all_prompts(recipe.classes())
         cache = PromptCache(recipe.prompt_cache_dir(), fingerprint)
         missing = cache.missing(prompts)
-        device = resolve_device(recipe.model.device)
+        device = recipe.device()
         load_prompt_embeddings(source, fingerprint, prompts, recipe.prompt_cache_dir(), device,
                                resolve_dtype(recipe.model.dtype, device))
-    console.print(f"{len(prompts)} prompts cached in {cache.folder} ({len(missing)} newly encoded)")
+    console.print(f"{len(prompts)} prompts cached in {escape(str(cache.folder))} ({len(missing)} newly encoded)",
+                  highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -164,20 +229,23 @@ def info(config: ConfigOption, overrides: SetOption = None) -> None:
     import torch
 
     from .generate import open_session
-    from .weights import describe_parameters
+    from .weights import PARAMETER_GROUPS, describe_parameters
 
     with _clear_errors():
         recipe = _load(config, overrides)
         session = open_session(recipe, torch.device("cpu"), torch.float32)
     table = Table(title="mdsd3 model", show_header=False)
     adapter = session.adapter
-    table.add_row("base", f"{session.base.source} ({session.base.fingerprint})")
-    table.add_row("adapter", f"{recipe.model.adapter or 'fresh (untrained)'} ({session.adapter_fingerprint or '-'})")
+    table.add_row("base", escape(f"{session.base.source} ({session.base.fingerprint})"))
+    table.add_row("adapter", escape(f"{recipe.model.adapter or 'fresh (untrained)'} "
+                                    f"({session.adapter_fingerprint or '-'})"))
     table.add_row("shape", ", ".join(f"{k}={v}" for k, v in session.base.shape.items()))
     for name, heads in zip(adapter.classes, adapter.head_partition):
-        table.add_row(f"class {name}", f"heads {heads[0]}-{heads[-1]} ({len(heads)})")
-    for name, count in describe_parameters(session.model).items():
-        table.add_row(f"parameters: {name}", f"{count:,}")
+        table.add_row(f"class {escape(name)}", f"heads {heads[0]}-{heads[-1]} ({len(heads)})")
+    counts = describe_parameters(session.model)
+    for name, count in counts.items():
+        table.add_row(f"parameters: {PARAMETER_GROUPS[name]}", f"{count:,}")
+    table.add_row("parameters: total", f"{sum(counts.values()):,}")
     Console().print(table)
 
 
@@ -222,7 +290,7 @@ def preview(
     with _clear_errors():
         sheet = contact_sheet(dataset, n, cell, seed)
         sheet.save(out)
-    console.print(f"wrote {out} ({sheet.width}x{sheet.height})")
+    console.print(f"wrote {escape(str(out))} ({sheet.width}x{sheet.height})", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -242,7 +310,7 @@ def verify(
     try:
         report = verify_dataset(dataset, workers, console=console)
     except NotADatasetError as error:
-        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False)
+        _error(error)
         raise typer.Exit(EXIT_USAGE) from None
     print_problems(report, console)
     Console().print(report.table())
@@ -275,7 +343,7 @@ def evaluate(
     from .evaluate.report import classes_table, distances_table, problem_lines, variants_table
 
     if (dataset is None) == (pairs is None):
-        console.print("[bold red]error:[/] give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
+        _error("give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
         report = evaluate_dataset(dataset, pairs, against or [], out, workers, console)
@@ -312,7 +380,7 @@ def export(
     from .export import EXPORT_FORMATS, run_export
 
     if to not in EXPORT_FORMATS:
-        console.print(f"[bold red]error:[/] --to {escape(to)}: expected one of {', '.join(EXPORT_FORMATS)}")
+        _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
         summary = run_export(dataset, to, destination, per_file, console=console)

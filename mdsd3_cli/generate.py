@@ -15,18 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
 from .adapter import AdapterConfig
 from .heads import UNCONDITIONAL_PROMPT, prompt_for
 from .images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded, load_image
-from .plan import ShardSpec, WorkItem, build_plan, shard_items
+from .plan import ShardSpec, WorkItem, build_plan, shard_sources
 from .progress import RunProgress
 from .prompts import load_prompt_embeddings
 from .recipe import Recipe
-from .runtime import StopRequest, exit_code_for, resolve_device, resolve_dtype
-from .sampler import MDSD3Sampler, SampleRequest
+from .runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
+from .sampler import MDSD3Sampler, SampleRequest, is_guided
 from .weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
 from .formats.layout import LayoutWriter, completed_in_layout, open_layout_writer
 from .ownership import claim_output, clear_outputs, shard_lock
@@ -41,22 +42,21 @@ class InputsError(ValueError):
 
 @dataclass
 class RunPlan:
-    """What a run would do, known before any model loads."""
+    """What a run would do, known before any model loads. Only this shard's samples are built; the whole
+    plan is counted (shards own whole source images, so no shard needs the others' samples)."""
 
     recipe: Recipe
     shard: ShardSpec
     discovery: Discovery
-    plan: list[WorkItem]
+    sources_in_plan: int
+    samples_in_plan: int
     mine: list[WorkItem]
+    limit: int | None = None
     done: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def todo(self) -> list[WorkItem]:
         return [item for item in self.mine if (item.key, item.folder) not in self.done]
-
-    @property
-    def sources_in_plan(self) -> int:
-        return len({item.key for item in self.plan})
 
     @property
     def identity(self) -> dict:
@@ -112,17 +112,17 @@ class RunSummary:
 
 
 def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunPlan:
-    """Discover inputs, build the deterministic plan and this shard's part; reads manifests, writes nothing."""
-    discovery = discover_sources(recipe.input_paths(), recursive=recipe.input.recursive, exclude=[recipe.output_dir()])
+    """Discover inputs, count the deterministic plan and build this shard's part; reads manifests, writes nothing."""
+    discovery = discover_sources(recipe.input_paths(), recursive=recipe.input.recursive,
+                                 exclude=[recipe.output_dir()])
     fatal = [error for error in discovery.errors if error.fatal]
     if fatal:
         lines = "\n".join(f"  {error.path}: {error.reason}" for error in fatal)
         raise InputsError(f"{recipe.source_path}: input.paths: unusable entries:\n{lines}")
-    plan = build_plan(recipe, discovery.sources)
-    if limit is not None:
-        keep = set(sorted({item.key for item in plan})[:limit])
-        plan = [item for item in plan if item.key in keep]
-    run = RunPlan(recipe, shard, discovery, plan, shard_items(plan, shard.index, shard.count))
+    sources = sorted(discovery.sources, key=lambda source: source.key)[:limit]  # --limit: the first N keys
+    per_source = sum(variant.repeats for variant in recipe.variants)
+    mine = build_plan(recipe, shard_sources(sources, shard.index, shard.count))
+    run = RunPlan(recipe, shard, discovery, len(sources), len(sources) * per_source, mine, limit)
     run.done = completed_in_layout(recipe, shard, run.mine)
     return run
 
@@ -150,7 +150,7 @@ def open_session(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Se
 def needed_prompts(items: Sequence[WorkItem], classes: Sequence[str], guidance: float) -> list[str]:
     """The prompts a list of work items needs (plus the unconditional one when guided)."""
     prompts = {prompt_for(item.ratios, classes) for item in items}
-    if guidance > 1.0:
+    if is_guided(guidance):
         prompts.add(UNCONDITIONAL_PROMPT)
     return sorted(prompts)
 
@@ -178,27 +178,39 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
             yield batch
 
 
+class SamplingMemoryError(ValueError):
+    """Out of memory even at batch size 1: the images are too large for this device."""
+
+
 class _Generator:
-    """The sampling loop with OOM back-off."""
+    """The sampling loop with out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch
+    is retried in parts; at batch size 1 a SamplingMemoryError says what to change."""
 
     def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: Console):
         self.sampler, self.steps, self.guidance = sampler, steps, guidance
         self.batch_size, self.console = batch_size, console
 
     def __call__(self, batch: list[tuple[WorkItem, LoadedImage]]) -> np.ndarray:
+        if len(batch) > self.batch_size:  # formed before the batch size was lowered
+            parts = [batch[start:start + self.batch_size] for start in range(0, len(batch), self.batch_size)]
+            return np.concatenate([self(part) for part in parts])
         try:
             pixels = torch.from_numpy(np.stack([image.pixels for _, image in batch]))
             requests = [SampleRequest(item.ratios, item.seed, item.alpha, item.beta) for item, _ in batch]
             return self.sampler.generate(pixels, requests, self.steps, self.guidance, pad_to=self.batch_size)
-        except torch.OutOfMemoryError:
-            if len(batch) == 1:
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
                 raise
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            half = len(batch) // 2
-            if half < self.batch_size:
-                self.batch_size = half
-                self.console.print(f"[yellow]out of GPU memory: batch size lowered to {half}")
-            return np.concatenate([self(batch[:half]), self(batch[half:])])
+        device = self.sampler.device
+        if self.batch_size == 1:
+            raise SamplingMemoryError(f"out of memory on {device} at batch size 1 with {batch[0][1].pixels.shape[1]}x"
+                                      f"{batch[0][1].pixels.shape[0]} images; use a smaller input.size or "
+                                      "input.max_side, or a device with more memory") from None
+        self.batch_size = max(1, min(self.batch_size, len(batch)) // 2)
+        self.console.print(f"[yellow]out of memory on {device}: batch size lowered to {self.batch_size}[/]")
+        return self(batch)
 
 
 def _record(item: WorkItem, image: LoadedImage, run: RunPlan, session: Session) -> dict:
@@ -253,7 +265,7 @@ def _generate_locked(run: RunPlan, identity: dict, console: Console) -> RunSumma
     recipe, out = run.recipe, run.recipe.output_dir()
     summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(run.todo))
     todo = run.todo
-    device = resolve_device(recipe.model.device)
+    device = recipe.device()
     dtype = resolve_dtype(recipe.model.dtype, device)
 
     with StopRequest() as stop:
@@ -315,19 +327,21 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: La
 def describe_plan(run: RunPlan) -> Table:
     """The plan's size, for `check` and `--dry-run`."""
     recipe = run.recipe
-    table = Table(title=f"plan for {recipe.source_path.name} — {run.shard.name}", show_header=False)
-    folders = [folder for variant in recipe.variants for folder in variant.folders()]
+    table = Table(title=escape(f"plan for {recipe.source_path.name} — {run.shard.name}"), show_header=False)
+    folders = [variant.name if variant.repeats == 1 else f"{variant.folder(1)} ... {variant.folder(variant.repeats)}"
+               for variant in recipe.variants]
     nonfatal = [error for error in run.discovery.errors if not error.fatal]
     rows = [
         ("input images", len(run.discovery.sources)), ("inputs skipped at discovery", len(nonfatal)),
-        ("in plan (after --limit)", run.sources_in_plan), ("variant folders", ", ".join(folders)),
-        ("samples in plan", len(run.plan)), ("samples in this shard", len(run.mine)),
+        *([(f"in plan (--limit {run.limit})", run.sources_in_plan)] if run.limit is not None else []),
+        ("variant folders", ", ".join(folders)),
+        ("samples in plan", run.samples_in_plan), ("samples in this shard", len(run.mine)),
         ("already done", len(run.mine) - len(run.todo)), ("to do", len(run.todo)),
         ("classes", ", ".join(recipe.classes())), ("output", str(recipe.output_dir())),
         *(("note", note) for note in run.discovery.notes),
     ]
     for name, value in rows:
-        table.add_row(name, str(value))
+        table.add_row(name, escape(str(value)))
     return table
 
 
@@ -354,16 +368,17 @@ def free_space_warning(run: RunPlan, free_bytes: int | None = None) -> str | Non
             f"{len(run.todo)} samples may need up to {needed / 1e6:,.0f} MB")
 
 
-def check_output_writable(path: Path) -> None:
-    """Raise OSError naming the folder if outputs cannot be created there."""
+def check_output_writable(path: Path, source: str | os.PathLike) -> None:
+    """Raise OSError naming the recipe `source` and output.dir if outputs cannot be created at `path`."""
     probe_dir = path
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     if not probe_dir.is_dir():
-        raise OSError(f"output.dir {path}: {probe_dir} is not a folder")
+        raise OSError(f"{source}: output.dir: {probe_dir} is not a folder (output.dir is {path})")
     try:
         descriptor, probe = tempfile.mkstemp(dir=probe_dir, prefix=".mdsd3-write-test-")
     except OSError as error:
-        raise OSError(f"output.dir {path}: cannot write in {probe_dir}: {error.strerror}") from error
+        raise OSError(f"{source}: output.dir: cannot write in {probe_dir}: {error.strerror} "
+                      f"(output.dir is {path})") from error
     os.close(descriptor)
     os.unlink(probe)

@@ -221,6 +221,8 @@ def _expand_entry(entry: str, base: Path, recursive: bool) -> _Expanded:
         expanded = _expand_list_file(path)
     elif path.is_file():
         expanded = _Expanded(path.parent, [(path.stem, path)])
+    elif path.exists():
+        return _Expanded(None, errors=[InputError(entry, f"not a regular file or folder: {path}", fatal=True)])
     elif _GLOB_MAGIC.search(entry):
         expanded = _expand_glob(path)
     else:

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
+from .recipe_yaml import YamlError, load_yaml
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
+def apply_override(data: dict[str, Any], override: str) -> str:
     """Set one field from `dotted.key=value`; the value is read as YAML (`20` an int, `[0.1, 0.5]` a list).
 
     List items are addressed by index or by their `name` (`variants.rain.repeats=2`); missing mappings are
-    created. Raises ValueError with a message naming the part that does not fit.
+    created. Returns the field set, with list items as indexes (`variants.0.repeats`). Raises ValueError with
+    a message naming the part that does not fit.
     """
     key, equals, text = override.partition("=")
     parts = key.strip().split(".")
     if not equals or not all(parts):
         raise ValueError("expected FIELD=VALUE with a dotted field, e.g. sampling.steps=20")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError as error:
+        value = load_yaml(text, "--set value")
+    except YamlError as error:
         raise ValueError(f"value is not valid YAML: {error}") from None
     node: Any = data
+    resolved: list[str] = []
     for depth, part in enumerate(parts):
         where = ".".join(parts[:depth]) or "recipe"
         if isinstance(node, list):
@@ -38,7 +40,9 @@ def apply_override(data: dict[str, Any], override: str) -> None:
                 node[part] = {}
         else:
             raise ValueError(f"{where} is not a mapping or a list")
+        resolved.append(str(slot))
         if depth == len(parts) - 1:
             node[slot] = value
         else:
             node = node[slot]
+    return ".".join(resolved)

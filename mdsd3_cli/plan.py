@@ -9,7 +9,7 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from .recipe import Recipe, Variant
 
@@ -23,6 +23,9 @@ class SourceLike(Protocol):
 
     key: str
     path: Path
+
+
+S = TypeVar("S", bound="tuple[str, Path] | SourceLike")
 
 
 @dataclass(frozen=True)
@@ -94,11 +97,11 @@ def _check_shard(index: int, count: int) -> None:
         raise ShardError(f"shard index {index} of {count}: need count >= 1 and 0 <= index < count")
 
 
-def shard_items(plan: Sequence[WorkItem], index: int, count: int) -> list[WorkItem]:
-    """The items of shard `index` of `count`: source i (in sorted key order) belongs to shard i % count."""
+def shard_sources(sources: Sequence[S], index: int, count: int) -> list[S]:
+    """The sources of shard `index` of `count`: source i in sorted key order belongs to shard i % count, so
+    shards own whole source images and a shard's plan is `build_plan` of its own sources."""
     _check_shard(index, count)
-    position = {key: i for i, key in enumerate(sorted({item.key for item in plan}))}
-    return [item for item in plan if position[item.key] % count == index]
+    return sorted(sources, key=lambda source: _key_and_path(source)[0])[index::count]
 
 
 @dataclass(frozen=True)
@@ -129,14 +132,14 @@ def _slurm_shard(environ: Mapping[str, str]) -> ShardSpec | None:
         return None
     if "SLURM_ARRAY_TASK_COUNT" not in environ:
         raise ShardError("$SLURM_ARRAY_TASK_ID is set but $SLURM_ARRAY_TASK_COUNT is not; "
-                         "pass --shard-index and --shard-count")
+                         "pass --shard-index and --num-shards")
     task, count = _env_int(environ, "SLURM_ARRAY_TASK_ID"), _env_int(environ, "SLURM_ARRAY_TASK_COUNT")
     first = _env_int(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
     step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
     offset = task - first
     if step < 1 or offset % step or not 0 <= offset // step < count:
         raise ShardError(f"SLURM array task {task} (min {first}, step {step}, count {count}) is not one of "
-                         f"{count} evenly spaced tasks; use --array=A-B[:S] or pass --shard-index/--shard-count")
+                         f"{count} evenly spaced tasks; use --array=A-B[:S] or pass --shard-index/--num-shards")
     return ShardSpec(offset // step, count)
 
 
@@ -145,7 +148,7 @@ def _torchrun_shard(environ: Mapping[str, str]) -> ShardSpec | None:
     if not present:
         return None
     if len(present) == 1:
-        raise ShardError(f"only ${present[0]} of $RANK/$WORLD_SIZE is set; pass --shard-index and --shard-count")
+        raise ShardError(f"only ${present[0]} of $RANK/$WORLD_SIZE is set; pass --shard-index and --num-shards")
     rank, world = _env_int(environ, "RANK"), _env_int(environ, "WORLD_SIZE")
     if world < 1 or not 0 <= rank < world:
         raise ShardError(f"$RANK={rank} with $WORLD_SIZE={world} is not a valid rank")
@@ -159,7 +162,7 @@ def detect_shard(index: int | None, count: int | None, environ: Mapping[str, str
     """
     if index is not None or count is not None:
         if index is None or count is None:
-            raise ShardError("--shard-index and --shard-count must be given together")
+            raise ShardError("--shard-index and --num-shards must be given together")
         return ShardSpec(index, count)
     slurm, torchrun = _slurm_shard(environ), _torchrun_shard(environ)
     if slurm and torchrun:

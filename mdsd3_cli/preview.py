@@ -9,11 +9,13 @@ import tarfile
 from collections import defaultdict
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .manifest import MEMBER_FIELDS, TAR_FIELD
 
 LABEL_HEIGHT = 18
+MIN_CELL = 96
+"""Smallest cell a contact sheet shrinks to for small images (labels stay readable); smaller images are enlarged."""
 
 
 def read_manifests(dataset: Path) -> list[dict]:
@@ -30,7 +32,11 @@ def read_manifests(dataset: Path) -> list[dict]:
 
 def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0) -> Image.Image:
     """A grid: a header row of folder names, then up to `count` randomly chosen keys, one per row: the clean
-    image and every variant folder's image, each labelled (key, or the sample's class ratios)."""
+    image and every variant folder's image, each labelled (key, or the sample's class ratios).
+
+    Cells are `cell` pixels, or smaller for smaller images (at least MIN_CELL); images fill their cell."""
+    if not dataset.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {dataset}")
     records = read_manifests(dataset)
     if not records:
         raise FileNotFoundError(f"{dataset} has no manifest records (is it an mdsd3 generate output folder?)")
@@ -40,6 +46,8 @@ def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0
     folders = sorted({record["folder"] for record in records})
     keys = sorted(by_key)
     keys = sorted(random.Random(seed).sample(keys, min(count, len(keys))))
+    largest = max(max(record.get("size") or [cell]) for key in keys for record in by_key[key].values())
+    cell = min(cell, max(largest, MIN_CELL))  # no wide white margins around small images
     columns = ["clean", *folders]
     sheet = Image.new("RGB", (cell * len(columns), LABEL_HEIGHT + (cell + LABEL_HEIGHT) * len(keys)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -61,8 +69,8 @@ def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0
                 label = " ".join(f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
             if record is not None:
                 with Image.open(_image_file(dataset, record, "clean" if name == "clean" else "degraded")) as image:
-                    thumb = image.convert("RGB")
-                    thumb.thumbnail((cell, cell))
+                    thumb = ImageOps.contain(image.convert("RGB"), (cell, cell), Image.Resampling.NEAREST
+                                             if max(image.size) < cell else Image.Resampling.LANCZOS)
                     sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + LABEL_HEIGHT))
             draw.text((left + 3, top + 3), label[-width:] if name == "clean" else label[:width], fill="dimgray", font=font)
     return sheet

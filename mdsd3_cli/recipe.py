@@ -7,21 +7,23 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator
 
 from .adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
-from .overrides import apply_override
 from .presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
+from .recipe_file import Problem, RecipeData, RecipeFileError, read_recipe, schema_problems
+from .sd3_folder import base_folder_problem
+
+if TYPE_CHECKING:
+    import torch
 
 TINY_BASE = "tiny"
 VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
-
-Problem = tuple[str, str]
-"""A (dotted field path, message) pair."""
+MAX_REPEATS = 1000
+"""Most draws per photo one variant may ask for (`repeats`)."""
 
 
 class RecipeError(ValueError):
@@ -129,7 +131,7 @@ class Variant(_Section):
 
     name: str = Field(max_length=100)
     classes: dict[str, Ratio]
-    repeats: int = Field(default=1, ge=1)
+    repeats: int = Field(default=1, ge=1, le=MAX_REPEATS)
     alpha: Annotated[float, Field(gt=0)] | None = None
     beta: Annotated[float, Field(ge=0)] | None = None
 
@@ -194,6 +196,15 @@ class Recipe(_Section):
             adapter = self.adapter_dir()
             self._classes = list(read_adapter_config(adapter).classes if adapter else self.model.classes or [])
         return list(self._classes)
+
+    def device(self) -> "torch.device":
+        """The device model.device names on this machine; RecipeError (model.device) when there is none here."""
+        from .runtime import DeviceError, resolve_device  # torch-free import of the recipe module stays possible
+
+        try:
+            return resolve_device(self.model.device)
+        except DeviceError as error:
+            raise RecipeError(str(self._source_path), [("model.device", str(error))]) from None
 
     def input_paths(self) -> list[str]:
         """Input folders, globs and list files with relative ones resolved against the recipe's folder."""
@@ -264,19 +275,6 @@ class Recipe(_Section):
 
 
 _NOT_A_MAPPING = "a recipe is a YAML mapping with model, input, output, sampling and variants"
-_MESSAGES = {"extra_forbidden": "unknown field", "missing": "required field is missing"}
-
-
-def _dotted(location: Sequence[str | int]) -> str:
-    return ".".join(str(part) for part in location)
-
-
-def _schema_problems(error: ValidationError) -> list[Problem]:
-    problems = []
-    for item in error.errors():
-        message = _MESSAGES.get(item["type"], item["msg"].removeprefix("Value error, "))
-        problems.append((_dotted(item["loc"]), message))
-    return problems
 
 
 def _classes_problems(recipe: Recipe) -> tuple[list[str] | None, list[Problem]]:
@@ -340,60 +338,52 @@ def _path_problems(recipe: Recipe) -> list[Problem]:
             problems.append(("model.base", str(error)))
     elif base is not None and not base.is_dir():
         problems.append(("model.base", f"no such folder: {base} (use {TINY_BASE!r} for the built-in test preset)"))
+    elif base is not None and (problem := base_folder_problem(base)):
+        problems.append(("model.base", problem))
     for index, raw in enumerate(recipe.input.paths):
         path = recipe.resolve(raw)
-        if not GLOB_CHARACTERS.search(raw) and not path.exists():
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            problems.append((f"input.paths.{index}", f"not a regular file or folder: {path}"))
+        elif not GLOB_CHARACTERS.search(raw) and not path.exists():
             problems.append((f"input.paths.{index}", f"no such file or folder: {path}"))
     return problems
 
 
-def parse_recipe(data: Any, source_path: str | os.PathLike) -> Recipe:
+def parse_recipe(data: Any, source_path: str | os.PathLike, overridden: Mapping[str, str] | None = None) -> Recipe:
     """Validate recipe data (as read from YAML) that came from `source_path`; raise RecipeError listing
-    every problem found."""
+    every problem found. `overridden` maps fields set by `--set` to the override, for the messages."""
     source = str(source_path)
     if not isinstance(data, Mapping):
         raise RecipeError(source, [("", _NOT_A_MAPPING)])
+    label = RecipeData(source, dict(data), dict(overridden or {})).label
     try:
         recipe = Recipe.model_validate(dict(data))
     except ValidationError as error:
-        raise RecipeError(source, _schema_problems(error)) from None
+        raise RecipeError(source, [(label(field), message)
+                                   for field, message in schema_problems(error, Recipe)]) from None
     recipe._source_path = Path(os.path.abspath(source_path))
     classes, problems = _classes_problems(recipe)
     problems += _variant_problems(recipe, classes)
     problems += _path_problems(recipe)
     if problems:
-        raise RecipeError(source, problems)
+        raise RecipeError(source, [(label(field), message) for field, message in problems])
     recipe._classes = classes
     return recipe
 
 
 def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe file (yaml.safe_load), apply `--set` overrides, and validate it with its paths."""
-    source = str(path)
+    """Read a recipe file (bounded, safe YAML), apply `--set` overrides, and validate it with its paths."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        raise RecipeError(source, [("", f"cannot read recipe: {error.strerror or error}")]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise RecipeError(source, [("", f"invalid YAML: {error}")]) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise RecipeError(source, [("", _NOT_A_MAPPING)])
-    for override in overrides:
-        try:
-            apply_override(data, override)
-        except ValueError as error:
-            raise RecipeError(source, [("", f"--set {override!r}: {error}")]) from None
-    return parse_recipe(data, path)
+        raw = read_recipe(path, overrides, not_mapping=_NOT_A_MAPPING)
+    except RecipeFileError as error:
+        raise RecipeError(error.source, [(error.where, error.message)]) from None
+    return parse_recipe(raw.data, path, raw.overridden)
 
 
 _EXAMPLE_RECIPE = """\
 # mdsd3 recipe: turns folders of clean photos into a paired clean/degraded dataset.
 # Relative paths are taken against the folder of this file. Check it with
-# `mdsd3 validate recipe.yaml`; change single fields with `--set sampling.steps=20`.
+# `mdsd3 check --config recipe.yaml`; change single fields with `--set sampling.steps=20`.
 
 model:
   # "tiny" is a built-in random model for smoke tests: its images mean nothing.
@@ -436,7 +426,7 @@ sampling:
   steps: 28                 # denoising steps
   guidance: 7.0             # classifier-free guidance; <= 1 turns it off (twice as fast)
   alpha: 1.0                # initial latent = alpha * noise + beta * clean latent; alpha > 0
-  beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps more of the clean image
+  beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps the degradations strong
   seed: 0                   # every sample's seed is a stable hash of (seed, key, variant, repeat)
   batch_size: 4             # images per step; does not change the outputs
 
@@ -448,7 +438,7 @@ variants:                   # each writes degraded/<name>/ (or <name>_r<N>/ with
   # per photo; alpha and beta here override the sampling ones.
   - name: random_mix
     classes: {rain: [0.3, 1.0], haze: [0.0, 0.6]}
-    repeats: 2
+    repeats: 2                # at most 1000
     alpha: 0.9
     beta: 0.4
 """

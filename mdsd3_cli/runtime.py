@@ -19,13 +19,36 @@ def exit_code_for(signal_name: str) -> int:
     return 128 + signal.Signals[signal_name].value
 
 
+class DeviceError(ValueError):
+    """A device setting this machine cannot honour (no CUDA, no such GPU, not a device name)."""
+
+
 def resolve_device(spec: str, environ: Mapping[str, str] = os.environ) -> torch.device:
-    """`auto`: this process's GPU (LOCAL_RANK under torchrun) when CUDA is present, else the CPU."""
+    """`auto`: this process's GPU (LOCAL_RANK under torchrun) when CUDA is present, else the CPU.
+
+    An explicit device must exist here: DeviceError says why it does not."""
     if spec != "auto":
-        return torch.device(spec)
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise DeviceError(f"{spec!r} is not a device name (auto, cpu, cuda or cuda:N)") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise DeviceError(f"{spec!r} requested but CUDA is not available on this machine "
+                                  "(device: auto uses a GPU when there is one)")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise DeviceError(f"{spec!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure: CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:

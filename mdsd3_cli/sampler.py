@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from .adapter import AdapterConfig
 from .heads import UNCONDITIONAL_PROMPT, head_mask, prompt_for, ratio_vector
 from .model import MDSD3Transformer
@@ -35,6 +36,11 @@ class Conditioning:
     embeds: torch.Tensor  # [B, S, D]
     pooled: torch.Tensor  # [B, P]
     head_mask: torch.Tensor  # [B, H]
+
+
+def is_guided(guidance: float) -> bool:
+    """Classifier-free guidance is on above 1; at or below 1 only the conditional branch runs."""
+    return guidance > 1.0
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -94,7 +100,7 @@ class MDSD3Sampler:
 
     def request_conditioning(self, requests: Sequence[SampleRequest],
                              unconditional: bool = True) -> tuple[Conditioning, Conditioning | None]:
-        """(conditional, unconditional) branches per METHOD §1: class prompt + ratio mask; "" + all-zero mask.
+        """(conditional, unconditional) branches (docs/METHOD.md §1): class prompt + ratio mask; "" + all-zero mask.
         Without guidance (`unconditional=False`) the unconditional branch is None and "" need not be cached."""
         classes = self.adapter.classes
         rows = [ratio_vector(r.ratios, classes) for r in requests]
@@ -112,7 +118,7 @@ class MDSD3Sampler:
         """SD3 flow-matching Euler from σ = 1; guidance when `guidance > 1` and an unconditional branch is given."""
         scheduler = self.base.make_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
-        guided = guidance > 1.0 and uncond is not None
+        guided = is_guided(guidance) and uncond is not None
         if guided:
             embeds = torch.cat([uncond.embeds, cond.embeds])
             pooled = torch.cat([uncond.pooled, cond.pooled])
@@ -155,6 +161,6 @@ class MDSD3Sampler:
         alpha = torch.tensor([r.alpha for r in requests], device=self.device)
         beta = torch.tensor([r.beta for r in requests], device=self.device)
         latents = initial_latents(noise, clean_latents.float(), alpha, beta)
-        cond, uncond = self.request_conditioning(requests, unconditional=guidance > 1.0)
+        cond, uncond = self.request_conditioning(requests, unconditional=is_guided(guidance))
         latents = self.denoise(latents, injections, cond, uncond, steps, guidance)[:count]
         return latents if output == "latent" else self.decode(latents)

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -65,11 +66,11 @@ from .heads import UNCONDITIONAL_PROMPT, all_prompts, head_mask
 from .model import MDSD3Transformer
 from .progress import RunProgress
 from .prompts import PromptEmbedding, load_prompt_embeddings
-from .runtime import StopRequest, exit_code_for, resolve_device
+from .runtime import StopRequest, exit_code_for
 from .sampler import MDSD3Sampler, SampleRequest
 from .train_data import Draw, PairedDataset, batch_prompts, build_dataset, condition_drop_mask
 from .train_recipe import TrainRecipe
-from .weights import BaseModel, add_lora, build_model, describe_parameters, fingerprint_base, fresh_adapter_config, load_base, save_adapter
+from .weights import PARAMETER_GROUPS, BaseModel, add_lora, build_model, describe_parameters, fingerprint_base, fresh_adapter_config, load_base, save_adapter
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -332,14 +333,30 @@ class TrainSummary:
             ("steps/s (this process)", f"{self.steps_per_s:.2f}"),
             ("elapsed", f"{self.elapsed_s:.1f} s"),
             ("pairs skipped", ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())) or "none"),
-            ("last checkpoint", str(self.checkpoint or "-")),
-            ("adapter", str(self.adapter_dir or "- (not finished)")),
+            ("last checkpoint", escape(str(self.checkpoint or "-"))),
+            ("adapter", escape(str(self.adapter_dir or "- (not finished)"))),
         ]
         if self.stopped_by:
             rows.append(("stopped by", f"{self.stopped_by} (rerun with --resume latest to continue)"))
         for name, value in rows:
             table.add_row(name, value)
         return table
+
+
+def describe_training(recipe: TrainRecipe, dataset: PairedDataset) -> Table:
+    """What a training run would do, for `mdsd3 check`: classes, pairs per dataset, schedule, output."""
+    train = recipe.train
+    table = Table(title="training plan", show_header=False)
+    rows = [
+        ("classes", ", ".join(recipe.classes)), ("base", recipe.model.base),
+        ("adapter", str(recipe.model.adapter or "fresh (untrained)")),
+        ("pairs", f"{len(dataset.pairs)}\n{dataset.summary()}"),
+        ("steps", f"{train.steps} x batch {train.batch_size} x accumulation {train.grad_accum}"),
+        ("output", str(recipe.output.dir)),
+    ]
+    for name, value in rows:
+        table.add_row(name, escape(value))
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- previews
@@ -483,7 +500,7 @@ class Trainer:
 
     def _print(self, text: str) -> None:
         if self.accelerator is None or self.accelerator.is_main_process:
-            self.console.print(text, highlight=False)
+            self.console.print(escape(text), highlight=False)
 
     accelerator = None
 
@@ -496,7 +513,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         recipe, train = self.recipe, self.recipe.train
-        wanted = resolve_device(recipe.model.device)
+        wanted = recipe.device()
         mixed, weight_dtype = resolve_precision(recipe, wanted)
         accelerator = Accelerator(
             gradient_accumulation_steps=train.grad_accum, mixed_precision=mixed, cpu=wanted.type == "cpu",
@@ -536,11 +553,11 @@ class Trainer:
         if train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
-        counts = describe_parameters(model)
-        trainable_count = sum(p.numel() for p in self.trainable)
-        self._print(f"model: base {source} ({base.fingerprint}), {counts['base']:,} frozen base parameters; "
-                    f"training {trainable_count:,} ({train.trainable}: clean branch {counts['clean_branch']:,}, "
-                    f"Z {counts['z_layers']:,}, LoRA {counts['lora']:,}); device {self.device}, "
+        frozen = describe_parameters(model)["base"]
+        trained = describe_parameters(model, trainable_only=True)
+        parts = " + ".join(f"{PARAMETER_GROUPS[name]} {count:,}" for name, count in trained.items() if count)
+        self._print(f"model: base {source} ({base.fingerprint}), {frozen:,} frozen base parameters; "
+                    f"training {sum(trained.values()):,} ({train.trainable}: {parts}); device {self.device}, "
                     f"precision {mixed}, {self.world_size} process(es)")
 
         optimizer = torch.optim.AdamW(self.trainable, lr=train.lr, weight_decay=train.weight_decay)

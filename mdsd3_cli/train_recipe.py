@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .heads import CLEAN_PROMPT
-from .overrides import apply_override
 from .presets import is_preset
+from .recipe_file import RecipeData, RecipeFileError, read_recipe, schema_problems
+from .runtime import DeviceError, resolve_device
+from .sd3_folder import base_folder_problem
 
 TINY_BASE = "tiny"
 PAIR_LIST_SUFFIXES = (".csv", ".jsonl")
@@ -60,7 +61,13 @@ class ModelSection(_Section):
     @field_validator("base")
     @classmethod
     def _base(cls, value: str, info: ValidationInfo) -> str:
-        return value if value == TINY_BASE or is_preset(value) else str(_existing_dir(Path(value), info))
+        if value == TINY_BASE or is_preset(value):
+            return value
+        folder = _existing_dir(Path(value), info)
+        problem = base_folder_problem(folder)
+        if problem:
+            raise ValueError(problem)
+        return str(folder)
 
     @field_validator("adapter")
     @classmethod
@@ -241,6 +248,15 @@ class TrainRecipe(_Section):
     train: TrainSection = Field(default={}, validate_default=True)
     output: OutputSection = Field(default={}, validate_default=True)
 
+    _source: str = PrivateAttr(default="recipe")
+
+    def device(self) -> torch.device:
+        """The device model.device names on this machine; TrainRecipeError (model.device) when there is none."""
+        try:
+            return resolve_device(self.model.device)
+        except DeviceError as error:
+            raise TrainRecipeError(f"{self._source}: model.device: {error}") from None
+
     @field_validator("classes")
     @classmethod
     def _classes(cls, value: list[str]) -> list[str]:
@@ -269,45 +285,28 @@ class TrainRecipe(_Section):
         return self
 
 
-def _format_errors(source: str, error: ValidationError) -> str:
-    """One `SOURCE: dotted.field: problem` line per validation problem."""
+def _format_problems(raw: RecipeData, problems: Iterable[tuple[str, str]]) -> str:
+    """One `SOURCE: dotted.field: problem` line per problem (a multi-line problem without a field: one per line)."""
     lines = []
-    for item in error.errors():
-        loc = [str(part) for part in item["loc"]]
-        if len(loc) > 2 and loc[0] == "datasets" and loc[2] in DATASET_KINDS:
-            del loc[2]
-        message = item["msg"].removeprefix("Value error, ")
-        shows_input = item["type"] not in ("value_error", "missing", "extra_forbidden")
-        if shows_input and not isinstance(item["input"], (dict, list)):
-            message += f" (got {item['input']!r})"
-        if loc:
-            lines.append(f"{source}: {'.'.join(loc)}: {message}")
+    for field, message in problems:
+        if field:
+            lines.append(f"{raw.source}: {raw.label(field)}: {message}")
         else:
-            lines.extend(f"{source}: {line}" for line in message.splitlines())
+            lines.extend(f"{raw.source}: {line}" for line in message.splitlines())
     return "\n".join(lines)
 
 
 def load_train_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> TrainRecipe:
-    """Read, override and validate a training recipe; every problem raises `TrainRecipeError`."""
+    """Read (bounded, safe YAML), override and validate a training recipe; every problem raises
+    `TrainRecipeError`."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise TrainRecipeError(f"{path}: cannot read the recipe: {error.strerror or error}") from error
+        raw = read_recipe(path, list(overrides), not_mapping="the recipe must be a mapping of sections")
+    except RecipeFileError as error:
+        raise TrainRecipeError(str(error)) from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise TrainRecipeError(f"{path}: invalid YAML: {error}") from error
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise TrainRecipeError(f"{path}: the recipe must be a mapping of sections, not a {type(data).__name__}")
-    for override in overrides:
-        try:
-            apply_override(data, override)
-        except ValueError as error:
-            raise TrainRecipeError(f"{path}: --set {override}: {error}") from error
-    try:
-        return TrainRecipe.model_validate(data, context={"base_dir": path.parent.resolve()})
+        recipe = TrainRecipe.model_validate(raw.data, context={"base_dir": path.parent.resolve()})
     except ValidationError as error:
-        raise TrainRecipeError(_format_errors(str(path), error)) from error
+        raise TrainRecipeError(_format_problems(raw, schema_problems(error, TrainRecipe, drop=DATASET_KINDS))) from None
+    recipe._source = raw.source
+    return recipe

@@ -18,6 +18,7 @@ from .adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, read_adapter_con
 from .codec import PixelUnshuffleCodec, is_codec_folder
 from .model import MDSD3Transformer
 from .presets import resolve_base_source
+from .sd3_folder import BaseModelError, check_base_folder  # noqa: F401  (BaseModelError: what load_base raises)
 
 TINY = "tiny"
 TINY_SEED = 0
@@ -36,10 +37,6 @@ SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 BASE_SHAPE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size")
 LORA_TARGETS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 _TEXT_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-class BaseModelError(ValueError):
-    """A base model folder that is missing or incomplete."""
 
 
 @dataclass
@@ -113,17 +110,6 @@ def fingerprint_folder(root: Path) -> str:
             elif path.suffix in (".safetensors", ".bin"):
                 _file_digest(digest, path)
     return digest.hexdigest()[:24]
-
-
-def check_base_folder(root: str | os.PathLike) -> Path:
-    """Raise BaseModelError naming what is missing from a diffusers SD3 folder."""
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise BaseModelError(f"base model folder not found: {root}")
-    for sub in ("transformer", "vae", "scheduler"):
-        if not (root / sub / ("scheduler_config.json" if sub == "scheduler" else "config.json")).is_file():
-            raise BaseModelError(f"base model folder {root} has no {sub}/ (a diffusers-format SD3 folder is needed)")
-    return root
 
 
 def load_base(source: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BaseModel:
@@ -245,10 +231,27 @@ def build_model(base: BaseModel, adapter_dir: str | os.PathLike | None = None,
     return model, config
 
 
-def describe_parameters(model: MDSD3Transformer) -> dict[str, int]:
-    """Parameter counts: base, clean branch (incl. Z layers), Z layers alone, LoRA."""
-    clean = sum(p.numel() for m in model.adapter_modules().values() for p in m.parameters())
-    z = sum(p.numel() for n, p in model.clean_blocks.named_parameters() if ".z_" in f".{n}")
-    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    total = sum(p.numel() for p in model.parameters())
-    return {"base": total - clean - lora, "clean_branch": clean, "z_layers": z, "lora": lora}
+PARAMETER_GROUPS = {"base": "base (frozen)", "clean_branch": "clean branch (excl. Z)",
+                    "z_layers": "Z layers", "lora": "LoRA"}
+"""Disjoint parameter groups of an MDSD3 transformer, with their display names; they add up to the total."""
+
+
+def parameter_group(name: str) -> str:
+    """The group (a PARAMETER_GROUPS key) a named parameter of an MDSD3 transformer belongs to."""
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("clean_blocks.") and ".z_" in f".{name}":
+        return "z_layers"
+    if name.startswith(("clean_pos_embed.", "clean_blocks.")):
+        return "clean_branch"
+    return "base"
+
+
+def describe_parameters(model: MDSD3Transformer, trainable_only: bool = False) -> dict[str, int]:
+    """Parameter counts per disjoint group (base, clean branch without Z, Z layers, LoRA); they add up to the
+    model's total, or with `trainable_only` to the number of trainable parameters."""
+    counts = dict.fromkeys(PARAMETER_GROUPS, 0)
+    for name, param in model.named_parameters():
+        if param.requires_grad or not trainable_only:
+            counts[parameter_group(name)] += param.numel()
+    return counts

@@ -617,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     params = describe_parameters(bench.model)
     setup = {"measure": "setup", "preset": args.preset, "device": args.device, "gpu": gpu, "dtype": args.dtype,
              "torch": torch.__version__, "threads": torch.get_num_threads(), "build_s": round(bench.build_s, 2),
-             "params_base": params["base"], "params_clean_branch": params["clean_branch"],
+             "params_base": params["base"], "params_clean_branch": params["clean_branch"] + params["z_layers"],
              "weights_gib": round(memory.current_gib(), 4), "memory_kind": memory.kind,
              "sizes": args.sizes, "batches": args.batches, "iters": args.iters, "warmup": args.warmup,
              "steps": args.steps, "compile": args.compile}

@@ -77,7 +77,7 @@ def main() -> None:
     prompts = load_prompt_embeddings(session.base.source, session.base.fingerprint, all_prompts(recipe.classes()),
                                      recipe.prompt_cache_dir())
     sampler = MDSD3Sampler(session.base, session.model, session.adapter, prompts)
-    items = run.plan
+    items = run.mine
     pixels = {item.key: load_image(item.source, args.size, "center_crop").pixels for item in items}
     start = time.perf_counter()
     for first in range(0, len(items), args.batch):

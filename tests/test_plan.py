@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from mdsd3_cli.plan import ShardError, ShardSpec, WorkItem, build_plan, detect_shard, sample_seed, shard_items
+from mdsd3_cli.plan import ShardError, ShardSpec, WorkItem, build_plan, detect_shard, sample_seed, shard_sources
 from mdsd3_cli.recipe import Recipe, parse_recipe
 
 KEYS = ["b/photo2", "a", "c", "b/photo1", "d", "e", "f"]
@@ -94,7 +94,7 @@ def test_items_do_not_depend_on_order_subset_or_sharding(tmp_path: Path) -> None
     full = build_plan(recipe, sources())
     by_sample = {(item.key, item.folder): item for item in full}
     for partial in (build_plan(recipe, sources(KEYS[::-1])), build_plan(recipe, sources(["d", "a"])),
-                    shard_items(full, 1, 3)):
+                    build_plan(recipe, shard_sources(sources(), 1, 3))):
         assert all(by_sample[(item.key, item.folder)] == item for item in partial)
     assert build_plan(recipe, sources(KEYS[::-1])) == full
 
@@ -109,8 +109,9 @@ def test_a_class_draw_ignores_other_classes_specs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
 def test_shards_partition_the_plan_by_source(tmp_path: Path, count: int) -> None:
-    plan = build_plan(make_recipe(tmp_path), sources())
-    shards = [shard_items(plan, index, count) for index in range(count)]
+    recipe = make_recipe(tmp_path)
+    plan = build_plan(recipe, sources())
+    shards = [build_plan(recipe, shard_sources(sources(), index, count)) for index in range(count)]
     assert sorted((item.key, item.folder) for shard in shards for item in shard) == sorted(
         (item.key, item.folder) for item in plan)
     owners: dict[str, set[int]] = {}
@@ -122,8 +123,9 @@ def test_shards_partition_the_plan_by_source(tmp_path: Path, count: int) -> None
 
 
 def test_shard_keeps_plan_order(tmp_path: Path) -> None:
-    plan = build_plan(make_recipe(tmp_path), sources())
-    shard = shard_items(plan, 0, 2)
+    recipe = make_recipe(tmp_path)
+    plan = build_plan(recipe, sources())
+    shard = build_plan(recipe, shard_sources(sources(), 0, 2))
     assert shard == [item for item in plan if item in shard]
     assert [item.key for item in shard[::4]] == ["a", "b/photo2", "d", "f"]
 
@@ -131,7 +133,7 @@ def test_shard_keeps_plan_order(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("index", "count"), [(-1, 2), (2, 2), (0, 0)])
 def test_invalid_shards(index: int, count: int) -> None:
     with pytest.raises(ShardError):
-        shard_items([], index, count)
+        shard_sources([], index, count)
     with pytest.raises(ShardError):
         ShardSpec(index, count)
 
@@ -148,7 +150,7 @@ def test_detect_shard_without_launcher() -> None:
 def test_detect_shard_flags_win() -> None:
     env = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4", "RANK": "1", "WORLD_SIZE": "2"}
     assert detect_shard(2, 5, env) == ShardSpec(2, 5)
-    with pytest.raises(ShardError, match="together"):
+    with pytest.raises(ShardError, match="^--shard-index and --num-shards must be given together$"):
         detect_shard(2, None, {})
     with pytest.raises(ShardError, match="together"):
         detect_shard(None, 3, {})
@@ -176,6 +178,12 @@ def test_detect_shard_slurm_array() -> None:
 def test_detect_shard_refuses_incomplete_or_inconsistent_env(env: dict[str, str]) -> None:
     with pytest.raises(ShardError):
         detect_shard(None, None, env)
+
+
+def test_shard_messages_name_the_real_flags() -> None:
+    for env in ({"RANK": "1"}, {"SLURM_ARRAY_TASK_ID": "1"}):
+        with pytest.raises(ShardError, match="pass --shard-index and --num-shards$"):
+            detect_shard(None, None, env)
 
 
 def test_detect_shard_torchrun() -> None:

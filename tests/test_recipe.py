@@ -176,11 +176,26 @@ def test_missing_base_folder(tmp_path: Path) -> None:
     assert str(tmp_path / "models" / "sd3") in message
 
 
+def make_sd3_layout(root: Path) -> Path:
+    """The config files a diffusers SD3 folder has (no weights: nothing here loads them)."""
+    for sub, name in (("transformer", "config.json"), ("vae", "config.json"), ("scheduler", "scheduler_config.json")):
+        (root / sub).mkdir(parents=True)
+        (root / sub / name).write_text("{}")
+    return root
+
+
 def test_existing_base_folder_resolves_against_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "models" / "sd3").mkdir(parents=True)
+    make_sd3_layout(tmp_path / "models" / "sd3")
     path = write_recipe(tmp_path, with_change("model.base", "models/sd3"))
     monkeypatch.chdir("/")
     assert load_recipe(path).base_dir() == tmp_path / "models" / "sd3"
+
+
+@pytest.mark.parametrize("base", ["/", "models/half"])
+def test_base_folder_without_the_sd3_layout_is_refused(tmp_path: Path, base: str) -> None:
+    (make_sd3_layout(tmp_path / "models" / "half") / "vae" / "config.json").unlink()
+    message = assert_error(write_recipe(tmp_path, with_change("model.base", base)), "model.base")
+    assert "not a diffusers-format SD3 folder" in message and "vae/config.json" in message
 
 
 def test_missing_input_path(tmp_path: Path) -> None:
@@ -315,9 +330,77 @@ def test_bad_overrides_name_the_override(tmp_path: Path, override: str) -> None:
     assert f"--set {override!r}" in str(caught.value) and "recipe.yaml" in str(caught.value)
 
 
-def test_override_values_are_validated(tmp_path: Path) -> None:
-    assert_error(write_recipe(tmp_path, VALID), "sampling.steps", ("sampling.steps=abc",))
-    assert_error(write_recipe(tmp_path, VALID), "sampling.newfield", ("sampling.newfield=1",))
+def test_override_values_are_validated_and_blamed_on_the_override(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, VALID)
+    assert_error(path, "sampling.steps (from --set sampling.steps=abc)", ("sampling.steps=abc",))
+    assert_error(path, "sampling.newfield (from --set sampling.newfield=1)", ("sampling.newfield=1",))
+    assert_error(path, "variants.1.repeats (from --set variants.mix.repeats=0)", ("variants.mix.repeats=0",))
+    assert_error(path, "sampling.steps (from --set sampling={steps: 0})", ("sampling.steps=3", "sampling={steps: 0}"))
+    assert "from --set" not in assert_error(write_recipe(tmp_path, with_change("sampling.steps", 0)), "sampling.steps",
+                                            ("sampling.seed=3",))
+
+
+def test_unknown_field_suggests_the_closest_valid_one(tmp_path: Path) -> None:
+    assert "did you mean 'steps'?" in assert_error(write_recipe(tmp_path, with_change("sampling.stpes", 3)),
+                                                   "sampling.stpes")
+    assert "did you mean 'repeats'?" in assert_error(write_recipe(tmp_path, with_change("variants.0.repeat", 2)),
+                                                     "variants.0.repeat")
+    assert "did you mean 'sampling'?" in assert_error(write_recipe(tmp_path, with_change("samplng", {})), "samplng")
+    unlike = assert_error(write_recipe(tmp_path, with_change("model.zzz", 1)), "model.zzz")
+    assert "known fields here: adapter, base, classes, compile, device, dtype, prompt_cache" in unlike
+
+
+def test_duplicate_keys_are_refused_naming_both_lines(tmp_path: Path) -> None:
+    text = yaml.safe_dump(VALID, sort_keys=False).replace("  steps: 4\n", "  steps: 4\n  steps: 2\n")
+    lines = text.splitlines()
+    first, again = lines.index("  steps: 4") + 1, lines.index("  steps: 2") + 1
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    assert str(caught.value) == (f"{path}: line {again}: duplicate key 'steps' (first at line {first}); "
+                                 "each key may appear once in a mapping")
+    merged = tmp_path / "merge.yaml"  # a merge key may be overridden: that is no duplicate
+    merged.write_text(text.replace("  steps: 2\n", "").replace("sampling:\n", "defaults: &d {steps: 4}\nsampling:\n  <<: *d\n"))
+    with pytest.raises(RecipeError, match="defaults: unknown field"):
+        load_recipe(merged)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("seed: " + "[" * 600 + "]" * 600, "nested deeper than 32 levels"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)),
+     "expands to more than 100,000 values"),
+    ("a: &a [*a]\n", "line 1: invalid recipe: an alias refers to a collection that contains it"),
+])
+def test_hostile_yaml_is_a_recipe_error(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=expected) as caught:
+        load_recipe(path)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_recipe_file_size_is_bounded(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="/dev/zero: larger than 1024 KiB"):
+        load_recipe("/dev/zero")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"model: \xff\xfe")
+    with pytest.raises(RecipeError, match="binary.yaml: not UTF-8 text"):
+        load_recipe(binary)
+
+
+def test_repeats_are_bounded(tmp_path: Path) -> None:
+    assert "less than or equal to 1000" in assert_error(
+        write_recipe(tmp_path, with_change("variants.1.repeats", 1_000_000)), "variants.1.repeats")
+
+
+def test_fifo_input_path_is_not_a_regular_file(tmp_path: Path) -> None:
+    import os  # noqa: PLC0415
+
+    os.mkfifo(tmp_path / "pipe")
+    message = assert_error(write_recipe(tmp_path, with_change("input.paths", ["pipe"])), "input.paths.0")
+    assert "not a regular file or folder" in message
 
 
 def test_prompt_cache_location(tmp_path: Path) -> None:

@@ -99,7 +99,7 @@ def test_recipe_errors_name_file_and_dotted_field(tmp_path: Path) -> None:
         load_train_recipe(write_recipe(tmp_path, [{**spec, "classes": {"haze": 1.0, "rain": 1.0}}]))
     with pytest.raises(TrainRecipeError, match=r"datasets\.1\.name: 'pairs' is also the name of datasets\.0"):
         load_train_recipe(write_recipe(tmp_path, [spec, spec]))
-    with pytest.raises(TrainRecipeError, match=r"--set datasets\.7\.weight=1: .*neither an index nor a name"):
+    with pytest.raises(TrainRecipeError, match=r"--set 'datasets\.7\.weight=1': .*neither an index nor a name"):
         load_train_recipe(path, ["datasets.7.weight=1"])
 
 

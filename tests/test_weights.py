@@ -92,7 +92,7 @@ def test_base_folder_round_trip(tmp_path):
     assert loaded.fingerprint == load_base(str(tmp_path / "sd3")).fingerprint
     for name, tensor in tiny.transformer.state_dict().items():
         assert torch.equal(tensor, loaded.transformer.state_dict()[name])
-    with pytest.raises(BaseModelError, match="has no vae/"):
+    with pytest.raises(BaseModelError, match="not a diffusers-format SD3 folder: no vae/config.json"):
         (tmp_path / "sd3" / "vae" / "config.json").unlink()
         load_base(str(tmp_path / "sd3"))
     with pytest.raises(BaseModelError, match="not found"):
