@@ -469,10 +469,11 @@ def build_dataset(recipe: TrainRecipe) -> PairedDataset:
     """Discover every dataset's pairs; a dataset with no pairs raises `EmptyDatasetError` naming its sources."""
     report = DataReport()
     groups = [(spec, discover_pairs(spec, recipe.classes, report)) for spec in recipe.datasets]
-    empty = [spec for spec, pairs in groups if not pairs]
+    empty = [(index, spec) for index, (spec, pairs) in enumerate(groups) if not pairs]
     if empty:
-        lines = [f"dataset {spec.name!r} ({spec.kind}: {describe_source(spec)}) has no pairs" for spec in empty]
-        lines += [f"  {line}" for spec in empty for line in report.lines(spec.name)]
+        lines = [f"{recipe.source}: datasets.{index}: dataset {spec.name!r} ({spec.kind}: {describe_source(spec)}) "
+                 "has no pairs" for index, spec in empty]
+        lines += [f"  {line}" for _, spec in empty for line in report.lines(spec.name)]
         raise EmptyDatasetError("\n".join(lines))
     return PairedDataset(groups, recipe.classes, recipe.data, report)
 

@@ -250,6 +250,11 @@ class TrainRecipe(_Section):
 
     _source: str = PrivateAttr(default="recipe")
 
+    @property
+    def source(self) -> str:
+        """The recipe file it was read from, as given (for messages)."""
+        return self._source
+
     def device(self) -> torch.device:
         """The device model.device names on this machine; TrainRecipeError (model.device) when there is none."""
         try:

@@ -1,0 +1,360 @@
+"""The command line as a new user meets it: messages printed verbatim, clear errors for hostile recipes and
+arguments (no traceback, exit status 2), `check` for both recipe kinds, and a seeded fuzz of the shipped
+recipes through `check`. In-process (typer's CliRunner) to stay fast."""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import typer
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from mdsd3_cli import __version__
+from mdsd3_cli.cli import app
+from mdsd3_cli.generate import SamplingMemoryError, plan_run, run_generate
+from mdsd3_cli.plan import ShardSpec
+from mdsd3_cli.prompts import PromptCache
+from mdsd3_cli.recipe import example_recipe_text, load_recipe
+from mdsd3_cli.sampler import MDSD3Sampler
+from mdsd3_cli.weights import build_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = REPO / "examples" / "photos"
+CONFIGS = REPO / "configs"
+runner = CliRunner()
+
+
+def mdsd3(*args: str | os.PathLike):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def assert_clean_error(result, *fragments: str) -> str:
+    """Exit status 2, no traceback, and every fragment verbatim in the error output."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    return result.stderr
+
+
+def write_recipe(path: Path, **changes: Any) -> Path:
+    """A small generate recipe on the repository's photos; `changes` maps dotted fields to values."""
+    data: dict[str, Any] = {
+        "model": {"base": "tiny", "classes": ["rain", "haze", "noise"], "prompt_cache": "prompts"},
+        "input": {"paths": [str(PHOTOS)], "size": 32},
+        "output": {"dir": "out"},
+        "sampling": {"steps": 2, "guidance": 3.0, "seed": 1, "batch_size": 2},
+        "variants": [{"name": "rain", "classes": {"rain": 1.0}}, {"name": "mix", "classes": {"haze": [0.2, 0.8]}}],
+    }
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[leaf] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------------------------------- guidance <= 1
+
+
+@pytest.fixture(scope="module")
+def unguided(tmp_path_factory) -> Path:
+    """`mdsd3 generate` with guidance 1 on one photo: no unconditional branch, so no empty prompt either."""
+    folder = tmp_path_factory.mktemp("unguided")
+    result = mdsd3("generate", "--config", write_recipe(folder / "r.yaml", **{"sampling.guidance": 1.0}),
+                   "--limit", "1")
+    assert result.exit_code == 0, (result.output, result.exception)
+    return folder
+
+
+def test_guidance_one_generates_without_the_unconditional_prompt(unguided):
+    lines = [line for path in (unguided / "out" / "manifest").glob("*.jsonl") for line in path.read_text().splitlines()]
+    assert len(lines) == 2
+    cache = PromptCache(unguided / "prompts", build_tiny().fingerprint)
+    assert cache.missing(["rain", "haze"]) == [] and cache.missing([""]) == [""]
+
+
+# ------------------------------------------------------------------------------------ verbatim messages
+
+
+def test_yaml_error_and_paths_with_brackets_are_printed_verbatim(tmp_path):
+    folder = tmp_path / "[bold]odd]"
+    folder.mkdir()
+    broken = folder / "r[1].yaml"
+    broken.write_text("model: {base: tiny}\nvariants:\n  - {name: a, classes: [rain\n  - {name: b}\n")
+    message = assert_clean_error(mdsd3("check", "--config", broken), str(broken), "classes: [rain", "^")
+    assert "invalid YAML" in message
+
+    missing = write_recipe(folder / "r.yaml", **{"input.paths": ["shots[raw]"]})
+    assert_clean_error(mdsd3("check", "--config", missing), str(folder / "shots[raw]"))
+
+    named = write_recipe(folder / "n.yaml")
+    assert_clean_error(mdsd3("check", "--config", named, "--set", "variants.0.name='[bold]x y'"),
+                       "'[bold]x y' is not a plain folder name")
+
+
+def test_check_prints_values_in_its_plan_verbatim(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", **{"model.classes": ["[bold]", "a]b["],
+                                                  "variants": [{"name": "v", "classes": {"[bold]": 1.0}}]})
+    result = mdsd3("check", "--config", recipe)
+    assert result.exit_code == 0, result.output
+    assert "[bold], a]b[" in result.stdout
+
+
+# ----------------------------------------------------------------------------------- hostile input
+
+
+@pytest.mark.parametrize(("changes", "fragment"), [
+    ({"variants.0.repeats": 10**8}, "variants.0.repeats: Input should be less than or equal to 1000"),
+    ({"model.device": "cuda:99999999999999999999"}, "model.device: 'cuda:99999999999999999999' is not a device name"),
+    ({"model.base": "/"}, "model.base: / is not a diffusers-format SD3 folder"),
+])
+def test_check_refuses_what_generate_could_not_run(tmp_path, changes, fragment):
+    recipe = write_recipe(tmp_path / "r.yaml", **changes)
+    assert_clean_error(mdsd3("check", "--config", recipe), f"{recipe}: {fragment}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_recipe_error(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", **{"model.device": "cuda:0"})
+    for command in ("check", "generate"):
+        assert_clean_error(mdsd3(command, "--config", recipe), "model.device: 'cuda:0' requested but CUDA is not "
+                                                               "available on this machine")
+    assert not (tmp_path / "out").exists()
+
+
+def test_hostile_recipe_files(tmp_path):
+    assert_clean_error(mdsd3("check", "--config", "/dev/zero"), "/dev/zero: larger than 1024 KiB")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seed: " + "[" * 600 + "]" * 600 + "\n")
+    assert_clean_error(mdsd3("check", "--config", deep), f"{deep}: line 1: invalid recipe: nested deeper than")
+    os.mkfifo(tmp_path / "pipe")
+    recipe = write_recipe(tmp_path / "r.yaml", **{"input.paths": ["pipe"]})
+    assert_clean_error(mdsd3("check", "--config", recipe), "input.paths.0: not a regular file or folder")
+
+
+def test_set_errors_say_they_came_from_set(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    assert_clean_error(mdsd3("check", "--config", recipe, "--set", "sampling.steps=abc"),
+                       f"{recipe}: sampling.steps (from --set sampling.steps=abc): Input should be a valid integer")
+
+
+def test_cpu_out_of_memory_backs_off_then_says_what_to_change(tmp_path, monkeypatch):
+    original = MDSD3Sampler.generate
+    calls = []
+
+    def cpu_allocator(self, pixels, requests, *args, pad_to=None, **kwargs):
+        calls.append(pad_to)
+        if (pad_to or 0) > 1:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory")
+        return original(self, pixels, requests, *args, pad_to=pad_to, **kwargs)
+
+    monkeypatch.setattr(MDSD3Sampler, "generate", cpu_allocator)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **{"sampling.batch_size": 100000}))
+    summary = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
+    assert summary.written == 2 and summary.batch_size == 1 and calls[0] == 100000 and calls[-1] == 1
+
+    def always(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(MDSD3Sampler, "generate", always)
+    again = load_recipe(write_recipe(tmp_path / "again.yaml", **{"output.dir": "out2"}))
+    with pytest.raises(SamplingMemoryError, match="out of memory on cpu at batch size 1 with 32x32 images"):
+        run_generate(plan_run(again, ShardSpec(0, 1), limit=1))
+
+
+def test_init_on_a_missing_folder_or_a_folder(tmp_path):
+    assert_clean_error(mdsd3("init", tmp_path / "nowhere" / "r.yaml"), f"folder {tmp_path / 'nowhere'} does not exist")
+    assert_clean_error(mdsd3("init", tmp_path, "--force"), f"{tmp_path} is a folder")
+
+
+def test_init_template_names_real_commands_and_the_alpha_beta_rule():
+    text = example_recipe_text()
+    commands = set(typer.main.get_command(app).commands)
+    mentioned = set(re.findall(r"`mdsd3 ([a-z-]+)", text))
+    assert mentioned and mentioned <= commands, mentioned - commands
+    assert "alpha + beta > 1 keeps the degradations strong" in text and "keeps more of the clean image" not in text
+
+
+# ------------------------------------------------------------------------------------ plain usage
+
+
+def test_version_and_bare_command():
+    version = mdsd3("--version")
+    assert version.exit_code == 0 and version.stdout.strip() == f"mdsd3 {__version__}"
+    bare = mdsd3()
+    assert bare.exit_code == 0 and "Usage" in bare.stdout and "generate" in bare.stdout
+
+
+def test_check_speaks_of_limit_only_when_given(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    checked = mdsd3("check", "--config", recipe)
+    assert checked.exit_code == 0 and "limit" not in checked.stdout and "samples in plan" in checked.stdout
+    dry = mdsd3("generate", "--config", recipe, "--dry-run", "--limit", "2")
+    assert dry.exit_code == 0 and "in plan (--limit 2)" in dry.stdout
+
+
+def test_preview_of_a_missing_folder_and_of_small_images(unguided, tmp_path):
+    assert_clean_error(mdsd3("preview", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "p.png"),
+                       f"dataset folder not found: {tmp_path / 'nowhere'}")
+    sheet_path = tmp_path / "sheet.png"
+    assert mdsd3("preview", "--dataset", unguided / "out", "--out", sheet_path).exit_code == 0
+    sheet = np.asarray(Image.open(sheet_path).convert("RGB"))
+    cell = 96  # 32 px images: the cell shrinks from 192 to its minimum and the images fill it
+    assert sheet.shape[1] == 3 * cell
+    first_image = sheet[2 * 18: 2 * 18 + cell, :cell]
+    assert (first_image.reshape(-1, 3) == 255).all(axis=1).mean() < 0.05
+
+
+def test_info_parameter_counts_add_up(tmp_path):
+    result = mdsd3("info", "--config", write_recipe(tmp_path / "r.yaml"))
+    assert result.exit_code == 0, result.output
+    counts = dict(re.findall(r"parameters: ([^│]+?)\s*│\s*([\d,]+)", result.stdout))
+    numbers = {name: int(value.replace(",", "")) for name, value in counts.items()}
+    total = numbers.pop("total")
+    assert len(numbers) == 4 and sum(numbers.values()) == total and "Z layers" in numbers
+
+
+# ------------------------------------------------------------------------------- training recipes
+
+
+@pytest.fixture(scope="module")
+def train_recipe(tmp_path_factory) -> Path:
+    """configs/train_tiny.yaml pointed at a few small pairs."""
+    folder = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    data = yaml.safe_load((CONFIGS / "train_tiny.yaml").read_text())
+    for dataset in data["datasets"]:
+        for side in ("clean", "degraded"):
+            target = folder / "pairs" / (side if side == "clean" else dataset["name"])
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("a", "b"):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(target / f"{name}.png")
+            dataset[side] = str(target)
+    data["output"]["dir"] = str(folder / "out")
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_check_accepts_training_recipes(train_recipe):
+    result = mdsd3("check", "--config", train_recipe)
+    assert result.exit_code == 0, result.output
+    assert "training plan" in result.stdout and "haze_half: 2 pairs" in result.stdout and "valid" in result.stderr
+
+
+def test_training_recipe_errors_use_the_generate_wording(train_recipe, tmp_path):
+    data = yaml.safe_load(train_recipe.read_text())
+    data["train"]["stpes"] = data["train"].pop("steps")
+    del data["classes"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    message = assert_clean_error(mdsd3("check", "--config", bad), f"{bad}: train.stpes: unknown field; did you mean "
+                                                                  "'steps'?", f"{bad}: classes: required field is missing")
+    assert "Extra inputs" not in message and "Field required" not in message
+
+
+# ---------------------------------------------------------------------------------------------- fuzz
+
+HOSTILE_VALUES: list[Any] = [
+    None, True, 0, -1, 1.5, 10**30, 1e308, -1e-9, "", "x", "nan", "[bold]", "a]b[", "*", "/nonexistent", "/dev/zero",
+    "cuda:99999999999999999999", "cuda:0", "native", [], [1, 2, 3], [[0.2, 0.5]], {}, {"rain": 2}, {"x": {"y": 1}},
+    "ü" * 300, 10**8,
+]
+TEXT_NOISE = list(":[]{}&*!|>'\"\n\t-#%@`,?") + ["\n  ", ": ", "- ", "<<: ", "&a ", "*a "]
+
+
+def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    paths = [prefix]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            paths += _paths(value, (*prefix, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            paths += _paths(value, (*prefix, index))
+    return paths
+
+
+def _mutate_data(data: dict, rng: random.Random) -> str:
+    path = rng.choice(_paths(data)[1:])
+    *parents, leaf = path
+    node = data
+    for part in parents:
+        node = node[part]
+    action = rng.random()
+    if action < 0.55:
+        node[leaf] = copy.deepcopy(rng.choice(HOSTILE_VALUES))
+    elif action < 0.7 and isinstance(node, dict):
+        del node[leaf]
+    elif action < 0.85 and isinstance(node, dict):
+        node[f"{leaf}{rng.choice('sx_')}"] = node.pop(leaf)  # a misspelled key
+    else:
+        node[leaf] = "DEEP"
+    return yaml.safe_dump(data, sort_keys=False).replace("DEEP", "[" * 200 + "]" * 200)
+
+
+def _mutate_text(text: str, rng: random.Random) -> str:
+    action = rng.random()
+    lines = text.splitlines(keepends=True)
+    if action < 0.5:
+        at = rng.randrange(len(text) + 1)
+        return text[:at] + "".join(rng.choice(TEXT_NOISE) for _ in range(rng.randint(1, 4))) + text[at:]
+    if action < 0.75 and lines:
+        at = rng.randrange(len(lines))
+        return "".join(lines[:at + 1] + [lines[at]] + lines[at + 1:])  # a duplicated line (often a duplicate key)
+    if action < 0.9 and lines:
+        del lines[rng.randrange(len(lines))]
+        return "".join(lines)
+    return text[:rng.randrange(len(text) + 1)]
+
+
+@pytest.fixture(scope="module")
+def seed_recipes(train_recipe, tmp_path_factory) -> list[dict]:
+    """The shipped recipes with their paths pointed here (SD3 ones at the tiny base)."""
+    folder = tmp_path_factory.mktemp("fuzz")
+    recipes = []
+    for name in ("demo.yaml", "rain_haze.yaml", "multi_degradation.yaml"):
+        data = yaml.safe_load((CONFIGS / name).read_text())
+        data["model"].update(base="tiny", adapter=None, classes=["rain", "haze", "noise"],
+                             prompt_cache=str(folder / "prompts"))
+        data["input"]["paths"] = [str(PHOTOS)]
+        data["output"]["dir"] = str(folder / "out")
+        recipes.append(data)
+    recipes.append(yaml.safe_load(train_recipe.read_text()))
+    return recipes
+
+
+def test_fuzzed_recipes_never_crash_check(seed_recipes, tmp_path):
+    rng = random.Random(11)
+    outcomes = {0: 0, 2: 0}
+    for number in range(300):
+        data: dict | None = copy.deepcopy(rng.choice(seed_recipes))
+        text = yaml.safe_dump(data, sort_keys=False)
+        for _ in range(rng.randint(1, 3)):
+            if data and rng.random() < 0.6:
+                text = _mutate_data(data, rng)
+            else:
+                text, data = _mutate_text(text, rng), None
+        path = tmp_path / f"fuzz{number:03d}.yaml"
+        path.write_text(text)
+        result = mdsd3("check", "--config", path)
+        assert result.exit_code in outcomes, (text, result.output, result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), (text, repr(result.exception))
+        if result.exit_code == 2:
+            assert str(path) in result.stderr, (text, result.stderr)
+        outcomes[result.exit_code] += 1
+    assert outcomes[0] >= 5 and outcomes[2] > 100, outcomes
