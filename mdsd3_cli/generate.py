@@ -1,4 +1,4 @@
-"""`mdsd3 generate`: recipe -> plan -> shard -> resume filter -> decode -> sample -> write (DESIGN.md data flow)."""
+"""`mdsd3 generate`: recipe -> plan -> shard -> resume filter -> decode -> sample -> write."""
 
 from __future__ import annotations
 

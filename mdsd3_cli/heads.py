@@ -1,4 +1,4 @@
-"""Degradation classes, the class-to-head partition, per-sample head masks and the prompt rule (METHOD §1)."""
+"""Degradation classes, the class-to-head partition, per-sample head masks and the prompt rule (docs/METHOD.md §1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MDSD3Transformer: SD3's MMDiT plus a per-head context mask and a clean-image branch (METHOD §1-2).
+"""MDSD3Transformer: SD3's MMDiT plus a per-head context mask and a clean-image branch (docs/METHOD.md §1-2).
 
 Everything that differs from diffusers' `SD3Transformer2DModel` lives in this file:
 
@@ -86,7 +86,7 @@ class MDSD3AttnProcessor:
 
 
 class CleanBlock(nn.Module):
-    """One block of the clean-image branch (METHOD §2). `last` blocks only produce injections."""
+    """One block of the clean-image branch (docs/METHOD.md §2). `last` blocks only produce injections."""
 
     def __init__(self, dim: int, heads: int, last: bool):
         super().__init__()
@@ -176,7 +176,7 @@ class MDSD3Transformer(SD3Transformer2DModel):
         return model
 
     def reset_clean_branch(self) -> None:
-        """Copy the clean branch from the base weights and zero the Z layers (METHOD §2)."""
+        """Copy the clean branch from the base weights and zero the Z layers (docs/METHOD.md §2)."""
         with torch.no_grad():
             self.clean_pos_embed.load_state_dict(self.pos_embed.state_dict())
         for block, clean in zip(self.transformer_blocks, self.clean_blocks):

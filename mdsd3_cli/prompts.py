@@ -1,6 +1,6 @@
 """Prompt embeddings: SD3's three text encoders run once per prompt, results cached on disk.
 
-A run needs at most 2^K + 1 prompts (METHOD §1). They are encoded with diffusers' own SD3 prompt encoding
+A run needs at most 2^K + 1 prompts (docs/METHOD.md §1). They are encoded with diffusers' own SD3 prompt encoding
 (CLIP-L and CLIP-G penultimate hidden states + pooled outputs, T5 up to 256 tokens), saved one safetensors
 file per prompt under `<cache>/<base fingerprint>/`, and the encoders are freed. The sampler reads only
 cached embeddings, so array jobs that find the cache filled never load T5.

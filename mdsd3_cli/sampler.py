@@ -1,4 +1,4 @@
-"""The MDSD3 sampler: α/β initial latents, SD3 flow-matching Euler, classifier-free guidance (METHOD §1, §3, §5).
+"""The MDSD3 sampler: α/β initial latents, SD3 flow-matching Euler, classifier-free guidance (docs/METHOD.md §1, §3, §5).
 
 Each sample brings its own class ratios, α, β and seed; its noise comes from its own seed on the CPU, so a
 sample's output does not depend on batch size, order or device count.
@@ -49,7 +49,7 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
 
 
 def initial_latents(noise: torch.Tensor, clean_latents: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """z_T = α·ε + β·z_clean, per sample (METHOD §3)."""
+    """z_T = α·ε + β·z_clean, per sample (docs/METHOD.md §3)."""
     view = (-1,) + (1,) * (noise.dim() - 1)
     return alpha.view(view) * noise + beta.view(view) * clean_latents
 

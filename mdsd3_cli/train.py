@@ -1,4 +1,4 @@
-"""`mdsd3 train`: learn an MDSD3 adapter from clean/degraded pairs (METHOD §4).
+"""`mdsd3 train`: learn an MDSD3 adapter from clean/degraded pairs (docs/METHOD.md §4).
 
 One process or many (`accelerate launch` / torchrun); the loop is accelerate's: `accumulate`, `backward`,
 `clip_grad_norm_`, `save_state` / `load_state`.
@@ -10,7 +10,7 @@ What a step computes (diffusers' SD3 training scripts, with the degraded latent 
     loss = w(σ)·|v(x_t, t, prompt, head_mask, clean latent) - (ε - x0)|²   (w = 1 for logit-normal)
 
 The clean latent enters through the clean branch (`clean_latents=`, the uncached path), the classes through
-the prompt and the per-head mask (METHOD §1). Identity pairs have all-zero ratios: prompt "clean", zero mask.
+the prompt and the per-head mask (docs/METHOD.md §1). Identity pairs have all-zero ratios: prompt "clean", zero mask.
 Condition-dropped samples get the prompt "" and a zero mask (the unconditional branch of guidance).
 
 Determinism: the data of data step d (= optimizer step · grad_accum + micro step) is a pure function of
@@ -203,7 +203,7 @@ class PromptTable:
 
 
 class LatentEncoder:
-    """Pixels in [-1, 1] -> SD3 latents (METHOD §5), optionally cached by exact pixel content."""
+    """Pixels in [-1, 1] -> SD3 latents (docs/METHOD.md §5), optionally cached by exact pixel content."""
 
     def __init__(self, vae: torch.nn.Module, device: torch.device, cache: bool = False):
         self.vae, self.device, self.cache = vae, device, {} if cache else None
