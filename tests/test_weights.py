@@ -47,6 +47,18 @@ def test_adapter_never_stores_base_weights(fresh_base, tmp_path):
     assert counts["z_layers"] > 0 and counts["lora"] > 0 and counts["base"] > counts["clean_branch"]
 
 
+def test_parameter_groups_add_up(fresh_base):
+    """Disjoint groups: they sum to the model's total, and with trainable_only to what is trained."""
+    model, _ = _trained_model(fresh_base)
+    counts = describe_parameters(model)
+    assert sum(counts.values()) == sum(p.numel() for p in model.parameters())
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name or ".z_" in name)
+    trained = describe_parameters(model, trainable_only=True)
+    assert trained == {"base": 0, "clean_branch": 0, "z_layers": counts["z_layers"], "lora": counts["lora"]}
+    assert sum(trained.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def test_adapter_on_another_base_names_both(fresh_base, tmp_path):
     model, config = _trained_model(fresh_base)
     save_adapter(model, config, tmp_path / "adapter")
