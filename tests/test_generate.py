@@ -311,7 +311,7 @@ def test_info_and_encode_prompts(tmp_path, photos):
     assert "9 prompts cached" in encoded.stderr
     assert len(list((tmp_path / "pc").rglob("*.safetensors"))) == 9
     info = mdsd3("info", "--config", str(recipe), check=True)
-    assert "class rain" in info.stdout and "heads 0-1" in info.stdout and "z_layers" in info.stdout
+    assert "class rain" in info.stdout and "heads 0-1" in info.stdout and "Z layers" in info.stdout
 
 
 @pytest.mark.slow
