@@ -244,6 +244,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
     console = console or Console(stderr=True)
     recipe, out, identity = run.recipe, run.recipe.output_dir(), run.identity
     started = time.perf_counter()
+    device = recipe.device()  # a device this machine lacks is refused before anything is written
     claim_output(out)
     if overwrite and run.shard.count > 1:
         raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
@@ -255,17 +256,16 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
         if overwrite or not (out / RUN_JSON).is_file():  # claims the folder before anything else is written
             write_run_json(out, {"identity": identity, "recipe": recipe.model_dump(mode="json")})
         run.done = completed_in_layout(recipe, run.shard, run.mine)  # again under the lock: a previous holder may have finished more
-        summary = _generate_locked(run, identity, console)
+        summary = _generate_locked(run, identity, device, console)
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
 
-def _generate_locked(run: RunPlan, identity: dict, console: Console) -> RunSummary:
+def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: Console) -> RunSummary:
     """`run_generate` once this process owns the shard."""
     recipe, out = run.recipe, run.recipe.output_dir()
     summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(run.todo))
     todo = run.todo
-    device = recipe.device()
     dtype = resolve_dtype(recipe.model.dtype, device)
 
     with StopRequest() as stop:
