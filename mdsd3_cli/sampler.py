@@ -147,10 +147,19 @@ class MDSD3Sampler:
         `pad_to` runs the transformer on a batch of at least that many samples (the last one repeated, its
         copies discarded). Kernels may pick another algorithm for another batch shape, so a run that always
         uses the same transformer batch gives every sample the same bytes, however partial its batch was.
+        On the CPU every sample runs alone (batch 1), which makes its bytes independent of its batch.
         """
         if len(pixels) != len(requests):
             raise ValueError(f"{len(pixels)} images but {len(requests)} requests")
         count = len(requests)
+        if self.device.type == "cpu":
+            pad_to = None  # padding only matters for batched kernels; the CPU runs one sample at a time
+        if self.device.type == "cpu" and count > 1:
+            # CPU matrix kernels (MKL on AMD EPYC, seen here) give a row other bits depending on its position in
+            # the batch, so on the CPU each sample runs alone and its bytes never depend on its batch mates.
+            latents = torch.cat([self.generate(pixels[i:i + 1], requests[i:i + 1], steps, guidance, output="latent")
+                                 for i in range(count)])
+            return latents if output == "latent" else self.decode(latents)
         clean_latents = self.encode(pixels)
         padding = max((pad_to or count) - count, 0)
         if padding:
