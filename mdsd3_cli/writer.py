@@ -1,4 +1,4 @@
-"""Output layout, deterministic encoding, atomic writes, the manifest and resume (DESIGN.md "Output layout")."""
+"""Output layout, deterministic encoding, atomic writes, the manifest and resume (README.md "Output layout")."""
 
 from __future__ import annotations
 
