@@ -132,17 +132,18 @@ class Batches:
     def __init__(self, crops: torch.Tensor, size: int, batch: int, seed: int, device: torch.device):
         self.crops, self.size, self.batch, self.seed, self.device = crops.to(device), size, batch, seed, device
 
-    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(clean [B, 3, S, S] in [0, 1], degraded likewise, ratios [B, K])."""
+    def __call__(self, step: int, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean [B, 3, S, S] in [0, 1], degraded likewise, ratios [B, K]); S is `size` or the default crop."""
+        size = size or self.size
         rng = np.random.default_rng([self.seed, 0xDA7A, step])
         count, full = self.crops.shape[0], self.crops.shape[1]
         index = rng.integers(0, count, self.batch)
-        ys, xs = rng.integers(0, full - self.size + 1, (2, self.batch))
+        ys, xs = rng.integers(0, full - size + 1, (2, self.batch))
         flips = rng.random(self.batch) < 0.5
         classes = rng.integers(0, len(MINI_CLASSES), self.batch)
         ratio = np.where(rng.random(self.batch) < FULL_RATIO_FRACTION, 1.0, rng.uniform(0.05, 1.0, self.batch))
         ratio[rng.random(self.batch) < IDENTITY_FRACTION] = 0.0
-        tiles = [self.crops[i, y:y + self.size, x:x + self.size] for i, y, x in zip(index, ys, xs)]
+        tiles = [self.crops[i, y:y + size, x:x + size] for i, y, x in zip(index, ys, xs)]
         clean = torch.stack([t.flip(1) if f else t for t, f in zip(tiles, flips)]).permute(0, 3, 1, 2).float() / 255
         generator = torch.Generator(self.device).manual_seed(int(rng.integers(0, 2**62)))
         ratio_t = torch.from_numpy(ratio).float()
@@ -199,7 +200,8 @@ def train(args: argparse.Namespace) -> None:
         lr = _lr(step, total if calibrated else 10**6, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        clean, degraded, ratios = batches(step)
+        final = calibrated and args.final_steps and step >= total - args.final_steps
+        clean, degraded, ratios = batches(step, args.final_crop if final else None)
         dropped = condition_drop_mask(args.seed, step, args.batch, CONDITION_DROP)
         prompt_list, mask = batch_conditioning(ratios, dropped, MINI_CLASSES, partition)
         embeds, pooled = prompts.batch(prompt_list)
@@ -248,7 +250,8 @@ def train(args: argparse.Namespace) -> None:
             p.copy_(e)
     model.eval()
     training = {"script": "scripts/train_mini.py", "seed": args.seed, "steps": step, "batch": args.batch,
-                "crop": args.crop, "lr": args.lr, "ema": args.ema, "device": gpu, "train_seconds": round(elapsed, 1),
+                "crop": args.crop, "final_crop": args.final_crop, "final_steps": args.final_steps, "lr": args.lr,
+                "ema": args.ema, "device": gpu, "train_seconds": round(elapsed, 1),
                 "torch": torch.__version__, "data_crops": len(crops), "held_out": held_names,
                 "first_loss": losses[0]["loss"] if losses else None, "last_loss": losses[-1]["loss"] if losses else None}
     fingerprints = save_preset(model.to("cpu").float(), words, out / "preset", training)
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, default=None, help="fixed step count (overrides --minutes)")
     run.add_argument("--batch", type=int, default=128)
     run.add_argument("--crop", type=int, default=MINI_RESOLUTION, help="training crop size (a multiple of 8)")
+    run.add_argument("--final-crop", type=int, default=MINI_RESOLUTION,
+                     help="crop size of the last --final-steps steps (train small, finish at the demo size)")
+    run.add_argument("--final-steps", type=int, default=0, help="steps at --final-crop at the end (needs --steps)")
     run.add_argument("--lr", type=float, default=3e-4)
     run.add_argument("--warmup", type=int, default=200)
     run.add_argument("--ema", type=float, default=0.999)
@@ -343,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train" and not args.quick and not args.steps and not args.minutes > 0:
         parser.error("give --minutes > 0 or --steps")
+    if args.command == "train" and args.final_steps and not args.steps:
+        parser.error("--final-steps needs --steps (the phase starts at steps - final_steps)")
     if args.command == "data":
         make_data(args.out, args.count, args.seed)
     elif args.command == "install":
