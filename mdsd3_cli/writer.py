@@ -6,17 +6,16 @@ import hashlib
 import io
 import json
 import os
-import threading
 from collections.abc import Container, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from pathlib import Path
-from types import TracebackType
 from typing import Any, BinaryIO, Literal
 
 import numpy as np
 from PIL import Image
 
 from .atomic import atomic_write, open_append
+from .background import BackgroundWriter
 from .images import unsafe_key_reason
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -154,7 +153,7 @@ def _truncate_partial_line(file: BinaryIO) -> None:
         os.fsync(file.fileno())
 
 
-class DatasetWriter:
+class DatasetWriter(BackgroundWriter):
     """Writes samples of one shard: images encoded on worker threads, atomically renamed, manifest line last.
 
     Use as a context manager. `submit` returns at once unless too many samples are in flight
@@ -172,8 +171,7 @@ class DatasetWriter:
         png_compress_level: int = 1,
         workers: int = 2,
     ) -> None:
-        if workers < 1:
-            raise ValueError(f"workers must be at least 1, got {workers}")
+        super().__init__(workers, "mdsd3-writer")
         self.layout = OutputLayout(out_dir, fmt)
         self.shard = shard
         self.fmt: ImageFormat = fmt
@@ -186,33 +184,13 @@ class DatasetWriter:
         self._manifest = open_append(self.layout.manifest_path(shard), root)  # open for the writer's lifetime
         _truncate_partial_line(self._manifest)
         self._errors = open_append(self.layout.errors_path(shard), root, truncate=True)  # the latest run's errors
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(2 * workers + 4)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mdsd3-writer")
-        self._pending: set[Future[None]] = set()
         self._in_flight: set[tuple[str, str]] = set()
         self._clean_written: dict[str, FileDigest] = {}
         self._clean_writing: dict[str, Future[FileDigest]] = {}
-        self._failure: BaseException | None = None
-        self._closed = False
-
-    def __enter__(self) -> DatasetWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
-    ) -> None:
-        try:
-            self.close()
-        except BaseException as close_error:
-            if close_error is not exc:  # a failure already propagating is not raised twice
-                raise
 
     def submit(self, record: Mapping[str, Any], clean: np.ndarray, degraded: np.ndarray) -> None:
         """Queue one sample; `record` needs `key` and `folder` and gains the `clean`/`degraded` paths."""
-        self._raise_if_failed()
-        if self._closed:
-            raise RuntimeError("the writer is closed")
+        self._check_open()
         key, folder = record["key"], record["folder"]
         clean_path, degraded_path = self.layout.clean_path(key), self.layout.degraded_path(folder, key)
         _check_pixels(clean, "clean")
@@ -231,7 +209,7 @@ class DatasetWriter:
                 clean_wait = _resolved(self._clean_written[key])
             elif clean_wait is None:
                 clean_owner = self._clean_writing[key] = Future()
-        future = self._pool.submit(
+        self._start(
             self._write_sample,
             key,
             folder,
@@ -240,9 +218,6 @@ class DatasetWriter:
             clean_wait,
             (degraded_path, degraded.copy()),
         )
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._finished)
 
     def record_error(self, key: str | None, path: str | Path, reason: str) -> None:
         """Append one line to this shard's errors file for a skipped input."""
@@ -259,24 +234,9 @@ class DatasetWriter:
             self._manifest.flush()
             os.fsync(self._manifest.fileno())
 
-    def drain(self) -> None:
-        """Wait for every queued sample; raise the first worker failure, if any."""
-        with self._lock:
-            pending = list(self._pending)
-        wait(pending)
-        self._raise_if_failed()
-
-    def close(self) -> None:
-        """Drain, stop the workers and close the files; raise the first worker failure, if any."""
-        if self._closed:
-            return
-        try:
-            self.drain()
-        finally:
-            self._closed = True
-            self._pool.shutdown(wait=True)
-            self._manifest.close()
-            self._errors.close()
+    def _release(self) -> None:
+        self._manifest.close()
+        self._errors.close()
 
     def _write_sample(
         self,
@@ -333,15 +293,6 @@ class DatasetWriter:
         with self._lock:
             self.bytes_written += len(data)
 
-    def _finished(self, future: Future[None]) -> None:
-        with self._lock:
-            self._pending.discard(future)
-            if self._failure is None and not future.cancelled() and future.exception() is not None:
-                self._failure = future.exception()
-
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise self._failure
 
 
 def completed_samples(out_dir: str | Path, keys: Container[str] | None = None) -> set[tuple[str, str]]:

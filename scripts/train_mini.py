@@ -2,8 +2,12 @@
 """Reproduce the `mini` preset from scratch, seeded: training crops, joint training, preset folder, fingerprints.
 
     python scripts/train_mini.py data --out out/mini_data                      # CPU, needs scikit-image
-    python scripts/train_mini.py train --data out/mini_data --out out/mini_run --minutes 7   # CUDA if present
+    python scripts/train_mini.py train --cpu --steps 4800 --final-steps 500 --batch 16 --crop 64 \
+        --final-crop 128 --data out/mini_data --out out/mini_run               # the shipped weights: ~70 min, 2 cores
     python scripts/train_mini.py install --preset out/mini_run/preset          # copy into mdsd3_cli/presets/mini
+
+On a GPU, `train --minutes 7` (batch 128 at 128 px, bf16) fits the step count to the time instead
+(scripts/gpu_train_mini.sh); that gives other weights than the CPU schedule above.
 
 `data` writes `crops.safetensors` (uint8 [N, 160, 160, 3] random crops, at random scales, of real photos:
 scikit-image's colour photos and grayscale images, plus those in examples/photos) and `heldout.safetensors`

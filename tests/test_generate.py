@@ -336,7 +336,8 @@ def test_shipped_recipes_are_valid(name, tmp_path, photos):
     overrides = [] if name == "demo.yaml" else [
         "model.base=tiny", "model.adapter=null", "model.classes=[rain, haze, noise]", f"input.paths=[{photos}]"]
     recipe = load_recipe(path, [*overrides, f"output.dir={tmp_path / 'out'}"])
-    assert recipe.variants and recipe.classes() == ["rain", "haze", "noise"]
+    expected = ["rain", "haze", "noise", "low_light"] if name == "demo.yaml" else ["rain", "haze", "noise"]
+    assert recipe.variants and recipe.classes() == expected
 
 
 def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, photos, monkeypatch):

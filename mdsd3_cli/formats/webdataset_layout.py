@@ -16,18 +16,17 @@ import hashlib
 import json
 import re
 import tarfile
-import threading
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from ..atomic import atomic_write
+from ..background import BackgroundWriter
 from ..manifest import MEMBER_FIELDS, TAR_FIELD, ManifestLineError, parse_record
 from ..plan import ShardSpec, WorkItem
 from ..writer import (FORMAT_EXTENSIONS, DatasetWriter, ImageFormat, OutputConflictError, OutputLayout, digest,
@@ -96,7 +95,7 @@ class _Group:
     tar: TarWriter | None = None
 
 
-class WebDatasetLayoutWriter:
+class WebDatasetLayoutWriter(BackgroundWriter):
     """Writes one shard's tars; the same interface as `writer.DatasetWriter` (submit, record_error, drain, close).
 
     Images are encoded on worker threads (the bytes equal the folders layout's); `submit` blocks while too many
@@ -105,6 +104,7 @@ class WebDatasetLayoutWriter:
 
     def __init__(self, out_dir: str | Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
                  fmt: ImageFormat = "png", quality: int = 95, png_compress_level: int = 1, workers: int = 2) -> None:
+        super().__init__(workers, "mdsd3-tar")
         self.layout = OutputLayout(out_dir, fmt)
         self.shard, self.fmt, self.quality, self.png_compress_level = shard, fmt, quality, png_compress_level
         self.extension = FORMAT_EXTENSIONS[fmt]
@@ -124,30 +124,11 @@ class WebDatasetLayoutWriter:
                 self._remaining[item.key] += 1
         self._log = DatasetWriter(out_dir, shard.name, fmt, quality, png_compress_level, workers=1)
         self._restore_manifest_lines(items, samples_per_tar, done)
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(2 * workers + 4)
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mdsd3-tar")
-        self._pending: set[Future[None]] = set()
         self._clean: dict[str, Future[bytes]] = {}
-        self._failure: BaseException | None = None
-        self._closed = False
-
-    def __enter__(self) -> WebDatasetLayoutWriter:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
-        try:
-            self.close()
-        except BaseException as close_error:
-            if close_error is not exc:
-                raise
 
     def submit(self, record: Mapping[str, Any], clean: np.ndarray, degraded: np.ndarray) -> None:
         """Queue one sample of this shard's plan (`record` needs `key` and `folder`)."""
-        self._raise_if_failed()
-        if self._closed:
-            raise RuntimeError("the writer is closed")
+        self._check_open()
         key, folder = record["key"], record["folder"]
         where = self._position.get((key, folder))
         if where is None:
@@ -161,10 +142,7 @@ class WebDatasetLayoutWriter:
             if self._remaining[key] == 0:
                 del self._clean[key]
         self._slots.acquire()
-        future = self._pool.submit(self._write_sample, where, dict(record), clean_bytes, degraded.copy())
-        with self._lock:
-            self._pending.add(future)
-        future.add_done_callback(self._finished)
+        self._start(self._write_sample, where, dict(record), clean_bytes, degraded.copy())
 
     def record_error(self, key: str | None, path: str | Path, reason: str) -> None:
         """Log a skipped input; its samples are left out of their tars."""
@@ -179,25 +157,12 @@ class WebDatasetLayoutWriter:
             for group in sorted(touched):
                 self._pump(group)
 
-    def drain(self) -> None:
-        with self._lock:
-            pending = list(self._pending)
-        wait(pending)
-        self._raise_if_failed()
-
-    def close(self) -> None:
-        """Drain and stop; a tar whose samples did not all arrive is dropped (redone by the next run)."""
-        if self._closed:
-            return
-        try:
-            self.drain()
-        finally:
-            self._closed = True
-            self._pool.shutdown(wait=True)
-            for group in self._groups.values():
-                if group.tar is not None:
-                    group.tar.abort()
-            self._log.close()
+    def _release(self) -> None:
+        """A tar whose samples did not all arrive is dropped (redone by the next run)."""
+        for group in self._groups.values():
+            if group.tar is not None:
+                group.tar.abort()
+        self._log.close()
 
     def _encode(self, pixels: np.ndarray) -> bytes:
         return encode_image(pixels, self.fmt, self.quality, self.png_compress_level)
@@ -263,15 +228,6 @@ class WebDatasetLayoutWriter:
                              if member.name.endswith(".json")]
                 self._log.append_manifest_lines([line for line in lines if _sample_of(line) not in listed])
 
-    def _finished(self, future: Future[None]) -> None:
-        with self._lock:
-            self._pending.discard(future)
-            if self._failure is None and not future.cancelled() and future.exception() is not None:
-                self._failure = future.exception()
-
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise self._failure
 
 
 def _sample_of(line: bytes) -> tuple[str, str]:
