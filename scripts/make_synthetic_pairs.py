@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
-"""Synthetic clean/degraded training pairs from clean photos, with the physical degradations of
-mdsd3_cli/degradations.py (haze, rain, noise, low_light: see that module for each model, its parameters and how
-a ratio maps to them).
+"""Synthetic clean/degraded training pairs from clean photos, for smoke runs of `mdsd3 train`.
 
-    python scripts/make_synthetic_pairs.py --photos examples/photos --out out/synthetic_pairs --size 128
+    python scripts/make_synthetic_pairs.py --photos examples/photos --out out/synthetic_pairs --size 64
 
-writes OUT/clean/<name>.png and, for each class C of --classes (default: haze noise), OUT/C/<name>.png at
---ratio (default 1) and OUT/C_half/<name>.png at half that ratio (same basenames, so each degraded folder pairs
-with clean/ as a `paired_folders` dataset; label the half folders with ratio 0.5 to teach what it means). One
-class per pair, never mixed. Each photo's random parameters (rain streaks, noise, haze depth) come from --seed
-and its file name; the half version draws the same ones, so it differs only in strength.
+writes OUT/clean/<name>.png, OUT/haze/<name>.png, OUT/noise/<name>.png and the half-strength versions
+OUT/haze_half/<name>.png, OUT/noise_half/<name>.png (same basenames, so each degraded folder pairs with clean/
+as a `paired_folders` dataset; label the half folders with ratio 0.5 to teach what a ratio of 0.5 means):
+
+* haze  = blend toward white:  x' = (1 - h) * x + h * 255           (--haze h, default 0.5; half: h / 2)
+* noise = additive Gaussian:   x' = clip(x + N(0, s^2)), s in 0-255 (--noise-sigma s, default 25; half: s / 2),
+          one fixed noise field per photo (seeded by --seed and the file name; the half version scales it)
 
 `--size N` first scales each photo so its short side is N (do this at the training resolution: noise added at
 a larger size and then downscaled by the data loader would be averaged away). PNG only: JPEG would smear the
-noise. Synthetic degradations teach the method; real training data should be real degradations.
+noise. These filters are stand-ins to exercise the trainer; real training data should be real degradations.
 """
 
 from __future__ import annotations
@@ -21,22 +21,28 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mdsd3_cli.degradations import CLASSES, DEGRADATIONS, quantize  # noqa: E402
-
+FOLDERS = ("clean", "haze", "noise", "haze_half", "noise_half")
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
+def haze(pixels: np.ndarray, amount: float) -> np.ndarray:
+    """Blend toward white: uint8 [H, W, 3] -> uint8."""
+    return np.clip((1.0 - amount) * pixels.astype(np.float64) + amount * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def gaussian_noise(pixels: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    """Additive Gaussian noise with standard deviation `sigma` (0-255 scale): uint8 [H, W, 3] -> uint8."""
+    noise = np.random.default_rng(seed).normal(0.0, sigma, pixels.shape)
+    return np.clip(pixels.astype(np.float64) + noise + 0.5, 0, 255).astype(np.uint8)
+
+
 def _name_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
 
 def _load(path: Path, size: int | None) -> Image.Image:
@@ -49,55 +55,50 @@ def _load(path: Path, size: int | None) -> Image.Image:
     return image
 
 
-def _save(array: np.ndarray, target: Path) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    tmp.replace(target)
-
-
-def make_pairs(photos: Path, out: Path, size: int | None = None, classes: Sequence[str] = ("haze", "noise"),
-               ratio: float = 1.0, seed: int = 0) -> int:
-    """Write clean/ and, per class, C/ (at `ratio`) and C_half/ (at `ratio / 2`) under `out` for every photo in
-    `photos`; returns the number of photos."""
-    unknown = sorted(set(classes) - set(CLASSES))
-    if unknown:
-        raise ValueError(f"unknown classes {unknown}; choose from {list(CLASSES)}")
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"ratio {ratio} must lie in [0, 1]")
+def make_pairs(photos: Path, out: Path, size: int | None = None, haze_amount: float = 0.5,
+               noise_sigma: float = 25.0, seed: int = 0) -> int:
+    """Write clean/, haze/, noise/, haze_half/ and noise_half/ under `out` for every photo in `photos`;
+    returns the number of photos."""
     paths = sorted(p for p in Path(photos).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith("."))
     if not paths:
         raise FileNotFoundError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {photos}")
-    folders = ["clean", *classes, *(f"{name}_half" for name in classes)]
-    for folder in folders:
+    for folder in FOLDERS:
         (Path(out) / folder).mkdir(parents=True, exist_ok=True)
     for path in paths:
         pixels = np.asarray(_load(path, size))
-        _save(pixels, Path(out) / "clean" / f"{path.stem}.png")
-        clean = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
-        for name in classes:
-            for folder, amount in ((name, ratio), (f"{name}_half", ratio / 2)):
-                generator = torch.Generator().manual_seed(_name_seed(seed, f"{name}:{path.stem}"))
-                degraded = quantize(DEGRADATIONS[name](clean, amount, generator))[0]
-                array = (degraded * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-                _save(array, Path(out) / folder / f"{path.stem}.png")
+        noise_seed = _name_seed(seed, path.stem)
+        outputs = {
+            "clean": pixels,
+            "haze": haze(pixels, haze_amount),
+            "noise": gaussian_noise(pixels, noise_sigma, noise_seed),
+            "haze_half": haze(pixels, haze_amount / 2),
+            "noise_half": gaussian_noise(pixels, noise_sigma / 2, noise_seed),
+        }
+        for folder, array in outputs.items():
+            target = Path(out) / folder / f"{path.stem}.png"
+            tmp = target.with_name(f".{target.name}.tmp")
+            Image.fromarray(array).save(tmp, format="PNG")
+            tmp.replace(target)
     return len(paths)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=Path, required=True, help="folder of clean photos")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (gets clean/, C/ and C_half/ per class)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (gets " + ", ".join(f"{f}/" for f in FOLDERS) + ")")
     parser.add_argument("--size", type=int, default=None, help="scale each photo's short side to this first")
-    parser.add_argument("--classes", nargs="+", default=["haze", "noise"], choices=CLASSES, help="degradation classes")
-    parser.add_argument("--ratio", type=float, default=1.0, help="strength in [0, 1] of the C/ folders (C_half/: half)")
+    parser.add_argument("--haze", type=float, default=0.5, help="blend-toward-white amount in [0, 1]")
+    parser.add_argument("--noise-sigma", type=float, default=25.0, help="Gaussian noise std on the 0-255 scale")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not 0.0 <= args.haze <= 1.0:
+        parser.error("--haze must lie in [0, 1]")
     try:
-        count = make_pairs(args.photos, args.out, args.size, args.classes, args.ratio, args.seed)
+        count = make_pairs(args.photos, args.out, args.size, args.haze, args.noise_sigma, args.seed)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {count} photos to {args.out}/ (clean/ and {', '.join(args.classes)} with _half/)")
+    print(f"wrote {count} photos to {args.out}/{{{','.join(FOLDERS)}}}")
     return 0
 
 

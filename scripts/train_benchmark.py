@@ -143,7 +143,7 @@ def measure_trainer(resolution: int, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         pairs = Path(tmp) / "pairs"
-        make_pairs(ROOT / "examples" / "photos", pairs, size=resolution)
+        make_pairs(ROOT / "examples" / "photos", pairs, size=resolution, haze_amount=0.85, noise_sigma=60.0)
         sets = [f"output.dir={Path(tmp) / 'run'}", f"train.steps={steps}", f"data.resolution={resolution}",
                 "output.preview_every=0", f"model.prompt_cache={Path(tmp) / 'prompts'}"]
         for name in ("haze", "haze_half", "noise", "noise_half"):

@@ -1,7 +1,7 @@
 """`mdsd3 train`: checkpoints and exact resumes, signals, trainable sets, adapter export, and learning.
 
 Everything runs on the CPU with the tiny preset and synthetic pairs made from the photos in examples/photos
-(scripts/make_synthetic_pairs.py: the physical haze and noise models of mdsd3_cli/degradations.py).
+(scripts/make_synthetic_pairs.py: haze = blend toward white, noise = additive Gaussian).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from mdsd3_cli.weights import (
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "train_tiny.yaml"
 PHOTOS = ROOT / "examples" / "photos"
-RES = 128  # the size configs/train_tiny.yaml documents
+HAZE, NOISE_SIGMA, RES = 0.85, 60.0, 128  # the values configs/train_tiny.yaml documents
 FOLDERS = {"haze": "haze", "haze_half": "haze_half", "noise": "noise", "noise_half": "noise_half"}
 
 
@@ -66,7 +66,7 @@ def _synthetic_module():
 def pairs(tmp_path_factory) -> Path:
     """clean/ haze/ noise/ haze_half/ noise_half/ at short side RES from the six repo photos."""
     out = tmp_path_factory.mktemp("pairs")
-    assert _synthetic_module().make_pairs(PHOTOS, out, size=RES) == 6
+    assert _synthetic_module().make_pairs(PHOTOS, out, size=RES, haze_amount=HAZE, noise_sigma=NOISE_SIGMA) == 6
     return out
 
 
