@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""The mini model's acceptance figures on the photos held out of its training, measured with `mdsd3 evaluate`.
+
+    python scripts/mini_figures.py [--out DIR]     # about 30 s on two CPU cores; prints JSON
+
+Generates, at the demo's size and sampling settings (configs/demo.yaml), the identity (no class, with
+repeats), every class at ratios 0.25 / 0.5 / 0.75 / 1 (repeats at 1) and rain + haze together, on chelsea
+and coffee, then evaluates the output folder as `mdsd3 evaluate --dataset` does and prints: identity PSNR,
+per class the Spearman correlation of ratio vs strength, the selectivity at each ratio, the median strength
+per ratio, the strength at ratio 1 over the training pairs' (mdsd3_cli/degradations.py at ratio 1 on the same
+photos, same estimators), the repeat difference; and the composition of rain + haze. tests/test_mini_acceptance.py
+asserts on these figures; README "The mini model" quotes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mdsd3_cli.degradations import DEGRADATIONS, quantize  # noqa: E402
+from mdsd3_cli.evaluate import evaluate_dataset, measure_pair  # noqa: E402
+from mdsd3_cli.generate import plan_run, run_generate  # noqa: E402
+from mdsd3_cli.mini import MINI_CLASSES  # noqa: E402
+from mdsd3_cli.plan import ShardSpec  # noqa: E402
+from mdsd3_cli.recipe import load_recipe  # noqa: E402
+
+HELD_OUT = ("chelsea", "coffee")
+RATIOS = (0.25, 0.5, 0.75, 1.0)
+REPEATS = 2
+CALIBRATION_SEEDS = 4
+COMPOSED = ("rain", "haze")
+
+
+def variant_name(cls: str, ratio: float) -> str:
+    """Variant of one class at one ratio: rain_025 ... rain_100."""
+    return f"{cls}_{round(ratio * 100):03d}"
+
+
+def acceptance_recipe(root: Path) -> Path:
+    """Copy the held-out photos to root/photos and write root/recipe.yaml (output: root/out)."""
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    if demo["model"] != {"base": "mini", "adapter": "mini"}:
+        raise SystemExit(f"configs/demo.yaml does not use the mini preset: {demo['model']}")
+    photos = root / "photos"
+    photos.mkdir(parents=True, exist_ok=True)
+    for name in HELD_OUT:
+        shutil.copy2(ROOT / "examples" / "photos" / f"{name}.jpg", photos / f"{name}.jpg")
+    variants = [{"name": "identity", "classes": {}, "repeats": REPEATS}]
+    for cls in MINI_CLASSES:
+        variants += [{"name": variant_name(cls, r), "classes": {cls: r}, "repeats": REPEATS if r == 1.0 else 1}
+                     for r in RATIOS]
+    variants.append({"name": "_".join(COMPOSED), "classes": {cls: 1.0 for cls in COMPOSED}, "repeats": 1})
+    recipe = {
+        "model": {"base": "mini", "adapter": "mini", "device": "cpu"},
+        "input": {"paths": [str(photos)], "size": demo["input"]["size"], "resize": "center_crop"},
+        "output": {"dir": str(root / "out"), "format": "png"},
+        "sampling": demo["sampling"], "variants": variants,
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def training_strength(photo: np.ndarray, cls: str, seed: int) -> float:
+    """`cls`'s measured strength on `photo` degraded by the training degradation at ratio 1."""
+    clean = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].float() / 255
+    degraded = quantize(DEGRADATIONS[cls](clean, 1.0, torch.Generator().manual_seed(seed)))
+    return measure_pair(photo, (degraded[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())[cls]
+
+
+def figures(root: Path) -> dict[str, Any]:
+    """Generate and evaluate under `root` (see the module docstring); the figures as a JSON-ready dict."""
+    run_generate(plan_run(load_recipe(acceptance_recipe(root)), ShardSpec(0, 1)))
+    out = root / "out"
+    report = evaluate_dataset(dataset=out, workers=2)
+
+    def median(variant: str, cls: str) -> float:
+        return report.variant(variant)["measures"][cls]["median"]
+
+    def moved(variant: str, cls: str) -> float:
+        return median(variant, cls) - median("identity", cls)
+
+    clean = [np.asarray(Image.open(path).convert("RGB")) for path in sorted((out / "clean").glob("*.png"))]
+    identity_diversity = report.variant("identity")["diversity"]["median"]
+    classes = {}
+    for cls in MINI_CLASSES:
+        reference = float(np.median([training_strength(photo, cls, seed)
+                                     for photo in clean for seed in range(CALIBRATION_SEEDS)]))
+        top = variant_name(cls, 1.0)
+        classes[cls] = {
+            "spearman": report.summary["monotonicity"][cls]["spearman_single_class"],
+            "single_class_samples": report.summary["monotonicity"][cls]["single_class_samples"],
+            "medians": [median("identity", cls)] + [median(variant_name(cls, r), cls) for r in RATIOS],
+            "selectivity": {str(r): report.summary["selectivity"][variant_name(cls, r)]["ratio"] for r in RATIOS},
+            "selectivity_class": {str(r): report.summary["selectivity"][variant_name(cls, r)]["class"]
+                                  for r in RATIOS},
+            "training_strength": reference,
+            "calibration": median(top, cls) / reference,
+            "repeat_difference": report.variant(top)["diversity"]["median"],
+            "repeat_groups": report.variant(top)["diversity"]["groups"],
+            "repeat_over_identity": report.variant(top)["diversity"]["median"] / max(identity_diversity, 0.5),
+        }
+    composed = "_".join(COMPOSED)
+    return {
+        "held_out": list(HELD_OUT), "samples": len(report.samples()),
+        "identity_psnr": [row["psnr"] for row in report.samples() if row["variant"] == "identity"],
+        "identity_repeat_difference": identity_diversity,
+        "classes": classes,
+        "composition": {cls: moved(composed, cls) / moved(variant_name(cls, 1.0), cls) for cls in COMPOSED},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    args = parser.parse_args()
+    if args.out is not None:
+        print(json.dumps(figures(args.out), indent=2))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(figures(Path(tmp)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
