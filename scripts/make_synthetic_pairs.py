@@ -11,9 +11,19 @@ as a `paired_folders` dataset; label the half folders with ratio 0.5 to teach wh
 * noise = additive Gaussian:   x' = clip(x + N(0, s^2)), s in 0-255 (--noise-sigma s, default 25; half: s / 2),
           one fixed noise field per photo (seeded by --seed and the file name; the half version scales it)
 
+With `--classes` (any of rain, haze, noise, low_light) the pairs come instead from the physically motivated
+degradations of mdsd3_cli/degradations.py (haze by atmospheric scattering with a depth proxy, a rain streak
+layer, Poisson-Gaussian noise, low light with its noise; that module documents each parameter and how a ratio
+maps to it): OUT/C/ at --ratio (default 1) and OUT/C_half/ at half of it, for each class C, one class per
+pair, never mixed; the half version draws the same random parameters, so it differs only in strength.
+
+    python scripts/make_synthetic_pairs.py --photos examples/photos --out out/physical_pairs --size 128 \
+        --classes rain haze noise low_light
+
 `--size N` first scales each photo so its short side is N (do this at the training resolution: noise added at
 a larger size and then downscaled by the data loader would be averaged away). PNG only: JPEG would smear the
-noise. These filters are stand-ins to exercise the trainer; real training data should be real degradations.
+noise. The classical filters are what the learning test of `mdsd3 train` is calibrated on; either kind is a
+stand-in: real training data should be real degradations.
 """
 
 from __future__ import annotations
@@ -21,10 +31,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FOLDERS = ("clean", "haze", "noise", "haze_half", "noise_half")
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -55,30 +68,63 @@ def _load(path: Path, size: int | None) -> Image.Image:
     return image
 
 
+def _photo_paths(photos: Path) -> list[Path]:
+    paths = sorted(p for p in Path(photos).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise FileNotFoundError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {photos}")
+    return paths
+
+
+def _write(out: Path, name: str, outputs: dict[str, np.ndarray]) -> None:
+    """OUT/<folder>/<name>.png for each output, each written to a temp name and renamed."""
+    for folder, array in outputs.items():
+        target = Path(out) / folder / f"{name}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        Image.fromarray(array).save(tmp, format="PNG")
+        tmp.replace(target)
+
+
 def make_pairs(photos: Path, out: Path, size: int | None = None, haze_amount: float = 0.5,
                noise_sigma: float = 25.0, seed: int = 0) -> int:
     """Write clean/, haze/, noise/, haze_half/ and noise_half/ under `out` for every photo in `photos`;
     returns the number of photos."""
-    paths = sorted(p for p in Path(photos).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith("."))
-    if not paths:
-        raise FileNotFoundError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {photos}")
-    for folder in FOLDERS:
-        (Path(out) / folder).mkdir(parents=True, exist_ok=True)
+    paths = _photo_paths(photos)
     for path in paths:
         pixels = np.asarray(_load(path, size))
         noise_seed = _name_seed(seed, path.stem)
-        outputs = {
+        _write(out, path.stem, {
             "clean": pixels,
             "haze": haze(pixels, haze_amount),
             "noise": gaussian_noise(pixels, noise_sigma, noise_seed),
             "haze_half": haze(pixels, haze_amount / 2),
             "noise_half": gaussian_noise(pixels, noise_sigma / 2, noise_seed),
-        }
-        for folder, array in outputs.items():
-            target = Path(out) / folder / f"{path.stem}.png"
-            tmp = target.with_name(f".{target.name}.tmp")
-            Image.fromarray(array).save(tmp, format="PNG")
-            tmp.replace(target)
+        })
+    return len(paths)
+
+
+def make_physical_pairs(photos: Path, out: Path, classes: Sequence[str], size: int | None = None,
+                        ratio: float = 1.0, seed: int = 0) -> int:
+    """Write clean/ and, per class C, C/ (at `ratio`) and C_half/ (at `ratio / 2`) with mdsd3_cli.degradations
+    under `out` for every photo in `photos`; returns the number of photos."""
+    import torch
+
+    from mdsd3_cli.degradations import DEGRADATIONS, quantize
+
+    unknown = sorted(set(classes) - set(DEGRADATIONS))
+    if unknown:
+        raise ValueError(f"unknown classes {unknown}; choose from {sorted(DEGRADATIONS)}")
+    paths = _photo_paths(photos)
+    for path in paths:
+        pixels = np.asarray(_load(path, size))
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
+        outputs = {"clean": pixels}
+        for name in classes:
+            for folder, strength in ((name, ratio), (f"{name}_half", ratio / 2)):
+                generator = torch.Generator().manual_seed(_name_seed(seed, f"{name}:{path.stem}") >> 1)
+                degraded = quantize(DEGRADATIONS[name](image, strength, generator))[0]
+                outputs[folder] = (degraded.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        _write(out, path.stem, outputs)
     return len(paths)
 
 
@@ -89,16 +135,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="scale each photo's short side to this first")
     parser.add_argument("--haze", type=float, default=0.5, help="blend-toward-white amount in [0, 1]")
     parser.add_argument("--noise-sigma", type=float, default=25.0, help="Gaussian noise std on the 0-255 scale")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
+                        help="physical degradations instead (rain, haze, noise, low_light: mdsd3_cli/degradations.py)")
+    parser.add_argument("--ratio", type=float, default=1.0, help="with --classes: the full-strength ratio in [0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not 0.0 <= args.haze <= 1.0:
         parser.error("--haze must lie in [0, 1]")
+    if not 0.0 <= args.ratio <= 1.0:
+        parser.error("--ratio must lie in [0, 1]")
     try:
-        count = make_pairs(args.photos, args.out, args.size, args.haze, args.noise_sigma, args.seed)
+        if args.classes:
+            count = make_physical_pairs(args.photos, args.out, args.classes, args.size, args.ratio, args.seed)
+            folders = ["clean", *(f for c in args.classes for f in (c, f"{c}_half"))]
+        else:
+            count = make_pairs(args.photos, args.out, args.size, args.haze, args.noise_sigma, args.seed)
+            folders = list(FOLDERS)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {count} photos to {args.out}/{{{','.join(FOLDERS)}}}")
+    print(f"wrote {count} photos to {args.out}/{{{','.join(folders)}}}")
     return 0
 
 

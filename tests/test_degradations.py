@@ -62,3 +62,24 @@ def test_degrade_applies_one_class_per_sample(photos):
     hazed = out[1]
     assert hazed.mean() > batch[1].mean()
     assert torch.equal(quantize(out), torch.round(out * 255) / 255)
+
+
+def test_make_synthetic_pairs_writes_physical_pairs_at_full_and_half_strength(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_synthetic_pairs",
+                                                  PHOTOS.parents[1] / "scripts" / "make_synthetic_pairs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "pairs"
+    assert module.make_physical_pairs(PHOTOS, out, ["haze", "noise"], size=32) == 6
+    assert sorted(p.name for p in out.iterdir()) == ["clean", "haze", "haze_half", "noise", "noise_half"]
+    first = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+    module.make_physical_pairs(PHOTOS, out, ["haze", "noise"], size=32)
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))} == first  # seeded
+    for name in ("haze", "noise"):
+        clean, full, half = (np.asarray(Image.open(out / f / "rocket.png"), dtype=np.float64)
+                             for f in ("clean", name, f"{name}_half"))
+        assert 0 < np.abs(half - clean).mean() < np.abs(full - clean).mean(), name
+    with pytest.raises(ValueError, match="unknown classes"):
+        module.make_physical_pairs(PHOTOS, out, ["snow"])
