@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -146,3 +147,10 @@ def degrade(images: torch.Tensor, classes: Sequence[str], class_index: torch.Ten
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """Round [0, 1] images to the 256 levels of uint8 (what a pair saved as PNG holds)."""
     return torch.round(images.clamp(0, 1) * 255) / 255
+
+
+def degrade_photo(pixels: np.ndarray, name: str, ratio: float, generator: torch.Generator) -> np.ndarray:
+    """One uint8 RGB photo [H, W, 3] degraded by class `name` at `ratio`, as the uint8 image a PNG pair holds."""
+    image = torch.from_numpy(np.array(pixels)).permute(2, 0, 1)[None].float() / 255
+    degraded = quantize(DEGRADATIONS[name](image, ratio, generator))[0]
+    return (degraded.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()

@@ -109,7 +109,7 @@ def make_physical_pairs(photos: Path, out: Path, classes: Sequence[str], size: i
     under `out` for every photo in `photos`; returns the number of photos."""
     import torch
 
-    from mdsd3_cli.degradations import DEGRADATIONS, quantize
+    from mdsd3_cli.degradations import DEGRADATIONS, degrade_photo
 
     unknown = sorted(set(classes) - set(DEGRADATIONS))
     if unknown:
@@ -117,13 +117,11 @@ def make_physical_pairs(photos: Path, out: Path, classes: Sequence[str], size: i
     paths = _photo_paths(photos)
     for path in paths:
         pixels = np.asarray(_load(path, size))
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1)[None].float() / 255
         outputs = {"clean": pixels}
         for name in classes:
             for folder, strength in ((name, ratio), (f"{name}_half", ratio / 2)):
                 generator = torch.Generator().manual_seed(_name_seed(seed, f"{name}:{path.stem}") >> 1)
-                degraded = quantize(DEGRADATIONS[name](image, strength, generator))[0]
-                outputs[folder] = (degraded.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+                outputs[folder] = degrade_photo(pixels, name, strength, generator)
         _write(out, path.stem, outputs)
     return len(paths)
 

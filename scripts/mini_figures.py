@@ -30,7 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdsd3_cli.degradations import DEGRADATIONS, quantize  # noqa: E402
+from mdsd3_cli.degradations import degrade_photo  # noqa: E402
 from mdsd3_cli.evaluate import evaluate_dataset, measure_pair  # noqa: E402
 from mdsd3_cli.generate import plan_run, run_generate  # noqa: E402
 from mdsd3_cli.mini import MINI_CLASSES  # noqa: E402
@@ -76,9 +76,7 @@ def acceptance_recipe(root: Path) -> Path:
 
 def training_strength(photo: np.ndarray, cls: str, seed: int) -> float:
     """`cls`'s measured strength on `photo` degraded by the training degradation at ratio 1."""
-    clean = torch.from_numpy(np.array(photo)).permute(2, 0, 1)[None].float() / 255
-    degraded = quantize(DEGRADATIONS[cls](clean, 1.0, torch.Generator().manual_seed(seed)))
-    return measure_pair(photo, (degraded[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())[cls]
+    return measure_pair(photo, degrade_photo(photo, cls, 1.0, torch.Generator().manual_seed(seed)))[cls]
 
 
 def figures(root: Path) -> dict[str, Any]:
