@@ -29,7 +29,7 @@ from mdsd3_cli.evaluate.aggregate import SampleTable, summarise
 from mdsd3_cli.evaluate.pairs import read_manifests
 from mdsd3_cli.evaluate.estimators import Pair
 from mdsd3_cli.evaluate.measures import CLASS_ESTIMATORS, GENERIC_MEASURES
-from mdsd3_cli.evaluate.runner import measure_groups, read_rgb
+from mdsd3_cli.evaluate.runner import measure_groups, read_rgb, retain_freed_memory
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field")
 VARIANTS = {
@@ -71,8 +71,9 @@ def write_dataset(root: Path, pairs: int, size: int) -> int:
 
 
 def cost_by_measure(root: Path, groups: list, pairs: int = 20) -> dict[str, float]:
-    """Milliseconds per pair of decoding and of each measure, in this process (the shared planes a `Pair`
-    caches are charged to the first measure that needs them)."""
+    """Milliseconds per pair of decoding and of each measure, in this process with the allocator set as in the
+    workers (the shared planes a `Pair` caches are charged to the first measure that needs them)."""
+    retain_freed_memory()
     totals: dict[str, float] = {}
     samples = [(group.clean, sample.image) for group in groups for sample in group.samples][:pairs]
     for clean_path, degraded_path in samples:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from .measures import CLASS_ESTIMATORS, CLASS_SCALES, CLASS_UNITS, MEASURE_NAMES
 from .runner import GroupResult
@@ -95,6 +94,8 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
     """Spearman rank correlation; None when either side is constant or there are fewer than 3 points."""
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
+    from scipy import stats  # here, not at the top: measuring workers import this package, and scipy.stats takes 1 s
+
     return _finite(float(stats.spearmanr(x, y).statistic))
 
 
@@ -180,6 +181,8 @@ def class_selection(table: SampleTable, name: str) -> np.ndarray:
 def compare(table: SampleTable, other: SampleTable) -> dict[str, dict[str, Any]]:
     """Per measure: the 1-D Wasserstein distance between the two sets' distributions (in the measure's units)
     and both sets' quantiles. Class strengths compare the samples `class_selection` picks on each side."""
+    from scipy import stats  # see `spearman`
+
     result: dict[str, dict[str, Any]] = {}
     for name in MEASURE_NAMES:
         mine, theirs = table.column(name), other.column(name)

@@ -3,6 +3,8 @@ so the parent holds only the numbers (constant memory in the number of images)."
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import io
 import multiprocessing
@@ -20,6 +22,8 @@ from .pairs import ImageRef, PairGroup, Problem, Sample
 
 MAX_PIXELS = 89_478_485
 """Images above this many pixels are refused (decompression-bomb guard, as in generate)."""
+_MALLOC_OPTIONS = {-3: 32 << 20, -1: 1 << 30, -2: 64 << 20}
+"""glibc `mallopt` settings: M_MMAP_THRESHOLD 32 MiB (its maximum), M_TRIM_THRESHOLD 1 GiB, M_TOP_PAD 64 MiB."""
 
 
 @dataclass(frozen=True)
@@ -115,12 +119,27 @@ def measure_group(group: PairGroup) -> GroupResult:
     return GroupResult(group, tuple(measured), diversity, tuple(problems))
 
 
+def retain_freed_memory() -> bool:
+    """Make glibc's allocator keep freed image-sized blocks in this process's heap instead of handing them back to
+    the kernel: each estimator allocates several megabyte-sized planes, and getting fresh zeroed pages from the
+    kernel for every one of them cost about 40% of the measuring time (`scripts/benchmark_evaluate.py`). The heap
+    then stays at its high-water mark (tens of MB for 512² images). Process-wide; False (and no change) where the C
+    library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or None).mallopt
+    except (AttributeError, OSError, TypeError):
+        return False
+    return all(mallopt(option, value) == 1 for option, value in _MALLOC_OPTIONS.items())
+
+
 def measure_groups(groups: Iterable[PairGroup], workers: int) -> Iterator[GroupResult]:
-    """`measure_group` over `groups`, results in input order; `workers` > 1 uses that many processes."""
+    """`measure_group` over `groups`, results in input order; `workers` > 1 uses that many processes. The process
+    measuring (this one when `workers` <= 1) keeps freed memory for reuse (`retain_freed_memory`)."""
     if workers <= 1:
+        retain_freed_memory()
         yield from map(measure_group, groups)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-    with context.Pool(workers) as pool:
+    with context.Pool(workers, initializer=retain_freed_memory) as pool:
         yield from pool.imap(measure_group, groups, chunksize=4)
 
