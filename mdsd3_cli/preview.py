@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import io
-import json
 import random
-import tarfile
 from collections import defaultdict
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .manifest import MEMBER_FIELDS, TAR_FIELD
+from .manifest import ManifestLineError, manifest_files, parse_record
+from .stored_images import record_image
 
 LABEL_HEIGHT = 18
 MIN_CELL = 96
@@ -19,14 +17,15 @@ MIN_CELL = 96
 
 
 def read_manifests(dataset: Path) -> list[dict]:
-    """All complete manifest records of a generate output folder."""
+    """All complete, well-formed manifest records of a generate output folder (either layout)."""
     records = []
-    for path in sorted((dataset / "manifest").glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for path in manifest_files(dataset):
+        with open(path, "rb") as handle:
+            for line in handle:
+                try:
+                    records.append(parse_record(line))
+                except ManifestLineError:
+                    continue
     return records
 
 
@@ -61,24 +60,18 @@ def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0
         for column, name in enumerate(columns):
             record = any_record if name == "clean" else by_key[key].get(name)
             left = column * cell
-            if record is None:
-                label = "missing"
+            role = "clean" if name == "clean" else "degraded"
+            image_ref = None if record is None else record_image(dataset, record, role)
+            if image_ref is None:
+                label = "missing" if record is None else "outside the dataset"
             elif name == "clean":
                 label = key
             else:
                 label = " ".join(f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
-            if record is not None:
-                with Image.open(_image_file(dataset, record, "clean" if name == "clean" else "degraded")) as image:
+            if image_ref is not None:
+                with Image.open(image_ref.open()) as image:
                     thumb = ImageOps.contain(image.convert("RGB"), (cell, cell), Image.Resampling.NEAREST
                                              if max(image.size) < cell else Image.Resampling.LANCZOS)
                     sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + LABEL_HEIGHT))
             draw.text((left + 3, top + 3), label[-width:] if name == "clean" else label[:width], fill="dimgray", font=font)
     return sheet
-
-
-def _image_file(dataset: Path, record: dict, role: str) -> Path | io.BytesIO:
-    """A record's image: its file (folders layout) or its tar member (webdataset layout)."""
-    if TAR_FIELD not in record:
-        return dataset / record[role]
-    with tarfile.open(dataset / record[TAR_FIELD]) as archive:
-        return io.BytesIO(archive.extractfile(record[MEMBER_FIELDS[role]]).read())

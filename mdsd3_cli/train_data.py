@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import re
+import tarfile
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from .heads import UnknownClassError, check_ratios, prompt_for, ratio_vector
+from .manifest import ManifestLineError, manifest_files, parse_record
+from .stored_images import ImageRef, record_image
 from .train_recipe import (
     DataSection,
     DatasetSpec,
@@ -60,8 +63,8 @@ class EmptyDatasetError(DatasetError):
 class Pair:
     """One training pair; `ratios` maps class names to ratios."""
 
-    clean: Path
-    degraded: Path
+    clean: ImageRef
+    degraded: ImageRef
     ratios: Mapping[str, float]
     dataset: str
 
@@ -153,7 +156,7 @@ def _paired_folders(spec: PairedFoldersDataset, report: DataReport) -> list[Pair
         if clean is None:
             report.add(Skip(UNMATCHED, spec.name, f"{path}: no clean image {key}.* in {spec.clean}"))
             continue
-        pairs.append(Pair(clean, path, ratios, spec.name))
+        pairs.append(Pair(ImageRef(clean), ImageRef(path), ratios, spec.name))
     return pairs
 
 
@@ -218,25 +221,33 @@ def _pair_list(spec: PairListDataset, classes: Sequence[str], report: DataReport
         if missing:
             report.add(Skip(MISSING_FILE, spec.name, f"{where}: not found: {', '.join(missing)}"))
             continue
-        pairs.append(Pair(clean, degraded, ratios, spec.name))
+        pairs.append(Pair(ImageRef(clean), ImageRef(degraded), ratios, spec.name))
     return pairs
 
 
 def _mdsd3_output(spec: Mdsd3OutputDataset, classes: Sequence[str], report: DataReport) -> list[Pair]:
-    """Pairs from manifest records {"clean": .., "degraded": .., "ratios": {..}}; paths relative to `dir`."""
+    """Pairs from the manifest records of a generate output (either layout: files, or tar members), with their
+    requested ratios; paths relative to `dir` and never outside it."""
     pairs, seen = [], set()
-    for manifest in sorted((spec.dir / "manifest").glob("*.jsonl")):
-        with manifest.open() as handle:
+    for manifest in manifest_files(spec.dir):
+        with manifest.open("rb") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
                 where = f"{manifest}:{number}"
                 try:
-                    record = json.loads(line)
-                    clean, degraded = spec.dir / record["clean"], spec.dir / record["degraded"]
+                    record = parse_record(line)
                     ratios = {str(name): float(ratio) for name, ratio in record["ratios"].items()}
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as error:
-                    report.add(Skip(BAD_RECORD, spec.name, f"{where}: {type(error).__name__}: {error}"))
+                except ManifestLineError as error:
+                    report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
+                    continue
+                except (KeyError, TypeError, AttributeError, ValueError) as error:
+                    report.add(Skip(BAD_RECORD, spec.name, f"{where}: 'ratios' must map class names to numbers "
+                                    f"({type(error).__name__}: {error})"))
+                    continue
+                clean, degraded = record_image(spec.dir, record, "clean"), record_image(spec.dir, record, "degraded")
+                if clean is None or degraded is None:
+                    report.add(Skip(BAD_RECORD, spec.name, f"{where}: an image path leaves {spec.dir}"))
                     continue
                 unknown = sorted(name for name, ratio in ratios.items() if name not in classes and ratio > 0)
                 if unknown:
@@ -248,7 +259,7 @@ def _mdsd3_output(spec: Mdsd3OutputDataset, classes: Sequence[str], report: Data
                 except ValueError as error:
                     report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
                     continue
-                missing = [str(path) for path in (clean, degraded) if not path.is_file()]
+                missing = [str(image) for image in (clean, degraded) if not image.exists()]
                 if missing:
                     report.add(Skip(MISSING_FILE, spec.name, f"{where}: not found: {', '.join(missing)}"))
                 elif (clean, degraded) not in seen:
@@ -296,13 +307,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open_rgb(path: Path, dataset: str) -> Image.Image:
+def _open_rgb(source: ImageRef, dataset: str) -> Image.Image:
     """Decode a whole image, EXIF-transposed, as RGB; failure raises `_PairSkipped(UNREADABLE)`."""
     try:
-        with Image.open(path) as image:
+        with Image.open(source.open()) as image:
             return _to_rgb(ImageOps.exif_transpose(image))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise _PairSkipped(Skip(UNREADABLE, dataset, f"{path}: {error}")) from error
+    except KeyError:
+        raise _PairSkipped(Skip(UNREADABLE, dataset, f"{source}: not in its tar")) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, tarfile.TarError) as error:
+        raise _PairSkipped(Skip(UNREADABLE, dataset, f"{source}: {error}")) from error
 
 
 def _resized_size(width: int, height: int, resolution: int, resize: str) -> tuple[int, int]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from mdsd3_cli.train_data import (
     UNMATCHED,
     UNREADABLE,
     DatasetError,
+    Draw,
     EmptyDatasetError,
     batch_prompts,
     build_dataset,
@@ -115,7 +118,7 @@ def test_regex_pairs_reside_style_names(tmp_path: Path) -> None:
             "match": r"^(?P<stem>\d+)_.*$", "classes": {"haze": 1.0}}
     dataset = dataset_from(tmp_path, [spec])
 
-    pairs = {(pair.degraded.name, pair.clean.name) for pair in dataset.pairs}
+    pairs = {(pair.degraded.path.name, pair.clean.path.name) for pair in dataset.pairs}
     assert pairs == {("0001_0.8_0.2.png", "0001.png"), ("0001_0.9_0.16.jpg", "0001.png"),
                      ("0002_0.7_0.1.png", "0002.jpg")}
     assert dataset.report.counts() == {UNMATCHED: 2}
@@ -130,7 +133,7 @@ def test_folders_pair_by_relative_path_with_other_extension(tmp_path: Path) -> N
     save(photo("coffee"), tmp_path / "lq" / "other" / "b.png")
     spec = {"name": "n", "kind": "paired_folders", "clean": "gt", "degraded": "lq", "classes": {"noise": 0.5}}
     dataset = dataset_from(tmp_path, [spec])
-    assert sorted((p.clean.relative_to(tmp_path).as_posix(), p.degraded.relative_to(tmp_path).as_posix())
+    assert sorted((p.clean.path.relative_to(tmp_path).as_posix(), p.degraded.path.relative_to(tmp_path).as_posix())
                   for p in dataset.pairs) == [("gt/b.png", "lq/b.png"), ("gt/city/a.png", "lq/city/a.jpg")]
     assert dataset.report.counts() == {UNMATCHED: 1}
     assert dataset.pairs[0].ratios == {"noise": 0.5}
@@ -157,7 +160,7 @@ def test_csv_and_jsonl_pair_lists(tmp_path: Path) -> None:
     ]
     dataset = dataset_from(tmp_path, datasets)
 
-    got = [(p.dataset, p.clean.name, p.degraded.parent.name, dict(p.ratios)) for p in dataset.pairs]
+    got = [(p.dataset, p.clean.path.name, p.degraded.path.parent.name, dict(p.ratios)) for p in dataset.pairs]
     assert got == [
         ("sidd", "0.png", "noisy", {"noise": 1.0}),
         ("sidd", "1.png", "noisy", {"haze": 1.0, "noise": 0.5}),
@@ -178,7 +181,7 @@ def test_mdsd3_output_manifest(tmp_path: Path) -> None:
     for key, name in (("a", "astronaut"), ("b", "coffee"), ("c", "chelsea")):
         save(photo(name), out / "clean" / f"{key}.png")
         save(inverted(photo(name)), out / "degraded" / "haze_noise" / f"{key}.png")
-        records.append({"key": key, "clean": f"clean/{key}.png", "degraded": f"degraded/haze_noise/{key}.png",
+        records.append({"key": key, "folder": "haze_noise", "clean": f"clean/{key}.png", "degraded": f"degraded/haze_noise/{key}.png",
                         "variant": "haze_noise", "ratios": {"haze": 1.0, "noise": 0.4}})
     records[1]["ratios"] = {"rain": 1.0, "haze": 0.5}
     records[2]["ratios"] = {"rain": 0.0, "noise": 0.7}
@@ -187,13 +190,51 @@ def test_mdsd3_output_manifest(tmp_path: Path) -> None:
     (out / "manifest" / "shard0.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
     dataset = dataset_from(tmp_path, [{"name": "synth", "kind": "mdsd3_output", "dir": "out"}])
 
-    assert [(p.clean.name, p.degraded.relative_to(out).as_posix(), dict(p.ratios)) for p in dataset.pairs] == [
+    assert [(p.clean.path.name, p.degraded.path.relative_to(out).as_posix(), dict(p.ratios)) for p in dataset.pairs] == [
         ("a.png", "degraded/haze_noise/a.png", {"haze": 1.0, "noise": 0.4}),
         ("c.png", "degraded/haze_noise/c.png", {"noise": 0.7}),
     ]
     assert dataset.report.counts() == {UNKNOWN_CLASS: 1, BAD_RECORD: 1}
     rows = {tuple(round(value, 4) for value in row) for row in dataset.sample_batch(0, 16)["ratios"].tolist()}
     assert rows <= {(1.0, 0.4), (0.0, 0.7), (0.0, 0.0)} and len(rows) >= 2
+
+
+def test_mdsd3_output_in_webdataset_layout_reads_the_tar_members(tmp_path: Path) -> None:
+    """A webdataset-layout output trains exactly as its folders-layout twin: same pairs, same pixels."""
+    folders, tars = tmp_path / "folders", tmp_path / "tars"
+    folder_lines, tar_lines = [], []
+    (tars / "tars").mkdir(parents=True)
+    with tarfile.open(tars / "tars" / "shard-0.tar", "w") as archive:
+        for key, name in (("a", "astronaut"), ("b", "coffee")):
+            images = {"clean": photo(name), "degraded": inverted(photo(name))}
+            record = {"key": key, "folder": "haze", "variant": "haze", "ratios": {"haze": 0.6}}
+            folder_lines.append({**record, "clean": f"clean/{key}.png", "degraded": f"degraded/haze/{key}.png"})
+            save(images["clean"], folders / "clean" / f"{key}.png")
+            save(images["degraded"], folders / "degraded" / "haze" / f"{key}.png")
+            for role, image in images.items():
+                encoded = io.BytesIO()
+                image.save(encoded, format="PNG")
+                info = tarfile.TarInfo(f"{key}/haze.{role}.png")
+                info.size = len(encoded.getvalue())
+                archive.addfile(info, io.BytesIO(encoded.getvalue()))
+            tar_lines.append({**record, "tar": "tars/shard-0.tar", "clean_member": f"{key}/haze.clean.png",
+                              "degraded_member": f"{key}/haze.degraded.png", "json_member": f"{key}/haze.json"})
+    escaping = {**tar_lines[0], "key": "c", "tar": "../folders/elsewhere.tar"}
+    for root, lines in ((folders, folder_lines), (tars, tar_lines + [escaping])):
+        (root / "manifest").mkdir()
+        (root / "manifest" / "s.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    from_folders = dataset_from(tmp_path, [{"name": "f", "kind": "mdsd3_output", "dir": "folders"}])
+    from_tars = dataset_from(tmp_path, [{"name": "t", "kind": "mdsd3_output", "dir": "tars"}])
+    assert [str(pair.degraded) for pair in from_tars.pairs] == [
+        f"{tars / 'tars' / 'shard-0.tar'}:a/haze.degraded.png", f"{tars / 'tars' / 'shard-0.tar'}:b/haze.degraded.png"]
+    assert from_tars.report.counts() == {BAD_RECORD: 1}
+    assert "leaves" in from_tars.report.examples(BAD_RECORD)[0]
+    for index in range(2):
+        draw = Draw(index, identity=False, flip=False, crop_x=0.5, crop_y=0.5)
+        expected, got = from_folders.load(draw), from_tars.load(draw)
+        assert torch.equal(expected["clean"], got["clean"]) and torch.equal(expected["degraded"], got["degraded"])
+        assert not torch.equal(got["clean"], got["degraded"])
 
 
 def test_empty_dataset_is_an_error_naming_its_folders(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..images import image_extensions
-from ..manifest import MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files, parse_record, run_info
+from ..manifest import ManifestLineError, manifest_files, parse_record, run_info
+from ..stored_images import ImageRef, record_image
 
 
 class EvaluateError(ValueError):
@@ -24,17 +25,6 @@ class Problem:
 
     path: str
     reason: str
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """An image file, or (webdataset layout) the member `member` of the tar file `path`."""
-
-    path: Path
-    member: str | None = None
-
-    def __str__(self) -> str:
-        return str(self.path) if self.member is None else f"{self.path}:{self.member}"
 
 
 @dataclass(frozen=True)
@@ -84,26 +74,9 @@ def open_dataset(path: Path, label: str | None = None) -> PairSource:
                         f"degraded/ subfolders")
 
 
-def _inside(root: Path, relative: object) -> Path | None:
-    """root/relative when `relative` is a relative path string that stays inside root, else None."""
-    if not isinstance(relative, str) or not relative or os.path.isabs(relative):
-        return None
-    target = root / relative
-    return target if target.resolve().is_relative_to(root.resolve()) else None
-
-
-def _image(root: Path, record: dict[str, Any], role: str) -> ImageRef | None:
-    """Where a record's clean or degraded image is: its file (folders layout) or tar member (webdataset layout)."""
-    if TAR_FIELD in record:
-        archive = _inside(root, record[TAR_FIELD])
-        return None if archive is None else ImageRef(archive, record[MEMBER_FIELDS[role]])
-    path = _inside(root, record[role])
-    return None if path is None else ImageRef(path)
-
-
 def _sample_from_record(root: Path, record: dict[str, Any]) -> tuple[str, ImageRef, Sample] | str:
     """(key, clean image, sample) of a parsed manifest record, or the reason it is unusable."""
-    clean, degraded = _image(root, record, "clean"), _image(root, record, "degraded")
+    clean, degraded = record_image(root, record, "clean"), record_image(root, record, "degraded")
     if clean is None or degraded is None:
         return "an image path leaves the dataset folder"
     ratios = record.get("ratios", {})

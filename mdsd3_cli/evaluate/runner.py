@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import functools
-import io
 import multiprocessing
-import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +15,8 @@ from PIL import Image, ImageOps
 
 from .estimators import Reference, repeat_diversity
 from .measures import measure_pair
-from .pairs import ImageRef, PairGroup, Problem, Sample
+from ..stored_images import ImageRef
+from .pairs import PairGroup, Problem, Sample
 
 MAX_PIXELS = 89_478_485
 """Images above this many pixels are refused (decompression-bomb guard, as in generate)."""
@@ -53,28 +51,10 @@ class _Unreadable(Exception):
     pass
 
 
-@functools.lru_cache(maxsize=2)
-def _tar(path: Path, modified_ns: int) -> tarfile.TarFile:
-    """An open tar with its member index (webdataset layout); a worker reads one tar's samples in a row
-    (`modified_ns` keys the cache, so a rewritten tar is opened afresh)."""
-    archive = tarfile.open(path)
-    archive.getmembers()
-    return archive
-
-
-def _open(image: ImageRef) -> Path | io.BytesIO:
-    if image.member is None:
-        return image.path
-    member = _tar(image.path, image.path.stat().st_mtime_ns).extractfile(image.member)
-    if member is None:
-        raise KeyError(image.member)
-    return io.BytesIO(member.read())
-
-
 def read_rgb(source: ImageRef) -> np.ndarray:
     """Decode an image to uint8 RGB [H, W, 3] (EXIF orientation applied); `_Unreadable` with the reason."""
     try:
-        with Image.open(_open(source)) as image:
+        with Image.open(source.open()) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise _Unreadable(f"{width}x{height} exceeds the {MAX_PIXELS}-pixel decompression-bomb guard")
