@@ -357,7 +357,7 @@ def evaluate(
 
 @app.command()
 def export(
-    dataset: Annotated[Path, typer.Option("--dataset", help="A finished generate output folder (folders layout).",
+    dataset: Annotated[Path, typer.Option("--dataset", help="A finished generate output folder (either layout).",
                                           show_default=False)],
     to: Annotated[str, typer.Option("--to", help="webdataset (tar shards), lmdb (BasicSR's paired LMDB) or "
                                     "parquet (Hugging Face datasets).", show_default=False)],

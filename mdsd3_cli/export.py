@@ -1,4 +1,4 @@
-"""`mdsd3 export`: a finished folders-layout dataset as WebDataset tars, BasicSR paired LMDB or Parquet.
+"""`mdsd3 export`: a finished dataset (either layout) as WebDataset tars, BasicSR paired LMDB or Parquet.
 
 The manifest is indexed first (a small pointer per pair, sorted by key and variant folder); then the pairs stream
 through the format's writer one by one, files read ahead on a few threads and checked against their recorded
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .formats.webdataset import WebDatasetWriter
 from .manifest import TAR_FIELD, ManifestLineError, manifest_files, parse_record, run_folders, run_info
 from .parallel import ordered_map
 from .progress import RunProgress
+from .stored_images import ImageRef, record_image
 
 ExportFormat = Literal["webdataset", "lmdb", "parquet"]
 EXPORT_FORMATS: tuple[str, ...] = ("webdataset", "lmdb", "parquet")
@@ -32,7 +34,7 @@ READ_WORKERS = 4
 
 
 class ExportError(ValueError):
-    """The dataset cannot be exported as it is (unfinished, damaged, or not a folders-layout dataset)."""
+    """The dataset cannot be exported as it is (unfinished, damaged, or not a generate output)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -47,7 +49,7 @@ class _Pointer:
 
 @dataclass
 class ExportPlan:
-    """A finished folders dataset, indexed: its pairs in export order and what the writers need to know."""
+    """A finished dataset (either layout), indexed: its pairs in export order and what the writers need."""
 
     root: Path
     info: dict[str, Any]
@@ -90,7 +92,7 @@ class ExportSummary:
 
 
 def plan_export(dataset: str | os.PathLike) -> ExportPlan:
-    """Index a finished folders dataset; ExportError names what makes it unexportable."""
+    """Index a finished dataset (folders or webdataset layout); ExportError names what makes it unexportable."""
     root = Path(dataset).expanduser().resolve()
     try:
         info = run_info(root)
@@ -112,9 +114,6 @@ def plan_export(dataset: str | os.PathLike) -> ExportPlan:
                     record = parse_record(line)
                 except ManifestLineError as error:
                     raise ExportError(f"{where}: {error} (mdsd3 verify lists every problem)") from None
-                if TAR_FIELD in record:
-                    raise ExportError(f"{where}: a webdataset-layout record; export converts a folders-layout "
-                                      "dataset (its tars are already WebDataset shards)")
                 if record["folder"] not in position:
                     raise ExportError(f"{where}: folder {record['folder']!r} is not one of run.json's {folders}")
                 pointer = _Pointer(record["key"], position[record["folder"]], manifest_index, offset)
@@ -140,10 +139,11 @@ def plan_export(dataset: str | os.PathLike) -> ExportPlan:
 def _count_bytes(total: list[int], root: Path, record: dict[str, Any], role: str) -> None:
     size = record.get(f"{role}_bytes")
     if not isinstance(size, int):
+        image = _stored(root, record, role)
         try:
-            size = (root / record[role]).stat().st_size
-        except OSError as error:
-            raise ExportError(f"{root / record[role]}: {error.strerror}") from None
+            size = len(image.read_bytes()) if image.member else image.path.stat().st_size
+        except (OSError, KeyError, tarfile.TarError) as error:
+            raise ExportError(f"{image}: {_reason(error)}") from None
     total[0] += size
     total[1] += 1
 
@@ -161,7 +161,7 @@ def open_writer(plan: ExportPlan, to: str, destination: Path, per_file: int) -> 
 
 def run_export(dataset: str | os.PathLike, to: str, destination: str | os.PathLike,
                per_file: int = DEFAULT_PER_FILE, console: Console | None = None) -> ExportSummary:
-    """Write `dataset` (a finished folders layout) as `to` into the folder `destination`, which must not exist."""
+    """Write `dataset` (a finished generate output, either layout) as `to` into the folder `destination`, which must not exist."""
     started = time.perf_counter()
     plan = plan_export(dataset)
     destination = Path(destination).expanduser().absolute()
@@ -197,20 +197,34 @@ class _Reader:
             handle.seek(pointer.offset)
             record = parse_record(handle.readline())
         clean, degraded = (self._read(record, role) for role in ("clean", "degraded"))
-        return EncodedSample(record, clean, degraded, Path(record["clean"]).suffix.lstrip("."))
+        extension = Path(_stored(self.plan.root, record, "clean").name).suffix.lstrip(".")
+        return EncodedSample(record, clean, degraded, extension)
 
     def _read(self, record: dict[str, Any], role: str) -> bytes:
-        path = self.plan.root / record[role]
-        if not path.resolve().is_relative_to(self.plan.root):
-            raise ExportError(f"{record[role]!r} ({role} of key {record['key']!r}) is outside the dataset")
+        image = _stored(self.plan.root, record, role)
         try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise ExportError(f"{path}: {error.strerror} (mdsd3 verify lists every problem)") from None
+            data = image.read_bytes()
+        except (OSError, KeyError, tarfile.TarError) as error:
+            raise ExportError(f"{image}: {_reason(error)} (mdsd3 verify lists every problem)") from None
         expected = record.get(f"{role}_sha256")
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-            raise ExportError(f"{path}: SHA-256 differs from the manifest (mdsd3 verify lists every problem)")
+            raise ExportError(f"{image}: SHA-256 differs from the manifest (mdsd3 verify lists every problem)")
         return data
+
+
+def _stored(root: Path, record: dict[str, Any], role: str) -> ImageRef:
+    """Where a record's image is (file or tar member); ExportError when its path leaves the dataset."""
+    image = record_image(root, record, role)
+    if image is None:
+        raise ExportError(f"the {role} image of key {record['key']!r} ({record.get(TAR_FIELD, record.get(role))!r}) is "
+                          "outside the dataset")
+    return image
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, KeyError):
+        return "not in its tar"
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def _how_to_read(to: str, destination: Path, writer: SampleWriter) -> str:

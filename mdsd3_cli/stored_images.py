@@ -7,6 +7,7 @@ import functools
 import io
 import os
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,22 +29,32 @@ class ImageRef:
         """The file (or the tar holding the member) exists; a missing member shows only when opened."""
         return self.path.is_file()
 
-    def open(self) -> Path | io.BytesIO:
-        """Something `PIL.Image.open` reads: the file's path, or the member's bytes. FileNotFoundError when the
-        file or tar is missing, KeyError when the tar has no such member, tarfile.TarError for a damaged tar."""
+    @property
+    def name(self) -> str:
+        """The file's or the member's name (its suffix is the image format's)."""
+        return self.path.name if self.member is None else self.member
+
+    def read_bytes(self) -> bytes:
+        """The encoded image. FileNotFoundError when the file or tar is missing, KeyError when the tar has no
+        such member, tarfile.TarError for a damaged tar."""
         if self.member is None:
-            return self.path
-        member = _open_tar(self.path, self.path.stat().st_mtime_ns, os.getpid()).extractfile(self.member)
+            return self.path.read_bytes()
+        archive = _open_tar(self.path, self.path.stat().st_mtime_ns, os.getpid(), threading.get_ident())
+        member = archive.extractfile(self.member)
         if member is None:  # a directory or link entry
             raise KeyError(self.member)
-        return io.BytesIO(member.read())
+        return member.read()
+
+    def open(self) -> Path | io.BytesIO:
+        """Something `PIL.Image.open` reads: the file's path, or the member's bytes (errors as `read_bytes`)."""
+        return self.path if self.member is None else io.BytesIO(self.read_bytes())
 
 
-@functools.lru_cache(maxsize=2)
-def _open_tar(path: Path, modified_ns: int, pid: int) -> tarfile.TarFile:
+@functools.lru_cache(maxsize=16)
+def _open_tar(path: Path, modified_ns: int, pid: int, thread: int) -> tarfile.TarFile:
     """An open tar with its member index: a reader takes one tar's samples in a row. `modified_ns` keys the
-    cache (a rewritten tar is opened afresh), and so does `pid`: a forked data-loader process must not share
-    the parent's file offset."""
+    cache (a rewritten tar is opened afresh); so do `pid` and `thread`, as a tar handle's file offset must not
+    be shared by a forked data-loader process or by reader threads."""
     archive = tarfile.open(path)
     archive.getmembers()
     return archive

@@ -24,7 +24,7 @@ from mdsd3_cli.formats import parquet as parquet_format
 from mdsd3_cli.formats import webdataset as webdataset_format
 from mdsd3_cli.formats.sample import flat_key
 
-from .tiny_datasets import FOLDERS, copy_dataset
+from .tiny_datasets import FOLDERS, copy_dataset, generate, write_recipe
 
 META_LINE = re.compile(r"^([^. ]+)\.png \((\d+),(\d+),3\) 1$")
 
@@ -109,6 +109,26 @@ def test_webdataset_export_reads_with_webdataset(folders_dataset, tmp_path):
         record = json.loads(sample["json"])
         assert sample["__key__"] == f"{flat_key(record['key'])}/{record['folder']}"
         assert (sample["clean.png"], sample["degraded.png"]) == expected[record["key"], record["folder"]]
+
+
+def test_webdataset_layout_output_exports_the_same_pairs(folders_dataset, tiny_photos, tmp_path):
+    """A dataset generated straight into tars exports to the same images as its folders-layout twin."""
+    generate(write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "in_tars", layout="webdataset",
+                          samples_per_tar=2))
+    assert not (tmp_path / "in_tars" / "degraded").exists() and len(list((tmp_path / "in_tars" / "tars").iterdir())) > 1
+
+    def exported(dataset: Path, name: str) -> dict[str, tuple[bytes, bytes]]:
+        run_export(dataset, "webdataset", tmp_path / name, per_file=4)
+        tars = sorted(str(path) for path in (tmp_path / name).glob("*.tar"))
+        return {sample["__key__"]: (sample["clean.png"], sample["degraded.png"])
+                for sample in wds.WebDataset(tars, shardshuffle=False)}
+
+    from_tars = exported(tmp_path / "in_tars", "from_tars")
+    assert len(from_tars) == 9 and from_tars == exported(folders_dataset, "from_folders")
+    next((tmp_path / "in_tars" / "tars").iterdir()).unlink()
+    with pytest.raises(ExportError, match="No such file"):
+        run_export(tmp_path / "in_tars", "parquet", tmp_path / "parquet")
+    assert not (tmp_path / "parquet").exists()
 
 
 def test_export_appears_only_when_finished(folders_dataset, tmp_path, monkeypatch):
