@@ -6,6 +6,7 @@
 2. The writers alone: the run's pairs (decoded once) are submitted `--copies` times under new keys through each
    layout's writer: pairs/s and MiB/s of encoding + writing, what a fast GPU leaves the writer to do.
 3. `verify` on each writer-only output: files/s and MiB/s (hashing + decoding on every core).
+4. `export --to parquet` from each writer-only output: pairs/s (reading files vs tar members, SHA-256 checks).
 
 Prints figures; asserts nothing.
 """
@@ -26,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mdsd3_cli.export import run_export  # noqa: E402
 from mdsd3_cli.formats.layout import open_layout_writer  # noqa: E402
 from mdsd3_cli.generate import plan_run, run_generate  # noqa: E402
 from mdsd3_cli.plan import ShardSpec  # noqa: E402
@@ -91,6 +93,10 @@ def main() -> None:
             print(f"verify    {layout:10s}: {report.files} files, {report.bytes / 2**20:.1f} MiB in "
                   f"{report.elapsed_s:.2f} s = {report.files_per_s:.0f} files/s, "
                   f"{report.bytes / 2**20 / report.elapsed_s:.1f} MiB/s ({'ok' if report.ok else 'PROBLEMS'})")
+        for layout in LAYOUTS:
+            exported = run_export(root / f"writer_{layout}", "parquet", root / f"parquet_from_{layout}")
+            print(f"export    {layout:10s}: {exported.pairs} pairs, {exported.bytes_read / 2**20:.1f} MiB to parquet "
+                  f"in {exported.elapsed_s:.2f} s = {exported.pairs / exported.elapsed_s:.0f} pairs/s")
 
 
 if __name__ == "__main__":
