@@ -161,7 +161,8 @@ def open_writer(plan: ExportPlan, to: str, destination: Path, per_file: int) -> 
 
 def run_export(dataset: str | os.PathLike, to: str, destination: str | os.PathLike,
                per_file: int = DEFAULT_PER_FILE, console: Console | None = None) -> ExportSummary:
-    """Write `dataset` (a finished generate output, either layout) as `to` into the folder `destination`, which must not exist."""
+    """Write `dataset` (a finished generate output, either layout) as `to` into the folder `destination`, which
+    must not exist."""
     started = time.perf_counter()
     plan = plan_export(dataset)
     destination = Path(destination).expanduser().absolute()
@@ -196,12 +197,12 @@ class _Reader:
         with open(manifest, "rb") as handle:
             handle.seek(pointer.offset)
             record = parse_record(handle.readline())
-        clean, degraded = (self._read(record, role) for role in ("clean", "degraded"))
-        extension = Path(_stored(self.plan.root, record, "clean").name).suffix.lstrip(".")
-        return EncodedSample(record, clean, degraded, extension)
+        clean, degraded = (_stored(self.plan.root, record, role) for role in ("clean", "degraded"))
+        return EncodedSample(record, self._read(clean, record, "clean"), self._read(degraded, record, "degraded"),
+                             Path(clean.name).suffix.lstrip("."))
 
-    def _read(self, record: dict[str, Any], role: str) -> bytes:
-        image = _stored(self.plan.root, record, role)
+    @staticmethod
+    def _read(image: ImageRef, record: dict[str, Any], role: str) -> bytes:
         try:
             data = image.read_bytes()
         except (OSError, KeyError, tarfile.TarError) as error:
