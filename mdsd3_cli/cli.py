@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
+from mdsd3_cli import __version__
 
 app = typer.Typer(
     help="Paired clean/degraded image datasets from a masked Stable Diffusion 3 transformer.\n\n"
@@ -68,7 +68,7 @@ def _clear_errors():
     """Known user errors (and a diverged training loss) become one red message and exit status 2. Every error type
     mdsd3 raises for bad input is a ValueError or an OSError, except the output-folder conflicts (imported from the
     light `writer` module, so a command that needs no model does not load torch for this)."""
-    from .writer import OutputConflictError
+    from mdsd3_cli.dataset.writer import OutputConflictError
 
     try:
         yield
@@ -78,7 +78,7 @@ def _clear_errors():
 
 
 def _load(config: Path, overrides: Optional[list[str]]):
-    from .recipe import load_recipe
+    from mdsd3_cli.recipe.generate import load_recipe
 
     return load_recipe(config, overrides or [])
 
@@ -104,8 +104,8 @@ def generate(
     130/143 stopped by SIGINT/SIGTERM (rerun to finish).
     """
     _quiet_libraries()
-    from .generate import describe_plan, plan_run, run_generate
-    from .plan import detect_shard
+    from mdsd3_cli.generate.run import describe_plan, plan_run, run_generate
+    from mdsd3_cli.generate.plan import detect_shard
 
     with _clear_errors():
         recipe = _load(config, overrides)
@@ -127,7 +127,7 @@ def check(config: ConfigOption, overrides: SetOption = None) -> None:
     or made by mdsd3; free space). A training recipe (it has `datasets`): fields, base folder layout, device,
     every dataset's pairs, output.
     """
-    from .recipe_file import read_recipe, recipe_kind
+    from mdsd3_cli.recipe.file import read_recipe, recipe_kind
 
     with _clear_errors():
         if recipe_kind(read_recipe(config).data) == "train":
@@ -141,10 +141,10 @@ def check(config: ConfigOption, overrides: SetOption = None) -> None:
 
 
 def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, Optional[str]]:
-    from .generate import check_output_writable, describe_plan, free_space_warning, plan_run
-    from .ownership import claim_output
-    from .plan import ShardSpec
-    from .writer import OutputConflictError
+    from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run
+    from mdsd3_cli.dataset.ownership import claim_output
+    from mdsd3_cli.generate.plan import ShardSpec
+    from mdsd3_cli.dataset.writer import OutputConflictError
 
     recipe = _load(config, overrides)
     recipe.device()
@@ -158,10 +158,10 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table
 
 
 def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
-    from .generate import check_output_writable
-    from .train import describe_training
-    from .train_data import build_dataset
-    from .train_recipe import load_train_recipe
+    from mdsd3_cli.generate.run import check_output_writable
+    from mdsd3_cli.train.run import describe_training
+    from mdsd3_cli.train.data import build_dataset
+    from mdsd3_cli.recipe.train import load_train_recipe
 
     recipe = load_train_recipe(config, overrides or [])
     recipe.device()
@@ -176,7 +176,7 @@ def init(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
     """Write a commented example recipe to edit."""
-    from .recipe import example_recipe_text
+    from mdsd3_cli.recipe.generate import example_recipe_text
 
     if path.is_dir():
         _error(f"{path} is a folder; give a file name, e.g. {path / 'recipe.yaml'}")
@@ -198,10 +198,10 @@ def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
     """Encode every prompt the recipe's classes can need into the prompt cache (run once before array jobs,
     so that no task loads the text encoders)."""
     _quiet_libraries()
-    from .heads import all_prompts
-    from .prompts import PromptCache, load_prompt_embeddings
-    from .runtime import resolve_dtype
-    from .weights import fingerprint_base
+    from mdsd3_cli.model.heads import all_prompts
+    from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings
+    from mdsd3_cli.util.runtime import resolve_dtype
+    from mdsd3_cli.model.weights import fingerprint_base
 
     with _clear_errors():
         recipe = _load(config, overrides)
@@ -223,8 +223,8 @@ def info(config: ConfigOption, overrides: SetOption = None) -> None:
     _quiet_libraries()
     import torch
 
-    from .generate import open_session
-    from .weights import PARAMETER_GROUPS, describe_parameters
+    from mdsd3_cli.generate.run import open_session
+    from mdsd3_cli.model.weights import PARAMETER_GROUPS, describe_parameters
 
     with _clear_errors():
         recipe = _load(config, overrides)
@@ -259,8 +259,8 @@ def train(
     another training process on OUT is exit 2 too.
     """
     _quiet_libraries()
-    from .train import Trainer
-    from .train_recipe import load_train_recipe
+    from mdsd3_cli.train.run import Trainer
+    from mdsd3_cli.recipe.train import load_train_recipe
 
     with _clear_errors():  # recipe, data, checkpoint and adapter errors are ValueErrors
         recipe = load_train_recipe(config, overrides or [])
@@ -280,7 +280,7 @@ def preview(
     cell: Annotated[int, typer.Option(min=32, help="Thumbnail size in pixels.")] = 192,
 ) -> None:
     """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios."""
-    from .preview import contact_sheet
+    from mdsd3_cli.dataset.preview import contact_sheet
 
     with _clear_errors():
         sheet = contact_sheet(dataset, n, cell, seed)
@@ -300,7 +300,7 @@ def verify(
 
     Exit status: 0 no problem, 1 problems found (listed), 2 not a dataset.
     """
-    from .verify import NotADatasetError, print_problems, verify_dataset
+    from mdsd3_cli.dataset.verify import NotADatasetError, print_problems, verify_dataset
 
     try:
         report = verify_dataset(dataset, workers, console=console)
@@ -372,7 +372,7 @@ def export(
     DEST/data-00000.parquet, ... (one row per pair). The destination appears only when complete; an interrupted
     export leaves DEST's `.partial` sibling, removed by the next export. Exit status: 0 done, 2 unusable input.
     """
-    from .export import EXPORT_FORMATS, run_export
+    from mdsd3_cli.export.run import EXPORT_FORMATS, run_export
 
     if to not in EXPORT_FORMATS:
         _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}")

@@ -24,11 +24,11 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: E402
 
-from mdsd3_cli.heads import all_prompts  # noqa: E402
-from mdsd3_cli.model import MDSD3AttnProcessor, MDSD3Transformer  # noqa: E402
-from mdsd3_cli.prompts import PromptEmbedding  # noqa: E402
-from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest  # noqa: E402
-from mdsd3_cli.weights import SD3_SCHEDULER, BaseModel, build_tiny, describe_parameters, fresh_adapter_config  # noqa: E402
+from mdsd3_cli.model.heads import all_prompts  # noqa: E402
+from mdsd3_cli.model.transformer import MDSD3AttnProcessor, MDSD3Transformer  # noqa: E402
+from mdsd3_cli.model.prompts import PromptEmbedding  # noqa: E402
+from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest  # noqa: E402
+from mdsd3_cli.model.weights import SD3_SCHEDULER, BaseModel, build_tiny, describe_parameters, fresh_adapter_config  # noqa: E402
 
 # --- presets ------------------------------------------------------------------------------------------------
 

@@ -27,12 +27,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdsd3_cli.export import run_export  # noqa: E402
-from mdsd3_cli.formats.layout import open_layout_writer  # noqa: E402
-from mdsd3_cli.generate import plan_run, run_generate  # noqa: E402
-from mdsd3_cli.plan import ShardSpec  # noqa: E402
-from mdsd3_cli.recipe import Recipe, load_recipe  # noqa: E402
-from mdsd3_cli.verify import verify_dataset  # noqa: E402
+from mdsd3_cli.export.run import run_export  # noqa: E402
+from mdsd3_cli.generate.layouts import open_layout_writer  # noqa: E402
+from mdsd3_cli.generate.run import plan_run, run_generate  # noqa: E402
+from mdsd3_cli.generate.plan import ShardSpec  # noqa: E402
+from mdsd3_cli.recipe.generate import Recipe, load_recipe  # noqa: E402
+from mdsd3_cli.dataset.verify import verify_dataset  # noqa: E402
 
 LAYOUTS = ("folders", "webdataset")
 

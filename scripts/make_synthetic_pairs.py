@@ -12,7 +12,7 @@ as a `paired_folders` dataset; label the half folders with ratio 0.5 to teach wh
           one fixed noise field per photo (seeded by --seed and the file name; the half version scales it)
 
 With `--classes` (any of rain, haze, noise, low_light) the pairs come instead from the physically motivated
-degradations of mdsd3_cli/degradations.py (haze by atmospheric scattering with a depth proxy, a rain streak
+degradations of mdsd3_cli/model/presets/degradations.py (haze by atmospheric scattering with a depth proxy, a rain streak
 layer, Poisson-Gaussian noise, low light with its noise; that module documents each parameter and how a ratio
 maps to it): OUT/C/ at --ratio (default 1) and OUT/C_half/ at half of it, for each class C, one class per
 pair, never mixed; the half version draws the same random parameters, so it differs only in strength.
@@ -105,11 +105,11 @@ def make_pairs(photos: Path, out: Path, size: int | None = None, haze_amount: fl
 
 def make_physical_pairs(photos: Path, out: Path, classes: Sequence[str], size: int | None = None,
                         ratio: float = 1.0, seed: int = 0) -> int:
-    """Write clean/ and, per class C, C/ (at `ratio`) and C_half/ (at `ratio / 2`) with mdsd3_cli.degradations
+    """Write clean/ and, per class C, C/ (at `ratio`) and C_half/ (at `ratio / 2`) with mdsd3_cli.model.presets.degradations
     under `out` for every photo in `photos`; returns the number of photos."""
     import torch
 
-    from mdsd3_cli.degradations import DEGRADATIONS, degrade_photo
+    from mdsd3_cli.model.presets.degradations import DEGRADATIONS, degrade_photo
 
     unknown = sorted(set(classes) - set(DEGRADATIONS))
     if unknown:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--haze", type=float, default=0.5, help="blend-toward-white amount in [0, 1]")
     parser.add_argument("--noise-sigma", type=float, default=25.0, help="Gaussian noise std on the 0-255 scale")
     parser.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
-                        help="physical degradations instead (rain, haze, noise, low_light: mdsd3_cli/degradations.py)")
+                        help="physical degradations instead (rain, haze, noise, low_light: mdsd3_cli/model/presets/degradations.py)")
     parser.add_argument("--ratio", type=float, default=1.0, help="with --classes: the full-strength ratio in [0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

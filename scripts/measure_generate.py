@@ -23,14 +23,14 @@ import yaml
 from PIL import Image
 from skimage import data
 
-from mdsd3_cli.generate import open_session, plan_run, run_generate
-from mdsd3_cli.heads import all_prompts
-from mdsd3_cli.images import load_image
-from mdsd3_cli.plan import ShardSpec
-from mdsd3_cli.prompts import load_prompt_embeddings
-from mdsd3_cli.recipe import load_recipe
-from mdsd3_cli.runtime import resolve_device, resolve_dtype
-from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.generate.run import open_session, plan_run, run_generate
+from mdsd3_cli.model.heads import all_prompts
+from mdsd3_cli.util.images import load_image
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.model.prompts import load_prompt_embeddings
+from mdsd3_cli.recipe.generate import load_recipe
+from mdsd3_cli.util.runtime import resolve_device, resolve_dtype
+from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field"]
 

@@ -7,7 +7,7 @@ Generates, at the demo's size and sampling settings (configs/demo.yaml), the ide
 repeats), every class at ratios 0.25 / 0.5 / 0.75 / 1 (repeats at 1) and rain + haze together, on chelsea
 and coffee, then evaluates the output folder as `mdsd3 evaluate --dataset` does and prints: identity PSNR,
 per class the Spearman correlation of ratio vs strength, the selectivity at each ratio, the median strength
-per ratio, the strength at ratio 1 over the training pairs' (mdsd3_cli/degradations.py at ratio 1 on the same
+per ratio, the strength at ratio 1 over the training pairs' (mdsd3_cli/model/presets/degradations.py at ratio 1 on the same
 photos, same estimators), the repeat difference; and the composition of rain + haze. tests/test_mini_acceptance.py
 asserts on these figures; README "The mini model" quotes them.
 """
@@ -30,12 +30,12 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdsd3_cli.degradations import degrade_photo  # noqa: E402
+from mdsd3_cli.model.presets.degradations import degrade_photo  # noqa: E402
 from mdsd3_cli.evaluate import evaluate_dataset, measure_pair  # noqa: E402
-from mdsd3_cli.generate import plan_run, run_generate  # noqa: E402
-from mdsd3_cli.mini import MINI_CLASSES  # noqa: E402
-from mdsd3_cli.plan import ShardSpec  # noqa: E402
-from mdsd3_cli.recipe import load_recipe  # noqa: E402
+from mdsd3_cli.generate.run import plan_run, run_generate  # noqa: E402
+from mdsd3_cli.model.presets.build_mini import MINI_CLASSES  # noqa: E402
+from mdsd3_cli.generate.plan import ShardSpec  # noqa: E402
+from mdsd3_cli.recipe.generate import load_recipe  # noqa: E402
 
 HELD_OUT = ("chelsea", "coffee")
 RATIOS = (0.25, 0.5, 0.75, 1.0)

@@ -4,7 +4,7 @@
     python scripts/train_mini.py data --out out/mini_data                      # CPU, needs scikit-image
     python scripts/train_mini.py train --cpu --steps 4800 --final-steps 500 --batch 16 --crop 64 \
         --final-crop 128 --data out/mini_data --out out/mini_run               # the shipped weights: ~70 min, 2 cores
-    python scripts/train_mini.py install --preset out/mini_run/preset          # copy into mdsd3_cli/presets/mini
+    python scripts/train_mini.py install --preset out/mini_run/preset          # copy into mdsd3_cli/model/presets/mini
 
 On a GPU, `train --minutes 7` (batch 128 at 128 px, bf16) fits the step count to the time instead
 (scripts/gpu_train_mini.sh); that gives other weights than the CPU schedule above.
@@ -13,10 +13,10 @@ On a GPU, `train --minutes 7` (batch 128 at 128 px, bf16) fits the step count to
 scikit-image's colour photos and grayscale images, plus those in examples/photos) and `heldout.safetensors`
 (uint8 [2, 128, 128, 3] centre crops of the held-out photos `chelsea` and `coffee`, which no crop comes from).
 
-`train` trains the whole mini model (mdsd3_cli/mini.py) at once, base and adapter together, with the objective
-of `mdsd3 train` (mdsd3_cli/train.py: flow matching on the degraded latent, clean branch, head mask from the
+`train` trains the whole mini model (mdsd3_cli/model/presets/build_mini.py) at once, base and adapter together, with the objective
+of `mdsd3 train` (mdsd3_cli/train/run.py: flow matching on the degraded latent, clean branch, head mask from the
 ratios, logit-normal σ, condition drop): each step takes random 128-px crops and flips of the training crops
-and degrades them on the device with mdsd3_cli/degradations.py — one class per sample at a random ratio, or
+and degrades them on the device with mdsd3_cli/model/presets/degradations.py — one class per sample at a random ratio, or
 none (identity pairs), never mixed. bf16 autocast on CUDA; an EMA of the weights is what gets saved. With
 `--minutes` the step count is fixed after timing steps 20-60 to fill the time (the log records it; `--steps N`
 reproduces that run's schedule). Then OUT/preset/ (base/ + adapter/, fp16), its fingerprints and sizes, a log
@@ -42,14 +42,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdsd3_cli.degradations import degrade, quantize  # noqa: E402
-from mdsd3_cli.heads import all_prompts, partition_heads  # noqa: E402
-from mdsd3_cli.mini import MINI_CLASSES, MINI_RESOLUTION, fresh_mini, preset_sizes, save_preset  # noqa: E402
-from mdsd3_cli.train import (  # noqa: E402
+from mdsd3_cli.model.presets.degradations import degrade, quantize  # noqa: E402
+from mdsd3_cli.model.heads import all_prompts, partition_heads  # noqa: E402
+from mdsd3_cli.model.presets.build_mini import MINI_CLASSES, MINI_RESOLUTION, fresh_mini, preset_sizes, save_preset  # noqa: E402
+from mdsd3_cli.train.run import (  # noqa: E402
     FlowSchedule, LatentEncoder, PreviewSettings, PromptTable, batch_conditioning, flow_matching_loss,
     render_preview, step_generator,
 )
-from mdsd3_cli.train_data import condition_drop_mask  # noqa: E402
+from mdsd3_cli.train.data import condition_drop_mask  # noqa: E402
 
 HELD_OUT = ("chelsea", "coffee")
 COLOUR = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
@@ -273,9 +273,9 @@ def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: 
     """Held-out photos through the saved preset (loaded as users load it): sheets + identity PSNR."""
     from PIL import Image
 
-    from mdsd3_cli.prompts import load_prompt_embeddings
-    from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest
-    from mdsd3_cli.weights import build_model, load_base
+    from mdsd3_cli.model.prompts import load_prompt_embeddings
+    from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+    from mdsd3_cli.model.weights import build_model, load_base
 
     base = load_base(str(out / "preset" / "base"), device=device)
     model, config = build_model(base, out / "preset" / "adapter")
@@ -304,9 +304,9 @@ def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: 
 
 
 def install(preset: Path) -> None:
-    """Copy a trained preset folder into mdsd3_cli/presets/mini/ and verify its fingerprints there."""
-    from mdsd3_cli.presets import preset_folder
-    from mdsd3_cli.weights import build_model, fingerprint_adapter, fingerprint_base, load_base
+    """Copy a trained preset folder into mdsd3_cli/model/presets/mini/ and verify its fingerprints there."""
+    from mdsd3_cli.model.presets import preset_folder
+    from mdsd3_cli.model.weights import build_model, fingerprint_adapter, fingerprint_base, load_base
 
     expected = json.loads((preset / "fingerprints.json").read_text())
     target = preset_folder("mini")
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--sanity-steps", type=int, default=10, help="sampler steps of the sanity sheets")
     run.add_argument("--quick", action="store_true",
                      help="pipeline check on a CPU in about two minutes: 30 steps, batch 4, 32-px crops, 2 sanity steps")
-    inst = sub.add_parser("install", help="copy a trained preset into mdsd3_cli/presets/mini and verify it")
+    inst = sub.add_parser("install", help="copy a trained preset into mdsd3_cli/model/presets/mini and verify it")
     inst.add_argument("--preset", type=Path, default=ROOT / "out" / "mini_run" / "preset")
     args = parser.parse_args(argv)
     if args.command == "train" and not args.quick and not args.steps and not args.minutes > 0:

@@ -11,9 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from mdsd3_cli.heads import all_prompts  # noqa: E402
-from mdsd3_cli.prompts import load_prompt_embeddings  # noqa: E402
-from mdsd3_cli.weights import build_tiny  # noqa: E402
+from mdsd3_cli.model.heads import all_prompts  # noqa: E402
+from mdsd3_cli.model.prompts import load_prompt_embeddings  # noqa: E402
+from mdsd3_cli.model.weights import build_tiny  # noqa: E402
 
 CLASSES = ["rain", "haze", "noise"]
 

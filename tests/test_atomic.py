@@ -10,8 +10,8 @@ import stat
 import numpy as np
 import pytest
 
-from mdsd3_cli.atomic import AtomicFile, UnsafeOutputError, atomic_write, file_mode, fresh_folder, open_append
-from mdsd3_cli.writer import DatasetWriter, write_run_json
+from mdsd3_cli.util.atomic import AtomicFile, UnsafeOutputError, atomic_write, file_mode, fresh_folder, open_append
+from mdsd3_cli.dataset.writer import DatasetWriter, write_run_json
 
 PIXELS = np.full((16, 16, 3), 7, dtype=np.uint8)
 

@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from mdsd3_cli import __version__
 from mdsd3_cli.cli import app
-from mdsd3_cli.generate import SamplingMemoryError, plan_run, run_generate
-from mdsd3_cli.plan import ShardSpec
-from mdsd3_cli.prompts import PromptCache
-from mdsd3_cli.recipe import example_recipe_text, load_recipe
-from mdsd3_cli.sampler import MDSD3Sampler
-from mdsd3_cli.weights import build_tiny
+from mdsd3_cli.generate.run import SamplingMemoryError, plan_run, run_generate
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.model.prompts import PromptCache
+from mdsd3_cli.recipe.generate import example_recipe_text, load_recipe
+from mdsd3_cli.model.sampler import MDSD3Sampler
+from mdsd3_cli.model.weights import build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "examples" / "photos"

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mdsd3_cli.heads import all_prompts
-from mdsd3_cli.prompts import load_prompt_embeddings
-from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest
-from mdsd3_cli.weights import build_model, build_tiny, fresh_adapter_config
+from mdsd3_cli.model.heads import all_prompts
+from mdsd3_cli.model.prompts import load_prompt_embeddings
+from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.model.weights import build_model, build_tiny, fresh_adapter_config
 
 from .conftest import CLASSES
 

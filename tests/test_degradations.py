@@ -1,4 +1,4 @@
-"""Synthetic degradations (mdsd3_cli/degradations.py) on real photos: identity at ratio 0, strength growing
+"""Synthetic degradations (mdsd3_cli/model/presets/degradations.py) on real photos: identity at ratio 0, strength growing
 with the ratio, seeded determinism, one class per sample."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mdsd3_cli.degradations import CLASSES, DEGRADATIONS, degrade, quantize
+from mdsd3_cli.model.presets.degradations import CLASSES, DEGRADATIONS, degrade, quantize
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 

@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 
-from mdsd3_cli.generate import plan_run, run_generate
-from mdsd3_cli.plan import ShardSpec
-from mdsd3_cli.prompts import load_prompt_embeddings
-from mdsd3_cli.recipe import load_recipe
-from mdsd3_cli.weights import fingerprint_base
+from mdsd3_cli.generate.run import plan_run, run_generate
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.model.prompts import load_prompt_embeddings
+from mdsd3_cli.recipe.generate import load_recipe
+from mdsd3_cli.model.weights import fingerprint_base
 
 from .test_generate import dataset_files, manifest_lines, write_photos, write_recipe
 

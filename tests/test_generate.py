@@ -18,12 +18,12 @@ import yaml
 from PIL import Image
 from skimage import data
 
-from mdsd3_cli.generate import plan_run, run_generate
-from mdsd3_cli.images import load_image
-from mdsd3_cli.plan import ShardSpec
-from mdsd3_cli.recipe import load_recipe
-from mdsd3_cli.sampler import MDSD3Sampler
-from mdsd3_cli.writer import OutputConflictError
+from mdsd3_cli.generate.run import plan_run, run_generate
+from mdsd3_cli.util.images import load_image
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.recipe.generate import load_recipe
+from mdsd3_cli.model.sampler import MDSD3Sampler
+from mdsd3_cli.dataset.writer import OutputConflictError
 
 from .slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
@@ -361,7 +361,7 @@ def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, photos, monkeypat
 
 
 def test_a_finished_shard_loads_no_model(tmp_path, photos, monkeypatch):
-    from mdsd3_cli import generate as generate_module  # noqa: PLC0415
+    from mdsd3_cli.generate import run as generate_module  # noqa: PLC0415
 
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out"))
     first = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from mdsd3_cli.images import (
+from mdsd3_cli.util.images import (
     ImageError,
     LoadedImage,
     Source,

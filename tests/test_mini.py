@@ -10,14 +10,14 @@ import pytest
 import torch
 import yaml
 
-from mdsd3_cli import presets
-from mdsd3_cli.codec import PixelUnshuffleCodec
-from mdsd3_cli.heads import all_prompts
-from mdsd3_cli.mini import MINI_CLASSES, MINI_CODEC, fresh_mini, save_preset
-from mdsd3_cli.prompts import load_prompt_embeddings
-from mdsd3_cli.recipe import RecipeError, load_recipe
-from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest
-from mdsd3_cli.weights import build_model, load_base
+from mdsd3_cli.model import presets
+from mdsd3_cli.model.codec import PixelUnshuffleCodec
+from mdsd3_cli.model.heads import all_prompts
+from mdsd3_cli.model.presets.build_mini import MINI_CLASSES, MINI_CODEC, fresh_mini, save_preset
+from mdsd3_cli.model.prompts import load_prompt_embeddings
+from mdsd3_cli.recipe.generate import RecipeError, load_recipe
+from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.model.weights import build_model, load_base
 
 
 def test_codec_round_trip_is_exact():

@@ -3,7 +3,7 @@ training (chelsea, coffee) at the demo's size and sampling settings (configs/dem
 
 One module-scoped run of scripts/mini_figures.py generates every variant the checks need through the library
 behind `mdsd3 generate` and evaluates the output folder as `mdsd3 evaluate --dataset` does. The calibration
-reference is the training degradations themselves (mdsd3_cli/degradations.py at ratio 1) on the same photos,
+reference is the training degradations themselves (mdsd3_cli/model/presets/degradations.py at ratio 1) on the same photos,
 measured with the same estimators.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdsd3_cli.mini import MINI_CLASSES
+from mdsd3_cli.model.presets.build_mini import MINI_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 

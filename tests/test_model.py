@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import SD3Transformer2DModel
 
-from mdsd3_cli.heads import head_mask, partition_heads
-from mdsd3_cli.model import MDSD3AttnProcessor, MDSD3Transformer, UnsupportedBaseError, context_scale
-from mdsd3_cli.weights import TINY_TRANSFORMER
+from mdsd3_cli.model.heads import head_mask, partition_heads
+from mdsd3_cli.model.transformer import MDSD3AttnProcessor, MDSD3Transformer, UnsupportedBaseError, context_scale
+from mdsd3_cli.model.weights import TINY_TRANSFORMER
 
 HEADS = TINY_TRANSFORMER["num_attention_heads"]
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdsd3_cli.generate import describe_plan, free_space_warning, plan_run
-from mdsd3_cli.ownership import ShardBusyError, claim_output, clear_outputs, shard_lock
-from mdsd3_cli.plan import ShardSpec
-from mdsd3_cli.recipe import load_recipe
-from mdsd3_cli.writer import DatasetWriter, OutputConflictError, check_run_compatible, write_run_json
+from mdsd3_cli.generate.run import describe_plan, free_space_warning, plan_run
+from mdsd3_cli.dataset.ownership import ShardBusyError, claim_output, clear_outputs, shard_lock
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.recipe.generate import load_recipe
+from mdsd3_cli.dataset.writer import DatasetWriter, OutputConflictError, check_run_compatible, write_run_json
 
 from .test_generate import mdsd3, write_photos, write_recipe
 
@@ -70,7 +70,7 @@ def test_a_second_process_on_the_same_shard_is_refused_with_the_holders_pid(tmp_
     recipe = write_recipe(tmp_path / "r.yaml", photos, out)
     write_run_json(out, {"identity": load_recipe(recipe).identity()})
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mdsd3_cli.ownership import shard_lock\n"
+        [sys.executable, "-c", "import sys, time; from mdsd3_cli.dataset.ownership import shard_lock\n"
          f"with shard_lock({str(out)!r}, 'shard-00000-of-00001'):\n    print('locked', flush=True); time.sleep(600)"],
         stdout=subprocess.PIPE, text=True)
     try:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from mdsd3_cli.plan import ShardError, ShardSpec, WorkItem, build_plan, detect_shard, sample_seed, shard_sources
-from mdsd3_cli.recipe import Recipe, parse_recipe
+from mdsd3_cli.generate.plan import ShardError, ShardSpec, WorkItem, build_plan, detect_shard, sample_seed, shard_sources
+from mdsd3_cli.recipe.generate import Recipe, parse_recipe
 
 KEYS = ["b/photo2", "a", "c", "b/photo1", "d", "e", "f"]
 

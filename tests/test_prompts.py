@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdsd3_cli import prompts as prompts_module
-from mdsd3_cli.heads import all_prompts, prompt_for
-from mdsd3_cli.prompts import PromptCache, load_prompt_embeddings
+from mdsd3_cli.model import prompts as prompts_module
+from mdsd3_cli.model.heads import all_prompts, prompt_for
+from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings
 
 from .conftest import CLASSES
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from mdsd3_cli.adapter import WEIGHTS_NAME, AdapterConfig, write_adapter_config
-from mdsd3_cli.recipe import (
+from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, write_adapter_config
+from mdsd3_cli.recipe.generate import (
     InputSection,
     ModelSection,
     OutputSection,

@@ -8,8 +8,8 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from skimage import data
 
-from mdsd3_cli.sampler import Conditioning, MDSD3Sampler, SampleRequest, seeded_noise
-from mdsd3_cli.weights import TINY_TRANSFORMER, build_model, fresh_adapter_config
+from mdsd3_cli.model.sampler import Conditioning, MDSD3Sampler, SampleRequest, seeded_noise
+from mdsd3_cli.model.weights import TINY_TRANSFORMER, build_model, fresh_adapter_config
 
 from .conftest import CLASSES
 

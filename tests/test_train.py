@@ -23,10 +23,10 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from mdsd3_cli.heads import all_prompts
-from mdsd3_cli.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
-from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest
-from mdsd3_cli.train import (
+from mdsd3_cli.model.heads import all_prompts
+from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
+from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.train.run import (
     CHECKPOINTS,
     FlowSchedule,
     Trainer,
@@ -36,9 +36,9 @@ from mdsd3_cli.train import (
     run_train,
     step_generator,
 )
-from mdsd3_cli.train_data import EmptyDatasetError
-from mdsd3_cli.train_recipe import load_train_recipe
-from mdsd3_cli.weights import (
+from mdsd3_cli.train.data import EmptyDatasetError
+from mdsd3_cli.recipe.train import load_train_recipe
+from mdsd3_cli.model.weights import (
     SD3_SCHEDULER,
     TINY_SEED,
     build_model,
@@ -167,7 +167,7 @@ def test_finished_run_resumes_to_nothing(uninterrupted, pairs, tmp_path):
 
 
 def test_empty_dataset_fails_before_any_model_loads(pairs, tmp_path, monkeypatch):
-    import mdsd3_cli.train as train_module
+    import mdsd3_cli.train.run as train_module
 
     monkeypatch.setattr(train_module, "load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     empty = tmp_path / "empty"
@@ -426,7 +426,7 @@ def test_training_learns_the_classes(pairs, tmp_path):
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_a_second_trainer_is_refused(pairs, tmp_path, monkeypatch):
-    from mdsd3_cli.ownership import ShardBusyError
+    from mdsd3_cli.dataset.ownership import ShardBusyError
 
     recipe = quick_recipe(pairs, tmp_path, "train.steps=2", "output.preview_every=0")
     trainer = Trainer(recipe)

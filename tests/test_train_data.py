@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 from skimage import data as skdata
 
-from mdsd3_cli.train_data import (
+from mdsd3_cli.train.data import (
     BAD_RECORD,
     MISSING_FILE,
     SIZE_MISMATCH,
@@ -28,7 +28,7 @@ from mdsd3_cli.train_data import (
     build_dataset,
     condition_drop_mask,
 )
-from mdsd3_cli.train_recipe import TrainRecipeError, load_train_recipe
+from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 
 RESOLUTION = 32
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.verify import verify_dataset
+from mdsd3_cli.dataset.verify import verify_dataset
 
 from .tiny_datasets import FOLDERS, copy_dataset
 

@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from mdsd3_cli.generate import plan_run, run_generate
-from mdsd3_cli.plan import ShardSpec
-from mdsd3_cli.preview import contact_sheet
-from mdsd3_cli.recipe import load_recipe
-from mdsd3_cli.verify import verify_dataset
-from mdsd3_cli.writer import OutputConflictError
+from mdsd3_cli.generate.run import plan_run, run_generate
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.dataset.preview import contact_sheet
+from mdsd3_cli.recipe.generate import load_recipe
+from mdsd3_cli.dataset.verify import verify_dataset
+from mdsd3_cli.dataset.writer import OutputConflictError
 
 from .tiny_datasets import FOLDERS, PHOTOS, generate, write_recipe
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mdsd3_cli.adapter import AdapterError, read_adapter_config
-from mdsd3_cli.weights import (
+from mdsd3_cli.model.adapter import AdapterError, read_adapter_config
+from mdsd3_cli.model.weights import (
     BaseModelError, adapter_state_dict, build_model, build_tiny, describe_parameters, fresh_adapter_config, load_base,
     save_adapter,
 )

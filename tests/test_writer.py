@@ -18,8 +18,8 @@ import pytest
 from PIL import Image, JpegImagePlugin
 from skimage import data
 
-from mdsd3_cli import writer as writer_module
-from mdsd3_cli.writer import (
+from mdsd3_cli.dataset import writer as writer_module
+from mdsd3_cli.dataset.writer import (
     DatasetWriter,
     OutputConflictError,
     OutputLayout,
@@ -366,7 +366,7 @@ def test_errors_file_describes_the_latest_run(tmp_path: Path) -> None:
 KILLED_RUN = """
 import sys
 from skimage import data
-from mdsd3_cli.writer import DatasetWriter
+from mdsd3_cli.dataset.writer import DatasetWriter
 astronaut = data.astronaut()
 with DatasetWriter(sys.argv[1], "0of1", workers=2) as writer:
     for index in range(int(sys.argv[2])):

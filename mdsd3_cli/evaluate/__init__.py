@@ -8,8 +8,8 @@
 from .estimators import ESTIMATOR_VERSIONS
 from .measures import CLASS_ESTIMATORS, CLASS_SCALES, CLASS_UNITS, measure_pair, normalised_strengths
 from .pairs import EvaluateError, Problem
-from .report import write_report
-from .run import Report, evaluate_dataset
+from .report import Report, write_report
+from .run import evaluate_dataset
 
 __all__ = [
     "CLASS_ESTIMATORS", "CLASS_SCALES", "CLASS_UNITS", "ESTIMATOR_VERSIONS", "EvaluateError", "Problem", "Report",

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..images import image_extensions
-from ..manifest import ManifestLineError, manifest_files, parse_record, run_info
-from ..stored_images import ImageRef, record_image
+from mdsd3_cli.util.images import image_extensions
+from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, parse_record, run_info
+from mdsd3_cli.dataset.stored_images import ImageRef, record_image
 
 
 class EvaluateError(ValueError):

@@ -1,4 +1,5 @@
-"""Writing what `evaluate` found: the per-sample CSV (streamed), report.json, plots and terminal tables."""
+"""What `evaluate` found (`Report`) and writing it: the per-sample CSV (streamed), report.json, plots and
+terminal tables."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -13,16 +15,48 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from mdsd3_cli import __version__
+from .aggregate import class_info
+from .estimators import ESTIMATOR_VERSIONS
 from .measures import CLASS_ESTIMATORS, MEASURE_NAMES
 
 if TYPE_CHECKING:
     from .aggregate import SampleTable
-    from .pairs import PairSource
-    from .run import Report
+    from .pairs import PairSource, Problem
 
 SHOWN_PROBLEMS = 5
 COLUMN_NAMES = {"noise": "noise σ", "haze": "haze veil", "rain": "rain", "low_light": "dark EV", "blur": "blur"}
 """Terminal column headers of the class strengths (units: see CLASS_UNITS)."""
+REPORT_VERSION = 1
+"""report.json's format version."""
+
+
+@dataclass
+class Report:
+    """Everything `evaluate` found. `summary` and `against` are what report.json holds per set; `tables` has
+    the per-sample numbers of every set by label (the dataset's first)."""
+
+    summary: dict[str, Any]
+    against: list[dict[str, Any]] = field(default_factory=list)
+    distances: dict[str, dict[str, Any]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    tables: dict[str, SampleTable] = field(default_factory=dict)
+
+    def variant(self, name: str) -> dict[str, Any]:
+        """The dataset's statistics of one variant (samples, requested ratios, measures, normalised, diversity)."""
+        return self.summary["variants"][name]
+
+    def samples(self, label: str | None = None) -> list[dict[str, Any]]:
+        """Per-sample rows of one set (default: the dataset)."""
+        table = self.tables[label or self.summary["label"]]
+        return [table.row(index) for index in range(len(table))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "report_version": REPORT_VERSION, "mdsd3_version": __version__, "estimators": ESTIMATOR_VERSIONS,
+            "classes": class_info(), "dataset": self.summary, "against": self.against, "distances": self.distances,
+            "problems": [{"path": problem.path, "reason": problem.reason} for problem in self.problems],
+        }
 
 
 class SampleCsv:

@@ -4,49 +4,16 @@ then aggregate into a `Report`."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from .. import __version__
-from ..progress import RunProgress
-from .aggregate import SampleTable, class_info, compare, summarise
-from .estimators import ESTIMATOR_VERSIONS
+from mdsd3_cli.util.progress import RunProgress
+from .aggregate import SampleTable, compare, summarise
 from .pairs import EvaluateError, PairSource, Problem, match_folders, open_dataset
-from .report import SampleCsv
+from .report import Report, SampleCsv
 from .runner import measure_groups
-
-REPORT_VERSION = 1
-
-
-@dataclass
-class Report:
-    """Everything `evaluate` found. `summary` and `against` are what report.json holds per set; `tables` has
-    the per-sample numbers of every set by label (the dataset's first)."""
-
-    summary: dict[str, Any]
-    against: list[dict[str, Any]] = field(default_factory=list)
-    distances: dict[str, dict[str, Any]] = field(default_factory=dict)
-    problems: list[Problem] = field(default_factory=list)
-    tables: dict[str, SampleTable] = field(default_factory=dict)
-
-    def variant(self, name: str) -> dict[str, Any]:
-        """The dataset's statistics of one variant (samples, requested ratios, measures, normalised, diversity)."""
-        return self.summary["variants"][name]
-
-    def samples(self, label: str | None = None) -> list[dict[str, Any]]:
-        """Per-sample rows of one set (default: the dataset)."""
-        table = self.tables[label or self.summary["label"]]
-        return [table.row(index) for index in range(len(table))]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "report_version": REPORT_VERSION, "mdsd3_version": __version__, "estimators": ESTIMATOR_VERSIONS,
-            "classes": class_info(), "dataset": self.summary, "against": self.against, "distances": self.distances,
-            "problems": [{"path": problem.path, "reason": problem.reason} for problem in self.problems],
-        }
 
 
 def _measure(source: PairSource, workers: int, csv: SampleCsv | None, console: Console | None) -> SampleTable:

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from .estimators import Reference, repeat_diversity
 from .measures import measure_pair
-from ..stored_images import ImageRef
+from mdsd3_cli.dataset.stored_images import ImageRef
 from .pairs import PairGroup, Problem, Sample
 
 MAX_PIXELS = 89_478_485

@@ -1,0 +1,338 @@
+"""`mdsd3 verify`: check a generate output folder (any layout) against its manifest.
+
+Every record's files must exist, decode to the recorded size and have the recorded byte count and SHA-256;
+every key must have all of the run's variant folders; every file under clean/, degraded/ and tars/ must
+belong to a record (anything else is an orphan). Files are hashed and decoded on a thread pool (hashlib and
+Pillow release the GIL), so verification runs on every core.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mdsd3_cli.dataset.manifest import (FILE_FIELDS, MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files, parse_record,
+                       run_folders, run_info)
+from mdsd3_cli.util.ordered_map import ordered_map
+from mdsd3_cli.util.progress import RunProgress
+from mdsd3_cli.dataset.writer import RUN_JSON
+
+SCANNED_FOLDERS = ("clean", "degraded", "tars")
+"""Where dataset files live: a file there without a record is an orphan."""
+
+LISTED_PER_KIND = 20
+"""Problems of one kind listed by `print_problems`; the rest are counted."""
+
+
+
+class NotADatasetError(ValueError):
+    """The folder holds no manifest: it is not a generate output folder."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a record says about one image file; None where an older manifest did not record it."""
+
+    sha256: str | None
+    size: int | None
+    dims: tuple[int, int] | None
+    """(width, height)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: `kind` is missing, size, hash, decode, manifest, incomplete, conflict or orphan."""
+
+    kind: str
+    where: str
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    """What `verify_dataset` checked and found."""
+
+    dataset: Path
+    records: int = 0
+    files: int = 0
+    bytes: int = 0
+    unhashed: int = 0
+    failed_inputs: int = 0
+    elapsed_s: float = 0.0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def files_per_s(self) -> float:
+        return self.files / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for problem in self.problems:
+            counts[problem.kind] += 1
+        return dict(sorted(counts.items()))
+
+    def table(self) -> Table:
+        table = Table(title=f"mdsd3 verify — {self.dataset}", show_header=False)
+        rows = [
+            ("records", self.records), ("files checked", self.files), ("MiB read", f"{self.bytes / 2**20:.1f}"),
+            ("elapsed", f"{self.elapsed_s:.2f} s"), ("files/s", f"{self.files_per_s:.0f}"),
+            ("MiB/s", f"{self.bytes / 2**20 / self.elapsed_s:.1f}" if self.elapsed_s > 0 else "-"),
+            ("failed inputs (errors/, not checked)", self.failed_inputs),
+        ]
+        if self.unhashed:
+            rows.append(("files without a recorded hash (older manifest)", self.unhashed))
+        rows += [(f"problems: {kind}", count) for kind, count in self.counts().items()]
+        rows.append(("result", "[green]ok[/]" if self.ok else f"[bold red]{len(self.problems)} problems[/]"))
+        for name, value in rows:
+            table.add_row(name, str(value))
+        return table
+
+
+@dataclass
+class _Index:
+    """The manifest, reduced to what verification needs."""
+
+    files: dict[str, Expected] = field(default_factory=dict)
+    """Folders layout: path relative to the dataset -> expectation."""
+    members: dict[str, dict[str, Expected | bytes]] = field(default_factory=lambda: defaultdict(dict))
+    """Webdataset layout: tar path -> member name -> expectation (images) or exact bytes (the record)."""
+    folders_by_key: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+
+def verify_dataset(dataset: str | os.PathLike, workers: int | None = None,
+                   console: Console | None = None) -> VerifyReport:
+    """Check every record and file of `dataset`; the report lists each problem found."""
+    root = Path(dataset).expanduser().resolve()
+    if not (root / "manifest").is_dir():
+        raise NotADatasetError(f"{root} has no manifest/ folder; is it an mdsd3 generate output folder?")
+    started = time.perf_counter()
+    report = VerifyReport(root)
+    index = _read_manifests(root, report)
+    report.problems += _incomplete_keys(root, index, report)
+    report.failed_inputs = sum(_count_lines(path) for path in sorted(root.glob("errors/*.jsonl")))
+    tasks: list[Callable[[], _Checked]] = [
+        _file_task(root, relative, expected) for relative, expected in sorted(index.files.items())
+    ]
+    tasks += [_tar_task(root, tar, members) for tar, members in sorted(index.members.items())]
+    total = len(index.files) + sum(len(members) for members in index.members.values())
+    workers = workers or os.cpu_count() or 1
+    with RunProgress(total, "verify", unit="files", console=console) as progress:
+        for checked in ordered_map(lambda task: task(), tasks, workers, name="mdsd3-verify"):
+            report.files += checked.files
+            report.bytes += checked.bytes
+            report.problems += checked.problems
+            progress.advance(checked.files)
+    referenced = set(index.files) | set(index.members)
+    report.problems += [Problem("orphan", relative, "no manifest record refers to this file")
+                        for relative in _dataset_files(root) if relative not in referenced]
+    report.elapsed_s = time.perf_counter() - started
+    return report
+
+
+def print_problems(report: VerifyReport, console: Console) -> None:
+    """One line per problem (at most LISTED_PER_KIND per kind, then a count)."""
+    listed: dict[str, int] = defaultdict(int)
+    for problem in report.problems:
+        listed[problem.kind] += 1
+        if listed[problem.kind] <= LISTED_PER_KIND:
+            console.print(f"[red]{problem.kind}[/] {escape(problem.where)}: {escape(problem.detail)}", highlight=False)
+    for kind, count in report.counts().items():
+        if count > LISTED_PER_KIND:
+            console.print(f"[red]{kind}[/] ... and {count - LISTED_PER_KIND} more", highlight=False)
+
+
+def _read_manifests(root: Path, report: VerifyReport) -> _Index:
+    index = _Index()
+    seen: dict[tuple[str, str], bytes] = {}
+    for manifest in manifest_files(root):
+        where_file = manifest.relative_to(root).as_posix()
+        with open(manifest, "rb") as handle:
+            for number, line in enumerate(handle, 1):
+                where = f"{where_file}:{number}"
+                try:
+                    record = parse_record(line)
+                except ManifestLineError as error:
+                    report.problems.append(Problem("manifest", where, str(error)))
+                    continue
+                report.records += 1
+                sample = (record["key"], record["folder"])
+                digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
+                if sample in seen:
+                    if seen[sample] != digest:
+                        report.problems.append(Problem("conflict", where, f"a second, different record for key "
+                                                       f"{sample[0]!r} folder {sample[1]!r}"))
+                    continue
+                seen[sample] = digest
+                index.folders_by_key[record["key"]].add(record["folder"])
+                _index_record(root, record, line, where, index, report)
+    return index
+
+
+def _index_record(root: Path, record: dict[str, Any], line: bytes, where: str, index: _Index,
+                  report: VerifyReport) -> None:
+    size = record.get("size")
+    dims = (size[0], size[1]) if isinstance(size, list) and len(size) == 2 else None
+    if TAR_FIELD in record:
+        tar = record[TAR_FIELD]
+        if not _inside(root, tar):
+            report.problems.append(Problem("manifest", where, f"tar {tar!r} is outside the dataset"))
+            return
+        members = index.members[tar]
+        for role in FILE_FIELDS:
+            members[record[MEMBER_FIELDS[role]]] = _expected(record, role, dims, report)
+        members[record[MEMBER_FIELDS["json"]]] = line.rstrip(b"\n")
+        return
+    for role in FILE_FIELDS:
+        relative = record[role]
+        if not _inside(root, relative):
+            report.problems.append(Problem("manifest", where, f"{role} path {relative!r} is outside the dataset"))
+            continue
+        expected = _expected(record, role, dims, report)
+        known = index.files.setdefault(relative, expected)
+        if known != expected:
+            report.problems.append(Problem("conflict", where, f"{relative} is recorded with another size or hash"))
+
+
+def _expected(record: dict[str, Any], role: str, dims: tuple[int, int] | None, report: VerifyReport) -> Expected:
+    sha256, size = record.get(f"{role}_sha256"), record.get(f"{role}_bytes")
+    if sha256 is None:
+        report.unhashed += 1
+    return Expected(sha256 if isinstance(sha256, str) else None, size if isinstance(size, int) else None, dims)
+
+
+def _inside(root: Path, relative: str) -> bool:
+    return not Path(relative).is_absolute() and (root / relative).resolve().is_relative_to(root)
+
+
+def _incomplete_keys(root: Path, index: _Index, report: VerifyReport) -> list[Problem]:
+    """Keys that lack some of the run's variant folders (from run.json; else every folder seen)."""
+    expected = _run_folders(root, report)
+    if expected is None:
+        expected = sorted({folder for folders in index.folders_by_key.values() for folder in folders})
+    problems = []
+    for key, folders in sorted(index.folders_by_key.items()):
+        missing = [folder for folder in expected if folder not in folders]
+        if missing:
+            problems.append(Problem("incomplete", key, f"no record for variant folders {', '.join(missing)}"))
+    return problems
+
+
+def _run_folders(root: Path, report: VerifyReport) -> list[str] | None:
+    try:
+        return run_folders(run_info(root))
+    except FileNotFoundError:
+        report.problems.append(Problem("manifest", RUN_JSON, "missing"))
+    except (OSError, ValueError) as error:
+        report.problems.append(Problem("manifest", RUN_JSON, f"unreadable: {error}"))
+    return None
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for _ in handle)
+
+
+def _dataset_files(root: Path) -> Iterator[str]:
+    """Every file (and link) under the scanned folders, relative to `root`."""
+    for folder in SCANNED_FOLDERS:
+        for directory, _, names in os.walk(root / folder):
+            for name in names:
+                yield (Path(directory) / name).relative_to(root).as_posix()
+
+
+@dataclass
+class _Checked:
+    files: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _file_task(root: Path, relative: str, expected: Expected) -> Callable[[], _Checked]:
+    def check() -> _Checked:
+        checked = _Checked(files=1)
+        path = root / relative
+        try:
+            if path.is_symlink() or not path.is_file():
+                raise FileNotFoundError
+            data = path.read_bytes()
+        except FileNotFoundError:
+            checked.problems.append(Problem("missing", relative, "recorded in the manifest but not on disk"))
+            return checked
+        except OSError as error:
+            checked.problems.append(Problem("missing", relative, f"unreadable: {error.strerror}"))
+            return checked
+        checked.bytes = len(data)
+        checked.problems += _check_bytes(relative, data, expected)
+        return checked
+
+    return check
+
+
+def _tar_task(root: Path, tar: str, members: dict[str, Expected | bytes]) -> Callable[[], _Checked]:
+    def check() -> _Checked:
+        checked = _Checked()
+        found: set[str] = set()
+        try:
+            with tarfile.open(root / tar, "r:") as archive:
+                for member in archive:
+                    where = f"{tar}:{member.name}"
+                    expected = members.get(member.name)
+                    if expected is None:
+                        checked.problems.append(Problem("orphan", where, "tar member without a manifest record"))
+                        continue
+                    data = archive.extractfile(member).read() if member.isfile() else b""
+                    found.add(member.name)
+                    checked.files += 1
+                    checked.bytes += len(data)
+                    if isinstance(expected, bytes):
+                        if data.rstrip(b"\n") != expected:
+                            checked.problems.append(Problem("hash", where, "differs from its manifest record"))
+                    else:
+                        checked.problems += _check_bytes(where, data, expected)
+        except FileNotFoundError:
+            pass
+        except (OSError, tarfile.TarError) as error:
+            checked.problems.append(Problem("decode", tar, f"unreadable tar: {error}"))
+        for name in sorted(set(members) - found):
+            checked.files += 1
+            checked.problems.append(Problem("missing", f"{tar}:{name}", "recorded in the manifest but not on disk"))
+        return checked
+
+    return check
+
+
+def _check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:
+    problems = []
+    if expected.size is not None and len(data) != expected.size:
+        problems.append(Problem("size", where, f"{len(data)} bytes, manifest says {expected.size}"))
+    if expected.sha256 is not None and hashlib.sha256(data).hexdigest() != expected.sha256:
+        problems.append(Problem("hash", where, "SHA-256 differs from the manifest"))
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            dims = image.size
+    except Exception as error:  # Pillow raises many types for broken files
+        problems.append(Problem("decode", where, f"does not decode: {error}"))
+        return problems
+    if expected.dims is not None and dims != expected.dims:
+        problems.append(Problem("size", where, f"{dims[0]}x{dims[1]} pixels, manifest says "
+                                f"{expected.dims[0]}x{expected.dims[1]}"))
+    return problems

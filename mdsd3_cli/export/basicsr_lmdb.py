@@ -1,0 +1,101 @@
+"""BasicSR's paired LMDB layout: `gt.lmdb` (clean) and `lq_<folder>.lmdb` (one per variant folder), each
+holding image bytes under ASCII keys without dots and a `meta_info.txt` of `<key>.<ext> (h,w,c) <level>` lines,
+with the same key set in every database (what BasicSR's `paired_paths_from_lmdb` requires)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lmdb
+
+from mdsd3_cli.export.sample import EncodedSample, flat_key
+from mdsd3_cli.export.staging import StagedFolder
+
+GT_NAME = "gt.lmdb"
+META_INFO = "meta_info.txt"
+COMMIT_EVERY = 256
+COMMIT_BYTES = 64 * 2**20
+"""A transaction is committed after COMMIT_EVERY puts or COMMIT_BYTES of values (its dirty pages stay in memory)."""
+PAGE_OVERHEAD = 2 * 4096
+"""Bytes reserved per value beyond its size (LMDB stores large values on whole overflow pages)."""
+
+
+def lq_name(folder: str) -> str:
+    return f"lq_{folder}.lmdb"
+
+
+class _Database:
+    """One LMDB database folder with its meta_info.txt, filled in bounded transactions."""
+
+    def __init__(self, path: Path, payload_bytes: int, entries: int) -> None:
+        path.mkdir()
+        self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
+        self.meta_info = open(path / META_INFO, "w", encoding="ascii")
+        self.transaction = self.environment.begin(write=True)
+        self.uncommitted = self.uncommitted_bytes = 0
+
+    def put(self, key: str, data: bytes, meta_line: str) -> None:
+        if not self.transaction.put(key.encode("ascii"), data, overwrite=False):
+            raise ValueError(f"key {key!r} is written twice")
+        self.meta_info.write(meta_line)
+        self.uncommitted += 1
+        self.uncommitted_bytes += len(data)
+        if self.uncommitted == COMMIT_EVERY or self.uncommitted_bytes >= COMMIT_BYTES:
+            self.transaction.commit()
+            self.transaction = self.environment.begin(write=True)
+            self.uncommitted = self.uncommitted_bytes = 0
+
+    def close(self, commit: bool) -> None:
+        if commit:
+            self.transaction.commit()
+            self.environment.sync(True)
+        else:
+            self.transaction.abort()
+        self.environment.close()
+        self.meta_info.close()
+
+
+class LmdbWriter:
+    """Writes pairs into the BasicSR layout under `destination`, appearing as a whole on `close()`.
+
+    Samples must arrive grouped by key (the clean image is stored once per key). `sizes` gives (total image bytes,
+    images) per database (None: gt, else the folder) to size the LMDB maps; `level` is meta_info's last field (the PNG
+    compression level, or the JPEG/WebP quality).
+    """
+
+    def __init__(self, destination: Path, folders: Sequence[str], sizes: Mapping[str | None, tuple[int, int]],
+                 level: int) -> None:
+        self._folder = StagedFolder(destination)
+        self.level = level
+        self._databases: dict[str | None, _Database] = {}  # None: gt, else the variant folder
+        try:
+            for folder in (None, *folders):
+                name = GT_NAME if folder is None else lq_name(folder)
+                self._databases[folder] = _Database(self._folder.stage / name, *sizes[folder])
+        except BaseException:
+            self.abort()
+            raise
+        self._last_key: str | None = None
+
+    def write(self, sample: EncodedSample) -> None:
+        key = flat_key(sample.key)
+        width, height = sample.record["size"]
+        meta_line = f"{key}.{sample.extension} ({height},{width},3) {self.level}\n"
+        if sample.key != self._last_key:
+            self._databases[None].put(key, sample.clean, meta_line)
+            self._last_key = sample.key
+        self._databases[sample.folder].put(key, sample.degraded, meta_line)
+
+    def close(self) -> None:
+        self._close_all(commit=True)
+        self._folder.commit()
+
+    def abort(self) -> None:
+        self._close_all(commit=False)
+        self._folder.discard()
+
+    def _close_all(self, commit: bool) -> None:
+        for database in self._databases.values():
+            database.close(commit)
+        self._databases = {}

@@ -1,0 +1,31 @@
+"""The hook between `generate` and the output layouts: which writer a run uses and what it already finished."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mdsd3_cli.generate.plan import ShardSpec, WorkItem
+from mdsd3_cli.recipe.generate import Recipe
+from mdsd3_cli.dataset.writer import DatasetWriter, completed_samples
+from mdsd3_cli.generate.webdataset_layout import WebDatasetLayoutWriter, completed_tar_samples
+
+LayoutWriter = DatasetWriter | WebDatasetLayoutWriter
+"""What `generate` writes through: submit(record, clean, degraded), record_error, drain, close."""
+
+
+def completed_in_layout(recipe: Recipe, shard: ShardSpec, items: Sequence[WorkItem]) -> set[tuple[str, str]]:
+    """(key, folder) pairs of `items` that earlier runs finished in the recipe's output layout."""
+    if recipe.output.layout == "webdataset":
+        return completed_tar_samples(recipe.output_dir(), shard, items, recipe.output.samples_per_tar)
+    return completed_samples(recipe.output_dir())
+
+
+def open_layout_writer(recipe: Recipe, shard: ShardSpec,
+                       items: Sequence[WorkItem]) -> LayoutWriter:
+    """The writer of the recipe's `output.layout` for one shard whose plan is `items` (in plan order)."""
+    output = recipe.output
+    if output.layout == "webdataset":
+        return WebDatasetLayoutWriter(recipe.output_dir(), shard, items, output.samples_per_tar, output.format,
+                                      output.quality, output.png_compress_level, output.workers)
+    return DatasetWriter(recipe.output_dir(), shard.name, output.format, output.quality, output.png_compress_level,
+                         output.workers)

@@ -1,0 +1,384 @@
+"""`mdsd3 generate`: recipe -> plan -> shard -> resume filter -> decode -> sample -> write."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mdsd3_cli import __version__
+from mdsd3_cli.model.adapter import AdapterConfig
+from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, prompt_for
+from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded, load_image
+from mdsd3_cli.generate.plan import ShardSpec, WorkItem, build_plan, shard_sources
+from mdsd3_cli.util.progress import RunProgress
+from mdsd3_cli.model.prompts import load_prompt_embeddings
+from mdsd3_cli.recipe.generate import Recipe
+from mdsd3_cli.util.runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
+from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest, is_guided
+from mdsd3_cli.model.weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
+from mdsd3_cli.generate.layouts import LayoutWriter, completed_in_layout, open_layout_writer
+from mdsd3_cli.dataset.ownership import claim_output, clear_outputs, shard_lock
+from mdsd3_cli.dataset.writer import RUN_JSON, check_run_compatible, write_run_json
+
+EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
+
+
+class InputsError(ValueError):
+    """The recipe's inputs cannot be used at all (a listed path is missing or matches nothing)."""
+
+
+@dataclass
+class RunPlan:
+    """What a run would do, known before any model loads. Only this shard's samples are built; the whole
+    plan is counted (shards own whole source images, so no shard needs the others' samples)."""
+
+    recipe: Recipe
+    shard: ShardSpec
+    discovery: Discovery
+    sources_in_plan: int
+    samples_in_plan: int
+    mine: list[WorkItem]
+    limit: int | None = None
+    done: set[tuple[str, str]] = field(default_factory=set)
+
+    @property
+    def todo(self) -> list[WorkItem]:
+        return [item for item in self.mine if (item.key, item.folder) not in self.done]
+
+    @property
+    def identity(self) -> dict:
+        """What run.json must match: the recipe's identity, plus how keys are formed when several input
+        folders prefix them with their names (adding a folder to a one-folder run changes every key)."""
+        identity = self.recipe.identity()
+        if self.discovery.prefixed_keys:
+            identity["input_keys"] = "prefixed with the input folder name"
+        return identity
+
+
+@dataclass
+class RunSummary:
+    """Counts and timings of one `generate` run (one shard)."""
+
+    shard: str
+    planned: int = 0
+    already_done: int = 0
+    written: int = 0
+    failed_inputs: int = 0
+    elapsed_s: float = 0.0
+    sampler_s: float = 0.0
+    interrupted: str | None = None
+    batch_size: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.written / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def sampler_busy(self) -> float:
+        return self.sampler_s / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return exit_code_for(self.interrupted)
+        return EXIT_FAILED_INPUTS if self.failed_inputs else EXIT_OK
+
+    def table(self) -> Table:
+        table = Table(title=f"mdsd3 generate — {self.shard}", show_header=False)
+        rows = [
+            ("samples in this shard", self.planned), ("already done (resumed)", self.already_done),
+            ("written now", self.written), ("failed inputs", self.failed_inputs),
+            ("elapsed", f"{self.elapsed_s:.1f} s"), ("images/s", f"{self.images_per_s:.2f}"),
+            ("sampler busy", f"{100 * self.sampler_busy:.0f}% of wall time"),
+        ]
+        if self.interrupted:
+            rows.append(("stopped by", f"{self.interrupted} (rerun the same command to finish)"))
+        for name, value in rows:
+            table.add_row(name, str(value))
+        return table
+
+
+def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunPlan:
+    """Discover inputs, count the deterministic plan and build this shard's part; reads manifests, writes nothing."""
+    discovery = discover_sources(recipe.input_paths(), recursive=recipe.input.recursive,
+                                 exclude=[recipe.output_dir()])
+    fatal = [error for error in discovery.errors if error.fatal]
+    if fatal:
+        lines = "\n".join(f"  {error.path}: {error.reason}" for error in fatal)
+        raise InputsError(f"{recipe.source_path}: input.paths: unusable entries:\n{lines}")
+    sources = sorted(discovery.sources, key=lambda source: source.key)[:limit]  # --limit: the first N keys
+    per_source = sum(variant.repeats for variant in recipe.variants)
+    mine = build_plan(recipe, shard_sources(sources, shard.index, shard.count))
+    run = RunPlan(recipe, shard, discovery, len(sources), len(sources) * per_source, mine, limit)
+    run.done = completed_in_layout(recipe, shard, run.mine)
+    return run
+
+
+@dataclass
+class Session:
+    """Loaded models for a recipe: base, MDSD3 transformer with its adapter, and their fingerprints."""
+
+    base: BaseModel
+    model: torch.nn.Module
+    adapter: AdapterConfig
+    adapter_fingerprint: str | None
+
+
+def open_session(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Session:
+    """Load the base and the adapter (or a fresh one with the recipe's classes)."""
+    base = load_base(recipe.model.base if recipe.base_dir() is None else str(recipe.base_dir()), dtype, device)
+    adapter_dir = recipe.adapter_dir()
+    fresh = None if adapter_dir else fresh_adapter_config(base, recipe.classes())
+    model, config = build_model(base, adapter_dir, config=fresh)
+    model.to(device).eval()
+    return Session(base, model, config, fingerprint_adapter(adapter_dir) if adapter_dir else None)
+
+
+def needed_prompts(items: Sequence[WorkItem], classes: Sequence[str], guidance: float) -> list[str]:
+    """The prompts a list of work items needs (plus the unconditional one when guided)."""
+    prompts = {prompt_for(item.ratios, classes) for item in items}
+    if is_guided(guidance):
+        prompts.add(UNCONDITIONAL_PROMPT)
+    return sorted(prompts)
+
+
+def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: dict[str, list[WorkItem]],
+             batch_size: Callable[[], int], on_error: Callable[[Source, str], None],
+             stop: StopRequest) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
+    """Group samples of equally sized images into batches of the current batch size (it drops after an
+    out-of-memory); stop taking new sources once a stop is requested."""
+    pending: dict[tuple[int, ...], list[tuple[WorkItem, LoadedImage]]] = defaultdict(list)
+    for source, image in loaded:
+        if stop.requested:
+            return
+        if isinstance(image, ImageError):
+            on_error(source, image.reason)
+            continue
+        group = pending[image.pixels.shape]
+        group.extend((item, image) for item in todo[source.key])
+        while len(group) >= batch_size():
+            batch, group[:] = group[:batch_size()], group[batch_size():]
+            yield batch
+    for group in pending.values():
+        while group and not stop.requested:
+            batch, group[:] = group[:batch_size()], group[batch_size():]
+            yield batch
+
+
+class SamplingMemoryError(ValueError):
+    """Out of memory even at batch size 1: the images are too large for this device."""
+
+
+class _Generator:
+    """The sampling loop with out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch
+    is retried in parts; at batch size 1 a SamplingMemoryError says what to change."""
+
+    def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: Console):
+        self.sampler, self.steps, self.guidance = sampler, steps, guidance
+        self.batch_size, self.console = batch_size, console
+
+    def __call__(self, batch: list[tuple[WorkItem, LoadedImage]]) -> np.ndarray:
+        if len(batch) > self.batch_size:  # formed before the batch size was lowered
+            parts = [batch[start:start + self.batch_size] for start in range(0, len(batch), self.batch_size)]
+            return np.concatenate([self(part) for part in parts])
+        try:
+            pixels = torch.from_numpy(np.stack([image.pixels for _, image in batch]))
+            requests = [SampleRequest(item.ratios, item.seed, item.alpha, item.beta) for item, _ in batch]
+            return self.sampler.generate(pixels, requests, self.steps, self.guidance, pad_to=self.batch_size)
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        device = self.sampler.device
+        if self.batch_size == 1:
+            raise SamplingMemoryError(f"out of memory on {device} at batch size 1 with {batch[0][1].pixels.shape[1]}x"
+                                      f"{batch[0][1].pixels.shape[0]} images; use a smaller input.size or "
+                                      "input.max_side, or a device with more memory") from None
+        self.batch_size = max(1, min(self.batch_size, len(batch)) // 2)
+        self.console.print(f"[yellow]out of memory on {device}: batch size lowered to {self.batch_size}[/]")
+        return self(batch)
+
+
+def _record(item: WorkItem, image: LoadedImage, run: RunPlan, session: Session) -> dict:
+    recipe = run.recipe
+    return {
+        "key": item.key, "source": str(item.source), "variant": item.variant, "folder": item.folder,
+        "repeat": item.repeat, "ratios": item.ratios, "prompt": prompt_for(item.ratios, session.adapter.classes),
+        "alpha": item.alpha, "beta": item.beta, "steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance,
+        "seed": item.seed, "size": [int(image.pixels.shape[1]), int(image.pixels.shape[0])],
+        "crop_box": list(image.crop_box), "original_size": list(image.original_size),
+        "base_fingerprint": session.base.fingerprint, "adapter_fingerprint": session.adapter_fingerprint,
+        "mdsd3_version": __version__,
+    }
+
+
+def run_payload(recipe: Recipe, identity: dict, session: Session) -> dict:
+    """run.json: the resolved recipe, versions and model fingerprints."""
+    import diffusers
+
+    return {
+        "identity": identity, "recipe": recipe.model_dump(mode="json"),
+        "classes": session.adapter.classes, "head_partition": session.adapter.head_partition,
+        "base_fingerprint": session.base.fingerprint, "adapter_fingerprint": session.adapter_fingerprint,
+        "versions": {"mdsd3": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None = None) -> RunSummary:
+    """Produce this shard's missing samples. Resumable: killed at any moment, a rerun completes the same dataset."""
+    console = console or Console(stderr=True)
+    recipe, out, identity = run.recipe, run.recipe.output_dir(), run.identity
+    started = time.perf_counter()
+    device = recipe.device()  # a device this machine lacks is refused before anything is written
+    claim_output(out)
+    if overwrite and run.shard.count > 1:
+        raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
+                         "Run it once without shards, or choose a new output.dir")
+    check_run_compatible(out, identity, overwrite=overwrite)
+    with shard_lock(out, run.shard.name):
+        if overwrite:
+            clear_outputs(out)
+        if overwrite or not (out / RUN_JSON).is_file():  # claims the folder before anything else is written
+            write_run_json(out, {"identity": identity, "recipe": recipe.model_dump(mode="json")})
+        run.done = completed_in_layout(recipe, run.shard, run.mine)  # again under the lock: a previous holder may have finished more
+        summary = _generate_locked(run, identity, device, console)
+    summary.elapsed_s = time.perf_counter() - started
+    return summary
+
+
+def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: Console) -> RunSummary:
+    """`run_generate` once this process owns the shard."""
+    recipe, out = run.recipe, run.recipe.output_dir()
+    summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(run.todo))
+    todo = run.todo
+    dtype = resolve_dtype(recipe.model.dtype, device)
+
+    with StopRequest() as stop:
+        session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
+        if session is not None:
+            write_run_json(out, run_payload(recipe, identity, session))
+        with open_layout_writer(recipe, run.shard, run.mine) as writer:
+            if run.shard.index == 0:
+                for error in run.discovery.errors:
+                    writer.record_error(error.key, error.path, error.reason)
+                    summary.failed_inputs += 1
+            if session is not None:
+                _sample_all(run, todo, session, writer, summary, stop, console)
+        if stop.requested:
+            summary.interrupted = stop.signal.name
+    return summary
+
+
+def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: LayoutWriter, summary: RunSummary,
+                stop: StopRequest, console: Console) -> None:
+    """Decode, sample and submit every item of `todo`, counting into `summary`."""
+    recipe = run.recipe
+    classes = session.adapter.classes
+    prompts = load_prompt_embeddings(
+        session.base.source, session.base.fingerprint, needed_prompts(todo, classes, recipe.sampling.guidance),
+        recipe.prompt_cache_dir(), session.base.vae.device, session.base.vae.dtype,
+    )
+    model = torch.compile(session.model) if recipe.model.compile else session.model
+    sampler = MDSD3Sampler(session.base, model, session.adapter, prompts)
+    sample = _Generator(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
+    by_key: dict[str, list[WorkItem]] = defaultdict(list)
+    for item in todo:
+        by_key[item.key].append(item)
+    sources = [Source(key, items[0].source) for key, items in by_key.items()]
+
+    def load(source: Source) -> LoadedImage:
+        return load_image(source.path, recipe.input.size, recipe.input.resize, recipe.input.max_side,
+                          recipe.input.max_pixels)
+
+    def failed(source: Source, reason: str) -> None:
+        writer.record_error(source.key, str(source.path), reason)
+        summary.failed_inputs += 1
+        progress.total -= len(by_key[source.key])
+
+    with RunProgress(len(todo), f"generate {run.shard.name}", console=console) as progress:
+        loaded = iter_loaded(sources, load, workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size)
+        for batch in _batches(loaded, by_key, lambda: sample.batch_size, failed, stop):
+            tick = time.perf_counter()
+            degraded = sample(batch)
+            summary.sampler_s += time.perf_counter() - tick
+            for (item, image), output in zip(batch, degraded):
+                writer.submit(_record(item, image, run, session), image.pixels, output)
+            summary.written += len(batch)
+            progress.advance(len(batch))
+        writer.drain()
+    summary.batch_size = sample.batch_size
+
+
+def describe_plan(run: RunPlan) -> Table:
+    """The plan's size, for `check` and `--dry-run`."""
+    recipe = run.recipe
+    table = Table(title=escape(f"plan for {recipe.source_path.name} — {run.shard.name}"), show_header=False)
+    folders = [variant.name if variant.repeats == 1 else f"{variant.folder(1)} ... {variant.folder(variant.repeats)}"
+               for variant in recipe.variants]
+    nonfatal = [error for error in run.discovery.errors if not error.fatal]
+    rows = [
+        ("input images", len(run.discovery.sources)), ("inputs skipped at discovery", len(nonfatal)),
+        *([(f"in plan (--limit {run.limit})", run.sources_in_plan)] if run.limit is not None else []),
+        ("variant folders", ", ".join(folders)),
+        ("samples in plan", run.samples_in_plan), ("samples in this shard", len(run.mine)),
+        ("already done", len(run.mine) - len(run.todo)), ("to do", len(run.todo)),
+        ("classes", ", ".join(recipe.classes())), ("output", str(recipe.output_dir())),
+        *(("note", note) for note in run.discovery.notes),
+    ]
+    for name, value in rows:
+        table.add_row(name, escape(str(value)))
+    return table
+
+
+def estimated_output_bytes(run: RunPlan) -> int:
+    """A generous estimate of what the remaining work writes: every image at its raw RGB size, plus 1 KB of
+    manifest per sample (PNG at compression level 1 rarely beats raw by much on photos)."""
+    recipe = run.recipe
+    side = recipe.input.max_side if recipe.input.resize == "native" else recipe.input.size
+    todo = run.todo
+    new_keys = {item.key for item in todo}
+    return (len(todo) + len(new_keys)) * (side * side * 3 + 1024)
+
+
+def free_space_warning(run: RunPlan, free_bytes: int | None = None) -> str | None:
+    """A warning when the output disk has less free space than the plan may need (None when it has enough)."""
+    folder = run.recipe.output_dir()
+    while not folder.exists():
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free if free_bytes is None else free_bytes
+    needed = estimated_output_bytes(run)
+    if free >= needed:
+        return None
+    return (f"only {free / 1e6:,.0f} MB free on the disk of {run.recipe.output_dir()}; the remaining "
+            f"{len(run.todo)} samples may need up to {needed / 1e6:,.0f} MB")
+
+
+def check_output_writable(path: Path, source: str | os.PathLike) -> None:
+    """Raise OSError naming the recipe `source` and output.dir if outputs cannot be created at `path`."""
+    probe_dir = path
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise OSError(f"{source}: output.dir: {probe_dir} is not a folder (output.dir is {path})")
+    try:
+        descriptor, probe = tempfile.mkstemp(dir=probe_dir, prefix=".mdsd3-write-test-")
+    except OSError as error:
+        raise OSError(f"{source}: output.dir: cannot write in {probe_dir}: {error.strerror} "
+                      f"(output.dir is {path})") from error
+    os.close(descriptor)
+    os.unlink(probe)

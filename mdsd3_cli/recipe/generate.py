@@ -1,0 +1,449 @@
+"""Recipe schema and YAML loading: every mistake is reported, naming the file and the field,
+before any model loads."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator
+
+from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
+from mdsd3_cli.model.presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
+from mdsd3_cli.recipe.file import Problem, RecipeData, RecipeFileError, read_recipe, schema_problems
+from mdsd3_cli.model.sd3_folder import base_folder_problem
+
+if TYPE_CHECKING:
+    import torch
+
+TINY_BASE = "tiny"
+VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+GLOB_CHARACTERS = re.compile(r"[*?\[]")
+MAX_REPEATS = 1000
+"""Most draws per photo one variant may ask for (`repeats`)."""
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and each bad field."""
+
+    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
+        self.source = source
+        self.problems = list(problems)
+        super().__init__("\n".join(f"{source}: {field}: {message}" if field else f"{source}: {message}"
+                                   for field, message in self.problems))
+
+    def __reduce__(self) -> tuple[type[RecipeError], tuple[str, list[Problem]]]:
+        return type(self), (self.source, self.problems)
+
+
+def _ratio(value: Any) -> float | list[float]:
+    """A class ratio: a number in [0, 1], or a range [lo, hi] with 0 <= lo <= hi <= 1 drawn per sample."""
+    def number(item: Any) -> float:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ValueError(f"ratio must be a number in [0, 1] or a range [lo, hi], got {item!r}")
+        if not 0.0 <= item <= 1.0:
+            raise ValueError(f"ratio {item} is outside [0, 1]")
+        return float(item)
+
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"a ratio range is [lo, hi], got {list(value)!r}")
+        low, high = number(value[0]), number(value[1])
+        if low > high:
+            raise ValueError(f"ratio range [{low}, {high}] has lo > hi")
+        return [low, high]
+    return number(value)
+
+
+Ratio = Annotated[float | list[float], PlainValidator(_ratio)]
+
+
+class _Section(BaseModel):
+    """Strict base: unknown keys and wrong types are errors (no silent coercion)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ModelSection(_Section):
+    """Which base model and adapter to run, and how."""
+
+    base: str = Field(min_length=1)
+    adapter: str | None = None
+    classes: Annotated[list[str], Field(min_length=1)] | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    prompt_cache: str | None = None
+    compile: bool = False
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, names: list[str] | None) -> list[str] | None:
+        if names is None:
+            return None
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate class names in {names}")
+        for name in names:
+            if name.split() != [name] or name == "clean":
+                raise ValueError(f"class name {name!r} must be one word and not 'clean'")
+        return names
+
+
+class InputSection(_Section):
+    """Where clean photos come from and how they are shaped for the model."""
+
+    paths: list[str] = Field(min_length=1)
+    recursive: bool = True
+    size: int = Field(default=512, ge=16, multiple_of=16)
+    resize: Literal["center_crop", "resize", "native"] = "center_crop"
+    max_side: int = Field(default=1536, ge=16)
+    max_pixels: int = Field(default=89_478_485, ge=1)
+    workers: int = Field(default=2, ge=1)
+
+
+class OutputSection(_Section):
+    """Where and how the pairs are written."""
+
+    dir: str = Field(min_length=1)
+    format: Literal["png", "jpeg", "webp"] = "png"
+    quality: int = Field(default=95, ge=1, le=100)
+    png_compress_level: int = Field(default=1, ge=0, le=9)
+    workers: int = Field(default=2, ge=1)
+    layout: Literal["folders", "webdataset"] = "folders"
+    samples_per_tar: int = Field(default=1000, ge=1)
+
+
+class SamplingSection(_Section):
+    """Denoising settings shared by all variants."""
+
+    steps: int = Field(default=28, ge=1)
+    guidance: float = Field(default=7.0, ge=0)
+    alpha: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    batch_size: int = Field(default=4, ge=1)
+
+
+class Variant(_Section):
+    """One degraded output folder (or `repeats` folders): class ratios and optional α/β overrides."""
+
+    name: str = Field(max_length=100)
+    classes: dict[str, Ratio]
+    repeats: int = Field(default=1, ge=1, le=MAX_REPEATS)
+    alpha: Annotated[float, Field(gt=0)] | None = None
+    beta: Annotated[float, Field(ge=0)] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, name: str) -> str:
+        if not re.fullmatch(VARIANT_NAME_PATTERN, name):
+            raise ValueError(f"{name!r} is not a plain folder name (letters, digits, '_', '.', '-'; "
+                             "starting with a letter or digit)")
+        return name
+
+    def folder(self, repeat: int) -> str:
+        """Output folder of one repeat (1-based): the name itself when there is a single repeat."""
+        if not 1 <= repeat <= self.repeats:
+            raise ValueError(f"variant {self.name!r} has repeats 1..{self.repeats}, not {repeat}")
+        return self.name if self.repeats == 1 else f"{self.name}_r{repeat}"
+
+    def folders(self) -> list[str]:
+        """Output folders of all repeats, in repeat order."""
+        return [self.folder(repeat) for repeat in range(1, self.repeats + 1)]
+
+
+class Recipe(_Section):
+    """A validated recipe; relative paths resolve against the folder of the recipe file."""
+
+    model: ModelSection
+    input: InputSection
+    output: OutputSection
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    variants: list[Variant] = Field(min_length=1)
+
+    _source_path: Path = PrivateAttr(default_factory=lambda: Path("recipe.yaml").absolute())
+    _classes: list[str] | None = PrivateAttr(default=None)
+
+    @property
+    def source_path(self) -> Path:
+        """The recipe file this recipe was read from (absolute)."""
+        return self._source_path
+
+    def resolve(self, raw: str) -> Path:
+        """A path from the recipe: `~` expanded, relative paths taken against the recipe's folder."""
+        path = Path(raw).expanduser()
+        return Path(os.path.abspath(self._source_path.parent / path))
+
+    def base_dir(self) -> Path | None:
+        """The diffusers SD3 folder (a shipped preset's own for `mini`), or None for the built-in `tiny` preset."""
+        if self.model.base == TINY_BASE:
+            return None
+        return preset_folder(self.model.base) / "base" if is_preset(self.model.base) else self.resolve(self.model.base)
+
+    def adapter_dir(self) -> Path | None:
+        """The adapter folder (a shipped preset's own for `mini`), or None for a fresh untrained adapter."""
+        if self.model.adapter is None:
+            return None
+        if is_preset(self.model.adapter):
+            return preset_folder(self.model.adapter) / "adapter"
+        return self.resolve(self.model.adapter)
+
+    def classes(self) -> list[str]:
+        """Degradation classes in adapter order: the adapter's own, else model.classes."""
+        if self._classes is None:
+            adapter = self.adapter_dir()
+            self._classes = list(read_adapter_config(adapter).classes if adapter else self.model.classes or [])
+        return list(self._classes)
+
+    def device(self) -> "torch.device":
+        """The device model.device names on this machine; RecipeError (model.device) when there is none here."""
+        from mdsd3_cli.util.runtime import DeviceError, resolve_device  # torch-free import of the recipe module stays possible
+
+        try:
+            return resolve_device(self.model.device)
+        except DeviceError as error:
+            raise RecipeError(str(self._source_path), [("model.device", str(error))]) from None
+
+    def input_paths(self) -> list[str]:
+        """Input folders, globs and list files with relative ones resolved against the recipe's folder."""
+        return [str(self.resolve(raw)) for raw in self.input.paths]
+
+    def output_dir(self) -> Path:
+        """The output root folder."""
+        return self.resolve(self.output.dir)
+
+    def prompt_cache_dir(self, environ: Mapping[str, str] = os.environ) -> Path:
+        """Prompt embedding cache: model.prompt_cache, else the default (prompts.default_cache_dir)."""
+        from mdsd3_cli.model.prompts import default_cache_dir  # torch-free import of the recipe module stays possible
+
+        if self.model.prompt_cache is not None:
+            return self.resolve(self.model.prompt_cache)
+        return default_cache_dir(environ)
+
+    def variant_alpha(self, variant: Variant) -> float:
+        """α of a variant: its own, else sampling.alpha."""
+        return self.sampling.alpha if variant.alpha is None else variant.alpha
+
+    def variant_beta(self, variant: Variant) -> float:
+        """β of a variant: its own, else sampling.beta."""
+        return self.sampling.beta if variant.beta is None else variant.beta
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that determine output pixels; a run refuses to resume into a folder made with others.
+
+        The batch size is in: it changes the last bits of the transformer's results (CPU BLAS kernels depend on
+        the matrix shapes), so a resume with another batch size would mix outputs. Other execution choices
+        (workers, device, dtype, compile, prompt cache) and the input list are left out, as is the PNG
+        compression level (lossless) and the quality of a PNG output.
+        """
+        base, adapter = self.base_dir(), self.adapter_dir()
+        return {
+            "model": {
+                "base": self.model.base if base is None else str(base),
+                "adapter": None if adapter is None else str(adapter),
+                "classes": self.classes(),
+            },
+            "input": {
+                "resize": self.input.resize,
+                "size": None if self.input.resize == "native" else self.input.size,
+            },
+            "output": {
+                "format": self.output.format,
+                "quality": None if self.output.format == "png" else self.output.quality,
+                **({"layout": "webdataset", "samples_per_tar": self.output.samples_per_tar}
+                   if self.output.layout == "webdataset" else {}),  # a folders run keeps its old identity
+            },
+            "sampling": {
+                "steps": self.sampling.steps,
+                "guidance": self.sampling.guidance,
+                "seed": self.sampling.seed,
+                "batch_size": self.sampling.batch_size,
+            },
+            "variants": [
+                {
+                    "name": variant.name,
+                    "classes": variant.model_dump(mode="json")["classes"],
+                    "repeats": variant.repeats,
+                    "alpha": self.variant_alpha(variant),
+                    "beta": self.variant_beta(variant),
+                }
+                for variant in self.variants
+            ],
+        }
+
+
+_NOT_A_MAPPING = "a recipe is a YAML mapping with model, input, output, sampling and variants"
+
+
+def _classes_problems(recipe: Recipe) -> tuple[list[str] | None, list[Problem]]:
+    """The recipe's classes (None when they cannot be known) and what is wrong with model.adapter/classes."""
+    model = recipe.model
+    adapter = recipe.adapter_dir()
+    if is_preset(model.adapter):
+        try:
+            preset_adapter_dir(model.adapter)
+        except PresetNotInstalledError as error:
+            return model.classes, [("model.adapter", str(error))]
+    if adapter is None:
+        if model.classes is None:
+            return None, [("model.classes", "required when model.adapter is null (a fresh adapter)")]
+        return list(model.classes), []
+    if not adapter.is_dir():
+        return model.classes, [("model.adapter", f"no such folder: {adapter}")]
+    try:
+        adapter_classes = read_adapter_config(adapter).classes
+    except AdapterError as error:
+        return model.classes, [("model.adapter", str(error))]
+    problems = []
+    if not (adapter / WEIGHTS_NAME).is_file():
+        problems.append(("model.adapter", f"adapter weights not found: {adapter / WEIGHTS_NAME}"))
+    if model.classes is not None and model.classes != adapter_classes:
+        problems.append(("model.classes", f"{model.classes} does not match the adapter's classes {adapter_classes}"))
+    return list(adapter_classes), problems
+
+
+def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem]:
+    problems = []
+    name_owner: dict[str, int] = {}
+    folder_owner: dict[str, int] = {}
+    for index, variant in enumerate(recipe.variants):
+        if classes is not None:
+            for name in variant.classes:
+                if name not in classes:
+                    problems.append((f"variants.{index}.classes.{name}",
+                                     f"unknown class {name!r}; known classes: {classes}"))
+        first = name_owner.setdefault(variant.name, index)
+        if first != index:
+            problems.append((f"variants.{index}.name", f"duplicate variant name {variant.name!r} "
+                                                       f"(also variants.{first})"))
+            continue
+        for folder in variant.folders():
+            owner = folder_owner.setdefault(folder, index)
+            if owner != index:
+                other = recipe.variants[owner]
+                problems.append((f"variants.{index}", f"output folder {folder!r} collides with variants.{owner} "
+                                                      f"({other.name!r}, repeats {other.repeats})"))
+    return problems
+
+
+def _path_problems(recipe: Recipe) -> list[Problem]:
+    problems = []
+    base = recipe.base_dir()
+    if is_preset(recipe.model.base):
+        try:
+            preset_base_dir(recipe.model.base)
+        except PresetNotInstalledError as error:
+            problems.append(("model.base", str(error)))
+    elif base is not None and not base.is_dir():
+        problems.append(("model.base", f"no such folder: {base} (use {TINY_BASE!r} for the built-in test preset)"))
+    elif base is not None and (problem := base_folder_problem(base)):
+        problems.append(("model.base", problem))
+    for index, raw in enumerate(recipe.input.paths):
+        path = recipe.resolve(raw)
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            problems.append((f"input.paths.{index}", f"not a regular file or folder: {path}"))
+        elif not GLOB_CHARACTERS.search(raw) and not path.exists():
+            problems.append((f"input.paths.{index}", f"no such file or folder: {path}"))
+    return problems
+
+
+def parse_recipe(data: Any, source_path: str | os.PathLike, overridden: Mapping[str, str] | None = None) -> Recipe:
+    """Validate recipe data (as read from YAML) that came from `source_path`; raise RecipeError listing
+    every problem found. `overridden` maps fields set by `--set` to the override, for the messages."""
+    source = str(source_path)
+    if not isinstance(data, Mapping):
+        raise RecipeError(source, [("", _NOT_A_MAPPING)])
+    label = RecipeData(source, dict(data), dict(overridden or {})).label
+    try:
+        recipe = Recipe.model_validate(dict(data))
+    except ValidationError as error:
+        raise RecipeError(source, [(label(field), message)
+                                   for field, message in schema_problems(error, Recipe)]) from None
+    recipe._source_path = Path(os.path.abspath(source_path))
+    classes, problems = _classes_problems(recipe)
+    problems += _variant_problems(recipe, classes)
+    problems += _path_problems(recipe)
+    if problems:
+        raise RecipeError(source, [(label(field), message) for field, message in problems])
+    recipe._classes = classes
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file (bounded, safe YAML), apply `--set` overrides, and validate it with its paths."""
+    try:
+        raw = read_recipe(path, overrides, not_mapping=_NOT_A_MAPPING)
+    except RecipeFileError as error:
+        raise RecipeError(error.source, [(error.where, error.message)]) from None
+    return parse_recipe(raw.data, path, raw.overridden)
+
+
+_EXAMPLE_RECIPE = """\
+# mdsd3 recipe: turns folders of clean photos into a paired clean/degraded dataset.
+# Relative paths are taken against the folder of this file. Check it with
+# `mdsd3 check --config recipe.yaml`; change single fields with `--set sampling.steps=20`.
+
+model:
+  # "tiny" is a built-in random model for smoke tests: its images mean nothing.
+  # "mini" (with adapter: mini) is a small trained demonstration model shipped in the package.
+  # For real data, give a local diffusers-format SD3 folder, e.g. /models/sd3-medium.
+  base: tiny
+  # Trained adapter folder (adapter_config.json + adapter.safetensors);
+  # null runs a fresh, untrained adapter (plain SD3 behaviour).
+  adapter: null
+  # Degradation classes, in order. Required when adapter is null; with an adapter,
+  # leave this out (its classes are used) or repeat them exactly.
+  classes: [rain, haze, noise]
+  dtype: auto               # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+  device: auto              # auto | cpu | cuda | cuda:N
+  prompt_cache: null        # folder; null: $MDSD3_PROMPT_CACHE, else ~/.cache/mdsd3/prompts
+  compile: false            # torch.compile the transformer (slow start, faster steps)
+
+input:
+  # Folders, globs ("photos/*.jpg") or .txt files listing one path per line.
+  paths: [photos/]
+  recursive: true           # descend into sub folders (kept in the output keys)
+  size: 512                 # output side in pixels, a multiple of 16 (unused by resize: native)
+  # center_crop: scale the short side to size, keep the centre square; resize: scale to
+  # size x size; native: keep the photo's own size (sides must fit max_side).
+  resize: center_crop
+  max_side: 1536            # native: larger inputs are skipped and recorded in errors/
+  max_pixels: 89478485      # larger images are refused (decompression-bomb guard)
+  workers: 2                # decoding threads
+
+output:
+  dir: out/example          # gets clean/, degraded/<variant>/, manifest/, errors/, run.json
+  format: png               # png | jpeg | webp
+  quality: 95               # jpeg and webp quality, 1..100
+  png_compress_level: 1     # 0..9; 1 is fast, higher is smaller and much slower
+  workers: 2                # encoding threads
+  layout: folders           # folders | webdataset (tars/<shard>-NNNNNN.tar instead of clean/ and degraded/)
+  samples_per_tar: 1000     # webdataset: samples per tar
+
+sampling:
+  steps: 28                 # denoising steps
+  guidance: 7.0             # classifier-free guidance; <= 1 turns it off (twice as fast)
+  alpha: 1.0                # initial latent = alpha * noise + beta * clean latent; alpha > 0
+  beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps the degradations strong
+  seed: 0                   # every sample's seed is a stable hash of (seed, key, variant, repeat)
+  batch_size: 4             # images per step; does not change the outputs
+
+variants:                   # each writes degraded/<name>/ (or <name>_r<N>/ with repeats)
+  # Fixed ratios in [0, 1]: 1 applies a class fully, 0.5 half as strongly.
+  - name: rain_haze
+    classes: {rain: 1.0, haze: 1.0}
+  # Ranges [lo, hi] are drawn per sample from its seed; repeats gives several draws
+  # per photo; alpha and beta here override the sampling ones.
+  - name: random_mix
+    classes: {rain: [0.3, 1.0], haze: [0.0, 0.6]}
+    repeats: 2                # at most 1000
+    alpha: 0.9
+    beta: 0.4
+"""
+
+
+def example_recipe_text() -> str:
+    """A fully commented example recipe (for `mdsd3 init`); it loads once its `photos/` folder exists."""
+    return _EXAMPLE_RECIPE

@@ -1,0 +1,122 @@
+"""The package layout: subpackages import only the layers below them, no module imports the CLI, and no two
+modules import each other (directly or round a loop). Read from the source with `ast`, nothing imported."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mdsd3_cli"
+LAYERS = ["util", "model", "recipe", "dataset", "export", "generate", "train", "evaluate"]
+"""Subpackages from the bottom: each may import itself and the ones before it, never one after it."""
+
+
+def _module_names() -> dict[str, Path]:
+    """Dotted name of every module in the package (a package by its own name) -> its file."""
+    names = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        names[".".join(parts)] = path
+    return names
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """Modules of the package that `name` imports anywhere in its file (functions and TYPE_CHECKING blocks
+    included). `from mdsd3_cli import __version__` is not counted: the root holds only the version."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            if base == "mdsd3_cli" and all(alias.name == "__version__" for alias in node.names):
+                continue
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in known:
+                target = target.rpartition(".")[0]
+            if target.startswith("mdsd3_cli") and target != name:
+                found.add(target)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    names = _module_names()
+    return {name: _imports(name, path, set(names)) for name, path in names.items()}
+
+
+def _unit(module: str) -> str:
+    """The subpackage (or top-level module) a module belongs to: mdsd3_cli.model.heads -> model."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "mdsd3_cli"
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as a list of nodes, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for child in sorted(graph.get(node, ())):
+            if state.get(child) == 1:
+                return stack[stack.index(child):] + [child]
+            if child not in state and (found := visit(child)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_layers_are_the_subpackages_there_are() -> None:
+    subpackages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    assert subpackages == set(LAYERS)
+
+
+def test_no_subpackage_imports_a_later_layer_or_a_top_level_module() -> None:
+    upward = []
+    for module, imported in _graph().items():
+        if _unit(module) not in LAYERS:
+            continue
+        for target in imported:
+            allowed = LAYERS[:LAYERS.index(_unit(module)) + 1]
+            if _unit(target) not in allowed:
+                upward.append(f"{module} imports {target}")
+    assert upward == []
+
+
+def test_only_the_entry_point_imports_the_cli() -> None:
+    importers = sorted(module for module, imported in _graph().items() if "mdsd3_cli.cli" in imported)
+    assert importers == ["mdsd3_cli.__main__"]
+
+
+def test_no_import_cycle_between_subpackages_or_modules() -> None:
+    graph = _graph()
+    units: dict[str, set[str]] = {}
+    for module, imported in graph.items():
+        units.setdefault(_unit(module), set()).update(_unit(target) for target in imported if _unit(target) != _unit(module))
+    assert _cycle(units) is None
+    assert _cycle(graph) is None
+
+
+def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
+    """The graph reader finds real edges (so the checks above can fail): generate.run imports the model's
+    sampler, and a made-up loop is reported."""
+    graph = _graph()
+    assert "mdsd3_cli.model.sampler" in graph["mdsd3_cli.generate.run"]
+    assert "mdsd3_cli.evaluate.report" in graph["mdsd3_cli.evaluate.run"]
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
