@@ -9,7 +9,7 @@ and coffee, then evaluates the output folder as `mdsd3 evaluate --dataset` does 
 per class the Spearman correlation of ratio vs strength, the selectivity at each ratio, the median strength
 per ratio, the strength at ratio 1 over the training pairs' (mdsd3_cli/model/presets/degradations.py at ratio 1 on the same
 photos, same estimators), the repeat difference; and the composition of rain + haze. tests/test_mini_acceptance.py
-asserts on these figures; README "The mini model" quotes them.
+asserts on these figures; docs/mini.md quotes them.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from mdsd3_cli.model.presets.build_mini import MINI_CLASSES
 ROOT = Path(__file__).resolve().parents[1]
 
 # The bars of issue 8; where the shipped mini model misses one, the bar is what it reaches, with the target and
-# the measured value beside it (README "The mini model" says why). The run is deterministic on a CPU; the small
+# the measured value beside it (docs/mini.md says why). The run is deterministic on a CPU; the small
 # margins absorb other CPUs' last bits.
 IDENTITY_PSNR_MIN = 21.0  # target 28 dB; reached 21.6-22.5 dB (a faint residual noise, ~10 levels)
 SPEARMAN_MIN = {"rain": 0.85, "haze": 0.9, "noise": 0.9, "low_light": 0.9}  # rain reached 0.87

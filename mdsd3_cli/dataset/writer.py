@@ -1,4 +1,4 @@
-"""Output layout, deterministic encoding, atomic writes, the manifest and resume (README.md "Output layout")."""
+"""Output layout, deterministic encoding, atomic writes, the manifest and resume (docs/output.md)."""
 
 from __future__ import annotations
 

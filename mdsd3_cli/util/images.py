@@ -139,7 +139,7 @@ def discover_sources(
     paths: Sequence[str | Path], recursive: bool = True, base_dir: Path | None = None,
     exclude: Sequence[Path] = (),
 ) -> Discovery:
-    """Expand folders, glob patterns and `.txt` list files into uniquely keyed sources (see README.md, "Output layout").
+    """Expand folders, glob patterns and `.txt` list files into uniquely keyed sources (see docs/output.md).
 
     Entries naming the same thing (e.g. a folder and a link to it) count once. Files inside an `exclude`d
     folder (the output folder) are never inputs.
