@@ -96,7 +96,7 @@ class _Group:
 
 
 class WebDatasetLayoutWriter(BackgroundWriter):
-    """Writes one shard's tars; the same interface as `writer.DatasetWriter` (submit, record_error, drain, close).
+    """Writes one shard's tars; the same interface as `dataset.writer.DatasetWriter` (submit, record_error, drain, close).
 
     Images are encoded on worker threads (the bytes equal the folders layout's); `submit` blocks while too many
     samples are being encoded. The first worker failure is raised by the next `submit`, `drain` or `close`.
