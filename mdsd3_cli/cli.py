@@ -364,13 +364,16 @@ def export(
     destination: Annotated[Path, typer.Argument(help="Folder to create (must not exist).", show_default=False)],
     per_file: Annotated[int, typer.Option("--per-file", min=1, help="Pairs per tar (webdataset) or per "
                                           "Parquet file.")] = 1000,
+    partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
+                                          "output is marked partial.")] = False,
 ) -> None:
     """Convert a finished dataset into what large-scale trainers read.
 
     `lmdb` writes DEST/gt.lmdb and DEST/lq_<variant>.lmdb, each with BasicSR's meta_info.txt; `webdataset` writes
     DEST/data-000000.tar, ... (one sample per pair: .clean.png, .degraded.png, .json); `parquet` writes
-    DEST/data-00000.parquet, ... (one row per pair). The destination appears only when complete; an interrupted
-    export leaves DEST's `.partial` sibling, removed by the next export. Exit status: 0 done, 2 unusable input.
+    DEST/data-00000.parquet, ... (one row per pair). The destination appears only when complete, one export per
+    destination; an interrupted export may leave a `.DEST.<random>.partial` sibling (safe to delete). An unfinished
+    run is refused unless --partial. Exit status: 0 done, 2 unusable input (docs/export.md).
     """
     from .export import EXPORT_FORMATS, run_export
 
@@ -378,5 +381,5 @@ def export(
         _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        summary = run_export(dataset, to, destination, per_file, console=console)
+        summary = run_export(dataset, to, destination, per_file, console=console, partial=partial)
     Console().print(summary.table())

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
+from ..safe_names import safe_component
 from .sample import EncodedSample, flat_key
 from .staging import StagedFolder
 
@@ -22,7 +24,8 @@ PAGE_OVERHEAD = 2 * 4096
 
 
 def lq_name(folder: str) -> str:
-    return f"lq_{folder}.lmdb"
+    """The database of one variant folder; ValueError when `folder` is not a single safe path component."""
+    return f"lq_{safe_component(folder, 'variant folder')}.lmdb"
 
 
 class _Database:
@@ -61,17 +64,19 @@ class LmdbWriter:
 
     Samples must arrive grouped by key (the clean image is stored once per key). `sizes` gives (total image bytes,
     images) per database (None: gt, else the folder) to size the LMDB maps; `level` is meta_info's last field (the PNG
-    compression level, or the JPEG/WebP quality).
+    compression level, or the JPEG/WebP quality). Each meta_info line carries the image's decoded shape (samples
+    must carry `clean_shape` and `degraded_shape`). `partial`: what to record in PARTIAL_EXPORT.json.
     """
 
     def __init__(self, destination: Path, folders: Sequence[str], sizes: Mapping[str | None, tuple[int, int]],
-                 level: int) -> None:
+                 level: int, partial: Mapping[str, Any] | None = None) -> None:
+        names = [lq_name(folder) for folder in folders]  # checked before anything is created
         self._folder = StagedFolder(destination)
+        self._partial = partial
         self.level = level
         self._databases: dict[str | None, _Database] = {}  # None: gt, else the variant folder
         try:
-            for folder in (None, *folders):
-                name = GT_NAME if folder is None else lq_name(folder)
+            for folder, name in zip((None, *folders), (GT_NAME, *names)):
                 self._databases[folder] = _Database(self._folder.stage / name, *sizes[folder])
         except BaseException:
             self.abort()
@@ -80,15 +85,22 @@ class LmdbWriter:
 
     def write(self, sample: EncodedSample) -> None:
         key = flat_key(sample.key)
-        width, height = sample.record["size"]
-        meta_line = f"{key}.{sample.extension} ({height},{width},3) {self.level}\n"
+        if sample.clean_shape is None or sample.degraded_shape is None:
+            raise ValueError(f"key {sample.key!r}: a sample needs its decoded image shapes for meta_info")
         if sample.key != self._last_key:
-            self._databases[None].put(key, sample.clean, meta_line)
+            self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
             self._last_key = sample.key
-        self._databases[sample.folder].put(key, sample.degraded, meta_line)
+        self._databases[sample.folder].put(key, sample.degraded,
+                                           self._meta_line(key, sample.extension, sample.degraded_shape))
+
+    def _meta_line(self, key: str, extension: str, shape: tuple[int, int, int]) -> str:
+        height, width, channels = shape
+        return f"{key}.{extension} ({height},{width},{channels}) {self.level}\n"
 
     def close(self) -> None:
         self._close_all(commit=True)
+        if self._partial is not None:
+            self._folder.record_partial(self._partial)
         self._folder.commit()
 
     def abort(self) -> None:
