@@ -28,9 +28,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from .formats.basicsr_lmdb import LmdbWriter
+from .formats.basicsr_lmdb import MAX_KEY_BYTES, LmdbWriter
 from .formats.parquet import SCALAR_FIELDS, ParquetWriter
-from .formats.sample import EncodedSample, SampleWriter
+from .formats.sample import EncodedSample, SampleWriter, flat_key
 from .formats.webdataset import WebDatasetWriter
 from .manifest import TAR_FIELD, ManifestLineError, manifest_files, parse_record, run_folders, run_info
 from .ownership import LOCKS
@@ -229,6 +229,8 @@ def _missing_shards(manifests: list[Path]) -> list[str]:
 
 def record_problem(record: dict[str, Any]) -> str | None:
     """What makes a parsed manifest record unusable for export (the field and why), or None."""
+    if not record["key"] or len(flat_key(record["key"]).encode("ascii")) > MAX_KEY_BYTES:
+        return f"field 'key' must be 1 to {MAX_KEY_BYTES} bytes once escaped (an LMDB key), got {record['key']!r}"
     size = record.get("size")
     if not (isinstance(size, list) and len(size) == 2 and all(_is_int(side) and side >= 1 for side in size)):
         return f"field 'size' must be [width, height] (two positive integers), got {size!r}"
@@ -318,7 +320,14 @@ class _Reader:
         manifest = self.plan.manifests[pointer.manifest]
         with open(manifest, "rb") as handle:
             handle.seek(pointer.offset)
-            record = parse_record(handle.readline())
+            line = handle.readline()
+        try:
+            record = parse_record(line)
+        except ManifestLineError as error:  # the manifest changed since it was indexed
+            raise ExportError(f"{manifest}: {error} (it changed during the export)") from None
+        problem = record_problem(record)
+        if problem is not None:
+            raise ExportError(f"{manifest}: {problem} (it changed during the export)")
         clean, degraded = (_stored(self.plan.root, record, role) for role in ("clean", "degraded"))
         extension = Path(clean.name).suffix.lstrip(".").lower()
         if extension not in PIL_FORMATS or Path(degraded.name).suffix.lstrip(".").lower() != extension:

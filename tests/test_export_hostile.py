@@ -223,7 +223,8 @@ def test_a_variant_name_that_is_a_path_writes_nothing_outside(folders_dataset, t
 
 
 @pytest.mark.parametrize(("field", "value"), [("size", None), ("size", "32x32"), ("size", [32]),
-                                              ("ratios", None), ("seed", "3"), ("repeat", 2**40)])
+                                              ("ratios", None), ("seed", "3"), ("repeat", 2**40), ("key", ""),
+                                              ("key", "k" * 600)])
 @pytest.mark.parametrize("to", ["lmdb", "parquet"])
 def test_a_bad_record_names_the_manifest_and_the_field(folders_dataset, tmp_path, field, value, to):
     dataset = copy_dataset(folders_dataset, tmp_path / "dataset")

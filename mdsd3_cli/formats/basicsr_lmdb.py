@@ -19,6 +19,8 @@ META_INFO = "meta_info.txt"
 COMMIT_EVERY = 256
 COMMIT_BYTES = 64 * 2**20
 """A transaction is committed after COMMIT_EVERY puts or COMMIT_BYTES of values (its dirty pages stay in memory)."""
+MAX_KEY_BYTES = 511
+"""LMDB's default longest key."""
 PAGE_OVERHEAD = 2 * 4096
 """Bytes reserved per value beyond its size (LMDB stores large values on whole overflow pages)."""
 
