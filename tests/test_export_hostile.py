@@ -8,6 +8,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -272,3 +274,24 @@ def test_meta_info_carries_the_decoded_shape(folders_dataset, tmp_path):
     assert f"{key}.png (32,32,1) 1" in lines
     assert sum(line.endswith("(32,32,3) 1") for line in lines) == len(lines) - 1
     assert os.path.isdir(tmp_path / "out" / "gt.lmdb")
+
+
+def test_the_destination_lock_holds_across_processes_and_survives_kill_9(folders_dataset, tmp_path):
+    """Another process holding DEST's lock refuses this export; once it is killed (-9), the next export takes the
+    stale lock file over and removes it."""
+    destination = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from mdsd3_cli.formats.staging import DestinationLock; "
+         f"lock = DestinationLock(Path({str(destination)!r})); print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        result = export_cli("--dataset", str(folders_dataset), "--to", "parquet", str(destination))
+        assert result.exit_code == 2 and f"(PID {holder.pid})" in result.output, result.output
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_path(destination).exists()  # what a kill -9 leaves
+    assert export_cli("--dataset", str(folders_dataset), "--to", "parquet", str(destination)).exit_code == 0
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]

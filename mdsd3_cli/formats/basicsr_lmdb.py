@@ -66,8 +66,8 @@ class LmdbWriter:
 
     Samples must arrive grouped by key (the clean image is stored once per key). `sizes` gives (total image bytes,
     images) per database (None: gt, else the folder) to size the LMDB maps; `level` is meta_info's last field (the PNG
-    compression level, or the JPEG/WebP quality). Each meta_info line carries the image's decoded shape (samples
-    must carry `clean_shape` and `degraded_shape`). `partial`: what to record in PARTIAL_EXPORT.json.
+    compression level, or the JPEG/WebP quality). Each meta_info line carries the image's shape from its header
+    (samples must carry `clean_shape` and `degraded_shape`). `partial`: what to record in PARTIAL_EXPORT.json.
     """
 
     def __init__(self, destination: Path, folders: Sequence[str], sizes: Mapping[str | None, tuple[int, int]],
@@ -88,7 +88,7 @@ class LmdbWriter:
     def write(self, sample: EncodedSample) -> None:
         key = flat_key(sample.key)
         if sample.clean_shape is None or sample.degraded_shape is None:
-            raise ValueError(f"key {sample.key!r}: a sample needs its decoded image shapes for meta_info")
+            raise ValueError(f"key {sample.key!r}: a sample needs its image shapes for meta_info")
         if sample.key != self._last_key:
             self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
             self._last_key = sample.key
