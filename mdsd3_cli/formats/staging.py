@@ -86,13 +86,13 @@ class DestinationLock:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             descriptor = os.open(self.path, flags, 0o644)
-        except OSError as error:
+        except OSError:
             if os.path.islink(self.path):
                 raise DestinationBusyError(f"{self.path} (the lock of {self.destination}) is a symbolic link that "
                                            "mdsd3 did not make; remove it") from None
             raise
-        status = os.fstat(descriptor)
-        foreign = (not stat.S_ISREG(status.st_mode) or status.st_nlink != 1
+        status = os.fstat(descriptor)  # st_nlink 0: its holder just removed it (the lock then fails or is retried)
+        foreign = (not stat.S_ISREG(status.st_mode) or status.st_nlink > 1
                    or (status.st_size and not os.pread(descriptor, len(LOCK_CONTENT), 0) == LOCK_CONTENT))
         if foreign:
             os.close(descriptor)
