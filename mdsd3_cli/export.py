@@ -48,6 +48,8 @@ PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 """Image file extensions export takes, and the Pillow decoder each must decode with."""
 _SHARD_MANIFEST = re.compile(r"^shard-(\d+)-of-(\d+)\.jsonl$")
 _INT_RANGES = {pa.int32(): 2**31, pa.int64(): 2**63}
+MAX_RECORDED_BYTES = 2**40
+"""A record's `<role>_bytes` above this (or negative) is not trusted for sizing; the file is measured instead."""
 
 
 class ExportError(ValueError):
@@ -218,7 +220,7 @@ def _missing_shards(manifests: list[Path]) -> list[str]:
     present: dict[int, set[int]] = {}
     for manifest in manifests:
         match = _SHARD_MANIFEST.match(manifest.name)
-        if match is not None:
+        if match is not None and int(match[1]) < int(match[2]):
             present.setdefault(int(match[2]), set()).add(int(match[1]))
     if not present or any(len(indices) == count for count, indices in present.items()):
         return []
@@ -263,7 +265,7 @@ def _is_number(value: Any) -> bool:
 
 def _count_bytes(total: list[int], root: Path, record: dict[str, Any], role: str) -> None:
     size = record.get(f"{role}_bytes")
-    if not isinstance(size, int):
+    if not (_is_int(size) and 0 <= size < MAX_RECORDED_BYTES):  # the reader checks a recorded size
         image = _stored(root, record, role)
         try:
             size = len(image.read_bytes()) if image.member else image.path.stat().st_size
@@ -349,6 +351,9 @@ class _Reader:
         expected = record.get(f"{role}_sha256")
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
             raise ExportError(f"{image}: SHA-256 differs from the manifest (mdsd3 verify lists every problem)")
+        recorded = record.get(f"{role}_bytes")
+        if recorded is not None and recorded != len(data):  # the LMDB maps are sized from the recorded sizes
+            raise ExportError(f"{image}: {len(data)} bytes, the manifest's {role}_bytes is {recorded!r}")
         return data, _header_shape(data, image, tuple(record["size"]), PIL_FORMATS[extension])
 
 

@@ -248,6 +248,15 @@ def test_an_image_of_another_size_is_refused_even_with_a_matching_sha(folders_da
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_of_another_byte_count_than_recorded_is_refused(folders_dataset, tmp_path):
+    """LMDB maps are sized from the recorded byte counts: a record that understates them is refused."""
+    dataset = copy_dataset(folders_dataset, tmp_path / "dataset")
+    first_degraded(dataset, lambda record: record.update(degraded_bytes=1))
+    with pytest.raises(ExportError, match="the manifest's degraded_bytes is 1"):
+        run_export(dataset, "lmdb", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_an_image_over_the_pixel_limit_is_refused(folders_dataset, tmp_path, monkeypatch):
     dataset = copy_dataset(folders_dataset, tmp_path / "dataset")

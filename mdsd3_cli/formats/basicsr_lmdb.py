@@ -34,6 +34,7 @@ class _Database:
     """One LMDB database folder with its meta_info.txt, filled in bounded transactions."""
 
     def __init__(self, path: Path, payload_bytes: int, entries: int) -> None:
+        self.path = path
         path.mkdir()
         self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
         self.meta_info = open(path / META_INFO, "w", encoding="ascii")
@@ -41,15 +42,18 @@ class _Database:
         self.uncommitted = self.uncommitted_bytes = 0
 
     def put(self, key: str, data: bytes, meta_line: str) -> None:
-        if not self.transaction.put(key.encode("ascii"), data, overwrite=False):
-            raise ValueError(f"key {key!r} is written twice")
-        self.meta_info.write(meta_line)
-        self.uncommitted += 1
-        self.uncommitted_bytes += len(data)
-        if self.uncommitted == COMMIT_EVERY or self.uncommitted_bytes >= COMMIT_BYTES:
-            self.transaction.commit()
-            self.transaction = self.environment.begin(write=True)
-            self.uncommitted = self.uncommitted_bytes = 0
+        try:
+            if not self.transaction.put(key.encode("ascii"), data, overwrite=False):
+                raise ValueError(f"key {key!r} is written twice")
+            self.meta_info.write(meta_line)
+            self.uncommitted += 1
+            self.uncommitted_bytes += len(data)
+            if self.uncommitted == COMMIT_EVERY or self.uncommitted_bytes >= COMMIT_BYTES:
+                self.transaction.commit()
+                self.transaction = self.environment.begin(write=True)
+                self.uncommitted = self.uncommitted_bytes = 0
+        except lmdb.Error as error:  # e.g. MapFullError: an OSError naming the database, never a traceback
+            raise OSError(f"{self.path}: key {key!r}: {error}") from None
 
     def close(self, commit: bool) -> None:
         if commit:
