@@ -279,12 +279,16 @@ def preview(
     seed: Annotated[int, typer.Option(help="Which keys are chosen.")] = 0,
     cell: Annotated[int, typer.Option(min=32, help="Thumbnail size in pixels.")] = 192,
 ) -> None:
-    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios."""
-    from .preview import contact_sheet
+    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios. Records and
+    images that cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
+    from .preview import contact_sheet, save_sheet
 
+    problems: list[str] = []
     with _clear_errors():
-        sheet = contact_sheet(dataset, n, cell, seed)
-        sheet.save(out)
+        sheet = contact_sheet(dataset, n, cell, seed, problems)
+        save_sheet(sheet, out)
+    for problem in problems:
+        console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
     console.print(f"wrote {escape(str(out))} ({sheet.width}x{sheet.height})", highlight=False, soft_wrap=True)
 
 
@@ -304,7 +308,7 @@ def verify(
 
     try:
         report = verify_dataset(dataset, workers, console=console)
-    except NotADatasetError as error:
+    except (NotADatasetError, OSError) as error:
         _error(error)
         raise typer.Exit(EXIT_USAGE) from None
     print_problems(report, console)
