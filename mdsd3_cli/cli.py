@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 EXIT_USAGE = 2
+PREVIEW_PROBLEMS_SHOWN = 20
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
@@ -287,8 +288,10 @@ def preview(
     with _clear_errors():
         sheet = contact_sheet(dataset, n, cell, seed, problems)
         save_sheet(sheet, out)
-    for problem in problems:
+    for problem in problems[:PREVIEW_PROBLEMS_SHOWN]:
         console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    if len(problems) > PREVIEW_PROBLEMS_SHOWN:
+        console.print(f"[yellow]skipped[/] ... and {len(problems) - PREVIEW_PROBLEMS_SHOWN} more", highlight=False)
     console.print(f"wrote {escape(str(out))} ({sheet.width}x{sheet.height})", highlight=False, soft_wrap=True)
 
 

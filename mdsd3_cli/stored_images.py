@@ -45,14 +45,11 @@ class ImageRef:
         if self.member is None:
             with open_regular(self.path) as file:
                 return file.read()
-        with open_regular(self.path) as file:
-            modified_ns = os.fstat(file.fileno()).st_mtime_ns
-        archive = _open_tar(self.path, modified_ns, os.getpid(), threading.get_ident())
+        archive = _open_tar(self.path, self.path.stat().st_mtime_ns, os.getpid(), threading.get_ident())
         member = archive.getmember(self.member)
-        if not member.isfile():
+        extracted = archive.extractfile(member) if member.isfile() else None
+        if extracted is None:
             raise KeyError(self.member)
-        extracted = archive.extractfile(member)
-        assert extracted is not None  # a regular member always extracts
         return extracted.read()
 
     def read_rgb(self, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> Image.Image:
@@ -77,7 +74,7 @@ def _open_tar(path: Path, modified_ns: int, pid: int, thread: int) -> tarfile.Ta
     """An open tar with its member index: a reader takes one tar's samples in a row. `modified_ns` keys the
     cache (a rewritten tar is opened afresh); so do `pid` and `thread`, as a tar handle's file offset must not
     be shared by a forked data-loader process or by reader threads."""
-    archive = tarfile.open(path, "r:")  # uncompressed, as mdsd3 writes them
+    archive = tarfile.open(fileobj=open_regular(path), mode="r:")  # uncompressed, as mdsd3 writes them
     archive.getmembers()
     return archive
 

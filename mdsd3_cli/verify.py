@@ -163,7 +163,10 @@ def print_problems(report: VerifyReport, console: Console) -> None:
 def _read_manifests(root: Path, report: VerifyReport) -> _Index:
     index = _Index()
     seen: dict[tuple[str, str], bytes] = {}
-    for manifest in manifest_files(root):
+    read = manifest_files(root)
+    report.problems += [Problem("manifest", path.relative_to(root).as_posix(), "not a regular file (a link, folder "
+                                "or pipe); not read") for path in sorted(root.glob("manifest/*.jsonl")) if path not in read]
+    for manifest in read:
         where_file = manifest.relative_to(root).as_posix()
         for number, line in manifest_lines(manifest):
             where = f"{where_file}:{number}"

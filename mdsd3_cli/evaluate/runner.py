@@ -8,7 +8,6 @@ import ctypes.util
 import multiprocessing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
