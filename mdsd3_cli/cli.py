@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 EXIT_USAGE = 2
+PREVIEW_PROBLEMS_SHOWN = 20
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
@@ -279,12 +280,18 @@ def preview(
     seed: Annotated[int, typer.Option(help="Which keys are chosen.")] = 0,
     cell: Annotated[int, typer.Option(min=32, help="Thumbnail size in pixels.")] = 192,
 ) -> None:
-    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios."""
-    from .preview import contact_sheet
+    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios. Records and
+    images that cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
+    from .preview import contact_sheet, save_sheet
 
+    problems: list[str] = []
     with _clear_errors():
-        sheet = contact_sheet(dataset, n, cell, seed)
-        sheet.save(out)
+        sheet = contact_sheet(dataset, n, cell, seed, problems)
+        save_sheet(sheet, out)
+    for problem in problems[:PREVIEW_PROBLEMS_SHOWN]:
+        console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    if len(problems) > PREVIEW_PROBLEMS_SHOWN:
+        console.print(f"[yellow]skipped[/] ... and {len(problems) - PREVIEW_PROBLEMS_SHOWN} more", highlight=False)
     console.print(f"wrote {escape(str(out))} ({sheet.width}x{sheet.height})", highlight=False, soft_wrap=True)
 
 
@@ -304,7 +311,7 @@ def verify(
 
     try:
         report = verify_dataset(dataset, workers, console=console)
-    except NotADatasetError as error:
+    except (NotADatasetError, OSError) as error:
         _error(error)
         raise typer.Exit(EXIT_USAGE) from None
     print_problems(report, console)

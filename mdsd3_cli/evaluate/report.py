@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from ..atomic import AtomicFile, atomic_write
 from .measures import CLASS_ESTIMATORS, MEASURE_NAMES
 
 if TYPE_CHECKING:
@@ -26,14 +27,16 @@ COLUMN_NAMES = {"noise": "noise σ", "haze": "haze veil", "rain": "rain", "low_l
 
 
 class SampleCsv:
-    """samples.csv, one row per measured pair of every set, written as results arrive."""
+    """samples.csv, one row per measured pair of every set, written as results arrive into a temp file that
+    `close()` renames onto samples.csv (`atomic.AtomicFile`: a link found there is replaced, never followed);
+    `discard()` leaves samples.csv as it was."""
 
     def __init__(self, path: Path, sources: list[PairSource]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         classes = list(dict.fromkeys(name for source in sources for name in source.classes))
         self.columns = ["set", "key", "variant", "folder", "repeat", *(f"ratio:{name}" for name in classes),
                         *MEASURE_NAMES, *(f"{name}_norm" for name in CLASS_ESTIMATORS)]
-        self._file: IO[str] = open(path, "w", newline="", encoding="utf-8")
+        self._atomic = AtomicFile(path)
+        self._file = io.TextIOWrapper(self._atomic.file, encoding="utf-8", newline="")
         self._writer = csv.DictWriter(self._file, self.columns, restval="")
         self._writer.writeheader()
 
@@ -43,7 +46,13 @@ class SampleCsv:
             self._writer.writerow({"set": label, **table.row(index)})
 
     def close(self) -> None:
-        self._file.close()
+        self._file.flush()
+        self._file.detach()
+        self._atomic.commit()
+
+    def discard(self) -> None:
+        self._file.detach()
+        self._atomic.discard()
 
 
 def _json_safe(value: Any) -> Any:
@@ -58,12 +67,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """OUT_DIR/report.json and the plots; returns the files written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """OUT_DIR/report.json and the plots; returns the files written (each through `atomic.atomic_write`)."""
     path = out_dir / "report.json"
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    atomic_write(path, (json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n").encode())
     return [path, *write_plots(report, out_dir)]
 
 
@@ -134,7 +140,7 @@ def _against_plot(table: SampleTable, other: SampleTable, label: str, other_labe
 
 def _save(figure: Any, path: Path, pyplot: Any) -> Path:
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=100, format="png"))
     pyplot.close(figure)
     return path
 

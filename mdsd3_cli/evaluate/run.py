@@ -76,7 +76,10 @@ def evaluate_dataset(
     if (dataset is None) == (pairs is None):
         raise EvaluateError("give either a dataset folder or a (clean, degraded) folder pair")
     workers = workers or os.cpu_count() or 1
-    main = open_dataset(Path(dataset)) if dataset is not None else match_folders(Path(pairs[0]), Path(pairs[1]))
+    inputs = [Path(dataset)] if dataset is not None else [Path(pairs[0]), Path(pairs[1])]
+    if out_dir is not None:
+        _refuse_out_inside_inputs(Path(out_dir), [*inputs, *map(Path, against)])
+    main = open_dataset(inputs[0]) if dataset is not None else match_folders(*inputs)
     others = [open_dataset(Path(path)) for path in against]
     _unique_labels([main, *others])
     for source in (main, *others):
@@ -85,9 +88,12 @@ def evaluate_dataset(
     csv = SampleCsv(Path(out_dir) / "samples.csv", [main, *others]) if out_dir is not None else None
     try:
         tables = {source.label: _measure(source, workers, csv, console) for source in (main, *others)}
-    finally:
+    except BaseException:
         if csv is not None:
-            csv.close()
+            csv.discard()
+        raise
+    if csv is not None:
+        csv.close()
     for source in (main, *others):
         if len(tables[source.label]) == 0:
             raise EvaluateError(f"{source.label}: none of its {source.sample_count} pairs could be read"
@@ -100,6 +106,17 @@ def evaluate_dataset(
         problems=[problem for source in (main, *others) for problem in source.problems],
         tables=tables,
     )
+
+
+def _refuse_out_inside_inputs(out_dir: Path, inputs: list[Path]) -> None:
+    """EvaluateError when the report folder is an input folder or lies inside one (links resolved): its plots
+    would be read as images by the next run."""
+    out = out_dir.expanduser().resolve()
+    for folder in inputs:
+        folder_resolved = folder.expanduser().resolve()
+        if out.is_relative_to(folder_resolved):
+            raise EvaluateError(f"--out {out_dir} is inside the input folder {folder} (its plots would be read as "
+                                "images by the next run); choose a report folder outside the inputs")
 
 
 def _unique_labels(sources: list[PairSource]) -> None:
