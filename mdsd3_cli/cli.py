@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .progress import Console  # tables in full off a terminal
 
 app = typer.Typer(
     help="Paired clean/degraded image datasets from a masked Stable Diffusion 3 transformer.\n\n"

@@ -24,7 +24,7 @@ from .heads import UNCONDITIONAL_PROMPT, prompt_for
 from .images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded, load_image
 from .plan import ShardSpec, WorkItem, build_plan, shard_sources
 from .progress import RunProgress
-from .prompts import load_prompt_embeddings
+from .prompts import PromptEmbedding, load_prompt_embeddings
 from .recipe import Recipe
 from .runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
 from .sampler import MDSD3Sampler, SampleRequest, is_guided
@@ -147,8 +147,8 @@ def open_session(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Se
     return Session(base, model, config, fingerprint_adapter(adapter_dir) if adapter_dir else None)
 
 
-def needed_prompts(items: Sequence[WorkItem], classes: Sequence[str], guidance: float) -> list[str]:
-    """The prompts a list of work items needs (plus the unconditional one when guided)."""
+def needed_prompts(items: Sequence[WorkItem | SampleRequest], classes: Sequence[str], guidance: float) -> list[str]:
+    """The prompts a list of work items or requests needs (plus the unconditional one when guided)."""
     prompts = {prompt_for(item.ratios, classes) for item in items}
     if is_guided(guidance):
         prompts.add(UNCONDITIONAL_PROMPT)
@@ -178,25 +178,39 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
             yield batch
 
 
+def prompt_embeddings(recipe: Recipe, session: Session, prompts: Sequence[str]) -> dict[str, PromptEmbedding]:
+    """Embeddings of `prompts` from the recipe's prompt cache, encoding only those missing."""
+    base = session.base
+    return load_prompt_embeddings(base.source, base.fingerprint, prompts, recipe.prompt_cache_dir(), base.vae.device,
+                                  base.vae.dtype)
+
+
+def open_sampler(recipe: Recipe, session: Session, prompts: Sequence[str]) -> MDSD3Sampler:
+    """The sampler `generate` runs: the session's model (compiled when model.compile) with `prompts` embedded."""
+    model = torch.compile(session.model) if recipe.model.compile else session.model
+    return MDSD3Sampler(session.base, model, session.adapter, prompt_embeddings(recipe, session, prompts))
+
+
 class SamplingMemoryError(ValueError):
     """Out of memory even at batch size 1: the images are too large for this device."""
 
 
-class _Generator:
-    """The sampling loop with out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch
-    is retried in parts; at batch size 1 a SamplingMemoryError says what to change."""
+class BatchSampler:
+    """Samples one batch of (request, uint8 [H, W, 3] pixels) at a time, padded to the batch size, with
+    out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch is retried in parts; at
+    batch size 1 a SamplingMemoryError says what to change."""
 
     def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: Console):
         self.sampler, self.steps, self.guidance = sampler, steps, guidance
         self.batch_size, self.console = batch_size, console
 
-    def __call__(self, batch: list[tuple[WorkItem, LoadedImage]]) -> np.ndarray:
+    def __call__(self, batch: Sequence[tuple[SampleRequest, np.ndarray]]) -> np.ndarray:
         if len(batch) > self.batch_size:  # formed before the batch size was lowered
             parts = [batch[start:start + self.batch_size] for start in range(0, len(batch), self.batch_size)]
             return np.concatenate([self(part) for part in parts])
         try:
-            pixels = torch.from_numpy(np.stack([image.pixels for _, image in batch]))
-            requests = [SampleRequest(item.ratios, item.seed, item.alpha, item.beta) for item, _ in batch]
+            pixels = torch.from_numpy(np.stack([image for _, image in batch]))
+            requests = [request for request, _ in batch]
             return self.sampler.generate(pixels, requests, self.steps, self.guidance, pad_to=self.batch_size)
         except (RuntimeError, MemoryError) as error:
             if not is_out_of_memory(error):
@@ -205,12 +219,17 @@ class _Generator:
             torch.cuda.empty_cache()
         device = self.sampler.device
         if self.batch_size == 1:
-            raise SamplingMemoryError(f"out of memory on {device} at batch size 1 with {batch[0][1].pixels.shape[1]}x"
-                                      f"{batch[0][1].pixels.shape[0]} images; use a smaller input.size or "
+            raise SamplingMemoryError(f"out of memory on {device} at batch size 1 with {batch[0][1].shape[1]}x"
+                                      f"{batch[0][1].shape[0]} images; use a smaller input.size or "
                                       "input.max_side, or a device with more memory") from None
         self.batch_size = max(1, min(self.batch_size, len(batch)) // 2)
         self.console.print(f"[yellow]out of memory on {device}: batch size lowered to {self.batch_size}[/]")
         return self(batch)
+
+
+def request_for(item: WorkItem) -> SampleRequest:
+    """What the sampler needs of a work item: its ratios, seed, α and β."""
+    return SampleRequest(item.ratios, item.seed, item.alpha, item.beta)
 
 
 def _record(item: WorkItem, image: LoadedImage, run: RunPlan, session: Session) -> dict:
@@ -289,13 +308,8 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: La
     """Decode, sample and submit every item of `todo`, counting into `summary`."""
     recipe = run.recipe
     classes = session.adapter.classes
-    prompts = load_prompt_embeddings(
-        session.base.source, session.base.fingerprint, needed_prompts(todo, classes, recipe.sampling.guidance),
-        recipe.prompt_cache_dir(), session.base.vae.device, session.base.vae.dtype,
-    )
-    model = torch.compile(session.model) if recipe.model.compile else session.model
-    sampler = MDSD3Sampler(session.base, model, session.adapter, prompts)
-    sample = _Generator(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
+    sampler = open_sampler(recipe, session, needed_prompts(todo, classes, recipe.sampling.guidance))
+    sample = BatchSampler(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
     by_key: dict[str, list[WorkItem]] = defaultdict(list)
     for item in todo:
         by_key[item.key].append(item)
@@ -314,7 +328,7 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: La
         loaded = iter_loaded(sources, load, workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size)
         for batch in _batches(loaded, by_key, lambda: sample.batch_size, failed, stop):
             tick = time.perf_counter()
-            degraded = sample(batch)
+            degraded = sample([(request_for(item), image.pixels) for item, image in batch])
             summary.sampler_s += time.perf_counter() - tick
             for (item, image), output in zip(batch, degraded):
                 writer.submit(_record(item, image, run, session), image.pixels, output)

@@ -320,6 +320,15 @@ def load_image(
     return _fit(to_rgb(image), size, resize)
 
 
+def fit_image(image: Image.Image, size: int, resize: ResizePolicy, max_side: int = DEFAULT_MAX_SIDE) -> LoadedImage:
+    """An image already in memory shaped as `load_image` shapes a file: EXIF orientation applied, converted to
+    RGB, fitted by the `resize` policy; ImageError when it is too small (or, for `native`, above `max_side`)."""
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {resize!r}; expected one of {RESIZE_POLICIES}")
+    _check_header_size(*image.size, image.width * image.height, max_side if resize == "native" else None)
+    return _fit(_to_rgb(ImageOps.exif_transpose(image)), size, resize)
+
+
 def _decode(path: Path, max_pixels: int, max_side: int | None) -> Image.Image:
     """Open, check the header size, fully decode and apply EXIF orientation; any failure is an ImageError."""
     try:

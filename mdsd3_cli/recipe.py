@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator
 
 from .adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
+from .names import unknown_class_message
 from .presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
 from .recipe_file import Problem, RecipeData, RecipeFileError, read_recipe, schema_problems
 from .sd3_folder import base_folder_problem
@@ -312,8 +313,7 @@ def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem
         if classes is not None:
             for name in variant.classes:
                 if name not in classes:
-                    problems.append((f"variants.{index}.classes.{name}",
-                                     f"unknown class {name!r}; known classes: {classes}"))
+                    problems.append((f"variants.{index}.classes.{name}", unknown_class_message(name, classes)))
         first = name_owner.setdefault(variant.name, index)
         if first != index:
             problems.append((f"variants.{index}.name", f"duplicate variant name {variant.name!r} "

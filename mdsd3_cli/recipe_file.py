@@ -4,7 +4,6 @@ validation problems worded the same way for both kinds of recipe."""
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 import typing
@@ -14,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from .names import closest_name
 from .overrides import apply_override
 from .recipe_yaml import YamlError, load_yaml
 
@@ -128,9 +128,9 @@ def known_fields(root: type[BaseModel], location: Sequence[str | int]) -> list[s
 
 def unknown_field_message(name: str, known: Sequence[str]) -> str:
     """'unknown field', with the closest valid name (difflib) or the list of valid ones."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    close = closest_name(name, known)
     if close:
-        return f"unknown field; did you mean {close[0]!r}?"
+        return f"unknown field; did you mean {close!r}?"
     return f"unknown field; known fields here: {', '.join(known)}" if known else "unknown field"
 
 
