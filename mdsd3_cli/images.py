@@ -326,7 +326,7 @@ def fit_image(image: Image.Image, size: int, resize: ResizePolicy, max_side: int
     if resize not in RESIZE_POLICIES:
         raise ValueError(f"unknown resize policy {resize!r}; expected one of {RESIZE_POLICIES}")
     _check_header_size(*image.size, image.width * image.height, max_side if resize == "native" else None)
-    return _fit(_to_rgb(ImageOps.exif_transpose(image)), size, resize)
+    return _fit(to_rgb(ImageOps.exif_transpose(image)), size, resize)
 
 
 def _decode(path: Path, max_pixels: int, max_side: int | None) -> Image.Image:

@@ -27,7 +27,7 @@ def _records(dataset: Path) -> list[dict]:
 
 
 def _pixels(dataset: Path, record: dict, role: str) -> np.ndarray:
-    return np.asarray(Image.open(record_image(dataset, record, role).open()).convert("RGB"))
+    return np.asarray(record_image(dataset, record, role).read_rgb())
 
 
 @pytest.fixture(scope="module")
