@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .recipe import MAX_REPEATS, MAX_SAMPLES_PER_INPUT
 from .writer import RUN_JSON
 
 TAR_FIELD = "tar"
@@ -48,9 +49,20 @@ def run_info(root: Path) -> dict[str, Any]:
 
 
 def run_folders(info: dict[str, Any]) -> list[str]:
-    """The run's variant folders in recipe order (`<name>`, or `<name>_r<i>` with repeats); ValueError if absent."""
+    """The run's variant folders in recipe order (`<name>`, or `<name>_r<i>` with repeats); ValueError if absent
+    or if the repeats exceed what a recipe may ask for (counted before any folder name is made)."""
     try:
-        return [variant["name"] if variant.get("repeats", 1) == 1 else f"{variant['name']}_r{repeat}"
-                for variant in info["recipe"]["variants"] for repeat in range(1, variant.get("repeats", 1) + 1)]
+        variants = info["recipe"]["variants"]
+        repeats = [variant.get("repeats", 1) for variant in variants]
+        if not all(type(count) is int and 1 <= count <= MAX_REPEATS for count in repeats) \
+                or sum(repeats) > MAX_SAMPLES_PER_INPUT:
+            raise ValueError(f"recipe.variants: repeats {_short_list(repeats)} are not what a recipe may "
+                             f"ask for (1..{MAX_REPEATS} each, at most {MAX_SAMPLES_PER_INPUT:,} in all)")
+        return [variant["name"] if count == 1 else f"{variant['name']}_r{repeat}"
+                for variant, count in zip(variants, repeats) for repeat in range(1, count + 1)]
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"run.json lists no usable variants ({error!r})") from None
+
+
+def _short_list(values: list[Any], shown: int = 5) -> str:
+    return "[" + ", ".join(map(repr, values[:shown])) + (", ...]" if len(values) > shown else "]")

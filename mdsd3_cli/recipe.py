@@ -24,6 +24,8 @@ VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
 MAX_REPEATS = 1000
 """Most draws per photo one variant may ask for (`repeats`)."""
+MAX_SAMPLES_PER_INPUT = 10_000
+"""Most samples one input image may give, all variants and repeats together (bounds every per-input plan)."""
 
 
 class RecipeError(ValueError):
@@ -305,6 +307,10 @@ def _classes_problems(recipe: Recipe) -> tuple[list[str] | None, list[Problem]]:
 
 
 def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem]:
+    per_input = sum(variant.repeats for variant in recipe.variants)
+    if per_input > MAX_SAMPLES_PER_INPUT:  # counted before any folder list is built
+        return [("variants", f"{len(recipe.variants)} variants with their repeats ask for {per_input:,} samples per "
+                             f"input image; at most {MAX_SAMPLES_PER_INPUT:,}")]
     problems = []
     name_owner: dict[str, int] = {}
     folder_owner: dict[str, int] = {}
