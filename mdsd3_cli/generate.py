@@ -159,7 +159,7 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
              batch_size: Callable[[], int], on_error: Callable[[Source, str], None],
              stop: StopRequest) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
     """Group samples of equally sized images into batches of the current batch size (it drops after an
-    out-of-memory); stop taking new sources once a stop is requested."""
+    out-of-memory); yield nothing more once a stop is requested, even within one image's many repeats."""
     pending: dict[tuple[int, ...], list[tuple[WorkItem, LoadedImage]]] = defaultdict(list)
     for source, image in loaded:
         if stop.requested:
@@ -170,6 +170,8 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
         group = pending[image.pixels.shape]
         group.extend((item, image) for item in todo[source.key])
         while len(group) >= batch_size():
+            if stop.requested:
+                return
             batch, group[:] = group[:batch_size()], group[batch_size():]
             yield batch
     for group in pending.values():
