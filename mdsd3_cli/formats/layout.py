@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from ..plan import ShardSpec, WorkItem
 from ..recipe import Recipe
-from ..writer import DatasetWriter, completed_samples
+from ..writer import FORMAT_EXTENSIONS, DatasetWriter, completed_samples
 from .webdataset_layout import WebDatasetLayoutWriter, completed_tar_samples
 
 LayoutWriter = DatasetWriter | WebDatasetLayoutWriter
@@ -16,7 +16,8 @@ LayoutWriter = DatasetWriter | WebDatasetLayoutWriter
 def completed_in_layout(recipe: Recipe, shard: ShardSpec, items: Sequence[WorkItem]) -> set[tuple[str, str]]:
     """(key, folder) pairs of `items` that earlier runs finished in the recipe's output layout."""
     if recipe.output.layout == "webdataset":
-        return completed_tar_samples(recipe.output_dir(), shard, items, recipe.output.samples_per_tar)
+        return completed_tar_samples(recipe.output_dir(), shard, items, recipe.output.samples_per_tar,
+                                     FORMAT_EXTENSIONS[recipe.output.format])
     return completed_samples(recipe.output_dir())
 
 
