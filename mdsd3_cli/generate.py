@@ -30,7 +30,7 @@ from .runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
 from .sampler import MDSD3Sampler, SampleRequest, is_guided
 from .weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
 from .formats.layout import LayoutWriter, completed_in_layout, open_layout_writer
-from .ownership import claim_output, clear_outputs, shard_lock
+from .ownership import claim_output, clear_outputs, shard_lock, sharding_lock
 from .writer import RUN_JSON, check_run_compatible, write_run_json
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
@@ -252,7 +252,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
         raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
                          "Run it once without shards, or choose a new output.dir")
     check_run_compatible(out, identity, overwrite=overwrite)
-    with shard_lock(out, run.shard.name):
+    with sharding_lock(out, run.shard.count), shard_lock(out, run.shard.name):
         if overwrite:
             clear_outputs(out)
         if overwrite or not (out / RUN_JSON).is_file():  # claims the folder before anything else is written

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from types import TracebackType
@@ -121,6 +122,63 @@ class OutputLock:
 def shard_lock(out: Path, shard: str) -> OutputLock:
     """The lock of one generate shard in `out`."""
     return OutputLock(out, shard, f"shard {shard}")
+
+
+_SHARDING_LOCK = "sharding-of-{count:05d}.lock"
+_SHARDING_LOCK_NAME = re.compile(r"sharding-of-(\d{5})\.lock")
+
+
+class ShardingLock:
+    """Which sharding (shard count) writes `out`: a shared `flock` on OUT/.locks/sharding-of-<count>.lock, held
+    by every shard of that count, so shards of one sharding run side by side; taken, it is refused (and given
+    back) while any other count's file is locked by a live process. Two different counts starting at the same
+    moment may both be refused, never both admitted. Released by the kernel however the process ends."""
+
+    def __init__(self, out: Path, count: int) -> None:
+        self.root, self.count = Path(out), count
+        self.path = self.root / LOCKS / _SHARDING_LOCK.format(count=count)
+        self._file = None
+
+    def __enter__(self) -> ShardingLock:
+        file = open_append(self.path, self.root)
+        fcntl.flock(file.fileno(), fcntl.LOCK_SH)  # waits only while another run probes this file (a moment)
+        for other in sorted(self.path.parent.iterdir()):
+            match = _SHARDING_LOCK_NAME.fullmatch(other.name)
+            if match and int(match.group(1)) != self.count and _locked_by_another(other):
+                file.close()
+                raise ShardBusyError(f"{self.root} is being written by another process with {int(match.group(1))} shards "
+                                     f"(this run has {self.count}); one output takes one shard count at a time: "
+                                     "wait for it to finish or use its --num-shards")
+        self._file = file
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def sharding_lock(out: Path, count: int) -> ShardingLock:
+    """The lock every shard of a `count`-shard generate holds on `out`."""
+    return ShardingLock(out, count)
+
+
+def _locked_by_another(path: Path) -> bool:
+    """Whether a live process holds a `flock` on `path` (probed with a non-blocking exclusive lock)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone meanwhile, or not a lock file mdsd3 made
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(descriptor)  # also gives back the probe's lock
+    return False
 
 
 def clear_outputs(out: Path) -> int:
