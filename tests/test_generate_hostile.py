@@ -4,6 +4,7 @@ that would expand to huge plans. Tiny preset, in process except where a real pro
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import signal
@@ -13,6 +14,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -76,7 +78,7 @@ def outside_tar(folder: Path) -> Path:
                            (record["json_member"], json.dumps(record).encode())):
             info = tarfile.TarInfo(name)
             info.size = len(data)
-            archive.addfile(info, __import__("io").BytesIO(data))
+            archive.addfile(info, io.BytesIO(data))
     return path
 
 
@@ -127,9 +129,8 @@ def test_a_users_run_json_does_not_make_the_folder_mdsd3s(tiny_photos, tmp_path)
 def test_overwrite_removes_only_what_mdsd3_wrote_and_recorded(tmp_path):
     out = tmp_path / "O"
     with DatasetWriter(out, "shard-00000-of-00001") as writer:
-        writer.submit({"key": "a", "folder": "rain"}, *[__import__("numpy").zeros((16, 16, 3), "uint8")] * 2)
+        writer.submit({"key": "a", "folder": "rain"}, *[np.zeros((16, 16, 3), np.uint8)] * 2)
     write_run_json(out, {"identity": {}})
-    assert json.loads((out / "run.json").read_text())["tool"] == "mdsd3"
     with open(out / "manifest" / "shard-00000-of-00001.jsonl", "a") as manifest:  # a line naming a user's file
         manifest.write(json.dumps({"key": "n", "folder": "rain", "clean": "notes.txt", "degraded": "errors/x.txt"}) + "\n")
     user = {"notes.txt": "mine", "errors/x.txt": "mine", "manifest/data.json": '{"files": ["notes.txt"]}',
@@ -138,6 +139,8 @@ def test_overwrite_removes_only_what_mdsd3_wrote_and_recorded(tmp_path):
         (out / relative).write_text(text)
     clear_outputs(out)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(user)
+    write_run_json(out, {"identity": {}})
+    assert json.loads((out / "run.json").read_text())["tool"] == "mdsd3"  # the marker of every new run.json
 
 
 def test_a_run_json_written_before_the_marker_is_still_mdsd3s(tiny_photos, tmp_path):
