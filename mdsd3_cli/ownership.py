@@ -43,7 +43,8 @@ def run_json_problem(path: Path) -> str | None:
             return f"tool {payload.get('tool')!r}, schema {payload.get('schema')!r}"
         return None
     recipe = payload.get("recipe")
-    if isinstance(payload.get("identity"), dict) and isinstance(recipe, dict) and _LEGACY_RECIPE_FIELDS <= recipe.keys():
+    legacy = isinstance(payload.get("identity"), dict) and isinstance(recipe, dict)
+    if legacy and _LEGACY_RECIPE_FIELDS <= recipe.keys():
         return None
     return "no mdsd3 marker"
 
@@ -144,9 +145,10 @@ class ShardingLock:
         fcntl.flock(file.fileno(), fcntl.LOCK_SH)  # waits only while another run probes this file (a moment)
         for other in sorted(self.path.parent.iterdir()):
             match = _SHARDING_LOCK_NAME.fullmatch(other.name)
-            if match and int(match.group(1)) != self.count and _locked_by_another(other):
+            other_count = int(match.group(1)) if match else self.count
+            if other_count != self.count and _locked_by_another(other):
                 file.close()
-                raise ShardBusyError(f"{self.root} is being written by another process with {int(match.group(1))} shards "
+                raise ShardBusyError(f"{self.root} is being written by another process with {other_count} shards "
                                      f"(this run has {self.count}); one output takes one shard count at a time: "
                                      "wait for it to finish or use its --num-shards")
         self._file = file

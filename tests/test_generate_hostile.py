@@ -53,6 +53,12 @@ def manifest_lines(out: Path) -> list[str]:
     return [line for path in sorted((out / "manifest").glob("*.jsonl")) for line in path.read_text().splitlines()]
 
 
+def images(out: Path) -> dict[str, bytes]:
+    """Every file under clean/, degraded/ and tars/, by relative path."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for area in ("clean", "degraded", "tars")
+            for p in sorted((out / area).rglob("*")) if p.is_file()}
+
+
 def one_photo(tiny_photos: Path, folder: Path) -> Path:
     folder.mkdir(parents=True)
     shutil.copy(tiny_photos / PHOTOS["astronaut"], folder / "astronaut.png")
@@ -71,8 +77,9 @@ def webdataset_reference(tmp_path_factory, tiny_photos) -> Path:
 def outside_tar(folder: Path) -> Path:
     """A tar outside the dataset holding a record of a variant the recipe does not have."""
     path = folder / "outside.tar"
-    record = {"key": "astronaut", "folder": "evil", "tar": f"tars/{TARS[3]}", "clean_member": "astronaut/evil.clean.png",
-              "degraded_member": "astronaut/evil.degraded.png", "json_member": "astronaut/evil.json"}
+    record = {"key": "astronaut", "folder": "evil", "tar": f"tars/{TARS[3]}",
+              "clean_member": "astronaut/evil.clean.png", "degraded_member": "astronaut/evil.degraded.png",
+              "json_member": "astronaut/evil.json"}
     with tarfile.open(path, "w") as archive:
         for name, data in ((record["clean_member"], b"x"), (record["degraded_member"], b"y"),
                            (record["json_member"], json.dumps(record).encode())):
@@ -132,7 +139,8 @@ def test_overwrite_removes_only_what_mdsd3_wrote_and_recorded(tmp_path):
         writer.submit({"key": "a", "folder": "rain"}, *[np.zeros((16, 16, 3), np.uint8)] * 2)
     write_run_json(out, {"identity": {}})
     with open(out / "manifest" / "shard-00000-of-00001.jsonl", "a") as manifest:  # a line naming a user's file
-        manifest.write(json.dumps({"key": "n", "folder": "rain", "clean": "notes.txt", "degraded": "errors/x.txt"}) + "\n")
+        line = {"key": "n", "folder": "rain", "clean": "notes.txt", "degraded": "errors/x.txt"}
+        manifest.write(json.dumps(line) + "\n")
     user = {"notes.txt": "mine", "errors/x.txt": "mine", "manifest/data.json": '{"files": ["notes.txt"]}',
             "errors/train.jsonl": "{}\n"}
     for relative, text in user.items():
@@ -184,10 +192,7 @@ def test_sigterm_stops_within_a_batch_of_one_images_repeats(tiny_photos, tmp_pat
     assert summary.exit_code == 0 and summary.already_done + summary.written == repeats
     uninterrupted = tmp_path / "uninterrupted"
     assert run_generate(plan_run(load_recipe(recipe_for(uninterrupted)), ShardSpec(0, 1))).exit_code == 0
-    files = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.*")
-             if p.is_file() and p.parts[len(out.parts)] in ("clean", "degraded", "tars")}
-    assert files and files == {p.relative_to(uninterrupted).as_posix(): p.read_bytes() for p in uninterrupted.rglob("*.*")
-                               if p.is_file() and p.parts[len(uninterrupted.parts)] in ("clean", "degraded", "tars")}
+    assert images(out) and images(out) == images(uninterrupted)
     lines = manifest_lines(out)
     assert sorted(lines) == sorted(manifest_lines(uninterrupted)) and len(set(lines)) == len(lines) == repeats
 
@@ -224,7 +229,8 @@ def test_check_refuses_a_size_the_model_cannot_take(tiny_photos, tmp_path, base,
     monkeypatch.setattr("mdsd3_cli.weights.load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     field = "input.max_side" if "input.resize=native" in overrides else "input.size"
     for command in ("check", "generate"):
-        result = mdsd3(command, "--config", recipe, *[arg for value in [*model, *overrides] for arg in ("--set", value)])
+        sets = [arg for value in [*model, *overrides] for arg in ("--set", value)]
+        result = mdsd3(command, "--config", recipe, *sets)
         assert_clean_error(result, field, f"at most {limit} pixels")
 
 

@@ -134,8 +134,8 @@ def completed_tar_samples(out_dir: Path, shard: ShardSpec, items: Sequence[WorkI
 def _unlisted_lines_of_finished_tar(path: Path, relative: str, members: Sequence[WorkItem],
                                     listed: Mapping[Sample, bytes], extension: str) -> list[bytes] | None:
     """The lines of the finished tar at `path` that the manifest lacks (`listed`: the lines it has for this tar),
-    or None when that file is not a finished tar of this group (a link, not a regular file, not a tar, other samples or members, sizes, bytes or hashes
-    that differ from the records)."""
+    or None when that file is not a finished tar of this group: a link, not a regular file, not a tar, other
+    samples or members, or sizes, bytes or hashes that differ from the records."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -165,8 +165,8 @@ def _check_tar(archive: tarfile.TarFile, relative: str, group: set[Sample], list
         record = parse_record(line)  # ManifestLineError is a ValueError
         sample = (record["key"], record["folder"])
         names = member_names(*sample, extension)
-        if sample not in group or record[TAR_FIELD] != relative or names["json"] != name \
-                or any(record[MEMBER_FIELDS[role]] != names[role] for role in ("clean", "degraded")) \
+        if sample not in group or record.get(TAR_FIELD) != relative or names["json"] != name \
+                or any(record.get(MEMBER_FIELDS[role]) != names[role] for role in ("clean", "degraded")) \
                 or any(sizes.get(names[role]) != record.get(f"{role}_bytes") for role in ("clean", "degraded")):
             return None
         if sample in listed:
