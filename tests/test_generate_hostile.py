@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -240,9 +241,8 @@ def test_a_control_character_in_a_recipe_is_named_with_its_line(tmp_path):
     assert_clean_error(mdsd3("check", "--config", recipe), f"{recipe}: line 2: column 13: character U+0001")
 
 
-def test_huge_repeats_are_counted_not_expanded(tiny_photos, tmp_path):
-    photos = one_photo(tiny_photos, tmp_path / "photos")
-    recipe = write_recipe(tmp_path / "recipe.yaml", photos, tmp_path / "out")
+def test_huge_repeats_are_counted_not_expanded(tiny_photos, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out")  # 3 photos
     data = yaml.safe_load(recipe.read_text())
     data["variants"] = [{"name": f"v{index}", "classes": {"rain": 0.5}, "repeats": 1000} for index in range(1500)]
     recipe.write_text(yaml.safe_dump(data))
@@ -251,8 +251,13 @@ def test_huge_repeats_are_counted_not_expanded(tiny_photos, tmp_path):
 
     data["variants"] = data["variants"][:MAX_SAMPLES_PER_INPUT // 1000]  # exactly the limit is fine
     recipe.write_text(yaml.safe_dump(data))
-    run = plan_run(load_recipe(recipe), ShardSpec(0, 1))
-    assert run.samples_in_plan == len(run.mine) == MAX_SAMPLES_PER_INPUT
+    monkeypatch.setattr("mdsd3_cli.generate.build_plan", lambda *a: pytest.fail("check built the plan"))
+    result = mdsd3("check", "--config", recipe)
+    assert result.exit_code == 0, result.output
+    counts = dict(re.findall(r"│ (samples in plan|samples in this shard|to do)\s+│ (\d+)", result.stdout))
+    assert counts == {"samples in plan": "30000", "samples in this shard": "30000", "to do": "30000"}
+    run = plan_run(load_recipe(recipe), ShardSpec(1, 3))
+    assert (run.samples_in_plan, run.samples_in_shard) == (3 * MAX_SAMPLES_PER_INPUT, MAX_SAMPLES_PER_INPUT)
 
     info = {"recipe": {"variants": [{"name": "rain", "repeats": 10**9}]}}
     with pytest.raises(ValueError, match="repeats"):  # a run.json's repeats are checked before any folder is named
