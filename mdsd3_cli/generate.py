@@ -69,6 +69,10 @@ class RunPlan:
     def samples_in_shard(self) -> int:
         return len(self.my_sources) * sum(variant.repeats for variant in self.recipe.variants)
 
+    @property
+    def samples_to_do(self) -> int:
+        return self.samples_in_shard - sum(self.done_per_key().values())
+
     def done_per_key(self) -> Counter[str]:
         """How many of each of this shard's keys' samples are done (counted from `done`, nothing built)."""
         keys = {source.key for source in self.my_sources}
@@ -275,7 +279,8 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
             clear_outputs(out)
         if overwrite or not (out / RUN_JSON).is_file():  # claims the folder before anything else is written
             write_run_json(out, {"identity": identity, "recipe": recipe.model_dump(mode="json")})
-        run.done = completed_in_layout(recipe, run.shard, lambda: run.mine)  # again under the lock: a previous holder may have finished more
+        # again under the lock: a previous holder may have finished more
+        run.done = completed_in_layout(recipe, run.shard, lambda: run.mine)
         summary = _generate_locked(run, identity, device, console)
     summary.elapsed_s = time.perf_counter() - started
     return summary
@@ -351,13 +356,12 @@ def describe_plan(run: RunPlan) -> Table:
     folders = [variant.name if variant.repeats == 1 else f"{variant.folder(1)} ... {variant.folder(variant.repeats)}"
                for variant in recipe.variants]
     nonfatal = [error for error in run.discovery.errors if not error.fatal]
-    done = sum(run.done_per_key().values())
     rows = [
         ("input images", len(run.discovery.sources)), ("inputs skipped at discovery", len(nonfatal)),
         *([(f"in plan (--limit {run.limit})", run.sources_in_plan)] if run.limit is not None else []),
         ("variant folders", ", ".join(folders)),
         ("samples in plan", run.samples_in_plan), ("samples in this shard", run.samples_in_shard),
-        ("already done", done), ("to do", run.samples_in_shard - done),
+        ("already done", run.samples_in_shard - run.samples_to_do), ("to do", run.samples_to_do),
         ("classes", ", ".join(recipe.classes())), ("output", str(recipe.output_dir())),
         *(("note", note) for note in run.discovery.notes),
     ]
@@ -373,9 +377,8 @@ def estimated_output_bytes(run: RunPlan) -> int:
     side = recipe.input.max_side if recipe.input.resize == "native" else recipe.input.size
     per_source = sum(variant.repeats for variant in recipe.variants)
     done = run.done_per_key()
-    todo = run.samples_in_shard - sum(done.values())
     new_keys = sum(1 for source in run.my_sources if done[source.key] < per_source)
-    return (todo + new_keys) * (side * side * 3 + 1024)
+    return (run.samples_to_do + new_keys) * (side * side * 3 + 1024)
 
 
 def free_space_warning(run: RunPlan, free_bytes: int | None = None) -> str | None:
@@ -388,7 +391,7 @@ def free_space_warning(run: RunPlan, free_bytes: int | None = None) -> str | Non
     if free >= needed:
         return None
     return (f"only {free / 1e6:,.0f} MB free on the disk of {run.recipe.output_dir()}; the remaining "
-            f"{run.samples_in_shard - sum(run.done_per_key().values())} samples may need up to {needed / 1e6:,.0f} MB")
+            f"{run.samples_to_do} samples may need up to {needed / 1e6:,.0f} MB")
 
 
 def check_output_writable(path: Path, source: str | os.PathLike) -> None:
