@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .images import unsafe_key_reason
+from .recipe import MAX_REPEATS, MAX_SAMPLES_PER_INPUT
 from .safe_names import safe_component
 from .writer import RUN_JSON
 
@@ -23,7 +24,6 @@ MAX_LINE_BYTES = 1 << 20
 """Longest manifest line read (a record is well under 4 KiB); a longer one is a damaged line, never held whole."""
 MAX_RUN_JSON_BYTES = 64 << 20
 """Largest run.json read (a resolved recipe is a few KiB)."""
-MAX_RUN_FOLDERS = 100_000
 """Most variant folders (variants x repeats) a run.json may list; more means a damaged file."""
 
 
@@ -122,8 +122,8 @@ def run_info(root: Path) -> dict[str, Any]:
 
 def run_folders(info: dict[str, Any]) -> list[str]:
     """The run's variant folders in recipe order (`<name>`, or `<name>_r<i>` with repeats); ValueError naming the
-    field when absent or unusable (a name that is not one safe file name, repeats not a positive integer, more
-    than MAX_RUN_FOLDERS folders)."""
+    field when absent or unusable (a name that is not one safe file name, repeats outside 1..MAX_REPEATS, more
+    than MAX_SAMPLES_PER_INPUT folders: what a recipe may ask for, counted before any folder name is made)."""
     recipe = info.get("recipe")
     variants = recipe.get("variants") if isinstance(recipe, dict) else None
     if not isinstance(variants, list) or not variants:
@@ -137,10 +137,11 @@ def run_folders(info: dict[str, Any]) -> list[str]:
         if not isinstance(name, str):
             raise ValueError(f"{where}.name: missing or not text")
         safe_component(name, f"{where}.name")
-        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-            raise ValueError(f"{where}.repeats: {repeats!r} is not a positive integer")
+        if type(repeats) is not int or not 1 <= repeats <= MAX_REPEATS:
+            raise ValueError(f"{where}.repeats: {repeats!r} is not an integer in 1..{MAX_REPEATS}")
         named.append((name, repeats))
-    if sum(repeats for _, repeats in named) > MAX_RUN_FOLDERS:
-        raise ValueError(f"recipe.variants: more than {MAX_RUN_FOLDERS} variant folders (a damaged run.json?)")
+    if sum(repeats for _, repeats in named) > MAX_SAMPLES_PER_INPUT:
+        raise ValueError(f"recipe.variants: more than {MAX_SAMPLES_PER_INPUT:,} variant folders, more than a "
+                         "recipe may ask for (a damaged run.json?)")
     return [name if repeats == 1 else f"{name}_r{repeat}" for name, repeats in named
             for repeat in range(1, repeats + 1)]

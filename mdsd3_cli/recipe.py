@@ -15,7 +15,7 @@ from .adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 from .names import unknown_class_message
 from .presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
 from .recipe_file import Problem, RecipeData, RecipeFileError, read_recipe, schema_problems
-from .sd3_folder import base_folder_problem
+from .sd3_folder import base_folder_problem, folder_image_side_limit, largest_image_side
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +25,8 @@ VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
 MAX_REPEATS = 1000
 """Most draws per photo one variant may ask for (`repeats`)."""
+MAX_SAMPLES_PER_INPUT = 10_000
+"""Most samples one input image may give, all variants and repeats together (bounds every per-input plan)."""
 
 
 class RecipeError(ValueError):
@@ -306,6 +308,10 @@ def _classes_problems(recipe: Recipe) -> tuple[list[str] | None, list[Problem]]:
 
 
 def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem]:
+    per_input = sum(variant.repeats for variant in recipe.variants)
+    if per_input > MAX_SAMPLES_PER_INPUT:  # counted before any folder list is built
+        return [("variants", f"{len(recipe.variants)} variants with their repeats ask for {per_input:,} samples per "
+                             f"input image; at most {MAX_SAMPLES_PER_INPUT:,}")]
     problems = []
     name_owner: dict[str, int] = {}
     folder_owner: dict[str, int] = {}
@@ -340,6 +346,8 @@ def _path_problems(recipe: Recipe) -> list[Problem]:
         problems.append(("model.base", f"no such folder: {base} (use {TINY_BASE!r} for the built-in test preset)"))
     elif base is not None and (problem := base_folder_problem(base)):
         problems.append(("model.base", problem))
+    if not problems:
+        problems += _image_size_problems(recipe)
     for index, raw in enumerate(recipe.input.paths):
         path = recipe.resolve(raw)
         if path.exists() and not (path.is_file() or path.is_dir()):
@@ -347,6 +355,27 @@ def _path_problems(recipe: Recipe) -> list[Problem]:
         elif not GLOB_CHARACTERS.search(raw) and not path.exists():
             problems.append((f"input.paths.{index}", f"no such file or folder: {path}"))
     return problems
+
+
+def _image_size_problems(recipe: Recipe) -> list[Problem]:
+    """input.size (input.max_side with `native`) above what the base model can sample, read from its config
+    files without loading weights."""
+    base = recipe.base_dir()
+    if base is None:
+        from .weights import TINY_TRANSFORMER, TINY_VAE  # the built-in preset's configs are code, not files
+
+        limit = largest_image_side(TINY_TRANSFORMER, TINY_VAE)
+    else:
+        try:
+            limit = folder_image_side_limit(base)
+        except ValueError as error:
+            return [("model.base", str(error))]
+    field, side = ("input.max_side", recipe.input.max_side) if recipe.input.resize == "native" else \
+        ("input.size", recipe.input.size)
+    if limit is None or side <= limit:
+        return []
+    return [(field, f"{side} is larger than the base model {recipe.model.base!r} can take: at most {limit} pixels "
+                    "per side (its transformer's pos_embed_max_size x patch size x VAE downscale)")]
 
 
 def parse_recipe(data: Any, source_path: str | os.PathLike, overridden: Mapping[str, str] | None = None) -> Recipe:
