@@ -106,9 +106,11 @@ def generate(
     _quiet_libraries()
     from .generate import describe_plan, plan_run, run_generate
     from .plan import detect_shard
+    from .recipe import start_warning
 
     with _clear_errors():
         recipe = _load(config, overrides)
+        _warn(start_warning(recipe))
         shard = detect_shard(shard_index, num_shards, os.environ)
         run = plan_run(recipe, shard, limit)
         if dry_run:
@@ -131,19 +133,26 @@ def check(config: ConfigOption, overrides: SetOption = None) -> None:
 
     with _clear_errors():
         if recipe_kind(read_recipe(config).data) == "train":
-            plan, warning = _check_training(config, overrides), None
+            plan, warnings = _check_training(config, overrides), []
         else:
-            plan, warning = _check_generate(config, overrides)
+            plan, warnings = _check_generate(config, overrides)
     Console().print(plan)
-    if warning is not None:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    for warning in warnings:
+        _warn(warning)
     console.print(f"[green]ok:[/] {escape(str(config))} is valid", highlight=False, soft_wrap=True)
 
 
-def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, Optional[str]]:
+def _warn(message: Optional[str]) -> None:
+    """One yellow warning line (nothing for None); the message is printed verbatim, never as markup."""
+    if message is not None:
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, list[str]]:
     from .generate import check_output_writable, describe_plan, free_space_warning, plan_run
     from .ownership import claim_output
     from .plan import ShardSpec
+    from .recipe import start_warning
     from .writer import OutputConflictError
 
     recipe = _load(config, overrides)
@@ -154,7 +163,7 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table
         raise OutputConflictError(f"{config}: output.dir: {error}") from None
     check_output_writable(recipe.output_dir(), config)
     run = plan_run(recipe, ShardSpec(0, 1))
-    return describe_plan(run), free_space_warning(run)
+    return describe_plan(run), [warning for warning in (start_warning(recipe), free_space_warning(run)) if warning]
 
 
 def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
