@@ -335,9 +335,12 @@ def evaluate(
         "evaluate_report"),
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring pairs. "
                        "Default: the number of CPUs.", show_default=False)] = None,
+    seam_grid: Annotated[int, typer.Option("--seam-grid", min=2, help="Grid (pixels) of the seam measure: the "
+                         "generating model's token size (mini 8, SD3 16).")] = 8,
 ) -> None:
-    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, each class's strength by a
-    classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
+    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, the seam ratio (steps across
+    the --seam-grid lines over steps elsewhere, relative to the clean image's: about 1.0 without a token mosaic),
+    each class's strength by a classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
     selectivity of single-class variants, diversity between repeats, and distances to --against sets.
 
     Prints tables and writes report.json, samples.csv and plots (*.png) to the --out folder. Unreadable files
@@ -350,7 +353,7 @@ def evaluate(
         _error("give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console)
+        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console, seam_grid)
         written = write_report(report, out)
     terminal = Console()
     terminal.print(variants_table(report.summary))
