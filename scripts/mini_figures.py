@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """The mini model's acceptance figures on the photos held out of its training, measured with `mdsd3 evaluate`.
 
-    python scripts/mini_figures.py [--out DIR]     # a few minutes on two CPU cores; prints JSON
+    python scripts/mini_figures.py [--out DIR]     # prints JSON
+
+Time: the 128-px part took about 30 s on two quiet CPU cores; the 256-px seam run adds about half again (on
+two busy shared cores: 11 + 5 minutes).
 
 Generates, at the demo's size and sampling settings (configs/demo.yaml), the identity (no class, with
 repeats), every class at ratios 0.25 / 0.5 / 0.75 / 1 (repeats at 1) and rain + haze together, on chelsea
@@ -103,14 +106,12 @@ def training_strength(photo: np.ndarray, cls: str, seed: int) -> float:
     return measure_pair(photo, degrade_photo(photo, cls, 1.0, torch.Generator().manual_seed(seed)))[cls]
 
 
-def figures(root: Path) -> dict[str, Any]:
-    """Generate and evaluate under `root` (see the module docstring); the figures as a JSON-ready dict."""
+def figures(root: Path, large: bool = True) -> dict[str, Any]:
+    """Generate and evaluate under `root` (see the module docstring); the figures as a JSON-ready dict. `large`:
+    also the seam ratios at LARGE px (about half as long again as the rest)."""
     run_generate(plan_run(load_recipe(acceptance_recipe(root)), ShardSpec(0, 1)))
     out = root / "out"
     report = evaluate_dataset(dataset=out, workers=2, seam_grid=SEAM_GRID)
-    large = root / str(LARGE)
-    run_generate(plan_run(load_recipe(acceptance_recipe(large, LARGE, large_variants())), ShardSpec(0, 1)))
-    large_report = evaluate_dataset(dataset=large / "out", workers=2, seam_grid=SEAM_GRID)
 
     def seams(evaluated: Any) -> dict[str, float]:
         return {name: stats["measures"]["seam"]["median"] for name, stats in evaluated.summary["variants"].items()}
@@ -149,8 +150,15 @@ def figures(root: Path) -> dict[str, Any]:
         "classes": classes,
         "composition": {cls: moved(composed, cls) / moved(variant_name(cls, 1.0), cls) for cls in COMPOSED},
         "seam_grid": SEAM_GRID,
-        "seam": {str(demo_size()): seams(report), str(LARGE): seams(large_report)},
+        "seam": {str(demo_size()): seams(report), **({str(LARGE): seams(large_figures(root))} if large else {})},
     }
+
+
+def large_figures(root: Path) -> Any:
+    """The evaluate report of `large_variants()` generated at LARGE px under root/LARGE."""
+    folder = root / str(LARGE)
+    run_generate(plan_run(load_recipe(acceptance_recipe(folder, LARGE, large_variants())), ShardSpec(0, 1)))
+    return evaluate_dataset(dataset=folder / "out", workers=2, seam_grid=SEAM_GRID)
 
 
 def main() -> int:
