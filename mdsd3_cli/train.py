@@ -598,12 +598,13 @@ class Trainer:
             self.elapsed_before = float(state.get("elapsed_s", 0.0))
             self.first_loss, self.last_loss = state.get("first_loss"), state.get("last_loss")
             self.last_saved, self.last_checkpoint = self.start_step, self.resume_from
+            recorded = {"start": FlowStart().model_dump(), **state}  # older checkpoints trained from pure noise
             changed = [key for key, now in (("batch_size", train.batch_size), ("grad_accum", train.grad_accum),
                                             ("world_size", self.world_size), ("seed", recipe.data.seed),
                                             ("start", train.start.model_dump()))
-                       if state.get(key, FlowStart().model_dump() if key == "start" else None) != now]
+                       if recorded.get(key) != now]
             self._print(f"resumed from {self.resume_from} at step {self.start_step}"
-                        + (f" (changed since: {', '.join(changed)}; the data sequence differs from an uninterrupted run)"
+                        + (f" (changed since: {', '.join(changed)}; the run differs from an uninterrupted one)"
                            if changed else ""))
         elif self.resume_from is None and accelerator.is_main_process:
             (self.out / LOG_NAME).unlink(missing_ok=True)
