@@ -107,9 +107,11 @@ def generate(
     _quiet_libraries()
     from .generate import describe_plan, plan_run, run_generate
     from .plan import detect_shard
+    from .recipe import start_warning
 
     with _clear_errors():
         recipe = _load(config, overrides)
+        _warn(start_warning(recipe))
         shard = detect_shard(shard_index, num_shards, os.environ)
         run = plan_run(recipe, shard, limit)
         if dry_run:
@@ -132,19 +134,26 @@ def check(config: ConfigOption, overrides: SetOption = None) -> None:
 
     with _clear_errors():
         if recipe_kind(read_recipe(config).data) == "train":
-            plan, warning = _check_training(config, overrides), None
+            plan, warnings = _check_training(config, overrides), []
         else:
-            plan, warning = _check_generate(config, overrides)
+            plan, warnings = _check_generate(config, overrides)
     Console().print(plan)
-    if warning is not None:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    for warning in warnings:
+        _warn(warning)
     console.print(f"[green]ok:[/] {escape(str(config))} is valid", highlight=False, soft_wrap=True)
 
 
-def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, Optional[str]]:
+def _warn(message: Optional[str]) -> None:
+    """One yellow warning line (nothing for None); the message is printed verbatim, never as markup."""
+    if message is not None:
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, list[str]]:
     from .generate import check_output_writable, describe_plan, free_space_warning, plan_run
     from .ownership import claim_output
     from .plan import ShardSpec
+    from .recipe import start_warning
     from .writer import OutputConflictError
 
     recipe = _load(config, overrides)
@@ -155,7 +164,7 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table
         raise OutputConflictError(f"{config}: output.dir: {error}") from None
     check_output_writable(recipe.output_dir(), config)
     run = plan_run(recipe, ShardSpec(0, 1))
-    return describe_plan(run), free_space_warning(run)
+    return describe_plan(run), [warning for warning in (start_warning(recipe), free_space_warning(run)) if warning]
 
 
 def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
@@ -333,9 +342,12 @@ def evaluate(
         "evaluate_report"),
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring pairs. "
                        "Default: the number of CPUs.", show_default=False)] = None,
+    seam_grid: Annotated[int, typer.Option("--seam-grid", min=2, help="Grid (pixels) of the seam measure: the "
+                         "generating model's token size (mini 8, SD3 16).")] = 8,
 ) -> None:
-    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, each class's strength by a
-    classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
+    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, the seam ratio (steps across
+    the --seam-grid lines over steps elsewhere, relative to the clean image's: about 1.0 without a token mosaic),
+    each class's strength by a classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
     selectivity of single-class variants, diversity between repeats, and distances to --against sets.
 
     Prints tables and writes report.json, samples.csv and plots (*.png) to the --out folder. Unreadable files
@@ -348,7 +360,7 @@ def evaluate(
         _error("give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console)
+        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console, seam_grid)
         written = write_report(report, out)
     terminal = Console()
     terminal.print(variants_table(report.summary))

@@ -277,6 +277,30 @@ class Recipe(_Section):
         }
 
 
+def start_warning(recipe: Recipe) -> str | None:
+    """What `check` and `generate` warn about when variants sample from a start (α, β) other than the one the
+    recipe's adapter was trained for (its config's `start`; α 1, β 0 for adapters that predate it). None when
+    every variant uses that start, or the adapter is fresh (untrained)."""
+    adapter = recipe.adapter_dir()
+    if adapter is None:
+        return None
+    trained = read_adapter_config(adapter).start
+    others: dict[tuple[float, float], list[str]] = {}
+    for variant in recipe.variants:
+        alpha, beta = recipe.variant_alpha(variant), recipe.variant_beta(variant)
+        if not trained.matches(alpha, beta):
+            others.setdefault((alpha, beta), []).append(variant.name)
+    if not others:
+        return None
+    used = "; ".join(f"variants {', '.join(names)} sample from alpha {alpha:g}, beta {beta:g}"
+                     for (alpha, beta), names in others.items())
+    return (f"model.adapter {recipe.model.adapter} was trained for the start {trained.describe()} "
+            f"(z_T = alpha·noise + beta·clean latent), but {used}. A start the adapter was not trained for is out "
+            f"of its training distribution (mini, for one, then gives dark, over-saturated images). Set sampling.alpha: "
+            f"{trained.alpha:g} and sampling.beta: {trained.beta:g} (and remove the variants' own alpha/beta), or "
+            "use an adapter trained with train.start set to the start you want (docs/METHOD.md §4).")
+
+
 _NOT_A_MAPPING = "a recipe is a YAML mapping with model, input, output, sampling and variants"
 
 
@@ -455,7 +479,8 @@ sampling:
   steps: 28                 # denoising steps
   guidance: 7.0             # classifier-free guidance; <= 1 turns it off (twice as fast)
   alpha: 1.0                # initial latent = alpha * noise + beta * clean latent; alpha > 0
-  beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps the degradations strong
+  beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps the degradations strong. A trained
+                            # adapter samples best from the start it was trained for (check warns otherwise)
   seed: 0                   # every sample's seed is a stable hash of (seed, key, variant, repeat)
   batch_size: 4             # images per step; does not change the outputs
 

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..atomic import AtomicFile, atomic_write
-from .measures import CLASS_ESTIMATORS, MEASURE_NAMES
+from .measures import CLASS_ESTIMATORS, MEASURE_NAMES, SEAM
 
 if TYPE_CHECKING:
     from .aggregate import SampleTable
@@ -150,16 +150,17 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 
 def variants_table(summary: dict[str, Any]) -> Table:
-    """Per variant: count, median PSNR/SSIM, each class's median strength in its units, repeat difference."""
+    """Per variant: count, median PSNR/SSIM/seam ratio, each class's median strength in its units, repeat
+    difference."""
     table = Table(title=f"mdsd3 evaluate — {escape(summary['label'])}: medians per variant")
-    for column in ("variant", "pairs", "PSNR dB", "SSIM", *COLUMN_NAMES.values(), "repeat diff"):
+    for column in ("variant", "pairs", "PSNR dB", "SSIM", "seam", *COLUMN_NAMES.values(), "repeat diff"):
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=column == "variant")
     for variant, stats in summary["variants"].items():
         measures = stats["measures"]
         strengths = [_number(measures[name].get("median")) for name in CLASS_ESTIMATORS]
         diversity = stats["diversity"]
         table.add_row(escape(variant), str(stats["samples"]), _number(measures["psnr"].get("median"), 1),
-                      _number(measures["ssim"].get("median"), 3), *strengths,
+                      _number(measures["ssim"].get("median"), 3), _number(measures[SEAM].get("median")), *strengths,
                       "-" if diversity is None else _number(diversity.get("median")))
     return table
 

@@ -13,7 +13,7 @@ from rich.console import Console
 from .. import __version__
 from ..progress import RunProgress
 from .aggregate import SampleTable, class_info, compare, summarise
-from .estimators import ESTIMATOR_VERSIONS
+from .estimators import DEFAULT_SEAM_GRID, ESTIMATOR_VERSIONS
 from .pairs import EvaluateError, PairSource, Problem, match_folders, open_dataset
 from .report import SampleCsv
 from .runner import measure_groups
@@ -31,6 +31,7 @@ class Report:
     distances: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     tables: dict[str, SampleTable] = field(default_factory=dict)
+    seam_grid: int = DEFAULT_SEAM_GRID
 
     def variant(self, name: str) -> dict[str, Any]:
         """The dataset's statistics of one variant (samples, requested ratios, measures, normalised, diversity)."""
@@ -44,15 +45,16 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "report_version": REPORT_VERSION, "mdsd3_version": __version__, "estimators": ESTIMATOR_VERSIONS,
-            "classes": class_info(), "dataset": self.summary, "against": self.against, "distances": self.distances,
+            "classes": class_info(), "seam_grid": self.seam_grid, "dataset": self.summary, "against": self.against, "distances": self.distances,
             "problems": [{"path": problem.path, "reason": problem.reason} for problem in self.problems],
         }
 
 
-def _measure(source: PairSource, workers: int, csv: SampleCsv | None, console: Console | None) -> SampleTable:
+def _measure(source: PairSource, workers: int, csv: SampleCsv | None, console: Console | None,
+             seam_grid: int) -> SampleTable:
     table = SampleTable(source.classes)
     with RunProgress(source.sample_count, f"evaluate {source.label}", unit="pairs", console=console) as progress:
-        for result in measure_groups(source.groups, min(workers, max(1, len(source.groups)))):
+        for result in measure_groups(source.groups, min(workers, max(1, len(source.groups))), seam_grid):
             table.add(result)
             source.problems.extend(result.problems)
             if csv is not None:
@@ -68,13 +70,16 @@ def evaluate_dataset(
     out_dir: Path | None = None,
     workers: int | None = None,
     console: Console | None = None,
+    seam_grid: int = DEFAULT_SEAM_GRID,
 ) -> Report:
     """Measure `dataset` (an mdsd3 output, or a folder with clean/ and degraded/) or `pairs` (clean folder,
     degraded folder), and each `against` set. With `out_dir`, the per-sample table is streamed to
-    OUT_DIR/samples.csv (report.json and plots are written by `write_report`). EvaluateError when the
-    dataset has no usable pair."""
+    OUT_DIR/samples.csv (report.json and plots are written by `write_report`). `seam_grid`: the grid (pixels)
+    of the seam measure, the generating model's token size. EvaluateError when the dataset has no usable pair."""
     if (dataset is None) == (pairs is None):
         raise EvaluateError("give either a dataset folder or a (clean, degraded) folder pair")
+    if seam_grid < 2:
+        raise EvaluateError(f"the seam grid is at least 2 pixels, got {seam_grid}")
     workers = workers or os.cpu_count() or 1
     inputs = [Path(dataset)] if dataset is not None else [Path(pairs[0]), Path(pairs[1])]
     if out_dir is not None:
@@ -87,7 +92,7 @@ def evaluate_dataset(
             raise EvaluateError(f"{source.label}: no pairs to evaluate" + _first_problems(source.problems))
     csv = SampleCsv(Path(out_dir) / "samples.csv", [main, *others]) if out_dir is not None else None
     try:
-        tables = {source.label: _measure(source, workers, csv, console) for source in (main, *others)}
+        tables = {source.label: _measure(source, workers, csv, console, seam_grid) for source in (main, *others)}
     except BaseException:
         if csv is not None:
             csv.discard()
@@ -105,6 +110,7 @@ def evaluate_dataset(
         distances={source.label: compare(main_table, tables[source.label]) for source in others},
         problems=[problem for source in (main, *others) for problem in source.problems],
         tables=tables,
+        seam_grid=seam_grid,
     )
 
 

@@ -8,12 +8,13 @@ import ctypes.util
 import multiprocessing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from ..images import DEFAULT_MAX_PIXELS, MIN_SIDE, ImageError
 from ..stored_images import ImageRef
-from .estimators import Reference, repeat_diversity
+from .estimators import DEFAULT_SEAM_GRID, Reference, repeat_diversity
 from .measures import measure_pair
 from .pairs import PairGroup, Problem, Sample
 
@@ -53,9 +54,9 @@ def read_rgb(source: ImageRef) -> np.ndarray:
     return np.asarray(source.read_rgb(DEFAULT_MAX_PIXELS, MIN_MEASURED_SIDE))
 
 
-def measure_group(group: PairGroup) -> GroupResult:
-    """Decode the clean image once, then each degraded image; measure each pair; diversity across each variant's
-    readable repeats."""
+def measure_group(group: PairGroup, seam_grid: int = DEFAULT_SEAM_GRID) -> GroupResult:
+    """Decode the clean image once, then each degraded image; measure each pair (seams on a `seam_grid`-pixel
+    grid); diversity across each variant's readable repeats."""
     try:
         clean = read_rgb(group.clean)
     except ImageError as error:
@@ -76,7 +77,7 @@ def measure_group(group: PairGroup) -> GroupResult:
             problems.append(Problem(str(sample.image), f"size {degraded.shape[1]}x{degraded.shape[0]} differs from "
                                     f"its clean image {group.clean} ({clean.shape[1]}x{clean.shape[0]})"))
             continue
-        measured.append(MeasuredSample(sample, measure_pair(reference, degraded)))
+        measured.append(MeasuredSample(sample, measure_pair(reference, degraded, seam_grid)))
         if sample.variant in repeats:
             repeats[sample.variant].append(degraded)
     diversity = {variant: repeat_diversity(images) for variant, images in repeats.items() if len(images) > 1}
@@ -96,14 +97,15 @@ def retain_freed_memory() -> bool:
     return all(mallopt(option, value) == 1 for option, value in _MALLOC_OPTIONS.items())
 
 
-def measure_groups(groups: Iterable[PairGroup], workers: int) -> Iterator[GroupResult]:
+def measure_groups(groups: Iterable[PairGroup], workers: int, seam_grid: int = DEFAULT_SEAM_GRID
+                   ) -> Iterator[GroupResult]:
     """`measure_group` over `groups`, results in input order; `workers` > 1 uses that many processes. The process
     measuring (this one when `workers` <= 1) keeps freed memory for reuse (`retain_freed_memory`)."""
     if workers <= 1:
         retain_freed_memory()
-        yield from map(measure_group, groups)
+        yield from map(partial(measure_group, seam_grid=seam_grid), groups)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     with context.Pool(workers, initializer=retain_freed_memory) as pool:
-        yield from pool.imap(measure_group, groups, chunksize=4)
+        yield from pool.imap(partial(measure_group, seam_grid=seam_grid), groups, chunksize=4)
 
