@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .images import unsafe_key_reason
-from .recipe import MAX_REPEATS, MAX_SAMPLES_PER_INPUT
+from .recipe_file import MAX_REPEATS, MAX_SAMPLES_PER_INPUT
 from .safe_names import safe_component
 from .writer import RUN_JSON
 

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, 
 from .adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 from .names import unknown_class_message
 from .presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
-from .recipe_file import Problem, RecipeData, RecipeFileError, read_recipe, schema_problems
+from .recipe_file import (MAX_REPEATS, MAX_SAMPLES_PER_INPUT, Problem, RecipeData, RecipeFileError, read_recipe,
+                          schema_problems)
 from .sd3_folder import base_folder_problem, folder_image_side_limit, largest_image_side
 
 if TYPE_CHECKING:
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
 TINY_BASE = "tiny"
 VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
-MAX_REPEATS = 1000
-"""Most draws per photo one variant may ask for (`repeats`)."""
-MAX_SAMPLES_PER_INPUT = 10_000
-"""Most samples one input image may give, all variants and repeats together (bounds every per-input plan)."""
 
 
 class RecipeError(ValueError):

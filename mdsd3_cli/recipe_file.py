@@ -17,6 +17,11 @@ from .names import closest_name
 from .overrides import apply_override
 from .recipe_yaml import YamlError, load_yaml
 
+MAX_REPEATS = 1000
+"""Most draws per photo one variant may ask for (`repeats`)."""
+MAX_SAMPLES_PER_INPUT = 10_000
+"""Most samples one input image may give, all variants and repeats together (bounds every per-input plan)."""
+
 MAX_RECIPE_BYTES = 1 << 20
 """A recipe is a small text file; anything larger is refused before it is parsed."""
 
