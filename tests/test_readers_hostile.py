@@ -168,7 +168,7 @@ def test_a_run_json_with_a_billion_repeats_is_refused_not_expanded(dataset: Path
     info["recipe"]["variants"][0]["repeats"] = 10**6
     (dataset / "run.json").write_text(json.dumps(info))
     problems = verify_dataset(dataset, workers=1).problems
-    assert any(p.where == "run.json" and "variant folders" in p.detail for p in problems), problems
+    assert any(p.where == "run.json" and "repeats" in p.detail for p in problems), problems
 
 
 # ------------------------------------------------------------------ report outputs at links (item 7)
