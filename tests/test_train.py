@@ -135,12 +135,12 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(uninterrupted, pairs
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-def test_exported_adapter_loads_and_samples(uninterrupted, tiny_base):
-    model, config = build_model(tiny_base, uninterrupted / "adapter")
+def test_exported_adapter_loads_and_samples(uninterrupted, fresh_base):
+    model, config = build_model(fresh_base, uninterrupted / "adapter")
     assert config.classes == ["haze", "noise"] and config.lora_rank == 4 and config.training["steps"] == 6
-    prompts = load_prompt_embeddings("tiny", tiny_base.fingerprint, all_prompts(config.classes))
+    prompts = load_prompt_embeddings("tiny", fresh_base.fingerprint, all_prompts(config.classes))
     pixels = torch.from_numpy(np.asarray(Image.open(PHOTOS / "rocket.jpg").convert("RGB"))[:32, :32].copy())[None]
-    out = MDSD3Sampler(tiny_base, model, config, prompts).generate(pixels, [SampleRequest({"haze": 1.0}, 1)], 2, 2.0)
+    out = MDSD3Sampler(fresh_base, model, config, prompts).generate(pixels, [SampleRequest({"haze": 1.0}, 1)], 2, 2.0)
     assert out.shape == (1, 32, 32, 3) and out.dtype == np.uint8
 
 

@@ -189,14 +189,14 @@ def test_the_exported_adapter_records_the_start_it_was_trained_for(trained) -> N
 
 
 def test_training_for_a_start_near_the_clean_image_lowers_the_2_step_identity_error(trained, identity_photos,
-                                                                                     tiny_base, tmp_path) -> None:
+                                                                                     fresh_base, tmp_path) -> None:
     cache = tmp_path / "prompts"
     errors = {
-        "trained for the start": identity_error(tiny_base, trained["start"], START, identity_photos, cache),
-        "trained for pure noise": identity_error(tiny_base, trained["noise"], FlowStart(), identity_photos, cache),
-        "trained for pure noise, sampled from the start": identity_error(tiny_base, trained["noise"], START,
+        "trained for the start": identity_error(fresh_base, trained["start"], START, identity_photos, cache),
+        "trained for pure noise": identity_error(fresh_base, trained["noise"], FlowStart(), identity_photos, cache),
+        "trained for pure noise, sampled from the start": identity_error(fresh_base, trained["noise"], START,
                                                                          identity_photos, cache),
-        "untrained, sampled from the start": identity_error(tiny_base, None, START, identity_photos, cache),
+        "untrained, sampled from the start": identity_error(fresh_base, None, START, identity_photos, cache),
     }
     print(errors)
     mine = errors.pop("trained for the start")
