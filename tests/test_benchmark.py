@@ -22,6 +22,7 @@ def _parse_in_process(capsys, monkeypatch, *args: str) -> subprocess.CompletedPr
     """The script's argument parsing in this process (no interpreter start-up), at a child's 80 columns."""
     spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit) as exited:
