@@ -22,7 +22,9 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from mdsd3_cli.cli import app
 from mdsd3_cli.heads import all_prompts
 from mdsd3_cli.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
 from mdsd3_cli.sampler import MDSD3Sampler, SampleRequest
@@ -272,9 +274,8 @@ def test_generate_uses_the_trained_adapter(uninterrupted, tmp_path):
     }
     path = tmp_path / "generate.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    process = _cli("generate", "--config", str(path))
-    output = process.communicate(timeout=180)[0]
-    assert process.returncode == 0, output
+    result = CliRunner().invoke(app, ["generate", "--config", str(path)])  # in process: no interpreter start-up
+    assert result.exit_code == 0, (result.output, result.exception)
     lines = [json.loads(line) for f in (tmp_path / "generated" / "manifest").glob("*.jsonl")
              for line in f.read_text().splitlines()]
     assert len(lines) == 4
