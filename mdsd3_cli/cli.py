@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from mdsd3_cli import __version__
+from mdsd3_cli.util.progress import Console  # tables in full off a terminal
 
 app = typer.Typer(
     help="Paired clean/degraded image datasets from a masked Stable Diffusion 3 transformer.\n\n"
@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 EXIT_USAGE = 2
+PREVIEW_PROBLEMS_SHOWN = 20
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
@@ -106,9 +107,11 @@ def generate(
     _quiet_libraries()
     from mdsd3_cli.generate.run import describe_plan, plan_run, run_generate
     from mdsd3_cli.generate.plan import detect_shard
+    from mdsd3_cli.recipe.generate import start_warning
 
     with _clear_errors():
         recipe = _load(config, overrides)
+        _warn(start_warning(recipe))
         shard = detect_shard(shard_index, num_shards, os.environ)
         run = plan_run(recipe, shard, limit)
         if dry_run:
@@ -131,19 +134,26 @@ def check(config: ConfigOption, overrides: SetOption = None) -> None:
 
     with _clear_errors():
         if recipe_kind(read_recipe(config).data) == "train":
-            plan, warning = _check_training(config, overrides), None
+            plan, warnings = _check_training(config, overrides), []
         else:
-            plan, warning = _check_generate(config, overrides)
+            plan, warnings = _check_generate(config, overrides)
     Console().print(plan)
-    if warning is not None:
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    for warning in warnings:
+        _warn(warning)
     console.print(f"[green]ok:[/] {escape(str(config))} is valid", highlight=False, soft_wrap=True)
 
 
-def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, Optional[str]]:
+def _warn(message: Optional[str]) -> None:
+    """One yellow warning line (nothing for None); the message is printed verbatim, never as markup."""
+    if message is not None:
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, list[str]]:
     from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run
     from mdsd3_cli.dataset.ownership import claim_output
     from mdsd3_cli.generate.plan import ShardSpec
+    from mdsd3_cli.recipe.generate import start_warning
     from mdsd3_cli.dataset.writer import OutputConflictError
 
     recipe = _load(config, overrides)
@@ -154,7 +164,7 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table
         raise OutputConflictError(f"{config}: output.dir: {error}") from None
     check_output_writable(recipe.output_dir(), config)
     run = plan_run(recipe, ShardSpec(0, 1))
-    return describe_plan(run), free_space_warning(run)
+    return describe_plan(run), [warning for warning in (start_warning(recipe), free_space_warning(run)) if warning]
 
 
 def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
@@ -279,12 +289,18 @@ def preview(
     seed: Annotated[int, typer.Option(help="Which keys are chosen.")] = 0,
     cell: Annotated[int, typer.Option(min=32, help="Thumbnail size in pixels.")] = 192,
 ) -> None:
-    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios."""
-    from mdsd3_cli.dataset.preview import contact_sheet
+    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios. Records and
+    images that cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
+    from mdsd3_cli.dataset.preview import contact_sheet, save_sheet
 
+    problems: list[str] = []
     with _clear_errors():
-        sheet = contact_sheet(dataset, n, cell, seed)
-        sheet.save(out)
+        sheet = contact_sheet(dataset, n, cell, seed, problems)
+        save_sheet(sheet, out)
+    for problem in problems[:PREVIEW_PROBLEMS_SHOWN]:
+        console.print(f"[yellow]skipped[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    if len(problems) > PREVIEW_PROBLEMS_SHOWN:
+        console.print(f"[yellow]skipped[/] ... and {len(problems) - PREVIEW_PROBLEMS_SHOWN} more", highlight=False)
     console.print(f"wrote {escape(str(out))} ({sheet.width}x{sheet.height})", highlight=False, soft_wrap=True)
 
 
@@ -304,7 +320,7 @@ def verify(
 
     try:
         report = verify_dataset(dataset, workers, console=console)
-    except NotADatasetError as error:
+    except (NotADatasetError, OSError) as error:
         _error(error)
         raise typer.Exit(EXIT_USAGE) from None
     print_problems(report, console)
@@ -326,9 +342,12 @@ def evaluate(
         "evaluate_report"),
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring pairs. "
                        "Default: the number of CPUs.", show_default=False)] = None,
+    seam_grid: Annotated[int, typer.Option("--seam-grid", min=2, help="Grid (pixels) of the seam measure: the "
+                         "generating model's token size (mini 8, SD3 16).")] = 8,
 ) -> None:
-    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, each class's strength by a
-    classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
+    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, the seam ratio (steps across
+    the --seam-grid lines over steps elsewhere, relative to the clean image's: about 1.0 without a token mosaic),
+    each class's strength by a classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
     selectivity of single-class variants, diversity between repeats, and distances to --against sets.
 
     Prints tables and writes report.json, samples.csv and plots (*.png) to the --out folder. Unreadable files
@@ -341,7 +360,7 @@ def evaluate(
         _error("give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console)
+        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console, seam_grid)
         written = write_report(report, out)
     terminal = Console()
     terminal.print(variants_table(report.summary))
@@ -364,13 +383,16 @@ def export(
     destination: Annotated[Path, typer.Argument(help="Folder to create (must not exist).", show_default=False)],
     per_file: Annotated[int, typer.Option("--per-file", min=1, help="Pairs per tar (webdataset) or per "
                                           "Parquet file.")] = 1000,
+    partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
+                                          "output is marked partial.")] = False,
 ) -> None:
     """Convert a finished dataset into what large-scale trainers read.
 
     `lmdb` writes DEST/gt.lmdb and DEST/lq_<variant>.lmdb, each with BasicSR's meta_info.txt; `webdataset` writes
     DEST/data-000000.tar, ... (one sample per pair: .clean.png, .degraded.png, .json); `parquet` writes
-    DEST/data-00000.parquet, ... (one row per pair). The destination appears only when complete; an interrupted
-    export leaves DEST's `.partial` sibling, removed by the next export. Exit status: 0 done, 2 unusable input.
+    DEST/data-00000.parquet, ... (one row per pair). The destination appears only when complete, one export per
+    destination; an interrupted export may leave a `.DEST.<random>.partial` sibling (safe to delete). An unfinished
+    run is refused unless --partial. Exit status: 0 done, 2 unusable input (docs/export.md).
     """
     from mdsd3_cli.export.run import EXPORT_FORMATS, run_export
 
@@ -378,5 +400,5 @@ def export(
         _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        summary = run_export(dataset, to, destination, per_file, console=console)
+        summary = run_export(dataset, to, destination, per_file, console=console, partial=partial)
     Console().print(summary.table())

@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
 """The mini model's acceptance figures on the photos held out of its training, measured with `mdsd3 evaluate`.
 
-    python scripts/mini_figures.py [--out DIR]     # about 30 s on two CPU cores; prints JSON
+    python scripts/mini_figures.py [--out DIR]     # prints JSON
+
+Time: the 128-px part took about 30 s on two quiet CPU cores; the 256-px seam run adds about half again (on
+two busy shared cores: 11 + 5 minutes).
 
 Generates, at the demo's size and sampling settings (configs/demo.yaml), the identity (no class, with
 repeats), every class at ratios 0.25 / 0.5 / 0.75 / 1 (repeats at 1) and rain + haze together, on chelsea
 and coffee, then evaluates the output folder as `mdsd3 evaluate --dataset` does and prints: identity PSNR,
 per class the Spearman correlation of ratio vs strength, the selectivity at each ratio, the median strength
 per ratio, the strength at ratio 1 over the training pairs' (mdsd3_cli/model/presets/degradations.py at ratio 1 on the same
-photos, same estimators), the repeat difference; and the composition of rain + haze. tests/test_mini_acceptance.py
+photos, same estimators), the repeat difference; the composition of rain + haze; and the seam ratio of every
+variant (`mdsd3 evaluate`'s seam measure on mini's 8-pixel token grid, 1.0 = no mosaic), at 128 px and, for the
+identity, each class at ratio 1 and rain + haze, at 256 px. tests/test_mini_acceptance.py
 asserts on these figures; docs/mini.md quotes them.
 """
 
@@ -42,6 +47,10 @@ RATIOS = (0.25, 0.5, 0.75, 1.0)
 REPEATS = 2
 CALIBRATION_SEEDS = 4
 COMPOSED = ("rain", "haze")
+LARGE = 256
+"""The second size the seam ratio is measured at (mini was trained at 128 px)."""
+SEAM_GRID = 8
+"""mini's token size in pixels (codec ×4, patch 2)."""
 
 
 def variant_name(cls: str, ratio: float) -> str:
@@ -49,8 +58,31 @@ def variant_name(cls: str, ratio: float) -> str:
     return f"{cls}_{round(ratio * 100):03d}"
 
 
-def acceptance_recipe(root: Path) -> Path:
-    """Copy the held-out photos to root/photos and write root/recipe.yaml (output: root/out)."""
+def acceptance_variants() -> list[dict[str, Any]]:
+    """Identity (repeated), every class at each ratio (repeated at 1), rain + haze."""
+    variants = [{"name": "identity", "classes": {}, "repeats": REPEATS}]
+    for cls in MINI_CLASSES:
+        variants += [{"name": variant_name(cls, r), "classes": {cls: r}, "repeats": REPEATS if r == 1.0 else 1}
+                     for r in RATIOS]
+    variants.append({"name": "_".join(COMPOSED), "classes": {cls: 1.0 for cls in COMPOSED}, "repeats": 1})
+    return variants
+
+
+def large_variants() -> list[dict[str, Any]]:
+    """The seam check at LARGE px: identity, each class at ratio 1, rain + haze (one draw each)."""
+    return [{"name": "identity", "classes": {}}, *({"name": variant_name(cls, 1.0), "classes": {cls: 1.0}}
+                                                    for cls in MINI_CLASSES),
+            {"name": "_".join(COMPOSED), "classes": {cls: 1.0 for cls in COMPOSED}}]
+
+
+def demo_size() -> int:
+    """configs/demo.yaml's input.size."""
+    return int(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["input"]["size"])
+
+
+def acceptance_recipe(root: Path, size: int | None = None, variants: list[dict[str, Any]] | None = None) -> Path:
+    """Copy the held-out photos to root/photos and write root/recipe.yaml (output: root/out); the demo's size and
+    `acceptance_variants()` unless given."""
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     if demo["model"] != {"base": "mini", "adapter": "mini"}:
         raise SystemExit(f"configs/demo.yaml does not use the mini preset: {demo['model']}")
@@ -58,16 +90,11 @@ def acceptance_recipe(root: Path) -> Path:
     photos.mkdir(parents=True, exist_ok=True)
     for name in HELD_OUT:
         shutil.copy2(ROOT / "examples" / "photos" / f"{name}.jpg", photos / f"{name}.jpg")
-    variants = [{"name": "identity", "classes": {}, "repeats": REPEATS}]
-    for cls in MINI_CLASSES:
-        variants += [{"name": variant_name(cls, r), "classes": {cls: r}, "repeats": REPEATS if r == 1.0 else 1}
-                     for r in RATIOS]
-    variants.append({"name": "_".join(COMPOSED), "classes": {cls: 1.0 for cls in COMPOSED}, "repeats": 1})
     recipe = {
         "model": {"base": "mini", "adapter": "mini", "device": "cpu"},
-        "input": {"paths": [str(photos)], "size": demo["input"]["size"], "resize": "center_crop"},
+        "input": {"paths": [str(photos)], "size": size or demo_size(), "resize": "center_crop"},
         "output": {"dir": str(root / "out"), "format": "png"},
-        "sampling": demo["sampling"], "variants": variants,
+        "sampling": demo["sampling"], "variants": variants or acceptance_variants(),
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -79,11 +106,15 @@ def training_strength(photo: np.ndarray, cls: str, seed: int) -> float:
     return measure_pair(photo, degrade_photo(photo, cls, 1.0, torch.Generator().manual_seed(seed)))[cls]
 
 
-def figures(root: Path) -> dict[str, Any]:
-    """Generate and evaluate under `root` (see the module docstring); the figures as a JSON-ready dict."""
+def figures(root: Path, large: bool = True) -> dict[str, Any]:
+    """Generate and evaluate under `root` (see the module docstring); the figures as a JSON-ready dict. `large`:
+    also the seam ratios at LARGE px (about half as long again as the rest)."""
     run_generate(plan_run(load_recipe(acceptance_recipe(root)), ShardSpec(0, 1)))
     out = root / "out"
-    report = evaluate_dataset(dataset=out, workers=2)
+    report = evaluate_dataset(dataset=out, workers=2, seam_grid=SEAM_GRID)
+
+    def seams(evaluated: Any) -> dict[str, float]:
+        return {name: stats["measures"]["seam"]["median"] for name, stats in evaluated.summary["variants"].items()}
 
     def median(variant: str, cls: str) -> float:
         return report.variant(variant)["measures"][cls]["median"]
@@ -118,7 +149,16 @@ def figures(root: Path) -> dict[str, Any]:
         "identity_repeat_difference": identity_diversity,
         "classes": classes,
         "composition": {cls: moved(composed, cls) / moved(variant_name(cls, 1.0), cls) for cls in COMPOSED},
+        "seam_grid": SEAM_GRID,
+        "seam": {str(demo_size()): seams(report), **({str(LARGE): seams(large_figures(root))} if large else {})},
     }
+
+
+def large_figures(root: Path) -> Any:
+    """The evaluate report of `large_variants()` generated at LARGE px under root/LARGE."""
+    folder = root / str(LARGE)
+    run_generate(plan_run(load_recipe(acceptance_recipe(folder, LARGE, large_variants())), ShardSpec(0, 1)))
+    return evaluate_dataset(dataset=folder / "out", workers=2, seam_grid=SEAM_GRID)
 
 
 def main() -> int:

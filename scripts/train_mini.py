@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mdsd3_cli.model.adapter import FlowStart  # noqa: E402
 from mdsd3_cli.model.presets.degradations import degrade, quantize  # noqa: E402
 from mdsd3_cli.model.heads import all_prompts, partition_heads  # noqa: E402
 from mdsd3_cli.model.presets.build_mini import MINI_CLASSES, MINI_RESOLUTION, fresh_mini, preset_sizes, save_preset  # noqa: E402
@@ -283,7 +284,7 @@ def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: 
     embeddings = load_prompt_embeddings(str(out / "preset" / "base"), base.fingerprint, all_prompts(config.classes),
                                         out / "prompt_cache")
     sampler = MDSD3Sampler(base, model, config, embeddings)
-    settings = PreviewSettings(images=len(held), steps=steps, guidance=1.0, alpha=1.0, beta=0.0)
+    settings = PreviewSettings(images=len(held), steps=steps, guidance=1.0, start=FlowStart())
     render_preview(sampler, held, config.classes, settings).save(out / "sanity.png")
     rows = []
     for name in config.classes:

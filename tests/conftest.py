@@ -20,6 +20,8 @@ CLASSES = ["rain", "haze", "noise"]
 
 @pytest.fixture(scope="session")
 def tiny_base():
+    """The shared tiny base. build_model takes its modules over (and adds LoRA to them): tests that build
+    a model with a LoRA adapter use `fresh_base`."""
     return build_tiny()
 
 

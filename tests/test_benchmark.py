@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 COMMON = {"measure", "variant", "preset", "device", "gpu", "dtype", "size", "images", "transformer_batch"}
@@ -13,6 +16,19 @@ COMMON = {"measure", "variant", "preset", "device", "gpu", "dtype", "size", "ima
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+def _parse_in_process(capsys, monkeypatch, *args: str) -> subprocess.CompletedProcess:
+    """The script's argument parsing in this process (no interpreter start-up), at a child's 80 columns."""
+    spec = importlib.util.spec_from_file_location("benchmark_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exited:
+        module.main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exited.value.code, out, err)
 
 
 def test_benchmark_tiny_prints_json_lines():
@@ -47,10 +63,10 @@ def test_benchmark_tiny_prints_json_lines():
     assert "stock" in result.stderr  # the human table goes to stderr
 
 
-def test_benchmark_help_and_bad_size():
-    result = _run("--help")
+def test_benchmark_help_and_bad_size(capsys, monkeypatch):
+    result = _parse_in_process(capsys, monkeypatch, "--help")
     assert result.returncode == 0
     for word in ("step_ms", "cache_build_ms", "sampler_images_per_s", "peak_memory_gib", "sd3-medium", "--skip-sampler"):
         assert word in result.stdout
-    bad = _run("--preset", "tiny", "--device", "cpu", "--size", "33")
+    bad = _parse_in_process(capsys, monkeypatch, "--preset", "tiny", "--device", "cpu", "--size", "33")
     assert bad.returncode == 2 and "multiples of 16" in bad.stderr

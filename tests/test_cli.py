@@ -203,7 +203,7 @@ def test_version_and_bare_command():
 def test_check_speaks_of_limit_only_when_given(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml")
     checked = mdsd3("check", "--config", recipe)
-    assert checked.exit_code == 0 and "limit" not in checked.stdout and "samples in plan" in checked.stdout
+    assert checked.exit_code == 0 and "--limit" not in checked.stdout and "samples in plan" in checked.stdout
     dry = mdsd3("generate", "--config", recipe, "--dry-run", "--limit", "2")
     assert dry.exit_code == 0 and "in plan (--limit 2)" in dry.stdout
 

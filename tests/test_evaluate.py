@@ -207,7 +207,7 @@ def test_pairs_folders_with_bad_files_and_a_shifted_against_set(tmp_path: Path) 
     assert report["dataset"]["samples"] == 4 and report["against"][0]["samples"] == 4
     reasons = {Path(problem["path"]).name: problem["reason"] for problem in report["problems"]}
     assert set(reasons) == {"orphan.png", "broken.png"}
-    assert "no clean image" in reasons["orphan.png"] and "unreadable" in reasons["broken.png"]
+    assert "no clean image" in reasons["orphan.png"] and "not an image" in reasons["broken.png"]
     noise = report["distances"]["twenty"]["noise"]
     assert noise["median_shift"] == pytest.approx(10, abs=1.5) and noise["wasserstein"] == pytest.approx(10, abs=1.5)
     assert report["distances"]["twenty"]["psnr"]["median_shift"] < -4  # twice the noise: about 6 dB lower PSNR

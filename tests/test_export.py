@@ -148,10 +148,12 @@ def test_export_appears_only_when_finished(folders_dataset, tmp_path, monkeypatc
     monkeypatch.setattr(webdataset_format.TarWriter, "write", failing_write)
     with pytest.raises(RuntimeError, match="disk full"):
         run_export(folders_dataset, "webdataset", destination, per_file=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no destination, no partial folder, no junk
+    # no destination, no staging folder of its own; a `.partial` folder it did not create is never touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name]
+    assert (stale / "junk").read_bytes() == b"a killed export"
     monkeypatch.undo()
     run_export(folders_dataset, "webdataset", destination, per_file=2)
-    assert len(list(destination.glob("*.tar"))) == 5 and not list(tmp_path.glob(".*"))
+    assert len(list(destination.glob("*.tar"))) == 5 and list(tmp_path.glob(".*")) == [stale]
     with pytest.raises(FileExistsError, match="exists"):
         run_export(folders_dataset, "webdataset", destination)
 

@@ -17,7 +17,9 @@ import pytest
 import yaml
 from PIL import Image
 from skimage import data
+from typer.testing import CliRunner
 
+from mdsd3_cli.cli import app
 from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.util.images import load_image
 from mdsd3_cli.generate.plan import ShardSpec
@@ -58,10 +60,14 @@ def write_recipe(path: Path, inputs: Path, out: Path, **changes) -> Path:
     return path
 
 
-def mdsd3(*args: str, check: bool = False, **kwargs) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "mdsd3_cli", *args], capture_output=True, text=True, **kwargs)
+def mdsd3(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """`mdsd3 *args` in this process (typer's CliRunner: same commands, no interpreter start-up); the tests that
+    need a real process (kills, concurrent shards, torchrun) start one themselves."""
+    invoked = CliRunner().invoke(app, list(args))
+    result = subprocess.CompletedProcess(args, invoked.exit_code, invoked.stdout, invoked.stderr)
     if check and result.returncode != 0:
-        raise AssertionError(f"mdsd3 {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"mdsd3 {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n"
+                             f"{invoked.exception!r}")
     return result
 
 

@@ -45,7 +45,7 @@ FIGURES = _figures_module()
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> tuple[dict, Path]:
     root = tmp_path_factory.mktemp("mini_acceptance")
-    return FIGURES.figures(root), root / "out"
+    return FIGURES.figures(root, large=False), root / "out"
 
 
 def test_identity_reproduces_the_clean_photo(measured):

@@ -22,7 +22,9 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
+from mdsd3_cli.cli import app
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
@@ -135,12 +137,12 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(uninterrupted, pairs
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
-def test_exported_adapter_loads_and_samples(uninterrupted, tiny_base):
-    model, config = build_model(tiny_base, uninterrupted / "adapter")
+def test_exported_adapter_loads_and_samples(uninterrupted, fresh_base):
+    model, config = build_model(fresh_base, uninterrupted / "adapter")
     assert config.classes == ["haze", "noise"] and config.lora_rank == 4 and config.training["steps"] == 6
-    prompts = load_prompt_embeddings("tiny", tiny_base.fingerprint, all_prompts(config.classes))
+    prompts = load_prompt_embeddings("tiny", fresh_base.fingerprint, all_prompts(config.classes))
     pixels = torch.from_numpy(np.asarray(Image.open(PHOTOS / "rocket.jpg").convert("RGB"))[:32, :32].copy())[None]
-    out = MDSD3Sampler(tiny_base, model, config, prompts).generate(pixels, [SampleRequest({"haze": 1.0}, 1)], 2, 2.0)
+    out = MDSD3Sampler(fresh_base, model, config, prompts).generate(pixels, [SampleRequest({"haze": 1.0}, 1)], 2, 2.0)
     assert out.shape == (1, 32, 32, 3) and out.dtype == np.uint8
 
 
@@ -272,9 +274,8 @@ def test_generate_uses_the_trained_adapter(uninterrupted, tmp_path):
     }
     path = tmp_path / "generate.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    process = _cli("generate", "--config", str(path))
-    output = process.communicate(timeout=180)[0]
-    assert process.returncode == 0, output
+    result = CliRunner().invoke(app, ["generate", "--config", str(path)])  # in process: no interpreter start-up
+    assert result.exit_code == 0, (result.output, result.exception)
     lines = [json.loads(line) for f in (tmp_path / "generated" / "manifest").glob("*.jsonl")
              for line in f.read_text().splitlines()]
     assert len(lines) == 4

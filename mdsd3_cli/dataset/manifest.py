@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from mdsd3_cli.util.images import unsafe_key_reason
+from mdsd3_cli.recipe.file import MAX_REPEATS, MAX_SAMPLES_PER_INPUT
+from mdsd3_cli.util.safe_names import safe_component
 from mdsd3_cli.dataset.writer import RUN_JSON
 
 TAR_FIELD = "tar"
@@ -13,6 +20,11 @@ FILE_FIELDS = ("clean", "degraded")
 """Folders layout: the images' paths relative to the dataset."""
 MEMBER_FIELDS = {"clean": "clean_member", "degraded": "degraded_member", "json": "json_member"}
 """Webdataset layout: the sample's tar (`tar`, relative to the dataset) and its member names, by role."""
+MAX_LINE_BYTES = 1 << 20
+"""Longest manifest line read (a record is well under 4 KiB); a longer one is a damaged line, never held whole."""
+MAX_RUN_JSON_BYTES = 64 << 20
+"""Largest run.json read (a resolved recipe is a few KiB)."""
+"""Most variant folders (variants x repeats) a run.json may list; more means a damaged file."""
 
 
 class ManifestLineError(ValueError):
@@ -21,36 +33,115 @@ class ManifestLineError(ValueError):
 
 def parse_record(line: bytes) -> dict[str, Any]:
     """The record of one manifest line (a folders- or webdataset-layout record); ManifestLineError if unusable."""
+    if len(line) > MAX_LINE_BYTES:
+        raise ManifestLineError(f"longer than {MAX_LINE_BYTES} bytes (not a record)")
     if not line.endswith(b"\n"):
         raise ManifestLineError("unfinished last line (a killed run; rerun generate)")
     try:
         record = json.loads(line)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise ManifestLineError(f"not JSON: {error}") from None
     in_tar = isinstance(record, dict) and TAR_FIELD in record
     needed = ["key", "folder", *([TAR_FIELD, *MEMBER_FIELDS.values()] if in_tar else FILE_FIELDS)]
     if not isinstance(record, dict) or not all(isinstance(record.get(name), str) for name in needed):
         raise ManifestLineError(f"a record needs the text fields {', '.join(needed)}")
+    unsafe_key = unsafe_key_reason(record["key"])
+    if unsafe_key is not None:
+        raise ManifestLineError(f"key {record['key']!r}: {unsafe_key}")
+    try:
+        safe_component(record["folder"], "folder")
+        if "variant" in record:
+            safe_component(record["variant"], "variant")
+    except ValueError as error:
+        raise ManifestLineError(str(error)) from None
     return record
 
 
+def record_ratios(record: dict[str, Any], required: bool = True) -> dict[str, float]:
+    """A record's `ratios` as {class name: finite float}; {} when absent and not `required`; ManifestLineError
+    when absent (and `required`) or not a mapping of names to finite numbers."""
+    ratios = record.get("ratios")
+    if ratios is None and not required:
+        return {}
+    if not isinstance(ratios, dict):
+        raise ManifestLineError("'ratios' must map class names to numbers")
+    try:
+        converted = {name: float(value) for name, value in ratios.items()
+                     if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    except OverflowError:
+        converted = {}
+    if len(converted) != len(ratios) or not all(math.isfinite(value) for value in converted.values()):
+        raise ManifestLineError("'ratios' must map class names to finite numbers")
+    return converted
+
+
+def manifest_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of one manifest; a line over MAX_LINE_BYTES is cut to MAX_LINE_BYTES + 1 bytes (which
+    `parse_record` refuses) and the rest of it skipped, so memory stays bounded whatever the file holds."""
+    with open_regular(path) as handle:
+        number = 0
+        while line := handle.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while (rest := handle.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass
+            yield number, line
+
+
 def manifest_files(root: Path) -> list[Path]:
-    """Every shard's manifest, in name order."""
-    return sorted(Path(root).glob("manifest/*.jsonl"))
+    """Every shard's manifest, in name order: regular files only (a link, folder or pipe there is never read)."""
+    return sorted(path for path in Path(root).glob("manifest/*.jsonl")
+                  if stat.S_ISREG(path.lstat().st_mode))
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` open for reading when it is a regular file (a pipe or device is refused, never waited on): OSError
+    naming the path otherwise."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(f"{path}: not a regular file")
+    return os.fdopen(descriptor, "rb")
 
 
 def run_info(root: Path) -> dict[str, Any]:
     """OUT/run.json (resolved recipe, classes, fingerprints); OSError or ValueError when missing or unreadable."""
-    info = json.loads((Path(root) / RUN_JSON).read_text(encoding="utf-8"))
+    path = Path(root) / RUN_JSON
+    with open_regular(path) as file:
+        text = file.read(MAX_RUN_JSON_BYTES + 1)
+    if len(text) > MAX_RUN_JSON_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_RUN_JSON_BYTES} bytes")
+    try:
+        info = json.loads(text.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply") from None
     if not isinstance(info, dict):
-        raise ValueError(f"{Path(root) / RUN_JSON} does not hold a JSON object")
+        raise ValueError(f"{path} does not hold a JSON object")
     return info
 
 
 def run_folders(info: dict[str, Any]) -> list[str]:
-    """The run's variant folders in recipe order (`<name>`, or `<name>_r<i>` with repeats); ValueError if absent."""
-    try:
-        return [variant["name"] if variant.get("repeats", 1) == 1 else f"{variant['name']}_r{repeat}"
-                for variant in info["recipe"]["variants"] for repeat in range(1, variant.get("repeats", 1) + 1)]
-    except (KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"run.json lists no usable variants ({error!r})") from None
+    """The run's variant folders in recipe order (`<name>`, or `<name>_r<i>` with repeats); ValueError naming the
+    field when absent or unusable (a name that is not one safe file name, repeats outside 1..MAX_REPEATS, more
+    than MAX_SAMPLES_PER_INPUT folders: what a recipe may ask for, counted before any folder name is made)."""
+    recipe = info.get("recipe")
+    variants = recipe.get("variants") if isinstance(recipe, dict) else None
+    if not isinstance(variants, list) or not variants:
+        raise ValueError("recipe.variants: run.json lists no variants")
+    named: list[tuple[str, int]] = []
+    for index, variant in enumerate(variants):
+        where = f"recipe.variants[{index}]"
+        if not isinstance(variant, dict):
+            raise ValueError(f"{where}: not a mapping")
+        name, repeats = variant.get("name"), variant.get("repeats", 1)
+        if not isinstance(name, str):
+            raise ValueError(f"{where}.name: missing or not text")
+        safe_component(name, f"{where}.name")
+        if type(repeats) is not int or not 1 <= repeats <= MAX_REPEATS:
+            raise ValueError(f"{where}.repeats: {repeats!r} is not an integer in 1..{MAX_REPEATS}")
+        named.append((name, repeats))
+    if sum(repeats for _, repeats in named) > MAX_SAMPLES_PER_INPUT:
+        raise ValueError(f"recipe.variants: more than {MAX_SAMPLES_PER_INPUT:,} variant folders, more than a "
+                         "recipe may ask for (a damaged run.json?)")
+    return [name if repeats == 1 else f"{name}_r{repeat}" for name, repeats in named
+            for repeat in range(1, repeats + 1)]

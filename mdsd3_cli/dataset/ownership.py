@@ -1,31 +1,68 @@
-"""Which folders mdsd3 may write and delete in: it claims only an empty folder or one it made (its run.json),
-lets one process at a time write a shard (a kernel lock), and `--overwrite` removes only what its manifests list."""
+"""Which folders mdsd3 may write and delete in: it claims only an empty folder or one it made (a run.json that
+mdsd3 wrote), lets one process at a time write a shard and one sharding at a time write an output (kernel locks),
+and `--overwrite` removes only what its manifests list and the log files it names itself."""
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
+import re
+import stat
 from pathlib import Path
 from types import TracebackType
 
 from mdsd3_cli.util.atomic import open_append
-from mdsd3_cli.dataset.writer import RUN_JSON, OutputConflictError, manifest_listed_files
+from mdsd3_cli.dataset.writer import RUN_JSON, RUN_SCHEMA, RUN_TOOL, OutputConflictError, manifest_listed_files, own_logs
 
 LOCKS = ".locks"
 _OWN_TRANSIENT_PREFIXES = (f".{RUN_JSON}.", ".mdsd3-write-test-")
 """Names mdsd3 itself creates for a moment in OUT before run.json exists (ignored when deciding "empty")."""
 
 
+_MAX_RUN_JSON_BYTES = 64 << 20
+_LEGACY_RECIPE_FIELDS = {"model", "input", "output", "variants"}
+
+
+def run_json_problem(path: Path) -> str | None:
+    """Why the run.json at `path` is not one mdsd3 wrote, or None when it is: a regular file (not a link) holding
+    a JSON object with `"tool": "mdsd3"` and a known schema, or (written before that marker existed) an
+    `identity` object and the resolved `recipe` with its model, input, output and variants."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return "it is a link or not a regular file"
+        with open(path, "rb") as file:
+            payload = json.loads(file.read(_MAX_RUN_JSON_BYTES + 1)[:_MAX_RUN_JSON_BYTES])
+    except (OSError, ValueError) as error:
+        return f"unreadable: {error}"
+    if not isinstance(payload, dict):
+        return "not a JSON object"
+    if "tool" in payload or "schema" in payload:
+        if payload.get("tool") != RUN_TOOL or payload.get("schema") != RUN_SCHEMA:
+            return f"tool {payload.get('tool')!r}, schema {payload.get('schema')!r}"
+        return None
+    recipe = payload.get("recipe")
+    legacy = isinstance(payload.get("identity"), dict) and isinstance(recipe, dict)
+    if legacy and _LEGACY_RECIPE_FIELDS <= recipe.keys():
+        return None
+    return "no mdsd3 marker"
+
+
 def foreign_output_reason(out: Path) -> str | None:
-    """Why mdsd3 must not write into `out` (an existing folder with other content and no run.json), or None."""
+    """Why mdsd3 must not write into `out` (an existing folder with other content and no run.json mdsd3 wrote),
+    or None."""
     out = Path(out)
     if not os.path.lexists(out):
         return None
     if not out.is_dir():
         return f"output folder {out} exists and is not a folder"
-    if (out / RUN_JSON).is_file():
-        return None
+    if os.path.lexists(out / RUN_JSON):
+        problem = run_json_problem(out / RUN_JSON)
+        if problem is None:
+            return None
+        return (f"output folder {out} holds a {RUN_JSON} that mdsd3 did not write ({problem}), so mdsd3 did not "
+                "make it; mdsd3 writes only into an empty folder or its own output: choose another output.dir")
     others = sorted(entry.name for entry in out.iterdir()
                     if entry.name != LOCKS and not entry.name.startswith(_OWN_TRANSIENT_PREFIXES))
     if not others:
@@ -88,13 +125,73 @@ def shard_lock(out: Path, shard: str) -> OutputLock:
     return OutputLock(out, shard, f"shard {shard}")
 
 
+_SHARDING_LOCK = "sharding-of-{count:05d}.lock"
+_SHARDING_LOCK_NAME = re.compile(r"sharding-of-(\d{5})\.lock")
+
+
+class ShardingLock:
+    """Which sharding (shard count) writes `out`: a shared `flock` on OUT/.locks/sharding-of-<count>.lock, held
+    by every shard of that count, so shards of one sharding run side by side; taken, it is refused (and given
+    back) while any other count's file is locked by a live process. Two different counts starting at the same
+    moment may both be refused, never both admitted. Released by the kernel however the process ends."""
+
+    def __init__(self, out: Path, count: int) -> None:
+        self.root, self.count = Path(out), count
+        self.path = self.root / LOCKS / _SHARDING_LOCK.format(count=count)
+        self._file = None
+
+    def __enter__(self) -> ShardingLock:
+        file = open_append(self.path, self.root)
+        fcntl.flock(file.fileno(), fcntl.LOCK_SH)  # waits only while another run probes this file (a moment)
+        for other in sorted(self.path.parent.iterdir()):
+            match = _SHARDING_LOCK_NAME.fullmatch(other.name)
+            other_count = int(match.group(1)) if match else self.count
+            if other_count != self.count and _locked_by_another(other):
+                file.close()
+                raise ShardBusyError(f"{self.root} is being written by another process with {other_count} shards "
+                                     f"(this run has {self.count}); one output takes one shard count at a time: "
+                                     "wait for it to finish or use its --num-shards")
+        self._file = file
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def sharding_lock(out: Path, count: int) -> ShardingLock:
+    """The lock every shard of a `count`-shard generate holds on `out`."""
+    return ShardingLock(out, count)
+
+
+def _locked_by_another(path: Path) -> bool:
+    """Whether a live process holds a `flock` on `path` (probed with a non-blocking exclusive lock)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone meanwhile, or not a lock file mdsd3 made
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return True
+        raise
+    finally:
+        os.close(descriptor)  # also gives back the probe's lock
+    return False
+
+
 def clear_outputs(out: Path) -> int:
-    """`--overwrite`: remove the files the manifests list, the manifests, error logs and run.json; returns how
-    many files went. Anything else (files mdsd3 did not record, other folders) stays; emptied folders go."""
+    """`--overwrite` (in a folder `claim_output` accepted): remove the files the manifests list, the shards'
+    manifests, plans and error logs, and run.json; returns how many files went. Anything else (files mdsd3 did not
+    record, other names in manifest/ and errors/, other folders) stays; emptied folders go."""
     root = Path(out)
     removed = 0
     listed = manifest_listed_files(root)
-    logs = [path for area in ("manifest", "errors") for path in sorted((root / area).glob("*.json*"))]
+    logs = [*own_logs(root, "manifest", ".jsonl"), *own_logs(root, "manifest", ".tars.json"),
+            *own_logs(root, "errors", ".jsonl")]
     for path in [*listed, *(file.with_name(f".{file.name}.tmp") for file in listed), *logs, root / RUN_JSON]:
         if os.path.lexists(path) and not path.is_dir():
             path.unlink()  # a link is removed, never followed

@@ -1,50 +1,76 @@
-"""Contact sheets: one row per sampled key, the clean image then each variant, labelled."""
+"""Contact sheets: one row per sampled key, the clean image then each variant, labelled.
+
+A record or image that cannot be shown is skipped and named (in `problems`), never a traceback: malformed
+records, images missing or outside the dataset, missing or link tar members, damaged tars, decompression bombs."""
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, parse_record
+from mdsd3_cli.util.atomic import atomic_write
+from mdsd3_cli.util.images import ImageError
+from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios
 from mdsd3_cli.dataset.stored_images import record_image
 
 LABEL_HEIGHT = 18
 MIN_CELL = 96
 """Smallest cell a contact sheet shrinks to for small images (labels stay readable); smaller images are enlarged."""
+MAX_COLUMNS = 64
+"""Most variant folders shown (the sheet's memory stays bounded whatever the manifest names)."""
 
 
-def read_manifests(dataset: Path) -> list[dict]:
-    """All complete, well-formed manifest records of a generate output folder (either layout)."""
+def _checked(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with its ratios as finite floats; ManifestLineError when `ratios` or `size` is unusable."""
+    record = {**record, "ratios": record_ratios(record)}
+    size = record.get("size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(isinstance(side, int) and side > 0 for side in size)):
+        raise ManifestLineError("'size' must be [width, height] in pixels")
+    return record
+
+
+def read_manifests(dataset: Path, problems: list[str] | None = None) -> list[dict]:
+    """All complete, well-formed manifest records of a generate output folder (either layout); each line left
+    out is appended to `problems` as "FILE:LINE: reason"."""
     records = []
     for path in manifest_files(dataset):
-        with open(path, "rb") as handle:
-            for line in handle:
-                try:
-                    records.append(parse_record(line))
-                except ManifestLineError:
-                    continue
+        for number, line in manifest_lines(path):
+            try:
+                records.append(_checked(parse_record(line)))
+            except ManifestLineError as error:
+                if problems is not None and line.strip():
+                    problems.append(f"{path}:{number}: {error}")
     return records
 
 
-def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0) -> Image.Image:
+def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0,
+                  problems: list[str] | None = None) -> Image.Image:
     """A grid: a header row of folder names, then up to `count` randomly chosen keys, one per row: the clean
     image and every variant folder's image, each labelled (key, or the sample's class ratios).
 
-    Cells are `cell` pixels, or smaller for smaller images (at least MIN_CELL); images fill their cell."""
+    Cells are `cell` pixels, or smaller for smaller images (at least MIN_CELL); images fill their cell. Records
+    and images left out are appended to `problems` ("WHERE: reason"); their cells say why."""
+    problems = [] if problems is None else problems
     if not dataset.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {dataset}")
-    records = read_manifests(dataset)
+    records = read_manifests(dataset, problems)
     if not records:
-        raise FileNotFoundError(f"{dataset} has no manifest records (is it an mdsd3 generate output folder?)")
+        raise FileNotFoundError(f"{dataset} has no usable manifest records (is it an mdsd3 generate output folder?)"
+                                + (f"; e.g. {problems[0]}" if problems else ""))
     by_key: dict[str, dict[str, dict]] = defaultdict(dict)
     for record in records:
         by_key[record["key"]][record["folder"]] = record
-    folders = sorted({record["folder"] for record in records})
     keys = sorted(by_key)
     keys = sorted(random.Random(seed).sample(keys, min(count, len(keys))))
+    folders = sorted({folder for key in keys for folder in by_key[key]})
+    if len(folders) > MAX_COLUMNS:
+        problems.append(f"{dataset}: {len(folders)} variant folders; the first {MAX_COLUMNS} are shown")
+        folders = folders[:MAX_COLUMNS]
     largest = max(max(record.get("size") or [cell]) for key in keys for record in by_key[key].values())
     cell = min(cell, max(largest, MIN_CELL))  # no wide white margins around small images
     columns = ["clean", *folders]
@@ -64,14 +90,29 @@ def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0
             image_ref = None if record is None else record_image(dataset, record, role)
             if image_ref is None:
                 label = "missing" if record is None else "outside the dataset"
-            elif name == "clean":
-                label = key
+                if record is not None:
+                    problems.append(f"key {key!r} folder {record['folder']!r}: the {role} image path leaves the "
+                                    "dataset folder")
             else:
-                label = " ".join(f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
-            if image_ref is not None:
-                with Image.open(image_ref.open()) as image:
-                    thumb = ImageOps.contain(image.convert("RGB"), (cell, cell), Image.Resampling.NEAREST
+                label = key if name == "clean" else " ".join(
+                    f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
+                try:
+                    image = image_ref.read_rgb()
+                except ImageError as error:
+                    problems.append(f"{image_ref}: {error.reason}")
+                    label = "unreadable"
+                else:
+                    thumb = ImageOps.contain(image, (cell, cell), Image.Resampling.NEAREST
                                              if max(image.size) < cell else Image.Resampling.LANCZOS)
                     sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + LABEL_HEIGHT))
             draw.text((left + 3, top + 3), label[-width:] if name == "clean" else label[:width], fill="dimgray", font=font)
     return sheet
+
+
+def save_sheet(sheet: Image.Image, out: Path) -> None:
+    """Write `sheet` to `out` in the format its extension names, through `atomic.atomic_write`: `out` is never
+    seen partial, and a link found at `out` is replaced by the new file, never written through."""
+    image_format = Image.registered_extensions().get(Path(out).suffix.lower())
+    if image_format is None:
+        raise ValueError(f"--out {out}: unknown image file extension (use e.g. .png)")
+    atomic_write(Path(out), lambda file: sheet.save(file, format=image_format))

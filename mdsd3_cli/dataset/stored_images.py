@@ -1,5 +1,6 @@
 """Where a generate output's images are stored, in either layout: a file (folders) or a member of a tar
-(webdataset). `evaluate`, `preview` and `train` read records' images through `record_image(...).open()`."""
+(webdataset). `evaluate`, `preview` and `train` decode records' images through `record_image(...).read_rgb()`: one
+decoding path (`images.decode_rgb`) for every reader."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mdsd3_cli.dataset.manifest import MEMBER_FIELDS, TAR_FIELD
+from PIL import Image
+
+from mdsd3_cli.util.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
+from mdsd3_cli.dataset.manifest import MEMBER_FIELDS, TAR_FIELD, open_regular
 
 
 @dataclass(frozen=True)
@@ -35,19 +39,34 @@ class ImageRef:
         return self.path.name if self.member is None else self.member
 
     def read_bytes(self) -> bytes:
-        """The encoded image. FileNotFoundError when the file or tar is missing, KeyError when the tar has no
-        such member, tarfile.TarError for a damaged tar."""
+        """The encoded image. FileNotFoundError when the file or tar is missing, OSError when it is not a regular
+        file, KeyError when the tar has no such member or it is not a regular file (a link or a folder),
+        tarfile.TarError for a damaged tar."""
         if self.member is None:
-            return self.path.read_bytes()
+            with open_regular(self.path) as file:
+                return file.read()
         archive = _open_tar(self.path, self.path.stat().st_mtime_ns, os.getpid(), threading.get_ident())
-        member = archive.extractfile(self.member)
-        if member is None:  # a directory or link entry
+        member = archive.getmember(self.member)
+        extracted = archive.extractfile(member) if member.isfile() else None
+        if extracted is None:
             raise KeyError(self.member)
-        return member.read()
+        return extracted.read()
 
-    def open(self) -> Path | io.BytesIO:
-        """Something `PIL.Image.open` reads: the file's path, or the member's bytes (errors as `read_bytes`)."""
-        return self.path if self.member is None else io.BytesIO(self.read_bytes())
+    def read_rgb(self, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> Image.Image:
+        """The decoded image as RGB (`images.decode_rgb`: EXIF orientation, alpha over white, 16-bit and float
+        scaled); ImageError with the reason for anything unusable (missing, not a regular file or member,
+        damaged tar, not an image, a side under `min_side`, over `max_pixels`)."""
+        try:
+            data = self.read_bytes()
+        except FileNotFoundError:
+            raise ImageError("file not found") from None
+        except KeyError:
+            raise ImageError("not a regular file member of its tar (missing, a link or a folder)") from None
+        except tarfile.TarError as error:
+            raise ImageError(f"damaged tar: {error}") from None
+        except OSError as error:
+            raise ImageError(f"cannot read: {error}") from None
+        return decode_rgb(io.BytesIO(data), max_pixels, min_side)
 
 
 @functools.lru_cache(maxsize=16)
@@ -55,24 +74,28 @@ def _open_tar(path: Path, modified_ns: int, pid: int, thread: int) -> tarfile.Ta
     """An open tar with its member index: a reader takes one tar's samples in a row. `modified_ns` keys the
     cache (a rewritten tar is opened afresh); so do `pid` and `thread`, as a tar handle's file offset must not
     be shared by a forked data-loader process or by reader threads."""
-    archive = tarfile.open(path)
+    archive = tarfile.open(fileobj=open_regular(path), mode="r:")  # uncompressed, as mdsd3 writes them
     archive.getmembers()
     return archive
 
 
-def _inside(root: Path, relative: object) -> Path | None:
-    """root/relative when `relative` is a relative path string that stays inside root, else None."""
-    if not isinstance(relative, str) or not relative or os.path.isabs(relative):
+def inside_dataset(root: Path, relative: object) -> Path | None:
+    """root/relative when `relative` is a relative path string that stays inside root (links resolved), else None
+    (also for a NUL byte)."""
+    if not isinstance(relative, str) or not relative or "\0" in relative or os.path.isabs(relative):
         return None
-    target = root / relative
-    return target if target.resolve().is_relative_to(root.resolve()) else None
+    target = Path(root) / relative
+    try:
+        return target if target.resolve().is_relative_to(Path(root).resolve()) else None
+    except (OSError, RuntimeError):  # a link loop (RuntimeError before Python 3.13)
+        return None
 
 
 def record_image(root: Path, record: dict[str, Any], role: str) -> ImageRef | None:
     """Where a parsed manifest record's `role` ("clean" or "degraded") image is, or None when its path would
     leave the dataset folder `root`."""
     if TAR_FIELD in record:
-        archive = _inside(root, record[TAR_FIELD])
+        archive = inside_dataset(root, record[TAR_FIELD])
         return None if archive is None else ImageRef(archive, record[MEMBER_FIELDS[role]])
-    path = _inside(root, record[role])
+    path = inside_dataset(root, record[role])
     return None if path is None else ImageRef(path)

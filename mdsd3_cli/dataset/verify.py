@@ -20,15 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mdsd3_cli.dataset.manifest import (FILE_FIELDS, MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files, parse_record,
-                       run_folders, run_info)
+from mdsd3_cli.util.images import ImageError, decode_rgb
+from mdsd3_cli.dataset.manifest import (FILE_FIELDS, MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files, manifest_lines,
+                       open_regular, parse_record, run_folders, run_info)
 from mdsd3_cli.util.ordered_map import ordered_map
 from mdsd3_cli.util.progress import RunProgress
+from mdsd3_cli.dataset.stored_images import inside_dataset
 from mdsd3_cli.dataset.writer import RUN_JSON
 
 SCANNED_FOLDERS = ("clean", "degraded", "tars")
@@ -127,7 +128,7 @@ def verify_dataset(dataset: str | os.PathLike, workers: int | None = None,
     report = VerifyReport(root)
     index = _read_manifests(root, report)
     report.problems += _incomplete_keys(root, index, report)
-    report.failed_inputs = sum(_count_lines(path) for path in sorted(root.glob("errors/*.jsonl")))
+    report.failed_inputs = sum(_count_lines(path, report) for path in sorted(root.glob("errors/*.jsonl")))
     tasks: list[Callable[[], _Checked]] = [
         _file_task(root, relative, expected) for relative, expected in sorted(index.files.items())
     ]
@@ -162,27 +163,29 @@ def print_problems(report: VerifyReport, console: Console) -> None:
 def _read_manifests(root: Path, report: VerifyReport) -> _Index:
     index = _Index()
     seen: dict[tuple[str, str], bytes] = {}
-    for manifest in manifest_files(root):
+    read = manifest_files(root)
+    report.problems += [Problem("manifest", path.relative_to(root).as_posix(), "not a regular file (a link, folder "
+                                "or pipe); not read") for path in sorted(root.glob("manifest/*.jsonl")) if path not in read]
+    for manifest in read:
         where_file = manifest.relative_to(root).as_posix()
-        with open(manifest, "rb") as handle:
-            for number, line in enumerate(handle, 1):
-                where = f"{where_file}:{number}"
-                try:
-                    record = parse_record(line)
-                except ManifestLineError as error:
-                    report.problems.append(Problem("manifest", where, str(error)))
-                    continue
-                report.records += 1
-                sample = (record["key"], record["folder"])
-                digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
-                if sample in seen:
-                    if seen[sample] != digest:
-                        report.problems.append(Problem("conflict", where, f"a second, different record for key "
-                                                       f"{sample[0]!r} folder {sample[1]!r}"))
-                    continue
-                seen[sample] = digest
-                index.folders_by_key[record["key"]].add(record["folder"])
-                _index_record(root, record, line, where, index, report)
+        for number, line in manifest_lines(manifest):
+            where = f"{where_file}:{number}"
+            try:
+                record = parse_record(line)
+            except ManifestLineError as error:
+                report.problems.append(Problem("manifest", where, str(error)))
+                continue
+            report.records += 1
+            sample = (record["key"], record["folder"])
+            digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
+            if sample in seen:
+                if seen[sample] != digest:
+                    report.problems.append(Problem("conflict", where, f"a second, different record for key "
+                                                   f"{sample[0]!r} folder {sample[1]!r}"))
+                continue
+            seen[sample] = digest
+            index.folders_by_key[record["key"]].add(record["folder"])
+            _index_record(root, record, line, where, index, report)
     return index
 
 
@@ -192,8 +195,9 @@ def _index_record(root: Path, record: dict[str, Any], line: bytes, where: str, i
     dims = (size[0], size[1]) if isinstance(size, list) and len(size) == 2 else None
     if TAR_FIELD in record:
         tar = record[TAR_FIELD]
-        if not _inside(root, tar):
-            report.problems.append(Problem("manifest", where, f"tar {tar!r} is outside the dataset"))
+        if inside_dataset(root, tar) is None:
+            report.problems.append(Problem("manifest", where, f"field tar: {tar!r} is outside the dataset (or not a "
+                                           "relative path)"))
             return
         members = index.members[tar]
         for role in FILE_FIELDS:
@@ -202,8 +206,9 @@ def _index_record(root: Path, record: dict[str, Any], line: bytes, where: str, i
         return
     for role in FILE_FIELDS:
         relative = record[role]
-        if not _inside(root, relative):
-            report.problems.append(Problem("manifest", where, f"{role} path {relative!r} is outside the dataset"))
+        if inside_dataset(root, relative) is None:
+            report.problems.append(Problem("manifest", where, f"field {role}: path {relative!r} is outside the dataset "
+                                           "(or not a relative path)"))
             continue
         expected = _expected(record, role, dims, report)
         known = index.files.setdefault(relative, expected)
@@ -216,10 +221,6 @@ def _expected(record: dict[str, Any], role: str, dims: tuple[int, int] | None, r
     if sha256 is None:
         report.unhashed += 1
     return Expected(sha256 if isinstance(sha256, str) else None, size if isinstance(size, int) else None, dims)
-
-
-def _inside(root: Path, relative: str) -> bool:
-    return not Path(relative).is_absolute() and (root / relative).resolve().is_relative_to(root)
 
 
 def _incomplete_keys(root: Path, index: _Index, report: VerifyReport) -> list[Problem]:
@@ -245,9 +246,15 @@ def _run_folders(root: Path, report: VerifyReport) -> list[str] | None:
     return None
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as handle:
-        return sum(1 for _ in handle)
+def _count_lines(path: Path, report: VerifyReport) -> int:
+    """Lines of an errors/ file; 0 (and a problem) when it is not a readable regular file."""
+    try:
+        with open_regular(path) as handle:
+            return sum(1 for _ in iter(lambda: handle.readline(1 << 20), b""))
+    except OSError as error:
+        report.problems.append(Problem("manifest", path.relative_to(report.dataset).as_posix(),
+                                       f"unreadable: {error}"))
+        return 0
 
 
 def _dataset_files(root: Path) -> Iterator[str]:
@@ -291,7 +298,7 @@ def _tar_task(root: Path, tar: str, members: dict[str, Expected | bytes]) -> Cal
         checked = _Checked()
         found: set[str] = set()
         try:
-            with tarfile.open(root / tar, "r:") as archive:
+            with open_regular(root / tar) as file, tarfile.open(fileobj=file, mode="r:") as archive:
                 for member in archive:
                     where = f"{tar}:{member.name}"
                     expected = members.get(member.name)
@@ -326,11 +333,9 @@ def _check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:
     if expected.sha256 is not None and hashlib.sha256(data).hexdigest() != expected.sha256:
         problems.append(Problem("hash", where, "SHA-256 differs from the manifest"))
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            dims = image.size
-    except Exception as error:  # Pillow raises many types for broken files
-        problems.append(Problem("decode", where, f"does not decode: {error}"))
+        dims = decode_rgb(io.BytesIO(data)).size
+    except ImageError as error:
+        problems.append(Problem("decode", where, f"does not decode: {error.reason}"))
         return problems
     if expected.dims is not None and dims != expected.dims:
         problems.append(Problem("size", where, f"{dims[0]}x{dims[1]} pixels, manifest says "

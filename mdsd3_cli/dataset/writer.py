@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Container, Mapping
 from concurrent.futures import Future
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 from mdsd3_cli.util.atomic import atomic_write, open_append
 from mdsd3_cli.util.background_writer import BackgroundWriter
 from mdsd3_cli.util.images import unsafe_key_reason
+from mdsd3_cli.util.safe_names import safe_component
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 FORMAT_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -24,6 +26,10 @@ JPEG_444_MIN_QUALITY = 90
 """From this JPEG quality on, chroma is kept at full resolution (4:4:4); below it, 4:2:0."""
 WEBP_METHOD = 4
 RUN_JSON = "run.json"
+RUN_TOOL, RUN_SCHEMA = "mdsd3", 1
+"""run.json's `tool` and `schema` fields: the marker saying mdsd3 wrote it (see ownership.run_json_problem)."""
+SHARD_PATTERN = r"shard-\d{5}-of-\d{5}"
+"""A shard's name (`ShardSpec.name`): the stem of its manifest, error log and tars."""
 _TAIL_CHUNK = 1 << 16
 
 
@@ -342,7 +348,8 @@ def write_run_json(out_dir: str | Path, payload: Mapping[str, Any]) -> Path:
     if "identity" not in payload:
         raise ValueError("run.json payload needs an 'identity' entry")
     path = Path(out_dir) / RUN_JSON
-    atomic_write(path, (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"),
+    marked = {**payload, "tool": RUN_TOOL, "schema": RUN_SCHEMA}
+    atomic_write(path, (json.dumps(marked, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"),
                  shared=True)
     return path
 
@@ -375,20 +382,41 @@ LISTED_FILE_FIELDS = ("clean", "degraded", "tar")
 """Manifest fields naming files in OUT (images of the folders layout, the tar of the webdataset layout)."""
 
 
+_RECORDED_TAR = re.compile(rf"{SHARD_PATTERN}-\d{{6}}\.tar")
+
+
+def _recorded_shape(relative: str) -> bool:
+    """Whether `relative` has the shape of a file mdsd3 writes: clean/<key>.<ext>, degraded/<folder>/<key>.<ext>
+    or tars/<shard>-<n>.tar."""
+    parts = relative.split("/")
+    if parts[0] == "tars":
+        return len(parts) == 2 and _RECORDED_TAR.fullmatch(parts[1]) is not None
+    if parts[-1].rpartition(".")[2] not in FORMAT_EXTENSIONS.values():
+        return False
+    if parts[0] == "degraded" and len(parts) >= 3:
+        try:
+            safe_component(parts[1], "variant folder")
+        except ValueError:
+            return False
+        return True
+    return parts[0] == "clean" and len(parts) >= 2
+
+
 def manifest_listed_files(out_dir: str | Path) -> list[Path]:
-    """The files the manifest lines name (what mdsd3 recorded writing), and those a `manifest/*.json` file lists
-    under "files" (the tars a webdataset shard plans), each checked to be a safe relative path whose folder lies
-    inside the output folder; sorted, without duplicates."""
+    """The files the manifest lines name (what mdsd3 recorded writing), and those a shard's plan file
+    (`manifest/<shard>.tars.json`) lists under "files" (its planned tars), each checked to be a safe relative path
+    of a shape mdsd3 writes whose folder lies inside the output folder; sorted, without duplicates."""
     root = Path(out_dir).resolve()
     listed: set[Path] = set()
 
     def add(names: list[Any]) -> None:
         for relative in (name for name in names if isinstance(name, str)):
             path = root / relative
-            if unsafe_key_reason(relative) is None and path.parent.resolve().is_relative_to(root):
+            if unsafe_key_reason(relative) is None and _recorded_shape(relative) \
+                    and path.parent.resolve().is_relative_to(root):
                 listed.add(path)
 
-    for manifest in sorted(root.glob("manifest/*.jsonl")):
+    for manifest in own_logs(root, "manifest", ".jsonl"):
         with open(manifest, "rb") as file:
             for line in file:
                 try:
@@ -396,10 +424,17 @@ def manifest_listed_files(out_dir: str | Path) -> list[Path]:
                 except ValueError:
                     continue
                 add([record.get(name) for name in LISTED_FILE_FIELDS] if isinstance(record, dict) else [])
-    for listing in sorted(root.glob("manifest/*.json")):
+    for listing in own_logs(root, "manifest", ".tars.json"):
         try:
             files = json.loads(listing.read_text(encoding="utf-8")).get("files")
         except (OSError, ValueError, AttributeError):
             continue
         add(files if isinstance(files, list) else [])
     return sorted(listed)
+
+
+def own_logs(root: Path, area: str, suffix: str) -> list[Path]:
+    """The files named `<shard><suffix>` in OUT/<area> (a shard's manifest, plan or error log), in name order:
+    the only names there that mdsd3 writes."""
+    name = re.compile(rf"{SHARD_PATTERN}{re.escape(suffix)}")
+    return sorted(path for path in (Path(root) / area).glob(f"*{suffix}") if name.fullmatch(path.name))

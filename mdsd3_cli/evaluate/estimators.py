@@ -25,6 +25,9 @@ CLIP_MARGIN = 1.5
 """Blocks closer than this many sigmas to 0 or 255 are left out of the noise estimate."""
 MIN_UNCLIPPED_FRACTION = 0.05
 SSIM_WINDOW = 7
+DEFAULT_SEAM_GRID = 8
+"""Pixels between the grid lines the seam measure looks at: the token size of mini (codec ×4, patch 2); SD3's
+tokens are 16 pixels (VAE ×8, patch 2)."""
 
 ESTIMATOR_VERSIONS: dict[str, str] = {
     "psnr": "rgb-peak255-1",
@@ -34,6 +37,7 @@ ESTIMATOR_VERSIONS: dict[str, str] = {
     "rain": "residual-anisotropy-2",
     "low_light": "luma-stops-1",
     "blur": "laplacian-transfer-2",
+    "seam": "grid-step-ratio-1",
 }
 """Bumped whenever an estimator's output changes; recorded in every report."""
 
@@ -116,6 +120,26 @@ def _binomial_smooth(plane: np.ndarray) -> np.ndarray:
     return smooth * np.float32(1 / 256)
 
 
+def grid_step_ratio(planes: np.ndarray, grid: int) -> float:
+    """Mean |step| between neighbouring pixels across the lines of a `grid`-pixel grid (starting at pixel 0),
+    divided by the mean |step| between all other neighbours; both axes, every channel of [C, H, W]. nan when
+    either set of steps is empty or the inside steps are all 0 (a flat image)."""
+    if grid < 2:
+        raise ValueError(f"the seam grid is at least 2 pixels, got {grid}")
+    across_columns = np.abs(np.diff(planes, axis=2))  # step from column x to x + 1
+    across_rows = np.abs(np.diff(planes, axis=1))
+    column_border = np.arange(1, planes.shape[2]) % grid == 0
+    row_border = np.arange(1, planes.shape[1]) % grid == 0
+    border_sum = float(across_columns[:, :, column_border].sum(dtype=np.float64)
+                       + across_rows[:, row_border, :].sum(dtype=np.float64))
+    total = float(across_columns.sum(dtype=np.float64) + across_rows.sum(dtype=np.float64))
+    border_count = planes.shape[0] * (planes.shape[1] * int(column_border.sum()) + planes.shape[2] * int(row_border.sum()))
+    inside_count = across_columns.size + across_rows.size - border_count
+    if border_count == 0 or inside_count == 0 or total == border_sum:
+        return float("nan")
+    return (border_sum / border_count) / ((total - border_sum) / inside_count)
+
+
 class Reference:
     """A clean RGB image [H, W, 3] (uint8 or float, 0-255) as float32 channel planes [3, H, W], and what the
     estimators derive from it alone, each computed once: every degraded version of one clean image (its
@@ -126,6 +150,13 @@ class Reference:
         if clean.ndim != 3 or clean.shape[2] != 3:
             raise ValueError(f"expected an RGB array [H, W, 3], got {clean.shape}")
         self.planes = np.moveaxis(clean, 2, 0).astype(np.float32, order="C")
+        self._step_ratios: dict[int, float] = {}
+
+    def step_ratio(self, grid: int) -> float:
+        """`grid_step_ratio` of the clean image, computed once per grid."""
+        if grid not in self._step_ratios:
+            self._step_ratios[grid] = grid_step_ratio(self.planes, grid)
+        return self._step_ratios[grid]
 
     @cached_property
     def luma(self) -> np.ndarray:
@@ -298,6 +329,16 @@ def blur_loss(pair: Pair) -> float:
         return 0.0
     transfer = float(np.mean(laplacian(pair.degraded_luma) * detail, dtype=np.float64)) / (slope * energy)
     return float(np.clip(1.0 - transfer, 0.0, 1.0))
+
+
+def seam_ratio(pair: Pair, grid: int = DEFAULT_SEAM_GRID) -> float:
+    """Seams along a `grid`-pixel grid (a model's token mosaic): the degraded image's `grid_step_ratio` over the
+    clean image's, so about 1.0 when the degradation adds no seams (whatever the photo's own edges), above 1
+    when steps across the grid lines grew more than the others. nan when either ratio is undefined."""
+    clean = pair.reference.step_ratio(grid)
+    if not np.isfinite(clean):
+        return float("nan")
+    return grid_step_ratio(pair.degraded, grid) / clean
 
 
 def repeat_diversity(images: list[np.ndarray]) -> float:

@@ -29,23 +29,29 @@ CLASS_UNITS: dict[str, str] = {
     "low_light": "stops (EV) darker",
     "blur": "fraction of finest detail lost",
 }
+SEAM = "seam"
+"""The seam measure's name (`estimators.seam_ratio` on a configurable grid): not a class, a generic measure."""
 
 CLASS_SCALES: dict[str, float] = {"noise": 25.0, "haze": 0.5, "rain": 8.0, "low_light": 2.0, "blur": 0.5}
 """Reference strength of each class: normalised strength = strength / scale, so 1.0 means a clearly visible
 degradation of that class (noise sigma 25 levels, a veil of half the full scale, moderate rain, two stops
 under-exposed, half the finest detail gone) and classes compare on one scale."""
 
-MEASURE_NAMES: tuple[str, ...] = (*GENERIC_MEASURES, *CLASS_ESTIMATORS)
+MEASURE_NAMES: tuple[str, ...] = (*GENERIC_MEASURES, SEAM, *CLASS_ESTIMATORS)
 
 
-def measure_pair(clean: np.ndarray | estimators.Reference, degraded: np.ndarray) -> dict[str, float]:
-    """Every measure of one pair: PSNR (dB), SSIM and each class's strength in its own units (CLASS_UNITS).
+def measure_pair(clean: np.ndarray | estimators.Reference, degraded: np.ndarray,
+                 seam_grid: int = estimators.DEFAULT_SEAM_GRID) -> dict[str, float]:
+    """Every measure of one pair: PSNR (dB), SSIM, the seam ratio on a `seam_grid`-pixel grid (1.0: no seams)
+    and each class's strength in its own units (CLASS_UNITS).
 
     `clean` and `degraded` are RGB arrays [H, W, 3] of the same shape, uint8 or float in 0-255; pass the clean
     image as an `estimators.Reference` to reuse its planes across several degraded versions.
     """
     pair = estimators.Pair(clean, degraded)
-    return {name: measure(pair) for name, measure in {**GENERIC_MEASURES, **CLASS_ESTIMATORS}.items()}
+    measures = {name: measure(pair) for name, measure in GENERIC_MEASURES.items()}
+    measures[SEAM] = estimators.seam_ratio(pair, seam_grid)
+    return {**measures, **{name: measure(pair) for name, measure in CLASS_ESTIMATORS.items()}}
 
 
 def normalised_strengths(measures: dict[str, float]) -> dict[str, float]:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from mdsd3_cli.util.images import image_extensions
-from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, parse_record, run_info
+from mdsd3_cli.dataset.manifest import (ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios,
+                        run_info)
 from mdsd3_cli.dataset.stored_images import ImageRef, record_image
 
 
@@ -75,17 +76,15 @@ def open_dataset(path: Path, label: str | None = None) -> PairSource:
 
 
 def _sample_from_record(root: Path, record: dict[str, Any]) -> tuple[str, ImageRef, Sample] | str:
-    """(key, clean image, sample) of a parsed manifest record, or the reason it is unusable."""
+    """(key, clean image, sample) of a parsed manifest record, or the reason it is unusable
+    (ManifestLineError for bad ratios)."""
     clean, degraded = record_image(root, record, "clean"), record_image(root, record, "degraded")
     if clean is None or degraded is None:
         return "an image path leaves the dataset folder"
-    ratios = record.get("ratios", {})
-    if not isinstance(ratios, dict) or not all(isinstance(v, (int, float)) for v in ratios.values()):
-        return "'ratios' is not a mapping of class names to numbers"
+    ratios = record_ratios(record, required=False)
     repeat, variant = record.get("repeat", 1), record.get("variant", record["folder"])
-    if not isinstance(repeat, int) or not isinstance(variant, str):
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or not isinstance(variant, str):
         return "'repeat' or 'variant' has the wrong type"
-    ratios = {str(name): float(value) for name, value in ratios.items()}
     return record["key"], clean, Sample(variant, record["folder"], degraded, repeat, ratios)
 
 
@@ -96,21 +95,20 @@ def read_manifests(root: Path, label: str | None = None) -> PairSource:
     classes: dict[str, None] = {}
     problems: list[Problem] = []
     for manifest in manifest_files(root):
-        with open(manifest, "rb") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    parsed = _sample_from_record(root, parse_record(line))
-                except ManifestLineError as error:
-                    parsed = str(error)
-                if isinstance(parsed, str):
-                    problems.append(Problem(f"{manifest}:{number}", parsed))
-                    continue
-                key, clean, sample = parsed
-                classes.update(dict.fromkeys(sample.ratios))
-                _, samples = grouped.setdefault(key, (clean, {}))
-                samples.setdefault(sample.folder, sample)
+        for number, line in manifest_lines(manifest):
+            if not line.strip():
+                continue
+            try:
+                parsed = _sample_from_record(root, parse_record(line))
+            except ManifestLineError as error:
+                parsed = str(error)
+            if isinstance(parsed, str):
+                problems.append(Problem(f"{manifest}:{number}", parsed))
+                continue
+            key, clean, sample = parsed
+            classes.update(dict.fromkeys(sample.ratios))
+            _, samples = grouped.setdefault(key, (clean, {}))
+            samples.setdefault(sample.folder, sample)
     groups = [PairGroup(key, clean, tuple(sorted(samples.values(), key=lambda s: (s.variant, s.repeat, s.folder))))
               for key, (clean, samples) in sorted(grouped.items())]
     ordered = [name for name in _run_classes(root) if name in classes]

@@ -4,21 +4,22 @@ terminal tables."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
 from mdsd3_cli import __version__
+from mdsd3_cli.util.atomic import AtomicFile, atomic_write
 from .aggregate import class_info
-from .estimators import ESTIMATOR_VERSIONS
-from .measures import CLASS_ESTIMATORS, MEASURE_NAMES
+from .estimators import DEFAULT_SEAM_GRID, ESTIMATOR_VERSIONS
+from .measures import CLASS_ESTIMATORS, MEASURE_NAMES, SEAM
 
 if TYPE_CHECKING:
     from .aggregate import SampleTable
@@ -41,6 +42,7 @@ class Report:
     distances: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     tables: dict[str, SampleTable] = field(default_factory=dict)
+    seam_grid: int = DEFAULT_SEAM_GRID
 
     def variant(self, name: str) -> dict[str, Any]:
         """The dataset's statistics of one variant (samples, requested ratios, measures, normalised, diversity)."""
@@ -54,20 +56,23 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "report_version": REPORT_VERSION, "mdsd3_version": __version__, "estimators": ESTIMATOR_VERSIONS,
-            "classes": class_info(), "dataset": self.summary, "against": self.against, "distances": self.distances,
+            "classes": class_info(), "seam_grid": self.seam_grid, "dataset": self.summary, "against": self.against,
+            "distances": self.distances,
             "problems": [{"path": problem.path, "reason": problem.reason} for problem in self.problems],
         }
 
 
 class SampleCsv:
-    """samples.csv, one row per measured pair of every set, written as results arrive."""
+    """samples.csv, one row per measured pair of every set, written as results arrive into a temp file that
+    `close()` renames onto samples.csv (`atomic.AtomicFile`: a link found there is replaced, never followed);
+    `discard()` leaves samples.csv as it was."""
 
     def __init__(self, path: Path, sources: list[PairSource]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         classes = list(dict.fromkeys(name for source in sources for name in source.classes))
         self.columns = ["set", "key", "variant", "folder", "repeat", *(f"ratio:{name}" for name in classes),
                         *MEASURE_NAMES, *(f"{name}_norm" for name in CLASS_ESTIMATORS)]
-        self._file: IO[str] = open(path, "w", newline="", encoding="utf-8")
+        self._atomic = AtomicFile(path)
+        self._file = io.TextIOWrapper(self._atomic.file, encoding="utf-8", newline="")
         self._writer = csv.DictWriter(self._file, self.columns, restval="")
         self._writer.writeheader()
 
@@ -77,7 +82,13 @@ class SampleCsv:
             self._writer.writerow({"set": label, **table.row(index)})
 
     def close(self) -> None:
-        self._file.close()
+        self._file.flush()
+        self._file.detach()
+        self._atomic.commit()
+
+    def discard(self) -> None:
+        self._file.detach()
+        self._atomic.discard()
 
 
 def _json_safe(value: Any) -> Any:
@@ -92,12 +103,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_report(report: Report, out_dir: Path) -> list[Path]:
-    """OUT_DIR/report.json and the plots; returns the files written."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """OUT_DIR/report.json and the plots; returns the files written (each through `atomic.atomic_write`)."""
     path = out_dir / "report.json"
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(temp, path)
+    atomic_write(path, (json.dumps(_json_safe(report.to_dict()), indent=2, allow_nan=False) + "\n").encode())
     return [path, *write_plots(report, out_dir)]
 
 
@@ -168,7 +176,7 @@ def _against_plot(table: SampleTable, other: SampleTable, label: str, other_labe
 
 def _save(figure: Any, path: Path, pyplot: Any) -> Path:
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    atomic_write(path, lambda file: figure.savefig(file, dpi=100, format="png"))
     pyplot.close(figure)
     return path
 
@@ -178,16 +186,17 @@ def _number(value: float | None, digits: int = 2) -> str:
 
 
 def variants_table(summary: dict[str, Any]) -> Table:
-    """Per variant: count, median PSNR/SSIM, each class's median strength in its units, repeat difference."""
+    """Per variant: count, median PSNR/SSIM/seam ratio, each class's median strength in its units, repeat
+    difference."""
     table = Table(title=f"mdsd3 evaluate — {escape(summary['label'])}: medians per variant")
-    for column in ("variant", "pairs", "PSNR dB", "SSIM", *COLUMN_NAMES.values(), "repeat diff"):
+    for column in ("variant", "pairs", "PSNR dB", "SSIM", "seam", *COLUMN_NAMES.values(), "repeat diff"):
         table.add_column(column, justify="left" if column == "variant" else "right", no_wrap=column == "variant")
     for variant, stats in summary["variants"].items():
         measures = stats["measures"]
         strengths = [_number(measures[name].get("median")) for name in CLASS_ESTIMATORS]
         diversity = stats["diversity"]
         table.add_row(escape(variant), str(stats["samples"]), _number(measures["psnr"].get("median"), 1),
-                      _number(measures["ssim"].get("median"), 3), *strengths,
+                      _number(measures["ssim"].get("median"), 3), _number(measures[SEAM].get("median")), *strengths,
                       "-" if diversity is None else _number(diversity.get("median")))
     return table
 

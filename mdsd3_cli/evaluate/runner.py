@@ -8,18 +8,19 @@ import ctypes.util
 import multiprocessing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from .estimators import Reference, repeat_diversity
-from .measures import measure_pair
+from mdsd3_cli.util.images import DEFAULT_MAX_PIXELS, MIN_SIDE, ImageError
 from mdsd3_cli.dataset.stored_images import ImageRef
+from .estimators import DEFAULT_SEAM_GRID, Reference, repeat_diversity
+from .measures import measure_pair
 from .pairs import PairGroup, Problem, Sample
 
-MAX_PIXELS = 89_478_485
-"""Images above this many pixels are refused (decompression-bomb guard, as in generate)."""
+MIN_MEASURED_SIDE = MIN_SIDE
+"""Smallest image side measured: the estimators' windows (SSIM 7, photometric-fit blocks 8) need room; a smaller
+pair is left out with the reason instead of giving an error or NaN."""
 _MALLOC_OPTIONS = {-3: 32 << 20, -1: 1 << 30, -2: 64 << 20}
 """glibc `mallopt` settings: M_MMAP_THRESHOLD 32 MiB (its maximum), M_TRIM_THRESHOLD 1 GiB, M_TOP_PAD 64 MiB."""
 
@@ -47,36 +48,20 @@ class GroupResult:
         return len(self.group.samples)
 
 
-class _Unreadable(Exception):
-    pass
-
-
 def read_rgb(source: ImageRef) -> np.ndarray:
-    """Decode an image to uint8 RGB [H, W, 3] (EXIF orientation applied); `_Unreadable` with the reason."""
-    try:
-        with Image.open(source.open()) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise _Unreadable(f"{width}x{height} exceeds the {MAX_PIXELS}-pixel decompression-bomb guard")
-            upright = ImageOps.exif_transpose(image)
-            return np.asarray(upright if upright.mode == "RGB" else upright.convert("RGB"))
-    except FileNotFoundError:
-        raise _Unreadable("file not found") from None
-    except KeyError:
-        raise _Unreadable("not in its tar") from None
-    except _Unreadable:
-        raise
-    except Exception as error:  # any decoder failure is bad input, never a crash
-        raise _Unreadable(f"unreadable: {type(error).__name__}: {error}") from None
+    """Decode an image to uint8 RGB [H, W, 3] through the readers' one decoding path (`ImageRef.read_rgb`);
+    ImageError with the reason."""
+    return np.asarray(source.read_rgb(DEFAULT_MAX_PIXELS, MIN_MEASURED_SIDE))
 
 
-def measure_group(group: PairGroup) -> GroupResult:
-    """Decode the clean image once, then each degraded image; measure each pair; diversity across each variant's
-    readable repeats."""
+def measure_group(group: PairGroup, seam_grid: int = DEFAULT_SEAM_GRID) -> GroupResult:
+    """Decode the clean image once, then each degraded image; measure each pair (seams on a `seam_grid`-pixel
+    grid); diversity across each variant's readable repeats."""
     try:
         clean = read_rgb(group.clean)
-    except _Unreadable as error:
-        problem = Problem(str(group.clean), f"clean image {error} (skipped {len(group.samples)} pair(s))")
+    except ImageError as error:
+        problem = Problem(str(group.clean), f"clean image: {error.reason} (skipped {len(group.samples)} "
+                          "pair(s))")
         return GroupResult(group, (), {}, (problem,))
     reference = Reference(clean)
     measured, problems = [], []
@@ -85,14 +70,14 @@ def measure_group(group: PairGroup) -> GroupResult:
     for sample in group.samples:
         try:
             degraded = read_rgb(sample.image)
-        except _Unreadable as error:
-            problems.append(Problem(str(sample.image), str(error)))
+        except ImageError as error:
+            problems.append(Problem(str(sample.image), error.reason))
             continue
         if degraded.shape != clean.shape:
             problems.append(Problem(str(sample.image), f"size {degraded.shape[1]}x{degraded.shape[0]} differs from "
                                     f"its clean image {group.clean} ({clean.shape[1]}x{clean.shape[0]})"))
             continue
-        measured.append(MeasuredSample(sample, measure_pair(reference, degraded)))
+        measured.append(MeasuredSample(sample, measure_pair(reference, degraded, seam_grid)))
         if sample.variant in repeats:
             repeats[sample.variant].append(degraded)
     diversity = {variant: repeat_diversity(images) for variant, images in repeats.items() if len(images) > 1}
@@ -112,14 +97,15 @@ def retain_freed_memory() -> bool:
     return all(mallopt(option, value) == 1 for option, value in _MALLOC_OPTIONS.items())
 
 
-def measure_groups(groups: Iterable[PairGroup], workers: int) -> Iterator[GroupResult]:
+def measure_groups(groups: Iterable[PairGroup], workers: int, seam_grid: int = DEFAULT_SEAM_GRID
+                   ) -> Iterator[GroupResult]:
     """`measure_group` over `groups`, results in input order; `workers` > 1 uses that many processes. The process
     measuring (this one when `workers` <= 1) keeps freed memory for reuse (`retain_freed_memory`)."""
     if workers <= 1:
         retain_freed_memory()
-        yield from map(measure_group, groups)
+        yield from map(partial(measure_group, seam_grid=seam_grid), groups)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     with context.Pool(workers, initializer=retain_freed_memory) as pool:
-        yield from pool.imap(measure_group, groups, chunksize=4)
+        yield from pool.imap(partial(measure_group, seam_grid=seam_grid), groups, chunksize=4)
 

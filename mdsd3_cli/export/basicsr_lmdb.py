@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lmdb
 
+from mdsd3_cli.util.safe_names import safe_component
 from mdsd3_cli.export.sample import EncodedSample, flat_key
 from mdsd3_cli.export.staging import StagedFolder
 
@@ -17,18 +19,22 @@ META_INFO = "meta_info.txt"
 COMMIT_EVERY = 256
 COMMIT_BYTES = 64 * 2**20
 """A transaction is committed after COMMIT_EVERY puts or COMMIT_BYTES of values (its dirty pages stay in memory)."""
+MAX_KEY_BYTES = 511
+"""LMDB's default longest key."""
 PAGE_OVERHEAD = 2 * 4096
 """Bytes reserved per value beyond its size (LMDB stores large values on whole overflow pages)."""
 
 
 def lq_name(folder: str) -> str:
-    return f"lq_{folder}.lmdb"
+    """The database of one variant folder; ValueError when `folder` is not a single safe path component."""
+    return f"lq_{safe_component(folder, 'variant folder')}.lmdb"
 
 
 class _Database:
     """One LMDB database folder with its meta_info.txt, filled in bounded transactions."""
 
     def __init__(self, path: Path, payload_bytes: int, entries: int) -> None:
+        self.path = path
         path.mkdir()
         self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
         self.meta_info = open(path / META_INFO, "w", encoding="ascii")
@@ -36,15 +42,18 @@ class _Database:
         self.uncommitted = self.uncommitted_bytes = 0
 
     def put(self, key: str, data: bytes, meta_line: str) -> None:
-        if not self.transaction.put(key.encode("ascii"), data, overwrite=False):
-            raise ValueError(f"key {key!r} is written twice")
-        self.meta_info.write(meta_line)
-        self.uncommitted += 1
-        self.uncommitted_bytes += len(data)
-        if self.uncommitted == COMMIT_EVERY or self.uncommitted_bytes >= COMMIT_BYTES:
-            self.transaction.commit()
-            self.transaction = self.environment.begin(write=True)
-            self.uncommitted = self.uncommitted_bytes = 0
+        try:
+            if not self.transaction.put(key.encode("ascii"), data, overwrite=False):
+                raise ValueError(f"key {key!r} is written twice")
+            self.meta_info.write(meta_line)
+            self.uncommitted += 1
+            self.uncommitted_bytes += len(data)
+            if self.uncommitted == COMMIT_EVERY or self.uncommitted_bytes >= COMMIT_BYTES:
+                self.transaction.commit()
+                self.transaction = self.environment.begin(write=True)
+                self.uncommitted = self.uncommitted_bytes = 0
+        except lmdb.Error as error:  # e.g. MapFullError: an OSError naming the database, never a traceback
+            raise OSError(f"{self.path}: key {key!r}: {error}") from None
 
     def close(self, commit: bool) -> None:
         if commit:
@@ -61,17 +70,19 @@ class LmdbWriter:
 
     Samples must arrive grouped by key (the clean image is stored once per key). `sizes` gives (total image bytes,
     images) per database (None: gt, else the folder) to size the LMDB maps; `level` is meta_info's last field (the PNG
-    compression level, or the JPEG/WebP quality).
+    compression level, or the JPEG/WebP quality). Each meta_info line carries the image's shape from its header
+    (samples must carry `clean_shape` and `degraded_shape`). `partial`: what to record in PARTIAL_EXPORT.json.
     """
 
     def __init__(self, destination: Path, folders: Sequence[str], sizes: Mapping[str | None, tuple[int, int]],
-                 level: int) -> None:
+                 level: int, partial: Mapping[str, Any] | None = None) -> None:
+        names = [lq_name(folder) for folder in folders]  # checked before anything is created
         self._folder = StagedFolder(destination)
+        self._partial = partial
         self.level = level
         self._databases: dict[str | None, _Database] = {}  # None: gt, else the variant folder
         try:
-            for folder in (None, *folders):
-                name = GT_NAME if folder is None else lq_name(folder)
+            for folder, name in zip((None, *folders), (GT_NAME, *names)):
                 self._databases[folder] = _Database(self._folder.stage / name, *sizes[folder])
         except BaseException:
             self.abort()
@@ -80,15 +91,22 @@ class LmdbWriter:
 
     def write(self, sample: EncodedSample) -> None:
         key = flat_key(sample.key)
-        width, height = sample.record["size"]
-        meta_line = f"{key}.{sample.extension} ({height},{width},3) {self.level}\n"
+        if sample.clean_shape is None or sample.degraded_shape is None:
+            raise ValueError(f"key {sample.key!r}: a sample needs its image shapes for meta_info")
         if sample.key != self._last_key:
-            self._databases[None].put(key, sample.clean, meta_line)
+            self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
             self._last_key = sample.key
-        self._databases[sample.folder].put(key, sample.degraded, meta_line)
+        self._databases[sample.folder].put(key, sample.degraded,
+                                           self._meta_line(key, sample.extension, sample.degraded_shape))
+
+    def _meta_line(self, key: str, extension: str, shape: tuple[int, int, int]) -> str:
+        height, width, channels = shape
+        return f"{key}.{extension} ({height},{width},{channels}) {self.level}\n"
 
     def close(self) -> None:
         self._close_all(commit=True)
+        if self._partial is not None:
+            self._folder.record_partial(self._partial)
         self._folder.commit()
 
     def abort(self) -> None:

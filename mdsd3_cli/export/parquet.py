@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,10 @@ ROW_GROUP_ROWS = 100
 ROW_GROUP_BYTES = 64 * 2**20
 """A row group is written at ROW_GROUP_ROWS rows or ROW_GROUP_BYTES of images, whichever comes first
 (what bounds the writer's memory)."""
+PARTIAL_METADATA_KEY = "mdsd3_partial_export"
+"""Schema metadata key (every file) of a --partial export: why it is partial and what was left out (JSON)."""
 _IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-_SCALARS: list[tuple[str, pa.DataType, str]] = [
+SCALAR_FIELDS: list[tuple[str, pa.DataType, str]] = [
     ("key", pa.string(), "string"), ("folder", pa.string(), "string"), ("variant", pa.string(), "string"),
     ("repeat", pa.int32(), "int32"), ("seed", pa.int64(), "int64"), ("prompt", pa.string(), "string"),
     ("alpha", pa.float64(), "float64"), ("beta", pa.float64(), "float64"), ("steps", pa.int32(), "int32"),
@@ -29,26 +31,31 @@ _SCALARS: list[tuple[str, pa.DataType, str]] = [
 ]
 
 
-def pair_schema(classes: Sequence[str]) -> pa.Schema:
+def pair_schema(classes: Sequence[str], partial: Mapping[str, Any] | None = None) -> pa.Schema:
     """Columns: the scalar manifest fields, `ratios` (one float per class), `clean` and `degraded` images
-    (Hugging Face's Image struct), `manifest` (the whole record as JSON); `datasets` features in the metadata."""
-    fields = [pa.field(name, kind) for name, kind, _ in _SCALARS]
+    (Hugging Face's Image struct), `manifest` (the whole record as JSON); `datasets` features in the metadata,
+    and `partial` under PARTIAL_METADATA_KEY when given."""
+    fields = [pa.field(name, kind) for name, kind, _ in SCALAR_FIELDS]
     fields += [pa.field("ratios", pa.struct([(name, pa.float64()) for name in classes])),
                pa.field("clean", _IMAGE), pa.field("degraded", _IMAGE), pa.field("manifest", pa.string())]
-    features: dict[str, Any] = {name: {"dtype": dtype, "_type": "Value"} for name, _, dtype in _SCALARS}
+    features: dict[str, Any] = {name: {"dtype": dtype, "_type": "Value"} for name, _, dtype in SCALAR_FIELDS}
     features["ratios"] = {name: {"dtype": "float64", "_type": "Value"} for name in classes}
     features.update(clean={"_type": "Image"}, degraded={"_type": "Image"},
                     manifest={"dtype": "string", "_type": "Value"})
-    return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": features}})})
+    metadata = {"huggingface": json.dumps({"info": {"features": features}})}
+    if partial is not None:
+        metadata[PARTIAL_METADATA_KEY] = json.dumps(dict(partial), sort_keys=True)
+    return pa.schema(fields, metadata=metadata)
 
 
 class ParquetWriter:
     """Writes `data-00000.parquet, ...` under `destination`, appearing as a whole on `close()`."""
 
-    def __init__(self, destination: Path, classes: Sequence[str], rows_per_file: int) -> None:
+    def __init__(self, destination: Path, classes: Sequence[str], rows_per_file: int,
+                 partial: Mapping[str, Any] | None = None) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows per file must be at least 1, got {rows_per_file}")
-        self.schema = pair_schema(classes)
+        self.schema = pair_schema(classes, partial)
         self.classes = list(classes)
         self.rows_per_file = rows_per_file
         self._folder = StagedFolder(destination)
@@ -61,7 +68,7 @@ class ParquetWriter:
 
     def write(self, sample: EncodedSample) -> None:
         record = sample.record
-        row = {name: record.get(name) for name, _, _ in _SCALARS}
+        row = {name: record.get(name) for name, _, _ in SCALAR_FIELDS}
         row["width"], row["height"] = record["size"]
         row["ratios"] = {name: record["ratios"].get(name, 0.0) for name in self.classes}
         row["clean"] = {"bytes": sample.clean, "path": record.get("clean")}

@@ -1,36 +1,55 @@
 """`mdsd3 export`: a finished dataset (either layout) as WebDataset tars, BasicSR paired LMDB or Parquet.
 
-The manifest is indexed first (a small pointer per pair, sorted by key and variant folder); then the pairs stream
-through the format's writer one by one, files read ahead on a few threads and checked against their recorded
-SHA-256. The writer builds the destination under a temporary name, so only a finished export ever carries it.
+The manifest is indexed first (a small pointer per pair, sorted by key and variant folder; every record's fields
+checked); then the pairs stream through the format's writer one by one, files read ahead on a few threads, checked
+against their recorded SHA-256 and their image header (size against the record and Pillow's MAX_IMAGE_PIXELS). The
+writer builds the destination in a private staging folder, one export per destination, so only a finished export
+ever carries it.
+A run that is not complete (a live generate lock, a shard that never ran, a key without every variant) is refused
+unless `partial` is asked for; a partial export says so in its output (docs/export.md).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import io
 import os
+import re
+import stat
 import tarfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from mdsd3_cli.export.basicsr_lmdb import LmdbWriter
-from mdsd3_cli.export.parquet import ParquetWriter
-from mdsd3_cli.export.sample import EncodedSample, SampleWriter
+from mdsd3_cli.export.basicsr_lmdb import MAX_KEY_BYTES, LmdbWriter
+from mdsd3_cli.export.parquet import SCALAR_FIELDS, ParquetWriter
+from mdsd3_cli.export.sample import EncodedSample, SampleWriter, flat_key
 from mdsd3_cli.export.webdataset import WebDatasetWriter
 from mdsd3_cli.dataset.manifest import TAR_FIELD, ManifestLineError, manifest_files, parse_record, run_folders, run_info
+from mdsd3_cli.dataset.ownership import LOCKS
 from mdsd3_cli.util.ordered_map import ordered_map
 from mdsd3_cli.util.progress import RunProgress
+from mdsd3_cli.util.safe_names import safe_component
 from mdsd3_cli.dataset.stored_images import ImageRef, record_image
 
 ExportFormat = Literal["webdataset", "lmdb", "parquet"]
 EXPORT_FORMATS: tuple[str, ...] = ("webdataset", "lmdb", "parquet")
 DEFAULT_PER_FILE = 1000
 READ_WORKERS = 4
+PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+"""Image file extensions export takes, and the Pillow decoder each must decode with."""
+_SHARD_MANIFEST = re.compile(r"^shard-(\d+)-of-(\d+)\.jsonl$")
+_INT_RANGES = {pa.int32(): 2**31, pa.int64(): 2**63}
+MAX_RECORDED_BYTES = 2**40
+"""A record's `<role>_bytes` above this (or negative) is not trusted for sizing; the file is measured instead."""
 
 
 class ExportError(ValueError):
@@ -58,6 +77,18 @@ class ExportPlan:
     manifests: list[Path]
     bytes_per_database: dict[str | None, tuple[int, int]] = field(default_factory=dict)
     """(total image bytes, images) for the clean images (None) and each variant folder."""
+    unfinished: list[str] = field(default_factory=list)
+    """Why the run is not complete (empty: complete); only a `partial` plan has any."""
+    keys_left_out: int = 0
+    """Keys without a record for every variant folder (left out of a partial export)."""
+
+    @property
+    def partial_note(self) -> dict[str, Any] | None:
+        """What a partial export records in its output, or None for a complete run."""
+        if not self.unfinished:
+            return None
+        return {"partial": True, "dataset": str(self.root), "why": self.unfinished,
+                "pairs": len(self.pairs), "keys_left_out": self.keys_left_out}
 
     @property
     def classes(self) -> list[str]:
@@ -80,29 +111,43 @@ class ExportSummary:
     bytes_read: int = 0
     elapsed_s: float = 0.0
     how_to_read: str = ""
+    partial: list[str] = field(default_factory=list)
+    """Why the exported run was not complete (empty: it was)."""
+    keys_left_out: int = 0
 
     def table(self) -> Table:
         table = Table(title=f"mdsd3 export — {self.to}", show_header=False)
         rate = self.pairs / self.elapsed_s if self.elapsed_s > 0 else 0.0
-        for name, value in [("destination", self.destination), ("pairs", self.pairs),
-                            ("MiB read", f"{self.bytes_read / 2**20:.1f}"), ("elapsed", f"{self.elapsed_s:.1f} s"),
-                            ("pairs/s", f"{rate:.1f}"), ("read it with", self.how_to_read)]:
+        rows = [("destination", self.destination), ("pairs", self.pairs)]
+        if self.partial:
+            rows.append(("PARTIAL", f"{'; '.join(self.partial)}; {self.keys_left_out} keys left out"))
+        rows += [("MiB read", f"{self.bytes_read / 2**20:.1f}"), ("elapsed", f"{self.elapsed_s:.1f} s"),
+                 ("pairs/s", f"{rate:.1f}"), ("read it with", self.how_to_read)]
+        for name, value in rows:
             table.add_row(name, str(value))
         return table
 
 
-def plan_export(dataset: str | os.PathLike) -> ExportPlan:
-    """Index a finished dataset (folders or webdataset layout); ExportError names what makes it unexportable."""
+def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan:
+    """Index a finished dataset (folders or webdataset layout); ExportError names what makes it unexportable.
+
+    A run that is not complete is refused unless `partial`: then keys lacking a variant folder are left out and
+    the plan says why it is partial (`unfinished`, `keys_left_out`).
+    """
     root = Path(dataset).expanduser().resolve()
     try:
         info = run_info(root)
-        folders = run_folders(info)
+        folders = [safe_component(folder, "variant folder") for folder in run_folders(info)]
+        _check_classes(info.get("classes", []))
     except FileNotFoundError:
         raise ExportError(f"{root}: no run.json; export needs a finished generate output folder") from None
     except (OSError, ValueError) as error:
         raise ExportError(f"{root / 'run.json'}: {error}") from None
+    if len(set(folders)) != len(folders):
+        raise ExportError(f"{root / 'run.json'}: variant folders repeat: {folders}")
     position = {folder: index for index, folder in enumerate(folders)}
     plan = ExportPlan(root, info, folders, [], manifest_files(root))
+    plan.unfinished = _running_generates(root) + _missing_shards(plan.manifests)
     sizes: dict[str | None, list[int]] = {folder: [0, 0] for folder in (None, *folders)}
     seen: set[tuple[str, int]] = set()
     for manifest_index, manifest in enumerate(plan.manifests):
@@ -116,6 +161,9 @@ def plan_export(dataset: str | os.PathLike) -> ExportPlan:
                     raise ExportError(f"{where}: {error} (mdsd3 verify lists every problem)") from None
                 if record["folder"] not in position:
                     raise ExportError(f"{where}: folder {record['folder']!r} is not one of run.json's {folders}")
+                problem = record_problem(record)
+                if problem is not None:
+                    raise ExportError(f"{where}: {problem} (mdsd3 verify lists every problem)")
                 pointer = _Pointer(record["key"], position[record["folder"]], manifest_index, offset)
                 offset += len(line)
                 if (pointer.key, pointer.folder_index) in seen:
@@ -125,20 +173,99 @@ def plan_export(dataset: str | os.PathLike) -> ExportPlan:
                 _count_bytes(sizes[record["folder"]], root, record, "degraded")
                 if pointer.folder_index == 0:
                     _count_bytes(sizes[None], root, record, "clean")
-    if not plan.pairs:
-        raise ExportError(f"{root}: the manifest holds no records")
     plan.pairs.sort()
-    keys = len({pair.key for pair in plan.pairs})
-    if len(plan.pairs) != keys * len(folders):  # pairs are unique, so every key has every folder
-        raise ExportError(f"{root}: unfinished: {keys * len(folders) - len(plan.pairs)} of {keys * len(folders)} "
-                          "pairs have no record (finish the run with mdsd3 generate; mdsd3 verify lists them)")
+    per_key = Counter(pair.key for pair in plan.pairs)  # pairs are unique, so a full count is every folder
+    if len(plan.pairs) != len(per_key) * len(folders):
+        plan.unfinished.append(f"{len(per_key) * len(folders) - len(plan.pairs)} of {len(per_key) * len(folders)} "
+                               "pairs have no record (mdsd3 verify lists them)")
+        plan.keys_left_out = sum(count != len(folders) for count in per_key.values())
+        plan.pairs = [pair for pair in plan.pairs if per_key[pair.key] == len(folders)]
+    if plan.unfinished and not partial:
+        raise ExportError(f"{root}: unfinished: {'; '.join(plan.unfinished)}. Finish the run with mdsd3 generate, "
+                          "or pass --partial to export the complete keys and mark the output partial")
+    if not plan.pairs:
+        raise ExportError(f"{root}: the manifest holds no {'complete key' if per_key else 'records'}")
     plan.bytes_per_database = {folder: (size, count) for folder, (size, count) in sizes.items()}
     return plan
 
 
+def _check_classes(classes: Any) -> None:
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes) \
+            or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be a list of distinct names, got {classes!r}")
+
+
+def _running_generates(root: Path) -> list[str]:
+    """A note per OUT/.locks/*.lock that a live process holds (a generate writing this dataset now)."""
+    notes = []
+    for path in sorted((root / LOCKS).glob("*.lock")):
+        try:
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # a link or unreadable: no lock mdsd3 holds
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                continue
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                notes.append(f"a generate is writing it now ({LOCKS}/{path.name} is held)")
+        finally:
+            os.close(descriptor)  # releases the shared lock taken to test it
+    return notes
+
+
+def _missing_shards(manifests: list[Path]) -> list[str]:
+    """A note when no sharding of the run has every shard's manifest (every shard writes one when it starts)."""
+    present: dict[int, set[int]] = {}
+    for manifest in manifests:
+        match = _SHARD_MANIFEST.match(manifest.name)
+        if match is not None and int(match[1]) < int(match[2]):
+            present.setdefault(int(match[2]), set()).add(int(match[1]))
+    if not present or any(len(indices) == count for count, indices in present.items()):
+        return []
+    count, indices = max(present.items(), key=lambda item: len(item[1]) / item[0])
+    missing = [index for index in range(count) if index not in indices]
+    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    return [f"shards {shown} of {count} never ran (no manifest)"]
+
+
+def record_problem(record: dict[str, Any]) -> str | None:
+    """What makes a parsed manifest record unusable for export (the field and why), or None."""
+    if not record["key"] or len(flat_key(record["key"]).encode("ascii")) > MAX_KEY_BYTES:
+        return f"field 'key' must be 1 to {MAX_KEY_BYTES} bytes once escaped (an LMDB key), got {record['key']!r}"
+    size = record.get("size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(side) and side >= 1 for side in size)):
+        return f"field 'size' must be [width, height] (two positive integers), got {size!r}"
+    ratios = record.get("ratios")
+    if not (isinstance(ratios, dict) and all(_is_number(value) for value in ratios.values())):
+        return f"field 'ratios' must map class names to numbers, got {ratios!r}"
+    for name, kind, _ in SCALAR_FIELDS:
+        value = record.get(name)
+        if value is None:
+            continue
+        if pa.types.is_string(kind):
+            fits = isinstance(value, str)
+        elif pa.types.is_integer(kind):
+            fits = _is_int(value) and -_INT_RANGES[kind] <= value < _INT_RANGES[kind]
+        else:
+            fits = _is_number(value)
+        if not fits:
+            return f"field {name!r} must be {kind}, got {value!r}"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _count_bytes(total: list[int], root: Path, record: dict[str, Any], role: str) -> None:
     size = record.get(f"{role}_bytes")
-    if not isinstance(size, int):
+    if not (_is_int(size) and 0 <= size < MAX_RECORDED_BYTES):  # the reader checks a recorded size
         image = _stored(root, record, role)
         try:
             size = len(image.read_bytes()) if image.member else image.path.stat().st_size
@@ -149,26 +276,27 @@ def _count_bytes(total: list[int], root: Path, record: dict[str, Any], role: str
 
 
 def open_writer(plan: ExportPlan, to: str, destination: Path, per_file: int) -> SampleWriter:
-    """The writer of format `to` (see EXPORT_FORMATS) for `plan`'s dataset."""
+    """The writer of format `to` (see EXPORT_FORMATS) for `plan`'s dataset (marked partial when the plan is)."""
     if to == "webdataset":
-        return WebDatasetWriter(destination, per_file)
+        return WebDatasetWriter(destination, per_file, plan.partial_note)
     if to == "lmdb":
-        return LmdbWriter(destination, plan.folders, plan.bytes_per_database, plan.meta_info_level)
+        return LmdbWriter(destination, plan.folders, plan.bytes_per_database, plan.meta_info_level, plan.partial_note)
     if to == "parquet":
-        return ParquetWriter(destination, plan.classes, per_file)
+        return ParquetWriter(destination, plan.classes, per_file, plan.partial_note)
     raise ValueError(f"unknown export format {to!r}; expected one of {list(EXPORT_FORMATS)}")
 
 
 def run_export(dataset: str | os.PathLike, to: str, destination: str | os.PathLike,
-               per_file: int = DEFAULT_PER_FILE, console: Console | None = None) -> ExportSummary:
+               per_file: int = DEFAULT_PER_FILE, console: Console | None = None,
+               partial: bool = False) -> ExportSummary:
     """Write `dataset` (a finished generate output, either layout) as `to` into the folder `destination`, which
-    must not exist."""
+    must not exist. `partial`: export an unfinished run's complete keys, marked partial (see `plan_export`)."""
     started = time.perf_counter()
-    plan = plan_export(dataset)
+    plan = plan_export(dataset, partial)
     destination = Path(destination).expanduser().absolute()
     if destination.resolve().is_relative_to(plan.root):
         raise ExportError(f"{destination} is inside the dataset {plan.root}; export somewhere else")
-    summary = ExportSummary(to, destination)
+    summary = ExportSummary(to, destination, partial=plan.unfinished, keys_left_out=plan.keys_left_out)
     writer = open_writer(plan, to, destination, per_file)
     try:
         with RunProgress(len(plan.pairs), f"export {to}", unit="pairs", console=console) as progress:
@@ -196,13 +324,26 @@ class _Reader:
         manifest = self.plan.manifests[pointer.manifest]
         with open(manifest, "rb") as handle:
             handle.seek(pointer.offset)
-            record = parse_record(handle.readline())
+            line = handle.readline()
+        try:
+            record = parse_record(line)
+        except ManifestLineError as error:  # the manifest changed since it was indexed
+            raise ExportError(f"{manifest}: {error} (it changed during the export)") from None
+        problem = record_problem(record)
+        if problem is not None:
+            raise ExportError(f"{manifest}: {problem} (it changed during the export)")
         clean, degraded = (_stored(self.plan.root, record, role) for role in ("clean", "degraded"))
-        return EncodedSample(record, self._read(clean, record, "clean"), self._read(degraded, record, "degraded"),
-                             Path(clean.name).suffix.lstrip("."))
+        extension = Path(clean.name).suffix.lstrip(".").lower()
+        if extension not in PIL_FORMATS or Path(degraded.name).suffix.lstrip(".").lower() != extension:
+            raise ExportError(f"{manifest}: key {record['key']!r}: image files {clean.name!r} and {degraded.name!r} "
+                              f"must both end in one of .{', .'.join(PIL_FORMATS)}")
+        clean_bytes, clean_shape = self._read(clean, record, "clean", extension)
+        degraded_bytes, degraded_shape = self._read(degraded, record, "degraded", extension)
+        return EncodedSample(record, clean_bytes, degraded_bytes, extension, clean_shape, degraded_shape)
 
     @staticmethod
-    def _read(image: ImageRef, record: dict[str, Any], role: str) -> bytes:
+    def _read(image: ImageRef, record: dict[str, Any], role: str, extension: str) -> tuple[bytes, tuple[int, int, int]]:
+        """The image's bytes, checked against the record's SHA-256, and its (height, width, channels)."""
         try:
             data = image.read_bytes()
         except (OSError, KeyError, tarfile.TarError) as error:
@@ -210,7 +351,28 @@ class _Reader:
         expected = record.get(f"{role}_sha256")
         if expected is not None and hashlib.sha256(data).hexdigest() != expected:
             raise ExportError(f"{image}: SHA-256 differs from the manifest (mdsd3 verify lists every problem)")
-        return data
+        recorded = record.get(f"{role}_bytes")
+        if recorded is not None and recorded != len(data):  # the LMDB maps are sized from the recorded sizes
+            raise ExportError(f"{image}: {len(data)} bytes, the manifest's {role}_bytes is {recorded!r}")
+        return data, _header_shape(data, image, tuple(record["size"]), PIL_FORMATS[extension])
+
+
+def _header_shape(data: bytes, image: ImageRef, size: tuple[int, ...], pil_format: str) -> tuple[int, int, int]:
+    """(height, width, channels) from `data`'s image header; ExportError when it is not a `pil_format` image, has
+    more pixels than Pillow's MAX_IMAGE_PIXELS, or is not the record's `size` (width, height). The pixel data is
+    not decoded (about 1000 times the cost; `mdsd3 verify` decodes every image in full)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=[pil_format]) as header:
+            width, height, channels = header.width, header.height, len(header.getbands())
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise ExportError(f"{image}: not a {pil_format} image ({error})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ExportError(f"{image}: {width}x{height} pixels is more than Pillow's MAX_IMAGE_PIXELS ({limit}); "
+                          "refusing a possible decompression bomb")
+    if (width, height) != size:
+        raise ExportError(f"{image}: decodes to {width}x{height}, the manifest's size is {size[0]}x{size[1]}")
+    return height, width, channels
 
 
 def _stored(root: Path, record: dict[str, Any], role: str) -> ImageRef:

@@ -16,6 +16,9 @@ class EncodedSample:
     degraded: bytes
     extension: str
     """Image file extension without the dot (png, jpg, webp)."""
+    clean_shape: tuple[int, int, int] | None = None
+    degraded_shape: tuple[int, int, int] | None = None
+    """(height, width, channels) of each image, from its header (export fills them; BasicSR's meta_info needs them)."""
 
     @property
     def key(self) -> str:

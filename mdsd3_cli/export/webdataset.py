@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,12 +67,14 @@ class TarWriter:
 
 
 class WebDatasetWriter:
-    """A folder of tars `data-000000.tar, ...` of at most `samples_per_tar` samples each, appearing as a whole."""
+    """A folder of tars `data-000000.tar, ...` of at most `samples_per_tar` samples each, appearing as a whole
+    (with PARTIAL_EXPORT.json holding `partial`, when given)."""
 
-    def __init__(self, destination: Path, samples_per_tar: int) -> None:
+    def __init__(self, destination: Path, samples_per_tar: int, partial: Mapping[str, Any] | None = None) -> None:
         if samples_per_tar < 1:
             raise ValueError(f"samples per tar must be at least 1, got {samples_per_tar}")
         self.samples_per_tar = samples_per_tar
+        self._partial = partial
         self._folder = StagedFolder(destination)
         self._tar: TarWriter | None = None
         self.tars = 0
@@ -89,6 +92,8 @@ class WebDatasetWriter:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+        if self._partial is not None:
+            self._folder.record_partial(self._partial)
         self._folder.commit()
 
     def abort(self) -> None:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mdsd3_cli.generate.plan import ShardSpec, WorkItem
 from mdsd3_cli.recipe.generate import Recipe
-from mdsd3_cli.dataset.writer import DatasetWriter, completed_samples
+from mdsd3_cli.dataset.writer import FORMAT_EXTENSIONS, DatasetWriter, completed_samples
 from mdsd3_cli.generate.webdataset_layout import WebDatasetLayoutWriter, completed_tar_samples
 
 LayoutWriter = DatasetWriter | WebDatasetLayoutWriter
 """What `generate` writes through: submit(record, clean, degraded), record_error, drain, close."""
 
 
-def completed_in_layout(recipe: Recipe, shard: ShardSpec, items: Sequence[WorkItem]) -> set[tuple[str, str]]:
-    """(key, folder) pairs of `items` that earlier runs finished in the recipe's output layout."""
+def completed_in_layout(recipe: Recipe, shard: ShardSpec,
+                        plan: Callable[[], Sequence[WorkItem]]) -> set[tuple[str, str]]:
+    """(key, folder) pairs earlier runs finished in the recipe's output layout (the folders layout: every
+    finished pair in the output; the webdataset layout: those of the shard's plan, which `plan()` builds)."""
     if recipe.output.layout == "webdataset":
-        return completed_tar_samples(recipe.output_dir(), shard, items, recipe.output.samples_per_tar)
+        return completed_tar_samples(recipe.output_dir(), shard, plan(), recipe.output.samples_per_tar,
+                                     FORMAT_EXTENSIONS[recipe.output.format])
     return completed_samples(recipe.output_dir())
 
 

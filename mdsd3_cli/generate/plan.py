@@ -73,12 +73,18 @@ def _key_and_path(source: tuple[str, Path] | SourceLike) -> tuple[str, Path]:
     return key, Path(path)
 
 
-def build_plan(recipe: Recipe, sources: Sequence[tuple[str, Path] | SourceLike]) -> list[WorkItem]:
-    """Every sample of the recipe, sorted by (key, variant order in the recipe, repeat). Keys must be unique."""
+def check_unique_keys(sources: Sequence[tuple[str, Path] | SourceLike]) -> list[tuple[str, Path]]:
+    """The sources' (key, path) pairs sorted by key; ValueError naming both files when two share a key."""
     pairs = sorted(_key_and_path(source) for source in sources)
     for (key, first), (next_key, second) in zip(pairs, pairs[1:]):
         if key == next_key:
             raise ValueError(f"two inputs have the output key {key!r}: {first} and {second}")
+    return pairs
+
+
+def build_plan(recipe: Recipe, sources: Sequence[tuple[str, Path] | SourceLike]) -> list[WorkItem]:
+    """Every sample of the recipe, sorted by (key, variant order in the recipe, repeat). Keys must be unique."""
+    pairs = check_unique_keys(sources)
     classes = recipe.classes()
     items = []
     for key, path in pairs:

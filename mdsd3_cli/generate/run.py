@@ -7,9 +7,10 @@ import platform
 import shutil
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +23,15 @@ from mdsd3_cli import __version__
 from mdsd3_cli.model.adapter import AdapterConfig
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, prompt_for
 from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded, load_image
-from mdsd3_cli.generate.plan import ShardSpec, WorkItem, build_plan, shard_sources
+from mdsd3_cli.generate.plan import ShardSpec, WorkItem, build_plan, check_unique_keys, shard_sources
 from mdsd3_cli.util.progress import RunProgress
-from mdsd3_cli.model.prompts import load_prompt_embeddings
+from mdsd3_cli.model.prompts import PromptEmbedding, load_prompt_embeddings
 from mdsd3_cli.recipe.generate import Recipe
 from mdsd3_cli.util.runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest, is_guided
 from mdsd3_cli.model.weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
 from mdsd3_cli.generate.layouts import LayoutWriter, completed_in_layout, open_layout_writer
-from mdsd3_cli.dataset.ownership import claim_output, clear_outputs, shard_lock
+from mdsd3_cli.dataset.ownership import claim_output, clear_outputs, shard_lock, sharding_lock
 from mdsd3_cli.dataset.writer import RUN_JSON, check_run_compatible, write_run_json
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
@@ -42,21 +43,41 @@ class InputsError(ValueError):
 
 @dataclass
 class RunPlan:
-    """What a run would do, known before any model loads. Only this shard's samples are built; the whole
-    plan is counted (shards own whole source images, so no shard needs the others' samples)."""
+    """What a run would do, known before any model loads. Plans are counted, not built: this shard's samples
+    (`mine`) are built on first use, by a run that samples them (shards own whole source images, so no shard
+    needs the others' samples); `check` and `--dry-run` only count."""
 
     recipe: Recipe
     shard: ShardSpec
     discovery: Discovery
     sources_in_plan: int
     samples_in_plan: int
-    mine: list[WorkItem]
+    my_sources: list[Source]
     limit: int | None = None
     done: set[tuple[str, str]] = field(default_factory=set)
+
+    @cached_property
+    def mine(self) -> list[WorkItem]:
+        """This shard's samples in plan order."""
+        return build_plan(self.recipe, self.my_sources)
 
     @property
     def todo(self) -> list[WorkItem]:
         return [item for item in self.mine if (item.key, item.folder) not in self.done]
+
+    @property
+    def samples_in_shard(self) -> int:
+        return len(self.my_sources) * sum(variant.repeats for variant in self.recipe.variants)
+
+    @property
+    def samples_to_do(self) -> int:
+        return self.samples_in_shard - sum(self.done_per_key().values())
+
+    def done_per_key(self) -> Counter[str]:
+        """How many of each of this shard's keys' samples are done (counted from `done`, nothing built)."""
+        keys = {source.key for source in self.my_sources}
+        folders = {folder for variant in self.recipe.variants for folder in variant.folders()}
+        return Counter(key for key, folder in self.done if key in keys and folder in folders)
 
     @property
     def identity(self) -> dict:
@@ -121,9 +142,10 @@ def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunP
         raise InputsError(f"{recipe.source_path}: input.paths: unusable entries:\n{lines}")
     sources = sorted(discovery.sources, key=lambda source: source.key)[:limit]  # --limit: the first N keys
     per_source = sum(variant.repeats for variant in recipe.variants)
-    mine = build_plan(recipe, shard_sources(sources, shard.index, shard.count))
+    mine = shard_sources(sources, shard.index, shard.count)
+    check_unique_keys(mine)
     run = RunPlan(recipe, shard, discovery, len(sources), len(sources) * per_source, mine, limit)
-    run.done = completed_in_layout(recipe, shard, run.mine)
+    run.done = completed_in_layout(recipe, shard, lambda: run.mine)
     return run
 
 
@@ -147,8 +169,8 @@ def open_session(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Se
     return Session(base, model, config, fingerprint_adapter(adapter_dir) if adapter_dir else None)
 
 
-def needed_prompts(items: Sequence[WorkItem], classes: Sequence[str], guidance: float) -> list[str]:
-    """The prompts a list of work items needs (plus the unconditional one when guided)."""
+def needed_prompts(items: Sequence[WorkItem | SampleRequest], classes: Sequence[str], guidance: float) -> list[str]:
+    """The prompts a list of work items or requests needs (plus the unconditional one when guided)."""
     prompts = {prompt_for(item.ratios, classes) for item in items}
     if is_guided(guidance):
         prompts.add(UNCONDITIONAL_PROMPT)
@@ -159,7 +181,7 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
              batch_size: Callable[[], int], on_error: Callable[[Source, str], None],
              stop: StopRequest) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
     """Group samples of equally sized images into batches of the current batch size (it drops after an
-    out-of-memory); stop taking new sources once a stop is requested."""
+    out-of-memory); yield nothing more once a stop is requested, even within one image's many repeats."""
     pending: dict[tuple[int, ...], list[tuple[WorkItem, LoadedImage]]] = defaultdict(list)
     for source, image in loaded:
         if stop.requested:
@@ -170,6 +192,8 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
         group = pending[image.pixels.shape]
         group.extend((item, image) for item in todo[source.key])
         while len(group) >= batch_size():
+            if stop.requested:
+                return
             batch, group[:] = group[:batch_size()], group[batch_size():]
             yield batch
     for group in pending.values():
@@ -178,25 +202,39 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
             yield batch
 
 
+def prompt_embeddings(recipe: Recipe, session: Session, prompts: Sequence[str]) -> dict[str, PromptEmbedding]:
+    """Embeddings of `prompts` from the recipe's prompt cache, encoding only those missing."""
+    base = session.base
+    return load_prompt_embeddings(base.source, base.fingerprint, prompts, recipe.prompt_cache_dir(), base.vae.device,
+                                  base.vae.dtype)
+
+
+def open_sampler(recipe: Recipe, session: Session, prompts: Sequence[str]) -> MDSD3Sampler:
+    """The sampler `generate` runs: the session's model (compiled when model.compile) with `prompts` embedded."""
+    model = torch.compile(session.model) if recipe.model.compile else session.model
+    return MDSD3Sampler(session.base, model, session.adapter, prompt_embeddings(recipe, session, prompts))
+
+
 class SamplingMemoryError(ValueError):
     """Out of memory even at batch size 1: the images are too large for this device."""
 
 
-class _Generator:
-    """The sampling loop with out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch
-    is retried in parts; at batch size 1 a SamplingMemoryError says what to change."""
+class BatchSampler:
+    """Samples one batch of (request, uint8 [H, W, 3] pixels) at a time, padded to the batch size, with
+    out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch is retried in parts; at
+    batch size 1 a SamplingMemoryError says what to change."""
 
     def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: Console):
         self.sampler, self.steps, self.guidance = sampler, steps, guidance
         self.batch_size, self.console = batch_size, console
 
-    def __call__(self, batch: list[tuple[WorkItem, LoadedImage]]) -> np.ndarray:
+    def __call__(self, batch: Sequence[tuple[SampleRequest, np.ndarray]]) -> np.ndarray:
         if len(batch) > self.batch_size:  # formed before the batch size was lowered
             parts = [batch[start:start + self.batch_size] for start in range(0, len(batch), self.batch_size)]
             return np.concatenate([self(part) for part in parts])
         try:
-            pixels = torch.from_numpy(np.stack([image.pixels for _, image in batch]))
-            requests = [SampleRequest(item.ratios, item.seed, item.alpha, item.beta) for item, _ in batch]
+            pixels = torch.from_numpy(np.stack([image for _, image in batch]))
+            requests = [request for request, _ in batch]
             return self.sampler.generate(pixels, requests, self.steps, self.guidance, pad_to=self.batch_size)
         except (RuntimeError, MemoryError) as error:
             if not is_out_of_memory(error):
@@ -205,12 +243,17 @@ class _Generator:
             torch.cuda.empty_cache()
         device = self.sampler.device
         if self.batch_size == 1:
-            raise SamplingMemoryError(f"out of memory on {device} at batch size 1 with {batch[0][1].pixels.shape[1]}x"
-                                      f"{batch[0][1].pixels.shape[0]} images; use a smaller input.size or "
+            raise SamplingMemoryError(f"out of memory on {device} at batch size 1 with {batch[0][1].shape[1]}x"
+                                      f"{batch[0][1].shape[0]} images; use a smaller input.size or "
                                       "input.max_side, or a device with more memory") from None
         self.batch_size = max(1, min(self.batch_size, len(batch)) // 2)
         self.console.print(f"[yellow]out of memory on {device}: batch size lowered to {self.batch_size}[/]")
         return self(batch)
+
+
+def request_for(item: WorkItem) -> SampleRequest:
+    """What the sampler needs of a work item: its ratios, seed, α and β."""
+    return SampleRequest(item.ratios, item.seed, item.alpha, item.beta)
 
 
 def _record(item: WorkItem, image: LoadedImage, run: RunPlan, session: Session) -> dict:
@@ -250,12 +293,13 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
         raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
                          "Run it once without shards, or choose a new output.dir")
     check_run_compatible(out, identity, overwrite=overwrite)
-    with shard_lock(out, run.shard.name):
+    with sharding_lock(out, run.shard.count), shard_lock(out, run.shard.name):
         if overwrite:
             clear_outputs(out)
         if overwrite or not (out / RUN_JSON).is_file():  # claims the folder before anything else is written
             write_run_json(out, {"identity": identity, "recipe": recipe.model_dump(mode="json")})
-        run.done = completed_in_layout(recipe, run.shard, run.mine)  # again under the lock: a previous holder may have finished more
+        # again under the lock: a previous holder may have finished more
+        run.done = completed_in_layout(recipe, run.shard, lambda: run.mine)
         summary = _generate_locked(run, identity, device, console)
     summary.elapsed_s = time.perf_counter() - started
     return summary
@@ -289,13 +333,8 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: La
     """Decode, sample and submit every item of `todo`, counting into `summary`."""
     recipe = run.recipe
     classes = session.adapter.classes
-    prompts = load_prompt_embeddings(
-        session.base.source, session.base.fingerprint, needed_prompts(todo, classes, recipe.sampling.guidance),
-        recipe.prompt_cache_dir(), session.base.vae.device, session.base.vae.dtype,
-    )
-    model = torch.compile(session.model) if recipe.model.compile else session.model
-    sampler = MDSD3Sampler(session.base, model, session.adapter, prompts)
-    sample = _Generator(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
+    sampler = open_sampler(recipe, session, needed_prompts(todo, classes, recipe.sampling.guidance))
+    sample = BatchSampler(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
     by_key: dict[str, list[WorkItem]] = defaultdict(list)
     for item in todo:
         by_key[item.key].append(item)
@@ -314,7 +353,7 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: La
         loaded = iter_loaded(sources, load, workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size)
         for batch in _batches(loaded, by_key, lambda: sample.batch_size, failed, stop):
             tick = time.perf_counter()
-            degraded = sample(batch)
+            degraded = sample([(request_for(item), image.pixels) for item, image in batch])
             summary.sampler_s += time.perf_counter() - tick
             for (item, image), output in zip(batch, degraded):
                 writer.submit(_record(item, image, run, session), image.pixels, output)
@@ -335,8 +374,8 @@ def describe_plan(run: RunPlan) -> Table:
         ("input images", len(run.discovery.sources)), ("inputs skipped at discovery", len(nonfatal)),
         *([(f"in plan (--limit {run.limit})", run.sources_in_plan)] if run.limit is not None else []),
         ("variant folders", ", ".join(folders)),
-        ("samples in plan", run.samples_in_plan), ("samples in this shard", len(run.mine)),
-        ("already done", len(run.mine) - len(run.todo)), ("to do", len(run.todo)),
+        ("samples in plan", run.samples_in_plan), ("samples in this shard", run.samples_in_shard),
+        ("already done", run.samples_in_shard - run.samples_to_do), ("to do", run.samples_to_do),
         ("classes", ", ".join(recipe.classes())), ("output", str(recipe.output_dir())),
         *(("note", note) for note in run.discovery.notes),
     ]
@@ -350,9 +389,10 @@ def estimated_output_bytes(run: RunPlan) -> int:
     manifest per sample (PNG at compression level 1 rarely beats raw by much on photos)."""
     recipe = run.recipe
     side = recipe.input.max_side if recipe.input.resize == "native" else recipe.input.size
-    todo = run.todo
-    new_keys = {item.key for item in todo}
-    return (len(todo) + len(new_keys)) * (side * side * 3 + 1024)
+    per_source = sum(variant.repeats for variant in recipe.variants)
+    done = run.done_per_key()
+    new_keys = sum(1 for source in run.my_sources if done[source.key] < per_source)
+    return (run.samples_to_do + new_keys) * (side * side * 3 + 1024)
 
 
 def free_space_warning(run: RunPlan, free_bytes: int | None = None) -> str | None:
@@ -365,7 +405,7 @@ def free_space_warning(run: RunPlan, free_bytes: int | None = None) -> str | Non
     if free >= needed:
         return None
     return (f"only {free / 1e6:,.0f} MB free on the disk of {run.recipe.output_dir()}; the remaining "
-            f"{len(run.todo)} samples may need up to {needed / 1e6:,.0f} MB")
+            f"{run.samples_to_do} samples may need up to {needed / 1e6:,.0f} MB")
 
 
 def check_output_writable(path: Path, source: str | os.PathLike) -> None:

@@ -4,8 +4,11 @@ A shard's work items (in plan order) are cut into fixed groups of `samples_per_t
 becomes `tars/<shard>-<g:06d>.tar`, its samples in plan order. Tar membership is a function of the plan, so a
 rerun rebuilds exactly the same tars. A tar is written under a temporary name and renamed when its last sample
 is in; its samples' manifest lines (each the sample's `.json` member) are appended after the rename. On
-resume a tar that exists is finished and never rewritten (its manifest lines are restored if a kill came
-between the rename and the append); a group without a tar is redone from its first sample. Inputs that fail
+resume a group is finished when the file at its tar's name is a regular file (never a link) holding exactly
+samples of that group, each member the size its record says, and the shard's manifest lists those records
+byte for byte; a kill between the rename and the append is recognised when the unlisted samples' images match
+their records' SHA-256, and their lines are restored. Anything else at a tar's name (a link, a foreign or
+damaged file) is not trusted: the group is redone and the file replaced. Inputs that fail
 to decode are left out of their tar (and listed in errors/). A rerun must have the same plan (inputs, --limit,
 shard count): `manifest/<shard>.tars.json` records the plan's digest and another plan is refused.
 """
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import tarfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -75,11 +80,106 @@ def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
     atomic_write(record, (json.dumps(plan, indent=2) + "\n").encode("ascii"), root=Path(out_dir))
 
 
-def completed_tar_samples(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem],
-                          samples_per_tar: int) -> set[tuple[str, str]]:
+Sample = tuple[str, str]
+"""A sample of the plan: (key, variant folder)."""
+_MAX_RECORD_BYTES = 1 << 20
+
+
+def listed_tar_lines(out_dir: Path, shard: ShardSpec) -> dict[Sample, tuple[str, bytes]]:
+    """The complete lines of this shard's manifest that record a sample in a tar: sample -> (tar, line)."""
+    manifest = Path(out_dir) / "manifest" / f"{shard.name}.jsonl"
+    listed: dict[Sample, tuple[str, bytes]] = {}
+    try:
+        if not stat.S_ISREG(os.lstat(manifest).st_mode):
+            return listed  # the writer refuses it with a clear message
+        with open(manifest, "rb") as handle:
+            for line in handle:
+                try:
+                    record = parse_record(line)
+                except ManifestLineError:
+                    continue
+                if TAR_FIELD in record:
+                    listed[record["key"], record["folder"]] = (record[TAR_FIELD], line)
+    except FileNotFoundError:
+        pass
+    return listed
+
+
+def finished_groups(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
+                    extension: str) -> dict[int, list[bytes]]:
+    """The groups whose tar is finished (see the module's docstring), each with the manifest lines to restore
+    (empty when the manifest lists them all); reads tars, writes nothing."""
+    by_tar: dict[str, dict[Sample, bytes]] = defaultdict(dict)
+    for sample, (tar, line) in listed_tar_lines(out_dir, shard).items():
+        by_tar[tar][sample] = line
+    finished = {}
+    for index, members in enumerate(groups_of(items, samples_per_tar)):
+        path = tar_path(out_dir, shard, index)
+        if os.path.lexists(path):
+            relative = f"{TARS_FOLDER}/{path.name}"
+            missing = _unlisted_lines_of_finished_tar(path, relative, members, by_tar[relative], extension)
+            if missing is not None:
+                finished[index] = missing
+    return finished
+
+
+def completed_tar_samples(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
+                          extension: str) -> set[Sample]:
     """(key, folder) of every item whose group's tar is finished."""
-    return {(item.key, item.folder) for group, members in enumerate(groups_of(items, samples_per_tar))
-            if tar_path(out_dir, shard, group).is_file() for item in members}
+    groups = groups_of(items, samples_per_tar)
+    return {(item.key, item.folder) for index in finished_groups(out_dir, shard, items, samples_per_tar, extension)
+            for item in groups[index]}
+
+
+def _unlisted_lines_of_finished_tar(path: Path, relative: str, members: Sequence[WorkItem],
+                                    listed: Mapping[Sample, bytes], extension: str) -> list[bytes] | None:
+    """The lines of the finished tar at `path` that the manifest lacks (`listed`: the lines it has for this tar),
+    or None when that file is not a finished tar of this group: a link, not a regular file, not a tar, other
+    samples or members, or sizes, bytes or hashes that differ from the records."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None  # a link (ELOOP) or unreadable: the group is redone and the name replaced
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            return None
+        try:
+            with tarfile.open(fileobj=file, mode="r:") as archive:
+                return _check_tar(archive, relative, {(item.key, item.folder) for item in members}, listed, extension)
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            return None
+
+
+def _check_tar(archive: tarfile.TarFile, relative: str, group: set[Sample], listed: Mapping[Sample, bytes],
+               extension: str) -> list[bytes] | None:
+    """`_unlisted_lines_of_finished_tar` on an open tar."""
+    entries = archive.getmembers()
+    sizes = {entry.name: entry.size for entry in entries if entry.isfile()}
+    if not entries or len(sizes) != len(entries):
+        return None
+    covered, missing, samples = set(), [], set()
+    for name in (name for name in sizes if name.endswith(".json")):
+        if sizes[name] > _MAX_RECORD_BYTES:
+            return None
+        line = archive.extractfile(name).read() + b"\n"
+        record = parse_record(line)  # ManifestLineError is a ValueError
+        sample = (record["key"], record["folder"])
+        names = member_names(*sample, extension)
+        if sample not in group or record.get(TAR_FIELD) != relative or names["json"] != name \
+                or any(record.get(MEMBER_FIELDS[role]) != names[role] for role in ("clean", "degraded")) \
+                or any(sizes.get(names[role]) != record.get(f"{role}_bytes") for role in ("clean", "degraded")):
+            return None
+        if sample in listed:
+            if listed[sample] != line:
+                return None
+        elif all(hashlib.sha256(archive.extractfile(names[role]).read()).hexdigest() == record.get(f"{role}_sha256")
+                 for role in ("clean", "degraded")):
+            missing.append(line)  # a kill between the tar's rename and its manifest lines
+        else:
+            return None
+        covered.update(names.values())
+        samples.add(sample)
+    return None if covered != sizes.keys() or not samples >= listed.keys() else missing
 
 
 @dataclass
@@ -110,20 +210,23 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         self.extension = FORMAT_EXTENSIONS[fmt]
         self.written = self.errors = self.bytes_written = 0
         check_same_plan(self.layout.root, shard, items, samples_per_tar)
-        done = completed_tar_samples(self.layout.root, shard, items, samples_per_tar)
+        finished = finished_groups(self.layout.root, shard, items, samples_per_tar, self.extension)
+        self._listed = set(listed_tar_lines(self.layout.root, shard))
         self._groups: dict[int, _Group] = {}
-        self._position: dict[tuple[str, str], tuple[int, int]] = {}
+        self._position: dict[Sample, tuple[int, int]] = {}
         self._remaining: dict[str, int] = defaultdict(int)
         for index, members in enumerate(groups_of(items, samples_per_tar)):
             path = tar_path(self.layout.root, shard, index)
-            if (members[0].key, members[0].folder) in done:
+            if index in finished:
                 continue
             self._groups[index] = _Group(members, path)
             for position, item in enumerate(members):
                 self._position[item.key, item.folder] = (index, position)
                 self._remaining[item.key] += 1
         self._log = DatasetWriter(out_dir, shard.name, fmt, quality, png_compress_level, workers=1)
-        self._restore_manifest_lines(items, samples_per_tar, done)
+        restored = [line for index in sorted(finished) for line in finished[index]]
+        if restored:
+            self._log.append_manifest_lines(restored)
         self._clean: dict[str, Future[bytes]] = {}
 
     def submit(self, record: Mapping[str, Any], clean: np.ndarray, degraded: np.ndarray) -> None:
@@ -196,7 +299,8 @@ class WebDatasetLayoutWriter(BackgroundWriter):
                 if group.tar is None:
                     group.tar = TarWriter(group.path, self.layout.root)
                 group.tar.write(sample)
-                group.lines.append(record_json(sample.record) + b"\n")
+                if (sample.key, sample.folder) not in self._listed:  # listed by a run killed while appending
+                    group.lines.append(record_json(sample.record) + b"\n")
                 self.bytes_written += len(sample.clean) + len(sample.degraded)
             elif group.next not in group.skipped:
                 return
@@ -204,32 +308,5 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         if group.tar is not None:
             group.tar.close()
             self._log.append_manifest_lines(group.lines)
-            self.written += len(group.lines)
+            self.written += group.tar.samples
         del self._groups[index]
-
-    def _restore_manifest_lines(self, items: Sequence[WorkItem], samples_per_tar: int,
-                                done: set[tuple[str, str]]) -> None:
-        """Append the lines of finished tars that the manifest lacks (a kill between rename and append)."""
-        listed = set()
-        manifest = self.layout.manifest_path(self.shard.name)
-        with open(manifest, "rb") as handle:
-            for line in handle:
-                try:
-                    record = parse_record(line)
-                except ManifestLineError:
-                    continue
-                listed.add((record["key"], record["folder"]))
-        if done <= listed:
-            return
-        for index, members in enumerate(groups_of(items, samples_per_tar)):
-            if any((item.key, item.folder) in done - listed for item in members):
-                with tarfile.open(tar_path(self.layout.root, self.shard, index), "r:") as archive:
-                    lines = [archive.extractfile(member).read() + b"\n" for member in archive
-                             if member.name.endswith(".json")]
-                self._log.append_manifest_lines([line for line in lines if _sample_of(line) not in listed])
-
-
-
-def _sample_of(line: bytes) -> tuple[str, str]:
-    record = parse_record(line)
-    return record["key"], record["folder"]

@@ -1,9 +1,10 @@
-"""The adapter on disk: `adapter_config.json` (classes, head partition, prompt rule, base fingerprint)
-plus `adapter.safetensors` (clean branch, Z layers, optional LoRA). Base weights are never stored."""
+"""The adapter on disk: `adapter_config.json` (classes, head partition, prompt rule, base fingerprint, the
+start of sampling it was trained for) plus `adapter.safetensors` (clean branch, Z layers, optional LoRA). Base weights are never stored."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,28 @@ class AdapterError(ValueError):
     """An adapter that cannot be used: missing files, bad config or a base it was not made for."""
 
 
+class FlowStart(BaseModel):
+    """The start of the flow, z_T = α·ε + β·z_clean (docs/METHOD.md §3): what an adapter is trained for
+    (`train.start`) and what a generate recipe samples from (`sampling.alpha`, `sampling.beta`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alpha: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.0, ge=0)
+
+    @property
+    def is_pure_noise(self) -> bool:
+        """α 1, β 0: plain SD3's start."""
+        return self.alpha == 1.0 and self.beta == 0.0
+
+    def matches(self, alpha: float, beta: float) -> bool:
+        """Whether sampling from (α, β) is this start (up to float rounding in a recipe)."""
+        return math.isclose(alpha, self.alpha, abs_tol=1e-6) and math.isclose(beta, self.beta, abs_tol=1e-6)
+
+    def describe(self) -> str:
+        return f"alpha {self.alpha:g}, beta {self.beta:g}"
+
+
 class AdapterConfig(BaseModel):
     """What an adapter was trained for; saved as JSON beside its weights."""
 
@@ -37,6 +60,8 @@ class AdapterConfig(BaseModel):
     lora_rank: int = 0
     lora_targets: list[str] = Field(default_factory=list)
     has_clean_branch: bool = True
+    start: FlowStart = Field(default_factory=FlowStart)
+    """The start the adapter was trained for; adapters written before this field existed: α 1, β 0."""
     training: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

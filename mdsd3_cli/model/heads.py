@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from mdsd3_cli.util.names import unknown_class_message
+
 CLEAN_PROMPT = "clean"
 UNCONDITIONAL_PROMPT = ""
 
@@ -39,7 +41,7 @@ def check_ratios(ratios: Mapping[str, float], classes: Sequence[str]) -> None:
     """Raise a clear error for unknown class names or ratios outside [0, 1]."""
     for name, value in ratios.items():
         if name not in classes:
-            raise UnknownClassError(f"unknown degradation class {name!r}; this adapter knows {list(classes)}")
+            raise UnknownClassError(unknown_class_message(name, classes))
         if not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"ratio for {name!r} is {value}; ratios must lie in [0, 1]")
 

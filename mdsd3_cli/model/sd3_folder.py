@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 REQUIRED_CONFIGS = {"transformer": "config.json", "vae": "config.json", "scheduler": "scheduler_config.json"}
 """What a base must have to generate (the text encoders are needed only to encode new prompts)."""
@@ -31,3 +34,32 @@ def check_base_folder(root: str | os.PathLike) -> Path:
     if problem:
         raise BaseModelError(problem)
     return root
+
+
+def largest_image_side(transformer: Mapping[str, Any], vae: Mapping[str, Any]) -> int | None:
+    """The largest image side (pixels) a transformer and VAE config pair can sample: the transformer's position
+    table (`pos_embed_max_size` patches) times its patch size times the VAE's downscale (a pixel codec's `factor`,
+    else 2 per VAE block after the first). None when the transformer sets no limit."""
+    table = transformer.get("pos_embed_max_size")
+    if table is None:
+        return None
+    downscale = vae.get("factor") or 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+    return int(table) * int(transformer.get("patch_size", 2)) * int(downscale)
+
+
+def folder_image_side_limit(root: Path) -> int | None:
+    """`largest_image_side` from a base folder's transformer/config.json and vae/config.json (no weights read);
+    ValueError naming the file when a config is unreadable."""
+    configs = []
+    for sub in ("transformer", "vae"):
+        path = Path(root) / sub / "config.json"
+        try:
+            configs.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path}: unreadable model config ({error})") from None
+        if not isinstance(configs[-1], dict):
+            raise ValueError(f"{path}: a model config is a JSON object")
+    try:
+        return largest_image_side(*configs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{Path(root)}: model configs give no usable size limit ({error})") from None

@@ -4,7 +4,6 @@ validation problems worded the same way for both kinds of recipe."""
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import os
 import typing
@@ -14,8 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
+from mdsd3_cli.util.names import closest_name
 from mdsd3_cli.recipe.overrides import apply_override
 from mdsd3_cli.recipe.safe_yaml import YamlError, load_yaml
+
+MAX_REPEATS = 1000
+"""Most draws per photo one variant may ask for (`repeats`)."""
+MAX_SAMPLES_PER_INPUT = 10_000
+"""Most samples one input image may give, all variants and repeats together (bounds every per-input plan)."""
 
 MAX_RECIPE_BYTES = 1 << 20
 """A recipe is a small text file; anything larger is refused before it is parsed."""
@@ -128,9 +133,9 @@ def known_fields(root: type[BaseModel], location: Sequence[str | int]) -> list[s
 
 def unknown_field_message(name: str, known: Sequence[str]) -> str:
     """'unknown field', with the closest valid name (difflib) or the list of valid ones."""
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    close = closest_name(name, known)
     if close:
-        return f"unknown field; did you mean {close[0]!r}?"
+        return f"unknown field; did you mean {close!r}?"
     return f"unknown field; known fields here: {', '.join(known)}" if known else "unknown field"
 
 

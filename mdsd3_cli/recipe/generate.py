@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator
 
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
+from mdsd3_cli.util.names import unknown_class_message
 from mdsd3_cli.model.presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
-from mdsd3_cli.recipe.file import Problem, RecipeData, RecipeFileError, read_recipe, schema_problems
-from mdsd3_cli.model.sd3_folder import base_folder_problem
+from mdsd3_cli.recipe.file import (MAX_REPEATS, MAX_SAMPLES_PER_INPUT, Problem, RecipeData, RecipeFileError, read_recipe,
+                          schema_problems)
+from mdsd3_cli.model.sd3_folder import base_folder_problem, folder_image_side_limit, largest_image_side
 
 if TYPE_CHECKING:
     import torch
@@ -22,8 +24,6 @@ if TYPE_CHECKING:
 TINY_BASE = "tiny"
 VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
-MAX_REPEATS = 1000
-"""Most draws per photo one variant may ask for (`repeats`)."""
 
 
 class RecipeError(ValueError):
@@ -274,6 +274,30 @@ class Recipe(_Section):
         }
 
 
+def start_warning(recipe: Recipe) -> str | None:
+    """What `check` and `generate` warn about when variants sample from a start (α, β) other than the one the
+    recipe's adapter was trained for (its config's `start`; α 1, β 0 for adapters that predate it). None when
+    every variant uses that start, or the adapter is fresh (untrained)."""
+    adapter = recipe.adapter_dir()
+    if adapter is None:
+        return None
+    trained = read_adapter_config(adapter).start
+    others: dict[tuple[float, float], list[str]] = {}
+    for variant in recipe.variants:
+        alpha, beta = recipe.variant_alpha(variant), recipe.variant_beta(variant)
+        if not trained.matches(alpha, beta):
+            others.setdefault((alpha, beta), []).append(variant.name)
+    if not others:
+        return None
+    used = "; ".join(f"variants {', '.join(names)} sample from alpha {alpha:g}, beta {beta:g}"
+                     for (alpha, beta), names in others.items())
+    return (f"model.adapter {recipe.model.adapter} was trained for the start {trained.describe()} "
+            f"(z_T = alpha·noise + beta·clean latent), but {used}. A start the adapter was not trained for is out "
+            f"of its training distribution (mini, for one, then gives dark, over-saturated images). Set sampling.alpha: "
+            f"{trained.alpha:g} and sampling.beta: {trained.beta:g} (and remove the variants' own alpha/beta), or "
+            "use an adapter trained with train.start set to the start you want (docs/METHOD.md §4).")
+
+
 _NOT_A_MAPPING = "a recipe is a YAML mapping with model, input, output, sampling and variants"
 
 
@@ -305,6 +329,10 @@ def _classes_problems(recipe: Recipe) -> tuple[list[str] | None, list[Problem]]:
 
 
 def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem]:
+    per_input = sum(variant.repeats for variant in recipe.variants)
+    if per_input > MAX_SAMPLES_PER_INPUT:  # counted before any folder list is built
+        return [("variants", f"{len(recipe.variants)} variants with their repeats ask for {per_input:,} samples per "
+                             f"input image; at most {MAX_SAMPLES_PER_INPUT:,}")]
     problems = []
     name_owner: dict[str, int] = {}
     folder_owner: dict[str, int] = {}
@@ -312,8 +340,7 @@ def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem
         if classes is not None:
             for name in variant.classes:
                 if name not in classes:
-                    problems.append((f"variants.{index}.classes.{name}",
-                                     f"unknown class {name!r}; known classes: {classes}"))
+                    problems.append((f"variants.{index}.classes.{name}", unknown_class_message(name, classes)))
         first = name_owner.setdefault(variant.name, index)
         if first != index:
             problems.append((f"variants.{index}.name", f"duplicate variant name {variant.name!r} "
@@ -340,6 +367,8 @@ def _path_problems(recipe: Recipe) -> list[Problem]:
         problems.append(("model.base", f"no such folder: {base} (use {TINY_BASE!r} for the built-in test preset)"))
     elif base is not None and (problem := base_folder_problem(base)):
         problems.append(("model.base", problem))
+    if not problems:
+        problems += _image_size_problems(recipe)
     for index, raw in enumerate(recipe.input.paths):
         path = recipe.resolve(raw)
         if path.exists() and not (path.is_file() or path.is_dir()):
@@ -347,6 +376,27 @@ def _path_problems(recipe: Recipe) -> list[Problem]:
         elif not GLOB_CHARACTERS.search(raw) and not path.exists():
             problems.append((f"input.paths.{index}", f"no such file or folder: {path}"))
     return problems
+
+
+def _image_size_problems(recipe: Recipe) -> list[Problem]:
+    """input.size (input.max_side with `native`) above what the base model can sample, read from its config
+    files without loading weights."""
+    base = recipe.base_dir()
+    if base is None:
+        from mdsd3_cli.model.weights import TINY_TRANSFORMER, TINY_VAE  # the built-in preset's configs are code, not files
+
+        limit = largest_image_side(TINY_TRANSFORMER, TINY_VAE)
+    else:
+        try:
+            limit = folder_image_side_limit(base)
+        except ValueError as error:
+            return [("model.base", str(error))]
+    field, side = ("input.max_side", recipe.input.max_side) if recipe.input.resize == "native" else \
+        ("input.size", recipe.input.size)
+    if limit is None or side <= limit:
+        return []
+    return [(field, f"{side} is larger than the base model {recipe.model.base!r} can take: at most {limit} pixels "
+                    "per side (its transformer's pos_embed_max_size x patch size x VAE downscale)")]
 
 
 def parse_recipe(data: Any, source_path: str | os.PathLike, overridden: Mapping[str, str] | None = None) -> Recipe:
@@ -426,7 +476,8 @@ sampling:
   steps: 28                 # denoising steps
   guidance: 7.0             # classifier-free guidance; <= 1 turns it off (twice as fast)
   alpha: 1.0                # initial latent = alpha * noise + beta * clean latent; alpha > 0
-  beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps the degradations strong
+  beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps the degradations strong. A trained
+                            # adapter samples best from the start it was trained for (check warns otherwise)
   seed: 0                   # every sample's seed is a stable hash of (seed, key, variant, repeat)
   batch_size: 4             # images per step; does not change the outputs
 

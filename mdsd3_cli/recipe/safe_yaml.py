@@ -97,9 +97,14 @@ def _line(mark: yaml.Mark) -> str:
 def load_yaml(text: str, name: str) -> Any:
     """The value of a YAML text with yaml.safe_load's semantics; YamlError for anything unusable. `name`
     stands for the text in pyyaml's messages (a file name)."""
-    loader = _RecipeLoader(text)
+    try:
+        loader = _RecipeLoader(text)  # the reader refuses control characters here, before any parsing
+    except yaml.reader.ReaderError as error:
+        raise _character_error(text, error) from None
     try:
         return loader.get_single_data()
+    except yaml.reader.ReaderError as error:
+        raise _character_error(text, error) from None
     except _DuplicateKey as error:
         raise YamlError(_line(error.again), f"duplicate key {error.key!r} (first at {_line(error.first)}); "
                                             "each key may appear once in a mapping") from None
@@ -113,3 +118,9 @@ def load_yaml(text: str, name: str) -> Any:
         loader.dispose()
 
 
+def _character_error(text: str, error: yaml.reader.ReaderError) -> YamlError:
+    """A YamlError naming the line, column and code of a character YAML does not allow (a control character)."""
+    before = text[:error.position]
+    column = error.position - (before.rfind("\n") + 1) + 1
+    return YamlError(f"line {before.count(chr(10)) + 1}", f"column {column}: character U+{error.character:04X} is "
+                     "not allowed in YAML (a control character); remove it")

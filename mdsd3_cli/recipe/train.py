@@ -15,6 +15,7 @@ from typing import Annotated, Literal, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
 
+from mdsd3_cli.model.adapter import FlowStart
 from mdsd3_cli.model.heads import CLEAN_PROMPT
 from mdsd3_cli.model.presets import is_preset
 from mdsd3_cli.recipe.file import RecipeData, RecipeFileError, read_recipe, schema_problems
@@ -199,7 +200,8 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    """Optimisation settings."""
+    """Optimisation settings, and `start`: the flow's source z_T = α·ε + β·z_clean the adapter is trained for
+    (docs/METHOD.md §4); α 1, β 0 (the default) is plain SD3's pure noise."""
 
     steps: int = Field(default=1000, gt=0)
     batch_size: int = Field(default=1, gt=0)
@@ -214,6 +216,7 @@ class TrainSection(_Section):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     logit_mean: float = 0.0
     logit_std: float = Field(default=1.0, gt=0.0)
+    start: FlowStart = Field(default_factory=FlowStart)
 
     @field_validator("lora_rank")
     @classmethod

@@ -13,7 +13,6 @@ import csv
 import json
 import os
 import re
-import tarfile
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mdsd3_cli.model.heads import UnknownClassError, check_ratios, prompt_for, ratio_vector
-from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, parse_record
+from mdsd3_cli.util.images import ImageError
+from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios
 from mdsd3_cli.dataset.stored_images import ImageRef, record_image
 from mdsd3_cli.recipe.train import (
     DataSection,
@@ -230,41 +230,36 @@ def _mdsd3_output(spec: Mdsd3OutputDataset, classes: Sequence[str], report: Data
     requested ratios; paths relative to `dir` and never outside it."""
     pairs, seen = [], set()
     for manifest in manifest_files(spec.dir):
-        with manifest.open("rb") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"{manifest}:{number}"
-                try:
-                    record = parse_record(line)
-                    ratios = {str(name): float(ratio) for name, ratio in record["ratios"].items()}
-                except ManifestLineError as error:
-                    report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
-                    continue
-                except (KeyError, TypeError, AttributeError, ValueError) as error:
-                    report.add(Skip(BAD_RECORD, spec.name, f"{where}: 'ratios' must map class names to numbers "
-                                    f"({type(error).__name__}: {error})"))
-                    continue
-                clean, degraded = record_image(spec.dir, record, "clean"), record_image(spec.dir, record, "degraded")
-                if clean is None or degraded is None:
-                    report.add(Skip(BAD_RECORD, spec.name, f"{where}: an image path leaves {spec.dir}"))
-                    continue
-                unknown = sorted(name for name, ratio in ratios.items() if name not in classes and ratio > 0)
-                if unknown:
-                    report.add(Skip(UNKNOWN_CLASS, spec.name, f"{where}: classes {unknown} are not in the recipe"))
-                    continue
-                ratios = {name: ratio for name, ratio in ratios.items() if name in classes}
-                try:
-                    check_ratios(ratios, classes)
-                except ValueError as error:
-                    report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
-                    continue
-                missing = [str(image) for image in (clean, degraded) if not image.exists()]
-                if missing:
-                    report.add(Skip(MISSING_FILE, spec.name, f"{where}: not found: {', '.join(missing)}"))
-                elif (clean, degraded) not in seen:
-                    seen.add((clean, degraded))
-                    pairs.append(Pair(clean, degraded, ratios, spec.name))
+        for number, line in manifest_lines(manifest):
+            if not line.strip():
+                continue
+            where = f"{manifest}:{number}"
+            try:
+                record = parse_record(line)
+                ratios = record_ratios(record)
+            except ManifestLineError as error:
+                report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
+                continue
+            clean, degraded = record_image(spec.dir, record, "clean"), record_image(spec.dir, record, "degraded")
+            if clean is None or degraded is None:
+                report.add(Skip(BAD_RECORD, spec.name, f"{where}: an image path leaves {spec.dir}"))
+                continue
+            unknown = sorted(name for name, ratio in ratios.items() if name not in classes and ratio > 0)
+            if unknown:
+                report.add(Skip(UNKNOWN_CLASS, spec.name, f"{where}: classes {unknown} are not in the recipe"))
+                continue
+            ratios = {name: ratio for name, ratio in ratios.items() if name in classes}
+            try:
+                check_ratios(ratios, classes)
+            except ValueError as error:
+                report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
+                continue
+            missing = [str(image) for image in (clean, degraded) if not image.exists()]
+            if missing:
+                report.add(Skip(MISSING_FILE, spec.name, f"{where}: not found: {', '.join(missing)}"))
+            elif (clean, degraded) not in seen:
+                seen.add((clean, degraded))
+                pairs.append(Pair(clean, degraded, ratios, spec.name))
     return pairs
 
 
@@ -295,27 +290,13 @@ class _PairSkipped(Exception):
         self.skip = skip
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with 16/32-bit greys scaled to 8 bits and transparency composited on white."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 / (65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0)
-        image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def _open_rgb(source: ImageRef, dataset: str) -> Image.Image:
-    """Decode a whole image, EXIF-transposed, as RGB; failure raises `_PairSkipped(UNREADABLE)`."""
+    """Decode a whole image as RGB through the readers' one decoding path (`ImageRef.read_rgb`); failure raises
+    `_PairSkipped(UNREADABLE)`."""
     try:
-        with Image.open(source.open()) as image:
-            return _to_rgb(ImageOps.exif_transpose(image))
-    except KeyError:
-        raise _PairSkipped(Skip(UNREADABLE, dataset, f"{source}: not in its tar")) from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, tarfile.TarError) as error:
-        raise _PairSkipped(Skip(UNREADABLE, dataset, f"{source}: {error}")) from error
+        return source.read_rgb()
+    except ImageError as error:
+        raise _PairSkipped(Skip(UNREADABLE, dataset, f"{source}: {error.reason}")) from None
 
 
 def _resized_size(width: int, height: int, resolution: int, resize: str) -> tuple[int, int]:

@@ -6,8 +6,12 @@ One process or many (`accelerate launch` / torchrun); the loop is accelerate's: 
 What a step computes (diffusers' SD3 training scripts, with the degraded latent as x0):
 
     σ ~ logit-normal, discretised on the base scheduler's training table (shift 3 for SD3), timestep = σ·1000
-    x_t = (1 - σ)·x0 + σ·ε                  x0 = VAE latent of the DEGRADED image, ε ~ N(0, I)
-    loss = w(σ)·|v(x_t, t, prompt, head_mask, clean latent) - (ε - x0)|²   (w = 1 for logit-normal)
+    z_T = α·ε + β·z_clean                   the flow's source, `train.start` (default α 1, β 0: z_T = ε)
+    x_t = (1 - σ)·x0 + σ·z_T                x0 = VAE latent of the DEGRADED image, ε ~ N(0, I)
+    loss = w(σ)·|v(x_t, t, prompt, head_mask, clean latent) - (z_T - x0)|²   (w = 1 for logit-normal)
+
+With the default start the loss is exactly diffusers' (ε - x0 target); another start trains the adapter for
+sampling from that start (docs/METHOD.md §4), which the exported adapter records (`start` in its config).
 
 The clean latent enters through the clean branch (`clean_latents=`, the uncached path), the classes through
 the prompt and the per-head mask (docs/METHOD.md §1). Identity pairs have all-zero ratios: prompt "clean", zero mask.
@@ -61,13 +65,13 @@ from rich.table import Table
 from mdsd3_cli import __version__
 from mdsd3_cli.util.atomic import atomic_write, ensure_folder, fresh_folder, open_append
 from mdsd3_cli.dataset.ownership import OutputLock
-from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, read_adapter_config
+from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, FlowStart, read_adapter_config
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, all_prompts, head_mask
 from mdsd3_cli.model.transformer import MDSD3Transformer
 from mdsd3_cli.util.progress import RunProgress
 from mdsd3_cli.model.prompts import PromptEmbedding, load_prompt_embeddings
 from mdsd3_cli.util.runtime import StopRequest, exit_code_for
-from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest, initial_latents
 from mdsd3_cli.train.data import Draw, PairedDataset, batch_prompts, build_dataset, condition_drop_mask
 from mdsd3_cli.recipe.train import TrainRecipe
 from mdsd3_cli.model.weights import PARAMETER_GROUPS, BaseModel, add_lora, build_model, describe_parameters, fingerprint_base, fresh_adapter_config, load_base, save_adapter
@@ -157,9 +161,12 @@ class FlowSchedule:
 def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, target_latents: torch.Tensor,
                        embeds: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
                        schedule: FlowSchedule, logit_mean: float = 0.0, logit_std: float = 1.0,
-                       noise_generator: torch.Generator | None = None) -> torch.Tensor:
+                       noise_generator: torch.Generator | None = None, start: FlowStart | None = None) -> torch.Tensor:
     """Flow-matching loss of one batch; σ drawn from `generator` on the CPU, ε too (device independent) unless
-    `noise_generator` is given: then ε is drawn on that generator's device (fast, device dependent)."""
+    `noise_generator` is given: then ε is drawn on that generator's device (fast, device dependent).
+
+    The flow runs from `start` (z_T = α·ε + β·z_clean, default pure noise) to the degraded latent; the pure-noise
+    start uses ε itself, so its loss is diffusers' to the bit."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     device = target_latents.device
@@ -169,14 +176,19 @@ def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, targ
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
     else:
         noise = torch.randn(x0.shape, generator=noise_generator, dtype=torch.float32, device=noise_generator.device)
+    if start is not None and not start.is_pure_noise:
+        weights = [torch.full((x0.shape[0],), value, device=device) for value in (start.alpha, start.beta)]
+        source = initial_latents(noise, clean_latents.float(), *weights)
+    else:
+        source = noise
     sigma = sigmas.to(device).view(-1, *([1] * (x0.dim() - 1)))
-    noisy = (1.0 - sigma) * x0 + sigma * noise
+    noisy = (1.0 - sigma) * x0 + sigma * source
     prediction = model(
         hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
         timestep=timesteps.to(device), head_mask=mask, clean_latents=clean_latents, return_dict=False,
     )[0]
     weighting = compute_loss_weighting_for_sd3(WEIGHTING_SCHEME, sigmas=sigma)
-    error = weighting.float() * (prediction.float() - (noise - x0)) ** 2
+    error = weighting.float() * (prediction.float() - (source - x0)) ** 2
     return error.reshape(x0.shape[0], -1).mean(dim=1).mean()
 
 
@@ -352,6 +364,7 @@ def describe_training(recipe: TrainRecipe, dataset: PairedDataset) -> Table:
         ("adapter", str(recipe.model.adapter or "fresh (untrained)")),
         ("pairs", f"{len(dataset.pairs)}\n{dataset.summary()}"),
         ("steps", f"{train.steps} x batch {train.batch_size} x accumulation {train.grad_accum}"),
+        ("start", f"z_T = alpha·noise + beta·clean latent: {train.start.describe()}"),
         ("output", str(recipe.output.dir)),
     ]
     for name, value in rows:
@@ -364,13 +377,13 @@ def describe_training(recipe: TrainRecipe, dataset: PairedDataset) -> Table:
 
 @dataclass(frozen=True)
 class PreviewSettings:
-    """How preview grids are sampled: few steps on a fixed batch of up to `images` pairs' clean images."""
+    """How preview grids are sampled: few steps on a fixed batch of up to `images` pairs' clean images, from the
+    start the run trains for (`train.start`) unless `start` is given."""
 
     images: int = 4
     steps: int = 12
     guidance: float = 4.0
-    alpha: float = 1.0
-    beta: float = 0.3
+    start: FlowStart | None = None
     seed: int = 1234
 
 
@@ -412,9 +425,10 @@ def render_preview(sampler: MDSD3Sampler, pixels: torch.Tensor, classes: Sequenc
     """A grid: one row per image, columns clean | each class | all classes, labelled on top."""
     from PIL import Image, ImageDraw
 
+    start = settings.start or sampler.adapter.start
     columns = [("clean", pixels.numpy())]
     for label, ratios in preview_columns(classes):
-        requests = [SampleRequest(ratios, settings.seed + row, settings.alpha, settings.beta) for row in range(len(pixels))]
+        requests = [SampleRequest(ratios, settings.seed + row, start.alpha, start.beta) for row in range(len(pixels))]
         columns.append((label, sampler.generate(pixels, requests, settings.steps, settings.guidance)))
     rows, size = len(pixels), pixels.shape[1]
     header = 14
@@ -584,11 +598,13 @@ class Trainer:
             self.elapsed_before = float(state.get("elapsed_s", 0.0))
             self.first_loss, self.last_loss = state.get("first_loss"), state.get("last_loss")
             self.last_saved, self.last_checkpoint = self.start_step, self.resume_from
+            recorded = {"start": FlowStart().model_dump(), **state}  # older checkpoints trained from pure noise
             changed = [key for key, now in (("batch_size", train.batch_size), ("grad_accum", train.grad_accum),
-                                            ("world_size", self.world_size), ("seed", recipe.data.seed))
-                       if state.get(key) != now]
+                                            ("world_size", self.world_size), ("seed", recipe.data.seed),
+                                            ("start", train.start.model_dump()))
+                       if recorded.get(key) != now]
             self._print(f"resumed from {self.resume_from} at step {self.start_step}"
-                        + (f" (changed since: {', '.join(changed)}; the data sequence differs from an uninterrupted run)"
+                        + (f" (changed since: {', '.join(changed)}; the run differs from an uninterrupted one)"
                            if changed else ""))
         elif self.resume_from is None and accelerator.is_main_process:
             (self.out / LOG_NAME).unlink(missing_ok=True)
@@ -614,6 +630,9 @@ class Trainer:
             self._print(f"model.adapter has no LoRA: adding a fresh rank-{rank} LoRA")
         elif config.lora_rank != rank:
             self._print(f"model.adapter has LoRA rank {config.lora_rank}; using it (train.lora_rank {rank} ignored)")
+        if config.start != recipe.train.start:
+            self._print(f"model.adapter was trained for the start {config.start.describe()}; this run trains it for "
+                        f"{recipe.train.start.describe()} (train.start), which its exported config will record")
         return model, config
 
     def _open_tensorboard(self):
@@ -664,7 +683,7 @@ class Trainer:
             "first_loss": self.first_loss, "last_loss": self.last_loss,
             "recipe": recipe.model_dump(mode="json"),
         }
-        return self.adapter_config.model_copy(update={"training": training})
+        return self.adapter_config.model_copy(update={"training": training, "start": recipe.train.start})
 
     def _state(self, step: int, elapsed: float) -> dict[str, Any]:
         recipe = self.recipe
@@ -672,6 +691,7 @@ class Trainer:
             "format": STATE_FORMAT, "version": 1, "step": step, "data_step": step * recipe.train.grad_accum,
             "total_steps": recipe.train.steps, "batch_size": recipe.train.batch_size,
             "grad_accum": recipe.train.grad_accum, "world_size": self.world_size, "seed": recipe.data.seed,
+            "start": recipe.train.start.model_dump(),
             "classes": self.classes, "trainable": recipe.train.trainable, "lora_rank": self.adapter_config.lora_rank,
             "base_fingerprint": self.base.fingerprint, "elapsed_s": elapsed,
             "first_loss": self.first_loss, "last_loss": self.last_loss, "tool": f"mdsd3 {__version__}",
@@ -751,7 +771,7 @@ class Trainer:
         """OUT/previews/step-N.png (main process; the others wait)."""
         path = None
         if self.accelerator.is_main_process and self.preview_batch is not None and len(self.preview_batch):
-            sampler = MDSD3Sampler(self.base, self.unwrapped, self.adapter_config, self.prompt_embeddings)
+            sampler = MDSD3Sampler(self.base, self.unwrapped, self._export_config(step), self.prompt_embeddings)
             self.unwrapped.eval()
             try:
                 with torch.no_grad(), self.accelerator.autocast():
@@ -774,7 +794,7 @@ class Trainer:
         clean, target = self.encoder.pair(batch["clean"], batch["degraded"])
         return flow_matching_loss(self.model, clean, target, embeds, pooled, mask.to(self.device),
                                   step_generator(seed, data_step, self.rank), self.schedule,
-                                  self.recipe.train.logit_mean, self.recipe.train.logit_std)
+                                  self.recipe.train.logit_mean, self.recipe.train.logit_std, start=self.recipe.train.start)
 
     def _batches(self, start: int, end: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         ga = self.recipe.train.grad_accum

@@ -317,7 +317,16 @@ def load_image(
     if size < MIN_SIDE:
         raise ValueError(f"size {size} is below the minimum {MIN_SIDE}")
     image = _decode(Path(path), max_pixels, max_side if resize == "native" else None)
-    return _fit(_to_rgb(image), size, resize)
+    return _fit(to_rgb(image), size, resize)
+
+
+def fit_image(image: Image.Image, size: int, resize: ResizePolicy, max_side: int = DEFAULT_MAX_SIDE) -> LoadedImage:
+    """An image already in memory shaped as `load_image` shapes a file: EXIF orientation applied, converted to
+    RGB, fitted by the `resize` policy; ImageError when it is too small (or, for `native`, above `max_side`)."""
+    if resize not in RESIZE_POLICIES:
+        raise ValueError(f"unknown resize policy {resize!r}; expected one of {RESIZE_POLICIES}")
+    _check_header_size(*image.size, image.width * image.height, max_side if resize == "native" else None)
+    return _fit(to_rgb(ImageOps.exif_transpose(image)), size, resize)
 
 
 def _decode(path: Path, max_pixels: int, max_side: int | None) -> Image.Image:
@@ -331,11 +340,22 @@ def _decode(path: Path, max_pixels: int, max_side: int | None) -> Image.Image:
     if file_stat.st_size == 0:
         raise ImageError("empty file")
     try:
-        with open(path, "rb") as file:  # our handle: the decoded image outlives it
-            image = _open_without_bomb_warning(file)
-            _check_header_size(*image.size, max_pixels, max_side)
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)
+        file = open(path, "rb")  # our handle: the decoded image outlives it
+    except OSError as exc:
+        raise ImageError(f"cannot read file: {exc.strerror or exc}") from None
+    with file:
+        return decode_image(file, max_pixels, max_side)
+
+
+def decode_image(file: BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
+                 min_side: int = MIN_SIDE) -> Image.Image:
+    """Check the header size (`min_side`, `max_pixels`, `max_side`), fully decode and apply EXIF orientation;
+    any failure is an ImageError with the reason."""
+    try:
+        image = _open_without_bomb_warning(file)
+        _check_header_size(*image.size, max_pixels, max_side, min_side)
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
         return image
     except ImageError:
         raise
@@ -349,6 +369,15 @@ def _decode(path: Path, max_pixels: int, max_side: int | None) -> Image.Image:
         raise ImageError(f"truncated or corrupt image: {type(exc).__name__}: {exc}") from None
 
 
+def decode_rgb(file: BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1) -> Image.Image:
+    """The one decoding path of everything that reads images back (evaluate, preview, train, verify): decoded as
+    `decode_image`, then `to_rgb`. ImageError with the reason when unusable."""
+    if not file.read(1):
+        raise ImageError("empty file")
+    file.seek(0)
+    return to_rgb(decode_image(file, max_pixels, None, min_side))
+
+
 def _open_without_bomb_warning(file: BinaryIO) -> Image.Image:
     """Image.open (header only) with Pillow's bomb warning silenced: our own size check decides instead.
 
@@ -359,10 +388,11 @@ def _open_without_bomb_warning(file: BinaryIO) -> Image.Image:
         return Image.open(file)
 
 
-def _check_header_size(width: int, height: int, max_pixels: int, max_side: int | None) -> None:
+def _check_header_size(width: int, height: int, max_pixels: int, max_side: int | None,
+                       min_side: int = MIN_SIDE) -> None:
     """Reject images too small, too many pixels, or (native policy) too large, before decoding."""
-    if width < MIN_SIDE or height < MIN_SIDE:
-        raise ImageError(f"too small: {width}x{height}, need at least {MIN_SIDE}x{MIN_SIDE}")
+    if width < min_side or height < min_side:
+        raise ImageError(f"too small: {width}x{height}, need at least {min_side}x{min_side}")
     if width * height > max_pixels:
         raise ImageError(
             f"decompression bomb guard: {width}x{height} = {width * height / 1e6:.0f} MP exceeds max_pixels "
@@ -383,7 +413,7 @@ def _pillow_bomb_reason(exc: Exception, max_pixels: int) -> str:
     return f"decompression bomb guard: {pixels / 1e6:.0f} MP exceeds Pillow's limit (Image.MAX_IMAGE_PIXELS)"
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode → RGB: alpha over white, 16-bit/int/float scaled (not clipped) to 8 bit."""
     mode = image.mode
     try:

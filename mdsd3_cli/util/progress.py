@@ -1,19 +1,36 @@
-"""Progress for long work: a rich bar on a terminal, a plain line every few seconds otherwise (SLURM logs)."""
+"""Progress for long work: a rich bar on a terminal, a plain line every few seconds otherwise (SLURM logs);
+and the console that prints tables in full off a terminal."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from types import TracebackType
+from typing import Any
 
-from rich.console import Console
+import rich.console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+UNCUT_WIDTH = 10_000
+"""Console width off a terminal: wide enough that no table cell is cut or wrapped."""
+
+
+class Console(rich.console.Console):
+    """rich's Console, except that off a terminal (pipes, SLURM logs, CI) it is UNCUT_WIDTH columns wide instead
+    of 80, so tables print in full rather than as "pai…"; an explicit `width` or $COLUMNS still wins."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if kwargs.get("width") is None and "COLUMNS" not in os.environ and not self.is_terminal:
+            self.width = UNCUT_WIDTH
 
 
 class RunProgress:
     """Counts finished items; `rate_label` names the unit (images/s)."""
 
-    def __init__(self, total: int, description: str, unit: str = "images", console: Console | None = None,
+    def __init__(self, total: int, description: str, unit: str = "images", console: rich.console.Console | None = None,
                  plain_interval_s: float = 5.0):
         self.total, self.done, self.unit = total, 0, unit
         self.description = description
