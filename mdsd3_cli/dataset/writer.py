@@ -19,13 +19,13 @@ from mdsd3_cli.util.atomic import atomic_write, open_append
 from mdsd3_cli.util.background_writer import BackgroundWriter
 from mdsd3_cli.util.images import unsafe_key_reason
 from mdsd3_cli.util.safe_names import safe_component
+from mdsd3_cli.dataset.manifest import RUN_JSON, ManifestLineError, parse_record
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 FORMAT_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 JPEG_444_MIN_QUALITY = 90
 """From this JPEG quality on, chroma is kept at full resolution (4:4:4); below it, 4:2:0."""
 WEBP_METHOD = 4
-RUN_JSON = "run.json"
 RUN_TOOL, RUN_SCHEMA = "mdsd3", 1
 """run.json's `tool` and `schema` fields: the marker saying mdsd3 wrote it (see ownership.run_json_problem)."""
 SHARD_PATTERN = r"shard-\d{5}-of-\d{5}"
@@ -313,31 +313,20 @@ def completed_samples(out_dir: str | Path, keys: Container[str] | None = None) -
     for manifest in sorted(root.glob("manifest/*.jsonl")):
         with open(manifest, "rb") as file:
             for line in file:
-                entry = _parse_manifest_line(line)
-                if entry is None or (keys is not None and entry[0] not in keys) or entry[:2] in finished:
+                try:
+                    record = parse_record(line)
+                except ManifestLineError:
                     continue
-                key, folder, clean, degraded = entry
+                if "clean" not in record:
+                    continue  # a webdataset record: its tar, not files, holds the images
+                key, folder, clean, degraded = record["key"], record["folder"], record["clean"], record["degraded"]
+                if (keys is not None and key not in keys) or (key, folder) in finished:
+                    continue
                 if clean not in clean_exists:
                     clean_exists[clean] = (root / clean).is_file()
                 if clean_exists[clean] and (root / degraded).is_file():
                     finished.add((key, folder))
     return finished
-
-
-def _parse_manifest_line(line: bytes) -> tuple[str, str, str, str] | None:
-    """(key, folder, clean, degraded) of a complete manifest line, or None for anything unusable."""
-    if not line.endswith(b"\n"):
-        return None
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
-        return None
-    fields = (record.get("key"), record.get("folder"), record.get("clean"), record.get("degraded"))
-    if not all(isinstance(value, str) for value in fields):
-        return None
-    return fields  # type: ignore[return-value]
 
 
 def write_run_json(out_dir: str | Path, payload: Mapping[str, Any]) -> Path:
@@ -420,10 +409,10 @@ def manifest_listed_files(out_dir: str | Path) -> list[Path]:
         with open(manifest, "rb") as file:
             for line in file:
                 try:
-                    record = json.loads(line) if line.endswith(b"\n") else None
-                except ValueError:
-                    continue
-                add([record.get(name) for name in LISTED_FILE_FIELDS] if isinstance(record, dict) else [])
+                    record = parse_record(line)
+                except ManifestLineError:
+                    continue  # a line mdsd3 cannot read as its own record names nothing to delete
+                add([record.get(name) for name in LISTED_FILE_FIELDS])
     for listing in own_logs(root, "manifest", ".tars.json"):
         try:
             files = json.loads(listing.read_text(encoding="utf-8")).get("files")
