@@ -358,13 +358,33 @@ def check_run_compatible(out_dir: str | Path, identity: Mapping[str, Any], overw
     expected = json.loads(json.dumps(identity))  # tuples → lists, as stored
     if stored == expected:
         return
-    if isinstance(stored, dict):
-        differing = sorted(name for name in stored.keys() | expected.keys() if stored.get(name) != expected.get(name))
-    else:
-        differing = ["identity"]
+    shown = identity_differences(stored, expected)
+    more = f" and {len(shown) - MAX_SHOWN_DIFFERENCES} more" if len(shown) > MAX_SHOWN_DIFFERENCES else ""
     raise OutputConflictError(
-        f"output folder {Path(out_dir)} already holds a different run (differs in: {', '.join(differing)}); {advice}"
+        f"output folder {Path(out_dir)} already holds a different run ({'; '.join(shown[:MAX_SHOWN_DIFFERENCES])}"
+        f"{more}; its run.json → this recipe); use the recipe it was made with to resume, {advice}"
     )
+
+
+MAX_SHOWN_DIFFERENCES = 5
+
+
+def identity_differences(stored: Any, expected: Any, prefix: str = "") -> list[str]:
+    """`field: stored → expected` for each leaf where two run identities differ (dotted field names; lists are
+    compared whole)."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        found = []
+        for name in sorted(stored.keys() | expected.keys()):
+            found += identity_differences(stored.get(name), expected.get(name), f"{prefix}{name}.")
+        return found
+    if stored == expected:
+        return []
+    return [f"{prefix.rstrip('.') or 'identity'}: {_short(stored)} → {_short(expected)}"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = "(none)" if value is None else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 LISTED_FILE_FIELDS = ("clean", "degraded", "tar")
