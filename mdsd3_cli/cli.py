@@ -395,9 +395,11 @@ def export(
     run is refused unless --partial. Exit status: 0 done, 2 unusable input (docs/export.md).
     """
     from mdsd3_cli.export.run import EXPORT_FORMATS, run_export
+    from mdsd3_cli.util.names import closest_name
 
     if to not in EXPORT_FORMATS:
-        _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}")
+        guess = closest_name(to, EXPORT_FORMATS)
+        _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}" + (f"; did you mean '{guess}'?" if guess else ""))
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
         summary = run_export(dataset, to, destination, per_file, console=console, partial=partial)
