@@ -105,7 +105,7 @@ def generate(
     130/143 stopped by SIGINT/SIGTERM (rerun to finish).
     """
     _quiet_libraries()
-    from mdsd3_cli.generate.run import describe_plan, plan_run, run_generate
+    from mdsd3_cli.generate.run import describe_plan, plan_run, preflight_output, run_generate
     from mdsd3_cli.generate.plan import detect_shard
     from mdsd3_cli.recipe.generate import start_warning
 
@@ -115,6 +115,7 @@ def generate(
         shard = detect_shard(shard_index, num_shards, os.environ)
         run = plan_run(recipe, shard, limit)
         if dry_run:
+            preflight_output(run, overwrite)  # what generate would refuse, refused the same way
             Console().print(describe_plan(run))
             return
         summary = run_generate(run, overwrite=overwrite, console=console)
@@ -150,20 +151,19 @@ def _warn(message: Optional[str]) -> None:
 
 
 def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, list[str]]:
-    from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run
-    from mdsd3_cli.dataset.ownership import claim_output
+    from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run, preflight_output
     from mdsd3_cli.generate.plan import ShardSpec
     from mdsd3_cli.recipe.generate import start_warning
     from mdsd3_cli.dataset.writer import OutputConflictError
 
     recipe = _load(config, overrides)
     recipe.device()
+    run = plan_run(recipe, ShardSpec(0, 1))
     try:
-        claim_output(recipe.output_dir())
+        preflight_output(run)
     except OutputConflictError as error:
         raise OutputConflictError(f"{config}: output.dir: {error}") from None
     check_output_writable(recipe.output_dir(), config)
-    run = plan_run(recipe, ShardSpec(0, 1))
     return describe_plan(run), [warning for warning in (start_warning(recipe), free_space_warning(run)) if warning]
 
 
@@ -395,9 +395,11 @@ def export(
     run is refused unless --partial. Exit status: 0 done, 2 unusable input (docs/export.md).
     """
     from mdsd3_cli.export.run import EXPORT_FORMATS, run_export
+    from mdsd3_cli.util.names import closest_name
 
     if to not in EXPORT_FORMATS:
-        _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}")
+        guess = closest_name(to, EXPORT_FORMATS)
+        _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}" + (f"; did you mean '{guess}'?" if guess else ""))
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
         summary = run_export(dataset, to, destination, per_file, console=console, partial=partial)

@@ -358,3 +358,8 @@ def test_fuzzed_recipes_never_crash_check(seed_recipes, tmp_path):
             assert str(path) in result.stderr, (text, result.stderr)
         outcomes[result.exit_code] += 1
     assert outcomes[0] >= 5 and outcomes[2] > 100, outcomes
+
+
+def test_export_to_an_unknown_format_suggests_the_closest(tmp_path: Path) -> None:
+    assert_clean_error(mdsd3("export", "--dataset", tmp_path, "--to", "lmbd", tmp_path / "x"),
+                       "--to lmbd: expected one of webdataset, lmdb, parquet; did you mean 'lmdb'?")

@@ -160,7 +160,21 @@ def test_resuming_with_another_batch_size_is_refused(reference, tmp_path, photos
     """The batch size changes the last bits of CPU results, so it is part of the run's identity."""
     recipe = write_recipe(tmp_path / "r.yaml", photos, reference, sampling__batch_size=5)
     result = mdsd3("generate", "--config", str(recipe))
-    assert result.returncode == 2 and "different run" in result.stderr and "sampling" in result.stderr
+    assert result.returncode == 2 and "different run (sampling.batch_size: 3 → 5; its run.json" in result.stderr
+    for command in (["check"], ["generate", "--dry-run"]):  # say it before the run, the same way
+        predicted = mdsd3(*command, "--config", str(recipe))
+        assert predicted.returncode == 2 and "different run (sampling.batch_size: 3 → 5;" in predicted.stderr
+
+
+def test_dry_run_refuses_a_foreign_folder_as_check_and_generate_do(tmp_path, photos):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "todo.txt").write_text("mine")
+    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    for command in (["check"], ["generate", "--dry-run"], ["generate"]):
+        result = mdsd3(*command, "--config", str(recipe))
+        assert result.returncode == 2 and "so mdsd3 did not make it" in result.stderr, (command, result.stderr)
+    assert [path.name for path in out.iterdir()] == ["todo.txt"]
 
 
 def test_other_recipe_into_same_folder_is_refused(reference, tmp_path, photos):

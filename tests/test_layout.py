@@ -120,3 +120,16 @@ def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
     assert "mdsd3_cli.model.sampler" in graph["mdsd3_cli.generate.run"]
     assert "mdsd3_cli.evaluate.report" in graph["mdsd3_cli.evaluate.run"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_one_image_walker_and_one_to_rgb() -> None:
+    """Folders of images are walked by util.images.walk_images only (verify's orphan listing walks every file,
+    not images) and pictures become RGB in util.images.to_rgb only."""
+    walkers, converters = [], []
+    for name, path in _module_names().items():
+        text = path.read_text(encoding="utf-8")
+        if "os.walk(" in text and name not in ("mdsd3_cli.util.images", "mdsd3_cli.dataset.verify"):
+            walkers.append(name)
+        if ('.convert("RGB")' in text or "def _to_rgb" in text) and name != "mdsd3_cli.util.images":
+            converters.append(name)
+    assert walkers == [] and converters == []

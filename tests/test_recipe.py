@@ -346,6 +346,11 @@ def test_unknown_field_suggests_the_closest_valid_one(tmp_path: Path) -> None:
     assert "did you mean 'repeats'?" in assert_error(write_recipe(tmp_path, with_change("variants.0.repeat", 2)),
                                                      "variants.0.repeat")
     assert "did you mean 'sampling'?" in assert_error(write_recipe(tmp_path, with_change("samplng", {})), "samplng")
+    assert "did you mean 'webdataset'?" in assert_error(write_recipe(tmp_path, with_change("output.layout",
+                                                                                             "webdatset")),
+                                                        "output.layout")
+    assert "did you mean" not in assert_error(write_recipe(tmp_path, with_change("output.layout", "lmdb")),
+                                              "output.layout")
     unlike = assert_error(write_recipe(tmp_path, with_change("model.zzz", 1)), "model.zzz")
     assert "known fields here: adapter, base, classes, compile, device, dtype, prompt_cache" in unlike
 

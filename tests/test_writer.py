@@ -419,8 +419,10 @@ def test_run_json_identity_check(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run.json").read_text())["identity"]["variants"] == ["rain", "haze"]
     check_run_compatible(tmp_path, identity, overwrite=False)
 
-    changed = {**identity, "size": 1024, "model": "sd3"}
-    with pytest.raises(OutputConflictError, match=r"differs in: model, size") as caught:
+    changed = {**identity, "size": 1024, "model": "sd3", "sampling": {"batch_size": 2}}
+    write_run_json(tmp_path, {"identity": {**identity, "sampling": {"batch_size": 4}}})
+    with pytest.raises(OutputConflictError, match=r'model: \(none\) → "sd3"; sampling\.batch_size: 4 → 2; '
+                                                  r"size: 512 → 1024; its run\.json → this recipe") as caught:
         check_run_compatible(tmp_path, changed, overwrite=False)
     assert str(tmp_path) in str(caught.value)
     check_run_compatible(tmp_path, changed, overwrite=True)

@@ -13,7 +13,6 @@ from typing import Any, BinaryIO
 from mdsd3_cli.util.images import unsafe_key_reason
 from mdsd3_cli.recipe.file import MAX_REPEATS, MAX_SAMPLES_PER_INPUT
 from mdsd3_cli.util.safe_names import safe_component
-from mdsd3_cli.dataset.writer import RUN_JSON
 
 TAR_FIELD = "tar"
 FILE_FIELDS = ("clean", "degraded")
@@ -22,6 +21,8 @@ MEMBER_FIELDS = {"clean": "clean_member", "degraded": "degraded_member", "json":
 """Webdataset layout: the sample's tar (`tar`, relative to the dataset) and its member names, by role."""
 MAX_LINE_BYTES = 1 << 20
 """Longest manifest line read (a record is well under 4 KiB); a longer one is a damaged line, never held whole."""
+RUN_JSON = "run.json"
+"""A run's record of itself, beside manifest/ (dataset/writer.py writes it)."""
 MAX_RUN_JSON_BYTES = 64 << 20
 """Largest run.json read (a resolved recipe is a few KiB)."""
 """Most variant folders (variants x repeats) a run.json may list; more means a damaged file."""

@@ -19,13 +19,13 @@ from mdsd3_cli.util.atomic import atomic_write, open_append
 from mdsd3_cli.util.background_writer import BackgroundWriter
 from mdsd3_cli.util.images import unsafe_key_reason
 from mdsd3_cli.util.safe_names import safe_component
+from mdsd3_cli.dataset.manifest import RUN_JSON, ManifestLineError, parse_record
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 FORMAT_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 JPEG_444_MIN_QUALITY = 90
 """From this JPEG quality on, chroma is kept at full resolution (4:4:4); below it, 4:2:0."""
 WEBP_METHOD = 4
-RUN_JSON = "run.json"
 RUN_TOOL, RUN_SCHEMA = "mdsd3", 1
 """run.json's `tool` and `schema` fields: the marker saying mdsd3 wrote it (see ownership.run_json_problem)."""
 SHARD_PATTERN = r"shard-\d{5}-of-\d{5}"
@@ -313,31 +313,20 @@ def completed_samples(out_dir: str | Path, keys: Container[str] | None = None) -
     for manifest in sorted(root.glob("manifest/*.jsonl")):
         with open(manifest, "rb") as file:
             for line in file:
-                entry = _parse_manifest_line(line)
-                if entry is None or (keys is not None and entry[0] not in keys) or entry[:2] in finished:
+                try:
+                    record = parse_record(line)
+                except ManifestLineError:
                     continue
-                key, folder, clean, degraded = entry
+                if "clean" not in record:
+                    continue  # a webdataset record: its tar, not files, holds the images
+                key, folder, clean, degraded = record["key"], record["folder"], record["clean"], record["degraded"]
+                if (keys is not None and key not in keys) or (key, folder) in finished:
+                    continue
                 if clean not in clean_exists:
                     clean_exists[clean] = (root / clean).is_file()
                 if clean_exists[clean] and (root / degraded).is_file():
                     finished.add((key, folder))
     return finished
-
-
-def _parse_manifest_line(line: bytes) -> tuple[str, str, str, str] | None:
-    """(key, folder, clean, degraded) of a complete manifest line, or None for anything unusable."""
-    if not line.endswith(b"\n"):
-        return None
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict):
-        return None
-    fields = (record.get("key"), record.get("folder"), record.get("clean"), record.get("degraded"))
-    if not all(isinstance(value, str) for value in fields):
-        return None
-    return fields  # type: ignore[return-value]
 
 
 def write_run_json(out_dir: str | Path, payload: Mapping[str, Any]) -> Path:
@@ -369,13 +358,33 @@ def check_run_compatible(out_dir: str | Path, identity: Mapping[str, Any], overw
     expected = json.loads(json.dumps(identity))  # tuples → lists, as stored
     if stored == expected:
         return
-    if isinstance(stored, dict):
-        differing = sorted(name for name in stored.keys() | expected.keys() if stored.get(name) != expected.get(name))
-    else:
-        differing = ["identity"]
+    shown = identity_differences(stored, expected)
+    more = f" and {len(shown) - MAX_SHOWN_DIFFERENCES} more" if len(shown) > MAX_SHOWN_DIFFERENCES else ""
     raise OutputConflictError(
-        f"output folder {Path(out_dir)} already holds a different run (differs in: {', '.join(differing)}); {advice}"
+        f"output folder {Path(out_dir)} already holds a different run ({'; '.join(shown[:MAX_SHOWN_DIFFERENCES])}"
+        f"{more}; its run.json → this recipe); use the recipe it was made with to resume, {advice}"
     )
+
+
+MAX_SHOWN_DIFFERENCES = 5
+
+
+def identity_differences(stored: Any, expected: Any, prefix: str = "") -> list[str]:
+    """`field: stored → expected` for each leaf where two run identities differ (dotted field names; lists are
+    compared whole)."""
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        found = []
+        for name in sorted(stored.keys() | expected.keys()):
+            found += identity_differences(stored.get(name), expected.get(name), f"{prefix}{name}.")
+        return found
+    if stored == expected:
+        return []
+    return [f"{prefix.rstrip('.') or 'identity'}: {_short(stored)} → {_short(expected)}"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = "(none)" if value is None else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 LISTED_FILE_FIELDS = ("clean", "degraded", "tar")
@@ -420,10 +429,10 @@ def manifest_listed_files(out_dir: str | Path) -> list[Path]:
         with open(manifest, "rb") as file:
             for line in file:
                 try:
-                    record = json.loads(line) if line.endswith(b"\n") else None
-                except ValueError:
-                    continue
-                add([record.get(name) for name in LISTED_FILE_FIELDS] if isinstance(record, dict) else [])
+                    record = parse_record(line)
+                except ManifestLineError:
+                    continue  # a line mdsd3 cannot read as its own record names nothing to delete
+                add([record.get(name) for name in LISTED_FILE_FIELDS])
     for listing in own_logs(root, "manifest", ".tars.json"):
         try:
             files = json.loads(listing.read_text(encoding="utf-8")).get("files")

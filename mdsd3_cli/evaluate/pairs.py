@@ -4,13 +4,12 @@ repeats."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mdsd3_cli.util.images import image_extensions
+from mdsd3_cli.util.images import walk_images
 from mdsd3_cli.dataset.manifest import (ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios,
                         run_info)
 from mdsd3_cli.dataset.stored_images import ImageRef, record_image
@@ -126,14 +125,9 @@ def _run_classes(root: Path) -> list[str]:
 
 
 def _images_under(root: Path) -> Iterator[tuple[str, Path]]:
-    """(relative path without extension, file) of every image under `root`, hidden entries skipped, sorted."""
-    extensions = image_extensions()
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        for name in sorted(files):
-            path = Path(folder) / name
-            if not name.startswith(".") and path.suffix.lower() in extensions:
-                yield path.relative_to(root).with_suffix("").as_posix(), path
+    """(relative path without extension, file) of every image under `root` (`walk_images`)."""
+    for path in walk_images(root):
+        yield path.relative_to(root).with_suffix("").as_posix(), path
 
 
 def match_folders(clean_dir: Path, degraded_dir: Path, label: str | None = None) -> PairSource:

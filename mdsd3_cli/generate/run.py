@@ -282,17 +282,24 @@ def run_payload(recipe: Recipe, identity: dict, session: Session) -> dict:
     }
 
 
+def preflight_output(run: RunPlan, overwrite: bool = False) -> None:
+    """What `generate` refuses about its output folder before loading a model (`check` and `--dry-run` ask the
+    same): a folder mdsd3 did not make, `--overwrite` with shards, a run.json of a different run."""
+    out = run.recipe.output_dir()
+    claim_output(out)
+    if overwrite and run.shard.count > 1:
+        raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
+                         "Run it once without shards, or choose a new output.dir")
+    check_run_compatible(out, run.identity, overwrite=overwrite)
+
+
 def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None = None) -> RunSummary:
     """Produce this shard's missing samples. Resumable: killed at any moment, a rerun completes the same dataset."""
     console = console or Console(stderr=True)
     recipe, out, identity = run.recipe, run.recipe.output_dir(), run.identity
     started = time.perf_counter()
     device = recipe.device()  # a device this machine lacks is refused before anything is written
-    claim_output(out)
-    if overwrite and run.shard.count > 1:
-        raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
-                         "Run it once without shards, or choose a new output.dir")
-    check_run_compatible(out, identity, overwrite=overwrite)
+    preflight_output(run, overwrite)
     with sharding_lock(out, run.shard.count), shard_lock(out, run.shard.name):
         if overwrite:
             clear_outputs(out)

@@ -5,6 +5,7 @@ validation problems worded the same way for both kinds of recipe."""
 from __future__ import annotations
 
 import inspect
+import re
 import os
 import typing
 from collections.abc import Mapping, Sequence
@@ -155,5 +156,8 @@ def schema_problems(error: ValidationError, root: type[BaseModel], drop: Sequenc
             message = _MESSAGES.get(item["type"], item["msg"].removeprefix("Value error, "))
         if item["type"] not in _SHOWS_NO_INPUT and not isinstance(item.get("input"), (dict, list)):
             message += f" (got {_short(repr(item['input']))})"
+        if item["type"] == "literal_error" and isinstance(item.get("input"), str):
+            close = closest_name(item["input"], re.findall(r"'([^']*)'", str(item.get("ctx", {}).get("expected", ""))))
+            message += f"; did you mean {close!r}?" if close else ""
         problems.append((".".join(str(part) for part in location), message))
     return problems

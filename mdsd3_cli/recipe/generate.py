@@ -479,7 +479,8 @@ sampling:
   beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps the degradations strong. A trained
                             # adapter samples best from the start it was trained for (check warns otherwise)
   seed: 0                   # every sample's seed is a stable hash of (seed, key, variant, repeat)
-  batch_size: 4             # images per step; does not change the outputs
+  batch_size: 4             # images per transformer call on a GPU (CPU: one at a time); part of the run
+                            # identity (it changes a GPU run's last bits): resuming with another is refused
 
 variants:                   # each writes degraded/<name>/ (or <name>_r<N>/ with repeats)
   # Fixed ratios in [0, 1]: 1 applies a class fully, 0.5 half as strongly.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from mdsd3_cli.model.heads import UnknownClassError, check_ratios, prompt_for, ratio_vector
-from mdsd3_cli.util.images import ImageError
+from mdsd3_cli.util.images import ImageError, walk_images
 from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios
 from mdsd3_cli.dataset.stored_images import ImageRef, record_image
 from mdsd3_cli.recipe.train import (
@@ -37,7 +36,6 @@ from mdsd3_cli.recipe.train import (
     TrainRecipe,
 )
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 MAX_DRAW_ATTEMPTS = 64
 _SAMPLE_STREAM = 0x5A3D
 _DROP_STREAM = 0xD20B
@@ -115,19 +113,6 @@ class DataReport:
 # ---------------------------------------------------------------- discovery
 
 
-def _image_files(root: Path) -> list[Path]:
-    """Image files under `root` (recursive, symlinks followed, hidden entries ignored), sorted."""
-    found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        found.extend(
-            Path(folder) / name
-            for name in sorted(files)
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-        )
-    return found
-
-
 def _key(path: Path, root: Path) -> str:
     """Relative path without extension, `/`-separated."""
     return path.relative_to(root).with_suffix("").as_posix()
@@ -135,7 +120,7 @@ def _key(path: Path, root: Path) -> str:
 
 def _paired_folders(spec: PairedFoldersDataset, report: DataReport) -> list[Pair]:
     clean_by_key: dict[str, Path] = {}
-    for path in _image_files(spec.clean):
+    for path in walk_images(spec.clean):
         key = _key(path, spec.clean)
         if key in clean_by_key:
             report.add(Skip(DUPLICATE_CLEAN, spec.name, f"{path} (kept {clean_by_key[key]})"))
@@ -144,7 +129,7 @@ def _paired_folders(spec: PairedFoldersDataset, report: DataReport) -> list[Pair
     ratios = dict(spec.classes)
     pattern = None if spec.match is None else re.compile(spec.match)
     pairs = []
-    for path in _image_files(spec.degraded):
+    for path in walk_images(spec.degraded):
         key = _key(path, spec.degraded)
         if pattern is not None:
             found = pattern.fullmatch(key)

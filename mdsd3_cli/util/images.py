@@ -232,24 +232,30 @@ def _expand_entry(entry: str, base: Path, recursive: bool) -> _Expanded:
     return expanded
 
 
-def _walk_folder(root: Path, recursive: bool, errors: list[InputError]) -> Iterator[Path]:
-    """Image files below `root`, skipping hidden entries; symlinked folders are followed once each."""
+def walk_images(root: Path, recursive: bool = True,
+                on_error: Callable[[OSError], None] | None = None) -> Iterator[Path]:
+    """Image files below `root` (the formats Pillow decodes, `image_extensions`), in sorted order, hidden entries
+    skipped, symlinked folders followed once each; the one folder walk of generate, train and evaluate.
+    `on_error` receives a folder that cannot be listed (default: skipped)."""
     extensions = image_extensions()
     visited: set[str] = set()
-
-    def report(exc: OSError) -> None:
-        errors.append(InputError(str(exc.filename), f"cannot list folder: {exc.strerror or exc}", fatal=False))
-
-    for folder, subfolders, names in os.walk(root, onerror=report, followlinks=True):
+    for folder, subfolders, names in os.walk(root, onerror=on_error, followlinks=True):
         real_folder = os.path.realpath(folder)
         if real_folder in visited:
             subfolders.clear()
             continue
         visited.add(real_folder)
         subfolders[:] = sorted(name for name in subfolders if not name.startswith(".")) if recursive else []
-        for name in names:
+        for name in sorted(names):
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
                 yield Path(folder, name)
+
+
+def _walk_folder(root: Path, recursive: bool, errors: list[InputError]) -> Iterator[Path]:
+    def report(exc: OSError) -> None:
+        errors.append(InputError(str(exc.filename), f"cannot list folder: {exc.strerror or exc}", fatal=False))
+
+    return walk_images(root, recursive, report)
 
 
 def _expand_glob(pattern: Path) -> _Expanded:
