@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-from mdsd3_cli.model.adapter import AdapterConfig
+from mdsd3_cli.model.adapter import AdapterConfig, FlowStart
 from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.model.codec import PixelUnshuffleCodec
 from mdsd3_cli.model.presets.degradations import CLASSES
@@ -67,9 +67,10 @@ def _base_state(model: MDSD3Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_preset(model: MDSD3Transformer, words: WordTextEncoder, folder: str | os.PathLike,
-                training: dict | None = None) -> dict[str, str]:
-    """Write `folder/base` and `folder/adapter` (weights in fp16) from a jointly trained mini model; returns the
-    fingerprints {"base": ..., "adapter": ...}. An existing folder's base/ and adapter/ are replaced."""
+                training: dict | None = None, start: FlowStart | None = None) -> dict[str, str]:
+    """Write `folder/base` and `folder/adapter` (weights in fp16) from a jointly trained mini model, whose adapter
+    config records the flow `start` it was trained for; returns the fingerprints {"base": ..., "adapter": ...}.
+    An existing folder's base/ and adapter/ are replaced."""
     folder = Path(folder)
     base_dir, adapter_dir = folder / "base", folder / "adapter"
     for old in (base_dir, adapter_dir):
@@ -86,7 +87,8 @@ def save_preset(model: MDSD3Transformer, words: WordTextEncoder, folder: str | o
     stored = MDSD3Transformer.from_base(transformer)  # fp16 base + the trained clean branch, cast to fp16
     stored.load_state_dict({k: v.to(STORE_DTYPE) for k, v in model.state_dict().items()})
     base = BaseModel(str(base_dir), transformer, PixelUnshuffleCodec(**MINI_CODEC), dict(MINI_SCHEDULER), base_fingerprint)
-    adapter_config: AdapterConfig = fresh_adapter_config(base, MINI_CLASSES, training=dict(training or {}))
+    adapter_config: AdapterConfig = fresh_adapter_config(base, MINI_CLASSES, training=dict(training or {}),
+                                                         start=start or FlowStart())
     save_adapter(stored, adapter_config, adapter_dir)
     fingerprints = {"base": base_fingerprint, "adapter": fingerprint_adapter(adapter_dir)}
     atomic_write(folder / "fingerprints.json", (json.dumps(fingerprints, indent=2) + "\n").encode())
