@@ -2,10 +2,11 @@
 
 One process or many (`accelerate launch` / torchrun); the loop is accelerate's: `accumulate`, `backward`,
 `clip_grad_norm_`, `save_state` / `load_state`. What a step computes is in `train.step`, the data in
-`train.data`, checkpoints in `train.checkpoints`, previews in `train.previews`, the log in `train.log`.
+`train.data`, checkpoints in `train.checkpoints`, previews in `train.previews`, the log in `train.log`, the
+summary in `train.summary`.
 
 Determinism: the data of data step d (= optimizer step · grad_accum + micro step) is a pure function of
-(data.seed, d, slot) (see train_data); ε and σ come from a generator seeded by (data.seed, d, rank); the
+(data.seed, d, slot) (see `train.data`); ε and σ come from a generator seeded by (data.seed, d, rank); the
 condition drop from `condition_drop_mask(data.seed, d, ...)`. Nothing reads a global RNG, so a resumed run
 repeats the uninterrupted run's losses exactly (on the CPU; GPU kernels may differ in the last bits).
 
@@ -61,7 +62,6 @@ if TYPE_CHECKING:
 TRAIN_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 """SIGTERM/SIGINT (preemption, Ctrl-C) and SIGUSR1 (SLURM's time-limit warning): finish the current optimizer
 step, save a checkpoint, exit non-zero."""
-
 
 
 def agree_on_stop(stop: StopRequest, accelerator: Accelerator) -> str | None:
