@@ -14,6 +14,7 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import rich.console
 import torch
 from rich.markup import escape
 from rich.table import Table
@@ -236,7 +237,8 @@ class BatchSampler:
     out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch is retried in parts; at
     batch size 1 a SamplingMemoryError says what to change."""
 
-    def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: Console):
+    def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int,
+                 console: rich.console.Console):
         self.sampler, self.steps, self.guidance = sampler, steps, guidance
         self.batch_size, self.console = batch_size, console
 
@@ -305,7 +307,7 @@ def preflight_output(run: RunPlan, overwrite: bool = False) -> None:
     check_run_compatible(out, run.identity, overwrite=overwrite)
 
 
-def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None = None) -> RunSummary:
+def run_generate(run: RunPlan, overwrite: bool = False, console: rich.console.Console | None = None) -> RunSummary:
     """Produce this shard's missing samples. Resumable: killed at any moment, a rerun completes the same dataset."""
     console = console or Console(stderr=True)
     recipe, out, identity = run.recipe, run.recipe.output_dir(), run.identity
@@ -324,7 +326,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
     return summary
 
 
-def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: Console) -> RunSummary:
+def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: rich.console.Console) -> RunSummary:
     """`run_generate` once this process owns the shard."""
     recipe, out = run.recipe, run.recipe.output_dir()
     summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(run.todo))
@@ -353,7 +355,7 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
 
 
 def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: LayoutWriter, summary: RunSummary,
-                stop: StopRequest, console: Console, on_failure: Callable[[FailedInput], None]) -> None:
+                stop: StopRequest, console: rich.console.Console, on_failure: Callable[[FailedInput], None]) -> None:
     """Decode, sample and submit every item of `todo`, counting into `summary`; inputs that cannot be decoded go
     to `on_failure`."""
     recipe = run.recipe
@@ -370,7 +372,8 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: La
         progress.total -= len(by_key[source.key])
 
     with RunProgress(len(todo), f"generate {run.shard.name}", console=console) as progress:
-        loaded = iter_loaded(sources, input_loader(recipe), workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size)
+        loaded = iter_loaded(sources, input_loader(recipe), workers=recipe.input.workers,
+                             prefetch=4 * recipe.sampling.batch_size)
         for batch in _batches(loaded, by_key, lambda: sample.batch_size, failed, stop):
             tick = time.perf_counter()
             degraded = sample([(request_for(item), image.pixels) for item, image in batch])
@@ -404,7 +407,7 @@ def describe_plan(run: RunPlan) -> Table:
     return table
 
 
-def predicted_failures(run: RunPlan, console: Console | None = None) -> list[FailedInput]:
+def predicted_failures(run: RunPlan, console: rich.console.Console | None = None) -> list[FailedInput]:
     """The inputs `generate` would record as failed (`check --decode`): the files discovery drops, then every
     source of this shard that does not decode, found by decoding each one as `generate` does (nothing written)."""
     return discovery_failures(run.discovery) + decode_failures(run.recipe, run.my_sources, console)
