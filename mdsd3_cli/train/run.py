@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
+import rich.console
 from rich.markup import escape
 from rich.table import Table
 
@@ -68,7 +68,7 @@ from mdsd3_cli.dataset.ownership import OutputLock
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, FlowStart, read_adapter_config
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, all_prompts, head_mask
 from mdsd3_cli.model.transformer import MDSD3Transformer
-from mdsd3_cli.util.progress import RunProgress
+from mdsd3_cli.util.progress import Console, RunProgress
 from mdsd3_cli.model.prompts import PromptEmbedding, load_prompt_embeddings
 from mdsd3_cli.util.runtime import StopRequest, exit_code_for
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest, initial_latents
@@ -486,7 +486,8 @@ class Trainer:
     `resume`: None (fresh; refused when OUT already has checkpoints), "latest" or a checkpoint folder.
     """
 
-    def __init__(self, recipe: TrainRecipe, resume: str | os.PathLike | None = None, console: Console | None = None,
+    def __init__(self, recipe: TrainRecipe, resume: str | os.PathLike | None = None,
+                 console: rich.console.Console | None = None,
                  preview: PreviewSettings | None = None):
         self.recipe = recipe
         self.out = Path(recipe.output.dir)
@@ -898,8 +899,8 @@ class Trainer:
         return summary
 
 
-def run_train(recipe: TrainRecipe, resume: str | os.PathLike | None = None, console: Console | None = None,
-              preview: PreviewSettings | None = None) -> TrainSummary:
+def run_train(recipe: TrainRecipe, resume: str | os.PathLike | None = None,
+              console: rich.console.Console | None = None, preview: PreviewSettings | None = None) -> TrainSummary:
     """Train the adapter a recipe describes; see `Trainer`."""
     return Trainer(recipe, resume, console, preview).run()
 
