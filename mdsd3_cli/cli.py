@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,10 @@ from rich.table import Table
 
 from mdsd3_cli import __version__
 from mdsd3_cli.util.progress import Console  # tables in full off a terminal
+
+if TYPE_CHECKING:
+    from mdsd3_cli.generate.inputs import FailedInput
+    from mdsd3_cli.generate.run import RunPlan
 
 app = typer.Typer(
     help="Paired clean/degraded image datasets from a masked Stable Diffusion 3 transformer.\n\n"
@@ -100,8 +104,9 @@ def generate(
     """Generate the paired dataset a recipe describes (resumes by default).
 
     Writes OUT/clean/<key>, OUT/degraded/<variant>/<key> (with output.layout webdataset: OUT/tars/<shard>-N.tar),
-    OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and OUT/run.json. Exit status: 0 all done, 1 some inputs failed (see errors/), 2 bad recipe or usage, or an
-    output problem (a folder mdsd3 did not make, another process on this shard, a full disk),
+    OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and OUT/run.json. Exit status: 0 all done, 1 some inputs
+    failed (the first few are printed with their reasons; all are in OUT/errors/<shard>.jsonl), 2 bad recipe or
+    usage, or an output problem (a folder mdsd3 did not make, another process on this shard, a full disk),
     130/143 stopped by SIGINT/SIGTERM (rerun to finish).
     """
     _quiet_libraries()
@@ -120,28 +125,66 @@ def generate(
             return
         summary = run_generate(run, overwrite=overwrite, console=console)
     Console().print(summary.table())
+    if summary.failed_inputs:
+        _list_failed(summary.failures, summary.failed_inputs)
+        console.print(f"every failed input and its reason: {escape(str(summary.errors_file))}", highlight=False,
+                      soft_wrap=True)
     raise typer.Exit(summary.exit_code)
 
 
+def _list_failed(failures: list[FailedInput], total: int) -> None:
+    """One red line per failed input (path: reason), then how many more there are than `failures` holds."""
+    for failure in failures:
+        console.print(f"[red]failed[/] {escape(failure.path)}: {escape(failure.reason)}", highlight=False,
+                      soft_wrap=True)
+    if total > len(failures):
+        console.print(f"[red]failed[/] ... and {total - len(failures)} more", highlight=False)
+
+
 @app.command()
-def check(config: ConfigOption, overrides: SetOption = None) -> None:
+def check(
+    config: ConfigOption,
+    overrides: SetOption = None,
+    decode: Annotated[bool, typer.Option("--decode", help="Also decode every input as generate will (a progress "
+                      "bar; nothing written) and list those that would fail, with the reason.")] = False,
+) -> None:
     """Validate a generate or training recipe without loading any model and print its plan.
 
     A generate recipe: fields, classes against the adapter, base folder layout, device, inputs, output (empty
-    or made by mdsd3; free space). A training recipe (it has `datasets`): fields, base folder layout, device,
-    every dataset's pairs, output.
+    or made by mdsd3; free space); with --decode, every input is decoded too. A training recipe (it has
+    `datasets`): fields, base folder layout, device, every dataset's pairs, output. Exit status: 0 valid (and,
+    with --decode, every input decodes), 1 valid but some inputs would fail (listed; generate would skip them
+    and exit 1), 2 bad recipe or usage.
     """
     from mdsd3_cli.recipe.file import read_recipe, recipe_kind
 
     with _clear_errors():
         if recipe_kind(read_recipe(config).data) == "train":
-            plan, warnings = _check_training(config, overrides), []
+            if decode:
+                raise ValueError(f"{config}: --decode checks a generate recipe's inputs; training pairs are "
+                                 "checked without it")
+            plan, warnings, run = _check_training(config, overrides), [], None
         else:
-            plan, warnings = _check_generate(config, overrides)
+            run, plan, warnings = _check_generate(config, overrides)
     Console().print(plan)
     for warning in warnings:
         _warn(warning)
     console.print(f"[green]ok:[/] {escape(str(config))} is valid", highlight=False, soft_wrap=True)
+    if decode and run is not None:
+        _check_decoding(run)
+
+
+def _check_decoding(run: RunPlan) -> None:
+    """`check --decode`: list the inputs generate would fail and exit 1 when there are any."""
+    from mdsd3_cli.generate.run import EXIT_FAILED_INPUTS, predicted_failures
+
+    failures = predicted_failures(run, console)
+    _list_failed(failures, len(failures))
+    if failures:
+        console.print(f"[red]{len(failures)} inputs would fail[/] (listed above): generate skips them, records "
+                      "them in errors/ and exits 1", highlight=False)
+        raise typer.Exit(EXIT_FAILED_INPUTS)
+    console.print(f"[green]ok:[/] all {len(run.my_sources)} inputs decode", highlight=False)
 
 
 def _warn(message: Optional[str]) -> None:
@@ -150,7 +193,7 @@ def _warn(message: Optional[str]) -> None:
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table, list[str]]:
+def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[RunPlan, Table, list[str]]:
     from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run, preflight_output
     from mdsd3_cli.generate.plan import ShardSpec
     from mdsd3_cli.recipe.generate import start_warning
@@ -164,7 +207,7 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[Table
     except OutputConflictError as error:
         raise OutputConflictError(f"{config}: output.dir: {error}") from None
     check_output_writable(recipe.output_dir(), config)
-    return describe_plan(run), [warning for warning in (start_warning(recipe), free_space_warning(run)) if warning]
+    return run, describe_plan(run), [warning for warning in (start_warning(recipe), free_space_warning(run)) if warning]
 
 
 def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:

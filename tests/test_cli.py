@@ -5,9 +5,12 @@ recipes through `check`. In-process (typer's CliRunner) to stay fast."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,84 @@ def write_recipe(path: Path, **changes: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+# ------------------------------------------------------------------------------------- failed inputs
+
+
+def write_inputs(folder: Path) -> dict[str, str]:
+    """One photo, two files that are not images by name, and 7 that are by name only; -> failing name: reason."""
+    folder.mkdir(parents=True)
+    photo = sorted(PHOTOS.iterdir())[0]
+    (folder / "good.png").write_bytes(photo.read_bytes())
+    (folder / "notes.txt").write_text("not an input")
+    (folder / ".DS_Store").write_bytes(b"\0\1Bud1")
+    (folder / "a_fake.jpg").write_text("hello")
+    jpeg = folder / "b_truncated.jpg"
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(jpeg)
+    jpeg.write_bytes(jpeg.read_bytes()[:200])
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "c_small.png")
+    for index in range(4):
+        (folder / f"d_empty{index}.png").write_bytes(b"")
+    return {"a_fake.jpg": "not an image", "b_truncated.jpg": "truncated or corrupt image",
+            "c_small.png": "too small: 8x8", **{f"d_empty{index}.png": "empty file" for index in range(4)}}
+
+
+def failed_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("failed ")]
+
+
+@pytest.mark.parametrize("layout", ["folders", "webdataset"])
+def test_check_decode_lists_the_inputs_generate_fails_and_generate_names_them(tmp_path, layout):
+    inputs = tmp_path / "in"
+    failing = write_inputs(inputs)
+    recipe = write_recipe(tmp_path / "r.yaml", **{"input.paths": [str(inputs)], "output.layout": layout,
+                                                  "variants": [{"name": "rain", "classes": {"rain": 1.0}}]})
+    checked = mdsd3("check", "--config", recipe)
+    assert checked.exit_code == 0, checked.output
+    assert re.search(r"input images\s+│ 8 ", checked.stdout)  # .txt and .DS_Store are not inputs; the rest are
+
+    decoded = mdsd3("check", "--config", recipe, "--decode")
+    assert decoded.exit_code == 1, decoded.output
+    listed = failed_lines(decoded.stderr)
+    assert [line.split(": ", 1)[0] for line in listed] == [f"failed {inputs / name}" for name in failing]
+    for line, reason in zip(listed, failing.values()):
+        assert line.split(": ", 1)[1].startswith(reason), line
+    assert "7 inputs would fail" in decoded.stderr and "decode inputs: 8/8" in decoded.stderr
+
+    generated = mdsd3("generate", "--config", recipe)
+    assert generated.exit_code == 1, generated.output
+    assert re.search(r"failed inputs\s+│ 7 ", generated.stdout)
+    assert failed_lines(generated.stderr) == listed[:5] + ["failed ... and 2 more"]
+    errors_file = tmp_path / "out" / "errors" / "shard-00000-of-00001.jsonl"
+    assert f"every failed input and its reason: {errors_file}" in generated.stderr
+    recorded = [json.loads(line) for line in errors_file.read_text().splitlines()]
+    assert [f"failed {entry['path']}: {entry['reason']}" for entry in recorded] == listed
+
+
+def test_check_decode_passes_clean_inputs_and_is_for_generate_recipes(tmp_path, train_recipe):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    decoded = mdsd3("check", "--config", recipe, "--decode")
+    assert decoded.exit_code == 0, decoded.output
+    count = len([path for path in PHOTOS.iterdir() if not path.name.startswith(".")])
+    assert f"ok: all {count} inputs decode" in decoded.stderr and failed_lines(decoded.stderr) == []
+    assert_clean_error(mdsd3("check", "--config", train_recipe, "--decode"), "--decode checks a generate recipe")
+    assert "1 valid but some inputs would fail" in " ".join(mdsd3("check", "--help").stdout.split())
+
+
+def test_a_piped_check_prints_tables_and_paths_in_full(tmp_path):
+    """Off a terminal (a real pipe, as in SLURM logs or CI) nothing is cut to 80 columns ("pai…")."""
+    folder = tmp_path / ("a_long_folder_name_" * 6)
+    inputs = folder / "inputs"
+    write_inputs(inputs)
+    recipe = write_recipe(folder / "r.yaml", **{"input.paths": [str(inputs)]})
+    environment = {name: value for name, value in os.environ.items() if name != "COLUMNS"}
+    environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-m", "mdsd3_cli", "check", "--config", str(recipe), "--decode"],
+                            capture_output=True, text=True, env=environment, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert f"│ {folder / 'out'} │" in result.stdout and "…" not in result.stdout
+    assert f"failed {inputs / 'a_fake.jpg'}: not an image" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------- guidance <= 1

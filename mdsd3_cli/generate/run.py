@@ -14,17 +14,17 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import rich.console
 import torch
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from mdsd3_cli import __version__
 from mdsd3_cli.model.adapter import AdapterConfig
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, prompt_for
-from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded, load_image
+from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded
 from mdsd3_cli.generate.plan import ShardSpec, WorkItem, build_plan, check_unique_keys, shard_sources
-from mdsd3_cli.util.progress import RunProgress
+from mdsd3_cli.util.progress import Console, RunProgress
 from mdsd3_cli.model.prompts import PromptEmbedding, load_prompt_embeddings
 from mdsd3_cli.recipe.generate import Recipe
 from mdsd3_cli.util.runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
@@ -33,8 +33,11 @@ from mdsd3_cli.model.weights import BaseModel, build_model, fingerprint_adapter,
 from mdsd3_cli.generate.layouts import LayoutWriter, completed_in_layout, open_layout_writer
 from mdsd3_cli.dataset.ownership import claim_output, clear_outputs, shard_lock, sharding_lock
 from mdsd3_cli.dataset.writer import RUN_JSON, check_run_compatible, write_run_json
+from mdsd3_cli.generate.inputs import FailedInput, decode_failures, discovery_failures, input_loader
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
+FAILURES_SHOWN = 5
+"""Failed inputs a run summary keeps to show (all are in the errors file)."""
 
 
 class InputsError(ValueError):
@@ -102,6 +105,16 @@ class RunSummary:
     sampler_s: float = 0.0
     interrupted: str | None = None
     batch_size: int = 0
+    failures: list[FailedInput] = field(default_factory=list)
+    """The first FAILURES_SHOWN failed inputs."""
+    errors_file: Path | None = None
+    """This shard's errors file, listing every failed input of the run."""
+
+    def record_failure(self, failure: FailedInput) -> None:
+        """Count a failed input, keeping the first few to show."""
+        self.failed_inputs += 1
+        if len(self.failures) < FAILURES_SHOWN:
+            self.failures.append(failure)
 
     @property
     def images_per_s(self) -> float:
@@ -224,7 +237,8 @@ class BatchSampler:
     out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch is retried in parts; at
     batch size 1 a SamplingMemoryError says what to change."""
 
-    def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: Console):
+    def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int,
+                 console: rich.console.Console):
         self.sampler, self.steps, self.guidance = sampler, steps, guidance
         self.batch_size, self.console = batch_size, console
 
@@ -293,7 +307,7 @@ def preflight_output(run: RunPlan, overwrite: bool = False) -> None:
     check_run_compatible(out, run.identity, overwrite=overwrite)
 
 
-def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None = None) -> RunSummary:
+def run_generate(run: RunPlan, overwrite: bool = False, console: rich.console.Console | None = None) -> RunSummary:
     """Produce this shard's missing samples. Resumable: killed at any moment, a rerun completes the same dataset."""
     console = console or Console(stderr=True)
     recipe, out, identity = run.recipe, run.recipe.output_dir(), run.identity
@@ -312,7 +326,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: Console | None 
     return summary
 
 
-def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: Console) -> RunSummary:
+def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: rich.console.Console) -> RunSummary:
     """`run_generate` once this process owns the shard."""
     recipe, out = run.recipe, run.recipe.output_dir()
     summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(run.todo))
@@ -324,20 +338,26 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
         if session is not None:
             write_run_json(out, run_payload(recipe, identity, session))
         with open_layout_writer(recipe, run.shard, run.mine) as writer:
+            summary.errors_file = writer.layout.errors_path(run.shard.name)
+
+            def failed(failure: FailedInput) -> None:
+                writer.record_error(failure.key, failure.path, failure.reason)
+                summary.record_failure(failure)
+
             if run.shard.index == 0:
-                for error in run.discovery.errors:
-                    writer.record_error(error.key, error.path, error.reason)
-                    summary.failed_inputs += 1
+                for failure in discovery_failures(run.discovery):
+                    failed(failure)
             if session is not None:
-                _sample_all(run, todo, session, writer, summary, stop, console)
+                _sample_all(run, todo, session, writer, summary, stop, console, failed)
         if stop.requested:
             summary.interrupted = stop.signal.name
     return summary
 
 
 def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: LayoutWriter, summary: RunSummary,
-                stop: StopRequest, console: Console) -> None:
-    """Decode, sample and submit every item of `todo`, counting into `summary`."""
+                stop: StopRequest, console: rich.console.Console, on_failure: Callable[[FailedInput], None]) -> None:
+    """Decode, sample and submit every item of `todo`, counting into `summary`; inputs that cannot be decoded go
+    to `on_failure`."""
     recipe = run.recipe
     classes = session.adapter.classes
     sampler = open_sampler(recipe, session, needed_prompts(todo, classes, recipe.sampling.guidance))
@@ -347,17 +367,13 @@ def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: La
         by_key[item.key].append(item)
     sources = [Source(key, items[0].source) for key, items in by_key.items()]
 
-    def load(source: Source) -> LoadedImage:
-        return load_image(source.path, recipe.input.size, recipe.input.resize, recipe.input.max_side,
-                          recipe.input.max_pixels)
-
     def failed(source: Source, reason: str) -> None:
-        writer.record_error(source.key, str(source.path), reason)
-        summary.failed_inputs += 1
+        on_failure(FailedInput(source.key, str(source.path), reason))
         progress.total -= len(by_key[source.key])
 
     with RunProgress(len(todo), f"generate {run.shard.name}", console=console) as progress:
-        loaded = iter_loaded(sources, load, workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size)
+        loaded = iter_loaded(sources, input_loader(recipe), workers=recipe.input.workers,
+                             prefetch=4 * recipe.sampling.batch_size)
         for batch in _batches(loaded, by_key, lambda: sample.batch_size, failed, stop):
             tick = time.perf_counter()
             degraded = sample([(request_for(item), image.pixels) for item, image in batch])
@@ -389,6 +405,12 @@ def describe_plan(run: RunPlan) -> Table:
     for name, value in rows:
         table.add_row(name, escape(str(value)))
     return table
+
+
+def predicted_failures(run: RunPlan, console: rich.console.Console | None = None) -> list[FailedInput]:
+    """The inputs `generate` would record as failed (`check --decode`): the files discovery drops, then every
+    source of this shard that does not decode, found by decoding each one as `generate` does (nothing written)."""
+    return discovery_failures(run.discovery) + decode_failures(run.recipe, run.my_sources, console)
 
 
 def estimated_output_bytes(run: RunPlan) -> int:

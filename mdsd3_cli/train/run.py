@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from rich.console import Console
+import rich.console
 from rich.markup import escape
 
 from mdsd3_cli import __version__
@@ -52,7 +52,7 @@ from mdsd3_cli.train.step import (
 )
 from mdsd3_cli.train.summary import TrainSummary
 from mdsd3_cli.util.atomic import atomic_write
-from mdsd3_cli.util.progress import RunProgress
+from mdsd3_cli.util.progress import Console, RunProgress
 from mdsd3_cli.util.runtime import StopRequest
 
 if TYPE_CHECKING:
@@ -119,7 +119,8 @@ class Trainer:
     `resume`: None (fresh; refused when OUT already has checkpoints), "latest" or a checkpoint folder.
     """
 
-    def __init__(self, recipe: TrainRecipe, resume: str | os.PathLike | None = None, console: Console | None = None,
+    def __init__(self, recipe: TrainRecipe, resume: str | os.PathLike | None = None,
+                 console: rich.console.Console | None = None,
                  preview: PreviewSettings | None = None):
         self.recipe = recipe
         self.out = Path(recipe.output.dir)
@@ -431,8 +432,8 @@ class Trainer:
         return summary
 
 
-def run_train(recipe: TrainRecipe, resume: str | os.PathLike | None = None, console: Console | None = None,
-              preview: PreviewSettings | None = None) -> TrainSummary:
+def run_train(recipe: TrainRecipe, resume: str | os.PathLike | None = None,
+              console: rich.console.Console | None = None, preview: PreviewSettings | None = None) -> TrainSummary:
     """Train the adapter a recipe describes; see `Trainer`."""
     return Trainer(recipe, resume, console, preview).run()
 
