@@ -212,7 +212,7 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[RunPl
 
 def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
     from mdsd3_cli.generate.run import check_output_writable
-    from mdsd3_cli.train.run import describe_training
+    from mdsd3_cli.train.summary import describe_training
     from mdsd3_cli.train.data import build_dataset
     from mdsd3_cli.recipe.train import load_train_recipe
 

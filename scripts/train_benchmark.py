@@ -5,7 +5,7 @@
     python scripts/train_benchmark.py --device cuda                # SD3-medium size (random bf16 weights), 512 px
     python scripts/train_benchmark.py --device cuda --resolution 1024 --batch 1 --checkpointing on
 
-A step is exactly what the trainer runs per micro batch (mdsd3_cli.train.run.flow_matching_loss on the uncached
+A step is exactly what the trainer runs per micro batch (mdsd3_cli.train.step.flow_matching_loss on the uncached
 clean-branch path, backward, gradient clipping, AdamW), on random latents and prompt embeddings: no VAE and no
 text encoders are involved. Precision as in training: frozen base in bf16 with bf16 autocast and fp32
 trainable parameters on CUDA; everything fp32 on the CPU. SD3-medium weights are random (built directly on the
@@ -49,7 +49,7 @@ def build(preset: str, device: torch.device, lora_rank: int, trainable: str):
     """(MDSD3 model with trainable parameters in fp32, trainable parameter list, FlowSchedule, joint dim, pooled dim)."""
     from diffusers import SD3Transformer2DModel
 
-    from mdsd3_cli.train.run import FlowSchedule, set_trainable, upcast_trainable
+    from mdsd3_cli.train.step import FlowSchedule, set_trainable, upcast_trainable
     from mdsd3_cli.model.weights import BaseModel, SD3_SCHEDULER, build_model, build_tiny, fresh_adapter_config
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -72,7 +72,7 @@ def build(preset: str, device: torch.device, lora_rank: int, trainable: str):
 def measure(preset: str, device_name: str, resolution: int, batch: int, checkpointing: bool, steps: int, warmup: int,
             lora_rank: int, trainable: str) -> dict:
     """Time `steps` training steps after `warmup` ones; returns the measurement record."""
-    from mdsd3_cli.train.run import flow_matching_loss, step_generator
+    from mdsd3_cli.train.step import flow_matching_loss, step_generator
 
     device = torch.device(device_name)
     cuda = device.type == "cuda"

@@ -21,7 +21,7 @@ scikit-image's colour photos and grayscale images, plus those in examples/photos
 (uint8 [2, 128, 128, 3] centre crops of the held-out photos `chelsea` and `coffee`, which no crop comes from).
 
 `train` trains the whole mini model (mdsd3_cli/model/presets/build_mini.py) at once, base and adapter together, with the objective
-of `mdsd3 train` (mdsd3_cli/train/run.py: flow matching on the degraded latent, clean branch, head mask from the
+of `mdsd3 train` (mdsd3_cli/train/step.py: flow matching on the degraded latent, clean branch, head mask from the
 ratios, logit-normal σ, condition drop): each step takes random 128-px crops and flips of the training crops
 and degrades them on the device with mdsd3_cli/model/presets/degradations.py — one class per sample at a random ratio, or
 none (identity pairs), never mixed. bf16 autocast on CUDA; an EMA of the weights is what gets saved. With
@@ -53,9 +53,9 @@ from mdsd3_cli.model.adapter import FlowStart  # noqa: E402
 from mdsd3_cli.model.presets.degradations import degrade, quantize  # noqa: E402
 from mdsd3_cli.model.heads import all_prompts, partition_heads  # noqa: E402
 from mdsd3_cli.model.presets.build_mini import MINI_CLASSES, MINI_RESOLUTION, fresh_mini, preset_sizes, save_preset  # noqa: E402
-from mdsd3_cli.train.run import (  # noqa: E402
-    FlowSchedule, LatentEncoder, PreviewSettings, PromptTable, batch_conditioning, flow_matching_loss,
-    render_preview, step_generator,
+from mdsd3_cli.train.previews import PreviewSettings, render_preview  # noqa: E402
+from mdsd3_cli.train.step import (  # noqa: E402
+    FlowSchedule, LatentEncoder, PromptTable, batch_conditioning, flow_matching_loss, step_generator,
 )
 from mdsd3_cli.train.data import condition_drop_mask  # noqa: E402
 

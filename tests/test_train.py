@@ -28,16 +28,10 @@ from mdsd3_cli.cli import app
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
-from mdsd3_cli.train.run import (
-    CHECKPOINTS,
-    FlowSchedule,
-    Trainer,
-    TrainError,
-    is_trainable,
-    list_checkpoints,
-    run_train,
-    step_generator,
-)
+from mdsd3_cli.train.checkpoints import CHECKPOINTS, list_checkpoints
+from mdsd3_cli.train.errors import TrainError
+from mdsd3_cli.train.run import Trainer, run_train
+from mdsd3_cli.train.step import FlowSchedule, is_trainable, step_generator
 from mdsd3_cli.train.data import EmptyDatasetError
 from mdsd3_cli.recipe.train import load_train_recipe
 from mdsd3_cli.model.weights import (

@@ -23,7 +23,8 @@ from mdsd3_cli.cli import app
 from mdsd3_cli.model.heads import all_prompts, head_mask
 from mdsd3_cli.model.prompts import load_prompt_embeddings
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
-from mdsd3_cli.train.run import FlowSchedule, flow_matching_loss, run_train, step_generator
+from mdsd3_cli.train.run import run_train
+from mdsd3_cli.train.step import FlowSchedule, flow_matching_loss, step_generator
 from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 from mdsd3_cli.model.weights import build_model, fresh_adapter_config
 

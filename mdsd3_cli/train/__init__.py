@@ -1,1 +1,2 @@
-"""`mdsd3 train`: the training data (paired sources) and the run (the Trainer)."""
+"""`mdsd3 train`: the training data (paired sources), the step (trainable sets, loss), checkpoints, previews,
+the log and summary, and the run (the Trainer)."""
