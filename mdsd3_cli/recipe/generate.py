@@ -457,13 +457,18 @@ def parse_recipe(data: Any, source_path: str | os.PathLike, overridden: Mapping[
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe file (bounded, safe YAML), apply `--set` overrides, and validate it with its paths."""
+def load_recipe_data(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[Recipe, dict[str, Any]]:
+    """`load_recipe`, and the raw data it validated (overrides applied) for a tool that writes a recipe back."""
     try:
         raw = read_recipe(path, overrides, not_mapping=_NOT_A_MAPPING)
     except RecipeFileError as error:
         raise RecipeError(error.source, [(error.where, error.message)]) from None
-    return parse_recipe(raw.data, path, raw.overridden)
+    return parse_recipe(raw.data, path, raw.overridden), raw.data
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file (bounded, safe YAML), apply `--set` overrides, and validate it with its paths."""
+    return load_recipe_data(path, overrides)[0]
 
 
 _EXAMPLE_RECIPE = """\
