@@ -61,17 +61,18 @@ def _class_folders(path: Path, folders: list[Path], classes: list[str], workers:
     return found
 
 
-def measure_reference(path: Path, classes: list[str], named: bool, workers: int | None = None,
+def measure_reference(path: Path, classes: list[str], known: list[str], named: bool, workers: int | None = None,
                       console: Console | None = None) -> ReferenceStrengths:
-    """Strengths of `classes` (those with an estimator) in the reference at `path`; `named`: the user listed them
-    (a flat clean/ + degraded/ set needs that). EvaluateError, with evaluate's messages, when the reference has no
-    usable pair or the classes of a flat set are not named."""
+    """Strengths of `classes` (those with an estimator) in the reference at `path`; `known`: every class of the
+    recipe (a degraded/ sub folder named after one makes the per-class layout); `named`: the user listed the
+    classes (a flat clean/ + degraded/ set needs that). EvaluateError, with evaluate's messages, when the
+    reference has no usable pair or the classes of a flat set are not named."""
     path = Path(path)
     classes = [name for name in classes if name in CLASS_ESTIMATORS]
     if (path / "manifest").is_dir():
         return _single_class(path, classes, workers, console)
     degraded = path / "degraded"
-    folders = sorted(entry for entry in degraded.iterdir() if entry.is_dir() and entry.name in classes) \
+    folders = sorted(entry for entry in degraded.iterdir() if entry.is_dir() and entry.name in known) \
         if (path / "clean").is_dir() and degraded.is_dir() else []
     if folders:
         return _class_folders(path, folders, classes, workers, console)

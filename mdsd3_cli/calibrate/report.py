@@ -91,6 +91,8 @@ class CalibrationReport(BaseModel):
     check_samples: int
     classes: list[ClassResult]
     problems: list[str]
+    files: list[str]
+    """The files written: the recipe, this report and (when a class was calibrated) the plot."""
     timings_s: dict[str, float]
     versions: dict[str, Any]
 

@@ -56,6 +56,8 @@ def _chosen_classes(recipe: Recipe, classes: Sequence[str] | None) -> list[str]:
     known = recipe.classes()
     if classes is None:
         return [name for name in known if variants_using(recipe, name)]
+    if not classes:
+        raise ValueError(f"--classes names no class; the recipe's classes are {', '.join(known)}")
     for name in classes:
         if name not in known:
             raise ValueError(f"--classes: {unknown_class_message(name, known)}")
@@ -142,7 +144,8 @@ def calibrate(config: Path, reference: Path, out: Path, classes: Sequence[str] |
     outputs = Outputs(Path(out))
     outputs.refuse_existing(overwrite, Path(reference))
     names = _chosen_classes(recipe, classes)
-    found = measure_reference(Path(reference), names, named=classes is not None, workers=workers, console=console)
+    found = measure_reference(Path(reference), names, recipe.classes(), named=classes is not None, workers=workers,
+                              console=console)
     timings["reference"] = time.perf_counter() - start
     results = {name: _left_as_given(recipe, name, found) for name in names}
     swept = [name for name, result in results.items() if result is None]
@@ -177,6 +180,7 @@ def calibrate(config: Path, reference: Path, out: Path, classes: Sequence[str] |
         recipe=str(config), reference=str(reference), reference_layout=found.layout, out=str(outputs.recipe),
         probes=[probe.key for probe in probes], grid=ratios.tolist(), check_samples=check,
         classes=[results[name] for name in names],
+        files=[str(path) for path in (outputs.recipe, outputs.report, *([outputs.plot] if calibrated else []))],
         problems=[f"{problem.path}: {problem.reason}" for problem in found.problems] + skipped,
         timings_s=timings,
         versions={"mdsd3": __version__, "estimators": {name: ESTIMATOR_VERSIONS[name] for name in names
