@@ -5,18 +5,19 @@ stable; a class the reference lacks is reported and left as given; the quantile 
 synthetic curves; bad references and outputs.
 
 The model runs at 64 px (mini's sampling settings from configs/demo.yaml otherwise) with one probe photo, a
-4-point grid and 6 check samples per class, so the file stays near a minute and a half on two busy cores.
+4-point grid and 4 check samples per class, so the file stays near a minute and a half on two busy cores.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -26,42 +27,23 @@ from mdsd3_cli.calibrate.fit import Curve, invert, isotonic, quantile_mapping
 from mdsd3_cli.cli import app
 from mdsd3_cli.evaluate import EvaluateError
 from mdsd3_cli.generate.plan import build_plan, draw_ratios
-from mdsd3_cli.model.presets.degradations import degrade_photo
 from mdsd3_cli.recipe.generate import QuantileRatio, RecipeError, load_recipe, parse_recipe
-from mdsd3_cli.util.images import fit_image
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "examples" / "photos"
 MATCHED = ("haze", "noise", "low_light")
-PER_PHOTO = 12
 
 
-def _skewed_ratios(name: str, rng: np.random.Generator) -> np.ndarray:
-    """Per-sample strengths of the reference: haze mostly light with a few dense, noise a two-level mix,
-    low light skewed towards light (r = u²)."""
-    if name == "haze":
-        return np.where(rng.random(PER_PHOTO) < 0.8, rng.uniform(0.05, 0.3, PER_PHOTO), rng.uniform(0.7, 1.0, PER_PHOTO))
-    if name == "noise":
-        return np.clip(np.where(rng.random(PER_PHOTO) < 0.7, 0.2, 0.7) + rng.normal(0, 0.03, PER_PHOTO), 0, 1)
-    return rng.random(PER_PHOTO) ** 2
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _write_reference(root: Path, classes: tuple[str, ...] = MATCHED) -> Path:
-    """clean/<photo>_<i>.png and degraded/<class>/<photo>_<i>.png from chelsea and coffee (held out of mini's
-    training) at 128 px."""
-    rng = np.random.default_rng(20)
-    for photo in ("chelsea", "coffee"):
-        pixels = fit_image(Image.open(PHOTOS / f"{photo}.jpg"), 128, "center_crop").pixels
-        for number, name in enumerate(classes):
-            (root / "degraded" / name).mkdir(parents=True, exist_ok=True)
-            for index, ratio in enumerate(_skewed_ratios(name, rng)):
-                key = f"{photo}_{index:02d}.png"
-                (root / "clean").mkdir(exist_ok=True)
-                if not (root / "clean" / key).exists():
-                    Image.fromarray(pixels).save(root / "clean" / key)
-                generator = torch.Generator().manual_seed(1000 * number + index)
-                Image.fromarray(degrade_photo(pixels, name, float(ratio), generator)).save(root / "degraded" / name / key)
-    return root
+write_reference = _script("make_reference").write_reference
+"""clean/<photo>_<i>.png and degraded/<class>/<photo>_<i>.png from chelsea and coffee (held out of mini's training)
+at 128 px, 24 pairs per class at skewed strengths (scripts/make_reference.py)."""
 
 
 def _write_recipe(folder: Path) -> Path:
@@ -81,7 +63,7 @@ def _write_recipe(folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("calibrate")
-    return _write_recipe(root / "recipe"), _write_reference(root / "reference"), root
+    return _write_recipe(root / "recipe"), write_reference(root / "reference"), root
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +77,7 @@ def synth(setup):
 def calibrated(setup, synth):
     recipe, reference, root = setup
     out = root / "result" / "calibrated.yaml"
-    report = calibrate(recipe, reference, out, classes=[*MATCHED, "rain"], probe=1, grid=4, check=6, workers=1,
+    report = calibrate(recipe, reference, out, classes=[*MATCHED, "rain"], probe=1, grid=4, check=4, workers=1,
                        synthesizer=synth)
     return report, out
 
@@ -110,7 +92,7 @@ def test_calibration_brings_generated_strengths_closer_to_the_reference(calibrat
         print(f"{name}: W1 {result.before.wasserstein:.4g} -> {result.after.wasserstein:.4g} ({ratio:.0%}), "
               f"{result.after.wasserstein_of_spread:.0%} of the reference's spread")
         assert ratio <= 0.3, (name, ratio)
-        assert result.after.strengths.count == result.before.strengths.count == 6
+        assert result.after.strengths.count == result.before.strengths.count == 4
     written = load_recipe(out)
     given = load_recipe(setup[0])
     for variant, before in zip(written.variants, given.variants):
@@ -214,16 +196,16 @@ def test_bad_references_get_evaluate_messages_before_any_model_loads(setup, tmp_
 
 def test_cli_reports_classes_left_as_given_and_refuses_to_overwrite(setup, tmp_path):
     recipe = setup[0]
-    reference = _write_reference(tmp_path / "reference", classes=("noise",))
+    reference = write_reference(tmp_path / "reference", classes=("noise",))
     out = tmp_path / "result" / "left.yaml"
     result = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
-                                      "--classes", "rain,haze", "--out", str(out)])
+                                      "--classes", "rain,haze", "--out", str(out), "--workers", "1"])
     assert result.exit_code == 1, result.output
     assert "absent" in result.output and "degraded/haze" in result.output
     assert yaml.safe_load(out.read_text())["variants"] == yaml.safe_load(recipe.read_text())["variants"]
     assert sorted(os.listdir(out.parent)) == ["left.report.json", "left.yaml"]
     again = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
-                                     "--classes", "haze", "--out", str(out)])
+                                     "--classes", "haze", "--out", str(out), "--workers", "1"])
     assert again.exit_code == 2 and "exists" in again.output
     unknown = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
                                        "--classes", "hazy", "--out", str(tmp_path / "x.yaml")])
