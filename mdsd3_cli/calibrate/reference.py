@@ -26,6 +26,11 @@ class ReferenceStrengths:
     problems: list[Problem] = field(default_factory=list)
 
 
+def _finite(values: np.ndarray) -> np.ndarray:
+    """The finite strengths (a copy)."""
+    return values[np.isfinite(values)]
+
+
 def _single_class(path: Path, classes: list[str], workers: int | None, console: Console | None) -> ReferenceStrengths:
     """An mdsd3 output: a class's strengths are those of the samples that request it and no other class."""
     report = evaluate_dataset(path, workers=workers, console=console)
@@ -40,7 +45,7 @@ def _single_class(path: Path, classes: list[str], workers: int | None, console: 
         if not alone.any():
             found.absent[name] = "no sample of the reference requests it alone (only mixed with other classes)"
         else:
-            found.strengths[name] = table.column(name)[alone].copy()
+            found.strengths[name] = _finite(table.column(name)[alone])
     return found
 
 
@@ -57,7 +62,7 @@ def _class_folders(path: Path, folders: list[Path], classes: list[str], workers:
             continue
         report = evaluate_dataset(pairs=(path / "clean", path / "degraded" / name), workers=workers, console=console)
         found.problems += report.problems
-        found.strengths[name] = report.tables[report.summary["label"]].column(name).copy()
+        found.strengths[name] = _finite(report.tables[report.summary["label"]].column(name))
     return found
 
 
@@ -67,8 +72,16 @@ def measure_reference(path: Path, classes: list[str], known: list[str], named: b
     recipe (a degraded/ sub folder named after one makes the per-class layout); `named`: the user listed the
     classes (a flat clean/ + degraded/ set needs that). EvaluateError, with evaluate's messages, when the
     reference has no usable pair or the classes of a flat set are not named."""
-    path = Path(path)
-    classes = [name for name in classes if name in CLASS_ESTIMATORS]
+    found = _measure(Path(path), [name for name in classes if name in CLASS_ESTIMATORS], known, named, workers, console)
+    for name in [name for name, values in found.strengths.items() if values.size == 0]:
+        del found.strengths[name]
+        found.absent[name] = "no finite strength measured in the reference"
+    return found
+
+
+def _measure(path: Path, classes: list[str], known: list[str], named: bool, workers: int | None,
+             console: Console | None) -> ReferenceStrengths:
+    """`measure_reference` for the classes with an estimator, by the reference's layout."""
     if (path / "manifest").is_dir():
         return _single_class(path, classes, workers, console)
     degraded = path / "degraded"
@@ -81,5 +94,5 @@ def measure_reference(path: Path, classes: list[str], known: list[str], named: b
                             "(degraded/<class>/); name the class(es) it shows with --classes, e.g. --classes haze")
     report = evaluate_dataset(path, workers=workers, console=console)
     table = report.tables[report.summary["label"]]
-    return ReferenceStrengths("clean/ + degraded/", {name: table.column(name).copy() for name in classes},
+    return ReferenceStrengths("clean/ + degraded/", {name: _finite(table.column(name)) for name in classes},
                               problems=list(report.problems))
