@@ -527,8 +527,9 @@ variants:                   # each writes degraded/<name>/ (or <name>_r<N>/ with
   # Fixed ratios in [0, 1]: 1 applies a class fully, 0.5 half as strongly.
   - name: rain_haze
     classes: {rain: 1.0, haze: 1.0}
-  # Ranges [lo, hi] are drawn per sample from its seed; repeats gives several draws
-  # per photo; alpha and beta here override the sampling ones.
+  # Ranges [lo, hi] are drawn per sample from its seed ({quantiles: [q0, ..., qK]} draws from a
+  # distribution instead; `mdsd3 calibrate` writes those to match a real dataset); repeats gives
+  # several draws per photo; alpha and beta here override the sampling ones.
   - name: random_mix
     classes: {rain: [0.3, 1.0], haze: [0.0, 0.6]}
     repeats: 2                # at most 1000
