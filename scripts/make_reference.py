@@ -7,7 +7,7 @@ degraded by mdsd3_cli/model/presets/degradations.py at per-sample strengths from
 writes OUT/clean/<photo>_<i>.png and OUT/degraded/<class>/<photo>_<i>.png (--per-photo pairs per photo and class,
 --size px centre crops). The strengths (ratios of the degradation module): haze mostly light (80 % in
 0.05-0.3) with a few dense (0.7-1); noise a two-level mix (70 % at 0.2, 30 % at 0.7, ± 0.03); low light skewed
-towards light (u², u uniform). Deterministic for one --seed. Refuses an OUT that exists.
+towards light (u², u uniform); with --classes rain, rain uniform in 0.2-0.8. Deterministic for one --seed. Refuses an OUT that exists.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from mdsd3_cli.util.images import fit_image  # noqa: E402
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 HELD_OUT = ("chelsea", "coffee")
 CLASSES = ("haze", "noise", "low_light")
+OTHER_CLASSES = ("rain",)
 
 
 def skewed_ratios(name: str, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -39,7 +40,9 @@ def skewed_ratios(name: str, count: int, rng: np.random.Generator) -> np.ndarray
         return np.clip(np.where(rng.random(count) < 0.7, 0.2, 0.7) + rng.normal(0, 0.03, count), 0, 1)
     if name == "low_light":
         return rng.random(count) ** 2
-    raise ValueError(f"no skewed distribution for class {name!r}; choose from {', '.join(CLASSES)}")
+    if name == "rain":
+        return rng.uniform(0.2, 0.8, count)
+    raise ValueError(f"no distribution for class {name!r}; choose from {', '.join(CLASSES + OTHER_CLASSES)}")
 
 
 def write_reference(out: Path, classes: Sequence[str] = CLASSES, per_photo: int = 12, size: int = 128,
@@ -63,7 +66,7 @@ def write_reference(out: Path, classes: Sequence[str] = CLASSES, per_photo: int 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to create")
-    parser.add_argument("--classes", nargs="+", default=list(CLASSES), choices=CLASSES)
+    parser.add_argument("--classes", nargs="+", default=list(CLASSES), choices=CLASSES + OTHER_CLASSES)
     parser.add_argument("--per-photo", type=int, default=12)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=20)
