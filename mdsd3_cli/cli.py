@@ -421,6 +421,9 @@ def calibrate(
             spans = ", ".join(f"{low:g}-{high:g}" for low, high in result.curve.decreasing)
             _warn(f"{result.name}: the model's median strength falls between ratios {spans} (not monotone; the "
                   "inversion uses its monotone fit)")
+        if result.above_range:
+            _warn(f"{result.name}: {result.above_range:.0%} of the reference is stronger than the model makes at ratio 1 "
+                  "(mapped to ratio 1)")
     console.print("wrote " + ", ".join(escape(path) for path in report.files), highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_LEFT_AS_GIVEN if report.left_as_given else EXIT_OK)
 
