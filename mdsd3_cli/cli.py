@@ -418,6 +418,60 @@ def evaluate(
 
 
 @app.command()
+def calibrate(
+    config: ConfigOption,
+    reference: Annotated[Path, typer.Option("--reference", metavar="DIR", help="The paired set to match: an mdsd3 "
+                         "output, a folder with clean/ and degraded/<class>/ (one folder per class), or clean/ and "
+                         "degraded/ holding one set (name its classes with --classes); images matched by name.",
+                         show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="The calibrated recipe to write; <stem>.report.json and "
+                   "<stem>.png go beside it.", show_default=False)],
+    classes: Annotated[Optional[str], typer.Option("--classes", metavar="A,B", help="Classes to calibrate, "
+                       "comma-separated. Default: every class a variant uses.", show_default=False)] = None,
+    probe: Annotated[int, typer.Option("--probe", min=1, help="Probe photos taken from the recipe's inputs.")] = 4,
+    grid: Annotated[int, typer.Option("--grid", min=2, help="Ratios swept per class, evenly from 0 to 1.")] = 5,
+    check: Annotated[int, typer.Option("--check", min=0, help="Samples per class in each check set (as given, "
+                     "calibrated); 0 skips the verification.")] = 16,
+    overrides: SetOption = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output recipe, report and plot if "
+                         "they exist.")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring the reference. "
+                       "Default: the number of CPUs.", show_default=False)] = None,
+) -> None:
+    """Fit a recipe's class ratios so the strengths it generates match a reference paired set's (docs/calibrate.md).
+
+    Measures each class's strength distribution in the reference (evaluate's estimators), sweeps each class's ratio
+    on --probe photos of the recipe's inputs, inverts the strength(ratio) curve by quantile mapping into a per-sample
+    ratio distribution ({quantiles: [...]}) for every variant using the class, and verifies on check sets made with
+    the recipe as given and as calibrated (1-Wasserstein distance to the reference). A class the reference lacks,
+    or whose strength the model does not move clearly, is reported and left as given. Exit status: 0 every class
+    calibrated, 1 recipe written but some classes left as given (listed), 2 bad recipe, reference or usage
+    (nothing written).
+    """
+    _quiet_libraries()
+    from mdsd3_cli.calibrate import EXIT_LEFT_AS_GIVEN, EXIT_OK, calibrate as run_calibration
+    from mdsd3_cli.calibrate.report import summary_table
+
+    names = None if classes is None else [name.strip() for name in classes.split(",") if name.strip()]
+    with _clear_errors():
+        report = run_calibration(config, reference, out, names, probe, grid, check, overrides or [], overwrite,
+                                 workers, console)
+    Console().print(summary_table(report))
+    for problem in report.problems:
+        console.print(f"[yellow]left out[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    for result in report.classes:
+        if result.curve is not None and result.curve.decreasing:
+            spans = ", ".join(f"{low:g}-{high:g}" for low, high in result.curve.decreasing)
+            _warn(f"{result.name}: the model's median strength falls between ratios {spans} (not monotone; the "
+                  "inversion uses its monotone fit)")
+        if result.above_range:
+            _warn(f"{result.name}: {result.above_range:.0%} of the reference is stronger than the model makes at ratio 1 "
+                  "(mapped to ratio 1)")
+    console.print("wrote " + ", ".join(escape(path) for path in report.files), highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_LEFT_AS_GIVEN if report.left_as_given else EXIT_OK)
+
+
+@app.command()
 def export(
     dataset: Annotated[Path, typer.Option("--dataset", help="A finished generate output folder (either layout).",
                                           show_default=False)],

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mdsd3_cli"
-LAYERS = ["util", "model", "recipe", "dataset", "export", "generate", "train", "evaluate"]
+LAYERS = ["util", "model", "recipe", "dataset", "export", "generate", "train", "evaluate", "calibrate"]
 """Subpackages from the bottom: each may import itself and the ones before it, never one after it."""
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from mdsd3_cli.recipe.generate import Recipe, Variant
+from mdsd3_cli.recipe.generate import QuantileRatio, Recipe, Variant
 
 
 class ShardError(ValueError):
@@ -54,14 +54,20 @@ def draw_ratios(variant: Variant, classes: Sequence[str], seed: int) -> dict[str
     """Concrete ratios for every class, in class order (absent class: 0.0).
 
     One uniform number per class is drawn from `random.Random(seed)` in class order, whatever the variant
-    says, and ranges use theirs; so a draw depends only on the sample's seed and its own class's range.
+    says; a range [lo, hi] maps it linearly, `{quantiles: [...]}` through its quantile function (inverse CDF). So a
+    draw depends only on the sample's seed and its own class's spec.
     """
     rng = random.Random(seed)
     ratios = {}
     for name in classes:
         unit = rng.random()
         spec = variant.classes.get(name, 0.0)
-        ratios[name] = spec[0] + (spec[1] - spec[0]) * unit if isinstance(spec, list) else float(spec)
+        if isinstance(spec, QuantileRatio):
+            ratios[name] = spec.at(unit)
+        elif isinstance(spec, list):
+            ratios[name] = spec[0] + (spec[1] - spec[0]) * unit
+        else:
+            ratios[name] = float(spec)
     return ratios
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr, ValidationError, field_validator
 
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 from mdsd3_cli.util.names import unknown_class_message
@@ -39,15 +39,52 @@ class RecipeError(ValueError):
         return type(self), (self.source, self.problems)
 
 
-def _ratio(value: Any) -> float | list[float]:
-    """A class ratio: a number in [0, 1], or a range [lo, hi] with 0 <= lo <= hi <= 1 drawn per sample."""
+class _Section(BaseModel):
+    """Strict base: unknown keys and wrong types are errors (no silent coercion)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+MAX_QUANTILES = 101
+"""Most values a `{quantiles: [...]}` ratio may list."""
+
+
+class QuantileRatio(_Section):
+    """A ratio drawn per sample by inverse CDF from a piecewise-linear quantile function: `quantiles[k]` is the
+    ratio at cumulative probability k / K (K + 1 values, non-decreasing, in [0, 1]); `mdsd3 calibrate` writes it."""
+
+    quantiles: list[float]
+
+    def at(self, unit: float) -> float:
+        """The ratio at cumulative probability `unit` in [0, 1] (linear between neighbouring quantiles)."""
+        values = self.quantiles
+        position = min(max(unit, 0.0), 1.0) * (len(values) - 1)
+        index = min(int(position), len(values) - 2)
+        return values[index] + (values[index + 1] - values[index]) * (position - index)
+
+
+def _ratio(value: Any) -> float | list[float] | QuantileRatio:
+    """A class ratio: a number in [0, 1], a range [lo, hi] with 0 <= lo <= hi <= 1, or {quantiles: [q0, ..., qK]}
+    (non-decreasing, in [0, 1]); ranges and quantiles are drawn per sample."""
     def number(item: Any) -> float:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise ValueError(f"ratio must be a number in [0, 1] or a range [lo, hi], got {item!r}")
+            raise ValueError(f"ratio must be a number in [0, 1], a range [lo, hi] or {{quantiles: [q0, ..., qK]}}, "
+                             f"got {item!r}")
         if not 0.0 <= item <= 1.0:
             raise ValueError(f"ratio {item} is outside [0, 1]")
         return float(item)
 
+    if isinstance(value, QuantileRatio):
+        return value
+    if isinstance(value, Mapping):
+        if set(value) != {"quantiles"} or not isinstance(value["quantiles"], (list, tuple)):
+            raise ValueError(f"a ratio mapping is {{quantiles: [q0, ..., qK]}}, got {dict(value)!r}")
+        values = [number(item) for item in value["quantiles"]]
+        if not 2 <= len(values) <= MAX_QUANTILES:
+            raise ValueError(f"quantiles lists 2 to {MAX_QUANTILES} ratios, got {len(values)}")
+        if any(high < low for low, high in zip(values, values[1:])):
+            raise ValueError(f"quantiles must not decrease, got {values}")
+        return QuantileRatio(quantiles=values)
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ValueError(f"a ratio range is [lo, hi], got {list(value)!r}")
@@ -58,13 +95,12 @@ def _ratio(value: Any) -> float | list[float]:
     return number(value)
 
 
-Ratio = Annotated[float | list[float], PlainValidator(_ratio)]
+def _ratio_data(value: float | list[float] | QuantileRatio) -> float | list[float] | dict[str, list[float]]:
+    """A ratio as the recipe writes it."""
+    return {"quantiles": list(value.quantiles)} if isinstance(value, QuantileRatio) else value
 
 
-class _Section(BaseModel):
-    """Strict base: unknown keys and wrong types are errors (no silent coercion)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+Ratio = Annotated[float | list[float] | QuantileRatio, PlainValidator(_ratio), PlainSerializer(_ratio_data)]
 
 
 class ModelSection(_Section):
@@ -421,13 +457,18 @@ def parse_recipe(data: Any, source_path: str | os.PathLike, overridden: Mapping[
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a recipe file (bounded, safe YAML), apply `--set` overrides, and validate it with its paths."""
+def load_recipe_data(path: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[Recipe, dict[str, Any]]:
+    """`load_recipe`, and the raw data it validated (overrides applied) for a tool that writes a recipe back."""
     try:
         raw = read_recipe(path, overrides, not_mapping=_NOT_A_MAPPING)
     except RecipeFileError as error:
         raise RecipeError(error.source, [(error.where, error.message)]) from None
-    return parse_recipe(raw.data, path, raw.overridden)
+    return parse_recipe(raw.data, path, raw.overridden), raw.data
+
+
+def load_recipe(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a recipe file (bounded, safe YAML), apply `--set` overrides, and validate it with its paths."""
+    return load_recipe_data(path, overrides)[0]
 
 
 _EXAMPLE_RECIPE = """\
@@ -486,8 +527,9 @@ variants:                   # each writes degraded/<name>/ (or <name>_r<N>/ with
   # Fixed ratios in [0, 1]: 1 applies a class fully, 0.5 half as strongly.
   - name: rain_haze
     classes: {rain: 1.0, haze: 1.0}
-  # Ranges [lo, hi] are drawn per sample from its seed; repeats gives several draws
-  # per photo; alpha and beta here override the sampling ones.
+  # Ranges [lo, hi] are drawn per sample from its seed ({quantiles: [q0, ..., qK]} draws from a
+  # distribution instead; `mdsd3 calibrate` writes those to match a real dataset); repeats gives
+  # several draws per photo; alpha and beta here override the sampling ones.
   - name: random_mix
     classes: {rain: [0.3, 1.0], haze: [0.0, 0.6]}
     repeats: 2                # at most 1000
