@@ -6,7 +6,8 @@ degraded by mdsd3_cli/model/presets/degradations.py at per-sample strengths from
 
 writes OUT/clean/<photo>_<i>.png and OUT/degraded/<class>/<photo>_<i>.png (--per-photo pairs per photo and class,
 --size px centre crops). The strengths (ratios of the degradation module): haze mostly light (80 % in
-0.05-0.3) with a few dense (0.7-1); noise a two-level mix (70 % at 0.2, 30 % at 0.7, ± 0.03); low light skewed
+0.05-0.3) with a few dense (0.7-1); noise a two-level mix (70 % at 0.1, 30 % at 0.3, ± 0.03: mini's
+ratio 1 makes about the noise of the training degradation at 0.47, docs/mini.md); low light skewed
 towards light (u², u uniform); with --classes rain, rain uniform in 0.2-0.8. Deterministic for one --seed. Refuses an OUT that exists.
 """
 
@@ -37,7 +38,7 @@ def skewed_ratios(name: str, count: int, rng: np.random.Generator) -> np.ndarray
     if name == "haze":
         return np.where(rng.random(count) < 0.8, rng.uniform(0.05, 0.3, count), rng.uniform(0.7, 1.0, count))
     if name == "noise":
-        return np.clip(np.where(rng.random(count) < 0.7, 0.2, 0.7) + rng.normal(0, 0.03, count), 0, 1)
+        return np.clip(np.where(rng.random(count) < 0.7, 0.1, 0.3) + rng.normal(0, 0.03, count), 0, 1)
     if name == "low_light":
         return rng.random(count) ** 2
     if name == "rain":
