@@ -478,15 +478,15 @@ def export(
     to: Annotated[str, typer.Option("--to", help="webdataset (tar shards), lmdb (BasicSR's paired LMDB) or "
                                     "parquet (Hugging Face datasets).", show_default=False)],
     destination: Annotated[Path, typer.Argument(help="Folder to create (must not exist).", show_default=False)],
-    per_file: Annotated[int, typer.Option("--per-file", min=1, help="Pairs per tar (webdataset) or per "
-                                          "Parquet file.")] = 1000,
+    per_file: Annotated[int, typer.Option("--per-file", min=1, help="Keys per tar (webdataset: one "
+                                          "sample per key, its clean image and every variant) or pairs per Parquet file.")] = 1000,
     partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
                                           "output is marked partial.")] = False,
 ) -> None:
     """Convert a finished dataset into what large-scale trainers read.
 
     `lmdb` writes DEST/gt.lmdb and DEST/lq_<variant>.lmdb, each with BasicSR's meta_info.txt; `webdataset` writes
-    DEST/data-000000.tar, ... (one sample per pair: .clean.png, .degraded.png, .json); `parquet` writes
+    DEST/data-000000.tar, ... (one sample per key: .clean.png once, .<variant>.degraded.png each, .json); `parquet` writes
     DEST/data-00000.parquet, ... (one row per pair). The destination appears only when complete, one export per
     destination; an interrupted export may leave a `.DEST.<random>.partial` sibling (safe to delete). An unfinished
     run is refused unless --partial. Exit status: 0 done, 2 unusable input (docs/export.md).

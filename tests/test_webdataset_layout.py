@@ -23,11 +23,12 @@ from mdsd3_cli.dataset.preview import contact_sheet
 from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.dataset.verify import verify_dataset
 from mdsd3_cli.dataset.writer import OutputConflictError
+from mdsd3_cli.export.webdataset import record_json
 
 from .tiny_datasets import FOLDERS, PHOTOS, generate, write_recipe
 
-PER_TAR = 2
-TARS = [f"shard-00000-of-00001-{index:06d}.tar" for index in range(5)]  # 3 keys x 3 folders, 2 per tar
+PER_TAR = 1
+TARS = [f"shard-00000-of-00001-{index:06d}.tar" for index in range(3)]  # 3 keys (x 3 folders), 1 key per tar
 
 
 def tar_bytes(out: Path) -> dict[str, bytes]:
@@ -38,9 +39,9 @@ def manifest_lines(out: Path) -> list[str]:
     return [line for path in sorted((out / "manifest").glob("*.jsonl")) for line in path.read_text().splitlines()]
 
 
-def webdataset_recipe(root: Path, photos: Path, **output) -> Path:
-    return write_recipe(root / "recipe.yaml", photos, root / "out", layout="webdataset", samples_per_tar=PER_TAR,
-                        **output)
+def webdataset_recipe(root: Path, photos: Path, samples_per_tar: int = PER_TAR) -> Path:
+    return write_recipe(root / "recipe.yaml", photos, root / "out", layout="webdataset",
+                        samples_per_tar=samples_per_tar)
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +57,19 @@ def test_tars_hold_the_folders_layouts_bytes(reference, folders_dataset):
     folders_records = {(r["key"], r["folder"]): r for r in map(json.loads, manifest_lines(folders_dataset))}
     urls = [str(reference / "tars" / name) for name in TARS]
     samples = list(wds.WebDataset(urls, shardshuffle=False))
-    assert len(samples) == len(folders_records) == 9
+    assert len(samples) == 3 and len(folders_records) == 9  # one sample per key, each clean image once
+    records = []
     for sample in samples:
-        record = json.loads(sample["json"])
-        assert "." not in sample["__key__"]
-        expected = folders_records[record["key"], record["folder"]]
-        assert sample["clean.png"] == (folders_dataset / expected["clean"]).read_bytes()
-        assert sample["degraded.png"] == (folders_dataset / expected["degraded"]).read_bytes()
-        assert record["degraded_sha256"] == expected["degraded_sha256"]
-    assert {(r["key"], r["folder"]) for r in (json.loads(s["json"]) for s in samples)} == set(folders_records)
-    assert sorted(manifest_lines(reference)) == sorted(s["json"].decode() for s in samples)
+        by_folder = json.loads(sample["json"])
+        assert "." not in sample["__key__"] and list(by_folder) == sorted(FOLDERS)
+        for folder, record in by_folder.items():
+            expected = folders_records[record["key"], folder]
+            assert sample["clean.png"] == (folders_dataset / expected["clean"]).read_bytes()
+            assert sample[f"{folder}.degraded.png"] == (folders_dataset / expected["degraded"]).read_bytes()
+            assert record["degraded_sha256"] == expected["degraded_sha256"]
+            records.append(record)
+    assert {(r["key"], r["folder"]) for r in records} == set(folders_records)
+    assert sorted(manifest_lines(reference)) == sorted(record_json(record).decode() for record in records)
     assert verify_dataset(reference).ok
 
 
@@ -78,13 +82,13 @@ def test_preview_reads_the_tars(reference, folders_dataset):
 def test_tar_membership_follows_the_plan(reference):
     with tarfile.open(reference / "tars" / TARS[0]) as archive:
         members = archive.getmembers()
-    assert [m.name for m in members] == ["astronaut/rain.clean.png", "astronaut/rain.degraded.png",
-                                         "astronaut/rain.json", "astronaut/mix_r1.clean.png",
-                                         "astronaut/mix_r1.degraded.png", "astronaut/mix_r1.json"]
+    assert [m.name for m in members] == ["astronaut.clean.png", "astronaut.rain.degraded.png",
+                                         "astronaut.mix_r1.degraded.png", "astronaut.mix_r2.degraded.png",
+                                         "astronaut.json"]
     assert {(m.mtime, m.mode, m.uid, m.uname) for m in members} == {(0, 0o644, 0, "")}
 
 
-@pytest.mark.parametrize("moment", ["temp tar", "1 tar", "3 tars"])
+@pytest.mark.parametrize("moment", ["temp tar", "1 tar", "2 tars"])
 def test_killed_run_rebuilds_the_same_tars(reference, tiny_photos, tmp_path, moment):
     out = tmp_path / "out"
     recipe = webdataset_recipe(tmp_path, tiny_photos)
@@ -117,7 +121,7 @@ def test_manifest_lines_lost_after_a_rename_are_restored(reference, tmp_path):
     out = shutil.copytree(reference, tmp_path / "out")
     manifest = out / "manifest" / "shard-00000-of-00001.jsonl"
     lines = manifest.read_text().splitlines(keepends=True)
-    manifest.write_text("".join(lines[:-1]) + lines[-1][:10])  # the last tar's lines: one missing, one torn
+    manifest.write_text("".join(lines[:-2]) + lines[-1][:10])  # the last tar's lines: one missing, one torn
     recipe = load_recipe(reference.parent / "recipe.yaml", [f"output.dir={out}"])
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
     assert summary.written == 0 and summary.exit_code == 0
@@ -141,33 +145,35 @@ def test_failed_inputs_are_left_out_of_their_tar(tiny_photos, tmp_path):
     photos.mkdir()
     shutil.copy(tiny_photos / PHOTOS["astronaut"], photos / "astronaut.png")
     (photos / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    recipe = webdataset_recipe(tmp_path, photos)
+    recipe = webdataset_recipe(tmp_path, photos, samples_per_tar=2)
     summary = run_generate(plan_run(load_recipe(recipe), ShardSpec(0, 1)))
     assert summary.exit_code == 1 and summary.failed_inputs == 1
     out = tmp_path / "out"
-    assert list(tar_bytes(out)) == TARS[:2]  # astronaut x 3 folders: 2 + 1 (its tar-mate failed); none for broken
-    with tarfile.open(out / "tars" / TARS[1]) as archive:
-        assert archive.getnames() == [f"astronaut/{FOLDERS[2]}.{part}" for part in ("clean.png", "degraded.png", "json")]
+    assert list(tar_bytes(out)) == TARS[:1]  # astronaut and broken share a tar; broken is left out
+    with tarfile.open(out / "tars" / TARS[0]) as archive:
+        assert archive.getnames() == ["astronaut.clean.png", *(f"astronaut.{folder}.degraded.png" for folder in FOLDERS),
+                                      "astronaut.json"]
     assert verify_dataset(out).ok
 
 
 def test_verify_checks_tar_members(reference, tmp_path):
     out = shutil.copytree(reference, tmp_path / "out")
-    with tarfile.open(out / "tars" / TARS[1]) as archive:
-        member = archive.getmember("astronaut/mix_r2.degraded.png")
-    with open(out / "tars" / TARS[1], "r+b") as handle:  # flip one byte of that member's data in place
+    with tarfile.open(out / "tars" / TARS[0]) as archive:
+        member = archive.getmember("astronaut.mix_r2.degraded.png")
+    with open(out / "tars" / TARS[0], "r+b") as handle:  # flip one byte of that member's data in place
         handle.seek(member.offset_data + member.size // 2)
         byte = handle.read(1)
         handle.seek(-1, os.SEEK_CUR)
         handle.write(bytes([byte[0] ^ 1]))
-    (out / "tars" / TARS[4]).unlink()
-    (out / "tars" / f".{TARS[4]}.tmp").write_bytes(b"a killed run's partial tar")
-    with tarfile.open(reference / "tars" / TARS[4]) as archive:
+    (out / "tars" / TARS[2]).unlink()
+    (out / "tars" / f".{TARS[2]}.tmp").write_bytes(b"a killed run's partial tar")
+    with tarfile.open(reference / "tars" / TARS[2]) as archive:
         lost = archive.getnames()
     found = {(p.kind, p.where) for p in verify_dataset(out).problems}
-    assert ("hash", f"tars/{TARS[1]}:astronaut/mix_r2.degraded.png") in found
-    assert ("orphan", f"tars/.{TARS[4]}.tmp") in found
-    assert {where for kind, where in found if kind == "missing"} == {f"tars/{TARS[4]}:{name}" for name in lost}
+    assert ("hash", f"tars/{TARS[0]}:astronaut.mix_r2.degraded.png") in found
+    assert ("orphan", f"tars/.{TARS[2]}.tmp") in found
+    assert {where for kind, where in found if kind == "missing"} == {f"tars/{TARS[2]}:{name}" for name in lost}
+    assert len(lost) == 5  # the key's clean image, its 3 variants and its records
 
 
 def test_overwrite_replaces_every_planned_tar(reference, tmp_path):

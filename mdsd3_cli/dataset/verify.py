@@ -113,8 +113,9 @@ class _Index:
 
     files: dict[str, Expected] = field(default_factory=dict)
     """Folders layout: path relative to the dataset -> expectation."""
-    members: dict[str, dict[str, Expected | bytes]] = field(default_factory=lambda: defaultdict(dict))
-    """Webdataset layout: tar path -> member name -> expectation (images) or exact bytes (the record)."""
+    members: dict[str, dict[str, Expected | dict[str, Any]]] = field(default_factory=lambda: defaultdict(dict))
+    """Webdataset layout: tar path -> member name -> expectation (images) or the key's records by folder (its
+    `.json` member)."""
     folders_by_key: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
 
@@ -185,11 +186,11 @@ def _read_manifests(root: Path, report: VerifyReport) -> _Index:
                 continue
             seen[sample] = digest
             index.folders_by_key[record["key"]].add(record["folder"])
-            _index_record(root, record, line, where, index, report)
+            _index_record(root, record, where, index, report)
     return index
 
 
-def _index_record(root: Path, record: dict[str, Any], line: bytes, where: str, index: _Index,
+def _index_record(root: Path, record: dict[str, Any], where: str, index: _Index,
                   report: VerifyReport) -> None:
     size = record.get("size")
     dims = (size[0], size[1]) if isinstance(size, list) and len(size) == 2 else None
@@ -201,8 +202,16 @@ def _index_record(root: Path, record: dict[str, Any], line: bytes, where: str, i
             return
         members = index.members[tar]
         for role in FILE_FIELDS:
-            members[record[MEMBER_FIELDS[role]]] = _expected(record, role, dims, report)
-        members[record[MEMBER_FIELDS["json"]]] = line.rstrip(b"\n")
+            member, expected = record[MEMBER_FIELDS[role]], _expected(record, role, dims, report)
+            if members.setdefault(member, expected) != expected:  # a key's folders share its clean image
+                report.problems.append(Problem("conflict", where, f"{tar}:{member} is recorded with another size, "
+                                               "hash or role"))
+        records = members.setdefault(record[MEMBER_FIELDS["json"]], {})
+        if isinstance(records, dict):
+            records[record["folder"]] = record
+        else:
+            report.problems.append(Problem("conflict", where, f"{tar}:{record[MEMBER_FIELDS['json']]} is recorded "
+                                           "as an image and as records"))
         return
     for role in FILE_FIELDS:
         relative = record[role]
@@ -293,7 +302,7 @@ def _file_task(root: Path, relative: str, expected: Expected) -> Callable[[], _C
     return check
 
 
-def _tar_task(root: Path, tar: str, members: dict[str, Expected | bytes]) -> Callable[[], _Checked]:
+def _tar_task(root: Path, tar: str, members: dict[str, Expected | dict[str, Any]]) -> Callable[[], _Checked]:
     def check() -> _Checked:
         checked = _Checked()
         found: set[str] = set()
@@ -309,9 +318,9 @@ def _tar_task(root: Path, tar: str, members: dict[str, Expected | bytes]) -> Cal
                     found.add(member.name)
                     checked.files += 1
                     checked.bytes += len(data)
-                    if isinstance(expected, bytes):
-                        if data.rstrip(b"\n") != expected:
-                            checked.problems.append(Problem("hash", where, "differs from its manifest record"))
+                    if isinstance(expected, dict):
+                        if _member_records(data) != expected:
+                            checked.problems.append(Problem("hash", where, "differs from its manifest records"))
                     else:
                         checked.problems += _check_bytes(where, data, expected)
         except FileNotFoundError:
@@ -324,6 +333,17 @@ def _tar_task(root: Path, tar: str, members: dict[str, Expected | bytes]) -> Cal
         return checked
 
     return check
+
+
+def _member_records(data: bytes) -> Any:
+    """A `.json` member's records by folder (an earlier version's member held one record), or None."""
+    try:
+        records = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(records, dict) and isinstance(records.get("folder"), str):
+        return {records["folder"]: records}
+    return records
 
 
 def _check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:

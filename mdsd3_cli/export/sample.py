@@ -49,7 +49,3 @@ def flat_key(name: str) -> str:
     """
     return quote(name, safe="/").replace(".", "%2E")
 
-
-def sample_key(key: str, folder: str) -> str:
-    """The WebDataset key of one pair: `<flat key>/<flat folder>` (a folder name has no `/`)."""
-    return f"{flat_key(key)}/{flat_key(folder)}"

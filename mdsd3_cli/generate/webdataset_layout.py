@@ -1,15 +1,16 @@
 """`output.layout: webdataset`: a generate shard writes tars instead of clean/ and degraded/ folders.
 
-A shard's work items (in plan order) are cut into fixed groups of `samples_per_tar` consecutive items; group g
-becomes `tars/<shard>-<g:06d>.tar`, its samples in plan order. Tar membership is a function of the plan, so a
-rerun rebuilds exactly the same tars. A tar is written under a temporary name and renamed when its last sample
-is in; its samples' manifest lines (each the sample's `.json` member) are appended after the rename. On
-resume a group is finished when the file at its tar's name is a regular file (never a link) holding exactly
-samples of that group, each member the size its record says, and the shard's manifest lists those records
-byte for byte; a kill between the rename and the append is recognised when the unlisted samples' images match
-their records' SHA-256, and their lines are restored. Anything else at a tar's name (a link, a foreign or
-damaged file) is not trusted: the group is redone and the file replaced. Inputs that fail
-to decode are left out of their tar (and listed in errors/). A rerun must have the same plan (inputs, --limit,
+Each key (source image) is one WebDataset sample holding its clean image once and every variant's degraded image
+(`export.webdataset.key_members`). A shard's keys (in plan order) are cut into fixed groups of `samples_per_tar`
+consecutive keys; group g becomes `tars/<shard>-<g:06d>.tar`, its keys in plan order. Tar membership is a
+function of the plan, so a rerun rebuilds exactly the same tars. A tar is written under a temporary name and
+renamed when its last key is in; its records' manifest lines (one per key and folder, each as the key's `.json`
+member holds it) are appended after the rename. On resume a group is finished when the file at its tar's name
+is a regular file (never a link) holding exactly the members of that group's keys, each image the size its
+record says, and the shard's manifest lists those records byte for byte; a kill between the rename and the
+append is recognised when the unlisted records' images match their SHA-256, and their lines are restored.
+Anything else at a tar's name (a link, a foreign or damaged file) is not trusted: the group is redone and the
+file replaced. Inputs that fail to decode are left out of their tar (and listed in errors/). A rerun must have the same plan (inputs, --limit,
 shard count): `manifest/<shard>.tars.json` records the plan's digest and another plan is refused.
 """
 
@@ -21,6 +22,7 @@ import os
 import re
 import stat
 import tarfile
+import itertools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -34,10 +36,11 @@ from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.util.background_writer import BackgroundWriter
 from mdsd3_cli.dataset.manifest import MEMBER_FIELDS, TAR_FIELD, ManifestLineError, parse_record
 from mdsd3_cli.generate.plan import ShardSpec, WorkItem
+from mdsd3_cli.recipe.generate import TAR_SAMPLE
 from mdsd3_cli.dataset.writer import (FORMAT_EXTENSIONS, DatasetWriter, ImageFormat, OutputConflictError, OutputLayout, digest,
                       encode_image, file_digest_fields)
 from mdsd3_cli.export.sample import EncodedSample
-from mdsd3_cli.export.webdataset import TarWriter, member_names, record_json
+from mdsd3_cli.export.webdataset import TarWriter, key_json, key_members, record_json
 
 TARS_FOLDER = "tars"
 PLAN_SUFFIX = ".tars.json"
@@ -48,9 +51,12 @@ def tar_path(out_dir: Path, shard: ShardSpec, group: int) -> Path:
     return Path(out_dir) / TARS_FOLDER / f"{shard.name}-{group:06d}.tar"
 
 
-def groups_of(items: Sequence[WorkItem], samples_per_tar: int) -> list[list[WorkItem]]:
-    """The shard's items cut into consecutive groups of `samples_per_tar` (the last may be shorter)."""
-    return [list(items[start:start + samples_per_tar]) for start in range(0, len(items), samples_per_tar)]
+def groups_of(items: Sequence[WorkItem], keys_per_tar: int) -> list[list[WorkItem]]:
+    """The shard's items cut into groups of `keys_per_tar` consecutive keys (the last may hold fewer); a plan
+    lists each key's items together."""
+    keys = [list(key_items) for _, key_items in itertools.groupby(items, key=lambda item: item.key)]
+    return [[item for key_items in keys[start:start + keys_per_tar] for item in key_items]
+            for start in range(0, len(keys), keys_per_tar)]
 
 
 def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int) -> None:
@@ -63,7 +69,7 @@ def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
     if counts - {shard.count}:
         raise OutputConflictError(f"{folder} holds tars of a run with {sorted(counts - {shard.count})} shards "
                                   f"(not {shard.count}); the webdataset layout resumes only the same plan: {advice}")
-    plan = {"samples_per_tar": samples_per_tar, "samples": len(items), "plan_sha256": hashlib.sha256(
+    plan = {"tar_sample": TAR_SAMPLE, "samples_per_tar": samples_per_tar, "samples": len(items), "plan_sha256": hashlib.sha256(
         json.dumps([(item.key, item.folder) for item in items], ensure_ascii=True).encode("ascii")).hexdigest(),
         "files": [f"{TARS_FOLDER}/{tar_path(out_dir, shard, group).name}"  # what --overwrite removes
                   for group in range(len(groups_of(items, samples_per_tar)))]}
@@ -83,6 +89,7 @@ def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
 Sample = tuple[str, str]
 """A sample of the plan: (key, variant folder)."""
 _MAX_RECORD_BYTES = 1 << 20
+"""Largest `.json` member read per folder of its key (a record is well under 4 KiB)."""
 
 
 def listed_tar_lines(out_dir: Path, shard: ShardSpec) -> dict[Sample, tuple[str, bytes]]:
@@ -135,7 +142,7 @@ def _unlisted_lines_of_finished_tar(path: Path, relative: str, members: Sequence
                                     listed: Mapping[Sample, bytes], extension: str) -> list[bytes] | None:
     """The lines of the finished tar at `path` that the manifest lacks (`listed`: the lines it has for this tar),
     or None when that file is not a finished tar of this group: a link, not a regular file, not a tar, other
-    samples or members, or sizes, bytes or hashes that differ from the records."""
+    keys or members, or sizes, bytes or hashes that differ from the records."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -145,52 +152,81 @@ def _unlisted_lines_of_finished_tar(path: Path, relative: str, members: Sequence
             return None
         try:
             with tarfile.open(fileobj=file, mode="r:") as archive:
-                return _check_tar(archive, relative, {(item.key, item.folder) for item in members}, listed, extension)
+                return _check_tar(archive, relative, members, listed, extension)
         except (tarfile.TarError, OSError, EOFError, ValueError):
             return None
 
 
-def _check_tar(archive: tarfile.TarFile, relative: str, group: set[Sample], listed: Mapping[Sample, bytes],
+def _check_tar(archive: tarfile.TarFile, relative: str, items: Sequence[WorkItem], listed: Mapping[Sample, bytes],
                extension: str) -> list[bytes] | None:
     """`_unlisted_lines_of_finished_tar` on an open tar."""
+    folders: dict[str, list[str]] = defaultdict(list)
+    for item in items:
+        folders[item.key].append(item.folder)
+    if not set(listed) <= {(item.key, item.folder) for item in items}:
+        return None
     entries = archive.getmembers()
     sizes = {entry.name: entry.size for entry in entries if entry.isfile()}
-    if not entries or len(sizes) != len(entries):
+    expected = [name for key, key_folders in folders.items()
+                for name in key_members(key, key_folders, extension).names()]
+    if [entry.name for entry in entries] != expected or len(sizes) != len(entries):
         return None
-    covered, missing, samples = set(), [], set()
-    for name in (name for name in sizes if name.endswith(".json")):
-        if sizes[name] > _MAX_RECORD_BYTES:
+    missing = []
+    for key, key_folders in folders.items():
+        names = key_members(key, key_folders, extension)
+        if sizes[names.json] > _MAX_RECORD_BYTES * len(key_folders):
             return None
-        line = archive.extractfile(name).read() + b"\n"
-        record = parse_record(line)  # ManifestLineError is a ValueError
-        sample = (record["key"], record["folder"])
-        names = member_names(*sample, extension)
-        if sample not in group or record.get(TAR_FIELD) != relative or names["json"] != name \
-                or any(record.get(MEMBER_FIELDS[role]) != names[role] for role in ("clean", "degraded")) \
-                or any(sizes.get(names[role]) != record.get(f"{role}_bytes") for role in ("clean", "degraded")):
+        records = json.loads(archive.extractfile(names.json).read())  # ValueError: not this group's tar
+        if not isinstance(records, dict) or list(records) != sorted(key_folders):
             return None
-        if sample in listed:
-            if listed[sample] != line:
+        unlisted = []
+        for folder in key_folders:
+            line = record_json(records[folder]) + b"\n"
+            record = parse_record(line)  # ManifestLineError is a ValueError
+            if (record["key"], record["folder"]) != (key, folder) or record.get(TAR_FIELD) != relative \
+                    or record.get(MEMBER_FIELDS["clean"]) != names.clean \
+                    or record.get(MEMBER_FIELDS["degraded"]) != names.degraded[folder] \
+                    or record.get(MEMBER_FIELDS["json"]) != names.json \
+                    or record.get("clean_bytes") != sizes[names.clean] \
+                    or record.get("degraded_bytes") != sizes[names.degraded[folder]]:
                 return None
-        elif all(hashlib.sha256(archive.extractfile(names[role]).read()).hexdigest() == record.get(f"{role}_sha256")
-                 for role in ("clean", "degraded")):
-            missing.append(line)  # a kill between the tar's rename and its manifest lines
-        else:
-            return None
-        covered.update(names.values())
-        samples.add(sample)
-    return None if covered != sizes.keys() or not samples >= listed.keys() else missing
+            if (key, folder) in listed:
+                if listed[key, folder] != line:
+                    return None
+            else:
+                unlisted.append((record, line))
+        if unlisted:  # a kill between the tar's rename and its manifest lines: trusted when the bytes match
+            checks = [(names.clean, unlisted[0][0].get("clean_sha256")),
+                      *((names.degraded[record["folder"]], record.get("degraded_sha256")) for record, _ in unlisted)]
+            if any(hashlib.sha256(archive.extractfile(name).read()).hexdigest() != sha for name, sha in checks):
+                return None
+            if any(record.get("clean_sha256") != unlisted[0][0].get("clean_sha256") for record, _ in unlisted):
+                return None
+            missing += [line for _, line in unlisted]
+    return missing
+
+
+@dataclass
+class _Key:
+    """One key's sample being assembled: its folders in plan order, the clean image, the encoded pairs."""
+
+    folders: list[str]
+    clean: Future[bytes] | None = None
+    ready: dict[str, EncodedSample] = field(default_factory=dict)
+    skipped: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return len(self.ready) == len(self.folders)
 
 
 @dataclass
 class _Group:
-    """A tar being assembled: samples arrive in any order and are appended in plan order."""
+    """A tar being assembled: keys' pairs arrive in any order; keys are appended in plan order."""
 
-    items: list[WorkItem]
+    keys: list[str]
     path: Path
     next: int = 0
-    ready: dict[int, EncodedSample] = field(default_factory=dict)
-    skipped: set[int] = field(default_factory=set)
     lines: list[bytes] = field(default_factory=list)
     tar: TarWriter | None = None
 
@@ -198,8 +234,9 @@ class _Group:
 class WebDatasetLayoutWriter(BackgroundWriter):
     """Writes one shard's tars; the same interface as `dataset.writer.DatasetWriter` (submit, record_error, drain, close).
 
-    Images are encoded on worker threads (the bytes equal the folders layout's); `submit` blocks while too many
-    samples are being encoded. The first worker failure is raised by the next `submit`, `drain` or `close`.
+    Images are encoded on worker threads (the bytes equal the folders layout's), a key's clean image once;
+    `submit` blocks while too many samples are being encoded. The first worker failure is raised by the next
+    `submit`, `drain` or `close`.
     """
 
     def __init__(self, out_dir: str | Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
@@ -213,55 +250,47 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         finished = finished_groups(self.layout.root, shard, items, samples_per_tar, self.extension)
         self._listed = set(listed_tar_lines(self.layout.root, shard))
         self._groups: dict[int, _Group] = {}
-        self._position: dict[Sample, tuple[int, int]] = {}
-        self._remaining: dict[str, int] = defaultdict(int)
+        self._keys: dict[str, _Key] = {}
+        self._group_of: dict[str, int] = {}
         for index, members in enumerate(groups_of(items, samples_per_tar)):
-            path = tar_path(self.layout.root, shard, index)
             if index in finished:
                 continue
-            self._groups[index] = _Group(members, path)
-            for position, item in enumerate(members):
-                self._position[item.key, item.folder] = (index, position)
-                self._remaining[item.key] += 1
+            keys = list(dict.fromkeys(item.key for item in members))
+            self._groups[index] = _Group(keys, tar_path(self.layout.root, shard, index))
+            for key in keys:
+                self._group_of[key] = index
+                self._keys[key] = _Key([item.folder for item in members if item.key == key])
         self._log = DatasetWriter(out_dir, shard.name, fmt, quality, png_compress_level, workers=1)
         restored = [line for index in sorted(finished) for line in finished[index]]
         if restored:
             self._log.append_manifest_lines(restored)
-        self._clean: dict[str, Future[bytes]] = {}
 
     def submit(self, record: Mapping[str, Any], clean: np.ndarray, degraded: np.ndarray) -> None:
         """Queue one sample of this shard's plan (`record` needs `key` and `folder`)."""
         self._check_open()
         key, folder = record["key"], record["folder"]
-        where = self._position.get((key, folder))
-        if where is None:
+        state = self._keys.get(key)
+        if state is None or folder not in state.folders or folder in state.ready:
             raise ValueError(f"sample key={key!r} folder={folder!r} is not an unfinished sample of {self.shard.name}")
         record_json(dict(record))  # a record that cannot be written fails here, in the caller
         with self._lock:
-            clean_bytes = self._clean.get(key)
-            if clean_bytes is None:
-                clean_bytes = self._clean[key] = self._pool.submit(self._encode, clean.copy())
-            self._remaining[key] -= 1
-            if self._remaining[key] == 0:
-                del self._clean[key]
+            if state.clean is None:
+                state.clean = self._pool.submit(self._encode, clean.copy())
+            clean_bytes = state.clean
         self._slots.acquire()
-        self._start(self._write_sample, where, dict(record), clean_bytes, degraded.copy())
+        self._start(self._write_sample, dict(record), clean_bytes, degraded.copy())
 
     def record_error(self, key: str | None, path: str | Path, reason: str) -> None:
-        """Log a skipped input; its samples are left out of their tars."""
+        """Log a skipped input; its key is left out of its tar."""
         self._log.record_error(key, path, reason)
         self.errors += 1
         with self._lock:
-            touched = set()
-            for (item_key, _), (group, position) in self._position.items():
-                if item_key == key and group in self._groups:
-                    self._groups[group].skipped.add(position)
-                    touched.add(group)
-            for group in sorted(touched):
-                self._pump(group)
+            if key in self._keys:
+                self._keys[key].skipped = True
+                self._pump(self._group_of[key])
 
     def _release(self) -> None:
-        """A tar whose samples did not all arrive is dropped (redone by the next run)."""
+        """A tar whose keys did not all arrive is dropped (redone by the next run)."""
         for group in self._groups.values():
             if group.tar is not None:
                 group.tar.abort()
@@ -270,20 +299,22 @@ class WebDatasetLayoutWriter(BackgroundWriter):
     def _encode(self, pixels: np.ndarray) -> bytes:
         return encode_image(pixels, self.fmt, self.quality, self.png_compress_level)
 
-    def _write_sample(self, where: tuple[int, int], record: dict[str, Any], clean: Future[bytes],
-                      degraded: np.ndarray) -> None:
+    def _write_sample(self, record: dict[str, Any], clean: Future[bytes], degraded: np.ndarray) -> None:
         try:
             degraded_bytes = self._encode(degraded)
             clean_bytes = clean.result()
-            group, position = where
-            names = member_names(record["key"], record["folder"], self.extension)
+            key, folder = record["key"], record["folder"]
+            state, group = self._keys[key], self._group_of[key]
+            names = key_members(key, state.folders, self.extension)
             record.update({TAR_FIELD: self.layout.relative(self._groups[group].path),
-                           **{MEMBER_FIELDS[role]: name for role, name in names.items()},
+                           MEMBER_FIELDS["clean"]: names.clean, MEMBER_FIELDS["degraded"]: names.degraded[folder],
+                           MEMBER_FIELDS["json"]: names.json,
                            **file_digest_fields("clean", *digest(clean_bytes)),
                            **file_digest_fields("degraded", *digest(degraded_bytes))})
             with self._lock:
-                self._groups[group].ready[position] = EncodedSample(record, clean_bytes, degraded_bytes, self.extension)
-                self._pump(group)
+                state.ready[folder] = EncodedSample(record, clean_bytes, degraded_bytes, self.extension)
+                if state.complete:
+                    self._pump(group)
         except BaseException as exc:
             exc.add_note(f"while writing sample key={record['key']!r} folder={record['folder']!r}")
             raise
@@ -291,22 +322,27 @@ class WebDatasetLayoutWriter(BackgroundWriter):
             self._slots.release()
 
     def _pump(self, index: int) -> None:
-        """Append the group's samples that are next in plan order; finish the tar when all are in (lock held)."""
+        """Append the group's keys that are next in plan order and complete; finish the tar when all are in
+        (lock held)."""
         group = self._groups[index]
-        while group.next < len(group.items):
-            if group.next in group.ready:
-                sample = group.ready.pop(group.next)
+        while group.next < len(group.keys):
+            state = self._keys[group.keys[group.next]]
+            if state.skipped:
+                del self._keys[group.keys[group.next]]
+            elif state.complete:
+                samples = [state.ready[folder] for folder in state.folders]
                 if group.tar is None:
                     group.tar = TarWriter(group.path, self.layout.root)
-                group.tar.write(sample)
-                if (sample.key, sample.folder) not in self._listed:  # listed by a run killed while appending
-                    group.lines.append(record_json(sample.record) + b"\n")
-                self.bytes_written += len(sample.clean) + len(sample.degraded)
-            elif group.next not in group.skipped:
+                group.tar.write_key(samples)
+                group.lines += [record_json(sample.record) + b"\n" for sample in samples
+                                if (sample.key, sample.folder) not in self._listed]  # listed by a killed run
+                self.bytes_written += len(samples[0].clean) + sum(len(sample.degraded) for sample in samples)
+                self.written += len(samples)
+                del self._keys[group.keys[group.next]]
+            else:
                 return
             group.next += 1
         if group.tar is not None:
             group.tar.close()
             self._log.append_manifest_lines(group.lines)
-            self.written += group.tar.samples
         del self._groups[index]

@@ -139,6 +139,11 @@ class InputSection(_Section):
     workers: int = Field(default=2, ge=1)
 
 
+TAR_SAMPLE = "key"
+"""What one WebDataset sample of a webdataset-layout tar holds: a key's clean image and all its variants. Part of
+the run identity: earlier versions wrote one sample per key and folder, and such a run is never resumed."""
+
+
 class OutputSection(_Section):
     """Where and how the pairs are written."""
 
@@ -288,7 +293,7 @@ class Recipe(_Section):
             "output": {
                 "format": self.output.format,
                 "quality": None if self.output.format == "png" else self.output.quality,
-                **({"layout": "webdataset", "samples_per_tar": self.output.samples_per_tar}
+                **({"layout": "webdataset", "tar_sample": TAR_SAMPLE, "samples_per_tar": self.output.samples_per_tar}
                    if self.output.layout == "webdataset" else {}),  # a folders run keeps its old identity
             },
             "sampling": {
@@ -511,7 +516,7 @@ output:
   png_compress_level: 1     # 0..9; 1 is fast, higher is smaller and much slower
   workers: 2                # encoding threads
   layout: folders           # folders | webdataset (tars/<shard>-NNNNNN.tar instead of clean/ and degraded/)
-  samples_per_tar: 1000     # webdataset: samples per tar
+  samples_per_tar: 1000     # webdataset: keys per tar (a key's sample: its clean image once + every variant)
 
 sampling:
   steps: 28                 # denoising steps
