@@ -103,11 +103,11 @@ def generate(
 ) -> None:
     """Generate the paired dataset a recipe describes (resumes by default).
 
-    Writes OUT/clean/<key>, OUT/degraded/<variant>/<key> (with output.layout webdataset: OUT/tars/<shard>-N.tar),
-    OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and OUT/run.json. Exit status: 0 all done, 1 some inputs
-    failed (the first few are printed with their reasons; all are in OUT/errors/<shard>.jsonl), 2 bad recipe or
-    usage, or an output problem (a folder mdsd3 did not make, another process on this shard, a full disk),
-    130/143 stopped by SIGINT/SIGTERM (rerun to finish).
+    Writes OUT/clean/<key>, OUT/degraded/<variant>/<key> (with output.layout webdataset: OUT/tars/<shard>-N.tar,
+    one sample per key holding its clean image once), OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and
+    OUT/run.json. Exit status: 0 all done, 1 some inputs failed (the first few are printed with their reasons; all
+    are in OUT/errors/<shard>.jsonl), 2 bad recipe or usage, or an output problem (a folder mdsd3 did not make,
+    another process on this shard, a full disk), 130/143 stopped by SIGINT/SIGTERM (rerun to finish).
     """
     _quiet_libraries()
     from mdsd3_cli.generate.run import describe_plan, plan_run, preflight_output, run_generate
@@ -478,8 +478,9 @@ def export(
     to: Annotated[str, typer.Option("--to", help="webdataset (tar shards), lmdb (BasicSR's paired LMDB) or "
                                     "parquet (Hugging Face datasets).", show_default=False)],
     destination: Annotated[Path, typer.Argument(help="Folder to create (must not exist).", show_default=False)],
-    per_file: Annotated[int, typer.Option("--per-file", min=1, help="Keys per tar (webdataset: one "
-                                          "sample per key, its clean image and every variant) or pairs per Parquet file.")] = 1000,
+    per_file: Annotated[int | None, typer.Option("--per-file", min=1, help="Keys per tar (webdataset, default 200: "
+                                                 "one sample per key, its clean image and every variant) or pairs "
+                                                 "per Parquet file (default 1000).", show_default=False)] = None,
     partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
                                           "output is marked partial.")] = False,
 ) -> None:

@@ -101,14 +101,16 @@ def test_parquet_export_loads_with_datasets(folders_dataset, tmp_path, monkeypat
 
 def test_webdataset_export_reads_with_webdataset(folders_dataset, tmp_path):
     expected = folders_pairs(folders_dataset)
-    summary = run_export(folders_dataset, "webdataset", tmp_path / "wds", per_file=4)
-    assert summary.how_to_read.endswith('data-{000000..000002}.tar")')
-    samples = list(wds.WebDataset(str(tmp_path / "wds" / "data-{000000..000002}.tar"), shardshuffle=False))
-    assert len(samples) == len(expected)
+    summary = run_export(folders_dataset, "webdataset", tmp_path / "wds", per_file=2)
+    assert summary.pairs == 9 and summary.how_to_read.endswith('data-{000000..000001}.tar")')
+    samples = list(wds.WebDataset(str(tmp_path / "wds" / "data-{000000..000001}.tar"), shardshuffle=False))
+    assert len(samples) == 3  # one per key: its clean image once, every variant beside it
+    found = {}
     for sample in samples:
-        record = json.loads(sample["json"])
-        assert sample["__key__"] == f"{flat_key(record['key'])}/{record['folder']}"
-        assert (sample["clean.png"], sample["degraded.png"]) == expected[record["key"], record["folder"]]
+        for folder, record in json.loads(sample["json"]).items():
+            assert sample["__key__"] == flat_key(record["key"])
+            found[record["key"], folder] = (sample["clean.png"], sample[f"{folder}.degraded.png"])
+    assert found == expected
 
 
 def test_webdataset_layout_output_exports_the_same_pairs(folders_dataset, tiny_photos, tmp_path):
@@ -120,11 +122,12 @@ def test_webdataset_layout_output_exports_the_same_pairs(folders_dataset, tiny_p
     def exported(dataset: Path, name: str) -> dict[str, tuple[bytes, bytes]]:
         run_export(dataset, "webdataset", tmp_path / name, per_file=4)
         tars = sorted(str(path) for path in (tmp_path / name).glob("*.tar"))
-        return {sample["__key__"]: (sample["clean.png"], sample["degraded.png"])
+        return {sample["__key__"]: {name: data for name, data in sample.items() if name.endswith(".png")}
                 for sample in wds.WebDataset(tars, shardshuffle=False)}
 
     from_tars = exported(tmp_path / "in_tars", "from_tars")
-    assert len(from_tars) == 9 and from_tars == exported(folders_dataset, "from_folders")
+    assert len(from_tars) == 3 and sum(len(images) for images in from_tars.values()) == 3 + 9
+    assert from_tars == exported(folders_dataset, "from_folders")
     next((tmp_path / "in_tars" / "tars").iterdir()).unlink()
     with pytest.raises(ExportError, match="No such file"):
         run_export(tmp_path / "in_tars", "parquet", tmp_path / "parquet")
@@ -136,24 +139,24 @@ def test_export_appears_only_when_finished(folders_dataset, tmp_path, monkeypatc
     stale = tmp_path / f".{destination.name}.partial"
     stale.mkdir()
     (stale / "junk").write_bytes(b"a killed export")
-    original = webdataset_format.TarWriter.write
+    original = webdataset_format.TarWriter.write_key
     written = []
 
-    def failing_write(self, sample):
-        if len(written) == 5:
+    def failing_write(self, samples):
+        if len(written) == 2:  # the first tar is finished
             raise RuntimeError("disk full")
-        written.append(sample)
-        original(self, sample)
+        written.append(samples)
+        original(self, samples)
 
-    monkeypatch.setattr(webdataset_format.TarWriter, "write", failing_write)
+    monkeypatch.setattr(webdataset_format.TarWriter, "write_key", failing_write)
     with pytest.raises(RuntimeError, match="disk full"):
-        run_export(folders_dataset, "webdataset", destination, per_file=2)
+        run_export(folders_dataset, "webdataset", destination, per_file=1)
     # no destination, no staging folder of its own; a `.partial` folder it did not create is never touched
     assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name]
     assert (stale / "junk").read_bytes() == b"a killed export"
     monkeypatch.undo()
-    run_export(folders_dataset, "webdataset", destination, per_file=2)
-    assert len(list(destination.glob("*.tar"))) == 5 and list(tmp_path.glob(".*")) == [stale]
+    run_export(folders_dataset, "webdataset", destination, per_file=1)
+    assert len(list(destination.glob("*.tar"))) == 3 and list(tmp_path.glob(".*")) == [stale]
     with pytest.raises(FileExistsError, match="exists"):
         run_export(folders_dataset, "webdataset", destination)
 

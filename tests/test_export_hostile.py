@@ -97,11 +97,11 @@ def test_export_never_deletes_a_partial_folder_it_did_not_create(folders_dataset
 def test_a_second_export_to_the_same_destination_is_refused_while_the_first_writes(folders_dataset, tmp_path,
                                                                                      monkeypatch):
     destination = tmp_path / "out"
-    original = webdataset_format.TarWriter.write
+    original = webdataset_format.TarWriter.write_key
     second: list[BaseException] = []
 
-    def write_then_race(self, sample):
-        original(self, sample)
+    def write_then_race(self, samples):
+        original(self, samples)
         if not second:  # the first export is half-way: a second one starts on the same destination
             second.append(AssertionError("the second export was not refused"))
             try:
@@ -109,24 +109,24 @@ def test_a_second_export_to_the_same_destination_is_refused_while_the_first_writ
             except DestinationBusyError as error:
                 second[0] = error
 
-    monkeypatch.setattr(webdataset_format.TarWriter, "write", write_then_race)
+    monkeypatch.setattr(webdataset_format.TarWriter, "write_key", write_then_race)
     run_export(folders_dataset, "webdataset", destination, per_file=2)
     monkeypatch.undo()
     assert isinstance(second[0], DestinationBusyError), second
     assert f"another export is writing {destination}" in str(second[0])
-    assert sum(1 for _ in destination.glob("*.tar")) == 5  # the first export's whole result, nobody else's
+    assert sum(1 for _ in destination.glob("*.tar")) == 2  # the first export's whole result, nobody else's
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no staging folder, no lock file left
 
 
 def test_a_destination_that_appears_meanwhile_is_never_replaced(folders_dataset, tmp_path, monkeypatch):
     destination = tmp_path / "out"
-    original = webdataset_format.TarWriter.write
+    original = webdataset_format.TarWriter.write_key
 
-    def write_then_someone_creates_it(self, sample):
-        original(self, sample)
+    def write_then_someone_creates_it(self, samples):
+        original(self, samples)
         destination.mkdir(exist_ok=True)  # an empty folder: plain os.rename would silently replace it
 
-    monkeypatch.setattr(webdataset_format.TarWriter, "write", write_then_someone_creates_it)
+    monkeypatch.setattr(webdataset_format.TarWriter, "write_key", write_then_someone_creates_it)
     with pytest.raises(DestinationExistsError, match="appeared while it was being written"):
         run_export(folders_dataset, "webdataset", destination)
     assert list(destination.iterdir()) == []

@@ -30,8 +30,8 @@ from mdsd3_cli.dataset.writer import DatasetWriter, write_run_json
 
 from .tiny_datasets import PHOTOS, write_recipe
 
-PER_TAR = 2
-TARS = [f"shard-00000-of-00001-{index:06d}.tar" for index in range(5)]  # 3 keys x 3 folders, 2 per tar
+PER_TAR = 1
+TARS = [f"shard-00000-of-00001-{index:06d}.tar" for index in range(3)]  # 3 keys (x 3 folders), 1 key per tar
 runner = CliRunner()
 
 
@@ -68,7 +68,7 @@ def one_photo(tiny_photos: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def webdataset_reference(tmp_path_factory, tiny_photos) -> Path:
-    """One uninterrupted webdataset run (3 keys x 3 folders, 2 samples per tar)."""
+    """One uninterrupted webdataset run (3 keys x 3 folders, 1 key per tar)."""
     root = tmp_path_factory.mktemp("hostile_webdataset")
     recipe = write_recipe(root / "recipe.yaml", tiny_photos, root / "out", layout="webdataset", samples_per_tar=PER_TAR)
     assert run_generate(plan_run(load_recipe(recipe), ShardSpec(0, 1))).exit_code == 0
@@ -78,12 +78,11 @@ def webdataset_reference(tmp_path_factory, tiny_photos) -> Path:
 def outside_tar(folder: Path) -> Path:
     """A tar outside the dataset holding a record of a variant the recipe does not have."""
     path = folder / "outside.tar"
-    record = {"key": "astronaut", "folder": "evil", "tar": f"tars/{TARS[3]}",
-              "clean_member": "astronaut/evil.clean.png", "degraded_member": "astronaut/evil.degraded.png",
-              "json_member": "astronaut/evil.json"}
+    record = {"key": "coffee", "folder": "evil", "tar": f"tars/{TARS[1]}", "clean_member": "coffee.clean.png",
+              "degraded_member": "coffee.evil.degraded.png", "json_member": "coffee.json"}
     with tarfile.open(path, "w") as archive:
         for name, data in ((record["clean_member"], b"x"), (record["degraded_member"], b"y"),
-                           (record["json_member"], json.dumps(record).encode())):
+                           (record["json_member"], json.dumps({"evil": record}).encode())):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
@@ -96,8 +95,8 @@ def test_a_file_at_a_tar_name_that_this_run_did_not_record_is_redone(webdataset_
     out = shutil.copytree(webdataset_reference, tmp_path / "out")
     manifest = out / "manifest" / "shard-00000-of-00001.jsonl"
     lines = manifest.read_text().splitlines(keepends=True)
-    manifest.write_text("".join(line for line in lines if TARS[3] not in line))  # group 3 not done yet
-    target = out / "tars" / TARS[3]
+    manifest.write_text("".join(line for line in lines if TARS[1] not in line))  # group 1 not done yet
+    target = out / "tars" / TARS[1]
     target.unlink()
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -108,14 +107,14 @@ def test_a_file_at_a_tar_name_that_this_run_did_not_record_is_redone(webdataset_
     elif planted == "another group's tar":
         shutil.copy(out / "tars" / TARS[0], target)
     else:
-        shutil.copy(webdataset_reference / "tars" / TARS[3], outside / "own.tar")
+        shutil.copy(webdataset_reference / "tars" / TARS[1], outside / "own.tar")
         target.symlink_to(outside / "own.tar")
     kept = {path.name: path.read_bytes() for path in outside.iterdir()}
 
     recipe = load_recipe(webdataset_reference.parent / "recipe.yaml", [f"output.dir={out}"])
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
 
-    assert summary.exit_code == 0 and summary.written == PER_TAR  # the group was sampled again
+    assert summary.exit_code == 0 and summary.written == 3  # the group (one key, 3 folders) was sampled again
     assert not target.is_symlink() and tar_bytes(out) == tar_bytes(webdataset_reference)
     assert sorted(manifest_lines(out)) == sorted(manifest_lines(webdataset_reference))
     assert {path.name: path.read_bytes() for path in outside.iterdir()} == kept  # nothing written through a link
@@ -163,13 +162,15 @@ def test_a_run_json_written_before_the_marker_is_still_mdsd3s(tiny_photos, tmp_p
     assert result.exit_code == 0, result.output
 
 
-@pytest.mark.parametrize("layout", ["folders", "webdataset"])
-def test_sigterm_stops_within_a_batch_of_one_images_repeats(tiny_photos, tmp_path, layout):
-    repeats = 12
-    photos = one_photo(tiny_photos, tmp_path / "photos")
+@pytest.mark.parametrize("layout, photos, repeats", [("folders", 1, 12), ("webdataset", 12, 1)])
+def test_sigterm_stops_within_a_batch(tiny_photos, tmp_path, layout, photos, repeats):
+    """Folders: within one image's repeats. Webdataset (a key's sample is written whole): within a key or two."""
+    folder = one_photo(tiny_photos, tmp_path / "photos")
+    for copy in range(1, photos):
+        shutil.copy(folder / "astronaut.png", folder / f"astronaut{copy:02d}.png")
 
     def recipe_for(out: Path) -> Path:
-        path = write_recipe(tmp_path / f"{out.name}.yaml", photos, out, layout=layout, samples_per_tar=PER_TAR)
+        path = write_recipe(tmp_path / f"{out.name}.yaml", folder, out, layout=layout, samples_per_tar=PER_TAR)
         data = yaml.safe_load(path.read_text())
         data["sampling"].update(steps=1, guidance=1.0, batch_size=1)
         data["variants"] = [{"name": "rain", "classes": {"rain": [0.2, 0.9]}, "repeats": repeats}]
@@ -187,15 +188,15 @@ def test_sigterm_stops_within_a_batch_of_one_images_repeats(tiny_photos, tmp_pat
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 143, stderr
-    assert 1 <= len(manifest_lines(out)) <= 2 * PER_TAR  # stopped within a batch or two, not after all 12
+    assert 1 <= len(manifest_lines(out)) <= 4  # stopped within a batch or two, not after all 12
 
     summary = run_generate(plan_run(load_recipe(recipe), ShardSpec(0, 1)))
-    assert summary.exit_code == 0 and summary.already_done + summary.written == repeats
+    assert summary.exit_code == 0 and summary.already_done + summary.written == 12
     uninterrupted = tmp_path / "uninterrupted"
     assert run_generate(plan_run(load_recipe(recipe_for(uninterrupted)), ShardSpec(0, 1))).exit_code == 0
     assert images(out) and images(out) == images(uninterrupted)
     lines = manifest_lines(out)
-    assert sorted(lines) == sorted(manifest_lines(uninterrupted)) and len(set(lines)) == len(lines) == repeats
+    assert sorted(lines) == sorted(manifest_lines(uninterrupted)) and len(set(lines)) == len(lines) == 12
 
 
 def test_one_output_takes_one_shard_count_at_a_time(tiny_photos, tmp_path):

@@ -3,6 +3,7 @@ kills at several moments and reruns rebuild the same tars; resume rules (manifes
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -23,7 +24,10 @@ from mdsd3_cli.dataset.preview import contact_sheet
 from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.dataset.verify import verify_dataset
 from mdsd3_cli.dataset.writer import OutputConflictError
+from mdsd3_cli.export.run import run_export
 from mdsd3_cli.export.webdataset import record_json
+from mdsd3_cli.recipe.train import Mdsd3OutputDataset
+from mdsd3_cli.train.data import DataReport, discover_pairs
 
 from .tiny_datasets import FOLDERS, PHOTOS, generate, write_recipe
 
@@ -192,3 +196,47 @@ def test_overwrite_replaces_every_planned_tar(reference, tmp_path):
     assert {json.loads(line)["seed"] for line in manifest_lines(out)}.isdisjoint(
         json.loads(line)["seed"] for line in manifest_lines(reference))
     assert verify_dataset(out).ok
+
+
+def as_earlier_version(out: Path) -> None:
+    """Rewrite a webdataset-layout output the way earlier mdsd3 versions wrote it: one sample per (key, folder),
+    `<key>/<folder>.clean.png`, `.degraded.png` and `.json` (the record), and no `tar_sample` in its identity."""
+    lines = []
+    for tar in sorted((out / "tars").glob("*.tar")):
+        with tarfile.open(tar) as source:
+            members = {name: source.extractfile(name).read() for name in source.getnames()}
+        with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as target:
+            for name in [name for name in members if name.endswith(".json")]:
+                for folder, record in json.loads(members[name]).items():
+                    stem = f"{record['key'].replace('.', '%2E').replace(' ', '%20')}/{folder}"
+                    old = {"clean_member": f"{stem}.clean.png", "degraded_member": f"{stem}.degraded.png",
+                           "json_member": f"{stem}.json"}
+                    old_record = {**record, **old}
+                    images = (members[record["clean_member"]], members[record["degraded_member"]])
+                    for member, data in zip(old.values(), (*images, record_json(old_record))):
+                        info = tarfile.TarInfo(member)
+                        info.size = len(data)
+                        target.addfile(info, io.BytesIO(data))
+                    lines.append(record_json(old_record).decode() + "\n")
+    (out / "manifest" / "shard-00000-of-00001.jsonl").write_text("".join(lines))
+    run = json.loads((out / "run.json").read_text())
+    del run["identity"]["output"]["tar_sample"]
+    (out / "run.json").write_text(json.dumps(run))
+
+
+def test_an_earlier_versions_output_is_read_but_not_resumed(reference, folders_dataset, tmp_path):
+    out = shutil.copytree(reference, tmp_path / "out")
+    as_earlier_version(out)
+    with tarfile.open(out / "tars" / TARS[0]) as archive:
+        assert {"astronaut/rain.clean.png", "astronaut/rain.degraded.png"} <= set(archive.getnames())
+    assert verify_dataset(out).ok
+    np.testing.assert_array_equal(np.asarray(contact_sheet(out, count=3, cell=32)),
+                                  np.asarray(contact_sheet(folders_dataset, count=3, cell=32)))
+    report = DataReport()
+    spec = Mdsd3OutputDataset(name="old", kind="mdsd3_output", dir=out)
+    pairs = discover_pairs(spec, ["rain", "haze", "noise"], report)
+    assert len(pairs) == 9 and pairs[0].degraded.read_rgb().size == pairs[0].clean.read_rgb().size
+    run_export(out, "parquet", tmp_path / "parquet")
+    recipe = load_recipe(reference.parent / "recipe.yaml", [f"output.dir={out}"])
+    with pytest.raises(OutputConflictError, match=r"output\.tar_sample: \(none\) → \"key\""):
+        run_generate(plan_run(recipe, ShardSpec(0, 1)))

@@ -153,7 +153,7 @@ def _unlisted_lines_of_finished_tar(path: Path, relative: str, members: Sequence
         try:
             with tarfile.open(fileobj=file, mode="r:") as archive:
                 return _check_tar(archive, relative, members, listed, extension)
-        except (tarfile.TarError, OSError, EOFError, ValueError):
+        except (tarfile.TarError, OSError, EOFError, ValueError, RecursionError):
             return None
 
 
@@ -212,6 +212,7 @@ class _Key:
 
     folders: list[str]
     clean: Future[bytes] | None = None
+    submitted: set[str] = field(default_factory=set)
     ready: dict[str, EncodedSample] = field(default_factory=dict)
     skipped: bool = False
 
@@ -269,11 +270,13 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         """Queue one sample of this shard's plan (`record` needs `key` and `folder`)."""
         self._check_open()
         key, folder = record["key"], record["folder"]
-        state = self._keys.get(key)
-        if state is None or folder not in state.folders or folder in state.ready:
-            raise ValueError(f"sample key={key!r} folder={folder!r} is not an unfinished sample of {self.shard.name}")
         record_json(dict(record))  # a record that cannot be written fails here, in the caller
         with self._lock:
+            state = self._keys.get(key)
+            if state is None or folder not in state.folders or folder in state.submitted:
+                raise ValueError(f"sample key={key!r} folder={folder!r} is not an unfinished sample of "
+                                 f"{self.shard.name}")
+            state.submitted.add(folder)
             if state.clean is None:
                 state.clean = self._pool.submit(self._encode, clean.copy())
             clean_bytes = state.clean

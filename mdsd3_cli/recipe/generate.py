@@ -153,7 +153,7 @@ class OutputSection(_Section):
     png_compress_level: int = Field(default=1, ge=0, le=9)
     workers: int = Field(default=2, ge=1)
     layout: Literal["folders", "webdataset"] = "folders"
-    samples_per_tar: int = Field(default=1000, ge=1)
+    samples_per_tar: int = Field(default=200, ge=1)
 
 
 class SamplingSection(_Section):
@@ -516,7 +516,7 @@ output:
   png_compress_level: 1     # 0..9; 1 is fast, higher is smaller and much slower
   workers: 2                # encoding threads
   layout: folders           # folders | webdataset (tars/<shard>-NNNNNN.tar instead of clean/ and degraded/)
-  samples_per_tar: 1000     # webdataset: keys per tar (a key's sample: its clean image once + every variant)
+  samples_per_tar: 200      # webdataset: keys per tar (a key's sample: its clean image once + every variant)
 
 sampling:
   steps: 28                 # denoising steps
