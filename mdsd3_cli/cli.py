@@ -176,13 +176,15 @@ def check(
 
 def _check_decoding(run: RunPlan) -> None:
     """`check --decode`: list the inputs generate would fail and exit 1 when there are any."""
+    from mdsd3_cli.generate.inputs import discovery_failures
     from mdsd3_cli.generate.run import EXIT_FAILED_INPUTS, predicted_failures
 
     failures = predicted_failures(run, console)
     _list_failed(failures, len(failures))
     if failures:
-        console.print(f"[red]{len(failures)} inputs would fail[/] (listed above): generate skips them, records "
-                      "them in errors/ and exits 1", highlight=False)
+        inputs = len(run.my_sources) + len(discovery_failures(run.discovery))
+        console.print(f"[red]{len(failures)} of {inputs} inputs would fail[/] (listed above): generate skips them, "
+                      "records them in errors/ and exits 1", highlight=False)
         raise typer.Exit(EXIT_FAILED_INPUTS)
     console.print(f"[green]ok:[/] all {len(run.my_sources)} inputs decode", highlight=False)
 

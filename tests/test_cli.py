@@ -112,7 +112,7 @@ def test_check_decode_lists_the_inputs_generate_fails_and_generate_names_them(tm
     assert [line.split(": ", 1)[0] for line in listed] == [f"failed {inputs / name}" for name in failing]
     for line, reason in zip(listed, failing.values()):
         assert line.split(": ", 1)[1].startswith(reason), line
-    assert "7 inputs would fail" in decoded.stderr and "decode inputs: 8/8" in decoded.stderr
+    assert "7 of 8 inputs would fail" in decoded.stderr and "decode inputs: 8/8" in decoded.stderr
 
     generated = mdsd3("generate", "--config", recipe)
     assert generated.exit_code == 1, generated.output
