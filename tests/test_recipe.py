@@ -426,7 +426,7 @@ def test_identity_ignores_execution_settings(tmp_path: Path, override: str) -> N
 
 
 @pytest.mark.parametrize("override", ["sampling.steps=5", "sampling.batch_size=16", "sampling.seed=2",
-                                      "sampling.guidance=4.5",
+                                      "sampling.guidance=4.5", "sampling.grid_shifts=2",
                                       "sampling.alpha=0.5", "variants.1.beta=0.1", "variants.0.classes.rain=0.5",
                                       "variants.1.repeats=3", "variants.0.name=other", "input.size=256",
                                       "input.resize=resize", "output.format=jpeg", "model.classes=[rain, haze, fog]"])
@@ -440,6 +440,7 @@ def test_identity_uses_effective_alpha_beta_and_lossy_quality(tmp_path: Path) ->
     plain = load_recipe(path).identity()
     assert plain["variants"][0]["alpha"] == 1.0 and plain["variants"][1]["alpha"] == 0.9
     assert plain["sampling"]["batch_size"] == 2
+    assert "grid_shifts" not in plain["sampling"]  # grid_shifts 1: the identity of runs made before it existed
     jpeg = load_recipe(path, ["output.format=jpeg"])
     assert jpeg.identity() != load_recipe(path, ["output.format=jpeg", "output.quality=50"]).identity()
 

@@ -8,7 +8,7 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from skimage import data
 
-from mdsd3_cli.model.sampler import Conditioning, MDSD3Sampler, SampleRequest, seeded_noise
+from mdsd3_cli.model.sampler import Conditioning, MDSD3Sampler, SampleRequest, grid_offsets, seeded_noise
 from mdsd3_cli.model.weights import TINY_TRANSFORMER, build_model, fresh_adapter_config
 
 from .conftest import CLASSES
@@ -133,3 +133,44 @@ def test_conditioning_has_zero_mask_for_unconditional_branch(fresh_base, tiny_pr
     assert uncond.head_mask.abs().sum() == 0
     torch.testing.assert_close(cond.embeds[0], tiny_prompts["rain noise"].embeds)
     torch.testing.assert_close(uncond.embeds[0], tiny_prompts[""].embeds)
+
+
+def test_grid_offsets():
+    assert grid_offsets(1, 2) == [(0, 0)]
+    assert grid_offsets(2, 2) == [(0, 0), (1, 1)]
+    assert grid_offsets(4, 4) == [(0, 0), (0, 2), (2, 0), (2, 2)]
+    with pytest.raises(ValueError, match="one of"):
+        grid_offsets(3, 2)
+    with pytest.raises(ValueError, match="patch size is 1"):
+        grid_offsets(2, 1)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_grid_shifts_average_the_velocity_of_the_rolled_latents(fresh_base, tiny_prompts, guidance):
+    """One Euler step by hand: the velocity of the latents and of the latents rolled by half a token (with the
+    clean branch of the rolled clean latents), rolled back and averaged."""
+    shifted = _sampler(fresh_base, tiny_prompts, z_scale=0.05)
+    plain = MDSD3Sampler(fresh_base, shifted.model, shifted.adapter, tiny_prompts)
+    shifted = MDSD3Sampler(fresh_base, shifted.model, shifted.adapter, tiny_prompts, grid_shifts=2)
+    request = SampleRequest({"rain": 1.0}, seed=3, alpha=0.5, beta=1.0)
+    pixels = _photos(1)
+    clean = plain.encode(pixels)
+    latents = 0.5 * seeded_noise([3], clean.shape[1:]) + clean
+    cond, uncond = plain.request_conditioning([request], unconditional=guidance > 1)
+    half = fresh_base.shape["patch_size"] // 2
+
+    def velocity(rolled: torch.Tensor, clean_rolled: torch.Tensor) -> torch.Tensor:
+        branches = [uncond, cond] if guidance > 1 else [cond]
+        v = [plain.model(hidden_states=rolled, encoder_hidden_states=b.embeds, pooled_projections=b.pooled,
+                         timestep=torch.tensor([1000.0]), head_mask=b.head_mask,
+                         clean_injections=plain.model.encode_clean(clean_rolled), return_dict=False)[0]
+             for b in branches]
+        return v[0] + guidance * (v[1] - v[0]) if guidance > 1 else v[0]
+
+    with torch.no_grad():
+        back = torch.roll(velocity(torch.roll(latents, (half, half), (2, 3)), torch.roll(clean, (half, half), (2, 3))),
+                          (-half, -half), (2, 3))
+        expected = latents - (velocity(latents, clean) + back) / 2  # σ 1 -> 0 in one step
+    ours = shifted.generate(pixels, [request], steps=1, guidance=guidance, output="latent")
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(ours, plain.generate(pixels, [request], steps=1, guidance=guidance, output="latent"))

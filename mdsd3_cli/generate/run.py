@@ -225,7 +225,8 @@ def prompt_embeddings(recipe: Recipe, session: Session, prompts: Sequence[str]) 
 def open_sampler(recipe: Recipe, session: Session, prompts: Sequence[str]) -> MDSD3Sampler:
     """The sampler `generate` runs: the session's model (compiled when model.compile) with `prompts` embedded."""
     model = torch.compile(session.model) if recipe.model.compile else session.model
-    return MDSD3Sampler(session.base, model, session.adapter, prompt_embeddings(recipe, session, prompts))
+    return MDSD3Sampler(session.base, model, session.adapter, prompt_embeddings(recipe, session, prompts),
+                        recipe.sampling.grid_shifts)
 
 
 class SamplingMemoryError(ValueError):

@@ -39,7 +39,8 @@ Ratios = Mapping[str, float]
 
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     "mini": {"model": {"base": "mini", "adapter": "mini"}, "input": {"size": 128},
-             "sampling": {"steps": 4, "guidance": 1.0, "alpha": 0.3, "beta": 1.0}},  # configs/demo.yaml's
+             "sampling": {"steps": 4, "guidance": 1.0, "alpha": 0.3, "beta": 1.0,
+                          "grid_shifts": 2}},  # configs/demo.yaml's
     TINY_BASE: {"model": {"base": TINY_BASE, "classes": ["rain", "haze", "noise"]}, "input": {"size": 64},
                 "sampling": {"steps": 4, "guidance": 1.0}},  # random weights: for tests, images mean nothing
 }

@@ -1,4 +1,5 @@
-"""The MDSD3 sampler: α/β initial latents, SD3 flow-matching Euler, classifier-free guidance (docs/METHOD.md §1, §3, §5).
+"""The MDSD3 sampler: α/β initial latents, SD3 flow-matching Euler, classifier-free guidance, optional token-grid
+shift averaging (docs/METHOD.md §1, §3, §5).
 
 Each sample brings its own class ratios, α, β and seed; its noise comes from its own seed on the CPU, so a
 sample's output does not depend on batch size, order or device count.
@@ -43,6 +44,28 @@ def is_guided(guidance: float) -> bool:
     return guidance > 1.0
 
 
+GRID_SHIFTS = (1, 2, 4)
+"""Token grids a step's velocity may be averaged over (`sampling.grid_shifts`)."""
+
+
+def grid_offsets(shifts: int, patch_size: int) -> list[tuple[int, int]]:
+    """(rows, columns) latent rolls of the token grids averaged by `shifts` (docs/METHOD.md §5): 1 the grid
+    itself; 2 also the grid moved by half a token diagonally; 4 also half a token down and half across."""
+    if shifts not in GRID_SHIFTS:
+        raise ValueError(f"grid shifts must be one of {GRID_SHIFTS}, got {shifts}")
+    half = patch_size // 2
+    if shifts > 1 and half == 0:
+        raise ValueError(f"grid shifts need tokens of at least 2 latent pixels (this model's patch size is {patch_size})")
+    return {1: [(0, 0)], 2: [(0, 0), (half, half)], 4: [(0, 0), (0, half), (half, 0), (half, half)]}[shifts]
+
+
+def roll(latents: torch.Tensor, offset: tuple[int, int], sign: int = 1) -> torch.Tensor:
+    """Latents [B, C, H, W] rolled (circularly) by `offset` rows and columns, or back with `sign` -1."""
+    if offset == (0, 0):
+        return latents
+    return torch.roll(latents, (sign * offset[0], sign * offset[1]), dims=(2, 3))
+
+
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     """Standard normal noise, one CPU generator per sample seed: [len(seeds), *shape] float32."""
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
@@ -58,12 +81,13 @@ class MDSD3Sampler:
     """Turns clean images plus per-sample requests into degraded images with an MDSD3 transformer."""
 
     def __init__(self, base: BaseModel, model: MDSD3Transformer, adapter: AdapterConfig,
-                 prompts: Mapping[str, PromptEmbedding]):
+                 prompts: Mapping[str, PromptEmbedding], grid_shifts: int = 1):
         self.base = base
         self.model = model
         self.vae = base.vae  # AutoencoderKL or a pixel codec with its interface
         self.adapter = adapter
         self.prompts = dict(prompts)
+        self.offsets = grid_offsets(grid_shifts, model.config.patch_size)
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
 
@@ -113,9 +137,17 @@ class MDSD3Sampler:
 
     # -- denoising ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, clean_injections: torch.Tensor, cond: Conditioning,
-                uncond: Conditioning | None, steps: int, guidance: float) -> torch.Tensor:
-        """SD3 flow-matching Euler from σ = 1; guidance when `guidance > 1` and an unconditional branch is given."""
+    def denoise(self, latents: torch.Tensor, clean_injections: torch.Tensor | Sequence[torch.Tensor],
+                cond: Conditioning, uncond: Conditioning | None, steps: int, guidance: float) -> torch.Tensor:
+        """SD3 flow-matching Euler from σ = 1; guidance when `guidance > 1` and an unconditional branch is given.
+
+        With several grid offsets (`grid_shifts`), `clean_injections` holds one entry per offset (of the clean
+        latents rolled by it) and each step's velocity is the mean over the offsets of the velocity of the rolled
+        latents, rolled back."""
+        if isinstance(clean_injections, torch.Tensor):
+            clean_injections = [clean_injections]
+        if len(clean_injections) != len(self.offsets):
+            raise ValueError(f"{len(clean_injections)} clean injections for {len(self.offsets)} grid offsets")
         scheduler = self.base.make_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
         guided = is_guided(guidance) and uncond is not None
@@ -127,15 +159,20 @@ class MDSD3Sampler:
             embeds, pooled, mask = cond.embeds, cond.pooled, cond.head_mask
         latents = latents.to(self.dtype)
         for t in scheduler.timesteps:
-            model_input = torch.cat([latents, latents]) if guided else latents
-            velocity = self.model(
-                hidden_states=model_input, encoder_hidden_states=embeds, pooled_projections=pooled,
-                timestep=t.expand(model_input.shape[0]), head_mask=mask, clean_injections=clean_injections,
-                return_dict=False,
-            )[0]
-            if guided:
-                uncond_v, cond_v = velocity.chunk(2)
-                velocity = uncond_v + guidance * (cond_v - uncond_v)
+            velocities = []
+            for offset, injections in zip(self.offsets, clean_injections):
+                rolled = roll(latents, offset)
+                model_input = torch.cat([rolled, rolled]) if guided else rolled
+                velocity = self.model(
+                    hidden_states=model_input, encoder_hidden_states=embeds, pooled_projections=pooled,
+                    timestep=t.expand(model_input.shape[0]), head_mask=mask, clean_injections=injections,
+                    return_dict=False,
+                )[0]
+                if guided:
+                    uncond_v, cond_v = velocity.chunk(2)
+                    velocity = uncond_v + guidance * (cond_v - uncond_v)
+                velocities.append(roll(velocity, offset, -1))
+            velocity = velocities[0] if len(velocities) == 1 else torch.stack(velocities).mean(0)
             latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
         return latents
 
@@ -165,7 +202,7 @@ class MDSD3Sampler:
         if padding:
             clean_latents = torch.cat([clean_latents, clean_latents[-1:].expand(padding, *clean_latents.shape[1:])])
             requests = [*requests, *[requests[-1]] * padding]
-        injections = self.model.encode_clean(clean_latents.to(self.dtype))
+        injections = [self.model.encode_clean(roll(clean_latents, offset).to(self.dtype)) for offset in self.offsets]
         noise = seeded_noise([r.seed for r in requests], clean_latents.shape[1:]).to(self.device)
         alpha = torch.tensor([r.alpha for r in requests], device=self.device)
         beta = torch.tensor([r.beta for r in requests], device=self.device)

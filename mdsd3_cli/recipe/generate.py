@@ -165,6 +165,7 @@ class SamplingSection(_Section):
     beta: float = Field(default=0.0, ge=0)
     seed: int = 0
     batch_size: int = Field(default=4, ge=1)
+    grid_shifts: Literal[1, 2, 4] = 1
 
 
 class Variant(_Section):
@@ -301,6 +302,7 @@ class Recipe(_Section):
                 "guidance": self.sampling.guidance,
                 "seed": self.sampling.seed,
                 "batch_size": self.sampling.batch_size,
+                **({"grid_shifts": self.sampling.grid_shifts} if self.sampling.grid_shifts != 1 else {}),
             },
             "variants": [
                 {
@@ -527,6 +529,8 @@ sampling:
   seed: 0                   # every sample's seed is a stable hash of (seed, key, variant, repeat)
   batch_size: 4             # images per transformer call on a GPU (CPU: one at a time); part of the run
                             # identity (it changes a GPU run's last bits): resuming with another is refused
+  grid_shifts: 1            # 1 | 2 | 4: average each step over the token grid moved by half a token (less
+                            # mosaic; 2 or 4 times the transformer work). 1 is SD3's sampler exactly
 
 variants:                   # each writes degraded/<name>/ (or <name>_r<N>/ with repeats)
   # Fixed ratios in [0, 1]: 1 applies a class fully, 0.5 half as strongly.
