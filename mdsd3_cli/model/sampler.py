@@ -1,5 +1,5 @@
 """The MDSD3 sampler: α/β initial latents, SD3 flow-matching Euler, classifier-free guidance, optional token-grid
-shift averaging (docs/METHOD.md §1, §3, §5).
+shift averaging (docs/METHOD.md §1, §3, §6).
 
 Each sample brings its own class ratios, α, β and seed; its noise comes from its own seed on the CPU, so a
 sample's output does not depend on batch size, order or device count.
@@ -49,7 +49,7 @@ GRID_SHIFTS = (1, 2, 4)
 
 
 def grid_offsets(shifts: int, patch_size: int) -> list[tuple[int, int]]:
-    """(rows, columns) latent rolls of the token grids averaged by `shifts` (docs/METHOD.md §5): 1 the grid
+    """(rows, columns) latent rolls of the token grids averaged by `shifts` (docs/METHOD.md §6): 1 the grid
     itself; 2 also the grid moved by half a token diagonally; 4 also half a token down and half across."""
     if shifts not in GRID_SHIFTS:
         raise ValueError(f"grid shifts must be one of {GRID_SHIFTS}, got {shifts}")
