@@ -3,7 +3,7 @@
 
     python scripts/mini_figures.py [--out DIR]     # prints JSON
 
-Time: 33 s in all (the 256-px seam run included) for mini v2 (4 steps) on the two cores of an AMD EPYC CPU,
+Time: 36 s in all (the 256-px seam run included) for mini v2 (4 steps, grid_shifts 2) on the two cores of an AMD EPYC CPU,
 beside other jobs.
 
 Generates, at the demo's size and sampling settings (configs/demo.yaml), the identity (no class, with
