@@ -103,6 +103,7 @@ def test_valid_recipe_loads_with_defaults(tmp_path: Path) -> None:
         ("sampling.beta", -0.1),                    # beta < 0
         ("variants.1.beta", -0.1),
         ("sampling.batch_size", 0),                 # batch_size < 1
+        ("sampling.grid_shifts", 3),                # not 1, 2 or 4
         ("input.size", 500),                        # not a multiple of 16
         ("input.size", 0),
         ("input.resize", "stretch"),

@@ -8,7 +8,8 @@ import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from skimage import data
 
-from mdsd3_cli.model.sampler import Conditioning, MDSD3Sampler, SampleRequest, grid_offsets, seeded_noise
+from mdsd3_cli.model.grid_shifts import grid_offsets
+from mdsd3_cli.model.sampler import Conditioning, MDSD3Sampler, SampleRequest, seeded_noise
 from mdsd3_cli.model.weights import TINY_TRANSFORMER, build_model, fresh_adapter_config
 
 from .conftest import CLASSES
@@ -52,7 +53,7 @@ def test_sampler_equals_sd3_pipeline(fresh_base, tiny_prompts, guidance):
     ones = torch.ones(2, fresh_base.shape["num_attention_heads"])
     cond = sampler.conditioning(["rain haze"] * 2, ones)
     uncond = sampler.conditioning([""] * 2, ones)
-    ours = sampler.denoise(latents, sampler.model.encode_clean(clean), cond, uncond, steps=3, guidance=guidance)
+    ours = sampler.denoise(latents, [sampler.model.encode_clean(clean)], cond, uncond, steps=3, guidance=guidance)
     theirs = _pipeline(fresh_base)(
         prompt_embeds=text.embeds[None].repeat(2, 1, 1), pooled_prompt_embeds=text.pooled[None].repeat(2, 1),
         negative_prompt_embeds=empty.embeds[None].repeat(2, 1, 1),

@@ -25,6 +25,7 @@ from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.dataset.verify import verify_dataset
 from mdsd3_cli.dataset.writer import OutputConflictError
 from mdsd3_cli.export.run import run_export
+from mdsd3_cli.export.sample import flat_key
 from mdsd3_cli.export.webdataset import record_json
 from mdsd3_cli.recipe.train import Mdsd3OutputDataset
 from mdsd3_cli.train.data import DataReport, discover_pairs
@@ -155,8 +156,8 @@ def test_failed_inputs_are_left_out_of_their_tar(tiny_photos, tmp_path):
     out = tmp_path / "out"
     assert list(tar_bytes(out)) == TARS[:1]  # astronaut and broken share a tar; broken is left out
     with tarfile.open(out / "tars" / TARS[0]) as archive:
-        assert archive.getnames() == ["astronaut.clean.png", *(f"astronaut.{folder}.degraded.png" for folder in FOLDERS),
-                                      "astronaut.json"]
+        degraded = [f"astronaut.{folder}.degraded.png" for folder in FOLDERS]
+        assert archive.getnames() == ["astronaut.clean.png", *degraded, "astronaut.json"]
     assert verify_dataset(out).ok
 
 
@@ -208,7 +209,7 @@ def as_earlier_version(out: Path) -> None:
         with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as target:
             for name in [name for name in members if name.endswith(".json")]:
                 for folder, record in json.loads(members[name]).items():
-                    stem = f"{record['key'].replace('.', '%2E').replace(' ', '%20')}/{folder}"
+                    stem = f"{flat_key(record['key'])}/{flat_key(folder)}"
                     old = {"clean_member": f"{stem}.clean.png", "degraded_member": f"{stem}.degraded.png",
                            "json_member": f"{stem}.json"}
                     old_record = {**record, **old}

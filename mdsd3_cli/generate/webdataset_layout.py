@@ -10,19 +10,20 @@ is a regular file (never a link) holding exactly the members of that group's key
 record says, and the shard's manifest lists those records byte for byte; a kill between the rename and the
 append is recognised when the unlisted records' images match their SHA-256, and their lines are restored.
 Anything else at a tar's name (a link, a foreign or damaged file) is not trusted: the group is redone and the
-file replaced. Inputs that fail to decode are left out of their tar (and listed in errors/). A rerun must have the same plan (inputs, --limit,
-shard count): `manifest/<shard>.tars.json` records the plan's digest and another plan is refused.
+file replaced. Inputs that fail to decode are left out of their tar (and listed in errors/). A rerun must have
+the same plan (inputs, --limit, shard count): `manifest/<shard>.tars.json` records the plan's digest and another
+plan is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 import stat
 import tarfile
-import itertools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
@@ -40,7 +41,7 @@ from mdsd3_cli.recipe.generate import TAR_SAMPLE
 from mdsd3_cli.dataset.writer import (FORMAT_EXTENSIONS, DatasetWriter, ImageFormat, OutputConflictError, OutputLayout, digest,
                       encode_image, file_digest_fields)
 from mdsd3_cli.export.sample import EncodedSample
-from mdsd3_cli.export.webdataset import TarWriter, key_json, key_members, record_json
+from mdsd3_cli.export.webdataset import TarWriter, key_members, record_json
 
 TARS_FOLDER = "tars"
 PLAN_SUFFIX = ".tars.json"
@@ -69,8 +70,9 @@ def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
     if counts - {shard.count}:
         raise OutputConflictError(f"{folder} holds tars of a run with {sorted(counts - {shard.count})} shards "
                                   f"(not {shard.count}); the webdataset layout resumes only the same plan: {advice}")
-    plan = {"tar_sample": TAR_SAMPLE, "samples_per_tar": samples_per_tar, "samples": len(items), "plan_sha256": hashlib.sha256(
-        json.dumps([(item.key, item.folder) for item in items], ensure_ascii=True).encode("ascii")).hexdigest(),
+    plan = {"tar_sample": TAR_SAMPLE, "samples_per_tar": samples_per_tar, "samples": len(items),
+            "plan_sha256": hashlib.sha256(json.dumps([(item.key, item.folder) for item in items],
+                                                     ensure_ascii=True).encode("ascii")).hexdigest(),
         "files": [f"{TARS_FOLDER}/{tar_path(out_dir, shard, group).name}"  # what --overwrite removes
                   for group in range(len(groups_of(items, samples_per_tar)))]}
     record = Path(out_dir) / "manifest" / f"{shard.name}{PLAN_SUFFIX}"
@@ -165,15 +167,15 @@ def _check_tar(archive: tarfile.TarFile, relative: str, items: Sequence[WorkItem
         folders[item.key].append(item.folder)
     if not set(listed) <= {(item.key, item.folder) for item in items}:
         return None
+    members = {key: key_members(key, key_folders, extension) for key, key_folders in folders.items()}
     entries = archive.getmembers()
     sizes = {entry.name: entry.size for entry in entries if entry.isfile()}
-    expected = [name for key, key_folders in folders.items()
-                for name in key_members(key, key_folders, extension).names()]
-    if [entry.name for entry in entries] != expected or len(sizes) != len(entries):
+    if [entry.name for entry in entries] != [name for names in members.values() for name in names.names()] \
+            or len(sizes) != len(entries):
         return None
     missing = []
     for key, key_folders in folders.items():
-        names = key_members(key, key_folders, extension)
+        names = members[key]
         if sizes[names.json] > _MAX_RECORD_BYTES * len(key_folders):
             return None
         records = json.loads(archive.extractfile(names.json).read())  # ValueError: not this group's tar

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mdsd3_cli.model.adapter import AdapterConfig
+from mdsd3_cli.model.grid_shifts import grid_offsets, roll
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, head_mask, prompt_for, ratio_vector
 from mdsd3_cli.model.transformer import MDSD3Transformer
 from mdsd3_cli.model.prompts import PromptEmbedding
@@ -42,28 +43,6 @@ class Conditioning:
 def is_guided(guidance: float) -> bool:
     """Classifier-free guidance is on above 1; at or below 1 only the conditional branch runs."""
     return guidance > 1.0
-
-
-GRID_SHIFTS = (1, 2, 4)
-"""Token grids a step's velocity may be averaged over (`sampling.grid_shifts`)."""
-
-
-def grid_offsets(shifts: int, patch_size: int) -> list[tuple[int, int]]:
-    """(rows, columns) latent rolls of the token grids averaged by `shifts` (docs/METHOD.md §6): 1 the grid
-    itself; 2 also the grid moved by half a token diagonally; 4 also half a token down and half across."""
-    if shifts not in GRID_SHIFTS:
-        raise ValueError(f"grid shifts must be one of {GRID_SHIFTS}, got {shifts}")
-    half = patch_size // 2
-    if shifts > 1 and half == 0:
-        raise ValueError(f"grid shifts need tokens of at least 2 latent pixels (this model's patch size is {patch_size})")
-    return {1: [(0, 0)], 2: [(0, 0), (half, half)], 4: [(0, 0), (0, half), (half, 0), (half, half)]}[shifts]
-
-
-def roll(latents: torch.Tensor, offset: tuple[int, int], sign: int = 1) -> torch.Tensor:
-    """Latents [B, C, H, W] rolled (circularly) by `offset` rows and columns, or back with `sign` -1."""
-    if offset == (0, 0):
-        return latents
-    return torch.roll(latents, (sign * offset[0], sign * offset[1]), dims=(2, 3))
 
 
 def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -137,15 +116,13 @@ class MDSD3Sampler:
 
     # -- denoising ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, clean_injections: torch.Tensor | Sequence[torch.Tensor],
-                cond: Conditioning, uncond: Conditioning | None, steps: int, guidance: float) -> torch.Tensor:
+    def denoise(self, latents: torch.Tensor, clean_injections: Sequence[torch.Tensor], cond: Conditioning,
+                uncond: Conditioning | None, steps: int, guidance: float) -> torch.Tensor:
         """SD3 flow-matching Euler from σ = 1; guidance when `guidance > 1` and an unconditional branch is given.
 
-        With several grid offsets (`grid_shifts`), `clean_injections` holds one entry per offset (of the clean
-        latents rolled by it) and each step's velocity is the mean over the offsets of the velocity of the rolled
-        latents, rolled back."""
-        if isinstance(clean_injections, torch.Tensor):
-            clean_injections = [clean_injections]
+        `clean_injections` holds one `encode_clean` result per grid offset (`self.offsets`, one without grid
+        shifts), of the clean latents rolled by that offset; each step's velocity is the mean over the offsets of
+        the velocity of the rolled latents, rolled back."""
         if len(clean_injections) != len(self.offsets):
             raise ValueError(f"{len(clean_injections)} clean injections for {len(self.offsets)} grid offsets")
         scheduler = self.base.make_scheduler()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr, ValidationError, field_validator
 
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
+from mdsd3_cli.model.grid_shifts import GRID_SHIFTS
 from mdsd3_cli.util.names import unknown_class_message
 from mdsd3_cli.model.presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
 from mdsd3_cli.recipe.file import (MAX_REPEATS, MAX_SAMPLES_PER_INPUT, Problem, RecipeData, RecipeFileError, read_recipe,
@@ -165,7 +166,7 @@ class SamplingSection(_Section):
     beta: float = Field(default=0.0, ge=0)
     seed: int = 0
     batch_size: int = Field(default=4, ge=1)
-    grid_shifts: Literal[1, 2, 4] = 1
+    grid_shifts: Literal[GRID_SHIFTS] = 1
 
 
 class Variant(_Section):
