@@ -157,13 +157,18 @@ class OutputSection(_Section):
     samples_per_tar: int = Field(default=200, ge=1)
 
 
+MAX_START_WEIGHT = 10.0
+"""Largest α and β of the start z_T = α·noise + β·clean latent: at α 10 mini's images are already saturated noise,
+and far larger weights overflow to black images."""
+
+
 class SamplingSection(_Section):
     """Denoising settings shared by all variants."""
 
     steps: int = Field(default=28, ge=1)
     guidance: float = Field(default=7.0, ge=0)
-    alpha: float = Field(default=1.0, gt=0)
-    beta: float = Field(default=0.0, ge=0)
+    alpha: float = Field(default=1.0, gt=0, le=MAX_START_WEIGHT)
+    beta: float = Field(default=0.0, ge=0, le=MAX_START_WEIGHT)
     seed: int = 0
     batch_size: int = Field(default=4, ge=1)
     grid_shifts: Literal[GRID_SHIFTS] = 1
@@ -175,8 +180,8 @@ class Variant(_Section):
     name: str = Field(max_length=100)
     classes: dict[str, Ratio]
     repeats: int = Field(default=1, ge=1, le=MAX_REPEATS)
-    alpha: Annotated[float, Field(gt=0)] | None = None
-    beta: Annotated[float, Field(ge=0)] | None = None
+    alpha: Annotated[float, Field(gt=0, le=MAX_START_WEIGHT)] | None = None
+    beta: Annotated[float, Field(ge=0, le=MAX_START_WEIGHT)] | None = None
 
     @field_validator("name")
     @classmethod
@@ -524,8 +529,8 @@ output:
 sampling:
   steps: 28                 # denoising steps
   guidance: 7.0             # classifier-free guidance; <= 1 turns it off (twice as fast)
-  alpha: 1.0                # initial latent = alpha * noise + beta * clean latent; alpha > 0
-  beta: 0.0                 # beta >= 0; alpha + beta > 1 keeps the degradations strong. A trained
+  alpha: 1.0                # initial latent = alpha * noise + beta * clean latent; 0 < alpha <= 10
+  beta: 0.0                 # 0 <= beta <= 10; alpha + beta > 1 keeps the degradations strong. A trained
                             # adapter samples best from the start it was trained for (check warns otherwise)
   seed: 0                   # every sample's seed is a stable hash of (seed, key, variant, repeat)
   batch_size: 4             # images per transformer call on a GPU (CPU: one at a time); part of the run
