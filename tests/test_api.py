@@ -36,6 +36,12 @@ def synth(folders_dataset: Path) -> Synthesizer:
     return Synthesizer.from_recipe(folders_dataset.parent / "recipe.yaml")
 
 
+@pytest.fixture(scope="module")
+def quick() -> Synthesizer:
+    """The cheapest model for what does not depend on the settings: tiny, 32 px, 1 step, no guidance."""
+    return Synthesizer.from_preset("tiny", overrides=["input.size=32", "sampling.steps=1"])
+
+
 def test_degrade_gives_the_bytes_generate_wrote(folders_dataset: Path, synth: Synthesizer) -> None:
     records = _records(folders_dataset)
     assert len(records) == 9  # 3 photos x (rain, mix_r1, mix_r2)
@@ -73,11 +79,159 @@ def test_bad_class_or_ratio_is_a_clear_value_error(synth: Synthesizer, classes: 
         synth.degrade(np.zeros((32, 32, 3), np.uint8), classes)
 
 
-def test_bad_images_are_a_clear_value_error(synth: Synthesizer) -> None:
-    with pytest.raises(ValueError, match=re.escape("image 1: arrays must be uint8 [H, W, 3] RGB; got float32")):
-        synth.degrade([np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.float32)], {"rain": 1.0})
-    with pytest.raises(ValueError, match="image 0: too small: 8x8"):
-        synth.degrade(np.zeros((8, 8, 3), np.uint8), {"rain": 1.0})
+def test_arrays_tensors_and_paths_give_the_same_pairs(tmp_path: Path, quick: Synthesizer) -> None:
+    """Issue 30: float arrays (taken as [0, 1]), [3, H, W] and [B, 3, H, W] tensors and paths are images too."""
+    array = (np.random.default_rng(1).random((40, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(array).save(tmp_path / "photo.png")
+    chw = torch.from_numpy(array).permute(2, 0, 1)
+    inputs = {"uint8 array": array, "float32 array": array.astype(np.float32) / 255,
+              "float64 array": array / 255.0, "uint8 tensor": chw, "float tensor": chw.float() / 255,
+              "batch tensor": torch.stack([chw, chw]).float() / 255, "path": str(tmp_path / "photo.png"),
+              "pathlib path": tmp_path / "photo.png"}
+    expected = quick.degrade(array, {"rain": 0.6, "haze": 0.3}, seed=7)[0]
+    for name, images in inputs.items():
+        pairs = quick.degrade(images, {"rain": 0.6, "haze": 0.3}, seed=7)
+        np.testing.assert_array_equal(pairs[0].clean, expected.clean, err_msg=name)
+        np.testing.assert_array_equal(pairs[0].degraded, expected.degraded, err_msg=name)
+        assert len(pairs) == (2 if name == "batch tensor" else 1)
+
+
+def test_output_type_gives_tensors_like_degraded_pairs_or_pil_images(quick: Synthesizer) -> None:
+    array = (np.random.default_rng(2).random((32, 32, 3)) * 255).astype(np.uint8)
+    arrays, tensors, images = (quick.degrade(array, {"noise": 0.5}, seed=3, output_type=kind)[0]
+                               for kind in ("np", "pt", "pil"))
+    assert tensors.degraded.dtype == torch.float32 and tensors.degraded.shape == (3, 32, 32)
+    assert torch.equal(tensors.degraded, torch.from_numpy(arrays.degraded).permute(2, 0, 1).float() / 255)
+    assert torch.equal(tensors.clean, torch.from_numpy(arrays.clean).permute(2, 0, 1).float() / 255)
+    assert images.degraded.mode == "RGB" and np.array_equal(np.asarray(images.degraded), arrays.degraded)
+    with pytest.raises(ValueError, match=re.escape("output_type must be one of 'np', 'pt', 'pil'; got 'numpy'")):
+        quick.degrade(array, {"noise": 0.5}, output_type="numpy")
+
+
+@pytest.mark.parametrize(("images", "error", "message"), [
+    ([np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), bool)], TypeError,
+     "images[1]: pixels of dtype bool are not taken; use uint8 (0-255) or float (0-1)"),
+    (np.zeros((32, 32, 3), np.int32), TypeError, "images[0]: pixels of dtype int32 are not taken"),
+    (torch.zeros((3, 32, 32), dtype=torch.bool), TypeError, "images[0]: pixels of dtype bool are not taken"),
+    (np.full((32, 32, 3), 255.0, np.float32), ValueError,
+     "images[0]: float pixels are taken as [0, 1]; found values 255 to 255"),
+    (np.full((32, 32, 3), np.nan), ValueError, "images[0]: float pixels are taken as [0, 1]; found 3072 NaN or infinite"),
+    (np.zeros((32, 32), np.uint8), ValueError, "images[0]: arrays are [H, W, 3] RGB (a batch [B, H, W, 3]); got shape [32, 32]"),
+    (torch.zeros((32, 32, 3)), ValueError, "images[0]: tensors are [3, H, W] RGB (a batch [B, 3, H, W]); got shape [32, 32, 3]"),
+    (np.zeros((8, 8, 3), np.uint8), ValueError, "images[0]: too small: 8x8"),
+    ("no/such/photo.png", ValueError, "images[0] (no/such/photo.png): cannot read file"),
+    ([np.zeros((32, 32, 3), np.uint8), 5], TypeError, "images[1]: expected a PIL image, an [H, W, 3] array"),
+    (5, TypeError, "images must be a PIL image, an [H, W, 3] array, a [3, H, W] tensor or an image file's path"),
+])
+def test_bad_images_name_the_argument(synth: Synthesizer, images: object, error: type, message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        synth.degrade(images, {"rain": 1.0})
+
+
+@pytest.mark.parametrize(("start", "error", "message"), [
+    ({"alpha": math.nan}, ValueError, "alpha is nan: input should be a finite number"),
+    ({"alpha": math.inf}, ValueError, "alpha is inf: input should be a finite number"),
+    ({"alpha": 1e30}, ValueError, "alpha is 1e+30: input should be less than or equal to 10"),
+    ({"alpha": 0}, ValueError, "alpha is 0.0: input should be greater than 0"),
+    ({"alpha": -1}, ValueError, "alpha is -1.0: input should be greater than 0"),
+    ({"beta": -0.1}, ValueError, "beta is -0.1: input should be greater than or equal to 0"),
+    ({"beta": math.inf}, ValueError, "beta is inf: input should be a finite number"),
+    ({"beta": 11}, ValueError, "beta is 11.0: input should be less than or equal to 10"),
+    ({"alpha": True}, TypeError, "alpha must be a number; got bool True"),
+    ({"beta": "1"}, TypeError, "beta must be a number; got str '1'"),
+])
+def test_alpha_and_beta_are_held_to_the_recipe_rules(synth: Synthesizer, start: dict, error: type, message: str) -> None:
+    """Issue 27: these gave black images as a success."""
+    with pytest.raises(error, match=re.escape(message)):
+        synth.degrade(np.zeros((32, 32, 3), np.uint8), {"rain": 1.0}, **start)
+
+
+def test_numpy_numbers_are_taken_as_alpha_beta_and_ratios(quick: Synthesizer) -> None:
+    array = (np.random.default_rng(3).random((32, 32, 3)) * 255).astype(np.uint8)
+    plain = quick.degrade(array, {"rain": 0.5, "haze": 0.25}, seed=1, alpha=0.75, beta=0.5)[0]
+    numpy = quick.degrade(array, {"rain": np.float32(0.5), "haze": np.float64(0.25)}, seed=1,
+                          alpha=np.float32(0.75), beta=np.float16(0.5))[0]
+    np.testing.assert_array_equal(plain.degraded, numpy.degraded)
+    assert numpy.ratios == plain.ratios and all(type(value) is float for value in numpy.ratios.values())
+
+
+def test_the_recipe_refuses_alpha_and_beta_above_ten(tmp_path: Path, tiny_photos: Path) -> None:
+    with pytest.raises(RecipeError, match=re.escape("sampling.alpha (from --set sampling.alpha=1000): Input should be "
+                                                    "less than or equal to 10")):
+        load_recipe(_recipe(tmp_path, tiny_photos, rain=1.0), ["sampling.alpha=1000"])
+    with pytest.raises(RecipeError, match=re.escape("variants.0.beta (from --set variants.0.beta=10.5)")):
+        load_recipe(_recipe(tmp_path, tiny_photos, rain=1.0), ["variants.0.beta=10.5"])
+    assert load_recipe(_recipe(tmp_path, tiny_photos, rain=1.0), ["sampling.alpha=10", "sampling.beta=10"])
+
+
+@pytest.mark.parametrize(("seed", "count", "error", "message"), [
+    (2**64, 1, ValueError, "seed is 18446744073709551616; seeds are integers in [0, 2**64)"),
+    (-1, 1, ValueError, "seed is -1; seeds are integers in [0, 2**64)"),
+    (2**64 - 1, 2, ValueError, "seed + 1 (the seed of images[1]) is 18446744073709551616"),
+    ([5, -2], 2, ValueError, "seed[1] is -2"),
+    ([np.uint64(2**64 - 1), 2**64], 2, ValueError, "seed[1] is 18446744073709551616"),
+    ("7", 1, TypeError, "seed must be an integer in [0, 2**64) or one per image; got str '7'"),
+    ("12", 2, TypeError, "seed must be an integer in [0, 2**64) or one per image; got str '12'"),
+    (7.0, 1, TypeError, "seed must be an integer in [0, 2**64) or one per image; got float 7.0"),
+    (True, 1, TypeError, "got bool True"),
+    ([7, "8"], 2, TypeError, "seed[1] must be an integer in [0, 2**64); got str '8'"),
+    ([7], 2, ValueError, "2 images need 2 seeds; got 1"),
+])
+def test_seeds_are_integers_below_2_to_the_64(synth: Synthesizer, seed: object, count: int, error: type,
+                                              message: str) -> None:
+    """Issue 27: np.int64 and >= 2**64 failed oddly, -1 was 2**64 - 1, '7' was taken and '12' not."""
+    with pytest.raises(error, match=re.escape(message)):
+        synth.degrade([np.zeros((32, 32, 3), np.uint8)] * count, {"rain": 1.0}, seed=seed)
+
+
+def test_numpy_and_tensor_seeds_are_their_integers(quick: Synthesizer) -> None:
+    array = (np.random.default_rng(4).random((32, 32, 3)) * 255).astype(np.uint8)
+    reference = quick.degrade(array, {"haze": 1.0}, seed=7)[0]
+    pair = quick.degrade(array, {"haze": 1.0}, seed=np.int64(7))[0]
+    np.testing.assert_array_equal(pair.degraded, reference.degraded)
+    assert pair.seed == 7 and type(pair.seed) is int
+    for seed in ([np.int32(7), np.uint64(8)], np.array([7, 8]), torch.tensor([7, 8])):
+        assert [(pair.seed, type(pair.seed)) for pair in quick.degrade([array, array], {}, seed=seed)] == [(7, int), (8, int)]
+    assert quick.degrade(array, {}, seed=2**64 - 1)[0].seed == 2**64 - 1
+
+
+def test_classes_must_be_a_mapping_or_one_per_image(synth: Synthesizer) -> None:
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(TypeError, match=re.escape("classes must be a mapping of class name to ratio, or a list of them "
+                                                  "(one per image); got str 'rain'")):
+        synth.degrade(image, "rain")
+    with pytest.raises(TypeError, match=re.escape("classes[1] must be a mapping of class name to ratio; got str")):
+        synth.degrade([image, image], [{"rain": 1.0}, "haze"])
+    with pytest.raises(ValueError, match=re.escape("2 images need 2 class mappings; got 1")):
+        synth.degrade([image, image], [{"rain": 1.0}])
+
+
+def test_reprs_are_short_and_readable(tiny_photos: Path, synth: Synthesizer) -> None:
+    pair = synth.degrade(np.zeros((32, 32, 3), np.uint8), {"rain": 0.5}, seed=7)[0]
+    assert repr(pair) == ("Pair(clean=uint8[32, 32, 3], degraded=uint8[32, 32, 3], "
+                          "ratios={'rain': 0.5, 'haze': 0, 'noise': 0}, seed=7)")
+    tensors = synth.degrade(np.zeros((32, 32, 3), np.uint8), {"rain": 0.5}, output_type="pt")[0]
+    assert repr(tensors).startswith("Pair(clean=torch.float32[3, 32, 32], degraded=torch.float32[3, 32, 32]")
+    assert repr(synth).startswith("Synthesizer(base='tiny', adapter=None, classes=['rain', 'haze', 'noise'], "
+                                  "device='cpu', dtype='float32', size=32, resize='center_crop', steps=2, guidance=2")
+    assert repr(DegradedPairs(tiny_photos, synth, degrade=False)) == (
+        "DegradedPairs(3 photos x 2 variants ['rain', 'mix'] = 6 items, epoch=0, degrade=False, failed=0)")
+
+
+def test_device_and_dtype_keywords(folders_dataset: Path) -> None:
+    """Issue 30: from_preset("mini", device="cpu") was a TypeError."""
+    tiny = Synthesizer.from_preset("tiny", overrides=["input.size=32"], device=torch.device("cpu"), dtype=torch.float32)
+    assert (tiny.device, tiny.dtype, tiny.recipe.model.device, tiny.recipe.model.dtype) == (
+        torch.device("cpu"), torch.float32, "cpu", "float32")
+    recipe = Synthesizer.from_recipe(folders_dataset.parent / "recipe.yaml", device="cpu", dtype="float32")
+    assert (recipe.recipe.model.device, recipe.dtype) == ("cpu", torch.float32)
+    with pytest.raises(ValueError, match=re.escape("device='tpu': String should match pattern")):
+        Synthesizer.from_preset("tiny", device="tpu")
+    with pytest.raises(ValueError, match=re.escape("dtype='float64': Input should be 'auto', 'float32', 'bfloat16' or "
+                                                   "'float16'")):
+        Synthesizer.from_folder("unused", classes=["rain"], dtype=torch.float64)
+    with pytest.raises(TypeError, match=re.escape("dtype must be a string or a torch.dtype; got int 3")):
+        Synthesizer.from_preset("tiny", dtype=3)
 
 
 def test_pairs_follow_generate_per_index_and_epoch(folders_dataset: Path, tiny_photos: Path, synth: Synthesizer) -> None:

@@ -72,7 +72,7 @@ class Pair:
     """The noise seed (a `generate` manifest's `seed` field)."""
 
     def __repr__(self) -> str:
-        ratios = ", ".join(f"{name}={value:g}" for name, value in self.ratios.items())
+        ratios = ", ".join(f"{name!r}: {value:g}" for name, value in self.ratios.items())
         return (f"Pair(clean={_describe(self.clean)}, degraded={_describe(self.degraded)}, ratios={{{ratios}}}, "
                 f"seed={self.seed})")
 
@@ -260,9 +260,9 @@ def _uint8_pixels(label: str, image: Any) -> np.ndarray:
         raise TypeError(f"{label}: pixels of dtype {image.dtype} are not taken; use uint8 (0-255) or float (0-1)")
     if image.size and not (np.isfinite(image).all() and 0.0 <= image.min() and image.max() <= 1.0):
         finite = image[np.isfinite(image)]
-        found = f"{finite.min():g}..{finite.max():g}" if finite.size else "none finite"
-        found += "" if finite.size == image.size else f", {image.size - finite.size} not finite"
-        raise ValueError(f"{label}: float pixels are taken as [0, 1]; found {found}")
+        found = [f"values {finite.min():g} to {finite.max():g}"] if finite.size else []
+        found += [f"{image.size - finite.size} NaN or infinite values"] if finite.size < image.size else []
+        raise ValueError(f"{label}: float pixels are taken as [0, 1]; found {' and '.join(found)}")
     return np.rint(image.astype(np.float64) * 255).astype(np.uint8)
 
 
