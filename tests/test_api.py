@@ -1,9 +1,15 @@
-"""The Python API (docs/python_api.md): Synthesizer, DegradedPairs, and the messages issue 19 asked for."""
+"""The Python API (docs/python_api.md): Synthesizer, DegradedPairs, the messages issues 19 and 27 asked for, and the
+conventions and runnable examples of issue 30."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import math
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,16 +90,14 @@ def test_arrays_tensors_and_paths_give_the_same_pairs(tmp_path: Path, quick: Syn
     array = (np.random.default_rng(1).random((40, 48, 3)) * 255).astype(np.uint8)
     Image.fromarray(array).save(tmp_path / "photo.png")
     chw = torch.from_numpy(array).permute(2, 0, 1)
-    inputs = {"uint8 array": array, "float32 array": array.astype(np.float32) / 255,
-              "float64 array": array / 255.0, "uint8 tensor": chw, "float tensor": chw.float() / 255,
-              "batch tensor": torch.stack([chw, chw]).float() / 255, "path": str(tmp_path / "photo.png"),
-              "pathlib path": tmp_path / "photo.png"}
+    inputs = {"float32 array": array.astype(np.float32) / 255, "uint8 tensor": chw,
+              "float tensor batch": torch.stack([chw, chw]).float() / 255, "path": str(tmp_path / "photo.png")}
     expected = quick.degrade(array, {"rain": 0.6, "haze": 0.3}, seed=7)[0]
     for name, images in inputs.items():
         pairs = quick.degrade(images, {"rain": 0.6, "haze": 0.3}, seed=7)
+        assert len(pairs) == (2 if name == "float tensor batch" else 1)
         np.testing.assert_array_equal(pairs[0].clean, expected.clean, err_msg=name)
         np.testing.assert_array_equal(pairs[0].degraded, expected.degraded, err_msg=name)
-        assert len(pairs) == (2 if name == "batch tensor" else 1)
 
 
 def test_output_type_gives_tensors_like_degraded_pairs_or_pil_images(quick: Synthesizer) -> None:
@@ -190,9 +194,10 @@ def test_numpy_and_tensor_seeds_are_their_integers(quick: Synthesizer) -> None:
     pair = quick.degrade(array, {"haze": 1.0}, seed=np.int64(7))[0]
     np.testing.assert_array_equal(pair.degraded, reference.degraded)
     assert pair.seed == 7 and type(pair.seed) is int
-    for seed in ([np.int32(7), np.uint64(8)], np.array([7, 8]), torch.tensor([7, 8])):
-        assert [(pair.seed, type(pair.seed)) for pair in quick.degrade([array, array], {}, seed=seed)] == [(7, int), (8, int)]
-    assert quick.degrade(array, {}, seed=2**64 - 1)[0].seed == 2**64 - 1
+    pairs = quick.degrade([array, array], {}, seed=[np.int32(7), np.uint64(2**64 - 1)])
+    assert [(pair.seed, type(pair.seed)) for pair in pairs] == [(7, int), (2**64 - 1, int)]
+    for seeds in (np.array([7]), torch.tensor([7])):
+        assert [(pair.seed, type(pair.seed)) for pair in quick.degrade(array, {}, seed=seeds)] == [(7, int)]
 
 
 def test_classes_must_be_a_mapping_or_one_per_image(synth: Synthesizer) -> None:
@@ -267,23 +272,6 @@ def test_cpu_dataloader_workers_degrade_the_same_pairs(tiny_photos: Path, synth:
     assert torch.equal(batch["degraded"][1], pairs[1]["degraded"])
 
 
-def _tested_doc_block() -> str:
-    text = (REPO / "docs" / "python_api.md").read_text()
-    marker = "<!-- tests/test_api.py runs the next code block -->"
-    match = re.search(re.escape(marker) + r"\n```python\n(.*?)```", text, re.S)
-    assert match, f"docs/python_api.md lost its marked example ({marker})"
-    return match.group(1)
-
-
-def test_the_documented_training_loop_runs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.chdir(REPO)
-    scope: dict = {}
-    exec(compile(_tested_doc_block(), "docs/python_api.md", "exec"), scope)
-    assert re.findall(r"epoch (\d): L1 \d+\.\d+", capsys.readouterr().out) == ["0", "1"]
-    assert scope["batch"]["degraded"].shape == scope["batch"]["clean"].shape == (3, 3, 32, 32)
-    assert math.isfinite(scope["loss"].item())
-
-
 def _recipe(folder: Path, tiny_photos: Path, **variant_classes: float) -> Path:
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump({
@@ -309,12 +297,137 @@ def test_tables_are_not_cut_without_a_terminal(tmp_path: Path, tiny_photos: Path
     assert str(folder / "out") in result.output
 
 
-def test_the_readme_python_example_degrades_a_photo_with_mini(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(REPO)
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
-    assert len(blocks) == 1, "README.md shows one Python example"
-    scope: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), scope)
-    pair = scope["pair"]
+DOCUMENTED = ("README.md", "docs/python_api.md")
+
+
+def _examples(name: str) -> list[tuple[int, str, str | None]]:
+    """The ```python blocks of a document: (line of the code, code, the ```text block right after it or None)."""
+    text = (REPO / name).read_text()
+    pattern = r"^```python\n(.*?)^```\n(?:\n?```text\n(.*?)^```\n)?"
+    return [(text.count("\n", 0, match.start()) + 2, match.group(1), match.group(2))
+            for match in re.finditer(pattern, text, re.S | re.M)]
+
+
+@functools.cache
+def _run_example(name: str, index: int) -> tuple[dict, str]:
+    """Run one example from the repository root, as a reader would; its variables and what it printed."""
+    line, code, _ = _examples(name)[index]
+    scope: dict = {"__name__": "__main__"}
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile("\n" * (line - 1) + code, str(REPO / name), "exec"), scope)
+    return scope, printed.getvalue()
+
+
+@pytest.mark.parametrize(("name", "index"), [(name, index) for name in DOCUMENTED for index in range(len(_examples(name)))],
+                         ids=[f"{name}:{line}" for name in DOCUMENTED for line, _, _ in _examples(name)])
+def test_the_python_examples_in_the_docs_run(name: str, index: int) -> None:
+    """Issue 30: every ```python block of README.md and docs/python_api.md runs, and prints the ```text block
+    shown after it, when there is one."""
+    _, printed = _run_example(name, index)
+    expected = _examples(name)[index][2]
+    if expected is not None:
+        assert printed == expected
+
+
+def test_the_docs_have_python_examples() -> None:
+    assert [len(_examples(name)) >= 1 for name in DOCUMENTED] == [True, True]
+
+
+def test_the_readme_python_example_degrades_a_photo_with_mini() -> None:
+    pair = _run_example("README.md", 0)[0]["pair"]
     assert pair.degraded.shape == pair.clean.shape == (128, 128, 3) and pair.degraded.dtype == np.uint8
     assert np.abs(pair.degraded.astype(int) - pair.clean.astype(int)).mean() > 2  # rain and haze changed it
+
+
+def test_the_documented_training_loop_runs() -> None:
+    index = next(index for index, (_, code, _) in enumerate(_examples("docs/python_api.md")) if "DataLoader" in code)
+    scope, printed = _run_example("docs/python_api.md", index)
+    assert re.findall(r"epoch (\d): L1 \d+\.\d+", printed) == ["0", "1"]
+    assert scope["batch"]["degraded"].shape == scope["batch"]["clean"].shape == (3, 3, 32, 32)
+    assert math.isfinite(scope["loss"].item())
+
+
+def test_single_class_pairs_are_generates_single_class_variant(folders_dataset: Path, tiny_photos: Path,
+                                                                synth: Synthesizer) -> None:
+    """Issue 30: mode="single" gives one variant per class, named after it: the recipe's `rain` variant here."""
+    written = {record["key"]: record for record in _records(folders_dataset) if record["folder"] == "rain"}
+    pairs = DegradedPairs(tiny_photos, synth, degrade=False, classes={"rain": 1.0}, mode="single")
+    assert len(pairs) == 3 and [variant.name for variant in pairs.variants] == ["rain"]
+    for index in range(3):
+        item = pairs[index]
+        record = written[item["key"]]
+        assert item["variant"] == "rain" and item["seed"] == record["seed"]
+        assert item["ratios"].tolist() == [record["ratios"][name] for name in synth.classes] == [1.0, 0.0, 0.0]
+    degraded = synth.degrade_batch(torch.utils.data.default_collate([pairs[0]]))["degraded"][0]
+    np.testing.assert_array_equal((degraded * 255).round().byte().permute(1, 2, 0).numpy(),
+                                  _pixels(folders_dataset, written[pairs[0]["key"]], "degraded"))
+
+
+def test_classes_and_mode_choose_the_variants(tiny_photos: Path, quick: Synthesizer) -> None:
+    single = DegradedPairs(tiny_photos, quick, degrade=False, mode="single")
+    assert [variant.name for variant in single.variants] == quick.classes and len(single) == 9
+    for index in range(len(single)):
+        item = single[index]
+        chosen = quick.classes.index(item["variant"])
+        assert [value for at, value in enumerate(item["ratios"].tolist()) if at != chosen] == [0.0, 0.0]
+        assert 0.0 <= item["ratios"][chosen] <= 1.0
+    mixed = DegradedPairs(tiny_photos, quick, degrade=False, classes=["rain", "haze"])
+    assert [variant.name for variant in mixed.variants] == ["mix"]
+    assert all(mixed[index]["ratios"][2] == 0.0 for index in range(3))
+    every = DegradedPairs(tiny_photos, quick, degrade=False, mode="mix")
+    preset = DegradedPairs(tiny_photos, quick, degrade=False)  # the preset's one variant draws every class
+    for index in range(3):
+        assert every[index]["seed"] == preset[index]["seed"]
+        assert torch.equal(every[index]["ratios"], preset[index]["ratios"])
+
+
+@pytest.mark.parametrize(("options", "error", "message"), [
+    ({"classes": {"rian": 1.0}}, ValueError, "classes: unknown degradation class 'rian'; did you mean 'rain'?"),
+    ({"classes": {"rain": 1.5}}, ValueError, "classes: rain: ratio 1.5 is outside [0, 1]"),
+    ({"classes": {"haze": [0.8, 0.2]}, "mode": "single"}, ValueError, "classes: haze: ratio range [0.8, 0.2] has lo > hi"),
+    ({"classes": []}, ValueError, "classes names no class"),
+    ({"classes": "rain"}, TypeError, "classes must be a list of class names or a mapping of class name to ratio; got str"),
+    ({"mode": "both"}, ValueError, "mode must be 'mix' or 'single'; got 'both'"),
+])
+def test_bad_classes_or_mode_name_the_argument(tiny_photos: Path, quick: Synthesizer, options: dict, error: type,
+                                               message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        DegradedPairs(tiny_photos, quick, **options)
+
+
+def test_an_undecodable_photo_is_skipped_and_recorded(tmp_path: Path, tiny_photos: Path, quick: Synthesizer) -> None:
+    """Issue 27: one bad photo aborted the epoch; generate skips and records it, and so does DegradedPairs."""
+    photos = shutil.copytree(tiny_photos, tmp_path / "photos")
+    (photos / "broken.png").write_bytes(b"not a png")
+    pairs = DegradedPairs(photos, quick, degrade=False, classes=["rain"])
+    loader = torch.utils.data.DataLoader(pairs, batch_size=2)
+    with pytest.warns(UserWarning, match=r"DegradedPairs skips .*broken\.png: not an image .*\(1 of 4 photos skipped"):
+        keys = [key for batch in loader for key in batch["key"]]
+    assert keys == ["astronaut", "coffee", "coffee", "sub/chelsea.v2 x"]  # broken's item is made from the next photo
+    assert [(failure.key, Path(failure.path).name) for failure in pairs.failed] == [("broken", "broken.png")]
+    assert "not an image" in pairs.failed[0].reason and repr(pairs).endswith("failed=1)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # recorded once: the next epoch neither warns nor records it again
+        pairs.set_epoch(1)
+        assert [key for batch in loader for key in batch["key"]] == keys and len(pairs.failed) == 1
+
+
+def test_photos_discovery_drops_are_recorded_too(tmp_path: Path, quick: Synthesizer) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("sky.png", "sky.jpg", "sea.png"):
+        Image.new("RGB", (32, 32), (10, 20, 30)).save(photos / name)
+    pairs = DegradedPairs(photos, quick, degrade=False)
+    assert len(pairs) == 1 and pairs[0]["key"] == "sea"
+    assert sorted(Path(failure.path).name for failure in pairs.failed) == ["sky.jpg", "sky.png"]
+    assert all("duplicate key" in failure.reason for failure in pairs.failed)
+
+
+def test_no_decodable_photo_is_a_clear_error(tmp_path: Path, quick: Synthesizer) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        (photos / name).write_bytes(b"")
+    pairs = DegradedPairs(photos, quick, degrade=False)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"none of the 2 photos decodes \(.*a\.png: empty file"):
+        pairs[0]
