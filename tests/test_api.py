@@ -266,6 +266,15 @@ def test_degrade_batch_matches_items_degraded_one_by_one(tiny_photos: Path, synt
         assert torch.equal(batch["degraded"][index], eager[index]["degraded"])
 
 
+def test_degrade_batch_checks_what_the_batch_asks_for(tiny_photos: Path, quick: Synthesizer) -> None:
+    batch = torch.utils.data.default_collate([DegradedPairs(tiny_photos, quick, degrade=False)[0]])
+    for key, value, message in (("alpha", torch.tensor([math.nan], dtype=torch.float64), "alpha is nan"),
+                                ("seed", torch.tensor([-1]), "batch['seed'][0] is -1"),
+                                ("ratios", torch.tensor([[1.5, 0.0, 0.0]], dtype=torch.float64), "ratio for class 'rain' is 1.5")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            quick.degrade_batch({**batch, key: value})
+
+
 def test_cpu_dataloader_workers_degrade_the_same_pairs(tiny_photos: Path, synth: Synthesizer) -> None:
     pairs = DegradedPairs(tiny_photos, synth)
     batch = next(iter(torch.utils.data.DataLoader(pairs, batch_size=2, num_workers=1)))

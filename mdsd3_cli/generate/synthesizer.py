@@ -157,11 +157,14 @@ class Synthesizer:
 
     def degrade_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """A `DegradedPairs(..., degrade=False)` batch (from a DataLoader) with its `degraded` images added: float
-        [B, 3, H, W] in [0, 1] on the device of `clean`, like `clean`. Runs the model here, in the calling process."""
+        [B, 3, H, W] in [0, 1] on the device of `clean`, like `clean`. Runs the model here, in the calling process;
+        ratios, seeds, α and β are checked as `degrade` checks them."""
         clean = batch["clean"]
         pixels = list((clean.detach().cpu() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-        requests = [SampleRequest(dict(zip(self.classes, (float(value) for value in row))), int(seed), float(a), float(b))
-                    for row, seed, a, b in zip(batch["ratios"], batch["seed"], batch["alpha"], batch["beta"])]
+        requests = [SampleRequest(self.full_ratios(dict(zip(self.classes, row.tolist()))),
+                                  _seed(seed, f"batch['seed'][{index}]"), *_start(float(a), float(b)))
+                    for index, (row, seed, a, b) in enumerate(zip(batch["ratios"], batch["seed"], batch["alpha"],
+                                                                  batch["beta"]))]
         degraded = self.sample(pixels, requests)
         return {**batch, "degraded": to_tensor(np.stack(degraded)).to(clean.device)}
 
