@@ -120,8 +120,10 @@ def test_output_type_gives_tensors_like_degraded_pairs_or_pil_images(quick: Synt
     (np.full((32, 32, 3), 255.0, np.float32), ValueError,
      "images[0]: float pixels are taken as [0, 1]; found values 255 to 255"),
     (np.full((32, 32, 3), np.nan), ValueError, "images[0]: float pixels are taken as [0, 1]; found 3072 NaN or infinite"),
-    (np.zeros((32, 32), np.uint8), ValueError, "images[0]: arrays are [H, W, 3] RGB (a batch [B, H, W, 3]); got shape [32, 32]"),
-    (torch.zeros((32, 32, 3)), ValueError, "images[0]: tensors are [3, H, W] RGB (a batch [B, 3, H, W]); got shape [32, 32, 3]"),
+    (np.zeros((32, 32), np.uint8), ValueError,
+     "images[0]: arrays are [H, W, 3] RGB (a batch [B, H, W, 3]); got shape [32, 32]"),
+    (torch.zeros((32, 32, 3)), ValueError,
+     "images[0]: tensors are [3, H, W] RGB (a batch [B, 3, H, W]); got shape [32, 32, 3]"),
     (np.zeros((8, 8, 3), np.uint8), ValueError, "images[0]: too small: 8x8"),
     ("no/such/photo.png", ValueError, "images[0] (no/such/photo.png): cannot read file"),
     ([np.zeros((32, 32, 3), np.uint8), 5], TypeError, "images[1]: expected a PIL image, an [H, W, 3] array"),
@@ -270,7 +272,8 @@ def test_degrade_batch_checks_what_the_batch_asks_for(tiny_photos: Path, quick: 
     batch = torch.utils.data.default_collate([DegradedPairs(tiny_photos, quick, degrade=False)[0]])
     for key, value, message in (("alpha", torch.tensor([math.nan], dtype=torch.float64), "alpha is nan"),
                                 ("seed", torch.tensor([-1]), "batch['seed'][0] is -1"),
-                                ("ratios", torch.tensor([[1.5, 0.0, 0.0]], dtype=torch.float64), "ratio for class 'rain' is 1.5")):
+                                ("ratios", torch.tensor([[1.5, 0.0, 0.0]], dtype=torch.float64),
+                                 "ratio for class 'rain' is 1.5")):
         with pytest.raises(ValueError, match=re.escape(message)):
             quick.degrade_batch({**batch, key: value})
 
