@@ -37,14 +37,16 @@ class ShardPlan:
     shard: str
     samples: int
     """This shard's planned samples (its inputs x variant folders)."""
+    per_input: int
+    """Samples per input (variant folders)."""
     plan_samples: int
     """The whole plan's samples (every shard's), as this shard counted them."""
     fingerprint: str
     """SHA-256 of this shard's keys and the variant folders (`plan_fingerprint`)."""
 
     def payload(self) -> dict[str, Any]:
-        return {"shard": self.shard, "samples": self.samples, "plan_samples": self.plan_samples,
-                "fingerprint": self.fingerprint}
+        return {"shard": self.shard, "samples": self.samples, "per_input": self.per_input,
+                "plan_samples": self.plan_samples, "fingerprint": self.fingerprint}
 
 
 def plan_fingerprint(keys: Iterable[str], folders: Sequence[str]) -> str:
@@ -134,11 +136,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _plan_of(payload: dict[str, Any] | None, shard: str) -> ShardPlan | None:
     if payload is None or payload.get("shard") != shard:
         return None
-    numbers = [payload.get("samples"), payload.get("plan_samples")]
+    numbers = [payload.get("samples"), payload.get("per_input"), payload.get("plan_samples")]
     if not all(type(number) is int and number >= 0 for number in numbers) \
             or not isinstance(payload.get("fingerprint"), str):
         return None
-    return ShardPlan(shard, numbers[0], numbers[1], payload["fingerprint"])
+    return ShardPlan(shard, *numbers, payload["fingerprint"])
 
 
 def live_writers(root: Path) -> dict[str, str]:
@@ -158,9 +160,10 @@ def _writing(shard: str, pid: str) -> str:
     return f"{shard}: a generate is writing it now (PID {pid or 'unknown'})"
 
 
-def completeness(root: Path, recorded: Mapping[str, int]) -> Completeness:
-    """The state of every shard of the dataset at `root`; `recorded`: distinct samples per shard manifest (by
-    shard name), as the caller counted them reading the manifests."""
+def completeness(root: Path, recorded: Mapping[str, int], listed: int) -> Completeness:
+    """The state of every shard of the dataset at `root`. The caller counted, reading the manifests, `recorded`:
+    distinct samples per shard manifest (by shard name), and `listed`: distinct samples of all manifests (fewer
+    than the finished shards planned, less their failed inputs', means records were lost)."""
     root = Path(root)
     plans = own_logs(root, "manifest", PLAN_SUFFIX)
     writers = live_writers(root)
@@ -173,6 +176,7 @@ def completeness(root: Path, recorded: Mapping[str, int]) -> Completeness:
     if len(counts) > 1:
         result.notes.append(f"plans of shard counts {counts} (a run of {count} shards took over): rerun generate")
     whole: set[int] = set()
+    expected = 0
     for index in range(count):
         name = f"shard-{index:05d}-of-{count:05d}"
         state = ShardState(name, recorded=recorded.get(name, 0), writer=writers.pop(name, None))
@@ -184,12 +188,16 @@ def completeness(root: Path, recorded: Mapping[str, int]) -> Completeness:
             failed = marker.get("failed_keys") if marker is not None else None
             state.finished = _plan_of(marker, name) == plan and isinstance(failed, list)
             state.failed_inputs = len(failed) if state.finished else 0
+            expected += plan.samples - plan.per_input * state.failed_inputs
         result.shards.append(state)
     result.notes += [_writing(shard, pid) for shard, pid in writers.items()]
     planned = [state.planned for state in result.shards]
     if len(whole) > 1 or (None not in planned and whole and sum(planned) != whole.pop()):
         result.notes.append("the shards planned from different inputs (inputs or --limit changed between shards): "
                             "rerun every shard with the same inputs")
+    if all(state.finished for state in result.shards) and listed < expected:
+        result.notes.append(f"the manifests list {listed} samples, the finished shards planned {expected} "
+                            "(records were lost: rerun generate)")
     return result
 
 

@@ -83,7 +83,7 @@ class RunPlan:
     def shard_plan(self) -> ShardPlan:
         """What this shard records as its plan (`dataset.completeness`), counted, not built."""
         folders = [folder for variant in self.recipe.variants for folder in variant.folders()]
-        return ShardPlan(self.shard.name, self.samples_in_shard, self.samples_in_plan,
+        return ShardPlan(self.shard.name, self.samples_in_shard, len(folders), self.samples_in_plan,
                          plan_fingerprint((source.key for source in self.my_sources), folders))
 
     def done_per_key(self) -> Counter[str]:
