@@ -13,6 +13,9 @@ import signal
 import tarfile
 from pathlib import Path
 
+import lmdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -21,6 +24,7 @@ from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.ownership import shard_lock
 from mdsd3_cli.dataset.verify import verify_dataset
 from mdsd3_cli.export import run as export_run
+from mdsd3_cli.export.check import verify_export
 from mdsd3_cli.export.run import ExportError, run_export
 from mdsd3_cli.export.staging import PARTIAL_FILE
 from mdsd3_cli.generate import run as generate_run
@@ -222,3 +226,52 @@ def test_a_ratio_no_writer_can_store_is_named(folders_dataset, tmp_path, value):
     for to in ("webdataset", "parquet"):
         with pytest.raises(ExportError, match=rf"{SHARD}\.jsonl:2: field 'ratios'"):
             run_export(dataset, to, tmp_path / to)
+
+
+# item 1: verify checks an export's destination against its own metadata
+
+
+def damage_export(folder: Path, to: str) -> str:
+    """Change one stored image of an export; returns the problem kind verify must report."""
+    if to == "webdataset":
+        tar = folder / "data-000000.tar"
+        with tarfile.open(tar) as archive:
+            members = [(member, archive.extractfile(member).read()) for member in archive.getmembers()]
+        with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as archive:
+            for index, (member, data) in enumerate(members):
+                archive.addfile(member, io.BytesIO(data[:-1] + bytes([data[-1] ^ 1]) if index == 1 else data))
+        return "hash"
+    if to == "lmdb":
+        environment = lmdb.open(str(folder / "lq_rain.lmdb"))
+        with environment.begin(write=True) as transaction:
+            transaction.delete(next(iter(transaction.cursor().iternext(values=False))))
+        environment.close()
+        return "incomplete"
+    path = folder / "data-00000.parquet"
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[0]["degraded"]["bytes"] = rows[0]["degraded"]["bytes"][:-1] + b"\x00"
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    return "hash"
+
+
+@pytest.mark.parametrize("to", ["webdataset", "lmdb", "parquet"])
+def test_verify_checks_an_export_against_its_own_metadata(folders_dataset, tmp_path, to):
+    exported = tmp_path / to
+    run_export(folders_dataset, to, exported)
+    result = runner.invoke(app, ["verify", "--dataset", str(exported)])
+    assert result.exit_code == 0 and f"{to} export" in result.output, result.output
+    report = verify_export(exported)
+    assert report.ok and report.files == (12 if to == "webdataset" else 18 if to == "parquet" else 12), report.problems
+    kind = damage_export(exported, to)
+    assert kind in {problem.kind for problem in verify_export(exported).problems}
+    assert runner.invoke(app, ["verify", "--dataset", str(exported)]).exit_code == 1
+
+
+def test_verify_reports_a_partial_export(folders_dataset, tmp_path):
+    dataset = copy_dataset(folders_dataset, tmp_path / "dataset")
+    with shard_lock(dataset, SHARD):
+        run_export(dataset, "parquet", tmp_path / "partial", partial=True)
+    problems = verify_export(tmp_path / "partial").problems
+    assert [problem.kind for problem in problems] == ["unfinished"]
+    assert "a --partial export: " in problems[0].detail and "a generate is writing it now" in problems[0].detail

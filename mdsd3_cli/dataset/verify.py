@@ -80,6 +80,8 @@ class VerifyReport:
     elapsed_s: float = 0.0
     problems: list[Problem] = field(default_factory=list)
     completeness: Completeness | None = None
+    export: str | None = None
+    """The format when the folder is an export's destination (checked by `export.check`), else None."""
 
     @property
     def ok(self) -> bool:
@@ -97,6 +99,9 @@ class VerifyReport:
 
     def run_state(self) -> str:
         """complete, unfinished (how many shards), or not recorded (an output of an earlier mdsd3)."""
+        if self.export is not None:
+            partial = any(problem.kind == "unfinished" for problem in self.problems)
+            return f"{self.export} export" + (" ([bold red]partial[/])" if partial else "")
         state = self.completeness
         if state is None or not state.recorded:
             return "completeness not recorded (an output of an earlier mdsd3)" + (
@@ -326,7 +331,7 @@ def _file_task(root: Path, relative: str, expected: Expected) -> Callable[[], _C
             checked.problems.append(Problem("missing", relative, f"unreadable: {error.strerror}"))
             return checked
         checked.bytes = len(data)
-        checked.problems += _check_bytes(relative, data, expected)
+        checked.problems += check_bytes(relative, data, expected)
         return checked
 
     return check
@@ -357,7 +362,7 @@ def _tar_task(root: Path, tar: str, members: dict[str, Expected | dict[str, Any]
                         if _member_records(data) != expected:
                             checked.problems.append(Problem("hash", where, "differs from its manifest records"))
                     else:
-                        checked.problems += _check_bytes(where, data, expected)
+                        checked.problems += check_bytes(where, data, expected)
         except FileNotFoundError:
             pass
         except (OSError, tarfile.TarError) as error:
@@ -381,7 +386,8 @@ def _member_records(data: bytes) -> Any:
     return records
 
 
-def _check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:
+def check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:
+    """What is wrong with an image's bytes against what a record says (size, SHA-256, decoding, pixel size)."""
     problems = []
     if expected.size is not None and len(data) != expected.size:
         problems.append(Problem("size", where, f"{len(data)} bytes, manifest says {expected.size}"))
