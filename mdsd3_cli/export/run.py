@@ -154,12 +154,16 @@ def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan
     recorded: dict[str, int] = {}
     sizes: dict[str | None, list[int]] = {folder: [0, 0] for folder in (None, *folders)}
     seen: set[tuple[str, int]] = set()
+    torn: list[str] = []
     for manifest_index, manifest in enumerate(plan.manifests):
         own: set[tuple[str, int]] = set()
         with open(manifest, "rb") as handle:
             offset = 0
             for number, line in enumerate(handle, 1):
                 where = f"{manifest}:{number}"
+                if not line.endswith(b"\n"):  # being appended, or a killed run's: not a record yet
+                    torn.append(f"{manifest.name} ends in an unfinished line")
+                    break
                 try:
                     record = parse_record(line)
                 except ManifestLineError as error:
@@ -180,7 +184,7 @@ def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan
                 if pointer.folder_index == 0:
                     _count_bytes(sizes[None], root, record, "clean")
         recorded[manifest.name.removesuffix(".jsonl")] = len(own)
-    plan.unfinished = completeness(root, recorded, len(seen)).unfinished
+    plan.unfinished = completeness(root, recorded, len(seen)).unfinished + torn
     plan.pairs.sort()
     per_key = Counter(pair.key for pair in plan.pairs)  # pairs are unique, so a full count is every folder
     if len(plan.pairs) != len(per_key) * len(folders):

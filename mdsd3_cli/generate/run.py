@@ -123,8 +123,6 @@ class RunSummary:
     errors_file: Path | None = None
     """This shard's errors file, listing every failed input of the run."""
     failed_keys: set[str] = field(default_factory=set)
-    finished: bool = False
-    """Every sample of the shard's plan is written, or belongs to a failed input."""
 
     def record_failure(self, failure: FailedInput) -> None:
         """Count a failed input, keeping the first few to show."""
@@ -342,11 +340,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: rich.console.Co
             write_run_json(out, {"identity": identity, "recipe": recipe.model_dump(mode="json")})
         # again under the lock: a previous holder may have finished more
         run.done, run.settled = completed_in_layout(recipe, run.shard, lambda: run.mine)
-        plan = run.shard_plan()
-        begin_shard(out, plan)
         summary = _generate_locked(run, identity, device, console)
-        if summary.finished:
-            finish_shard(out, plan, summary.failed_keys & {source.key for source in run.my_sources})
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
@@ -363,7 +357,9 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
         session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
         if session is not None:
             write_run_json(out, run_payload(recipe, identity, session))
-        with open_layout_writer(recipe, run.shard, run.mine) as writer:
+        with open_layout_writer(recipe, run.shard, run.mine) as writer:  # refuses another webdataset plan
+            plan = run.shard_plan()
+            begin_shard(out, plan)  # unfinished from here until finish_shard
             summary.errors_file = writer.layout.errors_path(run.shard.name)
 
             def failed(failure: FailedInput) -> None:
@@ -380,8 +376,8 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
         summary.dropped, summary.written = summary.written - writer.written, writer.written
         if stop.requested:
             summary.interrupted = stop.signal.name
-        summary.finished = not stop.requested and summary.written == sum(
-            1 for item in todo if item.key not in summary.failed_keys)
+        if not stop.requested and summary.written == sum(1 for item in todo if item.key not in summary.failed_keys):
+            finish_shard(out, plan, summary.failed_keys & {source.key for source in run.my_sources})
     return summary
 
 
