@@ -50,10 +50,11 @@ class ShardPlan:
 
 
 def plan_fingerprint(keys: Iterable[str], folders: Sequence[str]) -> str:
-    """SHA-256 of the folders and then each key, one JSON string per line (streamed, nothing built)."""
+    """SHA-256 of the folders (a JSON list) and then each key, one UTF-8 line each (output keys hold no control
+    character); streamed, nothing built."""
     digest = hashlib.sha256(json.dumps(list(folders), ensure_ascii=True).encode("ascii") + b"\n")
     for key in keys:
-        digest.update(json.dumps(key, ensure_ascii=True).encode("ascii") + b"\n")
+        digest.update(key.encode("utf-8") + b"\n")
     return digest.hexdigest()
 
 
