@@ -166,12 +166,13 @@ def completeness(root: Path, recorded: Mapping[str, int], listed: int) -> Comple
     distinct samples per shard manifest (by shard name), and `listed`: distinct samples of all manifests (fewer
     than the finished shards planned, less their failed inputs', means records were lost)."""
     root = Path(root)
-    plans = own_logs(root, "manifest", PLAN_SUFFIX)
+    names = [tuple(map(int, _SHARD_NAME.match(path.name).groups())) for path in own_logs(root, "manifest",
+                                                                                        PLAN_SUFFIX)]
+    counts = sorted({count for index, count in names if index < count})
     writers = live_writers(root)
-    if not plans:
+    if not counts:
         return Completeness(False, notes=_legacy_missing_shards(root) + [_writing(shard, pid) for shard, pid
                                                                            in writers.items()])
-    counts = sorted({int(_SHARD_NAME.match(path.name).group(2)) for path in plans})
     count = counts[-1]  # a shard starting removes other counts' plans: several mean an interrupted start
     result = Completeness(True)
     if len(counts) > 1:
