@@ -3,8 +3,8 @@
 The run must be finished: every shard's finished marker matches its recorded plan and no generate is writing it
 (`dataset.completeness`). Every record's files must exist, decode to the recorded size and have the recorded byte
 count and SHA-256; every key must have all of the run's variant folders; every file under clean/, degraded/ and
-tars/ must belong to a record (anything else is an orphan), and a tar must not hold a member name twice. Files are hashed and decoded on a thread pool (hashlib and
-Pillow release the GIL), so verification runs on every core.
+tars/ must belong to a record (anything else is an orphan), and a tar must not hold a member name twice. Files
+are hashed and decoded on a thread pool (hashlib and Pillow release the GIL), so verification runs on every core.
 """
 
 from __future__ import annotations

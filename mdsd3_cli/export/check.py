@@ -123,7 +123,8 @@ def _check_tars(root: Path, report: VerifyReport) -> None:
                                     for name in names]
                 continue
             if stem in keys_seen:
-                report.problems.append(Problem("duplicate", f"{tar.name}:{json_name}", f"key also in {keys_seen[stem]}"))
+                report.problems.append(Problem("duplicate", f"{tar.name}:{json_name}",
+                                               f"key also in {keys_seen[stem]}"))
             keys_seen[stem] = tar.name
             try:
                 records = json.loads(members[json_name])
