@@ -351,20 +351,27 @@ def preview(
 
 @app.command()
 def verify(
-    dataset: Annotated[Path, typer.Option("--dataset", help="A generate output folder (any layout).",
-                                          show_default=False)],
+    dataset: Annotated[Path, typer.Option("--dataset", help="A generate output folder (any layout), or an "
+                                          "export's destination.", show_default=False)],
     workers: Annotated[Optional[int], typer.Option(min=1, help="Hashing threads (default: one per CPU core).",
                                                    show_default=False)] = None,
 ) -> None:
-    """Check a dataset after copying it: every manifest record's files exist, decode, and have the recorded
-    size and SHA-256; every key has all variants; no file lacks a record (orphans).
+    """Check a dataset after copying it: the run is finished (every shard, no generate writing it); every
+    manifest record's files exist, decode, and have the recorded size and SHA-256; every key has all variants;
+    no file lacks a record (orphans). An export's destination (webdataset, lmdb, parquet) is checked against its
+    own metadata.
 
-    Exit status: 0 no problem, 1 problems found (listed), 2 not a dataset.
+    Exit status: 0 no problem, 1 problems found (listed; an unfinished run or a --partial export is one), 2 not a
+    dataset.
     """
     from mdsd3_cli.dataset.verify import NotADatasetError, print_problems, verify_dataset
+    from mdsd3_cli.export.check import export_format, verify_export
 
     try:
-        report = verify_dataset(dataset, workers, console=console)
+        if not (dataset / "manifest").is_dir() and export_format(dataset) is not None:
+            report = verify_export(dataset)
+        else:
+            report = verify_dataset(dataset, workers, console=console)
     except (NotADatasetError, OSError) as error:
         _error(error)
         raise typer.Exit(EXIT_USAGE) from None

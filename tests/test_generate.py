@@ -257,8 +257,8 @@ def test_two_shard_processes_share_one_output_folder(reference, tmp_path, photos
     for process in processes:
         process.communicate(timeout=300)
         assert process.returncode == 0
-    assert sorted(p.name for p in (out / "manifest").iterdir()) == [
-        "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == [  # each shard's plan, finished marker, records
+        f"shard-0000{index}-of-00002.{suffix}" for index in (0, 1) for suffix in ("finished.json", "jsonl", "plan.json")]
     assert dataset_files(out) == dataset_files(reference)
     assert sorted(manifest_lines(out)) == sorted(manifest_lines(reference))
 
@@ -270,8 +270,8 @@ def test_torchrun_ranks_write_their_shards(reference, tmp_path, photos):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mdsd3_cli",
                              "generate", "--config", str(recipe)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (out / "manifest").iterdir()) == [
-        "shard-00000-of-00002.jsonl", "shard-00001-of-00002.jsonl"]
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == [  # each shard's plan, finished marker, records
+        f"shard-0000{index}-of-00002.{suffix}" for index in (0, 1) for suffix in ("finished.json", "jsonl", "plan.json")]
     assert dataset_files(out) == dataset_files(reference)
 
 

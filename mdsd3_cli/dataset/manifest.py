@@ -58,6 +58,31 @@ def parse_record(line: bytes) -> dict[str, Any]:
     return record
 
 
+def number_problem(record: dict[str, Any]) -> str | None:
+    """The first field of a record holding a number that is not finite or too large for a 64-bit float (JSON
+    allows `1e999` and integers of any length; JSON writers and Parquet columns refuse them), named; else None."""
+    def bad(value: Any) -> bool:
+        if isinstance(value, dict):
+            return any(bad(item) for item in value.values())
+        if isinstance(value, list):
+            return any(bad(item) for item in value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                return not math.isfinite(float(value))
+            except OverflowError:
+                return True
+        return False
+
+    for name, value in record.items():
+        try:
+            found = bad(value)
+        except RecursionError:
+            return f"field {name!r} is nested too deeply"
+        if found:
+            return f"field {name!r} holds a number that is infinite, NaN or too large for a 64-bit float"
+    return None
+
+
 def record_ratios(record: dict[str, Any], required: bool = True) -> dict[str, float]:
     """A record's `ratios` as {class name: finite float}; {} when absent and not `required`; ManifestLineError
     when absent (and `required`) or not a mapping of names to finite numbers."""

@@ -146,7 +146,7 @@ class ShardingLock:
         for other in sorted(self.path.parent.iterdir()):
             match = _SHARDING_LOCK_NAME.fullmatch(other.name)
             other_count = int(match.group(1)) if match else self.count
-            if other_count != self.count and _locked_by_another(other):
+            if other_count != self.count and locked_by_another(other):
                 file.close()
                 raise ShardBusyError(f"{self.root} is being written by another process with {other_count} shards "
                                      f"(this run has {self.count}); one output takes one shard count at a time: "
@@ -166,7 +166,7 @@ def sharding_lock(out: Path, count: int) -> ShardingLock:
     return ShardingLock(out, count)
 
 
-def _locked_by_another(path: Path) -> bool:
+def locked_by_another(path: Path) -> bool:
     """Whether a live process holds a `flock` on `path` (probed with a non-blocking exclusive lock)."""
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -190,8 +190,8 @@ def clear_outputs(out: Path) -> int:
     root = Path(out)
     removed = 0
     listed = manifest_listed_files(root)
-    logs = [*own_logs(root, "manifest", ".jsonl"), *own_logs(root, "manifest", ".tars.json"),
-            *own_logs(root, "errors", ".jsonl")]
+    logs = [*(path for suffix in (".jsonl", ".tars.json", ".plan.json", ".finished.json")
+              for path in own_logs(root, "manifest", suffix)), *own_logs(root, "errors", ".jsonl")]
     for path in [*listed, *(file.with_name(f".{file.name}.tmp") for file in listed), *logs, root / RUN_JSON]:
         if os.path.lexists(path) and not path.is_dir():
             path.unlink()  # a link is removed, never followed

@@ -1,9 +1,10 @@
 """`mdsd3 verify`: check a generate output folder (any layout) against its manifest.
 
-Every record's files must exist, decode to the recorded size and have the recorded byte count and SHA-256;
-every key must have all of the run's variant folders; every file under clean/, degraded/ and tars/ must
-belong to a record (anything else is an orphan). Files are hashed and decoded on a thread pool (hashlib and
-Pillow release the GIL), so verification runs on every core.
+The run must be finished: every shard's finished marker matches its recorded plan and no generate is writing it
+(`dataset.completeness`). Every record's files must exist, decode to the recorded size and have the recorded byte
+count and SHA-256; every key must have all of the run's variant folders; every file under clean/, degraded/ and
+tars/ must belong to a record (anything else is an orphan), and a tar must not hold a member name twice. Files
+are hashed and decoded on a thread pool (hashlib and Pillow release the GIL), so verification runs on every core.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from mdsd3_cli.util.images import ImageError, decode_rgb
-from mdsd3_cli.dataset.manifest import (FILE_FIELDS, MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files, manifest_lines,
-                       open_regular, parse_record, run_folders, run_info)
+from mdsd3_cli.dataset.completeness import Completeness, completeness
+from mdsd3_cli.dataset.manifest import (FILE_FIELDS, MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files,
+                                        manifest_lines, number_problem, open_regular, parse_record, run_folders,
+                                        run_info)
 from mdsd3_cli.util.ordered_map import ordered_map
 from mdsd3_cli.util.progress import RunProgress
 from mdsd3_cli.dataset.stored_images import inside_dataset
@@ -56,7 +59,8 @@ class Expected:
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding: `kind` is missing, size, hash, decode, manifest, incomplete, conflict or orphan."""
+    """One finding: `kind` is unfinished, missing, size, hash, decode, manifest, incomplete, conflict, duplicate or
+    orphan."""
 
     kind: str
     where: str
@@ -75,6 +79,9 @@ class VerifyReport:
     failed_inputs: int = 0
     elapsed_s: float = 0.0
     problems: list[Problem] = field(default_factory=list)
+    completeness: Completeness | None = None
+    export: str | None = None
+    """The format when the folder is an export's destination (checked by `export.check`), else None."""
 
     @property
     def ok(self) -> bool:
@@ -90,6 +97,20 @@ class VerifyReport:
             counts[problem.kind] += 1
         return dict(sorted(counts.items()))
 
+    def run_state(self) -> str:
+        """complete, unfinished (how many shards), or not recorded (an output of an earlier mdsd3)."""
+        if self.export is not None:
+            partial = any(problem.kind == "unfinished" for problem in self.problems)
+            return f"{self.export} export" + (" ([bold red]partial[/])" if partial else "")
+        state = self.completeness
+        if state is None or not state.recorded:
+            return "completeness not recorded (an output of an earlier mdsd3)" + (
+                "; unfinished" if state is not None and state.unfinished else "")
+        finished = sum(shard.finished and shard.writer is None for shard in state.shards)
+        if not state.unfinished:
+            return f"complete ({len(state.shards)} of {len(state.shards)} shards finished)"
+        return f"[bold red]unfinished[/] ({finished} of {len(state.shards)} shards finished)"
+
     def table(self) -> Table:
         table = Table(title=f"mdsd3 verify — {self.dataset}", show_header=False)
         rows = [
@@ -100,6 +121,7 @@ class VerifyReport:
         ]
         if self.unhashed:
             rows.append(("files without a recorded hash (older manifest)", self.unhashed))
+        rows.append(("run", self.run_state()))
         rows += [(f"problems: {kind}", count) for kind, count in self.counts().items()]
         rows.append(("result", "[green]ok[/]" if self.ok else f"[bold red]{len(self.problems)} problems[/]"))
         for name, value in rows:
@@ -117,6 +139,8 @@ class _Index:
     """Webdataset layout: tar path -> member name -> expectation (images) or the key's records by folder (its
     `.json` member)."""
     folders_by_key: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
+    samples: int = 0
+    """Distinct (key, folder) records."""
 
 
 def verify_dataset(dataset: str | os.PathLike, workers: int | None = None,
@@ -127,7 +151,10 @@ def verify_dataset(dataset: str | os.PathLike, workers: int | None = None,
         raise NotADatasetError(f"{root} has no manifest/ folder; is it an mdsd3 generate output folder?")
     started = time.perf_counter()
     report = VerifyReport(root)
-    index = _read_manifests(root, report)
+    recorded: dict[str, int] = {}
+    index = _read_manifests(root, report, recorded)
+    report.completeness = completeness(root, recorded, index.samples)
+    report.problems += [Problem("unfinished", "run", reason) for reason in report.completeness.unfinished]
     report.problems += _incomplete_keys(root, index, report)
     report.failed_inputs = sum(_count_lines(path, report) for path in sorted(root.glob("errors/*.jsonl")))
     tasks: list[Callable[[], _Checked]] = [
@@ -161,7 +188,8 @@ def print_problems(report: VerifyReport, console: Console) -> None:
             console.print(f"[red]{kind}[/] ... and {count - LISTED_PER_KIND} more", highlight=False)
 
 
-def _read_manifests(root: Path, report: VerifyReport) -> _Index:
+def _read_manifests(root: Path, report: VerifyReport, recorded: dict[str, int]) -> _Index:
+    """The records of every manifest; `recorded` gains each manifest's count of distinct samples (by its stem)."""
     index = _Index()
     seen: dict[tuple[str, str], bytes] = {}
     read = manifest_files(root)
@@ -169,6 +197,7 @@ def _read_manifests(root: Path, report: VerifyReport) -> _Index:
                                 "or pipe); not read") for path in sorted(root.glob("manifest/*.jsonl")) if path not in read]
     for manifest in read:
         where_file = manifest.relative_to(root).as_posix()
+        own: set[tuple[str, str]] = set()
         for number, line in manifest_lines(manifest):
             where = f"{where_file}:{number}"
             try:
@@ -178,6 +207,10 @@ def _read_manifests(root: Path, report: VerifyReport) -> _Index:
                 continue
             report.records += 1
             sample = (record["key"], record["folder"])
+            own.add(sample)
+            problem = number_problem(record)
+            if problem is not None:
+                report.problems.append(Problem("manifest", where, problem))
             digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
             if sample in seen:
                 if seen[sample] != digest:
@@ -185,8 +218,10 @@ def _read_manifests(root: Path, report: VerifyReport) -> _Index:
                                                    f"{sample[0]!r} folder {sample[1]!r}"))
                 continue
             seen[sample] = digest
+            index.samples += 1
             index.folders_by_key[record["key"]].add(record["folder"])
             _index_record(root, record, where, index, report)
+        recorded[manifest.name.removesuffix(".jsonl")] = len(own)
     return index
 
 
@@ -296,7 +331,7 @@ def _file_task(root: Path, relative: str, expected: Expected) -> Callable[[], _C
             checked.problems.append(Problem("missing", relative, f"unreadable: {error.strerror}"))
             return checked
         checked.bytes = len(data)
-        checked.problems += _check_bytes(relative, data, expected)
+        checked.problems += check_bytes(relative, data, expected)
         return checked
 
     return check
@@ -306,10 +341,15 @@ def _tar_task(root: Path, tar: str, members: dict[str, Expected | dict[str, Any]
     def check() -> _Checked:
         checked = _Checked()
         found: set[str] = set()
+        seen: set[str] = set()
         try:
             with open_regular(root / tar) as file, tarfile.open(fileobj=file, mode="r:") as archive:
                 for member in archive:
                     where = f"{tar}:{member.name}"
+                    if member.name in seen:
+                        checked.problems.append(Problem("duplicate", where, "a second tar member of this name"))
+                        continue
+                    seen.add(member.name)
                     expected = members.get(member.name)
                     if expected is None:
                         checked.problems.append(Problem("orphan", where, "tar member without a manifest record"))
@@ -322,7 +362,7 @@ def _tar_task(root: Path, tar: str, members: dict[str, Expected | dict[str, Any]
                         if _member_records(data) != expected:
                             checked.problems.append(Problem("hash", where, "differs from its manifest records"))
                     else:
-                        checked.problems += _check_bytes(where, data, expected)
+                        checked.problems += check_bytes(where, data, expected)
         except FileNotFoundError:
             pass
         except (OSError, tarfile.TarError) as error:
@@ -346,7 +386,8 @@ def _member_records(data: bytes) -> Any:
     return records
 
 
-def _check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:
+def check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:
+    """What is wrong with an image's bytes against what a record says (size, SHA-256, decoding, pixel size)."""
     problems = []
     if expected.size is not None and len(data) != expected.size:
         problems.append(Problem("size", where, f"{len(data)} bytes, manifest says {expected.size}"))

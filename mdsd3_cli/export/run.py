@@ -5,18 +5,17 @@ checked); then the pairs stream through the format's writer one by one, files re
 against their recorded SHA-256 and their image header (size against the record and Pillow's MAX_IMAGE_PIXELS). The
 writer builds the destination in a private staging folder, one export per destination, so only a finished export
 ever carries it.
-A run that is not complete (a live generate lock, a shard that never ran, a key without every variant) is refused
-unless `partial` is asked for; a partial export says so in its output (docs/export.md).
+A run that is not complete (`dataset.completeness`: a live generate, a shard unfinished or never run; or a key
+without every variant) is refused unless `partial` is asked for; a partial export says so in its output
+(docs/export.md). Each record is read again when its pair is written and must be the line indexed (key, folder
+and the line's hash): a manifest changed during the export stops it, with nothing published.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import os
-import re
-import stat
 import tarfile
 import time
 from collections import Counter
@@ -33,8 +32,9 @@ from mdsd3_cli.export.basicsr_lmdb import MAX_KEY_BYTES, LmdbWriter
 from mdsd3_cli.export.parquet import SCALAR_FIELDS, ParquetWriter
 from mdsd3_cli.export.sample import EncodedSample, SampleWriter, flat_key
 from mdsd3_cli.export.webdataset import WebDatasetWriter
-from mdsd3_cli.dataset.manifest import TAR_FIELD, ManifestLineError, manifest_files, parse_record, run_folders, run_info
-from mdsd3_cli.dataset.ownership import LOCKS
+from mdsd3_cli.dataset.completeness import completeness
+from mdsd3_cli.dataset.manifest import (TAR_FIELD, ManifestLineError, manifest_files, number_problem, parse_record,
+                                        run_folders, run_info)
 from mdsd3_cli.util.ordered_map import ordered_map
 from mdsd3_cli.util.progress import RunProgress
 from mdsd3_cli.util.safe_names import safe_component
@@ -49,7 +49,6 @@ DEFAULT_ROWS_PER_FILE = 1000
 READ_WORKERS = 4
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 """Image file extensions export takes, and the Pillow decoder each must decode with."""
-_SHARD_MANIFEST = re.compile(r"^shard-(\d+)-of-(\d+)\.jsonl$")
 _INT_RANGES = {pa.int32(): 2**31, pa.int64(): 2**63}
 MAX_RECORDED_BYTES = 2**40
 """A record's `<role>_bytes` above this (or negative) is not trusted for sizing; the file is measured instead."""
@@ -67,6 +66,8 @@ class _Pointer:
     folder_index: int
     manifest: int
     offset: int
+    line_hash: bytes
+    """BLAKE2b (16 bytes) of the record's line: the line read again must be this one."""
 
 
 @dataclass
@@ -150,14 +151,19 @@ def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan
         raise ExportError(f"{root / 'run.json'}: variant folders repeat: {folders}")
     position = {folder: index for index, folder in enumerate(folders)}
     plan = ExportPlan(root, info, folders, [], manifest_files(root))
-    plan.unfinished = _running_generates(root) + _missing_shards(plan.manifests)
+    recorded: dict[str, int] = {}
     sizes: dict[str | None, list[int]] = {folder: [0, 0] for folder in (None, *folders)}
     seen: set[tuple[str, int]] = set()
+    torn: list[str] = []
     for manifest_index, manifest in enumerate(plan.manifests):
+        own: set[tuple[str, int]] = set()
         with open(manifest, "rb") as handle:
             offset = 0
             for number, line in enumerate(handle, 1):
                 where = f"{manifest}:{number}"
+                if not line.endswith(b"\n"):  # being appended, or a killed run's: not a record yet
+                    torn.append(f"{manifest.name} ends in an unfinished line")
+                    break
                 try:
                     record = parse_record(line)
                 except ManifestLineError as error:
@@ -167,8 +173,9 @@ def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan
                 problem = record_problem(record)
                 if problem is not None:
                     raise ExportError(f"{where}: {problem} (mdsd3 verify lists every problem)")
-                pointer = _Pointer(record["key"], position[record["folder"]], manifest_index, offset)
+                pointer = _Pointer(record["key"], position[record["folder"]], manifest_index, offset, _line_hash(line))
                 offset += len(line)
+                own.add((pointer.key, pointer.folder_index))
                 if (pointer.key, pointer.folder_index) in seen:
                     continue
                 seen.add((pointer.key, pointer.folder_index))
@@ -176,6 +183,8 @@ def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan
                 _count_bytes(sizes[record["folder"]], root, record, "degraded")
                 if pointer.folder_index == 0:
                     _count_bytes(sizes[None], root, record, "clean")
+        recorded[manifest.name.removesuffix(".jsonl")] = len(own)
+    plan.unfinished = completeness(root, recorded, len(seen)).unfinished + torn
     plan.pairs.sort()
     per_key = Counter(pair.key for pair in plan.pairs)  # pairs are unique, so a full count is every folder
     if len(plan.pairs) != len(per_key) * len(folders):
@@ -198,43 +207,11 @@ def _check_classes(classes: Any) -> None:
         raise ValueError(f"classes must be a list of distinct names, got {classes!r}")
 
 
-def _running_generates(root: Path) -> list[str]:
-    """A note per OUT/.locks/*.lock that a live process holds (a generate writing this dataset now)."""
-    notes = []
-    for path in sorted((root / LOCKS).glob("*.lock")):
-        try:
-            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue  # a link or unreadable: no lock mdsd3 holds
-        try:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                continue
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                notes.append(f"a generate is writing it now ({LOCKS}/{path.name} is held)")
-        finally:
-            os.close(descriptor)  # releases the shared lock taken to test it
-    return notes
-
-
-def _missing_shards(manifests: list[Path]) -> list[str]:
-    """A note when no sharding of the run has every shard's manifest (every shard writes one when it starts)."""
-    present: dict[int, set[int]] = {}
-    for manifest in manifests:
-        match = _SHARD_MANIFEST.match(manifest.name)
-        if match is not None and int(match[1]) < int(match[2]):
-            present.setdefault(int(match[2]), set()).add(int(match[1]))
-    if not present or any(len(indices) == count for count, indices in present.items()):
-        return []
-    count, indices = max(present.items(), key=lambda item: len(item[1]) / item[0])
-    missing = [index for index in range(count) if index not in indices]
-    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-    return [f"shards {shown} of {count} never ran (no manifest)"]
-
-
 def record_problem(record: dict[str, Any]) -> str | None:
     """What makes a parsed manifest record unusable for export (the field and why), or None."""
+    problem = number_problem(record)
+    if problem is not None:
+        return problem
     if not record["key"] or len(flat_key(record["key"]).encode("ascii")) > MAX_KEY_BYTES:
         return f"field 'key' must be 1 to {MAX_KEY_BYTES} bytes once escaped (an LMDB key), got {record['key']!r}"
     size = record.get("size")
@@ -328,13 +305,12 @@ class _Reader:
         with open(manifest, "rb") as handle:
             handle.seek(pointer.offset)
             line = handle.readline()
-        try:
-            record = parse_record(line)
-        except ManifestLineError as error:  # the manifest changed since it was indexed
-            raise ExportError(f"{manifest}: {error} (it changed during the export)") from None
-        problem = record_problem(record)
-        if problem is not None:
-            raise ExportError(f"{manifest}: {problem} (it changed during the export)")
+        if _line_hash(line) != pointer.line_hash:  # key, folder and every field: the line indexed, byte for byte
+            folder = self.plan.folders[pointer.folder_index]
+            raise ExportError(f"{manifest}: the record of key {pointer.key!r} folder {folder!r} is no longer at "
+                              "its indexed place: the dataset changed during the export (is a generate writing "
+                              "it?); nothing was published")
+        record = parse_record(line)  # the line indexed, so it parses and passed record_problem
         clean, degraded = (_stored(self.plan.root, record, role) for role in ("clean", "degraded"))
         extension = Path(clean.name).suffix.lstrip(".").lower()
         if extension not in PIL_FORMATS or Path(degraded.name).suffix.lstrip(".").lower() != extension:
@@ -358,6 +334,10 @@ class _Reader:
         if recorded is not None and recorded != len(data):  # the LMDB maps are sized from the recorded sizes
             raise ExportError(f"{image}: {len(data)} bytes, the manifest's {role}_bytes is {recorded!r}")
         return data, _header_shape(data, image, tuple(record["size"]), PIL_FORMATS[extension])
+
+
+def _line_hash(line: bytes) -> bytes:
+    return hashlib.blake2b(line, digest_size=16).digest()
 
 
 def _header_shape(data: bytes, image: ImageRef, size: tuple[int, ...], pil_format: str) -> tuple[int, int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from mdsd3_cli.generate.inputs import FailedInput
 from mdsd3_cli.generate.plan import ShardSpec, WorkItem
 from mdsd3_cli.recipe.generate import Recipe
 from mdsd3_cli.dataset.writer import FORMAT_EXTENSIONS, DatasetWriter, completed_samples
@@ -13,14 +14,15 @@ LayoutWriter = DatasetWriter | WebDatasetLayoutWriter
 """What `generate` writes through: submit(record, clean, degraded), record_error, drain, close."""
 
 
-def completed_in_layout(recipe: Recipe, shard: ShardSpec,
-                        plan: Callable[[], Sequence[WorkItem]]) -> set[tuple[str, str]]:
+def completed_in_layout(recipe: Recipe, shard: ShardSpec, plan: Callable[[], Sequence[WorkItem]]
+                        ) -> tuple[set[tuple[str, str]], dict[str, FailedInput]]:
     """(key, folder) pairs earlier runs finished in the recipe's output layout (the folders layout: every
-    finished pair in the output; the webdataset layout: those of the shard's plan, which `plan()` builds)."""
+    finished pair in the output; the webdataset layout: those of the shard's plan, which `plan()` builds), and the
+    failed inputs not to retry (the webdataset layout: those of finished tars; the folders layout retries all)."""
     if recipe.output.layout == "webdataset":
         return completed_tar_samples(recipe.output_dir(), shard, plan(), recipe.output.samples_per_tar,
                                      FORMAT_EXTENSIONS[recipe.output.format])
-    return completed_samples(recipe.output_dir())
+    return completed_samples(recipe.output_dir()), {}
 
 
 def open_layout_writer(recipe: Recipe, shard: ShardSpec,

@@ -31,6 +31,7 @@ from mdsd3_cli.util.runtime import StopRequest, exit_code_for, is_out_of_memory,
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest, is_guided
 from mdsd3_cli.model.weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
 from mdsd3_cli.generate.layouts import LayoutWriter, completed_in_layout, open_layout_writer
+from mdsd3_cli.dataset.completeness import ShardPlan, begin_shard, finish_shard, plan_fingerprint
 from mdsd3_cli.dataset.ownership import claim_output, clear_outputs, shard_lock, sharding_lock
 from mdsd3_cli.dataset.writer import RUN_JSON, check_run_compatible, write_run_json
 from mdsd3_cli.generate.inputs import FailedInput, decode_failures, discovery_failures, input_loader
@@ -58,6 +59,8 @@ class RunPlan:
     my_sources: list[Source]
     limit: int | None = None
     done: set[tuple[str, str]] = field(default_factory=set)
+    settled: dict[str, FailedInput] = field(default_factory=dict)
+    """Inputs an earlier run recorded as failed that are not retried (webdataset: their tar is finished)."""
 
     @cached_property
     def mine(self) -> list[WorkItem]:
@@ -66,7 +69,7 @@ class RunPlan:
 
     @property
     def todo(self) -> list[WorkItem]:
-        return [item for item in self.mine if (item.key, item.folder) not in self.done]
+        return [item for item in self.mine if (item.key, item.folder) not in self.done and item.key not in self.settled]
 
     @property
     def samples_in_shard(self) -> int:
@@ -74,7 +77,14 @@ class RunPlan:
 
     @property
     def samples_to_do(self) -> int:
-        return self.samples_in_shard - sum(self.done_per_key().values())
+        per_source = sum(variant.repeats for variant in self.recipe.variants)
+        return self.samples_in_shard - sum(self.done_per_key().values()) - per_source * len(self.settled)
+
+    def shard_plan(self) -> ShardPlan:
+        """What this shard records as its plan (`dataset.completeness`), counted, not built."""
+        folders = [folder for variant in self.recipe.variants for folder in variant.folders()]
+        return ShardPlan(self.shard.name, self.samples_in_shard, len(folders), self.samples_in_plan,
+                         plan_fingerprint((source.key for source in self.my_sources), folders))
 
     def done_per_key(self) -> Counter[str]:
         """How many of each of this shard's keys' samples are done (counted from `done`, nothing built)."""
@@ -100,6 +110,9 @@ class RunSummary:
     planned: int = 0
     already_done: int = 0
     written: int = 0
+    """Samples written and kept (webdataset: in finished tars)."""
+    dropped: int = 0
+    """Samples sampled but not kept: those of a webdataset tar left unfinished by a stop signal."""
     failed_inputs: int = 0
     elapsed_s: float = 0.0
     sampler_s: float = 0.0
@@ -109,10 +122,13 @@ class RunSummary:
     """The first FAILURES_SHOWN failed inputs."""
     errors_file: Path | None = None
     """This shard's errors file, listing every failed input of the run."""
+    failed_keys: set[str] = field(default_factory=set)
 
     def record_failure(self, failure: FailedInput) -> None:
         """Count a failed input, keeping the first few to show."""
         self.failed_inputs += 1
+        if failure.key is not None:
+            self.failed_keys.add(failure.key)
         if len(self.failures) < FAILURES_SHOWN:
             self.failures.append(failure)
 
@@ -135,6 +151,8 @@ class RunSummary:
         rows = [
             ("samples in this shard", self.planned), ("already done (resumed)", self.already_done),
             ("written now", self.written), ("failed inputs", self.failed_inputs),
+            *([("sampled, not kept", f"{self.dropped} (their tar was unfinished; lower output.samples_per_tar to "
+                "keep more)")] if self.dropped else []),
             ("elapsed", f"{self.elapsed_s:.1f} s"), ("images/s", f"{self.images_per_s:.2f}"),
             ("sampler busy", f"{100 * self.sampler_busy:.0f}% of wall time"),
         ]
@@ -158,7 +176,7 @@ def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunP
     mine = shard_sources(sources, shard.index, shard.count)
     check_unique_keys(mine)
     run = RunPlan(recipe, shard, discovery, len(sources), len(sources) * per_source, mine, limit)
-    run.done = completed_in_layout(recipe, shard, lambda: run.mine)
+    run.done, run.settled = completed_in_layout(recipe, shard, lambda: run.mine)
     return run
 
 
@@ -321,7 +339,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: rich.console.Co
         if overwrite or not (out / RUN_JSON).is_file():  # claims the folder before anything else is written
             write_run_json(out, {"identity": identity, "recipe": recipe.model_dump(mode="json")})
         # again under the lock: a previous holder may have finished more
-        run.done = completed_in_layout(recipe, run.shard, lambda: run.mine)
+        run.done, run.settled = completed_in_layout(recipe, run.shard, lambda: run.mine)
         summary = _generate_locked(run, identity, device, console)
     summary.elapsed_s = time.perf_counter() - started
     return summary
@@ -330,15 +348,18 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: rich.console.Co
 def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: rich.console.Console) -> RunSummary:
     """`run_generate` once this process owns the shard."""
     recipe, out = run.recipe, run.recipe.output_dir()
-    summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(run.todo))
     todo = run.todo
+    settled = sum(variant.repeats for variant in recipe.variants) * len(run.settled)
+    summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(todo) - settled)
     dtype = resolve_dtype(recipe.model.dtype, device)
 
     with StopRequest() as stop:
         session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
         if session is not None:
             write_run_json(out, run_payload(recipe, identity, session))
-        with open_layout_writer(recipe, run.shard, run.mine) as writer:
+        with open_layout_writer(recipe, run.shard, run.mine) as writer:  # refuses another webdataset plan
+            plan = run.shard_plan()
+            begin_shard(out, plan)  # unfinished from here until finish_shard
             summary.errors_file = writer.layout.errors_path(run.shard.name)
 
             def failed(failure: FailedInput) -> None:
@@ -348,10 +369,15 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
             if run.shard.index == 0:
                 for failure in discovery_failures(run.discovery):
                     failed(failure)
+            for failure in run.settled.values():  # not retried: listed again in this run's errors file
+                failed(failure)
             if session is not None:
                 _sample_all(run, todo, session, writer, summary, stop, console, failed)
+        summary.dropped, summary.written = summary.written - writer.written, writer.written
         if stop.requested:
             summary.interrupted = stop.signal.name
+        if not stop.requested and summary.written == sum(1 for item in todo if item.key not in summary.failed_keys):
+            finish_shard(out, plan, summary.failed_keys & {source.key for source in run.my_sources})
     return summary
 
 

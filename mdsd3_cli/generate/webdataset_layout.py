@@ -10,9 +10,10 @@ is a regular file (never a link) holding exactly the members of that group's key
 record says, and the shard's manifest lists those records byte for byte; a kill between the rename and the
 append is recognised when the unlisted records' images match their SHA-256, and their lines are restored.
 Anything else at a tar's name (a link, a foreign or damaged file) is not trusted: the group is redone and the
-file replaced. Inputs that fail to decode are left out of their tar (and listed in errors/). A rerun must have
-the same plan (inputs, --limit, shard count): `manifest/<shard>.tars.json` records the plan's digest and another
-plan is refused.
+file replaced. Inputs that fail to decode are left out of their tar and listed in errors/; a tar missing only keys
+that errors/ lists is finished too, so those inputs are not retried (their lines are carried into the next run's
+errors/). A rerun must have the same plan (inputs, --limit, shard count): `manifest/<shard>.tars.json` records the
+plan's digest and another plan is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import re
 import stat
 import tarfile
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ import numpy as np
 from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.util.background_writer import BackgroundWriter
 from mdsd3_cli.dataset.manifest import MEMBER_FIELDS, TAR_FIELD, ManifestLineError, parse_record
+from mdsd3_cli.generate.inputs import FailedInput
 from mdsd3_cli.generate.plan import ShardSpec, WorkItem
 from mdsd3_cli.recipe.generate import TAR_SAMPLE
 from mdsd3_cli.dataset.writer import (FORMAT_EXTENSIONS, DatasetWriter, ImageFormat, OutputConflictError, OutputLayout, digest,
@@ -114,17 +116,42 @@ def listed_tar_lines(out_dir: Path, shard: ShardSpec) -> dict[Sample, tuple[str,
     return listed
 
 
+def recorded_failures(out_dir: Path, shard: ShardSpec) -> dict[str, FailedInput]:
+    """The inputs this shard's errors/ file lists as failed, by key (unreadable lines are ignored)."""
+    path = OutputLayout(out_dir).errors_path(shard.name)
+    failures: dict[str, FailedInput] = {}
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return failures  # the writer refuses it with a clear message
+        with open(path, "rb") as handle:
+            for line in handle:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(entry, dict) and all(isinstance(entry.get(name), str) for name in ("key", "path",
+                                                                                                 "reason")):
+                    failures[entry["key"]] = FailedInput(entry["key"], entry["path"], entry["reason"])
+    except FileNotFoundError:
+        pass
+    return failures
+
+
 def finished_groups(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
-                    extension: str) -> dict[int, list[bytes]]:
+                    extension: str, failed: Container[str] = ()) -> dict[int, list[bytes]]:
     """The groups whose tar is finished (see the module's docstring), each with the manifest lines to restore
-    (empty when the manifest lists them all); reads tars, writes nothing."""
+    (empty when the manifest lists them all); keys in `failed` (recorded failed inputs) are not expected in their
+    tar, and a group of failed keys only is finished without one. Reads tars, writes nothing."""
     by_tar: dict[str, dict[Sample, bytes]] = defaultdict(dict)
     for sample, (tar, line) in listed_tar_lines(out_dir, shard).items():
         by_tar[tar][sample] = line
     finished = {}
-    for index, members in enumerate(groups_of(items, samples_per_tar)):
+    for index, group in enumerate(groups_of(items, samples_per_tar)):
+        members = [item for item in group if item.key not in failed]
         path = tar_path(out_dir, shard, index)
-        if os.path.lexists(path):
+        if not members:
+            finished[index] = []
+        elif os.path.lexists(path):
             relative = f"{TARS_FOLDER}/{path.name}"
             missing = _unlisted_lines_of_finished_tar(path, relative, members, by_tar[relative], extension)
             if missing is not None:
@@ -133,11 +160,20 @@ def finished_groups(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
 
 
 def completed_tar_samples(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
-                          extension: str) -> set[Sample]:
-    """(key, folder) of every item whose group's tar is finished."""
+                          extension: str) -> tuple[set[Sample], dict[str, FailedInput]]:
+    """(key, folder) of every item whose group's tar is finished, and the recorded failed inputs of those groups
+    (settled: not retried)."""
     groups = groups_of(items, samples_per_tar)
-    return {(item.key, item.folder) for index in finished_groups(out_dir, shard, items, samples_per_tar, extension)
-            for item in groups[index]}
+    failures = recorded_failures(out_dir, shard)
+    done: set[Sample] = set()
+    settled: dict[str, FailedInput] = {}
+    for index in finished_groups(out_dir, shard, items, samples_per_tar, extension, failures):
+        for item in groups[index]:
+            if item.key in failures:
+                settled[item.key] = failures[item.key]
+            else:
+                done.add((item.key, item.folder))
+    return done, settled
 
 
 def _unlisted_lines_of_finished_tar(path: Path, relative: str, members: Sequence[WorkItem],
@@ -232,6 +268,8 @@ class _Group:
     next: int = 0
     lines: list[bytes] = field(default_factory=list)
     tar: TarWriter | None = None
+    samples: int = 0
+    """Samples appended to `tar` so far (kept only when it is finished)."""
 
 
 class WebDatasetLayoutWriter(BackgroundWriter):
@@ -250,7 +288,8 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         self.extension = FORMAT_EXTENSIONS[fmt]
         self.written = self.errors = self.bytes_written = 0
         check_same_plan(self.layout.root, shard, items, samples_per_tar)
-        finished = finished_groups(self.layout.root, shard, items, samples_per_tar, self.extension)
+        finished = finished_groups(self.layout.root, shard, items, samples_per_tar, self.extension,
+                                   recorded_failures(self.layout.root, shard))  # read before _log truncates it
         self._listed = set(listed_tar_lines(self.layout.root, shard))
         self._groups: dict[int, _Group] = {}
         self._keys: dict[str, _Key] = {}
@@ -342,7 +381,7 @@ class WebDatasetLayoutWriter(BackgroundWriter):
                 group.lines += [record_json(sample.record) + b"\n" for sample in samples
                                 if (sample.key, sample.folder) not in self._listed]  # listed by a killed run
                 self.bytes_written += len(samples[0].clean) + sum(len(sample.degraded) for sample in samples)
-                self.written += len(samples)
+                group.samples += len(samples)
                 del self._keys[group.keys[group.next]]
             else:
                 return
@@ -350,4 +389,5 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         if group.tar is not None:
             group.tar.close()
             self._log.append_manifest_lines(group.lines)
+        self.written += group.samples
         del self._groups[index]
