@@ -167,7 +167,7 @@ def test_monotonicity_selectivity_and_diversity_on_a_hand_built_dataset(tmp_path
             mine = np.median([r[f"{cls}_norm"] for r in rows if r["variant"] == variant])
             base = np.median([r[f"{cls}_norm"] for r in rows if r["variant"] == "identity"])
             assert chosen["moves"][cls] == pytest.approx(mine - base)
-        other = max(abs(v) for c, v in chosen["moves"].items() if c != own)
+        other = max(max(v for c, v in chosen["moves"].items() if c != own), 0.0)
         assert chosen["ratio"] == pytest.approx(chosen["moves"][own] / max(other, 0.01))
         assert chosen["ratio"] >= 3
     noise = report.variant("noise")
@@ -176,6 +176,35 @@ def test_monotonicity_selectivity_and_diversity_on_a_hand_built_dataset(tmp_path
     assert noise["diversity"]["median"] == pytest.approx(2 * 20 / np.sqrt(np.pi), rel=0.1)
     assert report.variant("identity")["diversity"] is None
     assert report.variant("noise")["measures"]["noise"]["median"] == pytest.approx(20, rel=0.15)
+
+
+def test_selectivity_counts_only_rises_of_other_classes(tmp_path: Path) -> None:
+    """The demo's case: the identity variant loses fine detail (reads as blur) and the haze variant keeps it, so
+    blur falls by far more than haze rises; a fall is not blur appearing and must not lower haze's selectivity."""
+    root = tmp_path / "set"
+    lines = []
+    for name in ("astronaut", "chelsea", "coffee"):
+        clean = photo(name, 64)
+        save(clean, root / "clean" / f"{name}.png")
+        for variant, pixels, ratio in (("identity", classical.gaussian_blur(clean, 1.5), 0.0),
+                                       ("haze", classical.haze(clean, 0.8), 0.5)):
+            save(pixels, root / "degraded" / variant / f"{name}.png")
+            lines.append(json.dumps({"key": name, "variant": variant, "folder": variant, "repeat": 1,
+                                     "clean": f"clean/{name}.png", "degraded": f"degraded/{variant}/{name}.png",
+                                     "ratios": {"haze": ratio}}))
+    (root / "manifest").mkdir()
+    (root / "manifest" / "shard-a.jsonl").write_text("".join(line + "\n" for line in lines))
+    report = evaluate_dataset(root, workers=1)
+    chosen = report.summary["selectivity"]["haze"]
+    moves = chosen["moves"]
+    assert moves["blur"] < -3 * moves["haze"] < 0  # blur falls more than haze rises
+    rises = [v for c, v in moves.items() if c != "haze" and v > 0]
+    assert chosen["largest_other_class"] != "blur" and chosen["largest_other_rise"] == max(rises, default=0.0)
+    assert chosen["ratio"] == pytest.approx(moves["haze"] / max(chosen["largest_other_rise"], 0.01))
+    assert chosen["ratio"] >= 5
+    write_report(report, tmp_path / "report")
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["dataset"]["selectivity"]["haze"]["largest_other_rise"] == chosen["largest_other_rise"]
 
 
 # ---------------------------------------------------------------- the command end to end
