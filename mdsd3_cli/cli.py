@@ -197,13 +197,13 @@ def _warn(message: Optional[str]) -> None:
 
 def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[RunPlan, Table, list[str]]:
     from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run, preflight_output
-    from mdsd3_cli.generate.plan import ShardSpec
+    from mdsd3_cli.generate.plan import detect_shard
     from mdsd3_cli.recipe.generate import start_warning
     from mdsd3_cli.dataset.writer import OutputConflictError
 
     recipe = _load(config, overrides)
     recipe.device()
-    run = plan_run(recipe, ShardSpec(0, 1))
+    run = plan_run(recipe, detect_shard(None, None, os.environ))  # this task's shard, as generate would take it
     try:
         preflight_output(run)
     except OutputConflictError as error:
