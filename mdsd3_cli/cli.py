@@ -113,6 +113,7 @@ def generate(
     from mdsd3_cli.generate.run import describe_plan, plan_run, preflight_output, run_generate
     from mdsd3_cli.generate.plan import detect_shard
     from mdsd3_cli.recipe.generate import start_warning
+    from mdsd3_cli.util.runtime import exit_code_for
 
     with _clear_errors():
         recipe = _load(config, overrides)
@@ -123,7 +124,12 @@ def generate(
             preflight_output(run, overwrite)  # what generate would refuse, refused the same way
             Console().print(describe_plan(run))
             return
-        summary = run_generate(run, overwrite=overwrite, console=console)
+        try:
+            summary = run_generate(run, overwrite=overwrite, console=console)
+        except KeyboardInterrupt:  # a second Ctrl-C (or one before the run could stop cleanly)
+            console.print("[yellow]stopped at once[/]: the samples already written are kept and listed; rerun the "
+                          "same command to finish", highlight=False, soft_wrap=True)
+            raise typer.Exit(exit_code_for("SIGINT")) from None
     Console().print(summary.table())
     if summary.failed_inputs:
         _list_failed(summary.failures, summary.failed_inputs)

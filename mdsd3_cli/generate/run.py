@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -334,7 +335,7 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
     todo = run.todo
     dtype = resolve_dtype(recipe.model.dtype, device)
 
-    with StopRequest() as stop:
+    with StopRequest(on_stop=lambda received: console.print(stop_message(received), highlight=False, soft_wrap=True)) as stop:
         session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
         if session is not None:
             write_run_json(out, run_payload(recipe, identity, session))
@@ -353,6 +354,12 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
         if stop.requested:
             summary.interrupted = stop.signal.name
     return summary
+
+
+def stop_message(received: signal.Signals) -> str:
+    """What a run prints the moment a stop signal arrives."""
+    again = " (Ctrl-C again to stop at once)" if received == signal.SIGINT else ""
+    return f"{received.name}: stopping after this batch…{again}"
 
 
 def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: LayoutWriter, summary: RunSummary,
