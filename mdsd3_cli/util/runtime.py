@@ -84,9 +84,10 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if self.signal is None and self.on_stop is not None:
-            self.on_stop(signal.Signals(signum))
-        self.signal = signal.Signals(signum)
+        first = self.signal is None
+        self.signal = signal.Signals(signum)  # before on_stop: a second SIGINT may arrive while it prints
+        if first and self.on_stop is not None:
+            self.on_stop(self.signal)
 
     @property
     def requested(self) -> bool:
