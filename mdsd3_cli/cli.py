@@ -101,7 +101,7 @@ def generate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the files this output folder's manifests "
                          "list (nothing else) and redo everything (default: resume, skipping finished samples).")] = False,
 ) -> None:
-    """Generate the paired dataset a recipe describes (resumes by default).
+    """Generate the paired dataset a recipe describes (resumes).
 
     Writes OUT/clean/<key>, OUT/degraded/<variant>/<key> (with output.layout webdataset: OUT/tars/<shard>-N.tar,
     one sample per key holding its clean image once), OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and
@@ -154,9 +154,9 @@ def check(
     decode: Annotated[bool, typer.Option("--decode", help="Also decode every input as generate will (a progress "
                       "bar; nothing written) and list those that would fail, with the reason.")] = False,
 ) -> None:
-    """Validate a generate or training recipe without loading any model and print its plan.
+    """Validate a recipe and print its plan; loads no model.
 
-    A generate recipe: fields, classes against the adapter, base folder layout, device, inputs, output (empty
+    Validates a generate or training recipe without loading any model. A generate recipe: fields, classes against the adapter, base folder layout, device, inputs, output (empty
     or made by mdsd3; free space); with --decode, every input is decoded too. A training recipe (it has
     `datasets`): fields, base folder layout, device, every dataset's pairs, output. Exit status: 0 valid (and,
     with --decode, every input decodes), 1 valid but some inputs would fail (listed; generate would skip them
@@ -256,8 +256,10 @@ def init(
 
 @app.command("encode-prompts")
 def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
-    """Encode every prompt the recipe's classes can need into the prompt cache (run once before array jobs,
-    so that no task loads the text encoders)."""
+    """Fill the prompt cache (run once before array jobs).
+
+    Encodes every prompt the recipe's classes can need into the prompt cache, so that no task of an array job
+    loads the text encoders."""
     _quiet_libraries()
     from mdsd3_cli.model.heads import all_prompts
     from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings
@@ -280,7 +282,9 @@ def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
 
 @app.command()
 def info(config: ConfigOption, overrides: SetOption = None) -> None:
-    """Model and adapter summary: classes, head partition, parameter counts, fingerprints."""
+    """Model and adapter summary: classes, heads, parameters.
+
+    Classes, head partition, parameter counts and fingerprints of the recipe's base and adapter."""
     _quiet_libraries()
     import torch
 
@@ -312,9 +316,9 @@ def train(
     resume: Annotated[Optional[str], typer.Option("--resume", help="`latest` (newest checkpoint in OUT/checkpoints; "
                       "a fresh start when there is none) or a checkpoint folder.", show_default=False)] = None,
 ) -> None:
-    """Train an adapter from clean/degraded pairs (one process, or several under `accelerate launch` / torchrun).
+    """Train an adapter from clean/degraded pairs.
 
-    Writes OUT/log.jsonl, OUT/checkpoints/step-N/, OUT/previews/step-N.png and, when finished, OUT/adapter/.
+    One process, or several under `accelerate launch` / torchrun. Writes OUT/log.jsonl, OUT/checkpoints/step-N/, OUT/previews/step-N.png and, when finished, OUT/adapter/.
     SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop. Exit status: 0 finished, 2 bad recipe or usage,
     130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (rerun with --resume latest to continue); a full disk or
     another training process on OUT is exit 2 too.
@@ -340,8 +344,10 @@ def preview(
     seed: Annotated[int, typer.Option(help="Which keys are chosen.")] = 0,
     cell: Annotated[int, typer.Option(min=32, help="Thumbnail size in pixels.")] = 192,
 ) -> None:
-    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios. Records and
-    images that cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
+    """A contact sheet: each key's clean image and variants.
+
+    One row per key, the clean image then each variant, labelled with its ratios. Records and images that
+    cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
     from mdsd3_cli.dataset.preview import contact_sheet, save_sheet
 
     problems: list[str] = []
@@ -362,8 +368,10 @@ def verify(
     workers: Annotated[Optional[int], typer.Option(min=1, help="Hashing threads (default: one per CPU core).",
                                                    show_default=False)] = None,
 ) -> None:
-    """Check a dataset after copying it: every manifest record's files exist, decode, and have the recorded
-    size and SHA-256; every key has all variants; no file lacks a record (orphans).
+    """Check a copied dataset's files against its manifest.
+
+    Every manifest record's files exist, decode, and have the recorded size and SHA-256; every key has all
+    variants; no file lacks a record (orphans).
 
     Exit status: 0 no problem, 1 problems found (listed), 2 not a dataset.
     """
@@ -396,10 +404,13 @@ def evaluate(
     seam_grid: Annotated[int, typer.Option("--seam-grid", min=2, help="Grid (pixels) of the seam measure: the "
                          "generating model's token size (mini 8, SD3 16).")] = 8,
 ) -> None:
-    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, the seam ratio (steps across
-    the --seam-grid lines over steps elsewhere, relative to the clean image's: about 1.0 without a token mosaic),
-    each class's strength by a classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
-    selectivity of single-class variants, diversity between repeats, and distances to --against sets.
+    """Measure the degradations a dataset actually contains.
+
+    PSNR/SSIM per pair, the seam ratio (steps across the --seam-grid lines over steps elsewhere, relative to
+    the clean image's: about 1.0 without a token mosaic), each class's strength by a classical estimator
+    (noise, haze, rain, low_light, blur), monotonicity against the requested ratios, selectivity of
+    single-class variants (own move over the largest rise of another class), diversity between repeats, and
+    distances to --against sets.
 
     Prints tables and writes report.json, samples.csv and plots (*.png) to the --out folder. Unreadable files
     are listed, not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage.
@@ -446,9 +457,9 @@ def calibrate(
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring the reference. "
                        "Default: the number of CPUs.", show_default=False)] = None,
 ) -> None:
-    """Fit a recipe's class ratios so the strengths it generates match a reference paired set's (docs/calibrate.md).
+    """Fit a recipe's class ratios to a reference set's strengths.
 
-    Measures each class's strength distribution in the reference (evaluate's estimators), sweeps each class's ratio
+    See docs/calibrate.md. Measures each class's strength distribution in the reference (evaluate's estimators), sweeps each class's ratio
     on --probe photos of the recipe's inputs, inverts the strength(ratio) curve by quantile mapping into a per-sample
     ratio distribution ({quantiles: [...]}) for every variant using the class, and verifies on check sets made with
     the recipe as given and as calibrated (1-Wasserstein distance to the reference). A class the reference lacks,
@@ -492,7 +503,7 @@ def export(
     partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
                                           "output is marked partial.")] = False,
 ) -> None:
-    """Convert a finished dataset into what large-scale trainers read.
+    """Convert a finished dataset for large-scale trainers.
 
     `lmdb` writes DEST/gt.lmdb and DEST/lq_<variant>.lmdb, each with BasicSR's meta_info.txt; `webdataset` writes
     DEST/data-000000.tar, ... (one sample per key: .clean.png once, .<variant>.degraded.png each, .json); `parquet` writes

@@ -289,6 +289,17 @@ def test_check_speaks_of_limit_only_when_given(tmp_path):
     assert dry.exit_code == 0 and "in plan (--limit 2)" in dry.stdout
 
 
+def test_every_command_summary_fits_one_line_of_an_80_column_help():
+    names = sorted(typer.main.get_command(app).commands)
+    shown = runner.invoke(app, ["--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    start = next(index for index, line in enumerate(lines) if "Commands" in line)
+    panel = lines[start + 1:next(index for index in range(start, len(lines)) if lines[index].startswith("╰"))]
+    assert all(len(line) <= 80 for line in lines), lines
+    assert sorted(line.split()[1] for line in panel) == names, panel  # one line per command, no continuation
+
+
 def test_check_plans_the_slurm_array_task_as_generate_does(tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
