@@ -107,7 +107,8 @@ def generate(
     one sample per key holding its clean image once), OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and
     OUT/run.json. Exit status: 0 all done, 1 some inputs failed (the first few are printed with their reasons; all
     are in OUT/errors/<shard>.jsonl), 2 bad recipe or usage, or an output problem (a folder mdsd3 did not make,
-    another process on this shard, a full disk), 130/143 stopped by SIGINT/SIGTERM (rerun to finish).
+    another process on this shard, a full disk), 130/143 stopped by SIGINT/SIGTERM after the batch in progress (a
+    second Ctrl-C stops at once; rerun to finish).
     """
     _quiet_libraries()
     from mdsd3_cli.generate.run import describe_plan, plan_run, preflight_output, run_generate
@@ -156,11 +157,12 @@ def check(
 ) -> None:
     """Validate a recipe and print its plan; loads no model.
 
-    Validates a generate or training recipe without loading any model. A generate recipe: fields, classes against the adapter, base folder layout, device, inputs, output (empty
-    or made by mdsd3; free space); with --decode, every input is decoded too. A training recipe (it has
-    `datasets`): fields, base folder layout, device, every dataset's pairs, output. Exit status: 0 valid (and,
-    with --decode, every input decodes), 1 valid but some inputs would fail (listed; generate would skip them
-    and exit 1), 2 bad recipe or usage.
+    A generate recipe: fields, classes against the adapter, base folder layout, device, inputs, output (empty or
+    made by mdsd3; free space), planned for the shard SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE give
+    this process, as generate --dry-run plans it; with --decode, every input is decoded too. A training recipe (it
+    has `datasets`): fields, base folder layout, device, every dataset's pairs, output. Exit status: 0 valid (and,
+    with --decode, every input decodes), 1 valid but some inputs would fail (listed; generate would skip them and
+    exit 1), 2 bad recipe or usage.
     """
     from mdsd3_cli.recipe.file import read_recipe, recipe_kind
 
@@ -318,10 +320,10 @@ def train(
 ) -> None:
     """Train an adapter from clean/degraded pairs.
 
-    One process, or several under `accelerate launch` / torchrun. Writes OUT/log.jsonl, OUT/checkpoints/step-N/, OUT/previews/step-N.png and, when finished, OUT/adapter/.
-    SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop. Exit status: 0 finished, 2 bad recipe or usage,
-    130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (rerun with --resume latest to continue); a full disk or
-    another training process on OUT is exit 2 too.
+    One process, or several under `accelerate launch` / torchrun. Writes OUT/log.jsonl, OUT/checkpoints/step-N/,
+    OUT/previews/step-N.png and, when finished, OUT/adapter/. SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop.
+    Exit status: 0 finished, 2 bad recipe or usage, 130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (rerun with
+    --resume latest to continue); a full disk or another training process on OUT is exit 2 too.
     """
     _quiet_libraries()
     from mdsd3_cli.train.run import Trainer
@@ -459,13 +461,13 @@ def calibrate(
 ) -> None:
     """Fit a recipe's class ratios to a reference set's strengths.
 
-    See docs/calibrate.md. Measures each class's strength distribution in the reference (evaluate's estimators), sweeps each class's ratio
-    on --probe photos of the recipe's inputs, inverts the strength(ratio) curve by quantile mapping into a per-sample
-    ratio distribution ({quantiles: [...]}) for every variant using the class, and verifies on check sets made with
-    the recipe as given and as calibrated (1-Wasserstein distance to the reference). A class the reference lacks,
-    or whose strength the model does not move clearly, is reported and left as given. Exit status: 0 every class
-    calibrated, 1 recipe written but some classes left as given (listed), 2 bad recipe, reference or usage
-    (nothing written).
+    Measures each class's strength distribution in the reference (evaluate's estimators; docs/calibrate.md), sweeps
+    each class's ratio on --probe photos of the recipe's inputs, inverts the strength(ratio) curve by quantile
+    mapping into a per-sample ratio distribution ({quantiles: [...]}) for every variant using the class, and
+    verifies on check sets made with the recipe as given and as calibrated (1-Wasserstein distance to the
+    reference). A class the reference lacks, or whose strength the model does not move clearly, is reported and left
+    as given. Exit status: 0 every class calibrated, 1 recipe written but some classes left as given (listed), 2 bad
+    recipe, reference or usage (nothing written).
     """
     _quiet_libraries()
     from mdsd3_cli.calibrate import EXIT_LEFT_AS_GIVEN, EXIT_OK, calibrate as run_calibration

@@ -335,7 +335,10 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
     todo = run.todo
     dtype = resolve_dtype(recipe.model.dtype, device)
 
-    with StopRequest(on_stop=lambda received: console.print(stop_message(received), highlight=False, soft_wrap=True)) as stop:
+    def announce(received: signal.Signals) -> None:
+        console.print(stop_message(received), highlight=False, soft_wrap=True)
+
+    with StopRequest(on_stop=announce) as stop:
         session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
         if session is not None:
             write_run_json(out, run_payload(recipe, identity, session))
