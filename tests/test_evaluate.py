@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 from PIL import Image
+from rich.console import Console
 from skimage import data
 from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
@@ -23,6 +24,7 @@ from mdsd3_cli.evaluate import (CLASS_ESTIMATORS, CLASS_SCALES, ESTIMATOR_VERSIO
                                 measure_pair, normalised_strengths, write_report)
 from mdsd3_cli.evaluate import classical
 from mdsd3_cli.evaluate.aggregate import spearman
+from mdsd3_cli.evaluate.report import classes_table
 from mdsd3_cli.evaluate.runner import retain_freed_memory
 
 from .tiny_datasets import copy_dataset, generate, write_recipe
@@ -205,6 +207,10 @@ def test_selectivity_counts_only_rises_of_other_classes(tmp_path: Path) -> None:
     write_report(report, tmp_path / "report")
     saved = json.loads((tmp_path / "report" / "report.json").read_text())
     assert saved["dataset"]["selectivity"]["haze"]["largest_other_rise"] == chosen["largest_other_rise"]
+    terminal = Console(width=200, record=True)
+    terminal.print(classes_table(report.summary))
+    shown = " ".join(terminal.export_text().split())  # the caption wraps to the table's width
+    assert "largest other rise" in shown and "a class reading lower than on the identity is not counted" in shown
 
 
 # ---------------------------------------------------------------- the command end to end
