@@ -2,7 +2,7 @@
 """Cross-talk of `evaluate`'s class estimators: how far each estimator moves under every class's classical
 degradation, printed as a Markdown table (the one in docs/evaluate.md) and, with --json, as JSON.
 
-    python scripts/crosstalk.py                 # 6 photos at 256², ratios 0.5 and 1, 2 seeds (about a minute)
+    python scripts/crosstalk.py                 # 6 photos at 256², ratios 0.5 and 1, 2 seeds (16 s of CPU time)
     python scripts/crosstalk.py --quick --json  # 3 photos at 128², ratio 1, 1 seed (the test's mode)
 
 Rows are degradations: rain, haze, noise and low_light from `mdsd3_cli.model.presets.degradations` (the
