@@ -101,18 +101,20 @@ def generate(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the files this output folder's manifests "
                          "list (nothing else) and redo everything (default: resume, skipping finished samples).")] = False,
 ) -> None:
-    """Generate the paired dataset a recipe describes (resumes by default).
+    """Generate the paired dataset a recipe describes (resumes).
 
     Writes OUT/clean/<key>, OUT/degraded/<variant>/<key> (with output.layout webdataset: OUT/tars/<shard>-N.tar,
     one sample per key holding its clean image once), OUT/manifest/<shard>.jsonl, OUT/errors/<shard>.jsonl and
     OUT/run.json. Exit status: 0 all done, 1 some inputs failed (the first few are printed with their reasons; all
     are in OUT/errors/<shard>.jsonl), 2 bad recipe or usage, or an output problem (a folder mdsd3 did not make,
-    another process on this shard, a full disk), 130/143 stopped by SIGINT/SIGTERM (rerun to finish).
+    another process on this shard, a full disk), 130/143 stopped by SIGINT/SIGTERM after the batch in progress (a
+    second Ctrl-C stops at once; rerun to finish).
     """
     _quiet_libraries()
     from mdsd3_cli.generate.run import describe_plan, plan_run, preflight_output, run_generate
     from mdsd3_cli.generate.plan import detect_shard
     from mdsd3_cli.recipe.generate import start_warning
+    from mdsd3_cli.util.runtime import exit_code_for
 
     with _clear_errors():
         recipe = _load(config, overrides)
@@ -123,7 +125,12 @@ def generate(
             preflight_output(run, overwrite)  # what generate would refuse, refused the same way
             Console().print(describe_plan(run))
             return
-        summary = run_generate(run, overwrite=overwrite, console=console)
+        try:
+            summary = run_generate(run, overwrite=overwrite, console=console)
+        except KeyboardInterrupt:  # a second Ctrl-C (or one before the run could stop cleanly)
+            console.print("[yellow]stopped at once[/]: the samples already written are kept and listed; rerun the "
+                          "same command to finish", highlight=False, soft_wrap=True)
+            raise typer.Exit(exit_code_for("SIGINT")) from None
     Console().print(summary.table())
     if summary.failed_inputs:
         _list_failed(summary.failures, summary.failed_inputs)
@@ -148,13 +155,14 @@ def check(
     decode: Annotated[bool, typer.Option("--decode", help="Also decode every input as generate will (a progress "
                       "bar; nothing written) and list those that would fail, with the reason.")] = False,
 ) -> None:
-    """Validate a generate or training recipe without loading any model and print its plan.
+    """Validate a recipe and print its plan; loads no model.
 
-    A generate recipe: fields, classes against the adapter, base folder layout, device, inputs, output (empty
-    or made by mdsd3; free space); with --decode, every input is decoded too. A training recipe (it has
-    `datasets`): fields, base folder layout, device, every dataset's pairs, output. Exit status: 0 valid (and,
-    with --decode, every input decodes), 1 valid but some inputs would fail (listed; generate would skip them
-    and exit 1), 2 bad recipe or usage.
+    A generate recipe: fields, classes against the adapter, base folder layout, device, inputs, output (empty or
+    made by mdsd3; free space), planned for the shard SLURM_ARRAY_TASK_ID/COUNT or torchrun's RANK/WORLD_SIZE give
+    this process, as generate --dry-run plans it; with --decode, every input is decoded too. A training recipe (it
+    has `datasets`): fields, base folder layout, device, every dataset's pairs, output. Exit status: 0 valid (and,
+    with --decode, every input decodes), 1 valid but some inputs would fail (listed; generate would skip them and
+    exit 1), 2 bad recipe or usage.
     """
     from mdsd3_cli.recipe.file import read_recipe, recipe_kind
 
@@ -197,13 +205,13 @@ def _warn(message: Optional[str]) -> None:
 
 def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[RunPlan, Table, list[str]]:
     from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run, preflight_output
-    from mdsd3_cli.generate.plan import ShardSpec
+    from mdsd3_cli.generate.plan import detect_shard
     from mdsd3_cli.recipe.generate import start_warning
     from mdsd3_cli.dataset.writer import OutputConflictError
 
     recipe = _load(config, overrides)
     recipe.device()
-    run = plan_run(recipe, ShardSpec(0, 1))
+    run = plan_run(recipe, detect_shard(None, None, os.environ))  # this task's shard, as generate would take it
     try:
         preflight_output(run)
     except OutputConflictError as error:
@@ -250,8 +258,10 @@ def init(
 
 @app.command("encode-prompts")
 def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
-    """Encode every prompt the recipe's classes can need into the prompt cache (run once before array jobs,
-    so that no task loads the text encoders)."""
+    """Fill the prompt cache (run once before array jobs).
+
+    Encodes every prompt the recipe's classes can need into the prompt cache, so that no task of an array job
+    loads the text encoders."""
     _quiet_libraries()
     from mdsd3_cli.model.heads import all_prompts
     from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings
@@ -274,7 +284,9 @@ def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
 
 @app.command()
 def info(config: ConfigOption, overrides: SetOption = None) -> None:
-    """Model and adapter summary: classes, head partition, parameter counts, fingerprints."""
+    """Model and adapter summary: classes, heads, parameters.
+
+    Classes, head partition, parameter counts and fingerprints of the recipe's base and adapter."""
     _quiet_libraries()
     import torch
 
@@ -306,12 +318,12 @@ def train(
     resume: Annotated[Optional[str], typer.Option("--resume", help="`latest` (newest checkpoint in OUT/checkpoints; "
                       "a fresh start when there is none) or a checkpoint folder.", show_default=False)] = None,
 ) -> None:
-    """Train an adapter from clean/degraded pairs (one process, or several under `accelerate launch` / torchrun).
+    """Train an adapter from clean/degraded pairs.
 
-    Writes OUT/log.jsonl, OUT/checkpoints/step-N/, OUT/previews/step-N.png and, when finished, OUT/adapter/.
-    SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop. Exit status: 0 finished, 2 bad recipe or usage,
-    130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (rerun with --resume latest to continue); a full disk or
-    another training process on OUT is exit 2 too.
+    One process, or several under `accelerate launch` / torchrun. Writes OUT/log.jsonl, OUT/checkpoints/step-N/,
+    OUT/previews/step-N.png and, when finished, OUT/adapter/. SIGTERM/SIGINT/SIGUSR1 save a checkpoint and stop.
+    Exit status: 0 finished, 2 bad recipe or usage, 130/143/138 stopped by SIGINT/SIGTERM/SIGUSR1 (rerun with
+    --resume latest to continue); a full disk or another training process on OUT is exit 2 too.
     """
     _quiet_libraries()
     from mdsd3_cli.train.run import Trainer
@@ -334,8 +346,10 @@ def preview(
     seed: Annotated[int, typer.Option(help="Which keys are chosen.")] = 0,
     cell: Annotated[int, typer.Option(min=32, help="Thumbnail size in pixels.")] = 192,
 ) -> None:
-    """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios. Records and
-    images that cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
+    """A contact sheet: each key's clean image and variants.
+
+    One row per key, the clean image then each variant, labelled with its ratios. Records and images that
+    cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
     from mdsd3_cli.dataset.preview import contact_sheet, save_sheet
 
     problems: list[str] = []
@@ -356,10 +370,11 @@ def verify(
     workers: Annotated[Optional[int], typer.Option(min=1, help="Hashing threads (default: one per CPU core).",
                                                    show_default=False)] = None,
 ) -> None:
-    """Check a dataset after copying it: the run is finished (every shard, no generate writing it); every
-    manifest record's files exist, decode, and have the recorded size and SHA-256; every key has all variants;
-    no file lacks a record (orphans). An export's destination (webdataset, lmdb, parquet) is checked against its
-    own metadata.
+    """Check that a dataset or an export is finished and intact.
+
+    The run is finished (every shard, no generate writing it); every manifest record's files exist, decode, and
+    have the recorded size and SHA-256; every key has all variants; no file lacks a record (orphans). An
+    export's destination (webdataset, lmdb, parquet) is checked against its own metadata.
 
     Exit status: 0 no problem, 1 problems found (listed; an unfinished run or a --partial export is one), 2 not a
     dataset.
@@ -397,10 +412,13 @@ def evaluate(
     seam_grid: Annotated[int, typer.Option("--seam-grid", min=2, help="Grid (pixels) of the seam measure: the "
                          "generating model's token size (mini 8, SD3 16).")] = 8,
 ) -> None:
-    """Measure the degradations a dataset actually contains: PSNR/SSIM per pair, the seam ratio (steps across
-    the --seam-grid lines over steps elsewhere, relative to the clean image's: about 1.0 without a token mosaic),
-    each class's strength by a classical estimator (noise, haze, rain, low_light, blur), monotonicity against the requested ratios,
-    selectivity of single-class variants, diversity between repeats, and distances to --against sets.
+    """Measure the degradations a dataset actually contains.
+
+    PSNR/SSIM per pair, the seam ratio (steps across the --seam-grid lines over steps elsewhere, relative to
+    the clean image's: about 1.0 without a token mosaic), each class's strength by a classical estimator
+    (noise, haze, rain, low_light, blur), monotonicity against the requested ratios, selectivity of
+    single-class variants (own move over the largest rise of another class), diversity between repeats, and
+    distances to --against sets.
 
     Prints tables and writes report.json, samples.csv and plots (*.png) to the --out folder. Unreadable files
     are listed, not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage.
@@ -447,15 +465,15 @@ def calibrate(
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring the reference. "
                        "Default: the number of CPUs.", show_default=False)] = None,
 ) -> None:
-    """Fit a recipe's class ratios so the strengths it generates match a reference paired set's (docs/calibrate.md).
+    """Fit a recipe's class ratios to a reference set's strengths.
 
-    Measures each class's strength distribution in the reference (evaluate's estimators), sweeps each class's ratio
-    on --probe photos of the recipe's inputs, inverts the strength(ratio) curve by quantile mapping into a per-sample
-    ratio distribution ({quantiles: [...]}) for every variant using the class, and verifies on check sets made with
-    the recipe as given and as calibrated (1-Wasserstein distance to the reference). A class the reference lacks,
-    or whose strength the model does not move clearly, is reported and left as given. Exit status: 0 every class
-    calibrated, 1 recipe written but some classes left as given (listed), 2 bad recipe, reference or usage
-    (nothing written).
+    Measures each class's strength distribution in the reference (evaluate's estimators; docs/calibrate.md), sweeps
+    each class's ratio on --probe photos of the recipe's inputs, inverts the strength(ratio) curve by quantile
+    mapping into a per-sample ratio distribution ({quantiles: [...]}) for every variant using the class, and
+    verifies on check sets made with the recipe as given and as calibrated (1-Wasserstein distance to the
+    reference). A class the reference lacks, or whose strength the model does not move clearly, is reported and left
+    as given. Exit status: 0 every class calibrated, 1 recipe written but some classes left as given (listed), 2 bad
+    recipe, reference or usage (nothing written).
     """
     _quiet_libraries()
     from mdsd3_cli.calibrate import EXIT_LEFT_AS_GIVEN, EXIT_OK, calibrate as run_calibration
@@ -493,7 +511,7 @@ def export(
     partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
                                           "output is marked partial.")] = False,
 ) -> None:
-    """Convert a finished dataset into what large-scale trainers read.
+    """Convert a finished dataset for large-scale trainers.
 
     `lmdb` writes DEST/gt.lmdb and DEST/lq_<variant>.lmdb, each with BasicSR's meta_info.txt; `webdataset` writes
     DEST/data-000000.tar, ... (one sample per key: .clean.png once, .<variant>.degraded.png each, .json); `parquet` writes

@@ -289,6 +289,28 @@ def test_check_speaks_of_limit_only_when_given(tmp_path):
     assert dry.exit_code == 0 and "in plan (--limit 2)" in dry.stdout
 
 
+def test_every_command_summary_fits_one_line_of_an_80_column_help():
+    names = sorted(typer.main.get_command(app).commands)
+    shown = runner.invoke(app, ["--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    start = next(index for index, line in enumerate(lines) if "Commands" in line)
+    panel = lines[start + 1:next(index for index in range(start, len(lines)) if lines[index].startswith("╰"))]
+    assert all(len(line) <= 80 for line in lines), lines
+    assert sorted(line.split()[1] for line in panel) == names, panel  # one line per command, no continuation
+
+
+def test_check_plans_the_slurm_array_task_as_generate_does(tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    checked, dry = mdsd3("check", "--config", recipe), mdsd3("generate", "--config", recipe, "--dry-run")
+    assert checked.exit_code == 0 and dry.exit_code == 0, (checked.output, dry.output)
+    assert "shard-00001-of-00003" in checked.stdout and checked.stdout == dry.stdout  # the same plan table
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")  # not one of 3 tasks: refused as generate refuses it
+    assert_clean_error(mdsd3("check", "--config", recipe), "SLURM array task 7")
+
+
 def test_preview_of_a_missing_folder_and_of_small_images(unguided, tmp_path):
     assert_clean_error(mdsd3("preview", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "p.png"),
                        f"dataset folder not found: {tmp_path / 'nowhere'}")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 from PIL import Image
+from rich.console import Console
 from skimage import data
 from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
@@ -23,6 +24,7 @@ from mdsd3_cli.evaluate import (CLASS_ESTIMATORS, CLASS_SCALES, ESTIMATOR_VERSIO
                                 measure_pair, normalised_strengths, write_report)
 from mdsd3_cli.evaluate import classical
 from mdsd3_cli.evaluate.aggregate import spearman
+from mdsd3_cli.evaluate.report import classes_table
 from mdsd3_cli.evaluate.runner import retain_freed_memory
 
 from .tiny_datasets import copy_dataset, generate, write_recipe
@@ -167,7 +169,7 @@ def test_monotonicity_selectivity_and_diversity_on_a_hand_built_dataset(tmp_path
             mine = np.median([r[f"{cls}_norm"] for r in rows if r["variant"] == variant])
             base = np.median([r[f"{cls}_norm"] for r in rows if r["variant"] == "identity"])
             assert chosen["moves"][cls] == pytest.approx(mine - base)
-        other = max(abs(v) for c, v in chosen["moves"].items() if c != own)
+        other = max(max(v for c, v in chosen["moves"].items() if c != own), 0.0)
         assert chosen["ratio"] == pytest.approx(chosen["moves"][own] / max(other, 0.01))
         assert chosen["ratio"] >= 3
     noise = report.variant("noise")
@@ -176,6 +178,39 @@ def test_monotonicity_selectivity_and_diversity_on_a_hand_built_dataset(tmp_path
     assert noise["diversity"]["median"] == pytest.approx(2 * 20 / np.sqrt(np.pi), rel=0.1)
     assert report.variant("identity")["diversity"] is None
     assert report.variant("noise")["measures"]["noise"]["median"] == pytest.approx(20, rel=0.15)
+
+
+def test_selectivity_counts_only_rises_of_other_classes(tmp_path: Path) -> None:
+    """The demo's case: the identity variant loses fine detail (reads as blur) and the haze variant keeps it, so
+    blur falls by far more than haze rises; a fall is not blur appearing and must not lower haze's selectivity."""
+    root = tmp_path / "set"
+    lines = []
+    for name in ("astronaut", "chelsea", "coffee"):
+        clean = photo(name, 64)
+        save(clean, root / "clean" / f"{name}.png")
+        for variant, pixels, ratio in (("identity", classical.gaussian_blur(clean, 1.5), 0.0),
+                                       ("haze", classical.haze(clean, 0.8), 0.5)):
+            save(pixels, root / "degraded" / variant / f"{name}.png")
+            lines.append(json.dumps({"key": name, "variant": variant, "folder": variant, "repeat": 1,
+                                     "clean": f"clean/{name}.png", "degraded": f"degraded/{variant}/{name}.png",
+                                     "ratios": {"haze": ratio}}))
+    (root / "manifest").mkdir()
+    (root / "manifest" / "shard-a.jsonl").write_text("".join(line + "\n" for line in lines))
+    report = evaluate_dataset(root, workers=1)
+    chosen = report.summary["selectivity"]["haze"]
+    moves = chosen["moves"]
+    assert moves["blur"] < -3 * moves["haze"] < 0  # blur falls more than haze rises
+    rises = [v for c, v in moves.items() if c != "haze" and v > 0]
+    assert chosen["largest_other_class"] != "blur" and chosen["largest_other_rise"] == max(rises, default=0.0)
+    assert chosen["ratio"] == pytest.approx(moves["haze"] / max(chosen["largest_other_rise"], 0.01))
+    assert chosen["ratio"] >= 5
+    write_report(report, tmp_path / "report")
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["dataset"]["selectivity"]["haze"]["largest_other_rise"] == chosen["largest_other_rise"]
+    terminal = Console(width=200, record=True)
+    terminal.print(classes_table(report.summary))
+    shown = " ".join(terminal.export_text().split())  # the caption wraps to the table's width
+    assert "largest other rise" in shown and "a class reading lower than on the identity is not counted" in shown
 
 
 # ---------------------------------------------------------------- the command end to end

@@ -433,3 +433,20 @@ def test_run_json_identity_check(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="identity"):
         write_run_json(tmp_path, {"versions": {}})
     assert temp_files(tmp_path) == []
+
+
+def test_run_conflict_names_the_differing_field_inside_lists_and_long_values(tmp_path: Path) -> None:
+    variant = {"alpha": 0.3, "beta": 0.8, "classes": {"haze": [0.2, 0.8], "rain": 0.0}, "repeats": 1}
+    source = "/data/photos/" + "x" * 80
+    stored = {"input": source + "/a", "variants": [{**variant, "name": "identity"}, {**variant, "name": "rain"}]}
+    write_run_json(tmp_path, {"identity": stored})
+    changed = {"input": source + "/b",
+               "variants": [{**variant, "name": "identity_b"}, {**variant, "name": "rain", "beta": 0.9},
+                            {**variant, "name": "haze"}]}
+    with pytest.raises(OutputConflictError) as caught:
+        check_run_compatible(tmp_path, changed, overwrite=False)
+    message = str(caught.value)
+    assert 'input: …' in message and 'x/a" → …' in message and 'x/b"' in message  # the differing tail shows
+    assert "variants: 2 items → 3 items" in message
+    assert 'variants[0].name: "identity" → "identity_b"' in message
+    assert "variants[1].beta: 0.8 → 0.9" in message

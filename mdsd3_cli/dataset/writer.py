@@ -369,22 +369,39 @@ def check_run_compatible(out_dir: str | Path, identity: Mapping[str, Any], overw
 MAX_SHOWN_DIFFERENCES = 5
 
 
-def identity_differences(stored: Any, expected: Any, prefix: str = "") -> list[str]:
-    """`field: stored → expected` for each leaf where two run identities differ (dotted field names; lists are
-    compared whole)."""
+def identity_differences(stored: Any, expected: Any, path: str = "") -> list[str]:
+    """`path: stored → expected` for each leaf where two run identities differ, down to the field that differs
+    (`variants[1].name`); a list of another length also gets `path: N items → M items`."""
     if isinstance(stored, dict) and isinstance(expected, dict):
         found = []
         for name in sorted(stored.keys() | expected.keys()):
-            found += identity_differences(stored.get(name), expected.get(name), f"{prefix}{name}.")
+            found += identity_differences(stored.get(name), expected.get(name), f"{path}.{name}" if path else name)
+        return found
+    if isinstance(stored, list) and isinstance(expected, list):
+        found = [] if len(stored) == len(expected) else [
+            f"{path or 'identity'}: {_items(len(stored))} → {_items(len(expected))}"]
+        for index, (old, new) in enumerate(zip(stored, expected)):
+            found += identity_differences(old, new, f"{path}[{index}]")
         return found
     if stored == expected:
         return []
-    return [f"{prefix.rstrip('.') or 'identity'}: {_short(stored)} → {_short(expected)}"]
+    return [f"{path or 'identity'}: {_shown_pair(stored, expected)}"]
 
 
-def _short(value: Any, limit: int = 60) -> str:
-    text = "(none)" if value is None else json.dumps(value, sort_keys=True)
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+def _items(count: int) -> str:
+    return f"{count} item" if count == 1 else f"{count} items"
+
+
+def _shown_pair(stored: Any, expected: Any, limit: int = 60) -> str:
+    """`stored → expected` as JSON; texts longer than `limit` are cut to a window around their first difference,
+    the same on both sides, so the difference shows."""
+    texts = ["(none)" if value is None else json.dumps(value, sort_keys=True) for value in (stored, expected)]
+    if max(len(text) for text in texts) <= limit:
+        return " → ".join(texts)
+    first = next((i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(len(text) for text in texts))
+    start = max(0, first - limit // 3)
+    return " → ".join(("…" if start else "") + text[start:start + limit] + ("…" if start + limit < len(text) else "")
+                      for text in texts)
 
 
 LISTED_FILE_FIELDS = ("clean", "degraded", "tar")

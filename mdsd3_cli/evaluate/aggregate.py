@@ -14,7 +14,7 @@ from .runner import GroupResult
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SELECTIVITY_FLOOR = 0.01
-"""Smallest normalised movement a selectivity ratio divides by (other classes that did not move at all)."""
+"""Smallest normalised rise a selectivity ratio divides by (no other class rose at all)."""
 
 
 @dataclass
@@ -124,7 +124,8 @@ def monotonicity(table: SampleTable) -> dict[str, dict[str, Any]]:
 def selectivity(table: SampleTable) -> dict[str, dict[str, Any]]:
     """For each variant that requests exactly one estimated class: how far the median normalised strength of
     every class moved from the identity variants' (all ratios 0; 0 when there is none), and the ratio of its
-    own class's move to the largest other move (floored at SELECTIVITY_FLOOR)."""
+    own class's move to the largest rise of another class (floored at SELECTIVITY_FLOOR). Only moves towards
+    degradation count: another class reading less than on the identity is not that class appearing."""
     variants = sorted(set(table.variants))
     masks = {variant: table.variant_mask(variant) for variant in variants}
     requested = {variant: _requested_classes(table, mask) for variant, mask in masks.items()}
@@ -142,10 +143,11 @@ def selectivity(table: SampleTable) -> dict[str, dict[str, Any]]:
             continue
         (own_class,) = own
         moves = {name: float(np.median(table.normalised(name)[masks[variant]])) - baseline[name] for name in estimated}
-        other_class = max((name for name in estimated if name != own_class), key=lambda name: abs(moves[name]))
+        other_class = max((name for name in estimated if name != own_class), key=lambda name: moves[name])
+        largest_rise = max(moves[other_class], 0.0)
         result[variant] = {
-            "class": own_class, "moves": moves, "largest_other_class": other_class,
-            "ratio": moves[own_class] / max(abs(moves[other_class]), SELECTIVITY_FLOOR),
+            "class": own_class, "moves": moves, "largest_other_class": other_class, "largest_other_rise": largest_rise,
+            "ratio": moves[own_class] / max(largest_rise, SELECTIVITY_FLOOR),
             "baseline": "identity variants" if identity.any() else "zero",
         }
     return result

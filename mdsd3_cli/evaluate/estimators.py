@@ -24,6 +24,11 @@ NOISE_TIE_STEP = 0.5
 CLIP_MARGIN = 1.5
 """Blocks closer than this many sigmas to 0 or 255 are left out of the noise estimate."""
 MIN_UNCLIPPED_FRACTION = 0.05
+BLUR_TILE_BLOCKS = 4
+"""Side, in fit blocks, of the tiles over which `blur_loss` fits the local photometric slope (32 pixels)."""
+BLUR_SLOPE_PRIOR = 4.0
+"""Variance (8-bit levels²) of block means that weighs as much as the image-wide slope in a tile's slope: flat
+tiles take the image-wide slope, textured ones their own."""
 SSIM_WINDOW = 7
 DEFAULT_SEAM_GRID = 8
 """Pixels between the grid lines the seam measure looks at: the token size of mini (codec ×4, patch 2); SD3's
@@ -36,7 +41,7 @@ ESTIMATOR_VERSIONS: dict[str, str] = {
     "haze": "affine-veil-1",
     "rain": "residual-anisotropy-2",
     "low_light": "luma-stops-1",
-    "blur": "laplacian-transfer-2",
+    "blur": "laplacian-local-transfer-3",
     "seam": "grid-step-ratio-1",
 }
 """Bumped whenever an estimator's output changes; recorded in every report."""
@@ -319,16 +324,45 @@ def low_light_stops(pair: Pair) -> float:
     return max(0.0, float(np.log2((clean_mean + 1.0) / (degraded_mean + 1.0))))
 
 
+def _tile_sums(plane: np.ndarray, blocks: int) -> np.ndarray:
+    """Sums over tiles of `blocks` fit blocks (FIT_BLOCK pixels each) of an [H, W] plane → [h, w] (float64)."""
+    side = blocks * FIT_BLOCK
+    return _block_means(plane[None], side)[0] * (side * side)
+
+
+def local_slopes(clean_blocks: np.ndarray, degraded_blocks: np.ndarray, blocks: int, prior: float) -> np.ndarray:
+    """Least-squares slope of degraded on clean block means (one plane, [h, w]) within each tile of
+    `blocks`x`blocks` blocks → [h / blocks, w / blocks], shrunk towards the image-wide slope by a `prior`
+    variance: spatially varying gains (haze with depth, a tone curve) are followed where the tile has contrast."""
+    overall, _ = photometric_fit(clean_blocks, degraded_blocks)
+    rows, columns = clean_blocks.shape[0] // blocks * blocks, clean_blocks.shape[1] // blocks * blocks
+
+    def tiles(values: np.ndarray) -> np.ndarray:
+        return values[:rows, :columns].reshape(rows // blocks, blocks, columns // blocks, blocks).mean(axis=(1, 3))
+
+    x_mean, y_mean = tiles(clean_blocks), tiles(degraded_blocks)
+    variance = tiles(clean_blocks * clean_blocks) - x_mean * x_mean
+    covariance = tiles(clean_blocks * degraded_blocks) - x_mean * y_mean
+    return (covariance + prior * overall) / (variance + prior)
+
+
 def blur_loss(pair: Pair) -> float:
-    """Fraction (0-1) of the finest-scale detail lost: 1 − ⟨L(d), L(c)⟩ / (slope·⟨L(c), L(c)⟩) with L the
-    Laplacian of luma and slope the photometric fit's (so haze and exposure do not count). Noise, being
-    uncorrelated with the clean detail, does not count either."""
-    slope, _ = pair.luma_fit
-    detail, energy = pair.reference.detail, pair.reference.detail_energy
-    if energy < 1e-6 or slope <= 1e-6:
+    """Fraction (0-1) of the finest-scale detail lost: 1 − Σ⟨L(d), L(c)⟩ / Σ slope·⟨L(c), L(c)⟩ over 32-pixel
+    tiles, with L the Laplacian of luma and slope the tile's photometric slope (`local_slopes`), so haze, even
+    with depth, and exposure or a tone curve do not count. Noise, being uncorrelated with the clean detail,
+    does not count either."""
+    clean_blocks, degraded_blocks = (luminance(blocks) for blocks in pair.block_means)
+    slopes = local_slopes(clean_blocks, degraded_blocks, BLUR_TILE_BLOCKS, BLUR_SLOPE_PRIOR)
+    detail = pair.reference.detail
+    product = np.zeros_like(pair.clean_luma)
+    energy = np.zeros_like(pair.clean_luma)
+    product[1:-1, 1:-1] = laplacian(pair.degraded_luma) * detail
+    energy[1:-1, 1:-1] = detail * detail
+    product_sums, energy_sums = _tile_sums(product, BLUR_TILE_BLOCKS), _tile_sums(energy, BLUR_TILE_BLOCKS)
+    expected = float(np.sum(np.clip(slopes, 0.0, None) * energy_sums))
+    if float(energy_sums.sum()) < 1e-6 or expected <= 1e-6 * float(energy_sums.sum()):
         return 0.0
-    transfer = float(np.mean(laplacian(pair.degraded_luma) * detail, dtype=np.float64)) / (slope * energy)
-    return float(np.clip(1.0 - transfer, 0.0, 1.0))
+    return float(np.clip(1.0 - float(product_sums.sum()) / expected, 0.0, 1.0))
 
 
 def seam_ratio(pair: Pair, grid: int = DEFAULT_SEAM_GRID) -> float:

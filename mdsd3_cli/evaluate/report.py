@@ -30,6 +30,8 @@ COLUMN_NAMES = {"noise": "noise σ", "haze": "haze veil", "rain": "rain", "low_l
 """Terminal column headers of the class strengths (units: see CLASS_UNITS)."""
 REPORT_VERSION = 1
 """report.json's format version."""
+SELECTIVITY_CAPTION = ("selectivity: the variant's own class move over the largest rise of another class; "
+                       "a class reading lower than on the identity is not counted")
 
 
 @dataclass
@@ -203,8 +205,8 @@ def variants_table(summary: dict[str, Any]) -> Table:
 
 def classes_table(summary: dict[str, Any]) -> Table:
     """Per class: Spearman ratio-vs-strength, and selectivity of its single-class variants."""
-    table = Table(title="monotonicity and selectivity")
-    for column in ("class", "Spearman all", "Spearman single", "variant", "selectivity", "largest other"):
+    table = Table(title="monotonicity and selectivity", caption=SELECTIVITY_CAPTION)
+    for column in ("class", "Spearman all", "Spearman single", "variant", "selectivity", "largest other rise"):
         table.add_column(column, no_wrap=column in ("class", "variant"))
     for name, result in summary["monotonicity"].items():
         picks = [(v, s) for v, s in summary["selectivity"].items() if s["class"] == name] or [(None, None)]
@@ -212,7 +214,8 @@ def classes_table(summary: dict[str, Any]) -> Table:
             table.add_row(escape(name), _number(result["spearman"]), _number(result["spearman_single_class"]),
                           "-" if variant is None else escape(variant),
                           "-" if chosen is None else f"{chosen['ratio']:.1f}x",
-                          "-" if chosen is None else escape(chosen["largest_other_class"]))
+                          "-" if chosen is None else
+                          f"{escape(chosen['largest_other_class'])} {chosen['largest_other_rise']:+.2f}")
     return table
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import signal
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -353,7 +354,10 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
     summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(todo) - settled)
     dtype = resolve_dtype(recipe.model.dtype, device)
 
-    with StopRequest() as stop:
+    def announce(received: signal.Signals) -> None:
+        console.print(stop_message(received), highlight=False, soft_wrap=True)
+
+    with StopRequest(on_stop=announce) as stop:
         session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
         if session is not None:
             write_run_json(out, run_payload(recipe, identity, session))
@@ -379,6 +383,12 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
         if not stop.requested and summary.written == sum(1 for item in todo if item.key not in summary.failed_keys):
             finish_shard(out, plan, summary.failed_keys & {source.key for source in run.my_sources})
     return summary
+
+
+def stop_message(received: signal.Signals) -> str:
+    """What a run prints the moment a stop signal arrives."""
+    again = " (Ctrl-C again to stop at once)" if received == signal.SIGINT else ""
+    return f"{received.name}: stopping after this batch…{again}"
 
 
 def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: LayoutWriter, summary: RunSummary,

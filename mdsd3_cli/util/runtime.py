@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 
 import torch
@@ -59,13 +59,16 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
 
 
 class StopRequest:
-    """Turns the first stop signal into a flag the work loop polls; a second SIGINT interrupts at once.
+    """Turns the first stop signal into a flag the work loop polls (and calls `on_stop` with it, to say so at
+    once); a second SIGINT interrupts at once (KeyboardInterrupt).
 
     Handlers are installed only from the main thread (elsewhere a stop is never requested)."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+                 on_stop: Callable[[signal.Signals], None] | None = None) -> None:
         self.signals = signals
         self.signal: signal.Signals | None = None
+        self.on_stop = on_stop
         self._previous: dict[signal.Signals, object] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -81,7 +84,10 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signal = signal.Signals(signum)
+        first = self.signal is None
+        self.signal = signal.Signals(signum)  # before on_stop: a second SIGINT may arrive while it prints
+        if first and self.on_stop is not None:
+            self.on_stop(self.signal)
 
     @property
     def requested(self) -> bool:
