@@ -27,6 +27,7 @@ from mdsd3_cli.util.names import unknown_class_message
 from mdsd3_cli.recipe.overrides import apply_override
 from mdsd3_cli.util.progress import Console
 from mdsd3_cli.recipe.generate import TINY_BASE, Recipe, load_recipe, parse_recipe
+from mdsd3_cli.recipe.presets import MINI, MINI_SETTINGS
 from mdsd3_cli.util.runtime import resolve_dtype
 from mdsd3_cli.model.sampler import SampleRequest
 
@@ -38,9 +39,7 @@ Ratios = Mapping[str, float]
 """Class name -> ratio in [0, 1]; classes left out are 0."""
 
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
-    "mini": {"model": {"base": "mini", "adapter": "mini"}, "input": {"size": 128},
-             "sampling": {"steps": 4, "guidance": 1.0, "alpha": 0.3, "beta": 1.0,
-                          "grid_shifts": 2}},  # configs/demo.yaml's
+    MINI: MINI_SETTINGS,  # configs/demo.yaml's, as `mdsd3 init --preset mini` writes them
     TINY_BASE: {"model": {"base": TINY_BASE, "classes": ["rain", "haze", "noise"]}, "input": {"size": 64},
                 "sampling": {"steps": 4, "guidance": 1.0}},  # random weights: for tests, images mean nothing
 }
