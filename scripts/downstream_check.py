@@ -42,7 +42,6 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
 from mdsd3_cli.evaluate import estimators  # noqa: E402
 from mdsd3_cli.evaluate.measures import CLASS_ESTIMATORS  # noqa: E402
@@ -75,7 +74,7 @@ class Settings:
     width: int = 16
 
 
-QUICK = Settings(pool=8, pool_side=64, crop=32, steps=30, batch=4, seeds=1, tile=64, tiles_per_photo=1)
+QUICK = Settings(pool=8, pool_side=64, crop=16, steps=20, batch=2, seeds=1, tile=64, tiles_per_photo=1)
 
 
 # ------------------------------------------------------------------------------------------------ restorer
@@ -195,19 +194,40 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
 
 
-def photo_sets() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """(training photos, test photos): mini's training photos; its held-out photos and EXTRA_TEST_PHOTOS."""
-    import train_mini
+def mini_photo_lists() -> dict[str, tuple[str, ...]]:
+    """COLOUR, GRAY (mini's training photos) and HELD_OUT as scripts/train_mini.py lists them, read from its source
+    (importing it loads the training stack: 20 s)."""
+    import ast
+
+    tree = ast.parse((ROOT / "scripts" / "train_mini.py").read_text())
+    wanted = {"COLOUR", "GRAY", "HELD_OUT"}
+    lists = {node.targets[0].id: tuple(ast.literal_eval(node.value)) for node in tree.body
+             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in wanted}
+    if set(lists) != wanted:
+        raise SystemExit(f"scripts/train_mini.py no longer defines {sorted(wanted - set(lists))}")
+    return lists
+
+
+def load_photo(name: str) -> np.ndarray:
+    """examples/photos/<name>.jpg where shipped, else scikit-image's photo (as train_mini.py loads them)."""
+    from PIL import Image
     from skimage import data
 
-    photos = train_mini.load_photos()
-    trained = (*train_mini.COLOUR, *train_mini.GRAY)
+    path = ROOT / "examples" / "photos" / f"{name}.jpg"
+    if path.is_file():
+        return np.asarray(Image.open(path).convert("RGB"))
+    return _rgb(data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)())
+
+
+def photo_sets() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(training photos, test photos): mini's training photos; its held-out photos and EXTRA_TEST_PHOTOS."""
+    lists = mini_photo_lists()
+    trained = (*lists["COLOUR"], *lists["GRAY"])
     overlap = set(EXTRA_TEST_PHOTOS) & set(trained)
     if overlap:
         raise SystemExit(f"test photos {sorted(overlap)} are in mini's training list (scripts/train_mini.py)")
-    test = {name: photos[name] for name in train_mini.HELD_OUT}
-    test.update({name: _rgb(getattr(data, name)()) for name in EXTRA_TEST_PHOTOS})
-    return {name: photos[name] for name in trained}, test
+    return ({name: load_photo(name) for name in trained},
+            {name: load_photo(name) for name in (*lists["HELD_OUT"], *EXTRA_TEST_PHOTOS)})
 
 
 def _resize(image: np.ndarray, side: int) -> np.ndarray:
