@@ -79,3 +79,10 @@ def test_init_with_an_unknown_preset_writes_nothing(tmp_path):
     result = mdsd3("init", path, "--preset", "tiny")
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "unknown preset 'tiny'" in result.stderr and not path.exists()
+
+
+def test_generate_warns_as_check_does(mini_recipe):
+    dry = mdsd3("generate", "--config", mini_recipe, "--dry-run", "--set", "sampling.guidance=2")
+    assert dry.exit_code == 0, dry.output
+    (warning,) = warnings_of(dry)
+    assert "sampling.guidance 2" in warning and "trained for guidance 0-1" in warning
