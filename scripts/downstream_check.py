@@ -502,9 +502,9 @@ def run(settings: Settings, out: Path, log: Callable[[str], None] = print) -> di
     return report
 
 
-def _ci(values: Sequence[float], digits: int) -> str:
+def _ci(values: Sequence[float], digits: int, sign: str = "+") -> str:
     mean, low, high = values
-    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+    return f"{mean:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -525,8 +525,7 @@ def markdown(report: dict[str, Any]) -> str:
               "| --- | --- | --- |"]
     for arm in ARMS:
         values = report["identity"][arm]
-        lines.append(f"| {arm} {ARM_NAMES[arm]} | {_ci(values['psnr'], 2).lstrip('+')} | "
-                     f"{_ci(values['ssim'], 4).lstrip('+')} |")
+        lines.append(f"| {arm} {ARM_NAMES[arm]} | {_ci(values['psnr'], 2, '')} | {_ci(values['ssim'], 4, '')} |")
     lines += ["", "ΔPSNR (dB) per strength (mean over tiles and seeds):", "",
               "| generator | strength | input PSNR | A | B | C |", "| --- | --- | --- | --- | --- | --- |"]
     for row in report["per_strength"]:
