@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
+from mdsd3_cli.generate.synthesizer import PRESET_SETTINGS
 from mdsd3_cli.recipe.generate import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +44,9 @@ def test_init_preset_mini_runs_mini_as_the_demo_does(mini_recipe):
     assert recipe.sampling.model_dump(exclude={"seed"}) == demo.sampling.model_dump(exclude={"seed"})
     assert [v.model_dump() for v in recipe.variants] == [v.model_dump() for v in demo.variants]
     assert "mdsd3 check --config mini.yaml" in mini_recipe.read_text()
+    api = PRESET_SETTINGS["mini"]  # Synthesizer.from_preset("mini") samples with the same settings
+    assert api["input"]["size"] == demo.input.size
+    assert api["sampling"] == demo.sampling.model_dump(include=set(api["sampling"]))
     checked = mdsd3("check", "--config", mini_recipe)
     assert checked.exit_code == 0, checked.output
     assert warnings_of(checked) == []
