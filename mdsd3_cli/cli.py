@@ -114,11 +114,13 @@ def generate(
     from mdsd3_cli.generate.run import describe_plan, plan_run, preflight_output, run_generate
     from mdsd3_cli.generate.plan import detect_shard
     from mdsd3_cli.recipe.generate import start_warning
+    from mdsd3_cli.recipe.presets import trained_range_warnings
     from mdsd3_cli.util.runtime import exit_code_for
 
     with _clear_errors():
         recipe = _load(config, overrides)
-        _warn(start_warning(recipe))
+        for warning in (start_warning(recipe), *trained_range_warnings(recipe)):
+            _warn(warning)
         shard = detect_shard(shard_index, num_shards, os.environ)
         run = plan_run(recipe, shard, limit)
         if dry_run:
@@ -207,6 +209,7 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[RunPl
     from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run, preflight_output
     from mdsd3_cli.generate.plan import detect_shard
     from mdsd3_cli.recipe.generate import start_warning
+    from mdsd3_cli.recipe.presets import trained_range_warnings
     from mdsd3_cli.dataset.writer import OutputConflictError
 
     recipe = _load(config, overrides)
@@ -217,7 +220,8 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[RunPl
     except OutputConflictError as error:
         raise OutputConflictError(f"{config}: output.dir: {error}") from None
     check_output_writable(recipe.output_dir(), config)
-    return run, describe_plan(run), [warning for warning in (start_warning(recipe), free_space_warning(run)) if warning]
+    warnings = [start_warning(recipe), *trained_range_warnings(recipe), free_space_warning(run)]
+    return run, describe_plan(run), [warning for warning in warnings if warning]
 
 
 def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
@@ -237,10 +241,16 @@ def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
 def init(
     path: Annotated[Path, typer.Argument(help="Where to write the example recipe.")] = Path("recipe.yaml"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="Write a recipe that runs this shipped model "
+                      "as the demo does (model, size, steps, alpha/beta, grid_shifts, guidance): mini.",
+                      show_default=False)] = None,
 ) -> None:
     """Write a commented example recipe to edit."""
     from mdsd3_cli.recipe.generate import example_recipe_text
+    from mdsd3_cli.recipe.presets import preset_recipe_text
 
+    with _clear_errors():
+        text = example_recipe_text() if preset is None else preset_recipe_text(preset, path.name)
     if path.is_dir():
         _error(f"{path} is a folder; give a file name, e.g. {path / 'recipe.yaml'}")
         raise typer.Exit(EXIT_USAGE)
@@ -251,7 +261,7 @@ def init(
         _error(f"cannot write {path}: folder {path.parent} does not exist")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        path.write_text(example_recipe_text())
+        path.write_text(text)
     console.print(f"wrote {escape(str(path))}; edit input.paths and output.dir, then: "
                   f"mdsd3 check --config {escape(str(path))}", highlight=False, soft_wrap=True)
 

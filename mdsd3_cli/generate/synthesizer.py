@@ -29,6 +29,7 @@ from mdsd3_cli.util.names import unknown_class_message
 from mdsd3_cli.recipe.overrides import apply_override
 from mdsd3_cli.util.progress import Console
 from mdsd3_cli.recipe.generate import TINY_BASE, ModelSection, Recipe, SamplingSection, load_recipe, parse_recipe
+from mdsd3_cli.recipe.presets import MINI, MINI_SETTINGS
 from mdsd3_cli.util.runtime import resolve_dtype
 from mdsd3_cli.model.sampler import SampleRequest
 
@@ -49,9 +50,7 @@ SEED_LIMIT = 2**64
 """Seeds are integers in [0, 2**64): the range of a torch generator's seed."""
 
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
-    "mini": {"model": {"base": "mini", "adapter": "mini"}, "input": {"size": 128},
-             "sampling": {"steps": 4, "guidance": 1.0, "alpha": 0.3, "beta": 1.0,
-                          "grid_shifts": 2}},  # configs/demo.yaml's
+    MINI: MINI_SETTINGS,  # configs/demo.yaml's, as `mdsd3 init --preset mini` writes them
     TINY_BASE: {"model": {"base": TINY_BASE, "classes": ["rain", "haze", "noise"]}, "input": {"size": 64},
                 "sampling": {"steps": 4, "guidance": 1.0}},  # random weights: for tests, images mean nothing
 }
