@@ -234,3 +234,19 @@ def test_a_reference_without_the_class_calibrates_to_zero_and_is_still_checked(s
     assert haze.quantiles == [0.0] * len(haze.quantiles)
     assert haze.before.strengths.count == haze.after.strengths.count == 4
     assert haze.after.wasserstein < haze.before.wasserstein
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_tiff_with_nan_or_inf_pixels_is_left_out_of_the_reference_and_named(tmp_path, bad):
+    from mdsd3_cli.calibrate.reference import measure_reference
+
+    reference = _unchanged_reference(tmp_path / "reference", count=3)
+    luma = np.asarray(Image.open(reference / "clean" / "chelsea_0.png").convert("L"), np.float32) / 255
+    Image.fromarray(luma).save(reference / "clean" / "gray.tif")
+    hazy = 0.5 * luma + 0.5
+    hazy[:4, :4] = bad  # a few undefined pixels: read as 0 they would shift the measured veil
+    Image.fromarray(hazy).save(reference / "degraded" / "haze" / "gray.tif")
+    found = measure_reference(reference, ["haze"], ["haze"], named=True, workers=1)
+    assert found.strengths["haze"].tolist() == [0.0, 0.0, 0.0]
+    (problem,) = found.problems
+    assert problem.path.endswith("gray.tif") and "NaN or infinite" in problem.reason
