@@ -581,3 +581,15 @@ def test_an_image_over_the_cap_without_a_recorded_size_is_refused_unread(tmp_pat
         assert written[0]["clean"] in text, (reader, text)
         assert f"{4 << 20} bytes, more than the largest image file read ({1 << 20})" in text, (reader, text)
     assert ImageRef(root / written[1]["degraded"]).read_rgb().size == (SIDE, SIDE)
+
+
+def test_verify_does_not_read_a_records_member_over_its_line_limit(tmp_path: Path, monkeypatch) -> None:
+    from mdsd3_cli.dataset import verify
+
+    root = build_dataset(tmp_path / "set", "webdataset")
+    monkeypatch.setattr(verify, "MAX_LINE_BYTES", 64)  # a small limit: every .json member (one record) is over it
+    found = {(p.kind, p.where, p.detail) for p in verify_dataset(root, workers=1).problems}
+    for record in records(root):
+        where = f"tars/shard-000000.tar:{record['json_member']}"
+        assert any(kind == "size" and at == where and detail.endswith(" bytes for 1 record(s); not read")
+                   for kind, at, detail in found), found

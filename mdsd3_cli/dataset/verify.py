@@ -341,7 +341,7 @@ def _check_records(where: str, stream: BinaryIO, size: int, expected: dict[str, 
     """Bytes read and the problems of a key's `.json` member: its records must be the manifest's (a member over
     MAX_LINE_BYTES per record is not read)."""
     if size > MAX_LINE_BYTES * len(expected):
-        return 0, [Problem("size", where, f"{size} bytes for {len(expected)} records; not read")]
+        return 0, [Problem("size", where, f"{size} bytes for {len(expected)} record(s); not read")]
     data = stream.read()
     if _member_records(data) != expected:
         return len(data), [Problem("hash", where, "differs from its manifest records")]
