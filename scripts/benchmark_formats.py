@@ -58,7 +58,7 @@ def time_writer(recipe: Recipe, pairs: dict, copies: int) -> tuple[float, int, i
     items = [dataclasses.replace(item, key=f"{item.key}_{copy}") for copy in range(copies)
              for item in plan_run(recipe, shard).mine]
     started = time.perf_counter()
-    with open_layout_writer(recipe, shard, items) as writer:
+    with open_layout_writer(recipe, shard, lambda: items) as writer:
         for item in items:
             record, clean, degraded = pairs[item.key.rsplit("_", 1)[0], item.folder]
             writer.submit({**{k: v for k, v in record.items() if k not in ("clean", "degraded")}, "key": item.key},

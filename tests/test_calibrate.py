@@ -210,3 +210,43 @@ def test_cli_reports_classes_left_as_given_and_refuses_to_overwrite(setup, tmp_p
     unknown = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
                                        "--classes", "hazy", "--out", str(tmp_path / "x.yaml")])
     assert unknown.exit_code == 2 and "haze" in unknown.output
+
+
+def _unchanged_reference(root: Path, count: int = 4) -> Path:
+    """clean/ and degraded/haze/ holding the same photos: the reference shows no haze at all."""
+    from mdsd3_cli.util.images import fit_image
+
+    for folder in ("clean", "degraded/haze"):
+        (root / folder).mkdir(parents=True)
+    for index in range(count):
+        pixels = fit_image(Image.open(PHOTOS / "chelsea.jpg"), 64 + 8 * index, "center_crop").pixels
+        for folder in ("clean", "degraded/haze"):
+            Image.fromarray(pixels).save(root / folder / f"chelsea_{index}.png")
+    return root
+
+
+def test_a_reference_without_the_class_calibrates_to_zero_and_is_still_checked(setup, synth, tmp_path):
+    reference = _unchanged_reference(tmp_path / "reference")
+    report = calibrate(setup[0], reference, tmp_path / "zero.yaml", classes=["haze"], probe=1, grid=4, check=4,
+                       workers=1, synthesizer=synth)
+    (haze,) = report.classes
+    assert haze.status == "calibrated", haze.reason
+    assert haze.quantiles == [0.0] * len(haze.quantiles)
+    assert haze.before.strengths.count == haze.after.strengths.count == 4
+    assert haze.after.wasserstein < haze.before.wasserstein
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_float_tiff_with_nan_or_inf_pixels_is_left_out_of_the_reference_and_named(tmp_path, bad):
+    from mdsd3_cli.calibrate.reference import measure_reference
+
+    reference = _unchanged_reference(tmp_path / "reference", count=3)
+    luma = np.asarray(Image.open(reference / "clean" / "chelsea_0.png").convert("L"), np.float32) / 255
+    Image.fromarray(luma).save(reference / "clean" / "gray.tif")
+    hazy = 0.5 * luma + 0.5
+    hazy[:4, :4] = bad  # a few undefined pixels: read as 0 they would shift the measured veil
+    Image.fromarray(hazy).save(reference / "degraded" / "haze" / "gray.tif")
+    found = measure_reference(reference, ["haze"], ["haze"], named=True, workers=1)
+    assert found.strengths["haze"].tolist() == [0.0, 0.0, 0.0]
+    (problem,) = found.problems
+    assert problem.path.endswith("gray.tif") and "NaN or infinite" in problem.reason

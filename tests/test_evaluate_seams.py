@@ -74,3 +74,31 @@ def test_evaluate_reports_the_seam_median_per_variant(tmp_path: Path) -> None:
     refused = CliRunner().invoke(app, ["evaluate", "--pairs", str(tmp_path / "clean"), str(tmp_path / "degraded"),
                                        "--seam-grid", "1"])
     assert refused.exit_code == 2
+
+
+def no_step_across_the_grid(size: int = 64) -> np.ndarray:
+    """Vertical stripes that change only inside each GRID-pixel cell: every step across a grid line is 0, so the
+    clean image's own grid step ratio is 0."""
+    columns = np.array([0, 200, 0, 200, 0, 200, 0, 0], dtype=np.uint8)[np.arange(size) % GRID]
+    return np.repeat(np.repeat(columns[None, :, None], size, axis=0), 3, axis=2)
+
+
+def test_a_clean_image_without_steps_across_the_grid_gives_nan_not_a_lost_run(tmp_path: Path) -> None:
+    clean = no_step_across_the_grid()
+    assert np.isnan(seam_ratio(Pair(clean, classical.gaussian_noise(clean, 10, seed=0)), GRID))
+    for folder in ("clean", "degraded"):
+        (tmp_path / folder).mkdir()
+    Image.fromarray(clean).save(tmp_path / "clean" / "stripes.png")
+    Image.fromarray(classical.gaussian_noise(clean, 10, seed=0)).save(tmp_path / "degraded" / "stripes.png")
+    coffee = photo("coffee")
+    Image.fromarray(coffee).save(tmp_path / "clean" / "coffee.png")
+    Image.fromarray(blocky(coffee)).save(tmp_path / "degraded" / "coffee.png")
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["evaluate", "--pairs", str(tmp_path / "clean"), str(tmp_path / "degraded"),
+                                      "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["samples"] == 2
+    (variant,) = report["dataset"]["variants"].values()
+    assert variant["measures"]["seam"]["count"] == 1 and variant["measures"]["seam"]["median"] > 1.1
+    assert variant["measures"]["noise"]["count"] == 2

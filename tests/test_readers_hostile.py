@@ -10,6 +10,7 @@ import io
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -215,6 +216,7 @@ def test_preview_skips_and_names_malformed_records_and_unreadable_images(dataset
     written = records(dataset)
     del written[0]["ratios"]
     written[1]["size"] = "24x24"
+    del written[2]["degraded_bytes"]  # as in an older manifest: the size check passes, the bomb guard refuses it
     write_records(dataset, written)
     (dataset / written[2]["degraded"]).write_bytes(png_header(30000, 30000))
     (dataset / written[3]["degraded"]).unlink()
@@ -513,3 +515,81 @@ def test_fuzzed_datasets_never_crash_or_hang_a_reader(tmp_path: Path) -> None:
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     assert grown_mb < 300, grown_mb
     assert outcomes.get("verify 1", 0) > 20 and outcomes.get("preview 0", 0) > 20, outcomes
+
+
+# ------------------------------------------------------------------ size caps (issue 27, item 4)
+
+def _size_problems(root: Path) -> dict[str, str]:
+    """What verify, evaluate and preview say about the images they did not read, by reader."""
+    said = {"verify": " ".join(f"{p.where}: {p.detail}" for p in verify_dataset(root, workers=1).problems)}
+    try:
+        said["evaluate"] = " ".join(f"{p.path}: {p.reason}" for p in evaluate_dataset(root, workers=1).problems)
+    except EvaluateError as error:  # every pair unreadable
+        said["evaluate"] = str(error)
+    problems: list[str] = []
+    contact_sheet(root, problems=problems)
+    said["preview"] = " ".join(problems)
+    return said
+
+
+@pytest.mark.parametrize("layout", ["folders", "webdataset"])
+def test_an_image_larger_than_its_record_is_refused_before_it_is_read(tmp_path: Path, layout: str) -> None:
+    import tracemalloc
+
+    from mdsd3_cli.export.run import ExportError, run_export
+
+    root = build_dataset(tmp_path / "set", layout)
+    written = records(root)
+    if layout == "folders":  # a sparse 64 MiB file (a few KiB on disk), a valid PNG with trailing zeros
+        clean = root / written[0]["clean"]
+        recorded = clean.stat().st_size
+        os.truncate(clean, 64 << 20)
+        where, size = written[0]["clean"], 64 << 20
+    else:  # the member is one byte longer than its records say
+        recorded = written[0]["clean_bytes"] - 1
+        for record in written[:2]:  # the key's two records share its clean member
+            record["clean_bytes"] = recorded
+        write_records(root, written)
+        where, size = f"tars/shard-000000.tar:{written[0]['clean_member']}", recorded + 1
+    tracemalloc.start()
+    try:
+        said = _size_problems(root)
+        with pytest.raises(ExportError, match=f"{size} bytes, the manifest's clean_bytes is {recorded}"):
+            run_export(root, "parquet", tmp_path / "parquet")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB: the image was read"
+    for reader, text in said.items():
+        assert where in text and re.search(f"{size} bytes, (manifest says|the manifest's clean_bytes is) {recorded}",
+                                           text), (reader, text)
+    assert not (tmp_path / "parquet").exists()
+
+
+def test_an_image_over_the_cap_without_a_recorded_size_is_refused_unread(tmp_path: Path, monkeypatch) -> None:
+    from mdsd3_cli.dataset import stored_images
+
+    monkeypatch.setattr(stored_images, "MAX_IMAGE_BYTES", 1 << 20)  # a small cap: the file stays small
+    root = build_dataset(tmp_path / "set")
+    written = records(root)
+    for record in written:  # an older manifest: no recorded sizes
+        del record["clean_bytes"], record["degraded_bytes"]
+    write_records(root, written)
+    os.truncate(root / written[0]["clean"], 4 << 20)
+    said = _size_problems(root)
+    for reader, text in said.items():
+        assert written[0]["clean"] in text, (reader, text)
+        assert f"{4 << 20} bytes, more than the largest image file read ({1 << 20})" in text, (reader, text)
+    assert ImageRef(root / written[1]["degraded"]).read_rgb().size == (SIDE, SIDE)
+
+
+def test_verify_does_not_read_a_records_member_over_its_line_limit(tmp_path: Path, monkeypatch) -> None:
+    from mdsd3_cli.dataset import verify
+
+    root = build_dataset(tmp_path / "set", "webdataset")
+    monkeypatch.setattr(verify, "MAX_LINE_BYTES", 64)  # a small limit: every .json member (one record) is over it
+    found = {(p.kind, p.where, p.detail) for p in verify_dataset(root, workers=1).problems}
+    for record in records(root):
+        where = f"tars/shard-000000.tar:{record['json_member']}"
+        assert any(kind == "size" and at == where and detail.endswith(" bytes for 1 record(s); not read")
+                   for kind, at, detail in found), found

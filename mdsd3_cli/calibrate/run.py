@@ -110,8 +110,10 @@ def _fit_class(recipe: Recipe, name: str, reference: np.ndarray, curve: Curve) -
 def _check(synth: Synthesizer, recipe: Recipe, probes: list[Probe], results: list[ClassResult], count: int, label: str,
            references: dict[str, np.ndarray], console: Console | None) -> dict[str, Check]:
     """The check set of every result's class under `recipe` (as given or calibrated), measured against the
-    reference."""
-    jobs = {result.name: check_jobs(recipe, synth, probes, result.name, variants_using(recipe, result.name), count)
+    reference. Each class draws from the variants the calibration rewrote (`result.variants`), found by name: a
+    calibrated ratio of all zeros (a reference without the class) still has its check set."""
+    jobs = {result.name: check_jobs(recipe, synth, probes, result.name,
+                                    [variant for variant in recipe.variants if variant.name in result.variants], count)
             for result in results}
     measured = iter(run_jobs(synth, probes, [job for batch in jobs.values() for job in batch],
                              f"calibrate: check {label}", console))

@@ -133,8 +133,8 @@ def open_regular(path: Path) -> BinaryIO:
 def run_info(root: Path) -> dict[str, Any]:
     """OUT/run.json (resolved recipe, classes, fingerprints); OSError or ValueError when missing or unreadable."""
     path = Path(root) / RUN_JSON
-    with open_regular(path) as file:
-        text = file.read(MAX_RUN_JSON_BYTES + 1)
+    with open_regular(path) as file:  # read(n) allocates n bytes first: ask for no more than the file holds
+        text = file.read(min(os.fstat(file.fileno()).st_size, MAX_RUN_JSON_BYTES) + 1)
     if len(text) > MAX_RUN_JSON_BYTES:
         raise ValueError(f"{path} is larger than {MAX_RUN_JSON_BYTES} bytes")
     try:

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from rich.console import Console
 from rich.markup import escape
@@ -27,12 +27,12 @@ from rich.table import Table
 
 from mdsd3_cli.util.images import ImageError, decode_rgb
 from mdsd3_cli.dataset.completeness import Completeness, completeness
-from mdsd3_cli.dataset.manifest import (FILE_FIELDS, MEMBER_FIELDS, TAR_FIELD, ManifestLineError, manifest_files,
-                                        manifest_lines, number_problem, open_regular, parse_record, run_folders,
-                                        run_info)
+from mdsd3_cli.dataset.manifest import (FILE_FIELDS, MAX_LINE_BYTES, MEMBER_FIELDS, TAR_FIELD, ManifestLineError,
+                                        manifest_files, manifest_lines, number_problem, open_regular, parse_record,
+                                        run_folders, run_info)
 from mdsd3_cli.util.ordered_map import ordered_map
 from mdsd3_cli.util.progress import RunProgress
-from mdsd3_cli.dataset.stored_images import inside_dataset
+from mdsd3_cli.dataset.stored_images import inside_dataset, too_large
 from mdsd3_cli.dataset.writer import RUN_JSON
 
 SCANNED_FOLDERS = ("clean", "degraded", "tars")
@@ -40,6 +40,8 @@ SCANNED_FOLDERS = ("clean", "degraded", "tars")
 
 LISTED_PER_KIND = 20
 """Problems of one kind listed by `print_problems`; the rest are counted."""
+HASH_CHUNK_BYTES = 1 << 20
+"""Bytes hashed at a time: an image is never held whole to be hashed."""
 
 
 
@@ -323,15 +325,13 @@ def _file_task(root: Path, relative: str, expected: Expected) -> Callable[[], _C
         try:
             if path.is_symlink() or not path.is_file():
                 raise FileNotFoundError
-            data = path.read_bytes()
+            with open_regular(path) as file:
+                checked.bytes, checked.problems = _check_stream(relative, file, os.fstat(file.fileno()).st_size,
+                                                                expected)
         except FileNotFoundError:
             checked.problems.append(Problem("missing", relative, "recorded in the manifest but not on disk"))
-            return checked
         except OSError as error:
-            checked.problems.append(Problem("missing", relative, f"unreadable: {error.strerror}"))
-            return checked
-        checked.bytes = len(data)
-        checked.problems += check_bytes(relative, data, expected)
+            checked.problems.append(Problem("missing", relative, f"unreadable: {error.strerror or error}"))
         return checked
 
     return check
@@ -354,15 +354,16 @@ def _tar_task(root: Path, tar: str, members: dict[str, Expected | dict[str, Any]
                     if expected is None:
                         checked.problems.append(Problem("orphan", where, "tar member without a manifest record"))
                         continue
-                    data = archive.extractfile(member).read() if member.isfile() else b""
                     found.add(member.name)
                     checked.files += 1
-                    checked.bytes += len(data)
+                    stream = archive.extractfile(member) if member.isfile() else io.BytesIO()
+                    size = member.size if member.isfile() else 0
                     if isinstance(expected, dict):
-                        if _member_records(data) != expected:
-                            checked.problems.append(Problem("hash", where, "differs from its manifest records"))
+                        read, problems = _check_records(where, stream, size, expected)
                     else:
-                        checked.problems += check_bytes(where, data, expected)
+                        read, problems = _check_stream(where, stream, size, expected)
+                    checked.bytes += read
+                    checked.problems += problems
         except FileNotFoundError:
             pass
         except (OSError, tarfile.TarError) as error:
@@ -373,6 +374,17 @@ def _tar_task(root: Path, tar: str, members: dict[str, Expected | dict[str, Any]
         return checked
 
     return check
+
+
+def _check_records(where: str, stream: BinaryIO, size: int, expected: dict[str, Any]) -> tuple[int, list[Problem]]:
+    """Bytes read and the problems of a key's `.json` member: its records must be the manifest's (a member over
+    MAX_LINE_BYTES per record is not read)."""
+    if size > MAX_LINE_BYTES * len(expected):
+        return 0, [Problem("size", where, f"{size} bytes for {len(expected)} record(s); not read")]
+    data = stream.read()
+    if _member_records(data) != expected:
+        return len(data), [Problem("hash", where, "differs from its manifest records")]
+    return len(data), []
 
 
 def _member_records(data: bytes) -> Any:
@@ -388,17 +400,33 @@ def _member_records(data: bytes) -> Any:
 
 def check_bytes(where: str, data: bytes, expected: Expected) -> list[Problem]:
     """What is wrong with an image's bytes against what a record says (size, SHA-256, decoding, pixel size)."""
+    return _check_stream(where, io.BytesIO(data), len(data), expected)[1]
+
+
+def _check_stream(where: str, stream: BinaryIO, size: int, expected: Expected) -> tuple[int, list[Problem]]:
+    """Bytes read and the problems of one image of `size` bytes: its size, SHA-256 (hashed in chunks) and decoding
+    (from the stream). One larger than its record or than `stored_images.MAX_IMAGE_BYTES` is not read."""
     problems = []
-    if expected.size is not None and len(data) != expected.size:
-        problems.append(Problem("size", where, f"{len(data)} bytes, manifest says {expected.size}"))
-    if expected.sha256 is not None and hashlib.sha256(data).hexdigest() != expected.sha256:
+    if expected.size is not None and size != expected.size:
+        problems.append(Problem("size", where, f"{size} bytes, manifest says {expected.size}"
+                                + ("; not read" if size > expected.size else "")))
+        if size > expected.size:
+            return 0, problems
+    over = too_large(size)
+    if over is not None:
+        return 0, [*problems, Problem("size", where, f"{over}; not read")]
+    digest = hashlib.sha256()
+    for chunk in iter(lambda: stream.read(HASH_CHUNK_BYTES), b""):
+        digest.update(chunk)
+    if expected.sha256 is not None and digest.hexdigest() != expected.sha256:
         problems.append(Problem("hash", where, "SHA-256 differs from the manifest"))
+    stream.seek(0)
     try:
-        dims = decode_rgb(io.BytesIO(data)).size
+        dims = decode_rgb(stream).size
     except ImageError as error:
         problems.append(Problem("decode", where, f"does not decode: {error.reason}"))
-        return problems
+        return size, problems
     if expected.dims is not None and dims != expected.dims:
         problems.append(Problem("size", where, f"{dims[0]}x{dims[1]} pixels, manifest says "
                                 f"{expected.dims[0]}x{expected.dims[1]}"))
-    return problems
+    return size, problems

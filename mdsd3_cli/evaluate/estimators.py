@@ -368,9 +368,10 @@ def blur_loss(pair: Pair) -> float:
 def seam_ratio(pair: Pair, grid: int = DEFAULT_SEAM_GRID) -> float:
     """Seams along a `grid`-pixel grid (a model's token mosaic): the degraded image's `grid_step_ratio` over the
     clean image's, so about 1.0 when the degradation adds no seams (whatever the photo's own edges), above 1
-    when steps across the grid lines grew more than the others. nan when either ratio is undefined."""
+    when steps across the grid lines grew more than the others. nan when either ratio is undefined or the clean
+    image's is 0 (no step at all across its grid lines)."""
     clean = pair.reference.step_ratio(grid)
-    if not np.isfinite(clean):
+    if not np.isfinite(clean) or clean == 0:
         return float("nan")
     return grid_step_ratio(pair.degraded, grid) / clean
 

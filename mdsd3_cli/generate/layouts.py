@@ -26,11 +26,12 @@ def completed_in_layout(recipe: Recipe, shard: ShardSpec, plan: Callable[[], Seq
 
 
 def open_layout_writer(recipe: Recipe, shard: ShardSpec,
-                       items: Sequence[WorkItem]) -> LayoutWriter:
-    """The writer of the recipe's `output.layout` for one shard whose plan is `items` (in plan order)."""
+                       plan: Callable[[], Sequence[WorkItem]]) -> LayoutWriter:
+    """The writer of the recipe's `output.layout` for one shard whose plan (in plan order) `plan()` builds, which
+    only the webdataset layout needs."""
     output = recipe.output
     if output.layout == "webdataset":
-        return WebDatasetLayoutWriter(recipe.output_dir(), shard, items, output.samples_per_tar, output.format,
+        return WebDatasetLayoutWriter(recipe.output_dir(), shard, plan(), output.samples_per_tar, output.format,
                                       output.quality, output.png_compress_level, output.workers)
     return DatasetWriter(recipe.output_dir(), shard.name, output.format, output.quality, output.png_compress_level,
                          output.workers)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -88,20 +88,32 @@ def check_unique_keys(sources: Sequence[tuple[str, Path] | SourceLike]) -> list[
     return pairs
 
 
-def build_plan(recipe: Recipe, sources: Sequence[tuple[str, Path] | SourceLike]) -> list[WorkItem]:
-    """Every sample of the recipe, sorted by (key, variant order in the recipe, repeat). Keys must be unique."""
+def source_plan(recipe: Recipe, key: str, path: Path, classes: Sequence[str]) -> list[WorkItem]:
+    """One source image's samples in plan order (variant order in the recipe, then repeat): at most
+    `recipe.file.MAX_SAMPLES_PER_INPUT` items, the bound every recipe is checked against."""
+    items = []
+    for variant in recipe.variants:
+        alpha, beta = recipe.variant_alpha(variant), recipe.variant_beta(variant)
+        for repeat in range(1, variant.repeats + 1):
+            seed = sample_seed(recipe.sampling.seed, key, variant.name, repeat)
+            items.append(WorkItem(key=key, source=path, variant=variant.name, repeat=repeat,
+                                  folder=variant.folder(repeat), seed=seed,
+                                  ratios=draw_ratios(variant, classes, seed), alpha=alpha, beta=beta))
+    return items
+
+
+def iter_plan(recipe: Recipe, sources: Sequence[tuple[str, Path] | SourceLike]) -> Iterator[WorkItem]:
+    """Every sample of the recipe in plan order (key, variant order in the recipe, repeat), built one source image
+    at a time: the plan is never held whole. Keys must be unique (checked before the first item)."""
     pairs = check_unique_keys(sources)
     classes = recipe.classes()
-    items = []
     for key, path in pairs:
-        for variant in recipe.variants:
-            alpha, beta = recipe.variant_alpha(variant), recipe.variant_beta(variant)
-            for repeat in range(1, variant.repeats + 1):
-                seed = sample_seed(recipe.sampling.seed, key, variant.name, repeat)
-                items.append(WorkItem(key=key, source=path, variant=variant.name, repeat=repeat,
-                                      folder=variant.folder(repeat), seed=seed,
-                                      ratios=draw_ratios(variant, classes, seed), alpha=alpha, beta=beta))
-    return items
+        yield from source_plan(recipe, key, path, classes)
+
+
+def build_plan(recipe: Recipe, sources: Sequence[tuple[str, Path] | SourceLike]) -> list[WorkItem]:
+    """`iter_plan` held as a list, for plans that must be seen whole (the webdataset layout's tar groups)."""
+    return list(iter_plan(recipe, sources))
 
 
 def _check_shard(index: int, count: int) -> None:

@@ -9,7 +9,7 @@ import signal
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -24,7 +24,8 @@ from mdsd3_cli import __version__
 from mdsd3_cli.model.adapter import AdapterConfig
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, prompt_for
 from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded
-from mdsd3_cli.generate.plan import ShardSpec, WorkItem, build_plan, check_unique_keys, shard_sources
+from mdsd3_cli.generate.plan import (ShardSpec, WorkItem, build_plan, check_unique_keys, iter_plan, shard_sources,
+                                     source_plan)
 from mdsd3_cli.util.progress import Console, RunProgress
 from mdsd3_cli.model.prompts import PromptEmbedding, load_prompt_embeddings
 from mdsd3_cli.recipe.generate import Recipe
@@ -48,9 +49,10 @@ class InputsError(ValueError):
 
 @dataclass
 class RunPlan:
-    """What a run would do, known before any model loads. Plans are counted, not built: this shard's samples
-    (`mine`) are built on first use, by a run that samples them (shards own whole source images, so no shard
-    needs the others' samples); `check` and `--dry-run` only count."""
+    """What a run would do, known before any model loads. Plans are counted, not built: a run that samples builds
+    this shard's samples one source image at a time (`todo`, `todo_of`; shards own whole source images, so no
+    shard needs the others' samples); only the webdataset layout holds them whole (`mine`, its tar groups);
+    `check` and `--dry-run` only count."""
 
     recipe: Recipe
     shard: ShardSpec
@@ -65,12 +67,19 @@ class RunPlan:
 
     @cached_property
     def mine(self) -> list[WorkItem]:
-        """This shard's samples in plan order."""
+        """This shard's samples in plan order, held in memory."""
         return build_plan(self.recipe, self.my_sources)
 
-    @property
-    def todo(self) -> list[WorkItem]:
-        return [item for item in self.mine if (item.key, item.folder) not in self.done and item.key not in self.settled]
+    def todo(self) -> Iterator[WorkItem]:
+        """This shard's samples not done yet (settled inputs left out), in plan order, built one source image at a
+        time."""
+        return (item for item in iter_plan(self.recipe, self.my_sources)
+                if (item.key, item.folder) not in self.done and item.key not in self.settled)
+
+    def todo_of(self, source: Source) -> list[WorkItem]:
+        """One source image's samples not done yet, in plan order."""
+        return [item for item in source_plan(self.recipe, source.key, Path(source.path), self.recipe.classes())
+                if (item.key, item.folder) not in self.done]
 
     @property
     def samples_in_shard(self) -> int:
@@ -201,7 +210,7 @@ def open_session(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Se
     return Session(base, model, config, fingerprint_adapter(adapter_dir) if adapter_dir else None)
 
 
-def needed_prompts(items: Sequence[WorkItem | SampleRequest], classes: Sequence[str], guidance: float) -> list[str]:
+def needed_prompts(items: Iterable[WorkItem | SampleRequest], classes: Sequence[str], guidance: float) -> list[str]:
     """The prompts a list of work items or requests needs (plus the unconditional one when guided)."""
     prompts = {prompt_for(item.ratios, classes) for item in items}
     if is_guided(guidance):
@@ -209,7 +218,7 @@ def needed_prompts(items: Sequence[WorkItem | SampleRequest], classes: Sequence[
     return sorted(prompts)
 
 
-def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: dict[str, list[WorkItem]],
+def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: Callable[[Source], list[WorkItem]],
              batch_size: Callable[[], int], on_error: Callable[[Source, str], None],
              stop: StopRequest) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
     """Group samples of equally sized images into batches of the current batch size (it drops after an
@@ -222,7 +231,7 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: di
             on_error(source, image.reason)
             continue
         group = pending[image.pixels.shape]
-        group.extend((item, image) for item in todo[source.key])
+        group.extend((item, image) for item in todo(source))
         while len(group) >= batch_size():
             if stop.requested:
                 return
@@ -349,19 +358,19 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: rich.console.Co
 def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: rich.console.Console) -> RunSummary:
     """`run_generate` once this process owns the shard."""
     recipe, out = run.recipe, run.recipe.output_dir()
-    todo = run.todo
-    settled = sum(variant.repeats for variant in recipe.variants) * len(run.settled)
-    summary = RunSummary(shard=run.shard.name, planned=len(run.mine), already_done=len(run.mine) - len(todo) - settled)
+    per_source, done = sum(variant.repeats for variant in recipe.variants), run.done_per_key()
+    summary = RunSummary(shard=run.shard.name, planned=run.samples_in_shard,
+                         already_done=run.samples_in_shard - run.samples_to_do - per_source * len(run.settled))
     dtype = resolve_dtype(recipe.model.dtype, device)
 
     def announce(received: signal.Signals) -> None:
         console.print(stop_message(received), highlight=False, soft_wrap=True)
 
     with StopRequest(on_stop=announce) as stop:
-        session = open_session(recipe, device, dtype) if todo else None  # a finished shard loads no model
+        session = open_session(recipe, device, dtype) if run.samples_to_do else None  # a finished shard loads none
         if session is not None:
             write_run_json(out, run_payload(recipe, identity, session))
-        with open_layout_writer(recipe, run.shard, run.mine) as writer:  # refuses another webdataset plan
+        with open_layout_writer(recipe, run.shard, lambda: run.mine) as writer:  # refuses another webdataset plan
             plan = run.shard_plan()
             begin_shard(out, plan)  # unfinished from here until finish_shard
             summary.errors_file = writer.layout.errors_path(run.shard.name)
@@ -376,12 +385,15 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
             for failure in run.settled.values():  # not retried: listed again in this run's errors file
                 failed(failure)
             if session is not None:
-                _sample_all(run, todo, session, writer, summary, stop, console, failed)
+                _sample_all(run, session, writer, summary, stop, console, failed)
         summary.dropped, summary.written = summary.written - writer.written, writer.written
         if stop.requested:
             summary.interrupted = stop.signal.name
-        if not stop.requested and summary.written == sum(1 for item in todo if item.key not in summary.failed_keys):
-            finish_shard(out, plan, summary.failed_keys & {source.key for source in run.my_sources})
+        my_keys = {source.key for source in run.my_sources}
+        failed_now = (summary.failed_keys & my_keys) - set(run.settled)
+        expected = run.samples_to_do - sum(per_source - done[key] for key in failed_now)
+        if not stop.requested and summary.written == expected:
+            finish_shard(out, plan, summary.failed_keys & my_keys)
     return summary
 
 
@@ -391,27 +403,26 @@ def stop_message(received: signal.Signals) -> str:
     return f"{received.name}: stopping after this batch…{again}"
 
 
-def _sample_all(run: RunPlan, todo: list[WorkItem], session: Session, writer: LayoutWriter, summary: RunSummary,
-                stop: StopRequest, console: rich.console.Console, on_failure: Callable[[FailedInput], None]) -> None:
-    """Decode, sample and submit every item of `todo`, counting into `summary`; inputs that cannot be decoded go
-    to `on_failure`."""
+def _sample_all(run: RunPlan, session: Session, writer: LayoutWriter, summary: RunSummary, stop: StopRequest,
+                console: rich.console.Console, on_failure: Callable[[FailedInput], None]) -> None:
+    """Decode, sample and submit every sample of `run.todo()` (one source image's samples built at a time), counting
+    into `summary`; inputs that cannot be decoded go to `on_failure`."""
     recipe = run.recipe
     classes = session.adapter.classes
-    sampler = open_sampler(recipe, session, needed_prompts(todo, classes, recipe.sampling.guidance))
+    sampler = open_sampler(recipe, session, needed_prompts(run.todo(), classes, recipe.sampling.guidance))
     sample = BatchSampler(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
-    by_key: dict[str, list[WorkItem]] = defaultdict(list)
-    for item in todo:
-        by_key[item.key].append(item)
-    sources = [Source(key, items[0].source) for key, items in by_key.items()]
+    per_source, done = sum(variant.repeats for variant in recipe.variants), run.done_per_key()
+    sources = [source for source in sorted(run.my_sources, key=lambda source: source.key)
+               if done[source.key] < per_source and source.key not in run.settled]
 
     def failed(source: Source, reason: str) -> None:
         on_failure(FailedInput(source.key, str(source.path), reason))
-        progress.total -= len(by_key[source.key])
+        progress.total -= per_source - done[source.key]
 
-    with RunProgress(len(todo), f"generate {run.shard.name}", console=console) as progress:
+    with RunProgress(run.samples_to_do, f"generate {run.shard.name}", console=console) as progress:
         loaded = iter_loaded(sources, input_loader(recipe), workers=recipe.input.workers,
                              prefetch=4 * recipe.sampling.batch_size)
-        for batch in _batches(loaded, by_key, lambda: sample.batch_size, failed, stop):
+        for batch in _batches(loaded, run.todo_of, lambda: sample.batch_size, failed, stop):
             tick = time.perf_counter()
             degraded = sample([(request_for(item), image.pixels) for item, image in batch])
             summary.sampler_s += time.perf_counter() - tick

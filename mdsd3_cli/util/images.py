@@ -420,8 +420,11 @@ def _pillow_bomb_reason(exc: Exception, max_pixels: int) -> str:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any Pillow mode → RGB: alpha over white, 16-bit/int/float scaled (not clipped) to 8 bit."""
+    """Any Pillow mode → RGB: alpha over white, 16-bit/int/float scaled (not clipped) to 8 bit. ImageError for a
+    float image with a NaN or infinite pixel (no 8-bit value stands for it)."""
     mode = image.mode
+    if mode == "F" and not np.isfinite(np.asarray(image)).all():
+        raise ImageError("float image with NaN or infinite pixel values")
     try:
         if mode in ("I", "F") or mode.startswith("I;16"):
             return Image.fromarray(_scale_to_uint8(np.asarray(image), mode)).convert("RGB")
@@ -435,7 +438,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     """16-bit → /257; I: /257 when its max exceeds 255; F: x255 when within [0, 1], else as I."""
-    scaled = np.nan_to_num(values.astype(np.float32), nan=0.0)
+    scaled = values.astype(np.float32)
     top = float(scaled.max()) if scaled.size else 0.0
     if mode.startswith("I;16") or top > 255:
         scaled /= 257
