@@ -5,11 +5,13 @@ with the same key set in every database (what BasicSR's `paired_paths_from_lmdb`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
+from mdsd3_cli.util.atomic import naming, space_error
 from mdsd3_cli.util.safe_names import safe_component
 from mdsd3_cli.export.sample import EncodedSample, flat_key
 from mdsd3_cli.export.staging import StagedFolder
@@ -31,18 +33,32 @@ def lq_name(folder: str) -> str:
 
 
 class _Database:
-    """One LMDB database folder with its meta_info.txt, filled in bounded transactions."""
+    """One LMDB database folder with its meta_info.txt, filled in bounded transactions. Every failure is an
+    OSError naming the database (a full disk says so), never an lmdb traceback."""
 
     def __init__(self, path: Path, payload_bytes: int, entries: int) -> None:
         self.path = path
+        self.environment = self.transaction = self.meta_info = None
         path.mkdir()
-        self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
-        self.meta_info = open(path / META_INFO, "w", encoding="ascii")
-        self.transaction = self.environment.begin(write=True)
+        with self._named("open"):
+            self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
+            self.meta_info = open(path / META_INFO, "w", encoding="ascii")
+            self.transaction = self.environment.begin(write=True)
         self.uncommitted = self.uncommitted_bytes = 0
 
-    def put(self, key: str, data: bytes, meta_line: str) -> None:
+    @contextmanager
+    def _named(self, what: str):
         try:
+            yield
+        except lmdb.DiskError:  # ENOSPC
+            raise space_error(self.path) from None
+        except lmdb.Error as error:  # e.g. MapFullError
+            raise OSError(f"{self.path}: {what}: {error}") from None
+        except OSError as error:  # meta_info.txt
+            raise naming(error, self.path / META_INFO) from None
+
+    def put(self, key: str, data: bytes, meta_line: str) -> None:
+        with self._named(f"key {key!r}"):
             if not self.transaction.put(key.encode("ascii"), data, overwrite=False):
                 raise ValueError(f"key {key!r} is written twice")
             self.meta_info.write(meta_line)
@@ -52,17 +68,26 @@ class _Database:
                 self.transaction.commit()
                 self.transaction = self.environment.begin(write=True)
                 self.uncommitted = self.uncommitted_bytes = 0
-        except lmdb.Error as error:  # e.g. MapFullError: an OSError naming the database, never a traceback
-            raise OSError(f"{self.path}: key {key!r}: {error}") from None
 
-    def close(self, commit: bool) -> None:
-        if commit:
+    def commit(self) -> None:
+        """Commit, sync to disk and close (errors named)."""
+        with self._named("commit"):
             self.transaction.commit()
+            self.transaction = None
             self.environment.sync(True)
-        else:
-            self.transaction.abort()
-        self.environment.close()
-        self.meta_info.close()
+            self.meta_info.close()
+        self.abort()
+
+    def abort(self) -> None:
+        """Close without committing what is pending; never raises (the folder is about to be deleted)."""
+        for close in (getattr(self.transaction, "abort", None), getattr(self.environment, "close", None),
+                      getattr(self.meta_info, "close", None)):
+            try:
+                if close is not None:
+                    close()
+            except (lmdb.Error, OSError):
+                pass  # e.g. meta_info's buffered lines on a full disk
+        self.environment = self.transaction = self.meta_info = None
 
 
 class LmdbWriter:
@@ -104,16 +129,18 @@ class LmdbWriter:
         return f"{key}.{extension} ({height},{width},{channels}) {self.level}\n"
 
     def close(self) -> None:
-        self._close_all(commit=True)
+        for database in self._databases.values():
+            database.commit()
+        self._databases = {}
         if self._partial is not None:
             self._folder.record_partial(self._partial)
         self._folder.commit()
 
     def abort(self) -> None:
-        self._close_all(commit=False)
-        self._folder.discard()
-
-    def _close_all(self, commit: bool) -> None:
-        for database in self._databases.values():
-            database.close(commit)
-        self._databases = {}
+        """Remove the staging folder and release the destination; never raises for the databases' own errors."""
+        try:
+            for database in self._databases.values():
+                database.abort()
+            self._databases = {}
+        finally:
+            self._folder.discard()

@@ -87,10 +87,15 @@ class ParquetWriter:
         self._folder.commit()
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._file.discard()
-        self._folder.discard()
+        try:
+            if self._writer is not None:
+                try:
+                    self._writer.close()  # writes the footer: may fail again on a full disk
+                except OSError:
+                    pass
+                self._file.discard()
+        finally:
+            self._folder.discard()
 
     def _flush(self) -> None:
         if not self._rows:

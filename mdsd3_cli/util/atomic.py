@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import os
 import re
 import shutil
@@ -51,18 +52,28 @@ def space_error(path: str | os.PathLike, code: int = errno.ENOSPC) -> OutputSpac
 
 
 @functools.cache
-def file_mode() -> int:
-    """0666 minus this process's umask: the mode `open()` would give a new file."""
+def current_umask() -> int:
+    """This process's umask, read once without changing it where /proc allows."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
                 if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
+                    return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
     umask = os.umask(0o022)  # no /proc (or an old kernel): read the umask by setting it back at once
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def file_mode() -> int:
+    """0666 minus this process's umask: the mode `open()` would give a new file."""
+    return 0o666 & ~current_umask()
+
+
+def folder_mode() -> int:
+    """0777 minus this process's umask: the mode `mkdir` would give a new folder."""
+    return 0o777 & ~current_umask()
 
 
 def ensure_folder(folder: Path, root: Path | None = None) -> None:
@@ -249,10 +260,25 @@ def open_append(path: Path, root: Path | None = None, truncate: bool = False) ->
                                     "another path")
         if truncate:
             os.ftruncate(descriptor, 0)
-        return os.fdopen(descriptor, "a+b")
+        raw = _NamedFileIO(descriptor, path)
     except BaseException:
         os.close(descriptor)
         raise
+    return io.BufferedRandom(raw)
+
+
+class _NamedFileIO(io.FileIO):
+    """An appending raw file whose write errors name its path (a full disk says so), however deep the caller."""
+
+    def __init__(self, descriptor: int, path: Path) -> None:
+        super().__init__(descriptor, "a+")
+        self.path = path
+
+    def write(self, data) -> int:
+        try:
+            return super().write(data)
+        except OSError as error:
+            raise naming(error, self.path) from None
 
 
 def fresh_folder(path: Path) -> None:
