@@ -230,20 +230,23 @@ def init(
     path: Annotated[Path, typer.Argument(help="Where to write the example recipe.")] = Path("recipe.yaml"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
 ) -> None:
-    """Write a commented example recipe to edit."""
+    """Write a commented example recipe to edit. A link at PATH counts as an existing file: --force replaces the
+    link itself (atomically), never the file it points to."""
     from mdsd3_cli.recipe.generate import example_recipe_text
+    from mdsd3_cli.util.atomic import atomic_write
 
     if path.is_dir():
         _error(f"{path} is a folder; give a file name, e.g. {path / 'recipe.yaml'}")
         raise typer.Exit(EXIT_USAGE)
-    if path.exists() and not force:
-        _error(f"{path} exists; use --force to replace it")
+    if os.path.lexists(path) and not force:
+        link = " (a symbolic link)" if path.is_symlink() else ""
+        _error(f"{path} exists{link}; use --force to replace it")
         raise typer.Exit(EXIT_USAGE)
     if not path.parent.is_dir():
         _error(f"cannot write {path}: folder {path.parent} does not exist")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        path.write_text(example_recipe_text())
+        atomic_write(path, example_recipe_text().encode("utf-8"))
     console.print(f"wrote {escape(str(path))}; edit input.paths and output.dir, then: "
                   f"mdsd3 check --config {escape(str(path))}", highlight=False, soft_wrap=True)
 
@@ -338,8 +341,10 @@ def preview(
     images that cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
     from mdsd3_cli.dataset.preview import contact_sheet, save_sheet
 
+    from mdsd3_cli.util.output_lock import OutputLock
+
     problems: list[str] = []
-    with _clear_errors():
+    with _clear_errors(), OutputLock(out, "output"):
         sheet = contact_sheet(dataset, n, cell, seed, problems)
         save_sheet(sheet, out)
     for problem in problems[:PREVIEW_PROBLEMS_SHOWN]:
@@ -400,11 +405,12 @@ def evaluate(
     """
     from .evaluate import evaluate_dataset, write_report
     from .evaluate.report import classes_table, distances_table, problem_lines, variants_table
+    from .util.output_lock import OutputLock
 
     if (dataset is None) == (pairs is None):
         _error("give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
         raise typer.Exit(EXIT_USAGE)
-    with _clear_errors():
+    with _clear_errors(), OutputLock(out, "output"):
         report = evaluate_dataset(dataset, pairs, against or [], out, workers, console, seam_grid)
         written = write_report(report, out)
     terminal = Console()
@@ -453,9 +459,10 @@ def calibrate(
     _quiet_libraries()
     from mdsd3_cli.calibrate import EXIT_LEFT_AS_GIVEN, EXIT_OK, calibrate as run_calibration
     from mdsd3_cli.calibrate.report import summary_table
+    from mdsd3_cli.util.output_lock import OutputLock
 
     names = None if classes is None else [name.strip() for name in classes.split(",") if name.strip()]
-    with _clear_errors():
+    with _clear_errors(), OutputLock(out, "output"):
         report = run_calibration(config, reference, out, names, probe, grid, check, overrides or [], overwrite,
                                  workers, console)
     Console().print(summary_table(report))

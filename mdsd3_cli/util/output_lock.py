@@ -39,6 +39,7 @@ class OutputLock:
         self.path = lock_path(self.output, kind)
         self._content = f"mdsd3 {kind} lock\n".encode("ascii")
         self._descriptor: int | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(_LOCK_ATTEMPTS):
             descriptor = self._open()
             try:
