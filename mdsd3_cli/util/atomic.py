@@ -20,7 +20,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -125,6 +125,24 @@ def atomic_write(path: Path, content: bytes | WriteFunction, root: Path | None =
     return size
 
 
+def atomic_write_together(files: Mapping[Path, bytes]) -> None:
+    """Write every file of `files` (path -> bytes) as `atomic_write` does, all or none: each is written and
+    fsynced to its temp file first, and only then are they renamed. A failure (a full disk) leaves every path as
+    it was."""
+    pending: list[AtomicFile] = []
+    try:
+        for path, data in files.items():
+            pending.append(AtomicFile(path))
+            pending[-1].write(data)
+            pending[-1].sync()
+    except BaseException:
+        for file in pending:
+            file.discard()
+        raise
+    for file in pending:
+        file.commit()
+
+
 class AtomicFile:
     """A file written over time (a tar shard): a temp file created as `atomic_write` creates it (leftovers of
     `path` removed unless `shared`), open in `file`; `commit()` fsyncs and renames it onto `path`, `discard()`
@@ -156,6 +174,14 @@ class AtomicFile:
         """Append `data` to the temp file; an OSError names `path` (a full disk says so)."""
         try:
             self.file.write(data)
+        except OSError as error:
+            raise naming(error, self.path) from None
+
+    def sync(self) -> None:
+        """Flush and fsync what is written so far (a full disk shows here at the latest)."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
         except OSError as error:
             raise naming(error, self.path) from None
 
