@@ -492,6 +492,9 @@ def export(
                                                  "per Parquet file (default 1000).", show_default=False)] = None,
     partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
                                           "output is marked partial.")] = False,
+    one_lq: Annotated[bool, typer.Option("--one-lq", help="lmdb: one DEST/lq.lmdb for every variant (keys "
+                                         "<key>/<variant>; gt.lmdb holds the clean image under the same keys), "
+                                         "one BasicSR PairedImageDataset for all.")] = False,
 ) -> None:
     """Convert a finished dataset into what large-scale trainers read.
 
@@ -509,5 +512,5 @@ def export(
         _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}" + (f"; did you mean '{guess}'?" if guess else ""))
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        summary = run_export(dataset, to, destination, per_file, console=console, partial=partial)
+        summary = run_export(dataset, to, destination, per_file, console=console, partial=partial, one_lq=one_lq)
     Console().print(summary.table())

@@ -1,6 +1,10 @@
 """BasicSR's paired LMDB layout: `gt.lmdb` (clean) and `lq_<folder>.lmdb` (one per variant folder), each
 holding image bytes under ASCII keys without dots and a `meta_info.txt` of `<key>.<ext> (h,w,c) <level>` lines,
-with the same key set in every database (what BasicSR's `paired_paths_from_lmdb` requires)."""
+with the same key set in every database (what BasicSR's `paired_paths_from_lmdb` requires).
+
+With `one_lq`, one `lq.lmdb` holds every variant under the pair key `<key>/<folder>` and `gt.lmdb` holds the
+clean image under the same pair keys (once per pair: BasicSR pairs databases by equal keys), so one
+PairedImageDataset reads every pair."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from mdsd3_cli.export.sample import EncodedSample, flat_key
 from mdsd3_cli.export.staging import StagedFolder
 
 GT_NAME = "gt.lmdb"
+ONE_LQ_NAME = "lq.lmdb"
 META_INFO = "meta_info.txt"
 COMMIT_EVERY = 256
 COMMIT_BYTES = 64 * 2**20
@@ -93,22 +98,30 @@ class _Database:
 class LmdbWriter:
     """Writes pairs into the BasicSR layout under `destination`, appearing as a whole on `close()`.
 
-    Samples must arrive grouped by key (the clean image is stored once per key). `sizes` gives (total image bytes,
-    images) per database (None: gt, else the folder) to size the LMDB maps; `level` is meta_info's last field (the PNG
+    Samples must arrive grouped by key (the clean image is stored once per key, or once per pair with `one_lq`).
+    `sizes` gives (total image bytes, images) per database (None: gt, else the folder) to size the LMDB maps; `level` is meta_info's last field (the PNG
     compression level, or the JPEG/WebP quality). Each meta_info line carries the image's shape from its header
     (samples must carry `clean_shape` and `degraded_shape`). `partial`: what to record in PARTIAL_EXPORT.json.
+    `one_lq`: one `lq.lmdb` for every variant folder (see the module's docstring).
     """
 
     def __init__(self, destination: Path, folders: Sequence[str], sizes: Mapping[str | None, tuple[int, int]],
-                 level: int, partial: Mapping[str, Any] | None = None) -> None:
+                 level: int, partial: Mapping[str, Any] | None = None, one_lq: bool = False) -> None:
         names = [lq_name(folder) for folder in folders]  # checked before anything is created
+        if one_lq:  # gt: the clean image once per pair; lq: every folder's images
+            pairs = len(folders)
+            layout = {None: (GT_NAME, (sizes[None][0] * pairs, sizes[None][1] * pairs)),
+                      ONE_LQ_NAME: (ONE_LQ_NAME, tuple(map(sum, zip(*(sizes[folder] for folder in folders)))))}
+        else:
+            layout = {folder: (name, sizes[folder]) for folder, name in zip((None, *folders), (GT_NAME, *names))}
         self._folder = StagedFolder(destination)
         self._partial = partial
         self.level = level
-        self._databases: dict[str | None, _Database] = {}  # None: gt, else the variant folder
+        self.one_lq = one_lq
+        self._databases: dict[str | None, _Database] = {}  # None: gt, else the variant folder (or ONE_LQ_NAME)
         try:
-            for folder, name in zip((None, *folders), (GT_NAME, *names)):
-                self._databases[folder] = _Database(self._folder.stage / name, *sizes[folder])
+            for database, (name, (payload, entries)) in layout.items():
+                self._databases[database] = _Database(self._folder.stage / name, payload, entries)
         except BaseException:
             self.abort()
             raise
@@ -118,6 +131,15 @@ class LmdbWriter:
         key = flat_key(sample.key)
         if sample.clean_shape is None or sample.degraded_shape is None:
             raise ValueError(f"key {sample.key!r}: a sample needs its image shapes for meta_info")
+        if self.one_lq:
+            key = f"{key}/{flat_key(sample.folder)}"
+            if len(key) > MAX_KEY_BYTES:
+                raise ValueError(f"key {sample.key!r} of folder {sample.folder!r}: the pair key {key!r} is longer "
+                                 f"than LMDB's {MAX_KEY_BYTES} bytes; export without the one-LQ layout")
+            self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
+            self._databases[ONE_LQ_NAME].put(key, sample.degraded,
+                                             self._meta_line(key, sample.extension, sample.degraded_shape))
+            return
         if sample.key != self._last_key:
             self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
             self._last_key = sample.key
