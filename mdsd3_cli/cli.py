@@ -401,18 +401,24 @@ def evaluate(
     selectivity of single-class variants, diversity between repeats, and distances to --against sets.
 
     Prints tables and writes report.json, samples.csv and plots (*.png) to the --out folder. Unreadable files
-    are listed, not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage.
+    are listed, not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage (or another mdsd3 process
+    writing --out), 143 stopped by SIGTERM (nothing written).
     """
     from .evaluate import evaluate_dataset, write_report
     from .evaluate.report import classes_table, distances_table, problem_lines, variants_table
+    from .evaluate.run import EvaluateStopped
     from .util.output_lock import OutputLock
 
     if (dataset is None) == (pairs is None):
         _error("give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
         raise typer.Exit(EXIT_USAGE)
-    with _clear_errors(), OutputLock(out, "output"):
-        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console, seam_grid)
-        written = write_report(report, out)
+    try:
+        with _clear_errors(), OutputLock(out, "output"):
+            report = evaluate_dataset(dataset, pairs, against or [], out, workers, console, seam_grid)
+            written = write_report(report, out)
+    except EvaluateStopped as stopped:
+        _error(stopped)
+        raise typer.Exit(stopped.exit_code) from None
     terminal = Console()
     terminal.print(variants_table(report.summary))
     if report.summary["monotonicity"]:

@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -223,3 +224,33 @@ def test_exports_get_the_umask_modes(folders_dataset, tmp_path, to):
     assert modes["out"] == 0o755  # mkdtemp's 0700 before
     assert all(mode in (0o644, 0o755) for mode in modes.values()), modes
     assert FOLDERS
+
+
+# low: SIGTERM during evaluate
+
+
+def test_sigterm_during_evaluate_stops_cleanly(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for side in ("clean", "degraded"):
+        (tmp_path / side).mkdir()
+    for index in range(400):
+        pixels = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "clean" / f"{index:03d}.png", compress_level=0)
+        Image.fromarray(255 - pixels).save(tmp_path / "degraded" / f"{index:03d}.png", compress_level=0)
+    out = tmp_path / "report"
+    process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "evaluate", "--pairs", str(tmp_path / "clean"),
+                                str(tmp_path / "degraded"), "--out", str(out), "--workers", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    while process.poll() is None and not list(out.glob(".samples.csv.*")):  # measuring has begun
+        time.sleep(0.01)
+    time.sleep(1)  # the workers are busy: before, they printed BrokenPipeError tracebacks once the parent died
+    process.terminate()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stdout + stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+    assert "stopped by SIGTERM" in stderr
+    assert os.listdir(out) == [] and leftovers(tmp_path) == []
