@@ -50,6 +50,14 @@ def test_two_writers_of_one_name_keep_their_own_temp_files(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
 
 
+
+def test_a_killed_writers_temp_file_goes_when_its_name_is_written_again(tmp_path):
+    (tmp_path / ".a.png.k1ll3d0x.tmp").write_bytes(b"half a png")  # a killed run writing a.png
+    (tmp_path / ".b.png.l1v3w0rk.tmp").write_bytes(b"in flight")  # another process writing b.png now
+    script = f"from mdsd3_cli.util.atomic import atomic_write; atomic_write({str(tmp_path / 'a.png')!r}, b'png')"
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".b.png.l1v3w0rk.tmp", "a.png"]
+
 @pytest.mark.parametrize("command", ["evaluate", "preview", "calibrate"])
 def test_a_second_writer_of_one_report_is_refused(folders_dataset, tmp_path, command):
     out = tmp_path / ("report" if command == "evaluate" else "sheet.png" if command == "preview" else "r.yaml")

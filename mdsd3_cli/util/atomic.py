@@ -5,8 +5,9 @@ with `O_CREAT|O_EXCL|O_NOFOLLOW` (`tempfile.mkstemp`) in the target folder, writ
 final name (a rename replaces a link found there instead of writing through it). A writer that owns its name
 (`shared=False`, the default: the caller holds the output's lock) also removes a killed run's leftover temp files
 of that name (unlinked, never followed): `.<name>.tmp` (the fixed name of older versions), and the
-`.<name>.<random>.tmp` that were there when this process first wrote into the folder. Files get the umask's modes (0666 & ~umask), like any file the user creates. Errors
-name the path they concern; a full disk (or quota, or `ulimit -f`) is an `OutputSpaceError` that says so.
+`.<name>.<random>.tmp` that were there when this process first wrote into the folder. Files get the umask's
+modes (0666 & ~umask), like any file the user creates. Errors name the path they concern; a full disk (or a
+quota, or `ulimit -f`) is an `OutputSpaceError` that says so.
 """
 
 from __future__ import annotations
@@ -144,16 +145,15 @@ def atomic_write_together(files: Mapping[Path, bytes]) -> None:
 
 
 class AtomicFile:
-    """A file written over time (a tar shard): a temp file created as `atomic_write` creates it (leftovers of
-    `path` removed unless `shared`), open in `file`; `commit()` fsyncs and renames it onto `path`, `discard()`
+    """A file written over time (a tar shard): a temp file created as `atomic_write` creates it (a killed run's
+    leftovers of `path` removed), open in `file`; `commit()` fsyncs and renames it onto `path`, `discard()`
     removes it (and never raises). `path` is never seen partial; errors name `path`."""
 
-    def __init__(self, path: Path, root: Path | None = None, shared: bool = False) -> None:
+    def __init__(self, path: Path, root: Path | None = None) -> None:
         self.path = Path(path)
         ensure_folder(self.path.parent, root)
         try:
-            if not shared:
-                _LEFTOVERS.remove(self.path)
+            _LEFTOVERS.remove(self.path)
             descriptor, self._temp = _unique_temp(self.path)
             os.fchmod(descriptor, file_mode())
         except OSError as error:
