@@ -44,11 +44,15 @@ class _Database:
     def __init__(self, path: Path, payload_bytes: int, entries: int) -> None:
         self.path = path
         self.environment = self.transaction = self.meta_info = None
-        path.mkdir()
-        with self._named("open"):
-            self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
-            self.meta_info = open(path / META_INFO, "w", encoding="ascii")
-            self.transaction = self.environment.begin(write=True)
+        try:
+            with self._named("open"):
+                path.mkdir()
+                self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
+                self.meta_info = open(path / META_INFO, "w", encoding="ascii")
+                self.transaction = self.environment.begin(write=True)
+        except BaseException:
+            self.abort()
+            raise
         self.uncommitted = self.uncommitted_bytes = 0
 
     @contextmanager
@@ -59,8 +63,8 @@ class _Database:
             raise space_error(self.path) from None
         except lmdb.Error as error:  # e.g. MapFullError
             raise OSError(f"{self.path}: {what}: {error}") from None
-        except OSError as error:  # meta_info.txt
-            raise naming(error, self.path / META_INFO) from None
+        except OSError as error:  # the folder or meta_info.txt
+            raise naming(error, self.path / META_INFO if error.filename is None else error.filename) from None
 
     def put(self, key: str, data: bytes, meta_line: str) -> None:
         with self._named(f"key {key!r}"):
