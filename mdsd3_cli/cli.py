@@ -338,9 +338,9 @@ def preview(
     cell: Annotated[int, typer.Option(min=32, help="Thumbnail size in pixels.")] = 192,
 ) -> None:
     """A contact sheet: one row per key, the clean image then each variant, labelled with its ratios. Records and
-    images that cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
+    images that cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed;
+    another mdsd3 process writing --out makes it stop (exit status 2)."""
     from mdsd3_cli.dataset.preview import contact_sheet, save_sheet
-
     from mdsd3_cli.util.output_lock import OutputLock
 
     problems: list[str] = []

@@ -103,8 +103,8 @@ class LmdbWriter:
     """Writes pairs into the BasicSR layout under `destination`, appearing as a whole on `close()`.
 
     Samples must arrive grouped by key (the clean image is stored once per key, or once per pair with `one_lq`).
-    `sizes` gives (total image bytes, images) per database (None: gt, else the folder) to size the LMDB maps; `level` is meta_info's last field (the PNG
-    compression level, or the JPEG/WebP quality). Each meta_info line carries the image's shape from its header
+    `sizes` gives (total image bytes, images) per database (None: gt, else the folder) to size the LMDB maps;
+    `level` is meta_info's last field (the PNG compression level, or the JPEG/WebP quality). Each meta_info line carries the image's shape from its header
     (samples must carry `clean_shape` and `degraded_shape`). `partial`: what to record in PARTIAL_EXPORT.json.
     `one_lq`: one `lq.lmdb` for every variant folder (see the module's docstring).
     """

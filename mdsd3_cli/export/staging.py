@@ -1,10 +1,11 @@
 """A whole output folder built in a private staging folder beside its final name and renamed onto that name only
 when complete, so a killed export never leaves something that looks finished (single files: `atomic.AtomicFile`).
 
-Guarantees: one writer per destination (`util.output_lock`: a kernel lock on `.<name>.mdsd3-export.lock` beside it,
-taken without waiting); the staging folder is created exclusively under a unique name (`.<name>.<random>.partial`,
-with the umask's folder mode, not mkdtemp's 0700) and holds an owner marker while it is built; only the staging folder this process created is ever deleted; the final rename
-never replaces anything that appeared at the destination meanwhile.
+Guarantees: one writer per destination (`util.output_lock`: a kernel lock on `.<name>.mdsd3-export.lock` beside
+it, taken without waiting); the staging folder is created exclusively under a unique name
+(`.<name>.<random>.partial`, with the umask's folder mode, not mkdtemp's 0700) and holds an owner marker while it
+is built; only the staging folder this process created is ever deleted; the final rename never replaces anything
+that appeared at the destination meanwhile.
 """
 
 from __future__ import annotations
