@@ -245,23 +245,26 @@ def init(
                       "as the demo does (model, size, steps, alpha/beta, grid_shifts, guidance): mini.",
                       show_default=False)] = None,
 ) -> None:
-    """Write a commented example recipe to edit."""
+    """Write a commented example recipe to edit. A link at PATH counts as an existing file: --force replaces the
+    link itself (atomically), never the file it points to."""
     from mdsd3_cli.recipe.generate import example_recipe_text
     from mdsd3_cli.recipe.presets import preset_recipe_text
+    from mdsd3_cli.util.atomic import atomic_write
 
     with _clear_errors():
         text = example_recipe_text() if preset is None else preset_recipe_text(preset, path.name)
     if path.is_dir():
         _error(f"{path} is a folder; give a file name, e.g. {path / 'recipe.yaml'}")
         raise typer.Exit(EXIT_USAGE)
-    if path.exists() and not force:
-        _error(f"{path} exists; use --force to replace it")
+    if os.path.lexists(path) and not force:
+        link = " (a symbolic link)" if path.is_symlink() else ""
+        _error(f"{path} exists{link}; use --force to replace it")
         raise typer.Exit(EXIT_USAGE)
     if not path.parent.is_dir():
         _error(f"cannot write {path}: folder {path.parent} does not exist")
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        path.write_text(text)
+        atomic_write(path, text.encode("utf-8"))
     console.print(f"wrote {escape(str(path))}; edit input.paths and output.dir, then: "
                   f"mdsd3 check --config {escape(str(path))}", highlight=False, soft_wrap=True)
 
@@ -359,11 +362,13 @@ def preview(
     """A contact sheet: each key's clean image and variants.
 
     One row per key, the clean image then each variant, labelled with its ratios. Records and images that
-    cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed."""
+    cannot be shown are skipped and listed. A link at --out is replaced by the sheet, never followed; another
+    mdsd3 process writing --out makes it stop (exit status 2)."""
     from mdsd3_cli.dataset.preview import contact_sheet, save_sheet
+    from mdsd3_cli.util.output_lock import OutputLock
 
     problems: list[str] = []
-    with _clear_errors():
+    with _clear_errors(), OutputLock(out, "output"):
         sheet = contact_sheet(dataset, n, cell, seed, problems)
         save_sheet(sheet, out)
     for problem in problems[:PREVIEW_PROBLEMS_SHOWN]:
@@ -431,17 +436,24 @@ def evaluate(
     distances to --against sets.
 
     Prints tables and writes report.json, samples.csv and plots (*.png) to the --out folder. Unreadable files
-    are listed, not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage.
+    are listed, not fatal. Exit status: 0 done, 2 nothing to evaluate or bad usage (or another mdsd3 process
+    writing --out), 143 stopped by SIGTERM (nothing written).
     """
     from .evaluate import evaluate_dataset, write_report
     from .evaluate.report import classes_table, distances_table, problem_lines, variants_table
+    from .evaluate.run import EvaluateStopped
+    from .util.output_lock import OutputLock
 
     if (dataset is None) == (pairs is None):
         _error("give exactly one of --dataset DIR or --pairs CLEAN_DIR DEGRADED_DIR")
         raise typer.Exit(EXIT_USAGE)
-    with _clear_errors():
-        report = evaluate_dataset(dataset, pairs, against or [], out, workers, console, seam_grid)
-        written = write_report(report, out)
+    try:
+        with _clear_errors(), OutputLock(out, "output"):
+            report = evaluate_dataset(dataset, pairs, against or [], out, workers, console, seam_grid)
+            written = write_report(report, out)
+    except EvaluateStopped as stopped:
+        _error(stopped)
+        raise typer.Exit(stopped.exit_code) from None
     terminal = Console()
     terminal.print(variants_table(report.summary))
     if report.summary["monotonicity"]:
@@ -488,9 +500,10 @@ def calibrate(
     _quiet_libraries()
     from mdsd3_cli.calibrate import EXIT_LEFT_AS_GIVEN, EXIT_OK, calibrate as run_calibration
     from mdsd3_cli.calibrate.report import summary_table
+    from mdsd3_cli.util.output_lock import OutputLock
 
     names = None if classes is None else [name.strip() for name in classes.split(",") if name.strip()]
-    with _clear_errors():
+    with _clear_errors(), OutputLock(out, "output"):
         report = run_calibration(config, reference, out, names, probe, grid, check, overrides or [], overwrite,
                                  workers, console)
     Console().print(summary_table(report))
@@ -520,6 +533,9 @@ def export(
                                                  "per Parquet file (default 1000).", show_default=False)] = None,
     partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
                                           "output is marked partial.")] = False,
+    one_lq: Annotated[bool, typer.Option("--one-lq", help="lmdb: one DEST/lq.lmdb for every variant (keys "
+                                         "<key>/<variant>; gt.lmdb holds the clean image under the same keys), "
+                                         "one BasicSR PairedImageDataset for all.")] = False,
 ) -> None:
     """Convert a finished dataset for large-scale trainers.
 
@@ -537,5 +553,5 @@ def export(
         _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}" + (f"; did you mean '{guess}'?" if guess else ""))
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
-        summary = run_export(dataset, to, destination, per_file, console=console, partial=partial)
+        summary = run_export(dataset, to, destination, per_file, console=console, partial=partial, one_lq=one_lq)
     Console().print(summary.table())

@@ -11,6 +11,7 @@ The model runs at 64 px (mini's sampling settings from configs/demo.yaml otherwi
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 from pathlib import Path
@@ -250,3 +251,42 @@ def test_a_float_tiff_with_nan_or_inf_pixels_is_left_out_of_the_reference_and_na
     assert found.strengths["haze"].tolist() == [0.0, 0.0, 0.0]
     (problem,) = found.problems
     assert problem.path.endswith("gray.tif") and "NaN or infinite" in problem.reason
+
+
+def test_out_inside_the_recipes_input_folder_is_refused(setup):
+    recipe = setup[0]
+    photos = recipe.parent / "photos"
+    before = sorted(os.listdir(photos))
+    with pytest.raises(ValueError, match="inside the recipe's input folder"):
+        calibrate(recipe, setup[1], photos / "calibrated.yaml", workers=1)
+    assert sorted(os.listdir(photos)) == before  # its plot would have been the next run's input
+
+
+def test_a_full_disk_writes_none_of_the_three_files_and_the_rerun_goes_on(setup, tmp_path, monkeypatch):
+    from mdsd3_cli.util import atomic
+
+    recipe = setup[0]
+    reference = write_reference(tmp_path / "reference", classes=("noise",))
+    out = tmp_path / "result" / "left.yaml"
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    def full_for_the_report(descriptor, mode="r", *arguments, **options):
+        if os.readlink(f"/proc/self/fd/{descriptor}").endswith(".tmp") and ".report.json" in os.readlink(
+                f"/proc/self/fd/{descriptor}"):
+            return io.BufferedWriter(FullDisk(descriptor, "wb"))
+        return real_fdopen(descriptor, mode, *arguments, **options)
+
+    monkeypatch.setattr(atomic.os, "fdopen", full_for_the_report)
+    result = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
+                                      "--classes", "rain,haze", "--out", str(out), "--workers", "1"])
+    assert result.exit_code == 2 and "the disk is full" in result.output, result.output
+    assert os.listdir(out.parent) == []  # before: left.yaml stayed, and the rerun below was refused
+    monkeypatch.undo()
+    again = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
+                                     "--classes", "rain,haze", "--out", str(out), "--workers", "1"])
+    assert again.exit_code == 1, again.output
+    assert sorted(os.listdir(out.parent)) == ["left.report.json", "left.yaml"]

@@ -179,3 +179,23 @@ def test_export_refuses_damaged_images(folders_dataset, tmp_path):
     with pytest.raises(ExportError, match="SHA-256 differs"):
         run_export(dataset, "lmdb", tmp_path / "lmdb")
     assert not list(tmp_path.glob("*lmdb*")) and not list(tmp_path.glob(".*"))
+
+
+def test_lmdb_export_with_one_lq_database_reads_like_basicsr(folders_dataset, tmp_path):
+    expected = folders_pairs(folders_dataset)
+    result = CliRunner().invoke(app, ["export", "--dataset", str(folders_dataset), "--to", "lmdb", "--one-lq",
+                                      str(tmp_path / "lmdb")])
+    assert result.exit_code == 0, result.output
+    gt, lq = tmp_path / "lmdb" / "gt.lmdb", tmp_path / "lmdb" / "lq.lmdb"
+    assert sorted(p.name for p in (tmp_path / "lmdb").iterdir()) == ["gt.lmdb", "lq.lmdb"]
+    pair_keys = {f"{flat_key(key)}/{folder}": (key, folder) for key, folder in expected}
+    assert basicsr_lmdb_paths(lq, gt) == sorted(pair_keys) and len(pair_keys) == 9  # one dataset, every pair
+    for pair_key, (key, folder) in pair_keys.items():
+        clean, degraded = expected[key, folder]
+        assert basicsr_lmdb_get(gt, pair_key) == clean and basicsr_lmdb_get(lq, pair_key) == degraded
+    for line in (lq / "meta_info.txt").read_text().splitlines():
+        name, height, width = META_LINE.match(line).groups()
+        assert (int(height), int(width)) == (32, 32) and name in pair_keys
+    refused = CliRunner().invoke(app, ["export", "--dataset", str(folders_dataset), "--to", "parquet", "--one-lq",
+                                       str(tmp_path / "parquet")])
+    assert refused.exit_code == 2 and "lmdb layout" in refused.output and not (tmp_path / "parquet").exists()

@@ -298,8 +298,8 @@ def test_the_destination_lock_holds_across_processes_and_survives_kill_9(folders
     destination = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from mdsd3_cli.export.staging import DestinationLock; "
-         f"lock = DestinationLock(Path({str(destination)!r})); print('locked', flush=True); sys.stdin.read()"],
+         "from mdsd3_cli.util.output_lock import OutputLock; "
+         f"lock = OutputLock(Path({str(destination)!r}), 'export'); print('locked', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"

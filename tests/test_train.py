@@ -179,6 +179,18 @@ def test_latent_cache_with_random_crops_is_refused(pairs, tmp_path):
         Trainer(recipe)
 
 
+
+def test_train_refuses_a_foreign_folder_and_its_own_dataset(pairs, tmp_path):
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match="non-empty folder that training did not write"):
+        Trainer(quick_recipe(pairs, foreign))
+    inside = pairs / "clean" / "run"  # previews there would become clean images of the next run
+    with pytest.raises(TrainError, match="overlaps the training data"):
+        Trainer(quick_recipe(pairs, inside))
+    assert os.listdir(foreign) == ["notes.txt"] and not inside.exists()
+
 # ---------------------------------------------------------------- trainable sets
 
 

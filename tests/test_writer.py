@@ -238,7 +238,7 @@ def test_failed_disk_write_keeps_final_names_absent(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(os, "fsync", full_disk)
     clean, degraded = sample_pixels(0)
-    with pytest.raises(OSError, match="No space left"), DatasetWriter(tmp_path, "0of1") as writer:
+    with pytest.raises(OSError, match="the disk is full"), DatasetWriter(tmp_path, "0of1") as writer:
         writer.submit({"key": "a", "folder": "rain"}, clean, degraded)
     assert list((tmp_path / "clean").iterdir()) == [] and temp_files(tmp_path) == []
 

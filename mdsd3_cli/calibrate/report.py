@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel
 from rich.table import Table
-
-from mdsd3_cli.util.atomic import atomic_write
 
 Status = Literal["calibrated", "absent", "not_separable", "no_estimator", "unused"]
 
@@ -121,9 +120,9 @@ def summary_table(report: CalibrationReport) -> Table:
     return table
 
 
-def write_plot(report: CalibrationReport, path: Path) -> Path | None:
-    """Each calibrated class's curve (per probe, median, interquartile band) and the histograms of the reference,
-    the recipe as given and the calibrated one; None when no class was calibrated."""
+def plot_png(report: CalibrationReport) -> bytes | None:
+    """The plot, as PNG bytes: each calibrated class's curve (per probe, median, interquartile band) and the
+    histograms of the reference, the recipe as given and the calibrated one; None when no class was calibrated."""
     results = [result for result in report.classes if result.status == "calibrated"]
     if not results:
         return None
@@ -156,12 +155,12 @@ def write_plot(report: CalibrationReport, path: Path) -> Path | None:
         histogram_axis.set_title(f"{result.name}: strength distributions")
         histogram_axis.legend(fontsize=7)
     figure.tight_layout()
-    atomic_write(path, lambda file: figure.savefig(file, dpi=90, format="png"))
+    png = io.BytesIO()
+    figure.savefig(png, dpi=90, format="png")
     pyplot.close(figure)
-    return path
+    return png.getvalue()
 
 
-def write_report(report: CalibrationReport, path: Path) -> Path:
-    """report.json (atomically)."""
-    atomic_write(path, (report.model_dump_json(indent=2) + "\n").encode())
-    return path
+def report_json(report: CalibrationReport) -> bytes:
+    """report.json's bytes."""
+    return (report.model_dump_json(indent=2) + "\n").encode()

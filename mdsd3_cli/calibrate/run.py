@@ -15,13 +15,13 @@ from mdsd3_cli import __version__
 from mdsd3_cli.evaluate import CLASS_ESTIMATORS, CLASS_SCALES, CLASS_UNITS, ESTIMATOR_VERSIONS
 from mdsd3_cli.generate.synthesizer import Synthesizer
 from mdsd3_cli.recipe.generate import Recipe, load_recipe_data, parse_recipe
-from mdsd3_cli.util.atomic import atomic_write
+from mdsd3_cli.util.atomic import atomic_write_together
 from mdsd3_cli.util.names import unknown_class_message
 from .fit import MIN_RISE, Curve, quantile_mapping, wasserstein
 from .probe import Probe, check_jobs, pick_probes, run_jobs, sweep
 from .recipe_edit import calibrated_data, recipe_text, variants_using
 from .reference import ReferenceStrengths, measure_reference
-from .report import CalibrationReport, Check, ClassResult, CurveInfo, Distribution, write_plot, write_report
+from .report import CalibrationReport, Check, ClassResult, CurveInfo, Distribution, plot_png, report_json
 
 EXIT_OK, EXIT_LEFT_AS_GIVEN = 0, 1
 
@@ -40,11 +40,16 @@ class Outputs:
     def plot(self) -> Path:
         return self.recipe.with_name(f"{self.recipe.stem}.png")
 
-    def refuse_existing(self, overwrite: bool, reference: Path) -> None:
+    def refuse_existing(self, overwrite: bool, reference: Path, inputs: Sequence[str]) -> None:
         """FileExistsError naming a file that exists (unless `overwrite`); ValueError when the outputs would land
-        inside the reference (the plot would be read as an image)."""
-        if Path(self.recipe).resolve().parent.is_relative_to(Path(reference).resolve()):
+        inside the reference or one of the recipe's input folders (the plot would be read as an image)."""
+        folder = Path(self.recipe).resolve().parent
+        if folder.is_relative_to(Path(reference).resolve()):
             raise ValueError(f"--out {self.recipe} is inside the reference folder {reference}; write it elsewhere")
+        for raw in inputs:
+            if Path(raw).is_dir() and folder.is_relative_to(Path(raw).resolve()):
+                raise ValueError(f"--out {self.recipe} is inside the recipe's input folder {raw} (its plot would "
+                                 "become an input); write it elsewhere")
         if not overwrite:
             for path in (self.recipe, self.report, self.plot):
                 if path.exists() or path.is_symlink():
@@ -144,7 +149,7 @@ def calibrate(config: Path, reference: Path, out: Path, classes: Sequence[str] |
     start = time.perf_counter()
     recipe, data = load_recipe_data(config, overrides)
     outputs = Outputs(Path(out))
-    outputs.refuse_existing(overwrite, Path(reference))
+    outputs.refuse_existing(overwrite, Path(reference), recipe.input_paths())
     names = _chosen_classes(recipe, classes)
     found = measure_reference(Path(reference), names, recipe.classes(), named=classes is not None, workers=workers,
                               console=console)
@@ -188,9 +193,9 @@ def calibrate(config: Path, reference: Path, out: Path, classes: Sequence[str] |
         versions={"mdsd3": __version__, "estimators": {name: ESTIMATOR_VERSIONS[name] for name in names
                                                        if name in ESTIMATOR_VERSIONS}},
     )
-    atomic_write(outputs.recipe, text.encode())
-    write_report(report, outputs.report)
-    write_plot(report, outputs.plot)
+    plot = plot_png(report)
+    atomic_write_together({outputs.recipe: text.encode(), outputs.report: report_json(report),
+                           **({outputs.plot: plot} if plot is not None else {})})
     return report
 
 

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from types import TracebackType
 
-from mdsd3_cli.util.atomic import open_append
+from mdsd3_cli.util.atomic import leftover_temps, open_append
 from mdsd3_cli.dataset.writer import RUN_JSON, RUN_SCHEMA, RUN_TOOL, OutputConflictError, manifest_listed_files, own_logs
 
 LOCKS = ".locks"
@@ -192,7 +192,7 @@ def clear_outputs(out: Path) -> int:
     listed = manifest_listed_files(root)
     logs = [*(path for suffix in (".jsonl", ".tars.json", ".plan.json", ".finished.json")
               for path in own_logs(root, "manifest", suffix)), *own_logs(root, "errors", ".jsonl")]
-    for path in [*listed, *(file.with_name(f".{file.name}.tmp") for file in listed), *logs, root / RUN_JSON]:
+    for path in [*listed, *leftover_temps(listed), *logs, root / RUN_JSON]:
         if os.path.lexists(path) and not path.is_dir():
             path.unlink()  # a link is removed, never followed
             removed += 1

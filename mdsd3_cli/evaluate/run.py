@@ -4,6 +4,10 @@ then aggregate into a `Report`."""
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +18,30 @@ from .estimators import DEFAULT_SEAM_GRID
 from .pairs import EvaluateError, PairSource, Problem, match_folders, open_dataset
 from .report import Report, SampleCsv
 from .runner import measure_groups
+
+
+class EvaluateStopped(Exception):
+    """SIGTERM arrived while measuring: the workers were stopped and samples.csv left as it was."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """While measuring (main thread only), SIGTERM raises EvaluateStopped instead of killing the process at once,
+    so the workers are terminated and the temp files removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise EvaluateStopped("evaluate stopped by SIGTERM; nothing was written")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _measure(source: PairSource, workers: int, csv: SampleCsv | None, console: Console | None,
@@ -41,7 +69,8 @@ def evaluate_dataset(
     """Measure `dataset` (an mdsd3 output, or a folder with clean/ and degraded/) or `pairs` (clean folder,
     degraded folder), and each `against` set. With `out_dir`, the per-sample table is streamed to
     OUT_DIR/samples.csv (report.json and plots are written by `write_report`). `seam_grid`: the grid (pixels)
-    of the seam measure, the generating model's token size. EvaluateError when the dataset has no usable pair."""
+    of the seam measure, the generating model's token size. EvaluateError when the dataset has no usable pair;
+    EvaluateStopped when SIGTERM arrives while measuring."""
     if (dataset is None) == (pairs is None):
         raise EvaluateError("give either a dataset folder or a (clean, degraded) folder pair")
     if seam_grid < 2:
@@ -58,7 +87,8 @@ def evaluate_dataset(
             raise EvaluateError(f"{source.label}: no pairs to evaluate" + _first_problems(source.problems))
     csv = SampleCsv(Path(out_dir) / "samples.csv", [main, *others]) if out_dir is not None else None
     try:
-        tables = {source.label: _measure(source, workers, csv, console, seam_grid) for source in (main, *others)}
+        with _stop_on_sigterm():
+            tables = {source.label: _measure(source, workers, csv, console, seam_grid) for source in (main, *others)}
     except BaseException:
         if csv is not None:
             csv.discard()

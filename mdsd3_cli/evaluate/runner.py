@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import multiprocessing
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -97,6 +98,13 @@ def retain_freed_memory() -> bool:
     return all(mallopt(option, value) == 1 for option, value in _MALLOC_OPTIONS.items())
 
 
+def _start_worker() -> None:
+    """A measuring process: Ctrl-C reaches the whole process group, but only the parent stops the run (it
+    terminates the workers), so a worker ignores SIGINT instead of printing a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    retain_freed_memory()
+
+
 def measure_groups(groups: Iterable[PairGroup], workers: int, seam_grid: int = DEFAULT_SEAM_GRID
                    ) -> Iterator[GroupResult]:
     """`measure_group` over `groups`, results in input order; `workers` > 1 uses that many processes. The process
@@ -106,6 +114,6 @@ def measure_groups(groups: Iterable[PairGroup], workers: int, seam_grid: int = D
         yield from map(partial(measure_group, seam_grid=seam_grid), groups)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
-    with context.Pool(workers, initializer=retain_freed_memory) as pool:
+    with context.Pool(workers, initializer=_start_worker) as pool:
         yield from pool.imap(partial(measure_group, seam_grid=seam_grid), groups, chunksize=4)
 

@@ -1,20 +1,27 @@
 """BasicSR's paired LMDB layout: `gt.lmdb` (clean) and `lq_<folder>.lmdb` (one per variant folder), each
 holding image bytes under ASCII keys without dots and a `meta_info.txt` of `<key>.<ext> (h,w,c) <level>` lines,
-with the same key set in every database (what BasicSR's `paired_paths_from_lmdb` requires)."""
+with the same key set in every database (what BasicSR's `paired_paths_from_lmdb` requires).
+
+With `one_lq`, one `lq.lmdb` holds every variant under the pair key `<key>/<folder>` and `gt.lmdb` holds the
+clean image under the same pair keys (once per pair: BasicSR pairs databases by equal keys), so one
+PairedImageDataset reads every pair."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import lmdb
 
+from mdsd3_cli.util.atomic import naming, space_error
 from mdsd3_cli.util.safe_names import safe_component
 from mdsd3_cli.export.sample import EncodedSample, flat_key
 from mdsd3_cli.export.staging import StagedFolder
 
 GT_NAME = "gt.lmdb"
+ONE_LQ_NAME = "lq.lmdb"
 META_INFO = "meta_info.txt"
 COMMIT_EVERY = 256
 COMMIT_BYTES = 64 * 2**20
@@ -31,18 +38,36 @@ def lq_name(folder: str) -> str:
 
 
 class _Database:
-    """One LMDB database folder with its meta_info.txt, filled in bounded transactions."""
+    """One LMDB database folder with its meta_info.txt, filled in bounded transactions. Every failure is an
+    OSError naming the database (a full disk says so), never an lmdb traceback."""
 
     def __init__(self, path: Path, payload_bytes: int, entries: int) -> None:
         self.path = path
-        path.mkdir()
-        self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
-        self.meta_info = open(path / META_INFO, "w", encoding="ascii")
-        self.transaction = self.environment.begin(write=True)
+        self.environment = self.transaction = self.meta_info = None
+        try:
+            with self._named("open"):
+                path.mkdir()
+                self.environment = lmdb.open(str(path), map_size=2 * payload_bytes + entries * PAGE_OVERHEAD + 2**26)
+                self.meta_info = open(path / META_INFO, "w", encoding="ascii")
+                self.transaction = self.environment.begin(write=True)
+        except BaseException:
+            self.abort()
+            raise
         self.uncommitted = self.uncommitted_bytes = 0
 
-    def put(self, key: str, data: bytes, meta_line: str) -> None:
+    @contextmanager
+    def _named(self, what: str):
         try:
+            yield
+        except lmdb.DiskError:  # ENOSPC
+            raise space_error(self.path) from None
+        except lmdb.Error as error:  # e.g. MapFullError
+            raise OSError(f"{self.path}: {what}: {error}") from None
+        except OSError as error:  # the folder or meta_info.txt
+            raise naming(error, self.path / META_INFO if error.filename is None else error.filename) from None
+
+    def put(self, key: str, data: bytes, meta_line: str) -> None:
+        with self._named(f"key {key!r}"):
             if not self.transaction.put(key.encode("ascii"), data, overwrite=False):
                 raise ValueError(f"key {key!r} is written twice")
             self.meta_info.write(meta_line)
@@ -52,38 +77,55 @@ class _Database:
                 self.transaction.commit()
                 self.transaction = self.environment.begin(write=True)
                 self.uncommitted = self.uncommitted_bytes = 0
-        except lmdb.Error as error:  # e.g. MapFullError: an OSError naming the database, never a traceback
-            raise OSError(f"{self.path}: key {key!r}: {error}") from None
 
-    def close(self, commit: bool) -> None:
-        if commit:
+    def commit(self) -> None:
+        """Commit, sync to disk and close (errors named)."""
+        with self._named("commit"):
             self.transaction.commit()
+            self.transaction = None
             self.environment.sync(True)
-        else:
-            self.transaction.abort()
-        self.environment.close()
-        self.meta_info.close()
+            self.meta_info.close()
+        self.abort()
+
+    def abort(self) -> None:
+        """Close without committing what is pending; never raises (the folder is about to be deleted)."""
+        for close in (getattr(self.transaction, "abort", None), getattr(self.environment, "close", None),
+                      getattr(self.meta_info, "close", None)):
+            try:
+                if close is not None:
+                    close()
+            except (lmdb.Error, OSError):
+                pass  # e.g. meta_info's buffered lines on a full disk
+        self.environment = self.transaction = self.meta_info = None
 
 
 class LmdbWriter:
     """Writes pairs into the BasicSR layout under `destination`, appearing as a whole on `close()`.
 
-    Samples must arrive grouped by key (the clean image is stored once per key). `sizes` gives (total image bytes,
-    images) per database (None: gt, else the folder) to size the LMDB maps; `level` is meta_info's last field (the PNG
-    compression level, or the JPEG/WebP quality). Each meta_info line carries the image's shape from its header
+    Samples must arrive grouped by key (the clean image is stored once per key, or once per pair with `one_lq`).
+    `sizes` gives (total image bytes, images) per database (None: gt, else the folder) to size the LMDB maps;
+    `level` is meta_info's last field (the PNG compression level, or the JPEG/WebP quality). Each meta_info line carries the image's shape from its header
     (samples must carry `clean_shape` and `degraded_shape`). `partial`: what to record in PARTIAL_EXPORT.json.
+    `one_lq`: one `lq.lmdb` for every variant folder (see the module's docstring).
     """
 
     def __init__(self, destination: Path, folders: Sequence[str], sizes: Mapping[str | None, tuple[int, int]],
-                 level: int, partial: Mapping[str, Any] | None = None) -> None:
+                 level: int, partial: Mapping[str, Any] | None = None, one_lq: bool = False) -> None:
         names = [lq_name(folder) for folder in folders]  # checked before anything is created
+        if one_lq:  # gt: the clean image once per pair; lq: every folder's images
+            pairs = len(folders)
+            layout = {None: (GT_NAME, (sizes[None][0] * pairs, sizes[None][1] * pairs)),
+                      ONE_LQ_NAME: (ONE_LQ_NAME, tuple(map(sum, zip(*(sizes[folder] for folder in folders)))))}
+        else:
+            layout = {folder: (name, sizes[folder]) for folder, name in zip((None, *folders), (GT_NAME, *names))}
         self._folder = StagedFolder(destination)
         self._partial = partial
         self.level = level
-        self._databases: dict[str | None, _Database] = {}  # None: gt, else the variant folder
+        self.one_lq = one_lq
+        self._databases: dict[str | None, _Database] = {}  # None: gt, else the variant folder (or ONE_LQ_NAME)
         try:
-            for folder, name in zip((None, *folders), (GT_NAME, *names)):
-                self._databases[folder] = _Database(self._folder.stage / name, *sizes[folder])
+            for database, (name, (payload, entries)) in layout.items():
+                self._databases[database] = _Database(self._folder.stage / name, payload, entries)
         except BaseException:
             self.abort()
             raise
@@ -93,6 +135,15 @@ class LmdbWriter:
         key = flat_key(sample.key)
         if sample.clean_shape is None or sample.degraded_shape is None:
             raise ValueError(f"key {sample.key!r}: a sample needs its image shapes for meta_info")
+        if self.one_lq:
+            key = f"{key}/{flat_key(sample.folder)}"
+            if len(key) > MAX_KEY_BYTES:
+                raise ValueError(f"key {sample.key!r} of folder {sample.folder!r}: the pair key {key!r} is longer "
+                                 f"than LMDB's {MAX_KEY_BYTES} bytes; export without the one-LQ layout")
+            self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
+            self._databases[ONE_LQ_NAME].put(key, sample.degraded,
+                                             self._meta_line(key, sample.extension, sample.degraded_shape))
+            return
         if sample.key != self._last_key:
             self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
             self._last_key = sample.key
@@ -104,16 +155,18 @@ class LmdbWriter:
         return f"{key}.{extension} ({height},{width},{channels}) {self.level}\n"
 
     def close(self) -> None:
-        self._close_all(commit=True)
+        for database in self._databases.values():
+            database.commit()
+        self._databases = {}
         if self._partial is not None:
             self._folder.record_partial(self._partial)
         self._folder.commit()
 
     def abort(self) -> None:
-        self._close_all(commit=False)
-        self._folder.discard()
-
-    def _close_all(self, commit: bool) -> None:
-        for database in self._databases.values():
-            database.close(commit)
-        self._databases = {}
+        """Remove the staging folder and release the destination; never raises for the databases' own errors."""
+        try:
+            for database in self._databases.values():
+                database.abort()
+            self._databases = {}
+        finally:
+            self._folder.discard()

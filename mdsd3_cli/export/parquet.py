@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mdsd3_cli.export.sample import EncodedSample
-from mdsd3_cli.util.atomic import AtomicFile
+from mdsd3_cli.util.atomic import AtomicFile, naming
 from mdsd3_cli.export.staging import StagedFolder
 
 FILE_PATTERN = "data-{index:05d}.parquet"
@@ -87,10 +87,15 @@ class ParquetWriter:
         self._folder.commit()
 
     def abort(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._file.discard()
-        self._folder.discard()
+        try:
+            if self._writer is not None:
+                try:
+                    self._writer.close()  # writes the footer: may fail again on a full disk
+                except OSError:
+                    pass
+                self._file.discard()
+        finally:
+            self._folder.discard()
 
     def _flush(self) -> None:
         if not self._rows:
@@ -99,13 +104,20 @@ class ParquetWriter:
             self._file = AtomicFile(self._folder.stage / FILE_PATTERN.format(index=self.files))
             self._writer = pq.ParquetWriter(self._file.file, self.schema)
             self.files += 1
-        self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema), row_group_size=ROW_GROUP_ROWS)
+        try:
+            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema),
+                                     row_group_size=ROW_GROUP_ROWS)
+        except OSError as error:
+            raise naming(error, self._file.path) from None
         self._rows, self._buffered_bytes = [], 0
         if self._rows_in_file == self.rows_per_file:
             self._finish_file()
 
     def _finish_file(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except OSError as error:
+                raise naming(error, self._file.path) from None
             self._file.commit()
             self._writer, self._file, self._rows_in_file = None, None, 0

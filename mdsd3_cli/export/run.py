@@ -255,12 +255,17 @@ def _count_bytes(total: list[int], root: Path, record: dict[str, Any], role: str
     total[1] += 1
 
 
-def open_writer(plan: ExportPlan, to: str, destination: Path, per_file: int | None = None) -> SampleWriter:
-    """The writer of format `to` (see EXPORT_FORMATS) for `plan`'s dataset (marked partial when the plan is)."""
+def open_writer(plan: ExportPlan, to: str, destination: Path, per_file: int | None = None,
+                one_lq: bool = False) -> SampleWriter:
+    """The writer of format `to` (see EXPORT_FORMATS) for `plan`'s dataset (marked partial when the plan is);
+    `one_lq`: lmdb with one LQ database for every variant folder."""
+    if one_lq and to != "lmdb":
+        raise ValueError(f"one LQ database is an lmdb layout; --to {to} has no LQ databases")
     if to == "webdataset":
         return WebDatasetWriter(destination, per_file or DEFAULT_KEYS_PER_TAR, plan.partial_note)
     if to == "lmdb":
-        return LmdbWriter(destination, plan.folders, plan.bytes_per_database, plan.meta_info_level, plan.partial_note)
+        return LmdbWriter(destination, plan.folders, plan.bytes_per_database, plan.meta_info_level, plan.partial_note,
+                          one_lq)
     if to == "parquet":
         return ParquetWriter(destination, plan.classes, per_file or DEFAULT_ROWS_PER_FILE, plan.partial_note)
     raise ValueError(f"unknown export format {to!r}; expected one of {list(EXPORT_FORMATS)}")
@@ -268,16 +273,17 @@ def open_writer(plan: ExportPlan, to: str, destination: Path, per_file: int | No
 
 def run_export(dataset: str | os.PathLike, to: str, destination: str | os.PathLike,
                per_file: int | None = None, console: Console | None = None,
-               partial: bool = False) -> ExportSummary:
+               partial: bool = False, one_lq: bool = False) -> ExportSummary:
     """Write `dataset` (a finished generate output, either layout) as `to` into the folder `destination`, which
-    must not exist. `partial`: export an unfinished run's complete keys, marked partial (see `plan_export`)."""
+    must not exist. `partial`: export an unfinished run's complete keys, marked partial (see `plan_export`).
+    `one_lq`: lmdb with one LQ database for every variant folder (`basicsr_lmdb`)."""
     started = time.perf_counter()
     plan = plan_export(dataset, partial)
     destination = Path(destination).expanduser().absolute()
     if destination.resolve().is_relative_to(plan.root):
         raise ExportError(f"{destination} is inside the dataset {plan.root}; export somewhere else")
     summary = ExportSummary(to, destination, partial=plan.unfinished, keys_left_out=plan.keys_left_out)
-    writer = open_writer(plan, to, destination, per_file)
+    writer = open_writer(plan, to, destination, per_file, one_lq)
     try:
         with RunProgress(len(plan.pairs), f"export {to}", unit="pairs", console=console) as progress:
             for sample in ordered_map(_Reader(plan), plan.pairs, READ_WORKERS, name="mdsd3-export"):
@@ -376,6 +382,9 @@ def _reason(error: BaseException) -> str:
 def _how_to_read(to: str, destination: Path, writer: SampleWriter) -> str:
     if isinstance(writer, WebDatasetWriter):
         return f'webdataset.WebDataset("{writer.pattern()}")'
+    if isinstance(writer, LmdbWriter) and writer.one_lq:
+        return (f"BasicSR PairedImageDataset, io_backend type lmdb: dataroot_gt {destination}/gt.lmdb, "
+                f"dataroot_lq {destination}/lq.lmdb")
     if to == "lmdb":
         return f"BasicSR PairedImageDataset, io_backend type lmdb: dataroot_gt {destination}/gt.lmdb"
     return f'datasets.load_dataset("parquet", data_dir="{destination}")'

@@ -1,10 +1,11 @@
 """A whole output folder built in a private staging folder beside its final name and renamed onto that name only
 when complete, so a killed export never leaves something that looks finished (single files: `atomic.AtomicFile`).
 
-Guarantees: one writer per destination (a kernel lock on `.<name>.mdsd3-export.lock` beside it, taken without
-waiting); the staging folder is created exclusively under a unique name (`.<name>.<random>.partial`) and holds an
-owner marker while it is built; only the staging folder this process created is ever deleted; the final rename
-never replaces anything that appeared at the destination meanwhile.
+Guarantees: one writer per destination (`util.output_lock`: a kernel lock on `.<name>.mdsd3-export.lock` beside
+it, taken without waiting); the staging folder is created exclusively under a unique name
+(`.<name>.<random>.partial`, with the umask's folder mode, not mkdtemp's 0700) and holds an owner marker while it
+is built; only the staging folder this process created is ever deleted; the final rename never replaces anything
+that appeared at the destination meanwhile.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import json
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mdsd3_cli.util.atomic import atomic_write
+from mdsd3_cli.util.atomic import atomic_write, folder_mode
+from mdsd3_cli.util.output_lock import OutputBusyError as DestinationBusyError, OutputLock, lock_path
+
+__all__ = ["DestinationBusyError", "DestinationExistsError", "StagedFolder", "lock_path", "rename_no_replace"]
+"""`DestinationBusyError` and `lock_path` are `util.output_lock`'s, under the names export's callers use."""
 
 STAGE_SUFFIX = ".partial"
 OWNER_MARKER = ".mdsd3-export-staging"
@@ -30,93 +33,11 @@ OWNER_MARKER = ".mdsd3-export-staging"
 and safe to delete by hand; mdsd3 never deletes a staging folder it did not create in this process)."""
 PARTIAL_FILE = "PARTIAL_EXPORT.json"
 """In a folder export made with --partial: why it is partial and what was left out."""
-LOCK_SUFFIX = ".mdsd3-export.lock"
-LOCK_CONTENT = b"mdsd3 export lock\n"
-_LOCK_ATTEMPTS = 5
 _RENAME_NOREPLACE = 1
 
 
 class DestinationExistsError(FileExistsError):
     """The final name is taken; a finished output is never replaced."""
-
-
-class DestinationBusyError(OSError):
-    """Another export holds the destination's lock."""
-
-
-def lock_path(destination: Path) -> Path:
-    """The lock file of `destination` (a sibling)."""
-    return destination.with_name(f".{destination.name}{LOCK_SUFFIX}")
-
-
-class DestinationLock:
-    """An exclusive, non-blocking `flock` on `lock_path(destination)`, removed by its holder on `release()`.
-
-    A holder unlinks the file while still holding it, and a taker checks after locking that the file it locked is
-    still the one at that name, so two processes can never both hold the lock of one destination. A file at the
-    lock's name that mdsd3 did not write (a link, a non-regular or non-empty foreign file) is refused, never
-    removed. A kill -9 leaves the file unlocked; the next export takes it over.
-    """
-
-    def __init__(self, destination: Path) -> None:
-        self.destination = destination
-        self.path = lock_path(destination)
-        self._descriptor: int | None = None
-        for _ in range(_LOCK_ATTEMPTS):
-            descriptor = self._open()
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as error:
-                holder = os.pread(descriptor, 64, 0).decode("ascii", "replace").split("\n")[1:2]
-                os.close(descriptor)
-                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    pid = f" (PID {holder[0]})" if holder and holder[0] else ""
-                    raise DestinationBusyError(f"another export is writing {destination}{pid}; wait for it to "
-                                               "finish or choose another destination") from None
-                raise
-            if self._still_at_path(descriptor):
-                os.ftruncate(descriptor, 0)
-                os.pwrite(descriptor, LOCK_CONTENT + f"{os.getpid()}\n".encode("ascii"), 0)
-                self._descriptor = descriptor
-                return
-            os.close(descriptor)  # its holder removed it between our open and lock: take the new one
-        raise DestinationBusyError(f"{self.path} keeps changing; another export is writing {destination}")
-
-    def _open(self) -> int:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            descriptor = os.open(self.path, flags, 0o644)
-        except OSError:
-            if os.path.islink(self.path):
-                raise DestinationBusyError(f"{self.path} (the lock of {self.destination}) is a symbolic link that "
-                                           "mdsd3 did not make; remove it") from None
-            raise
-        status = os.fstat(descriptor)  # st_nlink 0: its holder just removed it (the lock then fails or is retried)
-        foreign = (not stat.S_ISREG(status.st_mode) or status.st_nlink > 1
-                   or (status.st_size and not os.pread(descriptor, len(LOCK_CONTENT), 0) == LOCK_CONTENT))
-        if foreign:
-            os.close(descriptor)
-            raise DestinationBusyError(f"{self.path} (the lock of {self.destination}) is a file mdsd3 did not write; "
-                                       "remove it or choose another destination")
-        return descriptor
-
-    def _still_at_path(self, descriptor: int) -> bool:
-        try:
-            current = os.stat(self.path, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        mine = os.fstat(descriptor)
-        return (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino)
-
-    def release(self) -> None:
-        if self._descriptor is None:
-            return
-        try:
-            os.unlink(self.path)  # while still holding it: no one else can have locked this file
-        except FileNotFoundError:
-            pass
-        os.close(self._descriptor)
-        self._descriptor = None
 
 
 def rename_no_replace(source: Path, target: Path) -> None:
@@ -154,7 +75,7 @@ class StagedFolder:
     def __init__(self, path: Path) -> None:
         self.path = Path(path).expanduser().absolute()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = DestinationLock(self.path)
+        self._lock = OutputLock(self.path, "export")
         try:
             if os.path.lexists(self.path):
                 raise DestinationExistsError(f"{self.path} exists; remove it or choose another destination")
@@ -164,7 +85,12 @@ class StagedFolder:
             self._lock.release()
             raise
         self._owned = True
-        (self.stage / OWNER_MARKER).write_text(f"{os.getpid()}\n{self.path}\n", encoding="utf-8")
+        try:
+            os.chmod(self.stage, folder_mode())  # mkdtemp's 0700 would become DEST's mode
+            atomic_write(self.stage / OWNER_MARKER, f"{os.getpid()}\n{self.path}\n".encode("utf-8"))
+        except BaseException:
+            self.discard()
+            raise
 
     def record_partial(self, partial: Mapping[str, Any]) -> None:
         """Write PARTIAL_FILE (what `partial` says) into the folder."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mdsd3_cli.export.sample import EncodedSample, flat_key
-from mdsd3_cli.util.atomic import AtomicFile
+from mdsd3_cli.util.atomic import AtomicFile, naming
 from mdsd3_cli.export.staging import StagedFolder
 
 MEMBER_MTIME = 0
@@ -83,15 +83,27 @@ class TarWriter:
     def add_member(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), MEMBER_MTIME, MEMBER_MODE
-        self._tar.addfile(info, io.BytesIO(data))
+        try:
+            self._tar.addfile(info, io.BytesIO(data))
+        except OSError as error:
+            raise naming(error, self.path) from None
 
     def close(self) -> None:
-        self._tar.close()
+        try:
+            self._tar.close()
+        except OSError as error:
+            self._file.discard()
+            raise naming(error, self.path) from None
         self._file.commit()
 
     def abort(self) -> None:
-        self._tar.close()
-        self._file.discard()
+        """Remove the temp file; never raises for the tar's own errors (its end blocks on a full disk)."""
+        try:
+            self._tar.close()
+        except OSError:
+            pass
+        finally:
+            self._file.discard()
 
 
 class WebDatasetWriter:
@@ -134,10 +146,12 @@ class WebDatasetWriter:
         self._folder.commit()
 
     def abort(self) -> None:
-        if self._tar is not None:
-            self._tar.abort()
-            self._tar = None
-        self._folder.discard()
+        try:
+            if self._tar is not None:
+                self._tar.abort()
+                self._tar = None
+        finally:
+            self._folder.discard()
 
     def pattern(self) -> str:
         """The brace pattern naming every tar, as `webdataset.WebDataset` takes it."""

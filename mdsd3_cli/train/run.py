@@ -30,14 +30,14 @@ import rich.console
 from rich.markup import escape
 
 from mdsd3_cli import __version__
-from mdsd3_cli.dataset.ownership import OutputLock
+from mdsd3_cli.dataset.ownership import LOCKS, OutputLock
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, FlowStart
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import load_prompt_embeddings
 from mdsd3_cli.model.sampler import MDSD3Sampler
 from mdsd3_cli.model.transformer import MDSD3Transformer
 from mdsd3_cli.model.weights import PARAMETER_GROUPS, BaseModel, add_lora, build_model, describe_parameters, fingerprint_base, fresh_adapter_config, load_base, save_adapter
-from mdsd3_cli.recipe.train import TrainRecipe
+from mdsd3_cli.recipe.train import Mdsd3OutputDataset, PairedFoldersDataset, TrainRecipe
 from mdsd3_cli.train.checkpoints import (
     ADAPTER_DIR, CHECKPOINTS, STATE_FORMAT, STATE_NAME, check_resume_state, checkpoint_name, export_config,
     load_checkpoint_adapter, read_state, resolve_resume, write_checkpoint,
@@ -99,6 +99,35 @@ def check_recipe(recipe: TrainRecipe) -> None:
         raise TrainError("train.trainable lora_only needs train.lora_rank > 0")
 
 
+TRAIN_OUTPUT_MARKERS = (LOG_NAME, CHECKPOINTS, ADAPTER_DIR)
+"""What makes a folder a training output: a non-empty OUT holding none of these is someone else's."""
+
+
+def check_output_folder(recipe: TrainRecipe) -> None:
+    """TrainError when output.dir is, lies inside or holds a folder that a training dataset scans (its previews
+    would become training data), or is a non-empty folder training did not write (none of TRAIN_OUTPUT_MARKERS)."""
+    out = Path(recipe.output.dir).resolve()
+    for spec in recipe.datasets:
+        if isinstance(spec, PairedFoldersDataset):
+            folders = [spec.clean, spec.degraded]
+        elif isinstance(spec, Mdsd3OutputDataset):
+            folders = [spec.dir]
+        else:
+            continue  # a pair list names its files: nothing written beside it becomes data
+        for folder in folders:
+            data = Path(folder).resolve()
+            if out.is_relative_to(data) or data.is_relative_to(out):
+                raise TrainError(f"{recipe.source}: output.dir {out} overlaps the training data {folder} (dataset "
+                                 f"{spec.name!r}); choose an output folder outside the datasets")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{recipe.source}: output.dir {out} is not a folder")
+    entries = set(os.listdir(out)) - {LOCKS} if out.is_dir() else set()
+    if entries and not entries & set(TRAIN_OUTPUT_MARKERS):
+        shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise TrainError(f"{recipe.source}: output.dir {out} is a non-empty folder that training did not write "
+                         f"(it holds {shown}); choose a new or empty folder")
+
+
 class _NoProgress:
     """The progress display of the processes other than the main one: nothing."""
 
@@ -127,6 +156,7 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.preview_settings = preview or PreviewSettings()
         check_recipe(recipe)
+        check_output_folder(recipe)
         self.dataset = build_dataset(recipe)  # before any model: an empty dataset fails here
         self.resume_from = resolve_resume(self.out, resume)
         self.resume_state = read_state(self.resume_from) if self.resume_from else None
