@@ -245,8 +245,10 @@ def init(
                       "as the demo does (model, size, steps, alpha/beta, grid_shifts, guidance): mini.",
                       show_default=False)] = None,
 ) -> None:
-    """Write a commented example recipe to edit. A link at PATH counts as an existing file: --force replaces the
-    link itself (atomically), never the file it points to."""
+    """Write a commented example recipe to edit.
+
+    A link at PATH counts as an existing file: --force replaces the link itself (atomically), never the file it
+    points to."""
     from mdsd3_cli.recipe.generate import example_recipe_text
     from mdsd3_cli.recipe.presets import preset_recipe_text
     from mdsd3_cli.util.atomic import atomic_write

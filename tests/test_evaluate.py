@@ -271,7 +271,7 @@ def test_empty_or_missing_datasets_are_one_line_errors(tmp_path: Path) -> None:
 
 def test_tiny_preset_output_in_two_shards_with_a_partial_run(folders_dataset: Path, tmp_path: Path) -> None:
     out = copy_dataset(folders_dataset, tmp_path / "out")
-    (manifest,) = (out / "manifest").iterdir()
+    (manifest,) = (out / "manifest").glob("*.jsonl")
     lines = manifest.read_bytes().splitlines(keepends=True)
     manifest.unlink()  # the same records, as two shards' manifests, the second one cut by a killed run
     (out / "manifest" / "shard-a.jsonl").write_bytes(b"".join(lines[:4]))
