@@ -26,7 +26,7 @@ import re
 import stat
 import tarfile
 from collections import defaultdict
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,43 +98,40 @@ _MAX_RECORD_BYTES = 1 << 20
 
 def listed_tar_lines(out_dir: Path, shard: ShardSpec) -> dict[Sample, tuple[str, bytes]]:
     """The complete lines of this shard's manifest that record a sample in a tar: sample -> (tar, line)."""
-    manifest = Path(out_dir) / "manifest" / f"{shard.name}.jsonl"
     listed: dict[Sample, tuple[str, bytes]] = {}
-    try:
-        if not stat.S_ISREG(os.lstat(manifest).st_mode):
-            return listed  # the writer refuses it with a clear message
-        with open(manifest, "rb") as handle:
-            for line in handle:
-                try:
-                    record = parse_record(line)
-                except ManifestLineError:
-                    continue
-                if TAR_FIELD in record:
-                    listed[record["key"], record["folder"]] = (record[TAR_FIELD], line)
-    except FileNotFoundError:
-        pass
+    for line in _regular_file_lines(Path(out_dir) / "manifest" / f"{shard.name}.jsonl"):
+        try:
+            record = parse_record(line)
+        except ManifestLineError:
+            continue
+        if TAR_FIELD in record:
+            listed[record["key"], record["folder"]] = (record[TAR_FIELD], line)
     return listed
 
 
 def recorded_failures(out_dir: Path, shard: ShardSpec) -> dict[str, FailedInput]:
     """The inputs this shard's errors/ file lists as failed, by key (unreadable lines are ignored)."""
-    path = OutputLayout(out_dir).errors_path(shard.name)
     failures: dict[str, FailedInput] = {}
+    for line in _regular_file_lines(OutputLayout(out_dir).errors_path(shard.name)):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and all(isinstance(entry.get(name), str) for name in ("key", "path", "reason")):
+            failures[entry["key"]] = FailedInput(entry["key"], entry["path"], entry["reason"])
+    return failures
+
+
+def _regular_file_lines(path: Path) -> Iterator[bytes]:
+    """The lines of the log at `path`; none when it is missing or not a regular file (the writer refuses such a
+    file with a clear message)."""
     try:
         if not stat.S_ISREG(os.lstat(path).st_mode):
-            return failures  # the writer refuses it with a clear message
+            return
         with open(path, "rb") as handle:
-            for line in handle:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(entry, dict) and all(isinstance(entry.get(name), str) for name in ("key", "path",
-                                                                                                 "reason")):
-                    failures[entry["key"]] = FailedInput(entry["key"], entry["path"], entry["reason"])
+            yield from handle
     except FileNotFoundError:
-        pass
-    return failures
+        return
 
 
 def finished_groups(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
