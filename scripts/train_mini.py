@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
-"""Reproduce the `mini` preset from scratch, seeded: training crops, joint training, preset folder, fingerprints.
+"""Reproduce the `mini` preset, seeded: training crops, joint training, preset folder, fingerprints.
 
     python scripts/train_mini.py data --out out/mini_data                      # CPU, needs scikit-image
-    python scripts/train_mini.py train --cpu --steps 4800 --final-steps 500 --batch 16 --crop 64 \
-        --final-crop 128 --data out/mini_data --out out/mini_run               # stage 1 (mini v1): ~64 min, 2 cores
-    python scripts/train_mini.py train --cpu --init out/mini_run/preset --alpha 0.3 --beta 1.0 \
-        --steps 2000 --final-steps 200 --batch 16 --crop 64 --final-crop 128 --lr 3e-4 --warmup 100 \
-        --sanity-steps 4 --data out/mini_data --out out/mini_ft              # stage 2 (mini v2): ~24 min, 2 cores
-    python scripts/train_mini.py install --preset out/mini_ft/preset           # copy into mdsd3_cli/model/presets/mini
+    python scripts/train_mini.py train --cpu --threads 1 --init V2_PRESET --alpha 0.3 --beta 1.0 \
+        --prediction residual_x0 --output-conv --couple-noise --phase 64:16:500 --phase 128:8:220 \
+        --phase 256:4:60 --lr 2e-4 --warmup 50 --ema 0.99 --stop-at 500 --data out/mini_data --out out/mini_a
+    ...                                                                        # mini v3: four such stages, A-D
+    python scripts/train_mini.py install --preset out/mini_d/preset            # copy into mdsd3_cli/model/presets/mini
 
-Stage 2 continues from stage 1's weights with the flow's source moved to the noise equation's start
-z_T = 0.3·ε + 1.0·z_clean (`--alpha/--beta`, as `mdsd3 train`'s `train.start`), so 4 sampling steps from that
-start reproduce the photo (identity 28-29 dB on the held-out photos instead of 22 dB from pure noise).
+scripts/retrain_mini.sh runs mini v3's data step and its four stages as they were run, from the v2 preset in git,
+and installs the result (docs/mini.md).
+mini v1 and v2 came from `train` from random weights (flow from pure noise), then from v1 with the flow's source
+moved to the noise equation's start z_T = 0.3·ε + 1.0·z_clean (`--alpha/--beta`, as `mdsd3 train`'s
+`train.start`); docs/mini.md lists their commands. v3 keeps v2's body and clean branch and adds the residual
+x-prediction (`--prediction residual_x0`: the output layer is zeroed, the identity is exact before training;
+`--gated-skip` doubles the output channels for the gate g of x̂0 = clean + Δ̂ + g·(x_t − clean)), the
+zero-initialised output convolution (`--output-conv`) and degradations whose per-pixel randomness is the
+flow's start noise (`--couple-noise`), trained in phases of growing crops up to 256 px (`--phase`).
 
 On a GPU, `train --minutes 7` (batch 128 at 128 px, bf16) fits the step count to the time instead
 (scripts/gpu_train_mini.sh); that gives other weights than the CPU schedule above.
 
-`data` writes `crops.safetensors` (uint8 [N, 160, 160, 3] random crops, at random scales, of real photos:
-scikit-image's colour photos and grayscale images, plus those in examples/photos) and `heldout.safetensors`
+`data` writes `crops.safetensors` (uint8 [N, 288, 288, 3] random crops, at random scales, of real photos:
+scikit-image's colour photos and grayscale images, matplotlib's grace_hopper, plus those in examples/photos) and
+`heldout.safetensors`
 (uint8 [2, 128, 128, 3] centre crops of the held-out photos `chelsea` and `coffee`, which no crop comes from).
 
 `train` trains the whole mini model (mdsd3_cli/model/presets/build_mini.py) at once, base and adapter together, with the objective
@@ -53,7 +59,9 @@ sys.path.insert(0, str(ROOT))
 from mdsd3_cli.model.adapter import FlowStart  # noqa: E402
 from mdsd3_cli.model.presets.degradations import degrade, quantize  # noqa: E402
 from mdsd3_cli.model.heads import all_prompts, partition_heads  # noqa: E402
-from mdsd3_cli.model.presets.build_mini import MINI_CLASSES, MINI_RESOLUTION, fresh_mini, preset_sizes, save_preset  # noqa: E402
+from mdsd3_cli.model.presets.build_mini import (  # noqa: E402
+    MINI_CLASSES, MINI_RESOLUTION, MINI_TRANSFORMER, fresh_mini, preset_sizes, save_preset,
+)
 from mdsd3_cli.train.previews import PreviewSettings, render_preview  # noqa: E402
 from mdsd3_cli.train.step import (  # noqa: E402
     FlowSchedule, LatentEncoder, PromptTable, batch_conditioning, flow_matching_loss, step_generator,
@@ -191,6 +199,8 @@ def train(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
@@ -201,7 +211,7 @@ def train(args: argparse.Namespace) -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {gpu}; {len(crops)} training crops; torch {torch.__version__}", flush=True)
 
-    base, model, words = fresh_mini(args.seed)
+    base, model, words = fresh_mini(args.seed, gated=args.gated_skip)
     if args.init:
         model, words = load_preset_weights(model, Path(args.init))
     if args.prediction == "residual_x0" and read_init_prediction(args.init) != "residual_x0":
@@ -233,7 +243,8 @@ def train(args: argparse.Namespace) -> None:
     log = (out / "log.jsonl").open("w")
     window, losses, started, calibrated = [], [], time.perf_counter(), calibrated_at_start
     step = 0
-    while step < total:
+    stop = min(total, args.stop_at or total)
+    while step < stop:
         lr = _lr(step, total if calibrated else 10**6, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -353,6 +364,23 @@ def save_ema(model, params, ema, words, folder: Path, start: FlowStart, predicti
     print(f"checkpoint: {folder}", flush=True)
 
 
+def widen_output(model, state: dict[str, torch.Tensor]) -> None:
+    """Fit an --init preset's output layer (and output convolution) with C channels into a model with 2C (the
+    gated skip): the old weights give Δ̂, the new gate channels start at zero (g = 0: the same x̂0)."""
+    narrow, wide = MINI_TRANSFORMER["out_channels"], model.out_channels
+    if wide == narrow or state["proj_out.weight"].shape[0] == model.proj_out.weight.shape[0]:
+        return
+    for name in ("proj_out.weight", "proj_out.bias"):
+        old = state[name]
+        new = torch.zeros((old.shape[0] // narrow, wide, *old.shape[1:]))
+        new[:, :narrow] = old.unflatten(0, (-1, narrow))
+        state[name] = new.flatten(0, 1)
+    if "output_conv.weight" in state:
+        weight, bias = torch.zeros_like(model.output_conv.weight), torch.zeros_like(model.output_conv.bias)
+        weight[:narrow, :narrow], bias[:narrow] = state["output_conv.weight"], state["output_conv.bias"]
+        state["output_conv.weight"], state["output_conv.bias"] = weight, bias
+
+
 def read_init_prediction(preset: Path | None) -> str | None:
     """The prediction recorded by an `--init` preset's adapter config (None without --init)."""
     from mdsd3_cli.model.adapter import read_adapter_config
@@ -373,6 +401,7 @@ def load_preset_weights(model, preset: Path):
     state = {name: tensor.float() for name, tensor in
              load_file(str(preset / "base" / "transformer" / "diffusion_pytorch_model.safetensors")).items()}
     state.update({name: tensor.float() for name, tensor in load_file(str(preset / "adapter" / "adapter.safetensors")).items()})
+    widen_output(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     buffers = {name for name, _ in model.named_buffers()}  # fixed (sin-cos positions): not stored in the adapter
     missing = [name for name in missing if name not in buffers]
@@ -464,14 +493,20 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--phase", type=parse_phase, action="append", default=None, metavar="CROP:BATCH:STEPS",
                      help="a training phase, repeatable, run in order (replaces --steps/--crop/--final-*); the EMA "
                           "is saved as OUT/phaseN/preset after each phase but the last")
+    run.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                     help="stop at this step, the schedule (learning rate, phases) still that of the full run")
     run.add_argument("--prediction", choices=("velocity", "residual_x0"), default="velocity",
                      help="what the model outputs: the flow velocity, or Δ̂ with x̂0 = clean + Δ̂ (mini v3; "
                           "a velocity --init gets a zero-initialised output layer)")
+    run.add_argument("--gated-skip", action="store_true",
+                     help="twice the output channels: x̂0 = clean + Δ̂ + g·(x_t − clean) (mini v3; needs residual_x0)")
     run.add_argument("--output-conv", action="store_true",
                      help="add the zero-initialised residual 3x3 output convolution (mini v3)")
     run.add_argument("--couple-noise", action="store_true",
                      help="draw the degradations' per-pixel randomness (rain drops, noise) from the flow's start noise")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default torch's); 1 is much faster on cores shared with other jobs")
     run.add_argument("--sanity-steps", type=int, default=10, help="sampler steps of the sanity sheets")
     run.add_argument("--quick", action="store_true",
                      help="pipeline check on a CPU in about two minutes: 30 steps, batch 4, 32-px crops, 2 sanity steps")
@@ -480,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "train" and not args.quick and not args.steps and not args.phase and not args.minutes > 0:
         parser.error("give --minutes > 0, --steps or --phase")
+    if args.command == "train" and args.gated_skip and args.prediction != "residual_x0":
+        parser.error("--gated-skip needs --prediction residual_x0")
     if args.command == "train" and args.final_steps and not args.steps:
         parser.error("--final-steps needs --steps (the phase starts at steps - final_steps)")
     if args.command == "data":

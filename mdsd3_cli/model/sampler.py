@@ -152,7 +152,7 @@ class MDSD3Sampler:
                     return_dict=False,
                 )[0]
                 if residual:  # x̂0 (linear in Δ̂: guidance and the offsets' mean act on it as on the velocity)
-                    prediction = residual_x0(prediction, clean_latents[offset_index].to(self.dtype))
+                    prediction = residual_x0(prediction, clean_latents[offset_index].to(self.dtype), model_input)
                 if guided:
                     uncond_p, cond_p = prediction.chunk(2)
                     prediction = uncond_p + guidance * (cond_p - uncond_p)

@@ -37,11 +37,22 @@ SIGMA_MIN = 0.05
 """The σ floor of the residual x-prediction's velocity v̂ = (x_t − x̂0) / max(σ, SIGMA_MIN)."""
 
 
-def residual_x0(output: torch.Tensor, clean_latents: torch.Tensor) -> torch.Tensor:
-    """x̂0 = z_clean + Δ̂ for a residual x-prediction model's output Δ̂ (clean latents broadcast over guidance
-    halves, whose count must divide the batch)."""
+def residual_x0(output: torch.Tensor, clean_latents: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+    """x̂0 of a residual x-prediction model from its output: with as many channels as the latent, Δ̂ and
+    x̂0 = z_clean + Δ̂; with twice as many, (Δ̂, g) and x̂0 = z_clean + Δ̂ + g ⊙ (x_t − z_clean), a gated skip of
+    what the noisy latent holds beyond the clean one (the start noise that noise-like classes keep). The clean
+    latents broadcast over guidance halves, whose count must divide the batch."""
     groups = output.shape[0] // clean_latents.shape[0]
-    return (output.unflatten(0, (groups, clean_latents.shape[0])) + clean_latents.to(output.dtype)).flatten(0, 1)
+    clean = clean_latents.to(output.dtype)
+    grouped = output.unflatten(0, (groups, clean_latents.shape[0]))
+    channels = clean_latents.shape[1]
+    if output.shape[1] == channels:
+        return (grouped + clean).flatten(0, 1)
+    if output.shape[1] != 2 * channels:
+        raise ValueError(f"a residual x-prediction output has {channels} or {2 * channels} channels, not {output.shape[1]}")
+    delta, gate = grouped[:, :, :channels], grouped[:, :, channels:]
+    beyond = noisy.to(output.dtype).unflatten(0, (groups, clean_latents.shape[0])) - clean
+    return (clean + delta + gate * beyond).flatten(0, 1)
 
 
 def residual_velocity(x0: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:

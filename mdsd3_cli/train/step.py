@@ -43,7 +43,7 @@ from mdsd3_cli.model.adapter import FlowStart
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, head_mask
 from mdsd3_cli.model.prompts import PromptEmbedding
 from mdsd3_cli.model.sampler import initial_latents
-from mdsd3_cli.model.transformer import PREDICTIONS, MDSD3Transformer, residual_velocity, residual_x0
+from mdsd3_cli.model.transformer import PREDICTIONS, MDSD3Transformer, residual_x0
 from mdsd3_cli.model.weights import BaseModel
 from mdsd3_cli.train.data import batch_prompts
 from mdsd3_cli.train.errors import TrainError
@@ -51,6 +51,8 @@ from mdsd3_cli.train.errors import TrainError
 TRAINABLE_SETS = ("default", "lora_only")
 WEIGHTING_SCHEME = "logit_normal"
 _NOISE_STREAM = 0x70F5
+RESIDUAL_LOSS_SIGMA_FLOOR = 0.2
+"""The residual x-prediction's loss weights the x0 error by 1 / max(σ, this)² (see `flow_matching_loss`)."""
 
 
 def is_trainable(name: str, trainable: str) -> bool:
@@ -124,8 +126,9 @@ def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, targ
 
     The flow runs from `start` (z_T = α·ε + β·z_clean, default pure noise) to the degraded latent; the pure-noise
     start uses ε itself, so its loss is diffusers' to the bit. With `prediction="residual_x0"` (mini v3) the
-    model outputs Δ̂, x̂0 = z_clean + Δ̂, and the loss is the same velocity error with v̂ = (x_t − x̂0)/max(σ, σ_min):
-    |x̂0 − x0|²/max(σ, σ_min)², an x0 error weighted by 1/σ² (docs/METHOD.md §7)."""
+    model outputs Δ̂, x̂0 = z_clean + Δ̂, and the loss is |x̂0 − x0|² / max(σ, 0.2)²: for σ ≥ 0.2 (every σ a
+    sampler of up to 5 steps visits) exactly the velocity error of v̂ = (x_t − x̂0)/σ, below it an x0 error
+    weighted 25, not the 1/σ² that grows without bound where x_t already shows x0 (docs/METHOD.md §7)."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
     if prediction not in PREDICTIONS:
@@ -152,10 +155,12 @@ def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, targ
         hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
         timestep=timesteps.to(device), head_mask=mask, clean_latents=clean_latents, return_dict=False,
     )[0].float()
-    if prediction == "residual_x0":
-        output = residual_velocity(residual_x0(output, clean_latents.float()), noisy, sigma)
     weighting = compute_loss_weighting_for_sd3(WEIGHTING_SCHEME, sigmas=sigma)
-    error = weighting.float() * (output - (source - x0)) ** 2
+    if prediction == "residual_x0":
+        floor = sigma.clamp(min=RESIDUAL_LOSS_SIGMA_FLOOR)
+        error = weighting.float() * ((residual_x0(output, clean_latents.float(), noisy) - x0) / floor) ** 2
+    else:
+        error = weighting.float() * (output - (source - x0)) ** 2
     return error.reshape(x0.shape[0], -1).mean(dim=1).mean()
 
 

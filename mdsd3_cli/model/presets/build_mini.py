@@ -52,11 +52,13 @@ def mini_words(seed: int) -> WordTextEncoder:
     return WordTextEncoder(words, vectors[:-1], vectors[-1], max_words=len(MINI_CLASSES))
 
 
-def fresh_mini(seed: int) -> tuple[BaseModel, MDSD3Transformer, WordTextEncoder]:
-    """A randomly initialised mini base + MDSD3 model (clean branch copied from the base, zero Z layers)."""
+def fresh_mini(seed: int, gated: bool = False) -> tuple[BaseModel, MDSD3Transformer, WordTextEncoder]:
+    """A randomly initialised mini base + MDSD3 model (clean branch copied from the base, zero Z layers); `gated`:
+    twice the output channels, for the residual x-prediction's gated skip (mini v3, docs/METHOD.md §7)."""
+    shape = dict(MINI_TRANSFORMER, out_channels=2 * MINI_TRANSFORMER["out_channels"]) if gated else MINI_TRANSFORMER
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(**MINI_TRANSFORMER)
+        transformer = SD3Transformer2DModel(**shape)
     base = BaseModel(f"mini (fresh, seed {seed})", transformer, PixelUnshuffleCodec(**MINI_CODEC),
                      dict(MINI_SCHEDULER), f"mini-fresh-{seed}")
     return base, MDSD3Transformer.from_base(transformer), mini_words(seed)

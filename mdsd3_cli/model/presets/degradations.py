@@ -165,11 +165,11 @@ def rain(images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Gen
     density = RAIN_DENSITY * (RAIN_REFERENCE_HEIGHT / height) ** 2  # drops per image area: same look at any size
     if field is None:  # uniforms drawn directly: positions per pixel, sizes and brightness per drop
         uniform = torch.rand((batch, height, width), generator=generator, device=images.device, dtype=images.dtype)
-        drops = torch.nonzero(uniform < density * r[:, 0])
+        drops = torch.nonzero(uniform < density * r.view(-1, 1, 1))
         picked = torch.rand((len(drops), 2), generator=generator, device=images.device, dtype=images.dtype)
     else:
         values = _field(images, generator, field)
-        threshold = torch.special.ndtri(density * r[:, 0])[:, None, None]  # -inf at r = 0: no drops
+        threshold = torch.special.ndtri(density * r.view(-1, 1, 1))  # -inf at r = 0: no drops
         drops = torch.nonzero(values[:, 0] < threshold)
         picked = torch.special.ndtr(values[drops[:, 0], 1:, drops[:, 1], drops[:, 2]])  # [D, 2] uniforms
     near = picked[:, 0]
@@ -178,7 +178,8 @@ def rain(images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Gen
     veil = RAIN_VEIL * r
     # screen blend of the layer over the veiled image: 1 − (1 − S)·(1 − V), V = J + v·(c − J)
     dark = (1 - images).mul_(1 - veil).add_(veil * (1 - RAIN_VEIL_COLOUR)).mul_(1 - layer)
-    return dark.neg_().add_(1).clamp_(0, 1)
+    rained = dark.neg_().add_(1)  # in [0, 1] for images and layer in [0, 1]
+    return torch.where(r == 0, images, rained) if bool((r == 0).any()) else rained  # r = 0: the clean image exactly
 
 
 def noise(images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator,
