@@ -63,8 +63,9 @@ class AdapterConfig(BaseModel):
     start: FlowStart = Field(default_factory=FlowStart)
     """The start the adapter was trained for; adapters written before this field existed: α 1, β 0."""
     prediction: Literal["velocity", "residual_x0"] = "velocity"
-    """What the transformer outputs: SD3's flow velocity, or (mini v3) Δ̂ with x̂0 = z_clean + Δ̂, which the
-    sampler turns into the velocity (docs/METHOD.md §7). Adapters written before this field: velocity."""
+    """What the transformer outputs: SD3's flow velocity, or (mini v3) a residual on the clean latent, x̂0 =
+    z_clean + Δ̂ (+ g ⊙ (x_t − z_clean) when the output has twice the latent's channels), which the sampler turns
+    into the velocity (docs/METHOD.md §7). Adapters written before this field: velocity."""
     output_conv: bool = False
     """Whether the model has the zero-initialised residual 3×3 output convolution (mini v3; docs/METHOD.md §7);
     its weights are stored with the adapter's."""

@@ -124,7 +124,7 @@ class MDSD3Sampler:
         `clean_injections` holds one `encode_clean` result per grid offset (`self.offsets`, one without grid
         shifts), of the clean latents rolled by that offset; each step's prediction is the mean over the offsets of
         the prediction for the rolled latents, rolled back. An adapter trained for the residual x-prediction
-        (`prediction: residual_x0`) needs `clean_latents`, rolled likewise: its output Δ̂ gives x̂0 = z_clean + Δ̂,
+        (`prediction: residual_x0`) needs `clean_latents`, rolled likewise: its output gives x̂0 (`residual_x0`),
         the step's velocity is (x_t − x̂0)/σ, and the last step (to σ = 0) returns x̂0 itself."""
         if len(clean_injections) != len(self.offsets):
             raise ValueError(f"{len(clean_injections)} clean injections for {len(self.offsets)} grid offsets")

@@ -13,8 +13,8 @@ Everything that differs from diffusers' `SD3Transformer2DModel` lives in this fi
   block's injections once per image and `forward` reuses them for all steps and both guidance halves.
 * Two options a model trained with them records in its adapter config (mini v3; SD3 adapters use neither):
   an output convolution (`enable_output_conv`: a zero-initialised residual 3×3 convolution after unpatchify
-  that mixes values across token borders) and the residual x-prediction (`prediction: residual_x0`: the
-  output is Δ̂ with x̂0 = z_clean + Δ̂; `residual_velocity` turns it into the flow's velocity).
+  that mixes values across token borders) and the residual x-prediction (`prediction: residual_x0`:
+  `residual_x0` turns the output into x̂0, `residual_velocity` x̂0 into the flow's velocity).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, targ
 
     The flow runs from `start` (z_T = α·ε + β·z_clean, default pure noise) to the degraded latent; the pure-noise
     start uses ε itself, so its loss is diffusers' to the bit. With `prediction="residual_x0"` (mini v3) the
-    model outputs Δ̂, x̂0 = z_clean + Δ̂, and the loss is |x̂0 − x0|² / max(σ, 0.2)²: for σ ≥ 0.2 (every σ a
+    model's output gives x̂0 (`residual_x0`: z_clean + Δ̂, with the gated skip + g ⊙ (x_t − z_clean)), and the loss is |x̂0 − x0|² / max(σ, 0.2)²: for σ ≥ 0.2 (every σ a
     sampler of up to 5 steps visits) exactly the velocity error of v̂ = (x_t − x̂0)/σ, below it an x0 error
     weighted 25, not the 1/σ² that grows without bound where x_t already shows x0 (docs/METHOD.md §7)."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
