@@ -2,6 +2,7 @@
 """The mini model's acceptance figures on the photos held out of its training, measured with `mdsd3 evaluate`.
 
     python scripts/mini_figures.py [--out DIR]     # prints JSON
+    python scripts/mini_figures.py --rain-speed    # the training rain's speed, images/s on one thread
 
 Time: 36 s in all (the 256-px seam run included) for mini v2 (4 steps, grid_shifts 2) on the two cores of an AMD EPYC CPU,
 beside other jobs.
@@ -9,7 +10,8 @@ beside other jobs.
 Generates, at the demo's size and sampling settings (configs/demo.yaml), the identity (no class, with
 repeats), every class at ratios 0.25 / 0.5 / 0.75 / 1 (repeats at 1) and rain + haze together, on chelsea
 and coffee, then evaluates the output folder as `mdsd3 evaluate --dataset` does and prints: identity PSNR,
-per class the Spearman correlation of ratio vs strength, the selectivity at each ratio, the median strength
+the identity's blur loss (evaluate's blur estimator: the fraction of fine detail lost), per class the Spearman
+correlation of ratio vs strength, the selectivity at each ratio, the median strength
 per ratio, the strength at ratio 1 over the training pairs' (mdsd3_cli/model/presets/degradations.py at ratio 1 on the same
 photos, same estimators), the repeat difference; the composition of rain + haze; and the seam ratio of every
 variant (`mdsd3 evaluate`'s seam measure on mini's 8-pixel token grid, 1.0 = no mosaic), at 128 px and, for the
@@ -81,16 +83,21 @@ def demo_size() -> int:
     return int(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["input"]["size"])
 
 
-def acceptance_recipe(root: Path, size: int | None = None, variants: list[dict[str, Any]] | None = None) -> Path:
-    """Copy the held-out photos to root/photos and write root/recipe.yaml (output: root/out); the demo's size and
-    `acceptance_variants()` unless given."""
+def acceptance_recipe(root: Path, size: int | None = None, variants: list[dict[str, Any]] | None = None,
+                      grey: bool = False) -> Path:
+    """Copy the held-out photos to root/photos (as greyscale RGB with `grey`) and write root/recipe.yaml (output:
+    root/out); the demo's size and `acceptance_variants()` unless given."""
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     if demo["model"] != {"base": "mini", "adapter": "mini"}:
         raise SystemExit(f"configs/demo.yaml does not use the mini preset: {demo['model']}")
     photos = root / "photos"
     photos.mkdir(parents=True, exist_ok=True)
     for name in HELD_OUT:
-        shutil.copy2(ROOT / "examples" / "photos" / f"{name}.jpg", photos / f"{name}.jpg")
+        source = ROOT / "examples" / "photos" / f"{name}.jpg"
+        if grey:
+            Image.open(source).convert("L").convert("RGB").save(photos / f"{name}.png")
+        else:
+            shutil.copy2(source, photos / f"{name}.jpg")
     recipe = {
         "model": {"base": "mini", "adapter": "mini", "device": "cpu"},
         "input": {"paths": [str(photos)], "size": size or demo_size(), "resize": "center_crop"},
@@ -158,12 +165,25 @@ def figures(root: Path, large: bool = True) -> dict[str, Any]:
     return {
         "held_out": list(HELD_OUT), "samples": len(report.samples()),
         "identity_psnr": [row["psnr"] for row in report.samples() if row["variant"] == "identity"],
+        "identity_blur": report.variant("identity")["measures"]["blur"]["median"],
         "identity_repeat_difference": identity_diversity,
         "classes": classes,
         "composition": {cls: moved(composed, cls) / moved(variant_name(cls, 1.0), cls) for cls in COMPOSED},
+        "grey_identity_colour": grey_identity_colour(root),
         "seam_grid": SEAM_GRID,
         "seam": {str(demo_size()): seams(report), **({str(LARGE): seams(large_figures(root))} if large else {})},
     }
+
+
+def grey_identity_colour(root: Path) -> float:
+    """Colour the identity adds to greyscale versions of the held-out photos: the mean over pixels of the
+    standard deviation across R, G, B, in 8-bit levels (0 for a grey image)."""
+    folder = root / "grey"
+    run_generate(plan_run(load_recipe(acceptance_recipe(folder, variants=[{"name": "identity", "classes": {}}],
+                                                        grey=True)), ShardSpec(0, 1)))
+    images = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+              for path in sorted((folder / "out" / "degraded" / "identity").glob("*.png"))]
+    return float(np.mean([image.std(axis=2).mean() for image in images]))
 
 
 def large_figures(root: Path) -> Any:
@@ -173,10 +193,35 @@ def large_figures(root: Path) -> Any:
     return evaluate_dataset(dataset=folder / "out", workers=2, seam_grid=SEAM_GRID)
 
 
+def rain_speed(sizes: tuple[int, ...] = (128, 256, 512), seconds: float = 3.0) -> dict[str, float]:
+    """Images per second of the training rain (ratio 1, one image per call) on one thread, per size: CPU time,
+    so other jobs on the machine do not count."""
+    import time
+
+    from mdsd3_cli.model.presets.degradations import rain
+
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    speeds = {}
+    for size in sizes:
+        image = torch.rand((1, 3, size, size), generator=generator)
+        rain(image, 1.0, generator)
+        count, started = 0, time.process_time()
+        while time.process_time() - started < seconds:
+            rain(image, 1.0, generator)
+            count += 1
+        speeds[str(size)] = round(count / (time.process_time() - started), 1)
+    return speeds
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--rain-speed", action="store_true", help="only print the training rain's images/s per size")
     args = parser.parse_args()
+    if args.rain_speed:
+        print(json.dumps({"rain_images_per_cpu_second": rain_speed()}, indent=2))
+        return 0
     if args.out is not None:
         print(json.dumps(figures(args.out), indent=2))
         return 0

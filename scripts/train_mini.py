@@ -1,23 +1,29 @@
 #!/usr/bin/env python3
-"""Reproduce the `mini` preset from scratch, seeded: training crops, joint training, preset folder, fingerprints.
+"""Reproduce the `mini` preset, seeded: training crops, joint training, preset folder, fingerprints.
 
     python scripts/train_mini.py data --out out/mini_data                      # CPU, needs scikit-image
-    python scripts/train_mini.py train --cpu --steps 4800 --final-steps 500 --batch 16 --crop 64 \
-        --final-crop 128 --data out/mini_data --out out/mini_run               # stage 1 (mini v1): ~64 min, 2 cores
-    python scripts/train_mini.py train --cpu --init out/mini_run/preset --alpha 0.3 --beta 1.0 \
-        --steps 2000 --final-steps 200 --batch 16 --crop 64 --final-crop 128 --lr 3e-4 --warmup 100 \
-        --sanity-steps 4 --data out/mini_data --out out/mini_ft              # stage 2 (mini v2): ~24 min, 2 cores
-    python scripts/train_mini.py install --preset out/mini_ft/preset           # copy into mdsd3_cli/model/presets/mini
+    python scripts/train_mini.py train --cpu --threads 1 --init V2_PRESET --alpha 0.3 --beta 1.0 \
+        --prediction residual_x0 --output-conv --couple-noise --phase 64:16:500 --phase 128:8:220 \
+        --phase 256:4:60 --lr 2e-4 --warmup 50 --ema 0.99 --stop-at 500 --data out/mini_data --out out/mini_a
+    ...                                                                        # mini v3: four such stages, A-D
+    python scripts/train_mini.py install --preset out/mini_d/preset            # copy into mdsd3_cli/model/presets/mini
 
-Stage 2 continues from stage 1's weights with the flow's source moved to the noise equation's start
-z_T = 0.3·ε + 1.0·z_clean (`--alpha/--beta`, as `mdsd3 train`'s `train.start`), so 4 sampling steps from that
-start reproduce the photo (identity 28-29 dB on the held-out photos instead of 22 dB from pure noise).
+scripts/retrain_mini.sh runs mini v3's data step and its four stages as they were run, from the v2 preset in git,
+and installs the result (docs/mini.md).
+mini v1 and v2 came from `train` from random weights (flow from pure noise), then from v1 with the flow's source
+moved to the noise equation's start z_T = 0.3·ε + 1.0·z_clean (`--alpha/--beta`, as `mdsd3 train`'s
+`train.start`); docs/mini.md lists their commands. v3 keeps v2's body and clean branch and adds the residual
+x-prediction (`--prediction residual_x0`: the output layer is zeroed, the identity is exact before training;
+`--gated-skip` doubles the output channels for the gate g of x̂0 = clean + Δ̂ + g·(x_t − clean)), the
+zero-initialised output convolution (`--output-conv`) and degradations whose per-pixel randomness is the
+flow's start noise (`--couple-noise`), trained in phases of growing crops up to 256 px (`--phase`).
 
 On a GPU, `train --minutes 7` (batch 128 at 128 px, bf16) fits the step count to the time instead
 (scripts/gpu_train_mini.sh); that gives other weights than the CPU schedule above.
 
-`data` writes `crops.safetensors` (uint8 [N, 160, 160, 3] random crops, at random scales, of real photos:
-scikit-image's colour photos and grayscale images, plus those in examples/photos) and `heldout.safetensors`
+`data` writes `crops.safetensors` (uint8 [N, 288, 288, 3] random crops, at random scales, of real photos:
+scikit-image's colour photos and grayscale images, matplotlib's grace_hopper, plus those in examples/photos) and
+`heldout.safetensors`
 (uint8 [2, 128, 128, 3] centre crops of the held-out photos `chelsea` and `coffee`, which no crop comes from).
 
 `train` trains the whole mini model (mdsd3_cli/model/presets/build_mini.py) at once, base and adapter together, with the objective
@@ -36,6 +42,7 @@ nothing).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -52,7 +59,9 @@ sys.path.insert(0, str(ROOT))
 from mdsd3_cli.model.adapter import FlowStart  # noqa: E402
 from mdsd3_cli.model.presets.degradations import degrade, quantize  # noqa: E402
 from mdsd3_cli.model.heads import all_prompts, partition_heads  # noqa: E402
-from mdsd3_cli.model.presets.build_mini import MINI_CLASSES, MINI_RESOLUTION, fresh_mini, preset_sizes, save_preset  # noqa: E402
+from mdsd3_cli.model.presets.build_mini import (  # noqa: E402
+    MINI_CLASSES, MINI_RESOLUTION, MINI_TRANSFORMER, fresh_mini, preset_sizes, save_preset,
+)
 from mdsd3_cli.train.previews import PreviewSettings, render_preview  # noqa: E402
 from mdsd3_cli.train.step import (  # noqa: E402
     FlowSchedule, LatentEncoder, PromptTable, batch_conditioning, flow_matching_loss, step_generator,
@@ -62,8 +71,10 @@ from mdsd3_cli.train.data import condition_drop_mask  # noqa: E402
 HELD_OUT = ("chelsea", "coffee")
 COLOUR = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
 GRAY = ("camera", "coins", "moon", "page", "text", "brick", "grass", "gravel", "cell", "microaneurysms")
-CROP = 160
-CROPS = 340
+EXTRA = ("grace_hopper",)
+"""Colour photos shipped with other installed packages (matplotlib's sample data)."""
+CROP = 288
+CROPS = 400
 IDENTITY_FRACTION = 0.1
 FULL_RATIO_FRACTION = 0.3
 CONDITION_DROP = 0.1
@@ -77,6 +88,13 @@ CALIBRATION = (20, 60)  # timed steps (after warm-up) that fit the step count to
 def _skimage_photo(name: str) -> np.ndarray:
     from skimage import data
 
+    if name == "grace_hopper":
+        import matplotlib.cbook
+
+        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle:
+            from PIL import Image
+
+            return np.asarray(Image.open(handle).convert("RGB"))
     image = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
     image = np.asarray(image)
     if image.dtype != np.uint8:
@@ -89,7 +107,7 @@ def load_photos() -> dict[str, np.ndarray]:
     from PIL import Image
 
     photos = {}
-    for name in (*COLOUR, *GRAY, *HELD_OUT):
+    for name in (*COLOUR, *EXTRA, *GRAY, *HELD_OUT):
         shipped = {"immunohistochemistry": "immunohistochemistry"}.get(name, name)
         path = ROOT / "examples" / "photos" / f"{shipped}.jpg"
         photos[name] = np.asarray(Image.open(path).convert("RGB")) if path.is_file() else _skimage_photo(name)
@@ -114,21 +132,21 @@ def make_data(out: Path, count: int = CROPS, seed: int = 0) -> None:
 
     photos = load_photos()
     rng = np.random.default_rng(seed)
-    names = [*COLOUR, *GRAY]
-    weights = np.array([2.0 if name in COLOUR else 1.0 for name in names])
+    names = [*COLOUR, *EXTRA, *GRAY]
+    weights = np.array([1.0 if name in GRAY else 2.0 for name in names])
     crops, sources = [], []
     for _ in range(count):
         name = names[rng.choice(len(names), p=weights / weights.sum())]
         image = photos[name]
         short = min(image.shape[:2])
-        side = int(round(short * math.exp(rng.uniform(math.log(0.3), 0.0))))
+        side = int(round(short * math.exp(rng.uniform(math.log(0.4), 0.0))))
         top, left = rng.integers(0, image.shape[0] - side + 1), rng.integers(0, image.shape[1] - side + 1)
         crops.append(_resize(image[top:top + side, left:left + side], CROP))
         sources.append(name)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"seed": str(seed), "sources": json.dumps(sources), "held_out": json.dumps(list(HELD_OUT))}
     save_file({"images": torch.from_numpy(np.stack(crops))}, str(out / "crops.safetensors"), metadata=meta)
-    held = np.stack([centre_crop(photos[name], MINI_RESOLUTION) for name in HELD_OUT])
+    held = np.stack([centre_crop(photos[name], MINI_RESOLUTION) for name in HELD_OUT])  # sanity sheets only
     save_file({"images": torch.from_numpy(held)}, str(out / "heldout.safetensors"), metadata={"names": json.dumps(list(HELD_OUT))})
     used = {name: sources.count(name) for name in names}
     print(f"wrote {count} crops of {CROP} px to {out}/crops.safetensors ({(out / 'crops.safetensors').stat().st_size / 1e6:.1f} MB)")
@@ -144,24 +162,28 @@ class Batches:
     def __init__(self, crops: torch.Tensor, size: int, batch: int, seed: int, device: torch.device):
         self.crops, self.size, self.batch, self.seed, self.device = crops.to(device), size, batch, seed, device
 
-    def __call__(self, step: int, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(clean [B, 3, S, S] in [0, 1], degraded likewise, ratios [B, K]); S is `size` or the default crop."""
-        size = size or self.size
+    def __call__(self, step: int, size: int | None = None, batch: int | None = None,
+                 field: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clean [B, 3, S, S] in [0, 1], degraded likewise, ratios [B, K]); S is `size` or the default crop, B
+        `batch` or the default batch. `field` [B, 3, S, S] (standard normal) drives the degradations' per-pixel
+        randomness when given (the coupling to the flow's start noise)."""
+        size, batch = size or self.size, batch or self.batch
         rng = np.random.default_rng([self.seed, 0xDA7A, step])
         count, full = self.crops.shape[0], self.crops.shape[1]
-        index = rng.integers(0, count, self.batch)
-        ys, xs = rng.integers(0, full - size + 1, (2, self.batch))
-        flips = rng.random(self.batch) < 0.5
-        classes = rng.integers(0, len(MINI_CLASSES), self.batch)
-        ratio = np.where(rng.random(self.batch) < FULL_RATIO_FRACTION, 1.0, rng.uniform(0.05, 1.0, self.batch))
-        ratio[rng.random(self.batch) < IDENTITY_FRACTION] = 0.0
+        index = rng.integers(0, count, batch)
+        ys, xs = rng.integers(0, full - size + 1, (2, batch))
+        flips = rng.random(batch) < 0.5
+        classes = rng.integers(0, len(MINI_CLASSES), batch)
+        ratio = np.where(rng.random(batch) < FULL_RATIO_FRACTION, 1.0, rng.uniform(0.05, 1.0, batch))
+        ratio[rng.random(batch) < IDENTITY_FRACTION] = 0.0
         tiles = [self.crops[i, y:y + size, x:x + size] for i, y, x in zip(index, ys, xs)]
         clean = torch.stack([t.flip(1) if f else t for t, f in zip(tiles, flips)]).permute(0, 3, 1, 2).float() / 255
         generator = torch.Generator(self.device).manual_seed(int(rng.integers(0, 2**62)))
         ratio_t = torch.from_numpy(ratio).float()
-        degraded = quantize(degrade(clean, MINI_CLASSES, torch.from_numpy(classes), ratio_t.to(self.device), generator))
-        ratios = torch.zeros(self.batch, len(MINI_CLASSES))
-        ratios[torch.arange(self.batch), torch.from_numpy(classes)] = ratio_t
+        degraded = quantize(degrade(clean, MINI_CLASSES, torch.from_numpy(classes), ratio_t.to(self.device), generator,
+                                    field))
+        ratios = torch.zeros(batch, len(MINI_CLASSES))
+        ratios[torch.arange(batch), torch.from_numpy(classes)] = ratio_t
         return clean, degraded, ratios
 
 
@@ -177,6 +199,8 @@ def train(args: argparse.Namespace) -> None:
     from safetensors.torch import load_file
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
@@ -187,9 +211,15 @@ def train(args: argparse.Namespace) -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device: {gpu}; {len(crops)} training crops; torch {torch.__version__}", flush=True)
 
-    base, model, words = fresh_mini(args.seed)
+    base, model, words = fresh_mini(args.seed, gated=args.gated_skip)
     if args.init:
         model, words = load_preset_weights(model, Path(args.init))
+    if args.prediction == "residual_x0" and read_init_prediction(args.init) != "residual_x0":
+        with torch.no_grad():  # the output is now Δ̂, zero-initialised: the identity is exact before training
+            model.proj_out.weight.zero_()
+            model.proj_out.bias.zero_()
+    if args.output_conv and model.output_conv is None:
+        model.enable_output_conv()
     start = FlowStart(alpha=args.alpha, beta=args.beta)
     model.to(device).train()
     codec = base.vae.to(device)
@@ -206,25 +236,38 @@ def train(args: argparse.Namespace) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     noise_generator = torch.Generator(device).manual_seed(args.seed) if device.type == "cuda" else None
 
-    total = args.steps or 10**9
-    limit = None if args.steps else args.minutes * 60
+    phases = args.phase or None
+    total = sum(steps for _, _, steps in phases) if phases else (args.steps or 10**9)
+    limit = None if total < 10**9 else args.minutes * 60
+    calibrated_at_start = total < 10**9
     log = (out / "log.jsonl").open("w")
-    window, losses, started, calibrated = [], [], time.perf_counter(), args.steps is not None
+    window, losses, started, calibrated = [], [], time.perf_counter(), calibrated_at_start
     step = 0
-    while step < total:
+    stop = min(total, args.stop_at or total)
+    while step < stop:
         lr = _lr(step, total if calibrated else 10**6, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        final = calibrated and args.final_steps and step >= total - args.final_steps
-        clean, degraded, ratios = batches(step, args.final_crop if final else None)
-        dropped = condition_drop_mask(args.seed, step, args.batch, CONDITION_DROP)
+        if phases:
+            crop, batch, phase_index = phase_at(phases, step)
+        else:
+            final = calibrated and args.final_steps and step >= total - args.final_steps
+            crop, batch, phase_index = (args.final_crop if final else args.crop), args.batch, int(bool(final))
+        noise = field = None
+        if args.couple_noise:  # the degradations' randomness is the flow's start noise ε (docs/mini.md)
+            noise = torch.randn((batch, codec.latent_channels, crop // 4, crop // 4),
+                                generator=step_generator(args.seed, step, 1))
+            field = torch.nn.functional.pixel_shuffle(noise, 4).to(device)
+        clean, degraded, ratios = batches(step, crop, batch, field)
+        dropped = condition_drop_mask(args.seed, step, batch, CONDITION_DROP)
         prompt_list, mask = batch_conditioning(ratios, dropped, MINI_CLASSES, partition)
         embeds, pooled = prompts.batch(prompt_list)
         clean_latents, target_latents = encoder.pair(clean * 2 - 1, degraded * 2 - 1)
         with autocast:
             loss = flow_matching_loss(model, clean_latents, target_latents, embeds, pooled, mask.to(device),
-                                      step_generator(args.seed, step, 0), schedule, noise_generator=noise_generator,
-                                      start=start)
+                                      step_generator(args.seed, step, 0), schedule,
+                                      noise_generator=None if noise is not None else noise_generator, start=start,
+                                      prediction=args.prediction, noise=noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -234,6 +277,8 @@ def train(args: argparse.Namespace) -> None:
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         step += 1
         window.append(loss.detach())
+        if phases and step < total and phase_at(phases, step)[2] != phase_index:
+            save_ema(model, params, ema, words, out / f"phase{phase_index + 1}" / "preset", start, args.prediction)
         if step % args.log_every == 0 or step == total:
             mean = float(torch.stack(window).mean())
             window.clear()
@@ -266,12 +311,14 @@ def train(args: argparse.Namespace) -> None:
             p.copy_(e)
     model.eval()
     training = {"script": "scripts/train_mini.py", "seed": args.seed, "steps": step, "batch": args.batch,
-                "crop": args.crop, "final_crop": args.final_crop, "final_steps": args.final_steps, "lr": args.lr,
+                "crop": args.crop, "final_crop": args.final_crop, "final_steps": args.final_steps,
+                "phases": [list(phase) for phase in phases] if phases else None, "prediction": args.prediction,
+                "output_conv": args.output_conv, "couple_noise": args.couple_noise, "lr": args.lr,
                 "ema": args.ema, "init": str(args.init) if args.init else None, "start": start.model_dump(),
                 "device": gpu, "train_seconds": round(elapsed, 1),
                 "torch": torch.__version__, "data_crops": len(crops), "held_out": held_names,
                 "first_loss": losses[0]["loss"] if losses else None, "last_loss": losses[-1]["loss"] if losses else None}
-    fingerprints = save_preset(model.to("cpu").float(), words, out / "preset", training, start)
+    fingerprints = save_preset(model.to("cpu").float(), words, out / "preset", training, start, args.prediction)
     sizes = preset_sizes(out / "preset")
     summary = {**training, "steps_per_s": round(step / elapsed, 3), "fingerprints": fingerprints,
                "preset_bytes": sum(sizes.values()), "files": sizes}
@@ -282,16 +329,79 @@ def train(args: argparse.Namespace) -> None:
         print(f"  {size / 1e6:8.2f} MB  preset/{name}")
 
 
+def phase_at(phases: list[tuple[int, int, int]], step: int) -> tuple[int, int, int]:
+    """(crop, batch, phase index) of `step` under `--phase CROP:BATCH:STEPS` phases run in order."""
+    end = 0
+    for index, (crop, batch, steps) in enumerate(phases):
+        end += steps
+        if step < end:
+            return crop, batch, index
+    return phases[-1][0], phases[-1][1], len(phases) - 1
+
+
+def parse_phase(text: str) -> tuple[int, int, int]:
+    """`CROP:BATCH:STEPS` -> (crop, batch, steps); the crop a multiple of 8."""
+    try:
+        crop, batch, steps = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--phase {text!r}: expected CROP:BATCH:STEPS, e.g. 128:16:400") from None
+    if crop % 8 or crop > CROP or min(crop, batch, steps) <= 0:
+        raise argparse.ArgumentTypeError(f"--phase {text!r}: crop a positive multiple of 8 up to {CROP}, "
+                                         "batch and steps positive")
+    return crop, batch, steps
+
+
+def save_ema(model, params, ema, words, folder: Path, start: FlowStart, prediction: str) -> None:
+    """Write the EMA weights as a preset folder (a phase's checkpoint), then restore the live weights."""
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+        save_preset(copy.deepcopy(model).to("cpu").float(), words, folder, {"checkpoint": str(folder)}, start,
+                    prediction)
+        for p, value in zip(params, live):
+            p.copy_(value)
+    print(f"checkpoint: {folder}", flush=True)
+
+
+def widen_output(model, state: dict[str, torch.Tensor]) -> None:
+    """Fit an --init preset's output layer (and output convolution) with C channels into a model with 2C (the
+    gated skip): the old weights give Δ̂, the new gate channels start at zero (g = 0: the same x̂0)."""
+    narrow, wide = MINI_TRANSFORMER["out_channels"], model.out_channels
+    if wide == narrow or state["proj_out.weight"].shape[0] == model.proj_out.weight.shape[0]:
+        return
+    for name in ("proj_out.weight", "proj_out.bias"):
+        old = state[name]
+        new = torch.zeros((old.shape[0] // narrow, wide, *old.shape[1:]))
+        new[:, :narrow] = old.unflatten(0, (-1, narrow))
+        state[name] = new.flatten(0, 1)
+    if "output_conv.weight" in state:
+        weight, bias = torch.zeros_like(model.output_conv.weight), torch.zeros_like(model.output_conv.bias)
+        weight[:narrow, :narrow], bias[:narrow] = state["output_conv.weight"], state["output_conv.bias"]
+        state["output_conv.weight"], state["output_conv.bias"] = weight, bias
+
+
+def read_init_prediction(preset: Path | None) -> str | None:
+    """The prediction recorded by an `--init` preset's adapter config (None without --init)."""
+    from mdsd3_cli.model.adapter import read_adapter_config
+
+    return None if preset is None else read_adapter_config(Path(preset) / "adapter").prediction
+
+
 def load_preset_weights(model, preset: Path):
     """`model` (a fresh mini) with the weights of a trained preset folder (`--init`: training continues from
     it), and that preset's word vectors."""
     from safetensors.torch import load_file
 
+    from mdsd3_cli.model.adapter import read_adapter_config
     from mdsd3_cli.model.prompts import WordTextEncoder
 
+    if read_adapter_config(preset / "adapter").output_conv:
+        model.enable_output_conv()
     state = {name: tensor.float() for name, tensor in
              load_file(str(preset / "base" / "transformer" / "diffusion_pytorch_model.safetensors")).items()}
     state.update({name: tensor.float() for name, tensor in load_file(str(preset / "adapter" / "adapter.safetensors")).items()})
+    widen_output(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     buffers = {name for name, _ in model.named_buffers()}  # fixed (sin-cos positions): not stored in the adapter
     missing = [name for name in missing if name not in buffers]
@@ -380,15 +490,33 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--beta", type=float, default=0.0, help="see --alpha; mini v2: --alpha 0.3 --beta 1.0")
     run.add_argument("--init", type=Path, default=None,
                      help="continue from a trained preset folder (e.g. mdsd3_cli/model/presets/mini) instead of random weights")
+    run.add_argument("--phase", type=parse_phase, action="append", default=None, metavar="CROP:BATCH:STEPS",
+                     help="a training phase, repeatable, run in order (replaces --steps/--crop/--final-*); the EMA "
+                          "is saved as OUT/phaseN/preset after each phase but the last")
+    run.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                     help="stop at this step, the schedule (learning rate, phases) still that of the full run")
+    run.add_argument("--prediction", choices=("velocity", "residual_x0"), default="velocity",
+                     help="what the model outputs: the flow velocity, or Δ̂ with x̂0 = clean + Δ̂ (mini v3; "
+                          "a velocity --init gets a zero-initialised output layer)")
+    run.add_argument("--gated-skip", action="store_true",
+                     help="twice the output channels: x̂0 = clean + Δ̂ + g·(x_t − clean) (mini v3; needs residual_x0)")
+    run.add_argument("--output-conv", action="store_true",
+                     help="add the zero-initialised residual 3x3 output convolution (mini v3)")
+    run.add_argument("--couple-noise", action="store_true",
+                     help="draw the degradations' per-pixel randomness (rain drops, noise) from the flow's start noise")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default torch's); 1 is much faster on cores shared with other jobs")
     run.add_argument("--sanity-steps", type=int, default=10, help="sampler steps of the sanity sheets")
     run.add_argument("--quick", action="store_true",
                      help="pipeline check on a CPU in about two minutes: 30 steps, batch 4, 32-px crops, 2 sanity steps")
     inst = sub.add_parser("install", help="copy a trained preset into mdsd3_cli/model/presets/mini and verify it")
     inst.add_argument("--preset", type=Path, default=ROOT / "out" / "mini_run" / "preset")
     args = parser.parse_args(argv)
-    if args.command == "train" and not args.quick and not args.steps and not args.minutes > 0:
-        parser.error("give --minutes > 0 or --steps")
+    if args.command == "train" and not args.quick and not args.steps and not args.phase and not args.minutes > 0:
+        parser.error("give --minutes > 0, --steps or --phase")
+    if args.command == "train" and args.gated_skip and args.prediction != "residual_x0":
+        parser.error("--gated-skip needs --prediction residual_x0")
     if args.command == "train" and args.final_steps and not args.steps:
         parser.error("--final-steps needs --steps (the phase starts at steps - final_steps)")
     if args.command == "data":
@@ -398,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if args.quick:
             args.steps, args.batch, args.crop, args.warmup, args.log_every, args.sanity_steps = 30, 4, 32, 10, 10, 2
+            if args.phase:
+                args.phase = [(32, 4, 15), (64, 2, 15)]
         train(args)
     return 0
 

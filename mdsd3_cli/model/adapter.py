@@ -7,7 +7,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -62,6 +62,13 @@ class AdapterConfig(BaseModel):
     has_clean_branch: bool = True
     start: FlowStart = Field(default_factory=FlowStart)
     """The start the adapter was trained for; adapters written before this field existed: α 1, β 0."""
+    prediction: Literal["velocity", "residual_x0"] = "velocity"
+    """What the transformer outputs: SD3's flow velocity, or (mini v3) a residual on the clean latent, x̂0 =
+    z_clean + Δ̂ (+ g ⊙ (x_t − z_clean) when the output has twice the latent's channels), which the sampler turns
+    into the velocity (docs/METHOD.md §7). Adapters written before this field: velocity."""
+    output_conv: bool = False
+    """Whether the model has the zero-initialised residual 3×3 output convolution (mini v3; docs/METHOD.md §7);
+    its weights are stored with the adapter's."""
     training: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

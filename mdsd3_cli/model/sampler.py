@@ -1,5 +1,5 @@
 """The MDSD3 sampler: α/β initial latents, SD3 flow-matching Euler, classifier-free guidance, optional token-grid
-shift averaging (docs/METHOD.md §1, §3, §6).
+shift averaging, and the residual x-prediction of adapters trained for it (docs/METHOD.md §1, §3, §6, §7).
 
 Each sample brings its own class ratios, α, β and seed; its noise comes from its own seed on the CPU, so a
 sample's output does not depend on batch size, order or device count.
@@ -16,7 +16,7 @@ import torch
 from mdsd3_cli.model.adapter import AdapterConfig
 from mdsd3_cli.model.grid_shifts import grid_offsets, roll
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, head_mask, prompt_for, ratio_vector
-from mdsd3_cli.model.transformer import MDSD3Transformer
+from mdsd3_cli.model.transformer import MDSD3Transformer, residual_velocity, residual_x0
 from mdsd3_cli.model.prompts import PromptEmbedding
 from mdsd3_cli.model.weights import BaseModel
 
@@ -117,14 +117,20 @@ class MDSD3Sampler:
     # -- denoising ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def denoise(self, latents: torch.Tensor, clean_injections: Sequence[torch.Tensor], cond: Conditioning,
-                uncond: Conditioning | None, steps: int, guidance: float) -> torch.Tensor:
+                uncond: Conditioning | None, steps: int, guidance: float,
+                clean_latents: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """SD3 flow-matching Euler from σ = 1; guidance when `guidance > 1` and an unconditional branch is given.
 
         `clean_injections` holds one `encode_clean` result per grid offset (`self.offsets`, one without grid
-        shifts), of the clean latents rolled by that offset; each step's velocity is the mean over the offsets of
-        the velocity of the rolled latents, rolled back."""
+        shifts), of the clean latents rolled by that offset; each step's prediction is the mean over the offsets of
+        the prediction for the rolled latents, rolled back. An adapter trained for the residual x-prediction
+        (`prediction: residual_x0`) needs `clean_latents`, rolled likewise: its output gives x̂0 (`residual_x0`),
+        the step's velocity is (x_t − x̂0)/σ, and the last step (to σ = 0) returns x̂0 itself."""
         if len(clean_injections) != len(self.offsets):
             raise ValueError(f"{len(clean_injections)} clean injections for {len(self.offsets)} grid offsets")
+        residual = self.adapter.prediction == "residual_x0"
+        if residual and (clean_latents is None or len(clean_latents) != len(self.offsets)):
+            raise ValueError("a residual x-prediction adapter needs the clean latents of every grid offset")
         scheduler = self.base.make_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
         guided = is_guided(guidance) and uncond is not None
@@ -135,22 +141,28 @@ class MDSD3Sampler:
         else:
             embeds, pooled, mask = cond.embeds, cond.pooled, cond.head_mask
         latents = latents.to(self.dtype)
-        for t in scheduler.timesteps:
-            velocities = []
-            for offset, injections in zip(self.offsets, clean_injections):
+        for index, t in enumerate(scheduler.timesteps):
+            predictions = []
+            for offset_index, (offset, injections) in enumerate(zip(self.offsets, clean_injections)):
                 rolled = roll(latents, offset)
                 model_input = torch.cat([rolled, rolled]) if guided else rolled
-                velocity = self.model(
+                prediction = self.model(
                     hidden_states=model_input, encoder_hidden_states=embeds, pooled_projections=pooled,
                     timestep=t.expand(model_input.shape[0]), head_mask=mask, clean_injections=injections,
                     return_dict=False,
                 )[0]
+                if residual:  # x̂0 (linear in Δ̂: guidance and the offsets' mean act on it as on the velocity)
+                    prediction = residual_x0(prediction, clean_latents[offset_index].to(self.dtype), model_input)
                 if guided:
-                    uncond_v, cond_v = velocity.chunk(2)
-                    velocity = uncond_v + guidance * (cond_v - uncond_v)
-                velocities.append(roll(velocity, offset, -1))
-            velocity = velocities[0] if len(velocities) == 1 else torch.stack(velocities).mean(0)
-            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+                    uncond_p, cond_p = prediction.chunk(2)
+                    prediction = uncond_p + guidance * (cond_p - uncond_p)
+                predictions.append(roll(prediction, offset, -1))
+            prediction = predictions[0] if len(predictions) == 1 else torch.stack(predictions).mean(0)
+            if residual:
+                if float(scheduler.sigmas[index + 1]) == 0.0:
+                    return prediction  # the last Euler step lands on x̂0 exactly
+                prediction = residual_velocity(prediction, latents, scheduler.sigmas[index].to(self.device))
+            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
         return latents
 
     @torch.no_grad()
@@ -179,11 +191,12 @@ class MDSD3Sampler:
         if padding:
             clean_latents = torch.cat([clean_latents, clean_latents[-1:].expand(padding, *clean_latents.shape[1:])])
             requests = [*requests, *[requests[-1]] * padding]
-        injections = [self.model.encode_clean(roll(clean_latents, offset).to(self.dtype)) for offset in self.offsets]
+        rolled = [roll(clean_latents, offset).to(self.dtype) for offset in self.offsets]
+        injections = [self.model.encode_clean(shifted) for shifted in rolled]
         noise = seeded_noise([r.seed for r in requests], clean_latents.shape[1:]).to(self.device)
         alpha = torch.tensor([r.alpha for r in requests], device=self.device)
         beta = torch.tensor([r.beta for r in requests], device=self.device)
         latents = initial_latents(noise, clean_latents.float(), alpha, beta)
         cond, uncond = self.request_conditioning(requests, unconditional=is_guided(guidance))
-        latents = self.denoise(latents, injections, cond, uncond, steps, guidance)[:count]
+        latents = self.denoise(latents, injections, cond, uncond, steps, guidance, rolled)[:count]
         return latents if output == "latent" else self.decode(latents)

@@ -11,6 +11,10 @@ Everything that differs from diffusers' `SD3Transformer2DModel` lives in this fi
 * `MDSD3Transformer` – the subclass that owns the clean branch and threads mask and injections through
   the block loop. The clean branch depends on the clean latent alone, so `encode_clean` computes every
   block's injections once per image and `forward` reuses them for all steps and both guidance halves.
+* Two options a model trained with them records in its adapter config (mini v3; SD3 adapters use neither):
+  an output convolution (`enable_output_conv`: a zero-initialised residual 3×3 convolution after unpatchify
+  that mixes values across token borders) and the residual x-prediction (`prediction: residual_x0`:
+  `residual_x0` turns the output into x̂0, `residual_velocity` x̂0 into the flow's velocity).
 """
 
 from __future__ import annotations
@@ -26,6 +30,38 @@ from diffusers.models.embeddings import PatchEmbed
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale
 from torch import nn
+
+PREDICTIONS = ("velocity", "residual_x0")
+"""What the transformer's output means: the flow-matching velocity (SD3), or Δ̂ = x̂0 − z_clean (docs/METHOD.md §7)."""
+SIGMA_MIN = 0.05
+"""The σ floor of the residual x-prediction's velocity v̂ = (x_t − x̂0) / max(σ, SIGMA_MIN)."""
+
+
+def residual_x0(output: torch.Tensor, clean_latents: torch.Tensor, noisy: torch.Tensor) -> torch.Tensor:
+    """x̂0 of a residual x-prediction model from its output: with as many channels as the latent, Δ̂ and
+    x̂0 = z_clean + Δ̂; with twice as many, (Δ̂, g) and x̂0 = z_clean + Δ̂ + g ⊙ (x_t − z_clean), a gated skip of
+    what the noisy latent holds beyond the clean one (the start noise that noise-like classes keep). The clean
+    latents broadcast over guidance halves, whose count must divide the batch."""
+    groups = output.shape[0] // clean_latents.shape[0]
+    clean = clean_latents.to(output.dtype)
+    grouped = output.unflatten(0, (groups, clean_latents.shape[0]))
+    channels = clean_latents.shape[1]
+    if output.shape[1] == channels:
+        return (grouped + clean).flatten(0, 1)
+    if output.shape[1] != 2 * channels:
+        raise ValueError(f"a residual x-prediction output has {channels} or {2 * channels} channels, not {output.shape[1]}")
+    delta, gate = grouped[:, :, :channels], grouped[:, :, channels:]
+    beyond = noisy.to(output.dtype).unflatten(0, (groups, clean_latents.shape[0])) - clean
+    return (clean + delta + gate * beyond).flatten(0, 1)
+
+
+def residual_velocity(x0: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """The flow velocity that x̂0 implies at x_t = (1 − σ)·x0 + σ·z_T: v̂ = (x_t − x̂0) / max(σ, SIGMA_MIN)."""
+    sigma = torch.as_tensor(sigma, dtype=noisy.dtype, device=noisy.device).clamp(min=SIGMA_MIN)
+    if sigma.dim():
+        sigma = sigma.reshape(-1, *([1] * (noisy.dim() - 1)))
+    return (noisy - x0) / sigma
+
 
 class UnsupportedBaseError(ValueError):
     """The base transformer has features the MDSD3 method does not define (SD3.5's q/k norm, dual attention)."""
@@ -154,6 +190,7 @@ class MDSD3Transformer(SD3Transformer2DModel):
         self.clean_blocks = nn.ModuleList(
             [CleanBlock(self.inner_dim, heads, last=i == num_layers - 1) for i in range(num_layers)]
         )
+        self.output_conv: nn.Conv2d | None = None
         self.set_attn_processor(MDSD3AttnProcessor())
 
     @classmethod
@@ -182,9 +219,21 @@ class MDSD3Transformer(SD3Transformer2DModel):
         for block, clean in zip(self.transformer_blocks, self.clean_blocks):
             clean.copy_from(block.attn, block.ff)
 
+    def enable_output_conv(self) -> None:
+        """Add the output convolution: a residual 3×3 convolution over the unpatchified output, zero-initialised
+        (the model's output is unchanged until it trains). Adapters trained with it record `output_conv: true`."""
+        parameter = next(self.proj_out.parameters())
+        conv = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1)
+        nn.init.zeros_(conv.weight)
+        nn.init.zeros_(conv.bias)
+        self.output_conv = conv.to(device=parameter.device, dtype=parameter.dtype)
+
     def adapter_modules(self) -> dict[str, nn.Module]:
         """The modules MDSD3 adds on top of the base."""
-        return {"clean_pos_embed": self.clean_pos_embed, "clean_blocks": self.clean_blocks}
+        modules = {"clean_pos_embed": self.clean_pos_embed, "clean_blocks": self.clean_blocks}
+        if self.output_conv is not None:
+            modules["output_conv"] = self.output_conv
+        return modules
 
     def encode_clean(self, clean_latents: torch.Tensor) -> torch.Tensor:
         """All blocks' injections for a batch of clean latents: a tensor [N, 3, B, T, d].
@@ -213,7 +262,7 @@ class MDSD3Transformer(SD3Transformer2DModel):
         joint_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> torch.Tensor | Transformer2DModelOutput:
-        """Predict the flow-matching velocity.
+        """Predict the flow-matching velocity, or Δ̂ for an adapter trained for the residual x-prediction.
 
         head_mask: [B, H] per-sample, per-head context scale in [0, 1]; None means all ones.
         clean_injections: from `encode_clean` for Bc images, with B a multiple of Bc (guidance halves share it).
@@ -252,6 +301,8 @@ class MDSD3Transformer(SD3Transformer2DModel):
         patch = self.config.patch_size
         hidden_states = hidden_states.reshape(-1, height // patch, width // patch, patch, patch, self.out_channels)
         output = torch.einsum("nhwpqc->nchpwq", hidden_states).reshape(-1, self.out_channels, height, width)
+        if self.output_conv is not None:
+            output = output + self.output_conv(output)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

@@ -204,13 +204,16 @@ def fresh_adapter_config(base: BaseModel, classes: list[str], lora_rank: int = 0
 
 def build_model(base: BaseModel, adapter_dir: str | os.PathLike | None = None,
                 config: AdapterConfig | None = None) -> tuple[MDSD3Transformer, AdapterConfig]:
-    """MDSD3 transformer on `base`: with `adapter_dir` its saved weights, else a fresh adapter from `config`."""
+    """MDSD3 transformer on `base`: with `adapter_dir` its saved weights, else a fresh adapter from `config`
+    (with the output convolution when the config asks for it)."""
     model = MDSD3Transformer.from_base(base.transformer)
     if adapter_dir is None:
         if config is None:
             raise ValueError("a fresh adapter needs an AdapterConfig (its classes)")
         if config.lora_rank:
             add_lora(model, config.lora_rank)
+        if config.output_conv:
+            model.enable_output_conv()
         return model, config
     config = read_adapter_config(adapter_dir)
     check_adapter_matches(config, base, adapter_dir)
@@ -219,6 +222,8 @@ def build_model(base: BaseModel, adapter_dir: str | os.PathLike | None = None,
         raise AdapterError(f"adapter weights not found: {weights}")
     if config.lora_rank:
         add_lora(model, config.lora_rank)
+    if config.output_conv:
+        model.enable_output_conv()
     tensors = load_file(str(weights))
     expected = set(adapter_state_dict(model))
     if set(tensors) != expected:
@@ -232,7 +237,7 @@ def build_model(base: BaseModel, adapter_dir: str | os.PathLike | None = None,
 
 
 PARAMETER_GROUPS = {"base": "base (frozen)", "clean_branch": "clean branch (excl. Z)",
-                    "z_layers": "Z layers", "lora": "LoRA"}
+                    "z_layers": "Z layers", "lora": "LoRA", "output_conv": "output convolution"}
 """Disjoint parameter groups of an MDSD3 transformer, with their display names; they add up to the total."""
 
 
@@ -240,6 +245,8 @@ def parameter_group(name: str) -> str:
     """The group (a PARAMETER_GROUPS key) a named parameter of an MDSD3 transformer belongs to."""
     if "lora_" in name:
         return "lora"
+    if name.startswith("output_conv."):
+        return "output_conv"
     if name.startswith("clean_blocks.") and ".z_" in f".{name}":
         return "z_layers"
     if name.startswith(("clean_pos_embed.", "clean_blocks.")):
@@ -248,9 +255,10 @@ def parameter_group(name: str) -> str:
 
 
 def describe_parameters(model: MDSD3Transformer, trainable_only: bool = False) -> dict[str, int]:
-    """Parameter counts per disjoint group (base, clean branch without Z, Z layers, LoRA); they add up to the
-    model's total, or with `trainable_only` to the number of trainable parameters."""
-    counts = dict.fromkeys(PARAMETER_GROUPS, 0)
+    """Parameter counts per disjoint group (base, clean branch without Z, Z layers, LoRA, and the output
+    convolution for models that have one); they add up to the model's total, or with `trainable_only` to the
+    number of trainable parameters."""
+    counts = {name: 0 for name in PARAMETER_GROUPS if name != "output_conv" or model.output_conv is not None}
     for name, param in model.named_parameters():
         if param.requires_grad or not trainable_only:
             counts[parameter_group(name)] += param.numel()

@@ -43,7 +43,7 @@ from mdsd3_cli.model.adapter import FlowStart
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, head_mask
 from mdsd3_cli.model.prompts import PromptEmbedding
 from mdsd3_cli.model.sampler import initial_latents
-from mdsd3_cli.model.transformer import MDSD3Transformer
+from mdsd3_cli.model.transformer import PREDICTIONS, MDSD3Transformer, residual_x0
 from mdsd3_cli.model.weights import BaseModel
 from mdsd3_cli.train.data import batch_prompts
 from mdsd3_cli.train.errors import TrainError
@@ -51,6 +51,8 @@ from mdsd3_cli.train.errors import TrainError
 TRAINABLE_SETS = ("default", "lora_only")
 WEIGHTING_SCHEME = "logit_normal"
 _NOISE_STREAM = 0x70F5
+RESIDUAL_LOSS_SIGMA_FLOOR = 0.2
+"""The residual x-prediction's loss weights the x0 error by 1 / max(σ, this)² (see `flow_matching_loss`)."""
 
 
 def is_trainable(name: str, trainable: str) -> bool:
@@ -116,18 +118,29 @@ class FlowSchedule:
 def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, target_latents: torch.Tensor,
                        embeds: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
                        schedule: FlowSchedule, logit_mean: float = 0.0, logit_std: float = 1.0,
-                       noise_generator: torch.Generator | None = None, start: FlowStart | None = None) -> torch.Tensor:
+                       noise_generator: torch.Generator | None = None, start: FlowStart | None = None,
+                       prediction: str = "velocity", noise: torch.Tensor | None = None) -> torch.Tensor:
     """Flow-matching loss of one batch; σ drawn from `generator` on the CPU, ε too (device independent) unless
-    `noise_generator` is given: then ε is drawn on that generator's device (fast, device dependent).
+    `noise_generator` is given: then ε is drawn on that generator's device (fast, device dependent), or `noise`
+    is given: then ε is that tensor (mini's training couples its degradations to it).
 
     The flow runs from `start` (z_T = α·ε + β·z_clean, default pure noise) to the degraded latent; the pure-noise
-    start uses ε itself, so its loss is diffusers' to the bit."""
+    start uses ε itself, so its loss is diffusers' to the bit. With `prediction="residual_x0"` (mini v3) the
+    model's output gives x̂0 (`residual_x0`: z_clean + Δ̂, with the gated skip + g ⊙ (x_t − z_clean)), and the loss is |x̂0 − x0|² / max(σ, 0.2)²: for σ ≥ 0.2 (every σ a
+    sampler of up to 5 steps visits) exactly the velocity error of v̂ = (x_t − x̂0)/σ, below it an x0 error
+    weighted 25, not the 1/σ² that grows without bound where x_t already shows x0 (docs/METHOD.md §7)."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
     device = target_latents.device
     x0 = target_latents.float()
     sigmas, timesteps = schedule.draw(x0.shape[0], generator, logit_mean, logit_std)
-    if noise_generator is None:
+    if noise is not None:
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} for latents of shape {tuple(x0.shape)}")
+        noise = noise.to(device, torch.float32)
+    elif noise_generator is None:
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
     else:
         noise = torch.randn(x0.shape, generator=noise_generator, dtype=torch.float32, device=noise_generator.device)
@@ -138,12 +151,16 @@ def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, targ
         source = noise
     sigma = sigmas.to(device).view(-1, *([1] * (x0.dim() - 1)))
     noisy = (1.0 - sigma) * x0 + sigma * source
-    prediction = model(
+    output = model(
         hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
         timestep=timesteps.to(device), head_mask=mask, clean_latents=clean_latents, return_dict=False,
-    )[0]
+    )[0].float()
     weighting = compute_loss_weighting_for_sd3(WEIGHTING_SCHEME, sigmas=sigma)
-    error = weighting.float() * (prediction.float() - (source - x0)) ** 2
+    if prediction == "residual_x0":
+        floor = sigma.clamp(min=RESIDUAL_LOSS_SIGMA_FLOOR)
+        error = weighting.float() * ((residual_x0(output, clean_latents.float(), noisy) - x0) / floor) ** 2
+    else:
+        error = weighting.float() * (output - (source - x0)) ** 2
     return error.reshape(x0.shape[0], -1).mean(dim=1).mean()
 
 

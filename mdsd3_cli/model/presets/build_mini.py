@@ -6,8 +6,9 @@ class words and "clean" have fixed vectors shipped with it. About 10.9 M paramet
 
 Training trains everything at once (scripts/train_mini.py); the result is split into what the loaders read:
 `base/` (a diffusers-format folder: transformer/ weights + config, vae/ the codec config, scheduler/,
-text_encoder/ the word vectors) and `adapter/` (the clean branch, Z layers and the adapter config pointing at
-the base's fingerprint). LoRA is not used: the context-stream weights it would adapt are trained directly.
+text_encoder/ the word vectors) and `adapter/` (the clean branch, Z layers, mini v3's output convolution and
+the adapter config pointing at the base's fingerprint, with the prediction the model was trained for). LoRA is
+not used: the context-stream weights it would adapt are trained directly.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ def mini_words(seed: int) -> WordTextEncoder:
     return WordTextEncoder(words, vectors[:-1], vectors[-1], max_words=len(MINI_CLASSES))
 
 
-def fresh_mini(seed: int) -> tuple[BaseModel, MDSD3Transformer, WordTextEncoder]:
-    """A randomly initialised mini base + MDSD3 model (clean branch copied from the base, zero Z layers)."""
+def fresh_mini(seed: int, gated: bool = False) -> tuple[BaseModel, MDSD3Transformer, WordTextEncoder]:
+    """A randomly initialised mini base + MDSD3 model (clean branch copied from the base, zero Z layers); `gated`:
+    twice the output channels, for the residual x-prediction's gated skip (mini v3, docs/METHOD.md §7)."""
+    shape = dict(MINI_TRANSFORMER, out_channels=2 * MINI_TRANSFORMER["out_channels"]) if gated else MINI_TRANSFORMER
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = SD3Transformer2DModel(**MINI_TRANSFORMER)
+        transformer = SD3Transformer2DModel(**shape)
     base = BaseModel(f"mini (fresh, seed {seed})", transformer, PixelUnshuffleCodec(**MINI_CODEC),
                      dict(MINI_SCHEDULER), f"mini-fresh-{seed}")
     return base, MDSD3Transformer.from_base(transformer), mini_words(seed)
@@ -67,9 +70,11 @@ def _base_state(model: MDSD3Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_preset(model: MDSD3Transformer, words: WordTextEncoder, folder: str | os.PathLike,
-                training: dict | None = None, start: FlowStart | None = None) -> dict[str, str]:
+                training: dict | None = None, start: FlowStart | None = None,
+                prediction: str = "velocity") -> dict[str, str]:
     """Write `folder/base` and `folder/adapter` (weights in fp16) from a jointly trained mini model, whose adapter
-    config records the flow `start` it was trained for; returns the fingerprints {"base": ..., "adapter": ...}.
+    config records the flow `start` and the `prediction` it was trained for and whether it has the output
+    convolution (stored with the adapter's weights); returns the fingerprints {"base": ..., "adapter": ...}.
     An existing folder's base/ and adapter/ are replaced."""
     folder = Path(folder)
     base_dir, adapter_dir = folder / "base", folder / "adapter"
@@ -85,10 +90,13 @@ def save_preset(model: MDSD3Transformer, words: WordTextEncoder, folder: str | o
     base_fingerprint = fingerprint_folder(base_dir)
 
     stored = MDSD3Transformer.from_base(transformer)  # fp16 base + the trained clean branch, cast to fp16
+    if model.output_conv is not None:
+        stored.enable_output_conv()
     stored.load_state_dict({k: v.to(STORE_DTYPE) for k, v in model.state_dict().items()})
     base = BaseModel(str(base_dir), transformer, PixelUnshuffleCodec(**MINI_CODEC), dict(MINI_SCHEDULER), base_fingerprint)
     adapter_config: AdapterConfig = fresh_adapter_config(base, MINI_CLASSES, training=dict(training or {}),
-                                                         start=start or FlowStart())
+                                                         start=start or FlowStart(), prediction=prediction,
+                                                         output_conv=model.output_conv is not None)
     save_adapter(stored, adapter_config, adapter_dir)
     fingerprints = {"base": base_fingerprint, "adapter": fingerprint_adapter(adapter_dir)}
     atomic_write(folder / "fingerprints.json", (json.dumps(fingerprints, indent=2) + "\n").encode())
