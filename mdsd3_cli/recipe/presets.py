@@ -32,17 +32,20 @@ class TrainedFor:
 
 TRAINED_FOR: dict[str, TrainedFor] = {
     MINI: TrainedFor(steps=(4, 4), guidance=(0.0, 1.0),
-                     note="mini v2 was fine-tuned to sample in 4 steps from its start, conditionally (guidance <= 1: "
+                     note="mini was trained to sample in 4 steps from its start, conditionally (guidance <= 1: "
                           "no unconditional pass), and measured only there (docs/mini.md)"),
 }
-"""Steps and guidance per preset. The sizes come from the adapter config's training record (its `crop` and
-`final_crop`), which the training script writes with the weights."""
+"""Steps and guidance per preset. The sizes come from the adapter config's training record (its `crop`,
+`final_crop` and `phases`), which the training script writes with the weights."""
 
 
 def trained_sizes(adapter_training: dict[str, Any]) -> tuple[int, int] | None:
     """(smallest, largest) crop side the adapter was trained on, from its config's `training` record; None when it
     records none."""
     sides = [adapter_training[key] for key in ("crop", "final_crop") if isinstance(adapter_training.get(key), int)]
+    phases = adapter_training.get("phases")
+    if isinstance(phases, list):  # [[crop, batch, steps], ...]
+        sides += [phase[0] for phase in phases if isinstance(phase, list) and phase and isinstance(phase[0], int)]
     return (min(sides), max(sides)) if sides else None
 
 
