@@ -279,13 +279,14 @@ def draw_pool(photos: dict[str, np.ndarray], settings: Settings, seed: int = 0) 
 
 
 def classical_pairs(pool: Pool, scales: dict[str, float] | None = None) -> np.ndarray:
-    """The pool degraded by degradations.py (each ratio times its class's scale; pair i uses generator seed i)."""
+    """The pool degraded by degradations.py (each ratio times its class's scale, at most 1: the classical
+    degradations stop at ratio 1; pair i uses generator seed i)."""
     out = []
     for index, (clean, name, ratio) in enumerate(zip(pool.clean, pool.classes, pool.ratios)):
         if name is None:
             out.append(clean)
             continue
-        ratio = float(ratio) * (scales or {}).get(name, 1.0)
+        ratio = min(1.0, float(ratio) * (scales or {}).get(name, 1.0))
         out.append(degradations.degrade_photo(clean, name, ratio, torch.Generator().manual_seed(index)))
     return np.stack(out)
 
