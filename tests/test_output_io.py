@@ -244,10 +244,13 @@ def test_sigterm_during_evaluate_stops_cleanly(tmp_path):
     rng = np.random.default_rng(0)
     for side in ("clean", "degraded"):
         (tmp_path / side).mkdir()
-    for index in range(400):
-        pixels = rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "clean" / f"{index:03d}.png", compress_level=0)
-        Image.fromarray(255 - pixels).save(tmp_path / "degraded" / f"{index:03d}.png", compress_level=0)
+    rows, columns = np.indices((256, 256))
+    for index in range(400):  # 256 px: measuring takes seconds even on a quiet machine (96 px took 1 s in all)
+        pixels = np.stack([(rows * (index + 1) + columns) % 256, (rows + columns * 3) % 256,
+                           (rows ^ columns) % 256], axis=-1).astype(np.uint8)
+        pixels[rng.integers(0, 256, 64), rng.integers(0, 256, 64)] = 255
+        Image.fromarray(pixels).save(tmp_path / "clean" / f"{index:03d}.png", compress_level=1)
+        Image.fromarray(255 - pixels).save(tmp_path / "degraded" / f"{index:03d}.png", compress_level=1)
     out = tmp_path / "report"
     process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "evaluate", "--pairs", str(tmp_path / "clean"),
                                 str(tmp_path / "degraded"), "--out", str(out), "--workers", "2"],
@@ -255,7 +258,7 @@ def test_sigterm_during_evaluate_stops_cleanly(tmp_path):
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     while process.poll() is None and not list(out.glob(".samples.csv.*")):  # measuring has begun
         time.sleep(0.01)
-    time.sleep(1)  # the workers are busy: before, they printed BrokenPipeError tracebacks once the parent died
+    time.sleep(0.5)  # the workers are busy: before, they printed BrokenPipeError tracebacks once the parent died
     process.terminate()
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stdout + stderr
