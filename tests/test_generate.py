@@ -26,6 +26,7 @@ from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.model.sampler import MDSD3Sampler
 from mdsd3_cli.dataset.writer import OutputConflictError
+from mdsd3_cli.dataset.verify import verify_dataset
 
 from .slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
 
@@ -344,7 +345,9 @@ def test_slurm_array_job_produces_the_single_process_dataset(reference, tmp_path
                                         env={"MDSD3_PYTHON": sys.executable,
                                              "MDSD3_PROMPT_CACHE": os.environ["MDSD3_PROMPT_CACHE"]})
     assert result.ok, result.report()
-    assert sorted(p.name for p in (out / "manifest").iterdir()) == [f"shard-0000{i}-of-00003.jsonl" for i in range(3)]
+    assert sorted(p.name for p in (out / "manifest").iterdir()) == sorted(  # each shard's records, plan, marker
+        f"shard-0000{i}-of-00003.{suffix}" for i in range(3) for suffix in ("jsonl", "plan.json", "finished.json"))
+    assert verify_dataset(out).ok
     assert dataset_files(out) == dataset_files(reference)
     assert sorted(manifest_lines(out)) == sorted(manifest_lines(reference))
 
