@@ -83,12 +83,12 @@ class RunPlan:
 
     @property
     def samples_in_shard(self) -> int:
-        return len(self.my_sources) * sum(variant.repeats for variant in self.recipe.variants)
+        return len(self.my_sources) * self.recipe.samples_per_input()
 
     @property
     def samples_to_do(self) -> int:
-        per_source = sum(variant.repeats for variant in self.recipe.variants)
-        return self.samples_in_shard - sum(self.done_per_key().values()) - per_source * len(self.settled)
+        settled = self.recipe.samples_per_input() * len(self.settled)
+        return self.samples_in_shard - sum(self.done_per_key().values()) - settled
 
     def shard_plan(self) -> ShardPlan:
         """What this shard records as its plan (`dataset.completeness`), counted, not built."""
@@ -182,7 +182,7 @@ def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunP
         lines = "\n".join(f"  {error.path}: {error.reason}" for error in fatal)
         raise InputsError(f"{recipe.source_path}: input.paths: unusable entries:\n{lines}")
     sources = sorted(discovery.sources, key=lambda source: source.key)[:limit]  # --limit: the first N keys
-    per_source = sum(variant.repeats for variant in recipe.variants)
+    per_source = recipe.samples_per_input()
     mine = shard_sources(sources, shard.index, shard.count)
     check_unique_keys(mine)
     run = RunPlan(recipe, shard, discovery, len(sources), len(sources) * per_source, mine, limit)
@@ -358,7 +358,7 @@ def run_generate(run: RunPlan, overwrite: bool = False, console: rich.console.Co
 def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console: rich.console.Console) -> RunSummary:
     """`run_generate` once this process owns the shard."""
     recipe, out = run.recipe, run.recipe.output_dir()
-    per_source, done = sum(variant.repeats for variant in recipe.variants), run.done_per_key()
+    per_source, done = recipe.samples_per_input(), run.done_per_key()
     summary = RunSummary(shard=run.shard.name, planned=run.samples_in_shard,
                          already_done=run.samples_in_shard - run.samples_to_do - per_source * len(run.settled))
     dtype = resolve_dtype(recipe.model.dtype, device)
@@ -411,7 +411,7 @@ def _sample_all(run: RunPlan, session: Session, writer: LayoutWriter, summary: R
     classes = session.adapter.classes
     sampler = open_sampler(recipe, session, needed_prompts(run.todo(), classes, recipe.sampling.guidance))
     sample = BatchSampler(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
-    per_source, done = sum(variant.repeats for variant in recipe.variants), run.done_per_key()
+    per_source, done = recipe.samples_per_input(), run.done_per_key()
     sources = [source for source in sorted(run.my_sources, key=lambda source: source.key)
                if done[source.key] < per_source and source.key not in run.settled]
 
@@ -466,7 +466,7 @@ def estimated_output_bytes(run: RunPlan) -> int:
     manifest per sample (PNG at compression level 1 rarely beats raw by much on photos)."""
     recipe = run.recipe
     side = recipe.input.max_side if recipe.input.resize == "native" else recipe.input.size
-    per_source = sum(variant.repeats for variant in recipe.variants)
+    per_source = recipe.samples_per_input()
     done = run.done_per_key()
     new_keys = sum(1 for source in run.my_sources if done[source.key] < per_source)
     return (run.samples_to_do + new_keys) * (side * side * 3 + 1024)

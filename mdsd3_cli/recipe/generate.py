@@ -238,6 +238,10 @@ class Recipe(_Section):
             return preset_folder(self.model.adapter) / "adapter"
         return self.resolve(self.model.adapter)
 
+    def samples_per_input(self) -> int:
+        """Samples each input image gets: one per variant folder (repeats included)."""
+        return sum(variant.repeats for variant in self.variants)
+
     def classes(self) -> list[str]:
         """Degradation classes in adapter order: the adapter's own, else model.classes."""
         if self._classes is None:
@@ -378,7 +382,7 @@ def _classes_problems(recipe: Recipe) -> tuple[list[str] | None, list[Problem]]:
 
 
 def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem]:
-    per_input = sum(variant.repeats for variant in recipe.variants)
+    per_input = recipe.samples_per_input()
     if per_input > MAX_SAMPLES_PER_INPUT:  # counted before any folder list is built
         return [("variants", f"{len(recipe.variants)} variants with their repeats ask for {per_input:,} samples per "
                              f"input image; at most {MAX_SAMPLES_PER_INPUT:,}")]
