@@ -6,7 +6,7 @@
 
 Trains one small all-in-one restorer (NAFNet-style gated blocks in a 3-level U-Net, about 0.3 M parameters, L1
 loss, random crops) per arm and seed on a pool of pairs made from crops of the photos mini was trained on
-(scripts/train_mini.py's list):
+(COLOUR and GRAY in mdsd3_cli/model/presets/mini_photos.py):
 
 * A, classical: mdsd3_cli/model/presets/degradations.py at each pair's class and ratio;
 * B, mini: `Synthesizer.from_preset("mini")` at the same classes, ratios and crops;
@@ -194,20 +194,6 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image[..., :3]
 
 
-def mini_photo_lists() -> dict[str, tuple[str, ...]]:
-    """COLOUR, GRAY (mini's training photos) and HELD_OUT as scripts/train_mini.py lists them, read from its source
-    (importing it loads the training stack: 20 s)."""
-    import ast
-
-    tree = ast.parse((ROOT / "scripts" / "train_mini.py").read_text())
-    wanted = {"COLOUR", "GRAY", "HELD_OUT"}
-    lists = {node.targets[0].id: tuple(ast.literal_eval(node.value)) for node in tree.body
-             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in wanted}
-    if set(lists) != wanted:
-        raise SystemExit(f"scripts/train_mini.py no longer defines {sorted(wanted - set(lists))}")
-    return lists
-
-
 def load_photo(name: str) -> np.ndarray:
     """examples/photos/<name>.jpg where shipped, else scikit-image's photo (as train_mini.py loads them)."""
     from PIL import Image
@@ -221,13 +207,14 @@ def load_photo(name: str) -> np.ndarray:
 
 def photo_sets() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(training photos, test photos): mini's training photos; its held-out photos and EXTRA_TEST_PHOTOS."""
-    lists = mini_photo_lists()
-    trained = (*lists["COLOUR"], *lists["GRAY"])
+    from mdsd3_cli.model.presets.mini_photos import COLOUR, GRAY, HELD_OUT
+
+    trained = (*COLOUR, *GRAY)
     overlap = set(EXTRA_TEST_PHOTOS) & set(trained)
     if overlap:
-        raise SystemExit(f"test photos {sorted(overlap)} are in mini's training list (scripts/train_mini.py)")
+        raise SystemExit(f"test photos {sorted(overlap)} are in mini's training list (mdsd3_cli/model/presets/mini_photos.py)")
     return ({name: load_photo(name) for name in trained},
-            {name: load_photo(name) for name in (*lists["HELD_OUT"], *EXTRA_TEST_PHOTOS)})
+            {name: load_photo(name) for name in (*HELD_OUT, *EXTRA_TEST_PHOTOS)})
 
 
 def _resize(image: np.ndarray, side: int) -> np.ndarray:

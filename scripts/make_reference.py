@@ -25,10 +25,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdsd3_cli.model.presets.degradations import degrade_photo  # noqa: E402
+from mdsd3_cli.model.presets.mini_photos import HELD_OUT  # noqa: E402
 from mdsd3_cli.util.images import fit_image  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
-HELD_OUT = ("chelsea", "coffee")
 CLASSES = ("haze", "noise", "low_light")
 OTHER_CLASSES = ("rain",)
 

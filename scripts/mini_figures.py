@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mdsd3_cli.model.presets.degradations import degrade_photo  # noqa: E402
+from mdsd3_cli.model.presets.mini_photos import HELD_OUT  # noqa: E402
 from mdsd3_cli.evaluate import evaluate_dataset, measure_pair  # noqa: E402
 from mdsd3_cli.evaluate.aggregate import SELECTIVITY_FLOOR  # noqa: E402
 from mdsd3_cli.generate.run import plan_run, run_generate  # noqa: E402
@@ -45,7 +46,6 @@ from mdsd3_cli.model.presets.build_mini import MINI_CLASSES  # noqa: E402
 from mdsd3_cli.generate.plan import ShardSpec  # noqa: E402
 from mdsd3_cli.recipe.generate import load_recipe  # noqa: E402
 
-HELD_OUT = ("chelsea", "coffee")
 RATIOS = (0.25, 0.5, 0.75, 1.0)
 REPEATS = 2
 CALIBRATION_SEEDS = 4

@@ -67,12 +67,8 @@ from mdsd3_cli.train.step import (  # noqa: E402
     FlowSchedule, LatentEncoder, PromptTable, batch_conditioning, flow_matching_loss, step_generator,
 )
 from mdsd3_cli.train.data import condition_drop_mask  # noqa: E402
+from mdsd3_cli.model.presets.mini_photos import COLOUR, EXTRA, GRAY, HELD_OUT  # noqa: E402
 
-HELD_OUT = ("chelsea", "coffee")
-COLOUR = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "motorcycle")
-GRAY = ("camera", "coins", "moon", "page", "text", "brick", "grass", "gravel", "cell", "microaneurysms")
-EXTRA = ("grace_hopper",)
-"""Colour photos shipped with other installed packages (matplotlib's sample data)."""
 CROP = 288
 CROPS = 400
 IDENTITY_FRACTION = 0.1
