@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -31,9 +31,10 @@ PREVIEW_PROBLEMS_SHOWN = 20
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="Recipe YAML file.", show_default=False)]
 SetOption = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override one recipe field, e.g. --set sampling.steps=20 (repeatable).",
-                 show_default=False),
+    list[str] | None,
+    typer.Option(
+        "--set", help="Override one recipe field, e.g. --set sampling.steps=20 (repeatable).", show_default=False
+    ),
 ]
 
 
@@ -51,8 +52,9 @@ def _show_version(value: bool) -> None:
 @app.callback(invoke_without_command=True)
 def main(
     context: typer.Context,
-    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     # No docstring: the app's help text above is the one `mdsd3 --help` shows.
     if context.invoked_subcommand is None:
@@ -82,7 +84,7 @@ def _clear_errors():
         raise typer.Exit(EXIT_USAGE) from None
 
 
-def _load(config: Path, overrides: Optional[list[str]]):
+def _load(config: Path, overrides: list[str] | None):
     from mdsd3_cli.recipe.generate import load_recipe
 
     return load_recipe(config, overrides or [])
@@ -92,14 +94,26 @@ def _load(config: Path, overrides: Optional[list[str]]):
 def generate(
     config: ConfigOption,
     overrides: SetOption = None,
-    shard_index: Annotated[Optional[int], typer.Option(help="This process's shard (0-based). Default: from "
-                           "SLURM_ARRAY_TASK_ID and/or torchrun's RANK, else 0.")] = None,
-    num_shards: Annotated[Optional[int], typer.Option(help="Total shards. Default: from SLURM_ARRAY_TASK_COUNT "
-                          "and/or WORLD_SIZE, else 1.")] = None,
-    limit: Annotated[Optional[int], typer.Option(min=1, help="Use only the first N input images (sorted by key).")] = None,
+    shard_index: Annotated[
+        int | None,
+        typer.Option(
+            help="This process's shard (0-based). Default: from SLURM_ARRAY_TASK_ID and/or torchrun's RANK, else 0."
+        ),
+    ] = None,
+    num_shards: Annotated[
+        int | None,
+        typer.Option(help="Total shards. Default: from SLURM_ARRAY_TASK_COUNT and/or WORLD_SIZE, else 1."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Use only the first N input images (sorted by key).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; load no model.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the files this output folder's manifests "
-                         "list (nothing else) and redo everything (default: resume, skipping finished samples).")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Delete the files this output folder's manifests "
+            "list (nothing else) and redo everything (default: resume, skipping finished samples).",
+        ),
+    ] = False,
 ) -> None:
     """Generate the paired dataset a recipe describes (resumes).
 
@@ -111,8 +125,8 @@ def generate(
     second Ctrl-C stops at once; rerun to finish).
     """
     _quiet_libraries()
-    from mdsd3_cli.generate.run import describe_plan, plan_run, preflight_output, run_generate
     from mdsd3_cli.generate.plan import detect_shard
+    from mdsd3_cli.generate.run import describe_plan, plan_run, preflight_output, run_generate
     from mdsd3_cli.recipe.generate import start_warning
     from mdsd3_cli.recipe.presets import trained_range_warnings
     from mdsd3_cli.util.runtime import exit_code_for
@@ -130,22 +144,28 @@ def generate(
         try:
             summary = run_generate(run, overwrite=overwrite, console=console)
         except KeyboardInterrupt:  # a second Ctrl-C (or one before the run could stop cleanly)
-            console.print("[yellow]stopped at once[/]: the samples already written are kept and listed; rerun the "
-                          "same command to finish", highlight=False, soft_wrap=True)
+            console.print(
+                "[yellow]stopped at once[/]: the samples already written are kept and listed; rerun the "
+                "same command to finish",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(exit_code_for("SIGINT")) from None
     Console().print(summary.table())
     if summary.failed_inputs:
         _list_failed(summary.failures, summary.failed_inputs)
-        console.print(f"every failed input and its reason: {escape(str(summary.errors_file))}", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"every failed input and its reason: {escape(str(summary.errors_file))}", highlight=False, soft_wrap=True
+        )
     raise typer.Exit(summary.exit_code)
 
 
 def _list_failed(failures: list[FailedInput], total: int) -> None:
     """One red line per failed input (path: reason), then how many more there are than `failures` holds."""
     for failure in failures:
-        console.print(f"[red]failed[/] {escape(failure.path)}: {escape(failure.reason)}", highlight=False,
-                      soft_wrap=True)
+        console.print(
+            f"[red]failed[/] {escape(failure.path)}: {escape(failure.reason)}", highlight=False, soft_wrap=True
+        )
     if total > len(failures):
         console.print(f"[red]failed[/] ... and {total - len(failures)} more", highlight=False)
 
@@ -154,8 +174,14 @@ def _list_failed(failures: list[FailedInput], total: int) -> None:
 def check(
     config: ConfigOption,
     overrides: SetOption = None,
-    decode: Annotated[bool, typer.Option("--decode", help="Also decode every input as generate will (a progress "
-                      "bar; nothing written) and list those that would fail, with the reason.")] = False,
+    decode: Annotated[
+        bool,
+        typer.Option(
+            "--decode",
+            help="Also decode every input as generate will (a progress "
+            "bar; nothing written) and list those that would fail, with the reason.",
+        ),
+    ] = False,
 ) -> None:
     """Validate a recipe and print its plan; loads no model.
 
@@ -171,8 +197,9 @@ def check(
     with _clear_errors():
         if recipe_kind(read_recipe(config).data) == "train":
             if decode:
-                raise ValueError(f"{config}: --decode checks a generate recipe's inputs; training pairs are "
-                                 "checked without it")
+                raise ValueError(
+                    f"{config}: --decode checks a generate recipe's inputs; training pairs are checked without it"
+                )
             plan, warnings, run = _check_training(config, overrides), [], None
         else:
             run, plan, warnings = _check_generate(config, overrides)
@@ -193,24 +220,33 @@ def _check_decoding(run: RunPlan) -> None:
     _list_failed(failures, len(failures))
     if failures:
         inputs = len(run.my_sources) + len(discovery_failures(run.discovery))
-        console.print(f"[red]{len(failures)} of {inputs} inputs would fail[/] (listed above): generate skips them, "
-                      "records them in errors/ and exits 1", highlight=False)
+        console.print(
+            f"[red]{len(failures)} of {inputs} inputs would fail[/] (listed above): generate skips them, "
+            "records them in errors/ and exits 1",
+            highlight=False,
+        )
         raise typer.Exit(EXIT_FAILED_INPUTS)
     console.print(f"[green]ok:[/] all {len(run.my_sources)} inputs decode", highlight=False)
 
 
-def _warn(message: Optional[str]) -> None:
+def _warn(message: str | None) -> None:
     """One yellow warning line (nothing for None); the message is printed verbatim, never as markup."""
     if message is not None:
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[RunPlan, Table, list[str]]:
-    from mdsd3_cli.generate.run import check_output_writable, describe_plan, free_space_warning, plan_run, preflight_output
+def _check_generate(config: Path, overrides: list[str] | None) -> tuple[RunPlan, Table, list[str]]:
+    from mdsd3_cli.dataset.writer import OutputConflictError
     from mdsd3_cli.generate.plan import detect_shard
+    from mdsd3_cli.generate.run import (
+        check_output_writable,
+        describe_plan,
+        free_space_warning,
+        plan_run,
+        preflight_output,
+    )
     from mdsd3_cli.recipe.generate import start_warning
     from mdsd3_cli.recipe.presets import trained_range_warnings
-    from mdsd3_cli.dataset.writer import OutputConflictError
 
     recipe = _load(config, overrides)
     recipe.device()
@@ -224,11 +260,11 @@ def _check_generate(config: Path, overrides: Optional[list[str]]) -> tuple[RunPl
     return run, describe_plan(run), [warning for warning in warnings if warning]
 
 
-def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
+def _check_training(config: Path, overrides: list[str] | None) -> Table:
     from mdsd3_cli.generate.run import check_output_writable
-    from mdsd3_cli.train.summary import describe_training
-    from mdsd3_cli.train.data import build_dataset
     from mdsd3_cli.recipe.train import load_train_recipe
+    from mdsd3_cli.train.data import build_dataset
+    from mdsd3_cli.train.summary import describe_training
 
     recipe = load_train_recipe(config, overrides or [])
     recipe.device()
@@ -241,9 +277,15 @@ def _check_training(config: Path, overrides: Optional[list[str]]) -> Table:
 def init(
     path: Annotated[Path, typer.Argument(help="Where to write the example recipe.")] = Path("recipe.yaml"),
     force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
-    preset: Annotated[Optional[str], typer.Option("--preset", help="Write a recipe that runs this shipped model "
-                      "as the demo does (model, size, steps, alpha/beta, grid_shifts, guidance): mini.",
-                      show_default=False)] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            "--preset",
+            help="Write a recipe that runs this shipped model "
+            "as the demo does (model, size, steps, alpha/beta, grid_shifts, guidance): mini.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Write a commented example recipe to edit.
 
@@ -267,8 +309,11 @@ def init(
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
         atomic_write(path, text.encode("utf-8"))
-    console.print(f"wrote {escape(str(path))}; edit input.paths and output.dir, then: "
-                  f"mdsd3 check --config {escape(str(path))}", highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {escape(str(path))}; edit input.paths and output.dir, then: mdsd3 check --config {escape(str(path))}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("encode-prompts")
@@ -280,8 +325,8 @@ def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
     _quiet_libraries()
     from mdsd3_cli.model.heads import all_prompts
     from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings
-    from mdsd3_cli.util.runtime import resolve_dtype
     from mdsd3_cli.model.weights import fingerprint_base
+    from mdsd3_cli.util.runtime import resolve_dtype
 
     with _clear_errors():
         recipe = _load(config, overrides)
@@ -291,10 +336,14 @@ def encode_prompts(config: ConfigOption, overrides: SetOption = None) -> None:
         cache = PromptCache(recipe.prompt_cache_dir(), fingerprint)
         missing = cache.missing(prompts)
         device = recipe.device()
-        load_prompt_embeddings(source, fingerprint, prompts, recipe.prompt_cache_dir(), device,
-                               resolve_dtype(recipe.model.dtype, device))
-    console.print(f"{len(prompts)} prompts cached in {escape(str(cache.folder))} ({len(missing)} newly encoded)",
-                  highlight=False, soft_wrap=True)
+        load_prompt_embeddings(
+            source, fingerprint, prompts, recipe.prompt_cache_dir(), device, resolve_dtype(recipe.model.dtype, device)
+        )
+    console.print(
+        f"{len(prompts)} prompts cached in {escape(str(cache.folder))} ({len(missing)} newly encoded)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -314,8 +363,9 @@ def info(config: ConfigOption, overrides: SetOption = None) -> None:
     table = Table(title="mdsd3 model", show_header=False)
     adapter = session.adapter
     table.add_row("base", escape(f"{session.base.source} ({session.base.fingerprint})"))
-    table.add_row("adapter", escape(f"{recipe.model.adapter or 'fresh (untrained)'} "
-                                    f"({session.adapter_fingerprint or '-'})"))
+    table.add_row(
+        "adapter", escape(f"{recipe.model.adapter or 'fresh (untrained)'} ({session.adapter_fingerprint or '-'})")
+    )
     table.add_row("shape", ", ".join(f"{k}={v}" for k, v in session.base.shape.items()))
     for name, heads in zip(adapter.classes, adapter.head_partition):
         table.add_row(f"class {escape(name)}", f"heads {heads[0]}-{heads[-1]} ({len(heads)})")
@@ -330,8 +380,15 @@ def info(config: ConfigOption, overrides: SetOption = None) -> None:
 def train(
     config: ConfigOption,
     overrides: SetOption = None,
-    resume: Annotated[Optional[str], typer.Option("--resume", help="`latest` (newest checkpoint in OUT/checkpoints; "
-                      "a fresh start when there is none) or a checkpoint folder.", show_default=False)] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="`latest` (newest checkpoint in OUT/checkpoints; "
+            "a fresh start when there is none) or a checkpoint folder.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Train an adapter from clean/degraded pairs.
 
@@ -341,8 +398,8 @@ def train(
     --resume latest to continue); a full disk or another training process on OUT is exit 2 too.
     """
     _quiet_libraries()
-    from mdsd3_cli.train.run import Trainer
     from mdsd3_cli.recipe.train import load_train_recipe
+    from mdsd3_cli.train.run import Trainer
 
     with _clear_errors():  # recipe, data, checkpoint and adapter errors are ValueErrors
         recipe = load_train_recipe(config, overrides or [])
@@ -382,10 +439,15 @@ def preview(
 
 @app.command()
 def verify(
-    dataset: Annotated[Path, typer.Option("--dataset", help="A generate output folder (any layout), or an "
-                                          "export's destination.", show_default=False)],
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Hashing threads (default: one per CPU core).",
-                                                   show_default=False)] = None,
+    dataset: Annotated[
+        Path,
+        typer.Option(
+            "--dataset", help="A generate output folder (any layout), or an export's destination.", show_default=False
+        ),
+    ],
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Hashing threads (default: one per CPU core).", show_default=False)
+    ] = None,
 ) -> None:
     """Check that a dataset or an export is finished and intact.
 
@@ -414,20 +476,53 @@ def verify(
 
 @app.command()
 def evaluate(
-    dataset: Annotated[Optional[Path], typer.Option("--dataset", metavar="DIR", help="An mdsd3 generate output "
-                       "folder (read through its manifest/, every shard, finished or partial), or a folder holding clean/ and "
-                       "degraded/ matched by relative path.", show_default=False)] = None,
-    pairs: Annotated[Optional[tuple[Path, Path]], typer.Option("--pairs", metavar="CLEAN_DIR DEGRADED_DIR",
-                     help="Instead of --dataset: a clean folder and a degraded folder, images matched by relative "
-                     "path without extension (e.g. a RESIDE or Rain100 copy).", show_default=False)] = None,
-    against: Annotated[Optional[list[Path]], typer.Option("--against", metavar="DIR", help="A set to compare with "
-                       "(an mdsd3 output, or a folder with clean/ and degraded/); repeatable.", show_default=False)] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset",
+            metavar="DIR",
+            help="An mdsd3 generate output "
+            "folder (read through its manifest/, every shard, finished or partial), or a folder holding clean/ and "
+            "degraded/ matched by relative path.",
+            show_default=False,
+        ),
+    ] = None,
+    pairs: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option(
+            "--pairs",
+            metavar="CLEAN_DIR DEGRADED_DIR",
+            help="Instead of --dataset: a clean folder and a degraded folder, images matched by relative "
+            "path without extension (e.g. a RESIDE or Rain100 copy).",
+            show_default=False,
+        ),
+    ] = None,
+    against: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--against",
+            metavar="DIR",
+            help="A set to compare with (an mdsd3 output, or a folder with clean/ and degraded/); repeatable.",
+            show_default=False,
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option("--out", help="Report folder: report.json, samples.csv and plots.")] = Path(
-        "evaluate_report"),
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring pairs. "
-                       "Default: the number of CPUs.", show_default=False)] = None,
-    seam_grid: Annotated[int, typer.Option("--seam-grid", min=2, help="Grid (pixels) of the seam measure: the "
-                         "generating model's token size (mini 8, SD3 16).")] = 8,
+        "evaluate_report"
+    ),
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers", min=1, help="Processes measuring pairs. Default: the number of CPUs.", show_default=False
+        ),
+    ] = None,
+    seam_grid: Annotated[
+        int,
+        typer.Option(
+            "--seam-grid",
+            min=2,
+            help="Grid (pixels) of the seam measure: the generating model's token size (mini 8, SD3 16).",
+        ),
+    ] = 8,
 ) -> None:
     """Measure the degradations a dataset actually contains.
 
@@ -464,30 +559,67 @@ def evaluate(
         terminal.print(distances_table(label, distances))
     for line in problem_lines(report):
         console.print(line, highlight=False, soft_wrap=True)
-    console.print(f"wrote {escape(str(out / 'samples.csv'))}, " + ", ".join(escape(path.name) for path in written),
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"wrote {escape(str(out / 'samples.csv'))}, " + ", ".join(escape(path.name) for path in written),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
 def calibrate(
     config: ConfigOption,
-    reference: Annotated[Path, typer.Option("--reference", metavar="DIR", help="The paired set to match: an mdsd3 "
-                         "output, a folder with clean/ and degraded/<class>/ (one folder per class), or clean/ and "
-                         "degraded/ holding one set (name its classes with --classes); images matched by name.",
-                         show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="The calibrated recipe to write; <stem>.report.json and "
-                   "<stem>.png go beside it.", show_default=False)],
-    classes: Annotated[Optional[str], typer.Option("--classes", metavar="A,B", help="Classes to calibrate, "
-                       "comma-separated. Default: every class a variant uses.", show_default=False)] = None,
+    reference: Annotated[
+        Path,
+        typer.Option(
+            "--reference",
+            metavar="DIR",
+            help="The paired set to match: an mdsd3 "
+            "output, a folder with clean/ and degraded/<class>/ (one folder per class), or clean/ and "
+            "degraded/ holding one set (name its classes with --classes); images matched by name.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="The calibrated recipe to write; <stem>.report.json and <stem>.png go beside it.",
+            show_default=False,
+        ),
+    ],
+    classes: Annotated[
+        str | None,
+        typer.Option(
+            "--classes",
+            metavar="A,B",
+            help="Classes to calibrate, comma-separated. Default: every class a variant uses.",
+            show_default=False,
+        ),
+    ] = None,
     probe: Annotated[int, typer.Option("--probe", min=1, help="Probe photos taken from the recipe's inputs.")] = 4,
     grid: Annotated[int, typer.Option("--grid", min=2, help="Ratios swept per class, evenly from 0 to 1.")] = 5,
-    check: Annotated[int, typer.Option("--check", min=0, help="Samples per class in each check set (as given, "
-                     "calibrated); 0 skips the verification.")] = 16,
+    check: Annotated[
+        int,
+        typer.Option(
+            "--check",
+            min=0,
+            help="Samples per class in each check set (as given, calibrated); 0 skips the verification.",
+        ),
+    ] = 16,
     overrides: SetOption = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the output recipe, report and plot if "
-                         "they exist.")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Processes measuring the reference. "
-                       "Default: the number of CPUs.", show_default=False)] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the output recipe, report and plot if they exist.")
+    ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Processes measuring the reference. Default: the number of CPUs.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Fit a recipe's class ratios to a reference set's strengths.
 
@@ -500,44 +632,72 @@ def calibrate(
     recipe, reference or usage (nothing written).
     """
     _quiet_libraries()
-    from mdsd3_cli.calibrate import EXIT_LEFT_AS_GIVEN, EXIT_OK, calibrate as run_calibration
+    from mdsd3_cli.calibrate import EXIT_LEFT_AS_GIVEN, EXIT_OK
+    from mdsd3_cli.calibrate import calibrate as run_calibration
     from mdsd3_cli.calibrate.report import summary_table
     from mdsd3_cli.util.output_lock import OutputLock
 
     names = None if classes is None else [name.strip() for name in classes.split(",") if name.strip()]
     with _clear_errors(), OutputLock(out, "output"):
-        report = run_calibration(config, reference, out, names, probe, grid, check, overrides or [], overwrite,
-                                 workers, console)
+        report = run_calibration(
+            config, reference, out, names, probe, grid, check, overrides or [], overwrite, workers, console
+        )
     Console().print(summary_table(report))
     for problem in report.problems:
         console.print(f"[yellow]left out[/] {escape(problem)}", highlight=False, soft_wrap=True)
     for result in report.classes:
         if result.curve is not None and result.curve.decreasing:
             spans = ", ".join(f"{low:g}-{high:g}" for low, high in result.curve.decreasing)
-            _warn(f"{result.name}: the model's median strength falls between ratios {spans} (not monotone; the "
-                  "inversion uses its monotone fit)")
+            _warn(
+                f"{result.name}: the model's median strength falls between ratios {spans} (not monotone; the "
+                "inversion uses its monotone fit)"
+            )
         if result.above_range:
-            _warn(f"{result.name}: {result.above_range:.0%} of the reference is stronger than the model makes at ratio 1 "
-                  "(mapped to ratio 1)")
+            _warn(
+                f"{result.name}: {result.above_range:.0%} of the reference is stronger than the model makes at ratio 1 "
+                "(mapped to ratio 1)"
+            )
     console.print("wrote " + ", ".join(escape(path) for path in report.files), highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_LEFT_AS_GIVEN if report.left_as_given else EXIT_OK)
 
 
 @app.command()
 def export(
-    dataset: Annotated[Path, typer.Option("--dataset", help="A finished generate output folder (either layout).",
-                                          show_default=False)],
-    to: Annotated[str, typer.Option("--to", help="webdataset (tar shards), lmdb (BasicSR's paired LMDB) or "
-                                    "parquet (Hugging Face datasets).", show_default=False)],
+    dataset: Annotated[
+        Path, typer.Option("--dataset", help="A finished generate output folder (either layout).", show_default=False)
+    ],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="webdataset (tar shards), lmdb (BasicSR's paired LMDB) or parquet (Hugging Face datasets).",
+            show_default=False,
+        ),
+    ],
     destination: Annotated[Path, typer.Argument(help="Folder to create (must not exist).", show_default=False)],
-    per_file: Annotated[int | None, typer.Option("--per-file", min=1, help="Keys per tar (webdataset, default 200: "
-                                                 "one sample per key, its clean image and every variant) or pairs "
-                                                 "per Parquet file (default 1000).", show_default=False)] = None,
-    partial: Annotated[bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the "
-                                          "output is marked partial.")] = False,
-    one_lq: Annotated[bool, typer.Option("--one-lq", help="lmdb: one DEST/lq.lmdb for every variant (keys "
-                                         "<key>/<variant>; gt.lmdb holds the clean image under the same keys), "
-                                         "one BasicSR PairedImageDataset for all.")] = False,
+    per_file: Annotated[
+        int | None,
+        typer.Option(
+            "--per-file",
+            min=1,
+            help="Keys per tar (webdataset, default 200: "
+            "one sample per key, its clean image and every variant) or pairs "
+            "per Parquet file (default 1000).",
+            show_default=False,
+        ),
+    ] = None,
+    partial: Annotated[
+        bool, typer.Option("--partial", help="Export an unfinished run's complete keys; the output is marked partial.")
+    ] = False,
+    one_lq: Annotated[
+        bool,
+        typer.Option(
+            "--one-lq",
+            help="lmdb: one DEST/lq.lmdb for every variant (keys "
+            "<key>/<variant>; gt.lmdb holds the clean image under the same keys), "
+            "one BasicSR PairedImageDataset for all.",
+        ),
+    ] = False,
 ) -> None:
     """Convert a finished dataset for large-scale trainers.
 
@@ -552,7 +712,9 @@ def export(
 
     if to not in EXPORT_FORMATS:
         guess = closest_name(to, EXPORT_FORMATS)
-        _error(f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}" + (f"; did you mean '{guess}'?" if guess else ""))
+        _error(
+            f"--to {to}: expected one of {', '.join(EXPORT_FORMATS)}" + (f"; did you mean '{guess}'?" if guess else "")
+        )
         raise typer.Exit(EXIT_USAGE)
     with _clear_errors():
         summary = run_export(dataset, to, destination, per_file, console=console, partial=partial, one_lq=one_lq)

@@ -25,28 +25,51 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel  # noqa: E402
 from diffusers.models.attention_processor import JointAttnProcessor2_0  # noqa: E402
 
 from mdsd3_cli.model.heads import all_prompts  # noqa: E402
-from mdsd3_cli.model.transformer import MDSD3AttnProcessor, MDSD3Transformer  # noqa: E402
 from mdsd3_cli.model.prompts import PromptEmbedding  # noqa: E402
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest  # noqa: E402
+from mdsd3_cli.model.transformer import MDSD3AttnProcessor, MDSD3Transformer  # noqa: E402
 from mdsd3_cli.model.weights import SD3_SCHEDULER, BaseModel, build_tiny, describe_parameters, fresh_adapter_config  # noqa: E402
 
 # --- presets ------------------------------------------------------------------------------------------------
 
 MID_TRANSFORMER = dict(
-    sample_size=64, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=64, num_attention_heads=6,
-    joint_attention_dim=512, caption_projection_dim=384, pooled_projection_dim=2048, out_channels=16,
+    sample_size=64,
+    patch_size=2,
+    in_channels=16,
+    num_layers=4,
+    attention_head_dim=64,
+    num_attention_heads=6,
+    joint_attention_dim=512,
+    caption_projection_dim=384,
+    pooled_projection_dim=2048,
+    out_channels=16,
     pos_embed_max_size=96,
 )
 # The real SD3-medium transformer config (stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json).
 SD3_MEDIUM_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
     pos_embed_max_size=192,
 )
 _VAE_COMMON = dict(
-    in_channels=3, out_channels=3, latent_channels=16, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, shift_factor=0.0609, scaling_factor=1.5305,
-    use_quant_conv=False, use_post_quant_conv=False,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    shift_factor=0.0609,
+    scaling_factor=1.5305,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
 )
 SD3_VAE = dict(_VAE_COMMON, block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024)
 MID_VAE = dict(_VAE_COMMON, block_out_channels=(64, 128, 256, 256), layers_per_block=2, sample_size=512)
@@ -61,7 +84,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STEP_VARIANTS = ("stock", "cached", "recomputed")
 COMPILED_VARIANTS = ("stock_compiled", "cached_compiled")
 
-HELP = __doc__ + """
+HELP = (
+    __doc__
+    + """
 What is measured, for every --size x --batch combination (batch = images; with classifier-free guidance the
 transformer sees 2 x images samples):
 
@@ -87,7 +112,7 @@ transformer sees 2 x images samples):
   sampler_images_per_s   MDSD3Sampler.generate end to end: VAE encode, cache build, --steps Euler steps at
                    --guidance 7 (2 x images transformer batch), VAE decode to uint8 numpy. Prompt embeddings
                    are random tensors of SD3's shape (333 tokens) for every prompt of
-                   heads.all_prompts(%s): no text encoder runs. With --warmup > 0 a 1-step generate
+                   heads.all_prompts({classes}): no text encoder runs. With --warmup > 0 a 1-step generate
                    warms up first. Skipped with --skip-sampler.
   peak_memory_gib  per variant above. CUDA: torch.cuda.max_memory_allocated, reset before each variant.
                    CPU: the process's peak resident set size (VmHWM from /proc/self/status, reset before each
@@ -112,7 +137,8 @@ printed on stderr at the end, so stdout stays machine-readable:
   python scripts/benchmark.py --preset sd3-medium --device cuda --size 512,1024 --batch 2,8 > bench.jsonl
   python scripts/benchmark.py --preset mid --device cpu --size 256 --batch 1
   python scripts/benchmark.py --preset tiny --size 32 --iters 1 --warmup 0 --steps 1
-""" % (CLASSES,)
+""".replace("{classes}", str(CLASSES))
+)
 
 
 # --- small utilities ----------------------------------------------------------------------------------------
@@ -267,7 +293,9 @@ def _fill_random(module: torch.nn.Module, seed: int) -> None:
             param.uniform_(-bound, bound, generator=generator)
 
 
-def build_random_transformer(config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int) -> SD3Transformer2DModel:
+def build_random_transformer(
+    config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int
+) -> SD3Transformer2DModel:
     """An SD3 transformer with random weights, parameters allocated on `device` in `dtype` without a slow init.
 
     Parameters are created on the meta device (buffers, i.e. the sin-cos positional table, for real), then
@@ -337,8 +365,10 @@ def build_bench(preset: str, device: torch.device, dtype: torch.dtype, seed: int
     pooled_width = base.transformer.config.pooled_projection_dim
     prompt_generator = torch.Generator().manual_seed(seed + 3)
     prompts = {
-        prompt: PromptEmbedding(torch.randn(TEXT_TOKENS, text_width, generator=prompt_generator),
-                                torch.randn(pooled_width, generator=prompt_generator))
+        prompt: PromptEmbedding(
+            torch.randn(TEXT_TOKENS, text_width, generator=prompt_generator),
+            torch.randn(pooled_width, generator=prompt_generator),
+        )
         for prompt in all_prompts(CLASSES)
     }
     sampler = MDSD3Sampler(base, model, config, prompts)
@@ -372,19 +402,29 @@ def make_inputs(bench: Bench, size: int, images: int) -> Inputs:
     cond, uncond = bench.sampler.request_conditioning(requests_for(images))
     to = dict(device=bench.device, dtype=bench.dtype)
     return Inputs(
-        latents=latents.to(**to), embeds=torch.cat([uncond.embeds, cond.embeds]), pooled=torch.cat([uncond.pooled, cond.pooled]),
-        timestep=torch.full((2 * images,), 500.0, device=bench.device), mask=torch.cat([uncond.head_mask, cond.head_mask]),
+        latents=latents.to(**to),
+        embeds=torch.cat([uncond.embeds, cond.embeds]),
+        pooled=torch.cat([uncond.pooled, cond.pooled]),
+        timestep=torch.full((2 * images,), 500.0, device=bench.device),
+        mask=torch.cat([uncond.head_mask, cond.head_mask]),
         clean=clean.to(**to),
     )
 
 
 def _step_fn(bench: Bench, variant: str, inputs: Inputs, cache: torch.Tensor | None) -> Callable[[], torch.Tensor]:
-    common = dict(hidden_states=inputs.latents, encoder_hidden_states=inputs.embeds, pooled_projections=inputs.pooled,
-                  timestep=inputs.timestep, return_dict=False)
+    common = dict(
+        hidden_states=inputs.latents,
+        encoder_hidden_states=inputs.embeds,
+        pooled_projections=inputs.pooled,
+        timestep=inputs.timestep,
+        return_dict=False,
+    )
     if variant.endswith("_compiled") and not bench.compiled:
         # Wrapped lazily: torch.compile starts inductor's worker pool, which would disturb the first eager timings.
-        bench.compiled = {"stock": torch.compile(bench.base.transformer, dynamic=False),
-                          "cached": torch.compile(bench.model, dynamic=False)}
+        bench.compiled = {
+            "stock": torch.compile(bench.base.transformer, dynamic=False),
+            "cached": torch.compile(bench.model, dynamic=False),
+        }
     if variant in ("stock", "stock_compiled"):
         bench.use_stock()
         module = bench.compiled["stock"] if variant == "stock_compiled" else bench.base.transformer
@@ -398,8 +438,15 @@ def _step_fn(bench: Bench, variant: str, inputs: Inputs, cache: torch.Tensor | N
     raise ValueError(variant)
 
 
-def run_combination(bench: Bench, args: argparse.Namespace, size: int, images: int, common: dict[str, Any],
-                    memory: Memory, rows: list[dict[str, Any]]) -> None:
+def run_combination(
+    bench: Bench,
+    args: argparse.Namespace,
+    size: int,
+    images: int,
+    common: dict[str, Any],
+    memory: Memory,
+    rows: list[dict[str, Any]],
+) -> None:
     device = bench.device
 
     def record(line: dict[str, Any]) -> None:
@@ -430,11 +477,21 @@ def run_combination(bench: Bench, args: argparse.Namespace, size: int, images: i
         try:
             bench.use_mdsd3()
             memory.reset()
-            times, _, cache = time_calls(lambda: bench.model.encode_clean(inputs.clean), args.iters, args.warmup, device)
+            times, _, cache = time_calls(
+                lambda: bench.model.encode_clean(inputs.clean), args.iters, args.warmup, device
+            )
             ms = statistics.median(times)
-            record({"measure": "cache_build_ms", "variant": "encode_clean", "ms": round(ms, 3),
-                    "ms_per_image": round(ms / images, 3), "cache_gib": round(cache.numel() * cache.element_size() / 2**30, 6),
-                    "cache_shape": list(cache.shape), "iters": args.iters})
+            record(
+                {
+                    "measure": "cache_build_ms",
+                    "variant": "encode_clean",
+                    "ms": round(ms, 3),
+                    "ms_per_image": round(ms / images, 3),
+                    "cache_gib": round(cache.numel() * cache.element_size() / 2**30, 6),
+                    "cache_shape": list(cache.shape),
+                    "iters": args.iters,
+                }
+            )
             peak("cache_build", memory.peak_gib())
         except Exception as error:  # noqa: BLE001
             oom = _oom_reason(error)
@@ -457,10 +514,16 @@ def run_combination(bench: Bench, args: argparse.Namespace, size: int, images: i
                 ms = statistics.median(times)
                 step_ms[variant] = ms
                 baseline = "stock_compiled" if variant.endswith("_compiled") else "stock"
-                line = {"measure": "step_ms", "variant": variant, "ms": round(ms, 3),
-                        "min_ms": round(min(times), 3), "iters": len(times),
-                        "ratio_to_stock": round(ms / step_ms[baseline], 4) if baseline in step_ms else None,
-                        "baseline": baseline, "finite": bool(torch.isfinite(out).all())}
+                line = {
+                    "measure": "step_ms",
+                    "variant": variant,
+                    "ms": round(ms, 3),
+                    "min_ms": round(min(times), 3),
+                    "iters": len(times),
+                    "ratio_to_stock": round(ms / step_ms[baseline], 4) if baseline in step_ms else None,
+                    "baseline": baseline,
+                    "finite": bool(torch.isfinite(out).all()),
+                }
                 if variant.endswith("_compiled"):
                     line["compile_s"] = round(first_s, 2)
                     if "stock" in step_ms:
@@ -497,9 +560,17 @@ def run_combination(bench: Bench, args: argparse.Namespace, size: int, images: i
             seconds.append(time.perf_counter() - start)
         gib = memory.peak_gib()
         median_s = statistics.median(seconds)
-        record({"measure": "sampler_images_per_s", "variant": "generate", "images_per_s": round(images / median_s, 4),
-                "seconds_per_batch": round(median_s, 3), "steps": args.steps, "guidance": args.guidance,
-                "iters": len(seconds)})
+        record(
+            {
+                "measure": "sampler_images_per_s",
+                "variant": "generate",
+                "images_per_s": round(images / median_s, 4),
+                "seconds_per_batch": round(median_s, 3),
+                "steps": args.steps,
+                "guidance": args.guidance,
+                "iters": len(seconds),
+            }
+        )
         peak("sampler", gib)
     except Exception as error:  # noqa: BLE001
         oom = _oom_reason(error)
@@ -516,8 +587,10 @@ def print_table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
-    title = (f"MDSD3 benchmark: preset {setup['preset']}, {setup['gpu'] or 'CPU'}, {setup['dtype']}"
-             f" (build {setup['build_s']} s)")
+    title = (
+        f"MDSD3 benchmark: preset {setup['preset']}, {setup['gpu'] or 'CPU'}, {setup['dtype']}"
+        f" (build {setup['build_s']} s)"
+    )
     table = Table(title=title)
     for column in ("size", "images", "batch", "measure", "variant", "value", "vs stock", "peak GiB"):
         table.add_column(column, justify="left" if column in ("measure", "variant") else "right")
@@ -537,8 +610,16 @@ def print_table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> None:
         else:
             value, ratio = row.get("reason", ""), ""
         gib = peaks.get((row["size"], row["images"], peak_key.get(row["variant"], row["variant"])))
-        table.add_row(str(row["size"]), str(row["images"]), str(row["transformer_batch"]), measure, row["variant"],
-                      value, ratio, "" if gib is None else f"{gib:.2f}")
+        table.add_row(
+            str(row["size"]),
+            str(row["images"]),
+            str(row["transformer_batch"]),
+            measure,
+            row["variant"],
+            value,
+            ratio,
+            "" if gib is None else f"{gib:.2f}",
+        )
     console.print(table)
     console.print(f"peak memory: {setup['memory_kind']}; step ratios of *_compiled are against stock_compiled")
 
@@ -548,27 +629,50 @@ def print_table(rows: list[dict[str, Any]], setup: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=("tiny", "mid", "sd3-medium"), default=None,
-                        help="model size (random weights); default sd3-medium on cuda, mid on cpu")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default cuda when available, else cpu")
+    parser.add_argument(
+        "--preset",
+        choices=("tiny", "mid", "sd3-medium"),
+        default=None,
+        help="model size (random weights); default sd3-medium on cuda, mid on cpu",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default cuda when available, else cpu")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on cuda, fp32 on cpu")
-    parser.add_argument("--size", action="append", metavar="PX",
-                        help="image side in pixels (multiple of 16); repeatable or comma list, e.g. 512,1024. "
-                             "Default 1024 on cuda, 256 on cpu")
-    parser.add_argument("--batch", action="append", metavar="IMAGES",
-                        help="images per batch (the transformer batch is 2x this, for guidance); repeatable or "
-                             "comma list, e.g. 2,8. Default 1")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="Euler steps of the sampler measurement; default 28 on cuda, 4 on cpu")
+    parser.add_argument(
+        "--size",
+        action="append",
+        metavar="PX",
+        help="image side in pixels (multiple of 16); repeatable or comma list, e.g. 512,1024. "
+        "Default 1024 on cuda, 256 on cpu",
+    )
+    parser.add_argument(
+        "--batch",
+        action="append",
+        metavar="IMAGES",
+        help="images per batch (the transformer batch is 2x this, for guidance); repeatable or "
+        "comma list, e.g. 2,8. Default 1",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=None, help="Euler steps of the sampler measurement; default 28 on cuda, 4 on cpu"
+    )
     parser.add_argument("--guidance", type=float, default=7.0, help="sampler guidance scale (default 7)")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls per step/cache measurement "
-                        "(median reported); default 10 on cuda, 5 on cpu")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first; default 3 on cuda, 1 on cpu. "
-                        "With --warmup 0 the sampler is not warmed up either")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        help="timed calls per step/cache measurement (median reported); default 10 on cuda, 5 on cpu",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed calls first; default 3 on cuda, 1 on cpu. With --warmup 0 the sampler is not warmed up either",
+    )
     parser.add_argument("--sampler-iters", type=int, default=1, help="timed sampler.generate calls (default 1)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure torch.compile'd stock and cached (each size x batch recompiles)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure torch.compile'd stock and cached (each size x batch recompiles)",
+    )
     parser.add_argument("--skip-sampler", action="store_true", help="skip the end-to-end sampler measurement")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     args = parser.parse_args(argv)
@@ -587,8 +691,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     if args.iters < 1 or args.warmup < 0 or args.steps < 1 or args.sampler_iters < 1:
         parser.error("--iters, --steps and --sampler-iters must be >= 1, --warmup >= 0")
-    max_patches = {"tiny": 96, "mid": MID_TRANSFORMER["pos_embed_max_size"],
-                   "sd3-medium": SD3_MEDIUM_TRANSFORMER["pos_embed_max_size"]}[args.preset]
+    max_patches = {
+        "tiny": 96,
+        "mid": MID_TRANSFORMER["pos_embed_max_size"],
+        "sd3-medium": SD3_MEDIUM_TRANSFORMER["pos_embed_max_size"],
+    }[args.preset]
     for size in args.sizes:
         if size <= 0 or size % 16:
             parser.error(f"--size {size}: image sides must be positive multiples of 16 (VAE factor 8 x patch 2)")
@@ -615,18 +722,39 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     bench = build_bench(args.preset, device, dtype, args.seed)
     params = describe_parameters(bench.model)
-    setup = {"measure": "setup", "preset": args.preset, "device": args.device, "gpu": gpu, "dtype": args.dtype,
-             "torch": torch.__version__, "threads": torch.get_num_threads(), "build_s": round(bench.build_s, 2),
-             "params_base": params["base"], "params_clean_branch": params["clean_branch"] + params["z_layers"],
-             "weights_gib": round(memory.current_gib(), 4), "memory_kind": memory.kind,
-             "sizes": args.sizes, "batches": args.batches, "iters": args.iters, "warmup": args.warmup,
-             "steps": args.steps, "compile": args.compile}
+    setup = {
+        "measure": "setup",
+        "preset": args.preset,
+        "device": args.device,
+        "gpu": gpu,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "build_s": round(bench.build_s, 2),
+        "params_base": params["base"],
+        "params_clean_branch": params["clean_branch"] + params["z_layers"],
+        "weights_gib": round(memory.current_gib(), 4),
+        "memory_kind": memory.kind,
+        "sizes": args.sizes,
+        "batches": args.batches,
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "compile": args.compile,
+    }
     emit(setup)
     rows: list[dict[str, Any]] = []
     for size in args.sizes:
         for images in args.batches:
-            common = {"preset": args.preset, "device": args.device, "gpu": gpu, "dtype": args.dtype, "size": size,
-                      "images": images, "transformer_batch": 2 * images}
+            common = {
+                "preset": args.preset,
+                "device": args.device,
+                "gpu": gpu,
+                "dtype": args.dtype,
+                "size": size,
+                "images": images,
+                "transformer_batch": 2 * images,
+            }
             run_combination(bench, args, size, images, common, memory, rows)
     print_table(rows, setup)
     return 0

@@ -26,9 +26,9 @@ from skimage import data
 
 from mdsd3_cli.evaluate import classical
 from mdsd3_cli.evaluate.aggregate import SampleTable, summarise
-from mdsd3_cli.evaluate.pairs import read_manifests
 from mdsd3_cli.evaluate.estimators import Pair
 from mdsd3_cli.evaluate.measures import CLASS_ESTIMATORS, GENERIC_MEASURES
+from mdsd3_cli.evaluate.pairs import read_manifests
 from mdsd3_cli.evaluate.runner import measure_groups, read_rgb, retain_freed_memory
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field")
@@ -63,8 +63,19 @@ def write_dataset(root: Path, pairs: int, size: int) -> int:
             path = root / "degraded" / variant / f"{key}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(degrade(clean, index)).save(path, compress_level=1)
-            lines.append(json.dumps({"key": key, "variant": variant, "folder": variant, "repeat": 1, "ratios": ratios,
-                                     "clean": f"clean/{key}.png", "degraded": f"degraded/{variant}/{key}.png"}))
+            lines.append(
+                json.dumps(
+                    {
+                        "key": key,
+                        "variant": variant,
+                        "folder": variant,
+                        "repeat": 1,
+                        "ratios": ratios,
+                        "clean": f"clean/{key}.png",
+                        "degraded": f"degraded/{variant}/{key}.png",
+                    }
+                )
+            )
     (root / "manifest").mkdir(exist_ok=True)
     (root / "manifest" / "shard-00000-of-00001.jsonl").write_text("".join(line + "\n" for line in lines))
     return len(lines)
@@ -112,10 +123,15 @@ def main() -> None:
     total = finished - started
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"workers={args.workers} cores available={cpus} size={args.size}")
-    print(f"measured {len(table)} pairs in {total:.2f} s: {len(table) / total:.1f} pairs/s (worker start-up "
-          f"included; first result after {first_done - started:.2f} s)")
-    print("one process, ms per pair: " + ", ".join(f"{name} {ms:.1f}" for name, ms in costs.items())
-          + f"; total {sum(costs.values()):.1f}")
+    print(
+        f"measured {len(table)} pairs in {total:.2f} s: {len(table) / total:.1f} pairs/s (worker start-up "
+        f"included; first result after {first_done - started:.2f} s)"
+    )
+    print(
+        "one process, ms per pair: "
+        + ", ".join(f"{name} {ms:.1f}" for name, ms in costs.items())
+        + f"; total {sum(costs.values()):.1f}"
+    )
     for variant, stats in summary["variants"].items():
         medians = {name: stats["measures"][name]["median"] for name in ("psnr", variant)}
         print(f"  {variant:10s} " + "  ".join(f"{name} {value:.3f}" for name, value in medians.items()))

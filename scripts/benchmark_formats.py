@@ -27,12 +27,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mdsd3_cli.dataset.verify import verify_dataset  # noqa: E402
 from mdsd3_cli.export.run import run_export  # noqa: E402
 from mdsd3_cli.generate.layouts import open_layout_writer  # noqa: E402
-from mdsd3_cli.generate.run import plan_run, run_generate  # noqa: E402
 from mdsd3_cli.generate.plan import ShardSpec  # noqa: E402
+from mdsd3_cli.generate.run import plan_run, run_generate  # noqa: E402
 from mdsd3_cli.recipe.generate import Recipe, load_recipe  # noqa: E402
-from mdsd3_cli.dataset.verify import verify_dataset  # noqa: E402
 
 LAYOUTS = ("folders", "webdataset")
 
@@ -46,8 +46,9 @@ def read_pairs(dataset: Path) -> dict[tuple[str, str], tuple[dict, np.ndarray, n
     for manifest in sorted((dataset / "manifest").glob("*.jsonl")):
         for line in manifest.read_text().splitlines():
             record = json.loads(line)
-            clean, degraded = (np.asarray(Image.open(dataset / record[role]).convert("RGB")) for role in
-                               ("clean", "degraded"))
+            clean, degraded = (
+                np.asarray(Image.open(dataset / record[role]).convert("RGB")) for role in ("clean", "degraded")
+            )
             pairs[record["key"], record["folder"]] = (record, clean, degraded)
     return pairs
 
@@ -55,14 +56,20 @@ def read_pairs(dataset: Path) -> dict[tuple[str, str], tuple[dict, np.ndarray, n
 def time_writer(recipe: Recipe, pairs: dict, copies: int) -> tuple[float, int, int]:
     """Seconds, pairs and bytes to write `copies` copies of `pairs` through the recipe's layout writer."""
     shard = ShardSpec(0, 1)
-    items = [dataclasses.replace(item, key=f"{item.key}_{copy}") for copy in range(copies)
-             for item in plan_run(recipe, shard).mine]
+    items = [
+        dataclasses.replace(item, key=f"{item.key}_{copy}")
+        for copy in range(copies)
+        for item in plan_run(recipe, shard).mine
+    ]
     started = time.perf_counter()
     with open_layout_writer(recipe, shard, lambda: items) as writer:
         for item in items:
             record, clean, degraded = pairs[item.key.rsplit("_", 1)[0], item.folder]
-            writer.submit({**{k: v for k, v in record.items() if k not in ("clean", "degraded")}, "key": item.key},
-                          clean, degraded)
+            writer.submit(
+                {**{k: v for k, v in record.items() if k not in ("clean", "degraded")}, "key": item.key},
+                clean,
+                degraded,
+            )
         writer.drain()
     return time.perf_counter() - started, len(items), writer.bytes_written
 
@@ -79,24 +86,32 @@ def main() -> None:
         for layout in LAYOUTS:
             recipe = recipe_for(args.config, root / f"generate_{layout}", layout, args.workers)
             summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
-            print(f"generate  {layout:10s}: {summary.written} pairs in {summary.elapsed_s:.1f} s = "
-                  f"{summary.images_per_s:.2f} pairs/s (sampler busy {100 * summary.sampler_busy:.0f}%)")
+            print(
+                f"generate  {layout:10s}: {summary.written} pairs in {summary.elapsed_s:.1f} s = "
+                f"{summary.images_per_s:.2f} pairs/s (sampler busy {100 * summary.sampler_busy:.0f}%)"
+            )
         pairs = read_pairs(root / "generate_folders")
         for layout in LAYOUTS:
             out = root / f"writer_{layout}"
             seconds, count, size = time_writer(recipe_for(args.config, out, layout, args.workers), pairs, args.copies)
             shutil.copy(root / "generate_folders" / "run.json", out / "run.json")  # verify reads the variants
-            print(f"writer    {layout:10s}: {count} pairs, {size / 2**20:.1f} MiB in {seconds:.2f} s = "
-                  f"{count / seconds:.0f} pairs/s, {size / 2**20 / seconds:.1f} MiB/s")
+            print(
+                f"writer    {layout:10s}: {count} pairs, {size / 2**20:.1f} MiB in {seconds:.2f} s = "
+                f"{count / seconds:.0f} pairs/s, {size / 2**20 / seconds:.1f} MiB/s"
+            )
         for layout in LAYOUTS:
             report = verify_dataset(root / f"writer_{layout}")
-            print(f"verify    {layout:10s}: {report.files} files, {report.bytes / 2**20:.1f} MiB in "
-                  f"{report.elapsed_s:.2f} s = {report.files_per_s:.0f} files/s, "
-                  f"{report.bytes / 2**20 / report.elapsed_s:.1f} MiB/s ({'ok' if report.ok else 'PROBLEMS'})")
+            print(
+                f"verify    {layout:10s}: {report.files} files, {report.bytes / 2**20:.1f} MiB in "
+                f"{report.elapsed_s:.2f} s = {report.files_per_s:.0f} files/s, "
+                f"{report.bytes / 2**20 / report.elapsed_s:.1f} MiB/s ({'ok' if report.ok else 'PROBLEMS'})"
+            )
         for layout in LAYOUTS:
             exported = run_export(root / f"writer_{layout}", "parquet", root / f"parquet_from_{layout}")
-            print(f"export    {layout:10s}: {exported.pairs} pairs, {exported.bytes_read / 2**20:.1f} MiB to parquet "
-                  f"in {exported.elapsed_s:.2f} s = {exported.pairs / exported.elapsed_s:.0f} pairs/s")
+            print(
+                f"export    {layout:10s}: {exported.pairs} pairs, {exported.bytes_read / 2**20:.1f} MiB to parquet "
+                f"in {exported.elapsed_s:.2f} s = {exported.pairs / exported.elapsed_s:.0f} pairs/s"
+            )
 
 
 if __name__ == "__main__":

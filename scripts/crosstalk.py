@@ -82,21 +82,32 @@ def crosstalk(photos: tuple[str, ...], size: int, ratios: tuple[float, ...], see
     matrix: dict[str, dict[str, float]] = {}
     worst = {}
     for label, (own, degrade) in degradation_table().items():
-        readings = [measure_pair(clean, degrade(clean, ratio, seed))
-                    for clean in cleans for ratio in ratios for seed in seeds]
-        row = {estimator: float(np.mean([reading[estimator] for reading in readings])) / CLASS_SCALES[estimator]
-               for estimator in CLASS_ESTIMATORS}
+        readings = [
+            measure_pair(clean, degrade(clean, ratio, seed)) for clean in cleans for ratio in ratios for seed in seeds
+        ]
+        row = {
+            estimator: float(np.mean([reading[estimator] for reading in readings])) / CLASS_SCALES[estimator]
+            for estimator in CLASS_ESTIMATORS
+        }
         other = max((estimator for estimator in row if estimator != own), key=lambda estimator: row[estimator])
         matrix[label] = row
         worst[label] = {"own": own, "estimator": other, "ratio": row[other] / row[own]}
-    return {"photos": list(photos), "size": size, "ratios": list(ratios), "seeds": list(seeds), "matrix": matrix,
-            "worst_off_diagonal": worst}
+    return {
+        "photos": list(photos),
+        "size": size,
+        "ratios": list(ratios),
+        "seeds": list(seeds),
+        "matrix": matrix,
+        "worst_off_diagonal": worst,
+    }
 
 
 def markdown(result: dict) -> str:
     estimators = list(CLASS_ESTIMATORS)
-    lines = ["| degradation \\ estimator | " + " | ".join(estimators) + " | worst other / own |",
-             "| --- " * (len(estimators) + 2) + "|"]
+    lines = [
+        "| degradation \\ estimator | " + " | ".join(estimators) + " | worst other / own |",
+        "| --- " * (len(estimators) + 2) + "|",
+    ]
     for label, row in result["matrix"].items():
         worst = result["worst_off_diagonal"][label]
         cells = [f"**{row[e]:.2f}**" if e == worst["own"] else f"{row[e]:.2f}" for e in estimators]

@@ -165,7 +165,7 @@ def train_restorer(clean: torch.Tensor, degraded: torch.Tensor, settings: Settin
         for row, (top, left), (vertical, horizontal) in zip(rows.tolist(), corners.tolist(), flips.tolist()):
             dims = [dim for dim, flip in ((1, vertical), (2, horizontal)) if flip]
             for source, out in ((degraded, inputs), (clean, targets)):
-                patch = source[row, :, top:top + crop, left:left + crop]
+                patch = source[row, :, top : top + crop, left : left + crop]
                 out.append(patch.flip(dims) if dims else patch)
         x, y = torch.stack(inputs).float() / 255, torch.stack(targets).float() / 255
         loss = F.l1_loss(model(x), y)
@@ -212,9 +212,13 @@ def photo_sets() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     trained = (*COLOUR, *GRAY)
     overlap = set(EXTRA_TEST_PHOTOS) & set(trained)
     if overlap:
-        raise SystemExit(f"test photos {sorted(overlap)} are in mini's training list (mdsd3_cli/model/presets/mini_photos.py)")
-    return ({name: load_photo(name) for name in trained},
-            {name: load_photo(name) for name in (*HELD_OUT, *EXTRA_TEST_PHOTOS)})
+        raise SystemExit(
+            f"test photos {sorted(overlap)} are in mini's training list (mdsd3_cli/model/presets/mini_photos.py)"
+        )
+    return (
+        {name: load_photo(name) for name in trained},
+        {name: load_photo(name) for name in (*HELD_OUT, *EXTRA_TEST_PHOTOS)},
+    )
 
 
 def _resize(image: np.ndarray, side: int) -> np.ndarray:
@@ -229,8 +233,8 @@ def held_out_tiles(photos: dict[str, np.ndarray], tile: int, per_photo: int) -> 
     for name, photo in photos.items():
         rows, columns = photo.shape[0] // tile, photo.shape[1] // tile
         cells = [(row, column) for row in range(rows) for column in range(columns)]
-        for row, column in cells[:per_photo or None]:
-            tiles.append(photo[row * tile:(row + 1) * tile, column * tile:(column + 1) * tile])
+        for row, column in cells[: per_photo or None]:
+            tiles.append(photo[row * tile : (row + 1) * tile, column * tile : (column + 1) * tile])
             names.append(f"{name}_{row}_{column}")
     return np.stack(tiles), names
 
@@ -258,7 +262,7 @@ def draw_pool(photos: dict[str, np.ndarray], settings: Settings, seed: int = 0) 
         short = min(image.shape[:2])
         side = int(round(short * math.exp(rng.uniform(math.log(0.3), 0.0))))
         top, left = rng.integers(0, image.shape[0] - side + 1), rng.integers(0, image.shape[1] - side + 1)
-        crops.append(_resize(image[top:top + side, left:left + side], settings.pool_side))
+        crops.append(_resize(image[top : top + side, left : left + side], settings.pool_side))
         identity = rng.uniform() < IDENTITY_FRACTION
         classes.append(None if identity else CLASSES[index % len(CLASSES)])
     ratios = rng.uniform(*RATIO_RANGE, size=settings.pool)
@@ -287,8 +291,10 @@ def mini_pairs(pool: Pool, log: Callable[[str], None]) -> np.ndarray:
     out, chunk = [], 16
     for start in range(0, len(pool.clean), chunk):
         stop = min(start + chunk, len(pool.clean))
-        classes = [{} if name is None else {name: float(ratio)}
-                   for name, ratio in zip(pool.classes[start:stop], pool.ratios[start:stop])]
+        classes = [
+            {} if name is None else {name: float(ratio)}
+            for name, ratio in zip(pool.classes[start:stop], pool.ratios[start:stop])
+        ]
         pairs = synth.degrade(list(pool.clean[start:stop]), classes=classes, seed=list(range(start, stop)))
         out.extend(pair.degraded for pair in pairs)
         log(f"mini pairs {stop}/{len(pool.clean)}")
@@ -305,8 +311,11 @@ def strength_scales(pool: Pool, classical: np.ndarray, mini: np.ndarray) -> dict
         classical_sum = sum(measure(estimators.Pair(pool.clean[i], classical[i])) for i in rows)
         mini_sum = sum(measure(estimators.Pair(pool.clean[i], mini[i])) for i in rows)
         scale = mini_sum / classical_sum if classical_sum > 0 else 1.0
-        result[name] = {"classical_mean": classical_sum / max(len(rows), 1), "mini_mean": mini_sum / max(len(rows), 1),
-                        "scale": max(float(scale), 0.0)}
+        result[name] = {
+            "classical_mean": classical_sum / max(len(rows), 1),
+            "mini_mean": mini_sum / max(len(rows), 1),
+            "scale": max(float(scale), 0.0),
+        }
     return result
 
 
@@ -328,6 +337,7 @@ def _albumentations(transform: Callable[[float, int], Any]) -> Callable[[np.ndar
     def apply(image: np.ndarray, strength: float, seed: int) -> np.ndarray:
         compose = albumentations.Compose([transform(strength, image.shape[0])], seed=seed)
         return np.ascontiguousarray(compose(image=image)["image"])
+
     return apply
 
 
@@ -374,16 +384,46 @@ def unseen_generators() -> tuple[list[UnseenGenerator], list[str]]:
         import albumentations as alb
 
         generators += [
-            UnseenGenerator("albumentations.RandomRain", "rain", (0.5, 1.0, 2.0), _albumentations(
-                lambda s, h: alb.RandomRain(slant_range=(-15, 15), drop_length=max(2, h // 10), drop_width=1,
-                                            blur_value=3, brightness_coefficient=1 - 0.1 * s, rain_type="default",
-                                            p=1.0) if s < 1.5 else
-                alb.RandomRain(slant_range=(-15, 15), drop_length=max(2, h // 8), drop_width=1, blur_value=3,
-                               brightness_coefficient=0.8, rain_type="torrential", p=1.0))),
-            UnseenGenerator("albumentations.RandomFog", "haze", (0.3, 0.5, 0.8), _albumentations(
-                lambda s, h: alb.RandomFog(fog_coef_range=(s, s), alpha_coef=0.08, p=1.0))),
-            UnseenGenerator("albumentations.ISONoise", "noise", (0.2, 0.5, 0.8), _albumentations(
-                lambda s, h: alb.ISONoise(color_shift=(0.02, 0.02), intensity=(s, s), p=1.0))),
+            UnseenGenerator(
+                "albumentations.RandomRain",
+                "rain",
+                (0.5, 1.0, 2.0),
+                _albumentations(
+                    lambda s, h: (
+                        alb.RandomRain(
+                            slant_range=(-15, 15),
+                            drop_length=max(2, h // 10),
+                            drop_width=1,
+                            blur_value=3,
+                            brightness_coefficient=1 - 0.1 * s,
+                            rain_type="default",
+                            p=1.0,
+                        )
+                        if s < 1.5
+                        else alb.RandomRain(
+                            slant_range=(-15, 15),
+                            drop_length=max(2, h // 8),
+                            drop_width=1,
+                            blur_value=3,
+                            brightness_coefficient=0.8,
+                            rain_type="torrential",
+                            p=1.0,
+                        )
+                    )
+                ),
+            ),
+            UnseenGenerator(
+                "albumentations.RandomFog",
+                "haze",
+                (0.3, 0.5, 0.8),
+                _albumentations(lambda s, h: alb.RandomFog(fog_coef_range=(s, s), alpha_coef=0.08, p=1.0)),
+            ),
+            UnseenGenerator(
+                "albumentations.ISONoise",
+                "noise",
+                (0.2, 0.5, 0.8),
+                _albumentations(lambda s, h: alb.ISONoise(color_shift=(0.02, 0.02), intensity=(s, s), p=1.0)),
+            ),
         ]
     except ImportError as error:
         skipped.append(f"albumentations generators skipped: {error} (pip install albumentations)")
@@ -442,16 +482,24 @@ def run(settings: Settings, out: Path, log: Callable[[str], None] = print) -> di
     rng = np.random.default_rng(0)
     rows, per_strength = [], []
     for generator in generators:
-        items: dict[str, Any] = {"input_psnr": [], "input_ssim": [], **{f"{arm}_{m}": [] for arm in ARMS
-                                                                          for m in ("dpsnr", "dssim")}}
+        items: dict[str, Any] = {
+            "input_psnr": [],
+            "input_ssim": [],
+            **{f"{arm}_{m}": [] for arm in ARMS for m in ("dpsnr", "dssim")},
+        }
         for level, strength in enumerate(generator.strengths):
-            degraded = np.stack([generator.apply(tile, strength, 1000 * level + index)
-                                 for index, tile in enumerate(tiles)])
+            degraded = np.stack(
+                [generator.apply(tile, strength, 1000 * level + index) for index, tile in enumerate(tiles)]
+            )
             psnr_in, ssim_in = quality(tiles, degraded)
             items["input_psnr"].append(psnr_in)
             items["input_ssim"].append(ssim_in)
-            level_row = {"generator": generator.name, "class": generator.cls, "strength": strength,
-                         "input_psnr": float(psnr_in.mean())}
+            level_row = {
+                "generator": generator.name,
+                "class": generator.cls,
+                "strength": strength,
+                "input_psnr": float(psnr_in.mean()),
+            }
             for arm in ARMS:
                 gains = [quality(tiles, restore(model, degraded)) for model in models[arm]]
                 dpsnr = np.mean([g[0] for g in gains], axis=0) - psnr_in
@@ -461,29 +509,50 @@ def run(settings: Settings, out: Path, log: Callable[[str], None] = print) -> di
                 level_row[f"{arm}_dpsnr"] = float(dpsnr.mean())
             per_strength.append(level_row)
         flat = {key: np.concatenate(value) for key, value in items.items()}
-        row = {"generator": generator.name, "class": generator.cls, "strengths": list(generator.strengths),
-               "items": int(len(flat["input_psnr"])), "input_psnr": float(flat["input_psnr"].mean()),
-               "input_ssim": float(flat["input_ssim"].mean()), "arms": {}, "differences": {}}
+        row = {
+            "generator": generator.name,
+            "class": generator.cls,
+            "strengths": list(generator.strengths),
+            "items": int(len(flat["input_psnr"])),
+            "input_psnr": float(flat["input_psnr"].mean()),
+            "input_ssim": float(flat["input_ssim"].mean()),
+            "arms": {},
+            "differences": {},
+        }
         for arm in ARMS:
             row["arms"][arm] = {m: bootstrap(flat[f"{arm}_{m}"], rng) for m in ("dpsnr", "dssim")}
         for first, second in (("B", "A"), ("B", "C"), ("C", "A")):
             row["differences"][f"{first}-{second}"] = {
-                m: bootstrap(flat[f"{first}_{m}"] - flat[f"{second}_{m}"], rng) for m in ("dpsnr", "dssim")}
+                m: bootstrap(flat[f"{first}_{m}"] - flat[f"{second}_{m}"], rng) for m in ("dpsnr", "dssim")
+            }
         rows.append(row)
         log(f"tested {generator.name}")
 
     identity = {}
     for arm in ARMS:
         results = [quality(tiles, restore(model, tiles)) for model in models[arm]]
-        identity[arm] = {"psnr": bootstrap(np.mean([r[0] for r in results], axis=0), rng),
-                         "ssim": bootstrap(np.mean([r[1] for r in results], axis=0), rng)}
+        identity[arm] = {
+            "psnr": bootstrap(np.mean([r[0] for r in results], axis=0), rng),
+            "ssim": bootstrap(np.mean([r[1] for r in results], axis=0), rng),
+        }
     parameters = sum(p.numel() for p in models["A"][0].parameters())
-    report = {"settings": asdict(settings), "restorer_parameters": parameters, "scales": scales,
-              "pool_classes": {str(name): pool.classes.count(name) for name in (*CLASSES, None)},
-              "test_photos": list(test_photos), "test_tiles": len(tile_names), "skipped": skipped, "rows": rows,
-              "per_strength": per_strength, "identity": identity,
-              "seconds": {"pairs": round(pairs_seconds, 1), "training": round(train_seconds, 1),
-                          "total": round(time.monotonic() - started, 1)}}
+    report = {
+        "settings": asdict(settings),
+        "restorer_parameters": parameters,
+        "scales": scales,
+        "pool_classes": {str(name): pool.classes.count(name) for name in (*CLASSES, None)},
+        "test_photos": list(test_photos),
+        "test_tiles": len(tile_names),
+        "skipped": skipped,
+        "rows": rows,
+        "per_strength": per_strength,
+        "identity": identity,
+        "seconds": {
+            "pairs": round(pairs_seconds, 1),
+            "training": round(train_seconds, 1),
+            "total": round(time.monotonic() - started, 1),
+        },
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "table.md").write_text(markdown(report))
@@ -500,25 +569,40 @@ def markdown(report: dict[str, Any]) -> str:
     identity fidelity and ΔPSNR per strength."""
     lines = []
     for metric, label, digits in (("dpsnr", "ΔPSNR (dB)", 2), ("dssim", "ΔSSIM", 3)):
-        lines += [f"{label}, restored − degraded input, mean [paired bootstrap 95% CI]:", "",
-                  "| class | generator | input | A classical | B mini | C classical at mini's strengths | B − A | B − C |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"{label}, restored − degraded input, mean [paired bootstrap 95% CI]:",
+            "",
+            "| class | generator | input | A classical | B mini | C classical at mini's strengths | B − A | B − C |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for row in report["rows"]:
             source = row["input_psnr"] if metric == "dpsnr" else row["input_ssim"]
             cells = [_ci(row["arms"][arm][metric], digits) for arm in ARMS]
             cells += [_ci(row["differences"][key][metric], digits) for key in ("B-A", "B-C")]
             lines.append(f"| {row['class']} | {row['generator']} | {source:.{digits}f} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["Identity fidelity (restorer on clean tiles), mean [95% CI]:", "", "| arm | PSNR (dB) | SSIM |",
-              "| --- | --- | --- |"]
+    lines += [
+        "Identity fidelity (restorer on clean tiles), mean [95% CI]:",
+        "",
+        "| arm | PSNR (dB) | SSIM |",
+        "| --- | --- | --- |",
+    ]
     for arm in ARMS:
         values = report["identity"][arm]
         lines.append(f"| {arm} {ARM_NAMES[arm]} | {_ci(values['psnr'], 2, '')} | {_ci(values['ssim'], 4, '')} |")
-    lines += ["", "ΔPSNR (dB) per strength (mean over tiles and seeds):", "",
-              "| generator | strength | input PSNR | A | B | C |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "ΔPSNR (dB) per strength (mean over tiles and seeds):",
+        "",
+        "| generator | strength | input PSNR | A | B | C |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for row in report["per_strength"]:
-        lines.append(f"| {row['generator']} | {row['strength']:g} | {row['input_psnr']:.2f} | "
-                     + " | ".join(f"{row[f'{arm}_dpsnr']:+.2f}" for arm in ARMS) + " |")
+        lines.append(
+            f"| {row['generator']} | {row['strength']:g} | {row['input_psnr']:.2f} | "
+            + " | ".join(f"{row[f'{arm}_dpsnr']:+.2f}" for arm in ARMS)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -530,12 +614,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, help="restorers per arm (default 2)")
     parser.add_argument("--pool", type=int, help="pairs per arm (default 320)")
     parser.add_argument("--batch", type=int, help="crops per step (default 16)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: no spinning threads on a "
-                        "busy machine)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: no spinning threads on a busy machine)"
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else Settings()
-    overrides = {key: value for key, value in (("steps", args.steps), ("seeds", args.seeds), ("pool", args.pool),
-                                               ("batch", args.batch)) if value is not None}
+    overrides = {
+        key: value
+        for key, value in (("steps", args.steps), ("seeds", args.seeds), ("pool", args.pool), ("batch", args.batch))
+        if value is not None
+    }
     settings = Settings(**{**asdict(settings), **overrides})
     torch.set_num_threads(args.threads)
     report = run(settings, args.out, log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -46,8 +46,9 @@ def skewed_ratios(name: str, count: int, rng: np.random.Generator) -> np.ndarray
     raise ValueError(f"no distribution for class {name!r}; choose from {', '.join(CLASSES + OTHER_CLASSES)}")
 
 
-def write_reference(out: Path, classes: Sequence[str] = CLASSES, per_photo: int = 12, size: int = 128,
-                    seed: int = 20) -> Path:
+def write_reference(
+    out: Path, classes: Sequence[str] = CLASSES, per_photo: int = 12, size: int = 128, seed: int = 20
+) -> Path:
     """Write the reference folder `out` (it must not exist) and return it."""
     rng = np.random.default_rng(seed)
     (out / "clean").mkdir(parents=True)

@@ -63,13 +63,18 @@ def _load(path: Path, size: int | None) -> Image.Image:
         image = ImageOps.exif_transpose(image).convert("RGB")
     if size:
         scale = size / min(image.size)
-        image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))),
-                             Image.Resampling.BICUBIC, reducing_gap=3.0)
+        image = image.resize(
+            (max(size, round(image.width * scale)), max(size, round(image.height * scale))),
+            Image.Resampling.BICUBIC,
+            reducing_gap=3.0,
+        )
     return image
 
 
 def _photo_paths(photos: Path) -> list[Path]:
-    paths = sorted(p for p in Path(photos).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith("."))
+    paths = sorted(
+        p for p in Path(photos).iterdir() if p.suffix.lower() in PHOTO_SUFFIXES and not p.name.startswith(".")
+    )
     if not paths:
         raise FileNotFoundError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) in {photos}")
     return paths
@@ -85,26 +90,32 @@ def _write(out: Path, name: str, outputs: dict[str, np.ndarray]) -> None:
         tmp.replace(target)
 
 
-def make_pairs(photos: Path, out: Path, size: int | None = None, haze_amount: float = 0.5,
-               noise_sigma: float = 25.0, seed: int = 0) -> int:
+def make_pairs(
+    photos: Path, out: Path, size: int | None = None, haze_amount: float = 0.5, noise_sigma: float = 25.0, seed: int = 0
+) -> int:
     """Write clean/, haze/, noise/, haze_half/ and noise_half/ under `out` for every photo in `photos`;
     returns the number of photos."""
     paths = _photo_paths(photos)
     for path in paths:
         pixels = np.asarray(_load(path, size))
         noise_seed = _name_seed(seed, path.stem)
-        _write(out, path.stem, {
-            "clean": pixels,
-            "haze": haze(pixels, haze_amount),
-            "noise": gaussian_noise(pixels, noise_sigma, noise_seed),
-            "haze_half": haze(pixels, haze_amount / 2),
-            "noise_half": gaussian_noise(pixels, noise_sigma / 2, noise_seed),
-        })
+        _write(
+            out,
+            path.stem,
+            {
+                "clean": pixels,
+                "haze": haze(pixels, haze_amount),
+                "noise": gaussian_noise(pixels, noise_sigma, noise_seed),
+                "haze_half": haze(pixels, haze_amount / 2),
+                "noise_half": gaussian_noise(pixels, noise_sigma / 2, noise_seed),
+            },
+        )
     return len(paths)
 
 
-def make_physical_pairs(photos: Path, out: Path, classes: Sequence[str], size: int | None = None,
-                        ratio: float = 1.0, seed: int = 0) -> int:
+def make_physical_pairs(
+    photos: Path, out: Path, classes: Sequence[str], size: int | None = None, ratio: float = 1.0, seed: int = 0
+) -> int:
     """Write clean/ and, per class C, C/ (at `ratio`) and C_half/ (at `ratio / 2`) with mdsd3_cli.model.presets.degradations
     under `out` for every photo in `photos`; returns the number of photos."""
     import torch
@@ -129,12 +140,19 @@ def make_physical_pairs(photos: Path, out: Path, classes: Sequence[str], size: i
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=Path, required=True, help="folder of clean photos")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (gets " + ", ".join(f"{f}/" for f in FOLDERS) + ")")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output folder (gets " + ", ".join(f"{f}/" for f in FOLDERS) + ")"
+    )
     parser.add_argument("--size", type=int, default=None, help="scale each photo's short side to this first")
     parser.add_argument("--haze", type=float, default=0.5, help="blend-toward-white amount in [0, 1]")
     parser.add_argument("--noise-sigma", type=float, default=25.0, help="Gaussian noise std on the 0-255 scale")
-    parser.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
-                        help="physical degradations instead (rain, haze, noise, low_light: mdsd3_cli/model/presets/degradations.py)")
+    parser.add_argument(
+        "--classes",
+        nargs="+",
+        default=None,
+        metavar="CLASS",
+        help="physical degradations instead (rain, haze, noise, low_light: mdsd3_cli/model/presets/degradations.py)",
+    )
     parser.add_argument("--ratio", type=float, default=1.0, help="with --classes: the full-strength ratio in [0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -23,14 +23,14 @@ import yaml
 from PIL import Image
 from skimage import data
 
+from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import open_session, plan_run, run_generate
 from mdsd3_cli.model.heads import all_prompts
-from mdsd3_cli.util.images import load_image
-from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.model.prompts import load_prompt_embeddings
-from mdsd3_cli.recipe.generate import load_recipe
-from mdsd3_cli.util.runtime import resolve_device, resolve_dtype
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.recipe.generate import load_recipe
+from mdsd3_cli.util.images import load_image
+from mdsd3_cli.util.runtime import resolve_device, resolve_dtype
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat", "immunohistochemistry", "hubble_deep_field"]
 
@@ -53,38 +53,62 @@ def main() -> None:
         image = image.resize((args.size * 3 // 2, args.size * 5 // 4), Image.Resampling.BICUBIC)
         image.save(photos / f"photo{index:03d}.png")
     recipe_path = work / "recipe.yaml"
-    recipe_path.write_text(yaml.safe_dump({
-        "model": {"base": args.base, "classes": ["rain", "haze", "noise"], "prompt_cache": str(work / "prompts")},
-        "input": {"paths": [str(photos)], "size": args.size},
-        "output": {"dir": str(work / "out"), "format": args.format},
-        "sampling": {"steps": args.steps, "guidance": 4.0, "beta": 0.3, "batch_size": args.batch},
-        "variants": [{"name": "rain", "classes": {"rain": 1.0}}, {"name": "mix", "classes": {"haze": 0.5, "noise": 1.0}}],
-    }))
+    recipe_path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {
+                    "base": args.base,
+                    "classes": ["rain", "haze", "noise"],
+                    "prompt_cache": str(work / "prompts"),
+                },
+                "input": {"paths": [str(photos)], "size": args.size},
+                "output": {"dir": str(work / "out"), "format": args.format},
+                "sampling": {"steps": args.steps, "guidance": 4.0, "beta": 0.3, "batch_size": args.batch},
+                "variants": [
+                    {"name": "rain", "classes": {"rain": 1.0}},
+                    {"name": "mix", "classes": {"haze": 0.5, "noise": 1.0}},
+                ],
+            }
+        )
+    )
     recipe = load_recipe(recipe_path)
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
     session = open_session(recipe, device, dtype)
-    load_prompt_embeddings(session.base.source, session.base.fingerprint, all_prompts(recipe.classes()),
-                           recipe.prompt_cache_dir())  # warm the cache: neither measurement encodes prompts
+    load_prompt_embeddings(
+        session.base.source, session.base.fingerprint, all_prompts(recipe.classes()), recipe.prompt_cache_dir()
+    )  # warm the cache: neither measurement encodes prompts
 
     run = plan_run(recipe, ShardSpec(0, 1))
     summary = run_generate(run)
-    common = {"size": args.size, "steps": args.steps, "batch": args.batch, "device": str(device),
-              "threads": torch.get_num_threads(), "samples": summary.written, "format": args.format}
+    common = {
+        "size": args.size,
+        "steps": args.steps,
+        "batch": args.batch,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "samples": summary.written,
+        "format": args.format,
+    }
     print(json.dumps({"measure": "sampler_busy", "value": round(summary.sampler_busy, 3), **common}))
     print(json.dumps({"measure": "generate_images_per_s", "value": round(summary.images_per_s, 3), **common}))
 
-    prompts = load_prompt_embeddings(session.base.source, session.base.fingerprint, all_prompts(recipe.classes()),
-                                     recipe.prompt_cache_dir())
+    prompts = load_prompt_embeddings(
+        session.base.source, session.base.fingerprint, all_prompts(recipe.classes()), recipe.prompt_cache_dir()
+    )
     sampler = MDSD3Sampler(session.base, session.model, session.adapter, prompts)
     items = run.mine
     pixels = {item.key: load_image(item.source, args.size, "center_crop").pixels for item in items}
     start = time.perf_counter()
     for first in range(0, len(items), args.batch):
-        batch = items[first:first + args.batch]
-        sampler.generate(torch.from_numpy(np.stack([pixels[i.key] for i in batch])),
-                         [SampleRequest(i.ratios, i.seed, i.alpha, i.beta) for i in batch],
-                         args.steps, recipe.sampling.guidance, pad_to=args.batch)
+        batch = items[first : first + args.batch]
+        sampler.generate(
+            torch.from_numpy(np.stack([pixels[i.key] for i in batch])),
+            [SampleRequest(i.ratios, i.seed, i.alpha, i.beta) for i in batch],
+            args.steps,
+            recipe.sampling.guidance,
+            pad_to=args.batch,
+        )
     alone = len(items) / (time.perf_counter() - start)
     print(json.dumps({"measure": "sampler_images_per_s", "value": round(alone, 3), **common}))
 

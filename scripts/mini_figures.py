@@ -37,13 +37,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mdsd3_cli.model.presets.degradations import degrade_photo  # noqa: E402
-from mdsd3_cli.model.presets.mini_photos import HELD_OUT  # noqa: E402
 from mdsd3_cli.evaluate import evaluate_dataset, measure_pair  # noqa: E402
 from mdsd3_cli.evaluate.aggregate import SELECTIVITY_FLOOR  # noqa: E402
+from mdsd3_cli.generate.plan import ShardSpec  # noqa: E402
 from mdsd3_cli.generate.run import plan_run, run_generate  # noqa: E402
 from mdsd3_cli.model.presets.build_mini import MINI_CLASSES  # noqa: E402
-from mdsd3_cli.generate.plan import ShardSpec  # noqa: E402
+from mdsd3_cli.model.presets.degradations import degrade_photo  # noqa: E402
+from mdsd3_cli.model.presets.mini_photos import HELD_OUT  # noqa: E402
 from mdsd3_cli.recipe.generate import load_recipe  # noqa: E402
 
 RATIOS = (0.25, 0.5, 0.75, 1.0)
@@ -65,17 +65,20 @@ def acceptance_variants() -> list[dict[str, Any]]:
     """Identity (repeated), every class at each ratio (repeated at 1), rain + haze."""
     variants = [{"name": "identity", "classes": {}, "repeats": REPEATS}]
     for cls in MINI_CLASSES:
-        variants += [{"name": variant_name(cls, r), "classes": {cls: r}, "repeats": REPEATS if r == 1.0 else 1}
-                     for r in RATIOS]
+        variants += [
+            {"name": variant_name(cls, r), "classes": {cls: r}, "repeats": REPEATS if r == 1.0 else 1} for r in RATIOS
+        ]
     variants.append({"name": "_".join(COMPOSED), "classes": {cls: 1.0 for cls in COMPOSED}, "repeats": 1})
     return variants
 
 
 def large_variants() -> list[dict[str, Any]]:
     """The seam check at LARGE px: identity, each class at ratio 1, rain + haze (one draw each)."""
-    return [{"name": "identity", "classes": {}}, *({"name": variant_name(cls, 1.0), "classes": {cls: 1.0}}
-                                                    for cls in MINI_CLASSES),
-            {"name": "_".join(COMPOSED), "classes": {cls: 1.0 for cls in COMPOSED}}]
+    return [
+        {"name": "identity", "classes": {}},
+        *({"name": variant_name(cls, 1.0), "classes": {cls: 1.0}} for cls in MINI_CLASSES),
+        {"name": "_".join(COMPOSED), "classes": {cls: 1.0 for cls in COMPOSED}},
+    ]
 
 
 def demo_size() -> int:
@@ -83,8 +86,9 @@ def demo_size() -> int:
     return int(yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["input"]["size"])
 
 
-def acceptance_recipe(root: Path, size: int | None = None, variants: list[dict[str, Any]] | None = None,
-                      grey: bool = False) -> Path:
+def acceptance_recipe(
+    root: Path, size: int | None = None, variants: list[dict[str, Any]] | None = None, grey: bool = False
+) -> Path:
     """Copy the held-out photos to root/photos (as greyscale RGB with `grey`) and write root/recipe.yaml (output:
     root/out); the demo's size and `acceptance_variants()` unless given."""
     demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
@@ -102,7 +106,8 @@ def acceptance_recipe(root: Path, size: int | None = None, variants: list[dict[s
         "model": {"base": "mini", "adapter": "mini", "device": "cpu"},
         "input": {"paths": [str(photos)], "size": size or demo_size(), "resize": "center_crop"},
         "output": {"dir": str(root / "out"), "format": "png"},
-        "sampling": demo["sampling"], "variants": variants or acceptance_variants(),
+        "sampling": demo["sampling"],
+        "variants": variants or acceptance_variants(),
     }
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -143,18 +148,19 @@ def figures(root: Path, large: bool = True) -> dict[str, Any]:
     identity_diversity = report.variant("identity")["diversity"]["median"]
     classes = {}
     for cls in MINI_CLASSES:
-        reference = float(np.median([training_strength(photo, cls, seed)
-                                     for photo in clean for seed in range(CALIBRATION_SEEDS)]))
+        reference = float(
+            np.median([training_strength(photo, cls, seed) for photo in clean for seed in range(CALIBRATION_SEEDS)])
+        )
         top = variant_name(cls, 1.0)
         classes[cls] = {
             "spearman": report.summary["monotonicity"][cls]["spearman_single_class"],
             "single_class_samples": report.summary["monotonicity"][cls]["single_class_samples"],
             "medians": [median("identity", cls)] + [median(variant_name(cls, r), cls) for r in RATIOS],
             "selectivity": {str(r): report.summary["selectivity"][variant_name(cls, r)]["ratio"] for r in RATIOS},
-            "selectivity_class": {str(r): report.summary["selectivity"][variant_name(cls, r)]["class"]
-                                  for r in RATIOS},
-            "selectivity_among_classes": {str(r): among_classes(report.summary["selectivity"][variant_name(cls, r)])
-                                          for r in RATIOS},
+            "selectivity_class": {str(r): report.summary["selectivity"][variant_name(cls, r)]["class"] for r in RATIOS},
+            "selectivity_among_classes": {
+                str(r): among_classes(report.summary["selectivity"][variant_name(cls, r)]) for r in RATIOS
+            },
             "training_strength": reference,
             "calibration": median(top, cls) / reference,
             "repeat_difference": report.variant(top)["diversity"]["median"],
@@ -163,7 +169,8 @@ def figures(root: Path, large: bool = True) -> dict[str, Any]:
         }
     composed = "_".join(COMPOSED)
     return {
-        "held_out": list(HELD_OUT), "samples": len(report.samples()),
+        "held_out": list(HELD_OUT),
+        "samples": len(report.samples()),
         "identity_psnr": [row["psnr"] for row in report.samples() if row["variant"] == "identity"],
         "identity_blur": report.variant("identity")["measures"]["blur"]["median"],
         "identity_repeat_difference": identity_diversity,
@@ -179,10 +186,16 @@ def grey_identity_colour(root: Path) -> float:
     """Colour the identity adds to greyscale versions of the held-out photos: the mean over pixels of the
     standard deviation across R, G, B, in 8-bit levels (0 for a grey image)."""
     folder = root / "grey"
-    run_generate(plan_run(load_recipe(acceptance_recipe(folder, variants=[{"name": "identity", "classes": {}}],
-                                                        grey=True)), ShardSpec(0, 1)))
-    images = [np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
-              for path in sorted((folder / "out" / "degraded" / "identity").glob("*.png"))]
+    run_generate(
+        plan_run(
+            load_recipe(acceptance_recipe(folder, variants=[{"name": "identity", "classes": {}}], grey=True)),
+            ShardSpec(0, 1),
+        )
+    )
+    images = [
+        np.asarray(Image.open(path).convert("RGB"), dtype=np.float64)
+        for path in sorted((folder / "out" / "degraded" / "identity").glob("*.png"))
+    ]
     return float(np.mean([image.std(axis=2).mean() for image in images]))
 
 

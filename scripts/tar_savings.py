@@ -34,8 +34,22 @@ from mdsd3_cli.generate.run import plan_run, run_generate  # noqa: E402
 from mdsd3_cli.recipe.generate import load_recipe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-                  "camera", "brick", "grass", "gravel", "moon", "coins", "clock")
+SKIMAGE_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "camera",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "coins",
+    "clock",
+)
 """scikit-image's photos that ship with it (no download): colour photos, grey photos and textures."""
 
 
@@ -49,8 +63,9 @@ def write_crops(folder: Path, count: int, size: int = 128, seed: int = 0) -> Non
     for index in range(count):
         photo = Image.fromarray(photos[rng.randrange(len(photos))])
         scale = rng.uniform(size / min(photo.size), 1.0)
-        photo = photo.resize((max(size, round(photo.width * scale)), max(size, round(photo.height * scale))),
-                             Image.Resampling.LANCZOS)
+        photo = photo.resize(
+            (max(size, round(photo.width * scale)), max(size, round(photo.height * scale))), Image.Resampling.LANCZOS
+        )
         left, top = rng.randrange(photo.width - size + 1), rng.randrange(photo.height - size + 1)
         crop = photo.crop((left, top, left + size, top + size))
         if rng.random() < 0.5:
@@ -85,8 +100,11 @@ def per_pair_tar_bytes(tar: Path) -> int:
             for folder, record in json.loads(source.extractfile(name).read()).items():
                 extension = record["clean_member"].rsplit(".", 1)[1]
                 stem = f"{flat_key(record['key'])}/{flat_key(folder)}"
-                old = {"clean_member": f"{stem}.clean.{extension}", "degraded_member": f"{stem}.degraded.{extension}",
-                       "json_member": f"{stem}.json"}
+                old = {
+                    "clean_member": f"{stem}.clean.{extension}",
+                    "degraded_member": f"{stem}.degraded.{extension}",
+                    "json_member": f"{stem}.json",
+                }
                 images = [source.extractfile(record[role]).read() for role in ("clean_member", "degraded_member")]
                 for member, data in zip(old.values(), [*images, record_json({**record, **old})]):
                     info = tarfile.TarInfo(member)
@@ -121,11 +139,16 @@ def main() -> None:
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
     out = recipe.output_dir()
     tars = sorted((out / "tars").glob("*.tar"))
-    keys = {json.loads(line)["key"] for manifest in (out / "manifest").glob("*.jsonl")
-            for line in manifest.read_text().splitlines()}
+    keys = {
+        json.loads(line)["key"]
+        for manifest in (out / "manifest").glob("*.jsonl")
+        for line in manifest.read_text().splitlines()
+    }
     now, before = sum(tar.stat().st_size for tar in tars), sum(per_pair_tar_bytes(tar) for tar in tars)
-    print(f"{args.config.name} on {len(keys)} photos, {len(recipe.variants)} variants: generate "
-          f"{time.perf_counter() - started:.0f} s, {summary.written + summary.already_done} samples, {len(tars)} tars")
+    print(
+        f"{args.config.name} on {len(keys)} photos, {len(recipe.variants)} variants: generate "
+        f"{time.perf_counter() - started:.0f} s, {summary.written + summary.already_done} samples, {len(tars)} tars"
+    )
     print(f"  tars, one sample per key (clean once)      {now / 2**20:9.2f} MiB")
     print(f"  tars, one sample per (key, variant), before {before / 2**20:9.2f} MiB")
     print(f"  folders layout (image files)               {folders_bytes(out) / 2**20:9.2f} MiB")

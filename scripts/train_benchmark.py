@@ -37,8 +37,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SD3_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
     pos_embed_max_size=192,
 )
 CONTEXT_TOKENS = 77 + 256  # CLIP-L/G + T5 (SD3 prompt encoding)
@@ -49,8 +57,8 @@ def build(preset: str, device: torch.device, lora_rank: int, trainable: str):
     """(MDSD3 model with trainable parameters in fp32, trainable parameter list, FlowSchedule, joint dim, pooled dim)."""
     from diffusers import SD3Transformer2DModel
 
+    from mdsd3_cli.model.weights import SD3_SCHEDULER, BaseModel, build_model, build_tiny, fresh_adapter_config
     from mdsd3_cli.train.step import FlowSchedule, set_trainable, upcast_trainable
-    from mdsd3_cli.model.weights import BaseModel, SD3_SCHEDULER, build_model, build_tiny, fresh_adapter_config
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if preset == "tiny":
@@ -69,8 +77,17 @@ def build(preset: str, device: torch.device, lora_rank: int, trainable: str):
     return model, params, FlowSchedule.from_base(base), config.joint_attention_dim, config.pooled_projection_dim
 
 
-def measure(preset: str, device_name: str, resolution: int, batch: int, checkpointing: bool, steps: int, warmup: int,
-            lora_rank: int, trainable: str) -> dict:
+def measure(
+    preset: str,
+    device_name: str,
+    resolution: int,
+    batch: int,
+    checkpointing: bool,
+    steps: int,
+    warmup: int,
+    lora_rank: int,
+    trainable: str,
+) -> dict:
     """Time `steps` training steps after `warmup` ones; returns the measurement record."""
     from mdsd3_cli.train.step import flow_matching_loss, step_generator
 
@@ -113,12 +130,22 @@ def measure(preset: str, device_name: str, resolution: int, batch: int, checkpoi
         torch.cuda.synchronize(device)
     seconds = (time.perf_counter() - started) / steps
     record = {
-        "mode": "step", "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
-        "preset": preset, "resolution": resolution, "batch": batch, "gradient_checkpointing": checkpointing,
-        "trainable": trainable, "lora_rank": lora_rank, "trainable_params": sum(p.numel() for p in params),
-        "total_params": sum(p.numel() for p in model.parameters()), "precision": "bf16 autocast" if cuda else "fp32",
-        "ms_per_step": round(1000 * seconds, 2), "steps_per_s": round(1 / seconds, 3),
-        "images_per_s": round(batch / seconds, 3), "steps_timed": steps, "build_s": round(build_s, 1),
+        "mode": "step",
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "preset": preset,
+        "resolution": resolution,
+        "batch": batch,
+        "gradient_checkpointing": checkpointing,
+        "trainable": trainable,
+        "lora_rank": lora_rank,
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "precision": "bf16 autocast" if cuda else "fp32",
+        "ms_per_step": round(1000 * seconds, 2),
+        "steps_per_s": round(1 / seconds, 3),
+        "images_per_s": round(batch / seconds, 3),
+        "steps_timed": steps,
+        "build_s": round(build_s, 1),
         "torch": torch.__version__,
     }
     if cuda:
@@ -138,14 +165,19 @@ def measure_trainer(resolution: int, steps: int) -> dict:
     sys.path.insert(0, str(ROOT / "scripts"))
     from make_synthetic_pairs import make_pairs
 
-    from mdsd3_cli.train.run import Trainer
     from mdsd3_cli.recipe.train import load_train_recipe
+    from mdsd3_cli.train.run import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         pairs = Path(tmp) / "pairs"
         make_pairs(ROOT / "examples" / "photos", pairs, size=resolution, haze_amount=0.85, noise_sigma=60.0)
-        sets = [f"output.dir={Path(tmp) / 'run'}", f"train.steps={steps}", f"data.resolution={resolution}",
-                "output.preview_every=0", f"model.prompt_cache={Path(tmp) / 'prompts'}"]
+        sets = [
+            f"output.dir={Path(tmp) / 'run'}",
+            f"train.steps={steps}",
+            f"data.resolution={resolution}",
+            "output.preview_every=0",
+            f"model.prompt_cache={Path(tmp) / 'prompts'}",
+        ]
         for name in ("haze", "haze_half", "noise", "noise_half"):
             sets += [f"datasets.{name}.clean={pairs / 'clean'}", f"datasets.{name}.degraded={pairs / name}"]
         recipe = load_train_recipe(ROOT / "configs" / "train_tiny.yaml", sets)
@@ -153,12 +185,19 @@ def measure_trainer(resolution: int, steps: int) -> dict:
         trainer.setup()
         summary = trainer.run()
     return {
-        "mode": "trainer", "device": f"cpu ({torch.get_num_threads()} threads)", "preset": "tiny",
-        "config": "configs/train_tiny.yaml", "resolution": resolution, "batch": recipe.train.batch_size,
-        "steps": summary.steps_done, "steps_per_s": round(summary.steps_per_s, 3),
+        "mode": "trainer",
+        "device": f"cpu ({torch.get_num_threads()} threads)",
+        "preset": "tiny",
+        "config": "configs/train_tiny.yaml",
+        "resolution": resolution,
+        "batch": recipe.train.batch_size,
+        "steps": summary.steps_done,
+        "steps_per_s": round(summary.steps_per_s, 3),
         "images_per_s": round(summary.steps_per_s * recipe.train.batch_size, 3),
-        "loss_first": round(summary.first_loss, 4), "loss_last": round(summary.last_loss, 4),
-        "peak_rss_gib": round(_peak_rss_bytes() / 2**30, 3), "torch": torch.__version__,
+        "loss_first": round(summary.first_loss, 4),
+        "loss_last": round(summary.last_loss, 4),
+        "peak_rss_gib": round(_peak_rss_bytes() / 2**30, 3),
+        "torch": torch.__version__,
     }
 
 
@@ -201,9 +240,17 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--resolution {resolution} is not a multiple of 16")
         for checkpointing in modes:
             for batch in args.batch:
-                job = dict(preset=preset, device_name=args.device, resolution=resolution, batch=batch,
-                           checkpointing=checkpointing, steps=steps, warmup=args.warmup, lora_rank=args.lora_rank,
-                           trainable=args.trainable)
+                job = dict(
+                    preset=preset,
+                    device_name=args.device,
+                    resolution=resolution,
+                    batch=batch,
+                    checkpointing=checkpointing,
+                    steps=steps,
+                    warmup=args.warmup,
+                    lora_rank=args.lora_rank,
+                    trainable=args.trainable,
+                )
                 if cuda:  # in-process; free the previous measurement's model and optimizer first
                     try:
                         record = measure(**job)
@@ -212,11 +259,18 @@ def main(argv: list[str] | None = None) -> int:
                     gc.collect()
                     torch.cuda.empty_cache()
                 else:  # own process, so the peak RSS belongs to this measurement alone
-                    result = subprocess.run([sys.executable, __file__, "--one", json.dumps(job)], capture_output=True,
-                                            text=True, env={**os.environ, "DIFFUSERS_VERBOSITY": "error"})
+                    result = subprocess.run(
+                        [sys.executable, __file__, "--one", json.dumps(job)],
+                        capture_output=True,
+                        text=True,
+                        env={**os.environ, "DIFFUSERS_VERBOSITY": "error"},
+                    )
                     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-                    record = json.loads(lines[-1]) if result.returncode == 0 and lines else {
-                        **job, "error": result.stderr.strip().splitlines()[-1:]}
+                    record = (
+                        json.loads(lines[-1])
+                        if result.returncode == 0 and lines
+                        else {**job, "error": result.stderr.strip().splitlines()[-1:]}
+                    )
                 print(json.dumps(record), flush=True)
     return 0
 

@@ -57,17 +57,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mdsd3_cli.model.adapter import FlowStart  # noqa: E402
-from mdsd3_cli.model.presets.degradations import degrade, quantize  # noqa: E402
 from mdsd3_cli.model.heads import all_prompts, partition_heads  # noqa: E402
 from mdsd3_cli.model.presets.build_mini import (  # noqa: E402
-    MINI_CLASSES, MINI_RESOLUTION, MINI_TRANSFORMER, fresh_mini, preset_sizes, save_preset,
+    MINI_CLASSES,
+    MINI_RESOLUTION,
+    MINI_TRANSFORMER,
+    fresh_mini,
+    preset_sizes,
+    save_preset,
 )
+from mdsd3_cli.model.presets.degradations import degrade, quantize  # noqa: E402
+from mdsd3_cli.model.presets.mini_photos import COLOUR, EXTRA, GRAY, HELD_OUT  # noqa: E402
+from mdsd3_cli.train.data import condition_drop_mask  # noqa: E402
 from mdsd3_cli.train.previews import PreviewSettings, render_preview  # noqa: E402
 from mdsd3_cli.train.step import (  # noqa: E402
-    FlowSchedule, LatentEncoder, PromptTable, batch_conditioning, flow_matching_loss, step_generator,
+    FlowSchedule,
+    LatentEncoder,
+    PromptTable,
+    batch_conditioning,
+    flow_matching_loss,
+    step_generator,
 )
-from mdsd3_cli.train.data import condition_drop_mask  # noqa: E402
-from mdsd3_cli.model.presets.mini_photos import COLOUR, EXTRA, GRAY, HELD_OUT  # noqa: E402
 
 CROP = 288
 CROPS = 400
@@ -119,7 +129,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
 def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
     side = min(image.shape[:2])
     top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
-    return _resize(image[top:top + side, left:left + side], size)
+    return _resize(image[top : top + side, left : left + side], size)
 
 
 def make_data(out: Path, count: int = CROPS, seed: int = 0) -> None:
@@ -137,15 +147,21 @@ def make_data(out: Path, count: int = CROPS, seed: int = 0) -> None:
         short = min(image.shape[:2])
         side = int(round(short * math.exp(rng.uniform(math.log(0.4), 0.0))))
         top, left = rng.integers(0, image.shape[0] - side + 1), rng.integers(0, image.shape[1] - side + 1)
-        crops.append(_resize(image[top:top + side, left:left + side], CROP))
+        crops.append(_resize(image[top : top + side, left : left + side], CROP))
         sources.append(name)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"seed": str(seed), "sources": json.dumps(sources), "held_out": json.dumps(list(HELD_OUT))}
     save_file({"images": torch.from_numpy(np.stack(crops))}, str(out / "crops.safetensors"), metadata=meta)
     held = np.stack([centre_crop(photos[name], MINI_RESOLUTION) for name in HELD_OUT])  # sanity sheets only
-    save_file({"images": torch.from_numpy(held)}, str(out / "heldout.safetensors"), metadata={"names": json.dumps(list(HELD_OUT))})
+    save_file(
+        {"images": torch.from_numpy(held)},
+        str(out / "heldout.safetensors"),
+        metadata={"names": json.dumps(list(HELD_OUT))},
+    )
     used = {name: sources.count(name) for name in names}
-    print(f"wrote {count} crops of {CROP} px to {out}/crops.safetensors ({(out / 'crops.safetensors').stat().st_size / 1e6:.1f} MB)")
+    print(
+        f"wrote {count} crops of {CROP} px to {out}/crops.safetensors ({(out / 'crops.safetensors').stat().st_size / 1e6:.1f} MB)"
+    )
     print(f"crops per photo: {used}; held out: {', '.join(HELD_OUT)} -> {out}/heldout.safetensors")
 
 
@@ -158,8 +174,9 @@ class Batches:
     def __init__(self, crops: torch.Tensor, size: int, batch: int, seed: int, device: torch.device):
         self.crops, self.size, self.batch, self.seed, self.device = crops.to(device), size, batch, seed, device
 
-    def __call__(self, step: int, size: int | None = None, batch: int | None = None,
-                 field: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, step: int, size: int | None = None, batch: int | None = None, field: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(clean [B, 3, S, S] in [0, 1], degraded likewise, ratios [B, K]); S is `size` or the default crop, B
         `batch` or the default batch. `field` [B, 3, S, S] (standard normal) drives the degradations' per-pixel
         randomness when given (the coupling to the flow's start noise)."""
@@ -172,12 +189,13 @@ class Batches:
         classes = rng.integers(0, len(MINI_CLASSES), batch)
         ratio = np.where(rng.random(batch) < FULL_RATIO_FRACTION, 1.0, rng.uniform(0.05, 1.0, batch))
         ratio[rng.random(batch) < IDENTITY_FRACTION] = 0.0
-        tiles = [self.crops[i, y:y + size, x:x + size] for i, y, x in zip(index, ys, xs)]
+        tiles = [self.crops[i, y : y + size, x : x + size] for i, y, x in zip(index, ys, xs)]
         clean = torch.stack([t.flip(1) if f else t for t, f in zip(tiles, flips)]).permute(0, 3, 1, 2).float() / 255
         generator = torch.Generator(self.device).manual_seed(int(rng.integers(0, 2**62)))
         ratio_t = torch.from_numpy(ratio).float()
-        degraded = quantize(degrade(clean, MINI_CLASSES, torch.from_numpy(classes), ratio_t.to(self.device), generator,
-                                    field))
+        degraded = quantize(
+            degrade(clean, MINI_CLASSES, torch.from_numpy(classes), ratio_t.to(self.device), generator, field)
+        )
         ratios = torch.zeros(batch, len(MINI_CLASSES))
         ratios[torch.arange(batch), torch.from_numpy(classes)] = ratio_t
         return clean, degraded, ratios
@@ -229,7 +247,9 @@ def train(args: argparse.Namespace) -> None:
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     batches = Batches(crops, args.crop, args.batch, args.seed, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
     noise_generator = torch.Generator(device).manual_seed(args.seed) if device.type == "cuda" else None
 
     phases = args.phase or None
@@ -251,8 +271,9 @@ def train(args: argparse.Namespace) -> None:
             crop, batch, phase_index = (args.final_crop if final else args.crop), args.batch, int(bool(final))
         noise = field = None
         if args.couple_noise:  # the degradations' randomness is the flow's start noise ε (docs/mini.md)
-            noise = torch.randn((batch, codec.latent_channels, crop // 4, crop // 4),
-                                generator=step_generator(args.seed, step, 1))
+            noise = torch.randn(
+                (batch, codec.latent_channels, crop // 4, crop // 4), generator=step_generator(args.seed, step, 1)
+            )
             field = torch.nn.functional.pixel_shuffle(noise, 4).to(device)
         clean, degraded, ratios = batches(step, crop, batch, field)
         dropped = condition_drop_mask(args.seed, step, batch, CONDITION_DROP)
@@ -260,10 +281,20 @@ def train(args: argparse.Namespace) -> None:
         embeds, pooled = prompts.batch(prompt_list)
         clean_latents, target_latents = encoder.pair(clean * 2 - 1, degraded * 2 - 1)
         with autocast:
-            loss = flow_matching_loss(model, clean_latents, target_latents, embeds, pooled, mask.to(device),
-                                      step_generator(args.seed, step, 0), schedule,
-                                      noise_generator=None if noise is not None else noise_generator, start=start,
-                                      prediction=args.prediction, noise=noise)
+            loss = flow_matching_loss(
+                model,
+                clean_latents,
+                target_latents,
+                embeds,
+                pooled,
+                mask.to(device),
+                step_generator(args.seed, step, 0),
+                schedule,
+                noise_generator=None if noise is not None else noise_generator,
+                start=start,
+                prediction=args.prediction,
+                noise=noise,
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -281,8 +312,14 @@ def train(args: argparse.Namespace) -> None:
             if not math.isfinite(mean):
                 raise FloatingPointError(f"loss is {mean} at step {step}; lower --lr")
             elapsed = time.perf_counter() - started
-            record = {"step": step, "loss": round(mean, 5), "lr": lr, "grad_norm": round(float(grad_norm), 4),
-                      "elapsed_s": round(elapsed, 2), "steps_per_s": round(step / elapsed, 3)}
+            record = {
+                "step": step,
+                "loss": round(mean, 5),
+                "lr": lr,
+                "grad_norm": round(float(grad_norm), 4),
+                "elapsed_s": round(elapsed, 2),
+                "steps_per_s": round(step / elapsed, 3),
+            }
             losses.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -294,8 +331,10 @@ def train(args: argparse.Namespace) -> None:
             rate = (CALIBRATION[1] - CALIBRATION[0]) / (now - calibration_start)
             total = max(step + 1, int(step + (limit - (now - started)) * rate * 0.97))
             calibrated = True
-            print(f"time limit {args.minutes} min at {rate:.2f} steps/s: {total} steps "
-                  f"(reproduce with --steps {total})", flush=True)
+            print(
+                f"time limit {args.minutes} min at {rate:.2f} steps/s: {total} steps (reproduce with --steps {total})",
+                flush=True,
+            )
         if limit and time.perf_counter() - started > limit * 1.05:
             print(f"stopping at step {step}: past the time limit", flush=True)
             break
@@ -306,18 +345,39 @@ def train(args: argparse.Namespace) -> None:
         for p, e in zip(params, ema):
             p.copy_(e)
     model.eval()
-    training = {"script": "scripts/train_mini.py", "seed": args.seed, "steps": step, "batch": args.batch,
-                "crop": args.crop, "final_crop": args.final_crop, "final_steps": args.final_steps,
-                "phases": [list(phase) for phase in phases] if phases else None, "prediction": args.prediction,
-                "output_conv": args.output_conv, "couple_noise": args.couple_noise, "lr": args.lr,
-                "ema": args.ema, "init": str(args.init) if args.init else None, "start": start.model_dump(),
-                "device": gpu, "train_seconds": round(elapsed, 1),
-                "torch": torch.__version__, "data_crops": len(crops), "held_out": held_names,
-                "first_loss": losses[0]["loss"] if losses else None, "last_loss": losses[-1]["loss"] if losses else None}
+    training = {
+        "script": "scripts/train_mini.py",
+        "seed": args.seed,
+        "steps": step,
+        "batch": args.batch,
+        "crop": args.crop,
+        "final_crop": args.final_crop,
+        "final_steps": args.final_steps,
+        "phases": [list(phase) for phase in phases] if phases else None,
+        "prediction": args.prediction,
+        "output_conv": args.output_conv,
+        "couple_noise": args.couple_noise,
+        "lr": args.lr,
+        "ema": args.ema,
+        "init": str(args.init) if args.init else None,
+        "start": start.model_dump(),
+        "device": gpu,
+        "train_seconds": round(elapsed, 1),
+        "torch": torch.__version__,
+        "data_crops": len(crops),
+        "held_out": held_names,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "last_loss": losses[-1]["loss"] if losses else None,
+    }
     fingerprints = save_preset(model.to("cpu").float(), words, out / "preset", training, start, args.prediction)
     sizes = preset_sizes(out / "preset")
-    summary = {**training, "steps_per_s": round(step / elapsed, 3), "fingerprints": fingerprints,
-               "preset_bytes": sum(sizes.values()), "files": sizes}
+    summary = {
+        **training,
+        "steps_per_s": round(step / elapsed, 3),
+        "fingerprints": fingerprints,
+        "preset_bytes": sum(sizes.values()),
+        "files": sizes,
+    }
     summary.update(sanity(out, held, held_names, args.sanity_steps, device, start))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "files"}, indent=2))
@@ -342,8 +402,9 @@ def parse_phase(text: str) -> tuple[int, int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"--phase {text!r}: expected CROP:BATCH:STEPS, e.g. 128:16:400") from None
     if crop % 8 or crop > CROP or min(crop, batch, steps) <= 0:
-        raise argparse.ArgumentTypeError(f"--phase {text!r}: crop a positive multiple of 8 up to {CROP}, "
-                                         "batch and steps positive")
+        raise argparse.ArgumentTypeError(
+            f"--phase {text!r}: crop a positive multiple of 8 up to {CROP}, batch and steps positive"
+        )
     return crop, batch, steps
 
 
@@ -353,8 +414,9 @@ def save_ema(model, params, ema, words, folder: Path, start: FlowStart, predicti
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
-        save_preset(copy.deepcopy(model).to("cpu").float(), words, folder, {"checkpoint": str(folder)}, start,
-                    prediction)
+        save_preset(
+            copy.deepcopy(model).to("cpu").float(), words, folder, {"checkpoint": str(folder)}, start, prediction
+        )
         for p, value in zip(params, live):
             p.copy_(value)
     print(f"checkpoint: {folder}", flush=True)
@@ -394,20 +456,27 @@ def load_preset_weights(model, preset: Path):
 
     if read_adapter_config(preset / "adapter").output_conv:
         model.enable_output_conv()
-    state = {name: tensor.float() for name, tensor in
-             load_file(str(preset / "base" / "transformer" / "diffusion_pytorch_model.safetensors")).items()}
-    state.update({name: tensor.float() for name, tensor in load_file(str(preset / "adapter" / "adapter.safetensors")).items()})
+    state = {
+        name: tensor.float()
+        for name, tensor in load_file(
+            str(preset / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
+        ).items()
+    }
+    state.update(
+        {name: tensor.float() for name, tensor in load_file(str(preset / "adapter" / "adapter.safetensors")).items()}
+    )
     widen_output(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     buffers = {name for name, _ in model.named_buffers()}  # fixed (sin-cos positions): not stored in the adapter
     missing = [name for name in missing if name not in buffers]
     if missing or unexpected:
-        raise SystemExit(f"--init {preset}: weights do not fit mini: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise SystemExit(
+            f"--init {preset}: weights do not fit mini: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model, WordTextEncoder.load(preset / "base" / "text_encoder")
 
 
-def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: torch.device,
-           start: FlowStart) -> dict:
+def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: torch.device, start: FlowStart) -> dict:
     """Held-out photos through the saved preset (loaded as users load it): sheets + identity PSNR."""
     from PIL import Image
 
@@ -418,23 +487,32 @@ def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: 
     base = load_base(str(out / "preset" / "base"), device=device)
     model, config = build_model(base, out / "preset" / "adapter")
     model.to(device).eval()
-    embeddings = load_prompt_embeddings(str(out / "preset" / "base"), base.fingerprint, all_prompts(config.classes),
-                                        out / "prompt_cache")
+    embeddings = load_prompt_embeddings(
+        str(out / "preset" / "base"), base.fingerprint, all_prompts(config.classes), out / "prompt_cache"
+    )
     sampler = MDSD3Sampler(base, model, config, embeddings)
     settings = PreviewSettings(images=len(held), steps=steps, guidance=1.0, start=start)
     render_preview(sampler, held, config.classes, settings).save(out / "sanity.png")
     rows = []
     for name in config.classes:
         requests = [SampleRequest({name: r} if r else {}, settings.seed, start.alpha, start.beta) for r in RATIO_SWEEP]
-        images = sampler.generate(held[:1].expand(len(requests), -1, -1, -1), requests, settings.steps, settings.guidance)
+        images = sampler.generate(
+            held[:1].expand(len(requests), -1, -1, -1), requests, settings.steps, settings.guidance
+        )
         rows.append(np.concatenate(list(images), axis=1))
     Image.fromarray(np.concatenate(rows, axis=0)).save(out / "sanity_ratios.png")
-    identity = sampler.generate(held, [SampleRequest({}, settings.seed + i, start.alpha, start.beta) for i in range(len(held))],
-                                settings.steps, settings.guidance)
+    identity = sampler.generate(
+        held,
+        [SampleRequest({}, settings.seed + i, start.alpha, start.beta) for i in range(len(held))],
+        settings.steps,
+        settings.guidance,
+    )
     mse = ((identity.astype(np.float64) - held.numpy().astype(np.float64)) ** 2).reshape(len(held), -1).mean(axis=1)
     psnr = [round(float(10 * np.log10(255**2 / max(m, 1e-10))), 2) for m in mse]
-    print(f"sanity: {out / 'sanity.png'}, {out / 'sanity_ratios.png'} (rows {config.classes}, "
-          f"columns ratio {list(RATIO_SWEEP)}, image {names[0]}); identity PSNR {dict(zip(names, psnr))}")
+    print(
+        f"sanity: {out / 'sanity.png'}, {out / 'sanity_ratios.png'} (rows {config.classes}, "
+        f"columns ratio {list(RATIO_SWEEP)}, image {names[0]}); identity PSNR {dict(zip(names, psnr))}"
+    )
     return {"identity_psnr_db": dict(zip(names, psnr))}
 
 
@@ -474,38 +552,77 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--steps", type=int, default=None, help="fixed step count (overrides --minutes)")
     run.add_argument("--batch", type=int, default=128)
     run.add_argument("--crop", type=int, default=MINI_RESOLUTION, help="training crop size (a multiple of 8)")
-    run.add_argument("--final-crop", type=int, default=MINI_RESOLUTION,
-                     help="crop size of the last --final-steps steps (train small, finish at the demo size)")
+    run.add_argument(
+        "--final-crop",
+        type=int,
+        default=MINI_RESOLUTION,
+        help="crop size of the last --final-steps steps (train small, finish at the demo size)",
+    )
     run.add_argument("--final-steps", type=int, default=0, help="steps at --final-crop at the end (needs --steps)")
     run.add_argument("--lr", type=float, default=3e-4)
     run.add_argument("--warmup", type=int, default=200)
     run.add_argument("--ema", type=float, default=0.999)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--log-every", type=int, default=50)
-    run.add_argument("--alpha", type=float, default=1.0, help="flow start z_T = alpha*noise + beta*clean (docs/METHOD.md §3)")
+    run.add_argument(
+        "--alpha", type=float, default=1.0, help="flow start z_T = alpha*noise + beta*clean (docs/METHOD.md §3)"
+    )
     run.add_argument("--beta", type=float, default=0.0, help="see --alpha; mini v2: --alpha 0.3 --beta 1.0")
-    run.add_argument("--init", type=Path, default=None,
-                     help="continue from a trained preset folder (e.g. mdsd3_cli/model/presets/mini) instead of random weights")
-    run.add_argument("--phase", type=parse_phase, action="append", default=None, metavar="CROP:BATCH:STEPS",
-                     help="a training phase, repeatable, run in order (replaces --steps/--crop/--final-*); the EMA "
-                          "is saved as OUT/phaseN/preset after each phase but the last")
-    run.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                     help="stop at this step, the schedule (learning rate, phases) still that of the full run")
-    run.add_argument("--prediction", choices=("velocity", "residual_x0"), default="velocity",
-                     help="what the model outputs: the flow velocity, or Δ̂ with x̂0 = clean + Δ̂ (mini v3; "
-                          "a velocity --init gets a zero-initialised output layer)")
-    run.add_argument("--gated-skip", action="store_true",
-                     help="twice the output channels: x̂0 = clean + Δ̂ + g·(x_t − clean) (mini v3; needs residual_x0)")
-    run.add_argument("--output-conv", action="store_true",
-                     help="add the zero-initialised residual 3x3 output convolution (mini v3)")
-    run.add_argument("--couple-noise", action="store_true",
-                     help="draw the degradations' per-pixel randomness (rain drops, noise) from the flow's start noise")
+    run.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="continue from a trained preset folder (e.g. mdsd3_cli/model/presets/mini) instead of random weights",
+    )
+    run.add_argument(
+        "--phase",
+        type=parse_phase,
+        action="append",
+        default=None,
+        metavar="CROP:BATCH:STEPS",
+        help="a training phase, repeatable, run in order (replaces --steps/--crop/--final-*); the EMA "
+        "is saved as OUT/phaseN/preset after each phase but the last",
+    )
+    run.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop at this step, the schedule (learning rate, phases) still that of the full run",
+    )
+    run.add_argument(
+        "--prediction",
+        choices=("velocity", "residual_x0"),
+        default="velocity",
+        help="what the model outputs: the flow velocity, or Δ̂ with x̂0 = clean + Δ̂ (mini v3; "
+        "a velocity --init gets a zero-initialised output layer)",
+    )
+    run.add_argument(
+        "--gated-skip",
+        action="store_true",
+        help="twice the output channels: x̂0 = clean + Δ̂ + g·(x_t − clean) (mini v3; needs residual_x0)",
+    )
+    run.add_argument(
+        "--output-conv", action="store_true", help="add the zero-initialised residual 3x3 output convolution (mini v3)"
+    )
+    run.add_argument(
+        "--couple-noise",
+        action="store_true",
+        help="draw the degradations' per-pixel randomness (rain drops, noise) from the flow's start noise",
+    )
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
-    run.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default torch's); 1 is much faster on cores shared with other jobs")
+    run.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default torch's); 1 is much faster on cores shared with other jobs",
+    )
     run.add_argument("--sanity-steps", type=int, default=10, help="sampler steps of the sanity sheets")
-    run.add_argument("--quick", action="store_true",
-                     help="pipeline check on a CPU in about two minutes: 30 steps, batch 4, 32-px crops, 2 sanity steps")
+    run.add_argument(
+        "--quick",
+        action="store_true",
+        help="pipeline check on a CPU in about two minutes: 30 steps, batch 4, 32-px crops, 2 sanity steps",
+    )
     inst = sub.add_parser("install", help="copy a trained preset into mdsd3_cli/model/presets/mini and verify it")
     inst.add_argument("--preset", type=Path, default=ROOT / "out" / "mini_run" / "preset")
     args = parser.parse_args(argv)

@@ -47,4 +47,5 @@ def _private_prompt_cache(tmp_path_factory):
     os.environ["MDSD3_PROMPT_CACHE"] = str(tmp_path_factory.mktemp("user_prompt_cache"))
 
 
+from .slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture)
 from .tiny_datasets import folders_dataset, tiny_photos  # noqa: E402,F401  (session fixtures)

@@ -41,9 +41,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
 
 import pytest
 
@@ -119,32 +119,42 @@ class ArrayResult:
 
     job_id: str
     task_ids: list[int]
-    exit_codes: list[int]           # per task; 128+signal when killed by a signal, -1 if unknown
-    states: list[str]               # COMPLETED, FAILED, TIMEOUT, CANCELLED, ...
-    outputs: dict[int, str]         # task id -> content of its slurm output file
-    sbatch_returncode: int          # of the submission itself
+    exit_codes: list[int]  # per task; 128+signal when killed by a signal, -1 if unknown
+    states: list[str]  # COMPLETED, FAILED, TIMEOUT, CANCELLED, ...
+    outputs: dict[int, str]  # task id -> content of its slurm output file
+    sbatch_returncode: int  # of the submission itself
     sbatch_output: str
     output_files: dict[int, Path] = field(default_factory=dict)
-    timed_out: bool = False         # cancelled after submit_array's timeout
-    never_ran: str = ""             # array indices still pending when it ended (after a timeout)
+    timed_out: bool = False  # cancelled after submit_array's timeout
+    never_ran: str = ""  # array indices still pending when it ended (after a timeout)
 
     @property
     def ok(self) -> bool:
-        return (bool(self.task_ids) and not self.timed_out and not self.never_ran
-                and all(c == 0 for c in self.exit_codes) and all(s == "COMPLETED" for s in self.states))
+        return (
+            bool(self.task_ids)
+            and not self.timed_out
+            and not self.never_ran
+            and all(c == 0 for c in self.exit_codes)
+            and all(s == "COMPLETED" for s in self.states)
+        )
 
     @property
     def failures(self) -> dict[int, str]:
         """task id -> output file content, for every task that did not complete with 0."""
-        return {t: self.outputs.get(t, "") for t, c, s in zip(self.task_ids, self.exit_codes, self.states)
-                if c != 0 or s != "COMPLETED"}
+        return {
+            t: self.outputs.get(t, "")
+            for t, c, s in zip(self.task_ids, self.exit_codes, self.states)
+            if c != 0 or s != "COMPLETED"
+        }
 
     def report(self, max_chars: int = 4000) -> str:
         """A message for ``assert result.ok, result.report()``."""
-        lines = [f"job {self.job_id or '(not submitted)'}: sbatch rc={self.sbatch_returncode}"
-                 + (" TIMED OUT (cancelled)" if self.timed_out else "")
-                 + (f", never ran: {self.never_ran}" if self.never_ran else ""),
-                 f"tasks {self.task_ids} exit codes {self.exit_codes} states {self.states}"]
+        lines = [
+            f"job {self.job_id or '(not submitted)'}: sbatch rc={self.sbatch_returncode}"
+            + (" TIMED OUT (cancelled)" if self.timed_out else "")
+            + (f", never ran: {self.never_ran}" if self.never_ran else ""),
+            f"tasks {self.task_ids} exit codes {self.exit_codes} states {self.states}",
+        ]
         if self.sbatch_returncode != 0 or not self.task_ids:
             lines.append(f"sbatch output:\n{self.sbatch_output.strip()}")
         for t, text in self.failures.items():
@@ -172,7 +182,7 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def start(cls, timeout: float = START_TIMEOUT_S) -> "SlurmCluster":
+    def start(cls, timeout: float = START_TIMEOUT_S) -> SlurmCluster:
         """Start munged, slurmctld, slurmd; return once the node is idle.
 
         Raises :class:`SlurmUnavailable` (after cleaning up) when anything is missing or fails.
@@ -181,10 +191,13 @@ class SlurmCluster:
         if missing:
             raise SlurmUnavailable(
                 f"SLURM/munge binaries not found: {', '.join(missing)} "
-                "(install with: apt-get install -y slurm-wlm munge)")
+                "(install with: apt-get install -y slurm-wlm munge)"
+            )
         if os.geteuid() != 0:
-            raise SlurmUnavailable("the test SLURM cluster runs its daemons as root (SlurmUser=root); "
-                                   f"this process runs as uid {os.geteuid()}")
+            raise SlurmUnavailable(
+                "the test SLURM cluster runs its daemons as root (SlurmUser=root); "
+                f"this process runs as uid {os.geteuid()}"
+            )
         root = Path(tempfile.mkdtemp(prefix="mdsd3-slurm-"))
         if len(str(root)) > 70:  # keep the munge socket path under the 108-byte limit
             shutil.rmtree(root, ignore_errors=True)
@@ -198,8 +211,9 @@ class SlurmCluster:
             cluster._write_conf()
             cluster._start_daemon("slurmctld", [cluster.bins["slurmctld"], "-D", "-c", "-f", str(cluster.conf)])
             cluster._wait_ctld(t0 + timeout)
-            cluster._start_daemon("slurmd", [cluster.bins["slurmd"], "-D", "-f", str(cluster.conf),
-                                             "-N", cluster.nodename])
+            cluster._start_daemon(
+                "slurmd", [cluster.bins["slurmd"], "-D", "-f", str(cluster.conf), "-N", cluster.nodename]
+            )
             cluster._wait_idle(t0 + timeout)
         except (subprocess.TimeoutExpired, OSError) as e:
             cluster.stop()
@@ -210,7 +224,7 @@ class SlurmCluster:
         cluster.start_seconds = time.monotonic() - t0
         return cluster
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -263,20 +277,26 @@ class SlurmCluster:
     def _start_munge(self) -> None:
         key = self.root / "munge-key" / "munge.key"
         if self.bins.get("mungekey"):
-            r = subprocess.run([self.bins["mungekey"], "-c", "-b", "1024", "-k", str(key)],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                [self.bins["mungekey"], "-c", "-b", "1024", "-k", str(key)], capture_output=True, text=True
+            )
             if r.returncode != 0:
                 raise SlurmUnavailable(f"mungekey failed (rc={r.returncode}): {r.stderr.strip()}")
         else:
             key.write_bytes(os.urandom(128))
         os.chmod(key, 0o600)
-        self._start_daemon("munged", [
-            self.bins["munged"], "-F",
-            f"--key-file={key}", f"--socket={self.munge_socket}",
-            f"--pid-file={self.root / 'run' / 'munged.pid'}",
-            f"--seed-file={self.root / 'run' / 'munged.seed'}",
-            f"--log-file={self.logs / 'munged.log'}",
-        ])
+        self._start_daemon(
+            "munged",
+            [
+                self.bins["munged"],
+                "-F",
+                f"--key-file={key}",
+                f"--socket={self.munge_socket}",
+                f"--pid-file={self.root / 'run' / 'munged.pid'}",
+                f"--seed-file={self.root / 'run' / 'munged.seed'}",
+                f"--log-file={self.logs / 'munged.log'}",
+            ],
+        )
         deadline = time.monotonic() + 10
         while not self.munge_socket.exists():
             self._check_alive("munged")
@@ -300,12 +320,12 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket}
-StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
-SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}
-SlurmdPidFile={r / 'run' / 'slurmd.pid'}
-SlurmctldLogFile={self.logs / 'slurmctld.log'}
-SlurmdLogFile={self.logs / 'slurmd.log'}
+StateSaveLocation={r / "state"}
+SlurmdSpoolDir={r / "spool"}
+SlurmctldPidFile={r / "run" / "slurmctld.pid"}
+SlurmdPidFile={r / "run" / "slurmd.pid"}
+SlurmctldLogFile={self.logs / "slurmctld.log"}
+SlurmdLogFile={self.logs / "slurmd.log"}
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -334,9 +354,14 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         out = open(self.logs / f"{name}.out", "wb")
         try:
             self.procs[name] = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, env=_clean_env({"SLURM_CONF": str(self.conf)}),
-                preexec_fn=_die_with_parent)
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=_clean_env({"SLURM_CONF": str(self.conf)}),
+                preexec_fn=_die_with_parent,
+            )
         except OSError as e:
             raise SlurmUnavailable(f"cannot exec {name} ({argv[0]}): {e}") from e
         finally:
@@ -357,8 +382,9 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             if r.returncode == 0 and "UP" in r.stdout:
                 return
             if time.monotonic() > deadline:
-                raise SlurmUnavailable(f"slurmctld did not answer `scontrol ping` ({last}):\n"
-                                       + self.log_tail("slurmctld"))
+                raise SlurmUnavailable(
+                    f"slurmctld did not answer `scontrol ping` ({last}):\n" + self.log_tail("slurmctld")
+                )
             time.sleep(0.2)
 
     def _wait_idle(self, deadline: float) -> None:
@@ -378,11 +404,16 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             bad_since = (bad_since or time.monotonic()) if bad else None
             if bad_since is not None and time.monotonic() - bad_since > 10:
                 reason = self._client(["scontrol", "show", "node", self.nodename], timeout=10).stdout
-                raise SlurmUnavailable(f"node {self.nodename} is {state}:\n{reason.strip()}\n"
-                                       + self.log_tail("slurmd"))
+                raise SlurmUnavailable(
+                    f"node {self.nodename} is {state}:\n{reason.strip()}\n" + self.log_tail("slurmd")
+                )
             if time.monotonic() > deadline:
-                raise SlurmUnavailable(f"node {self.nodename} not idle in time (sinfo: {last!r}):\n"
-                                       + self.log_tail("slurmctld") + "\n" + self.log_tail("slurmd"))
+                raise SlurmUnavailable(
+                    f"node {self.nodename} not idle in time (sinfo: {last!r}):\n"
+                    + self.log_tail("slurmctld")
+                    + "\n"
+                    + self.log_tail("slurmd")
+                )
             time.sleep(0.2)
 
     # ------------------------------------------------------------------ clients
@@ -394,8 +425,15 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 
     def _client(self, argv: Sequence[str], timeout: float = 30, **kw) -> subprocess.CompletedProcess:
         argv = [self.bins.get(argv[0]) or argv[0], *argv[1:]]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              env=kw.pop("env", None) or self.env(), stdin=subprocess.DEVNULL, **kw)
+        return subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=kw.pop("env", None) or self.env(),
+            stdin=subprocess.DEVNULL,
+            **kw,
+        )
 
     def run(self, *argv: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
         """Run a SLURM client (``cluster.run("squeue")``) against this cluster."""
@@ -442,12 +480,21 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         out_dir = Path(output_dir) if output_dir is not None else self.job_logs
         out_dir.mkdir(parents=True, exist_ok=True)
         pattern = out_dir / f"{script.stem}-%A_%a.out"
-        argv = [self.bins["sbatch"], "--parsable", f"--array={array}",
-                f"--chdir={cwd}", f"--output={pattern}", f"--error={pattern}",
-                *sbatch_args, str(script), *map(str, args)]
+        argv = [
+            self.bins["sbatch"],
+            "--parsable",
+            f"--array={array}",
+            f"--chdir={cwd}",
+            f"--output={pattern}",
+            f"--error={pattern}",
+            *sbatch_args,
+            str(script),
+            *map(str, args),
+        ]
         deadline = time.monotonic() + timeout
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd,
-                           env=self.env(env), stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, cwd=cwd, env=self.env(env), stdin=subprocess.DEVNULL
+        )
         sb_out = (r.stdout + r.stderr).strip()
         m = re.match(r"\s*(\d+)", r.stdout)
         job_id = m.group(1) if r.returncode == 0 and m else ""
@@ -472,13 +519,31 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
             files[t] = f
             outputs[t] = f.read_text(errors="replace") if f.exists() else f"(no output file {f})"
         return ArrayResult(
-            job_id=job_id, task_ids=task_ids,
-            exit_codes=[tasks[t][0] for t in task_ids], states=[tasks[t][1] for t in task_ids],
-            outputs=outputs, sbatch_returncode=r.returncode, sbatch_output=sb_out,
-            output_files=files, timed_out=timed_out, never_ran=pending)
+            job_id=job_id,
+            task_ids=task_ids,
+            exit_codes=[tasks[t][0] for t in task_ids],
+            states=[tasks[t][1] for t in task_ids],
+            outputs=outputs,
+            sbatch_returncode=r.returncode,
+            sbatch_output=sb_out,
+            output_files=files,
+            timed_out=timed_out,
+            never_ran=pending,
+        )
 
-    _TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
-                 "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"}
+    _TERMINAL = {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "NODE_FAIL",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "PREEMPTED",
+        "SPECIAL_EXIT",
+        "REVOKED",
+    }
 
     def _task_records(self, job_id: str) -> tuple[dict[int, tuple[int, str]], str, bool]:
         """From ``scontrol show job`` (records kept for MinJobAge): task id -> (exit code, state),
@@ -489,7 +554,7 @@ PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
         tasks: dict[int, tuple[int, str]] = {}
         pending, done = [], True
         for line in r.stdout.splitlines():
-            get = lambda key: (re.search(rf"(?:^|\s){key}=(\S*)", line) or [None, ""])[1]  # noqa: E731
+            get = lambda key, line=line: (re.search(rf"(?:^|\s){key}=(\S*)", line) or [None, ""])[1]  # noqa: E731
             task, state = get("ArrayTaskId"), get("JobState")
             if not task.isdigit():  # the array's remainder that has not started yet
                 if task:

@@ -10,9 +10,16 @@ import stat
 import numpy as np
 import pytest
 
-from mdsd3_cli.util.atomic import (AtomicFile, UnsafeOutputError, atomic_write, current_umask, file_mode, fresh_folder,
-                                   open_append)
 from mdsd3_cli.dataset.writer import DatasetWriter, write_run_json
+from mdsd3_cli.util.atomic import (
+    AtomicFile,
+    UnsafeOutputError,
+    atomic_write,
+    current_umask,
+    file_mode,
+    fresh_folder,
+    open_append,
+)
 
 PIXELS = np.full((16, 16, 3), 7, dtype=np.uint8)
 

@@ -32,8 +32,22 @@ def _parse_in_process(capsys, monkeypatch, *args: str) -> subprocess.CompletedPr
 
 
 def test_benchmark_tiny_prints_json_lines():
-    result = _run("--preset", "tiny", "--device", "cpu", "--size", "32", "--batch", "1",
-                  "--iters", "1", "--warmup", "0", "--steps", "1")
+    result = _run(
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--size",
+        "32",
+        "--batch",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
+    )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     setup, rows = lines[0], lines[1:]
@@ -66,7 +80,14 @@ def test_benchmark_tiny_prints_json_lines():
 def test_benchmark_help_and_bad_size(capsys, monkeypatch):
     result = _parse_in_process(capsys, monkeypatch, "--help")
     assert result.returncode == 0
-    for word in ("step_ms", "cache_build_ms", "sampler_images_per_s", "peak_memory_gib", "sd3-medium", "--skip-sampler"):
+    for word in (
+        "step_ms",
+        "cache_build_ms",
+        "sampler_images_per_s",
+        "peak_memory_gib",
+        "sd3-medium",
+        "--skip-sampler",
+    ):
         assert word in result.stdout
     bad = _parse_in_process(capsys, monkeypatch, "--preset", "tiny", "--device", "cpu", "--size", "33")
     assert bad.returncode == 2 and "multiples of 16" in bad.stderr

@@ -78,8 +78,9 @@ def synth(setup):
 def calibrated(setup, synth):
     recipe, reference, root = setup
     out = root / "result" / "calibrated.yaml"
-    report = calibrate(recipe, reference, out, classes=[*MATCHED, "rain"], probe=1, grid=4, check=4, workers=1,
-                       synthesizer=synth)
+    report = calibrate(
+        recipe, reference, out, classes=[*MATCHED, "rain"], probe=1, grid=4, check=4, workers=1, synthesizer=synth
+    )
     return report, out
 
 
@@ -90,8 +91,10 @@ def test_calibration_brings_generated_strengths_closer_to_the_reference(calibrat
         result = results[name]
         assert result.status == "calibrated", result.reason
         ratio = result.after.wasserstein / result.before.wasserstein
-        print(f"{name}: W1 {result.before.wasserstein:.4g} -> {result.after.wasserstein:.4g} ({ratio:.0%}), "
-              f"{result.after.wasserstein_of_spread:.0%} of the reference's spread")
+        print(
+            f"{name}: W1 {result.before.wasserstein:.4g} -> {result.after.wasserstein:.4g} ({ratio:.0%}), "
+            f"{result.after.wasserstein_of_spread:.0%} of the reference's spread"
+        )
         assert ratio <= 0.3, (name, ratio)
         assert result.after.strengths.count == result.before.strengths.count == 4
     written = load_recipe(out)
@@ -119,20 +122,33 @@ def test_a_class_missing_from_the_reference_is_reported_and_left_as_given(calibr
 
 def test_calibrating_twice_is_stable(calibrated, setup, synth):
     report, out = calibrated
-    again = calibrate(out, setup[1], out.with_name("twice.yaml"), classes=["haze"], probe=1, grid=4, check=0,
-                      workers=1, synthesizer=synth)
+    again = calibrate(
+        out,
+        setup[1],
+        out.with_name("twice.yaml"),
+        classes=["haze"],
+        probe=1,
+        grid=4,
+        check=0,
+        workers=1,
+        synthesizer=synth,
+    )
     first = next(result for result in report.classes if result.name == "haze").quantiles
     second = again.classes[0].quantiles
     assert np.max(np.abs(np.subtract(first, second))) <= 0.02
 
 
 def test_quantile_ratio_draw_is_deterministic_per_seed_and_within_0_1(tmp_path):
-    data = {"model": {"base": "tiny", "classes": ["rain", "haze"]}, "input": {"paths": [str(PHOTOS)]},
-            "output": {"dir": str(tmp_path / "out")},
-            "variants": [{"name": "q", "classes": {"haze": {"quantiles": [0.0, 0.05, 0.1, 0.6, 1.0]}, "rain": 0.5},
-                          "repeats": 50},
-                         {"name": "range", "classes": {"haze": [0.2, 0.7]}},
-                         {"name": "as_quantiles", "classes": {"haze": {"quantiles": [0.2, 0.7]}}}]}
+    data = {
+        "model": {"base": "tiny", "classes": ["rain", "haze"]},
+        "input": {"paths": [str(PHOTOS)]},
+        "output": {"dir": str(tmp_path / "out")},
+        "variants": [
+            {"name": "q", "classes": {"haze": {"quantiles": [0.0, 0.05, 0.1, 0.6, 1.0]}, "rain": 0.5}, "repeats": 50},
+            {"name": "range", "classes": {"haze": [0.2, 0.7]}},
+            {"name": "as_quantiles", "classes": {"haze": {"quantiles": [0.2, 0.7]}}},
+        ],
+    }
     recipe = parse_recipe(data, tmp_path / "r.yaml")
     sources = [(f"k{i}", tmp_path / f"k{i}.png") for i in range(4)]
     first, second = build_plan(recipe, sources), build_plan(recipe, sources)
@@ -143,7 +159,9 @@ def test_quantile_ratio_draw_is_deterministic_per_seed_and_within_0_1(tmp_path):
     assert all(item.ratios["rain"] == 0.5 for item in first if item.variant == "q")
     ranged, quantiled = recipe.variants[1], recipe.variants[2]
     for seed in range(20):
-        assert draw_ratios(ranged, ["rain", "haze"], seed) == pytest.approx(draw_ratios(quantiled, ["rain", "haze"], seed))
+        assert draw_ratios(ranged, ["rain", "haze"], seed) == pytest.approx(
+            draw_ratios(quantiled, ["rain", "haze"], seed)
+        )
     for bad in ({"quantiles": [0.5, 0.2]}, {"quantiles": [0.1]}, {"quantiles": [0, 1.5]}, {"levels": [0, 1]}):
         data["variants"][0]["classes"]["haze"] = bad
         with pytest.raises(RecipeError, match="variants.0.classes.haze"):
@@ -199,17 +217,57 @@ def test_cli_reports_classes_left_as_given_and_refuses_to_overwrite(setup, tmp_p
     recipe = setup[0]
     reference = write_reference(tmp_path / "reference", classes=("noise",))
     out = tmp_path / "result" / "left.yaml"
-    result = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
-                                      "--classes", "rain,haze", "--out", str(out), "--workers", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--config",
+            str(recipe),
+            "--reference",
+            str(reference),
+            "--classes",
+            "rain,haze",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "absent" in result.output and "degraded/haze" in result.output
     assert yaml.safe_load(out.read_text())["variants"] == yaml.safe_load(recipe.read_text())["variants"]
     assert sorted(os.listdir(out.parent)) == ["left.report.json", "left.yaml"]
-    again = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
-                                     "--classes", "haze", "--out", str(out), "--workers", "1"])
+    again = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--config",
+            str(recipe),
+            "--reference",
+            str(reference),
+            "--classes",
+            "haze",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ],
+    )
     assert again.exit_code == 2 and "exists" in again.output
-    unknown = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
-                                       "--classes", "hazy", "--out", str(tmp_path / "x.yaml")])
+    unknown = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--config",
+            str(recipe),
+            "--reference",
+            str(reference),
+            "--classes",
+            "hazy",
+            "--out",
+            str(tmp_path / "x.yaml"),
+        ],
+    )
     assert unknown.exit_code == 2 and "haze" in unknown.output
 
 
@@ -228,8 +286,17 @@ def _unchanged_reference(root: Path, count: int = 4) -> Path:
 
 def test_a_reference_without_the_class_calibrates_to_zero_and_is_still_checked(setup, synth, tmp_path):
     reference = _unchanged_reference(tmp_path / "reference")
-    report = calibrate(setup[0], reference, tmp_path / "zero.yaml", classes=["haze"], probe=1, grid=4, check=4,
-                       workers=1, synthesizer=synth)
+    report = calibrate(
+        setup[0],
+        reference,
+        tmp_path / "zero.yaml",
+        classes=["haze"],
+        probe=1,
+        grid=4,
+        check=4,
+        workers=1,
+        synthesizer=synth,
+    )
     (haze,) = report.classes
     assert haze.status == "calibrated", haze.reason
     assert haze.quantiles == [0.0] * len(haze.quantiles)
@@ -276,17 +343,46 @@ def test_a_full_disk_writes_none_of_the_three_files_and_the_rerun_goes_on(setup,
 
     def full_for_the_report(descriptor, mode="r", *arguments, **options):
         if os.readlink(f"/proc/self/fd/{descriptor}").endswith(".tmp") and ".report.json" in os.readlink(
-                f"/proc/self/fd/{descriptor}"):
+            f"/proc/self/fd/{descriptor}"
+        ):
             return io.BufferedWriter(FullDisk(descriptor, "wb"))
         return real_fdopen(descriptor, mode, *arguments, **options)
 
     monkeypatch.setattr(atomic.os, "fdopen", full_for_the_report)
-    result = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
-                                      "--classes", "rain,haze", "--out", str(out), "--workers", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--config",
+            str(recipe),
+            "--reference",
+            str(reference),
+            "--classes",
+            "rain,haze",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ],
+    )
     assert result.exit_code == 2 and "the disk is full" in result.output, result.output
     assert os.listdir(out.parent) == []  # before: left.yaml stayed, and the rerun below was refused
     monkeypatch.undo()
-    again = CliRunner().invoke(app, ["calibrate", "--config", str(recipe), "--reference", str(reference),
-                                     "--classes", "rain,haze", "--out", str(out), "--workers", "1"])
+    again = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--config",
+            str(recipe),
+            "--reference",
+            str(reference),
+            "--classes",
+            "rain,haze",
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ],
+    )
     assert again.exit_code == 1, again.output
     assert sorted(os.listdir(out.parent)) == ["left.report.json", "left.yaml"]

@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 
 from mdsd3_cli import __version__
 from mdsd3_cli.cli import app
-from mdsd3_cli.generate.run import SamplingMemoryError, plan_run, run_generate
 from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.generate.run import SamplingMemoryError, plan_run, run_generate
 from mdsd3_cli.model.prompts import PromptCache
-from mdsd3_cli.recipe.generate import example_recipe_text, load_recipe
 from mdsd3_cli.model.sampler import MDSD3Sampler
 from mdsd3_cli.model.weights import build_tiny
+from mdsd3_cli.recipe.generate import example_recipe_text, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = REPO / "examples" / "photos"
@@ -88,8 +88,12 @@ def write_inputs(folder: Path) -> dict[str, str]:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "c_small.png")
     for index in range(4):
         (folder / f"d_empty{index}.png").write_bytes(b"")
-    return {"a_fake.jpg": "not an image", "b_truncated.jpg": "truncated or corrupt image",
-            "c_small.png": "too small: 8x8", **{f"d_empty{index}.png": "empty file" for index in range(4)}}
+    return {
+        "a_fake.jpg": "not an image",
+        "b_truncated.jpg": "truncated or corrupt image",
+        "c_small.png": "too small: 8x8",
+        **{f"d_empty{index}.png": "empty file" for index in range(4)},
+    }
 
 
 def failed_lines(text: str) -> list[str]:
@@ -100,8 +104,14 @@ def failed_lines(text: str) -> list[str]:
 def test_check_decode_lists_the_inputs_generate_fails_and_generate_names_them(tmp_path, layout):
     inputs = tmp_path / "in"
     failing = write_inputs(inputs)
-    recipe = write_recipe(tmp_path / "r.yaml", **{"input.paths": [str(inputs)], "output.layout": layout,
-                                                  "variants": [{"name": "rain", "classes": {"rain": 1.0}}]})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        **{
+            "input.paths": [str(inputs)],
+            "output.layout": layout,
+            "variants": [{"name": "rain", "classes": {"rain": 1.0}}],
+        },
+    )
     checked = mdsd3("check", "--config", recipe)
     assert checked.exit_code == 0, checked.output
     assert re.search(r"input images\s+│ 8 ", checked.stdout)  # .txt and .DS_Store are not inputs; the rest are
@@ -142,8 +152,13 @@ def test_a_piped_check_prints_tables_and_paths_in_full(tmp_path):
     recipe = write_recipe(folder / "r.yaml", **{"input.paths": [str(inputs)]})
     environment = {name: value for name, value in os.environ.items() if name != "COLUMNS"}
     environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-m", "mdsd3_cli", "check", "--config", str(recipe), "--decode"],
-                            capture_output=True, text=True, env=environment, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mdsd3_cli", "check", "--config", str(recipe), "--decode"],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr
     assert f"│ {folder / 'out'} │" in result.stdout and "…" not in result.stdout
     assert f"failed {inputs / 'a_fake.jpg'}: not an image" in result.stderr
@@ -156,8 +171,9 @@ def test_a_piped_check_prints_tables_and_paths_in_full(tmp_path):
 def unguided(tmp_path_factory) -> Path:
     """`mdsd3 generate` with guidance 1 on one photo: no unconditional branch, so no empty prompt either."""
     folder = tmp_path_factory.mktemp("unguided")
-    result = mdsd3("generate", "--config", write_recipe(folder / "r.yaml", **{"sampling.guidance": 1.0}),
-                   "--limit", "1")
+    result = mdsd3(
+        "generate", "--config", write_recipe(folder / "r.yaml", **{"sampling.guidance": 1.0}), "--limit", "1"
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     return folder
 
@@ -184,13 +200,17 @@ def test_yaml_error_and_paths_with_brackets_are_printed_verbatim(tmp_path):
     assert_clean_error(mdsd3("check", "--config", missing), str(folder / "shots[raw]"))
 
     named = write_recipe(folder / "n.yaml")
-    assert_clean_error(mdsd3("check", "--config", named, "--set", "variants.0.name='[bold]x y'"),
-                       "'[bold]x y' is not a plain folder name")
+    assert_clean_error(
+        mdsd3("check", "--config", named, "--set", "variants.0.name='[bold]x y'"),
+        "'[bold]x y' is not a plain folder name",
+    )
 
 
 def test_check_prints_values_in_its_plan_verbatim(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", **{"model.classes": ["[bold]", "a]b["],
-                                                  "variants": [{"name": "v", "classes": {"[bold]": 1.0}}]})
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        **{"model.classes": ["[bold]", "a]b["], "variants": [{"name": "v", "classes": {"[bold]": 1.0}}]},
+    )
     result = mdsd3("check", "--config", recipe)
     assert result.exit_code == 0, result.output
     assert "[bold], a]b[" in result.stdout
@@ -199,11 +219,17 @@ def test_check_prints_values_in_its_plan_verbatim(tmp_path):
 # ----------------------------------------------------------------------------------- hostile input
 
 
-@pytest.mark.parametrize(("changes", "fragment"), [
-    ({"variants.0.repeats": 10**8}, "variants.0.repeats: Input should be less than or equal to 1000"),
-    ({"model.device": "cuda:99999999999999999999"}, "model.device: 'cuda:99999999999999999999' is not a device name"),
-    ({"model.base": "/"}, "model.base: / is not a diffusers-format SD3 folder"),
-])
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"variants.0.repeats": 10**8}, "variants.0.repeats: Input should be less than or equal to 1000"),
+        (
+            {"model.device": "cuda:99999999999999999999"},
+            "model.device: 'cuda:99999999999999999999' is not a device name",
+        ),
+        ({"model.base": "/"}, "model.base: / is not a diffusers-format SD3 folder"),
+    ],
+)
 def test_check_refuses_what_generate_could_not_run(tmp_path, changes, fragment):
     recipe = write_recipe(tmp_path / "r.yaml", **changes)
     assert_clean_error(mdsd3("check", "--config", recipe), f"{recipe}: {fragment}")
@@ -213,8 +239,10 @@ def test_check_refuses_what_generate_could_not_run(tmp_path, changes, fragment):
 def test_cuda_without_cuda_is_a_recipe_error(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", **{"model.device": "cuda:0"})
     for command in ("check", "generate"):
-        assert_clean_error(mdsd3(command, "--config", recipe), "model.device: 'cuda:0' requested but CUDA is not "
-                                                               "available on this machine")
+        assert_clean_error(
+            mdsd3(command, "--config", recipe),
+            "model.device: 'cuda:0' requested but CUDA is not available on this machine",
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -230,8 +258,10 @@ def test_hostile_recipe_files(tmp_path):
 
 def test_set_errors_say_they_came_from_set(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml")
-    assert_clean_error(mdsd3("check", "--config", recipe, "--set", "sampling.steps=abc"),
-                       f"{recipe}: sampling.steps (from --set sampling.steps=abc): Input should be a valid integer")
+    assert_clean_error(
+        mdsd3("check", "--config", recipe, "--set", "sampling.steps=abc"),
+        f"{recipe}: sampling.steps (from --set sampling.steps=abc): Input should be a valid integer",
+    )
 
 
 def test_cpu_out_of_memory_backs_off_then_says_what_to_change(tmp_path, monkeypatch):
@@ -295,7 +325,7 @@ def test_every_command_summary_fits_one_line_of_an_80_column_help():
     assert shown.exit_code == 0, shown.output
     lines = shown.stdout.splitlines()
     start = next(index for index, line in enumerate(lines) if "Commands" in line)
-    panel = lines[start + 1:next(index for index in range(start, len(lines)) if lines[index].startswith("╰"))]
+    panel = lines[start + 1 : next(index for index in range(start, len(lines)) if lines[index].startswith("╰"))]
     assert all(len(line) <= 80 for line in lines), lines
     assert sorted(line.split()[1] for line in panel) == names, panel  # one line per command, no continuation
 
@@ -312,14 +342,16 @@ def test_check_plans_the_slurm_array_task_as_generate_does(tmp_path, monkeypatch
 
 
 def test_preview_of_a_missing_folder_and_of_small_images(unguided, tmp_path):
-    assert_clean_error(mdsd3("preview", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "p.png"),
-                       f"dataset folder not found: {tmp_path / 'nowhere'}")
+    assert_clean_error(
+        mdsd3("preview", "--dataset", tmp_path / "nowhere", "--out", tmp_path / "p.png"),
+        f"dataset folder not found: {tmp_path / 'nowhere'}",
+    )
     sheet_path = tmp_path / "sheet.png"
     assert mdsd3("preview", "--dataset", unguided / "out", "--out", sheet_path).exit_code == 0
     sheet = np.asarray(Image.open(sheet_path).convert("RGB"))
     cell = 96  # 32 px images: the cell shrinks from 192 to its minimum and the images fill it
     assert sheet.shape[1] == 3 * cell
-    first_image = sheet[2 * 18: 2 * 18 + cell, :cell]
+    first_image = sheet[2 * 18 : 2 * 18 + cell, :cell]
     assert (first_image.reshape(-1, 3) == 255).all(axis=1).mean() < 0.05
 
 
@@ -366,17 +398,44 @@ def test_training_recipe_errors_use_the_generate_wording(train_recipe, tmp_path)
     del data["classes"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
-    message = assert_clean_error(mdsd3("check", "--config", bad), f"{bad}: train.stpes: unknown field; did you mean "
-                                                                  "'steps'?", f"{bad}: classes: required field is missing")
+    message = assert_clean_error(
+        mdsd3("check", "--config", bad),
+        f"{bad}: train.stpes: unknown field; did you mean 'steps'?",
+        f"{bad}: classes: required field is missing",
+    )
     assert "Extra inputs" not in message and "Field required" not in message
 
 
 # ---------------------------------------------------------------------------------------------- fuzz
 
 HOSTILE_VALUES: list[Any] = [
-    None, True, 0, -1, 1.5, 10**30, 1e308, -1e-9, "", "x", "nan", "[bold]", "a]b[", "*", "/nonexistent", "/dev/zero",
-    "cuda:99999999999999999999", "cuda:0", "native", [], [1, 2, 3], [[0.2, 0.5]], {}, {"rain": 2}, {"x": {"y": 1}},
-    "ü" * 300, 10**8,
+    None,
+    True,
+    0,
+    -1,
+    1.5,
+    10**30,
+    1e308,
+    -1e-9,
+    "",
+    "x",
+    "nan",
+    "[bold]",
+    "a]b[",
+    "*",
+    "/nonexistent",
+    "/dev/zero",
+    "cuda:99999999999999999999",
+    "cuda:0",
+    "native",
+    [],
+    [1, 2, 3],
+    [[0.2, 0.5]],
+    {},
+    {"rain": 2},
+    {"x": {"y": 1}},
+    "ü" * 300,
+    10**8,
 ]
 TEXT_NOISE = list(":[]{}&*!|>'\"\n\t-#%@`,?") + ["\n  ", ": ", "- ", "<<: ", "&a ", "*a "]
 
@@ -418,11 +477,11 @@ def _mutate_text(text: str, rng: random.Random) -> str:
         return text[:at] + "".join(rng.choice(TEXT_NOISE) for _ in range(rng.randint(1, 4))) + text[at:]
     if action < 0.75 and lines:
         at = rng.randrange(len(lines))
-        return "".join(lines[:at + 1] + [lines[at]] + lines[at + 1:])  # a duplicated line (often a duplicate key)
+        return "".join(lines[: at + 1] + [lines[at]] + lines[at + 1 :])  # a duplicated line (often a duplicate key)
     if action < 0.9 and lines:
         del lines[rng.randrange(len(lines))]
         return "".join(lines)
-    return text[:rng.randrange(len(text) + 1)]
+    return text[: rng.randrange(len(text) + 1)]
 
 
 @pytest.fixture(scope="module")
@@ -432,8 +491,9 @@ def seed_recipes(train_recipe, tmp_path_factory) -> list[dict]:
     recipes = []
     for name in ("demo.yaml", "rain_haze.yaml", "multi_degradation.yaml"):
         data = yaml.safe_load((CONFIGS / name).read_text())
-        data["model"].update(base="tiny", adapter=None, classes=["rain", "haze", "noise"],
-                             prompt_cache=str(folder / "prompts"))
+        data["model"].update(
+            base="tiny", adapter=None, classes=["rain", "haze", "noise"], prompt_cache=str(folder / "prompts")
+        )
         data["input"]["paths"] = [str(PHOTOS)]
         data["output"]["dir"] = str(folder / "out")
         recipes.append(data)
@@ -464,5 +524,7 @@ def test_fuzzed_recipes_never_crash_check(seed_recipes, tmp_path):
 
 
 def test_export_to_an_unknown_format_suggests_the_closest(tmp_path: Path) -> None:
-    assert_clean_error(mdsd3("export", "--dataset", tmp_path, "--to", "lmbd", tmp_path / "x"),
-                       "--to lmbd: expected one of webdataset, lmdb, parquet; did you mean 'lmdb'?")
+    assert_clean_error(
+        mdsd3("export", "--dataset", tmp_path, "--to", "lmbd", tmp_path / "x"),
+        "--to lmbd: expected one of webdataset, lmdb, parquet; did you mean 'lmdb'?",
+    )

@@ -60,8 +60,7 @@ def raise_killed() -> None:
 
 
 def recipe_at(tmp_path: Path, photos: Path, layout: str, per_tar: int = 1) -> Path:
-    return write_recipe(tmp_path / f"{layout}.yaml", photos, tmp_path / layout, layout=layout,
-                        samples_per_tar=per_tar)
+    return write_recipe(tmp_path / f"{layout}.yaml", photos, tmp_path / layout, layout=layout, samples_per_tar=per_tar)
 
 
 def run(recipe: Path, *overrides: str):
@@ -109,8 +108,9 @@ def test_a_killed_run_is_unfinished_for_verify_and_export(tiny_photos, tmp_path,
 def test_verify_and_export_see_a_live_generate(folders_dataset, tmp_path):
     dataset = copy_dataset(folders_dataset, tmp_path / "dataset")
     with shard_lock(dataset, SHARD):  # what a live generate holds
-        assert unfinished(dataset) == [f"{SHARD}: a generate is writing it now (PID {os.getpid()}), 9 of 9 "
-                                       "samples so far"]
+        assert unfinished(dataset) == [
+            f"{SHARD}: a generate is writing it now (PID {os.getpid()}), 9 of 9 samples so far"
+        ]
         assert runner.invoke(app, ["verify", "--dataset", str(dataset)]).exit_code == 1
         with pytest.raises(ExportError, match="a generate is writing it now"):
             run_export(dataset, "webdataset", tmp_path / "refused")
@@ -122,8 +122,9 @@ def test_lost_records_and_a_shard_that_never_ran_are_unfinished(folders_dataset,
     manifest = lost / "manifest" / f"{SHARD}.jsonl"
     lines = manifest.read_text().splitlines(keepends=True)
     manifest.write_text("".join(line for line in lines if '"key":"coffee"' not in line))  # a whole key
-    assert unfinished(lost) == ["the manifests list 6 samples, the finished shards planned 9 (records were lost: "
-                                "rerun generate)"]
+    assert unfinished(lost) == [
+        "the manifests list 6 samples, the finished shards planned 9 (records were lost: rerun generate)"
+    ]
     sharded = copy_dataset(folders_dataset, tmp_path / "sharded")
     for path in (sharded / "manifest").glob(f"{SHARD}.*"):
         content = path.read_text().replace(SHARD, "shard-00000-of-00002")
@@ -208,8 +209,7 @@ def test_verify_finds_a_duplicate_tar_member(tiny_photos, tmp_path):
     with tarfile.open(tar, "a") as archive:
         archive.addfile(first, io.BytesIO(data))
     problems = verify_dataset(tmp_path / "webdataset", workers=2).problems
-    assert [(problem.kind, problem.where) for problem in problems] == [
-        ("duplicate", f"tars/{tar.name}:{first.name}")]
+    assert [(problem.kind, problem.where) for problem in problems] == [("duplicate", f"tars/{tar.name}:{first.name}")]
 
 
 @pytest.mark.parametrize("value", ["1e999", "-1e999", "1" + "0" * 400])
@@ -220,8 +220,13 @@ def test_a_ratio_no_writer_can_store_is_named(folders_dataset, tmp_path, value):
     lines[1] = lines[1].replace('"ratios":{"haze":', f'"ratios":{{"haze":{value},"was":', 1)
     manifest.write_text("".join(lines))
     problems = [(p.kind, p.where, p.detail) for p in verify_dataset(dataset, workers=2).problems]
-    assert problems == [("manifest", f"manifest/{SHARD}.jsonl:2", "field 'ratios' holds a number that is infinite, "
-                         "NaN or too large for a 64-bit float")]
+    assert problems == [
+        (
+            "manifest",
+            f"manifest/{SHARD}.jsonl:2",
+            "field 'ratios' holds a number that is infinite, NaN or too large for a 64-bit float",
+        )
+    ]
     for to in ("webdataset", "parquet"):
         with pytest.raises(ExportError, match=rf"{SHARD}\.jsonl:2: field 'ratios'"):
             run_export(dataset, to, tmp_path / to)

@@ -30,14 +30,21 @@ def test_first_ctrl_c_says_it_stops_after_the_batch_and_a_second_exits_130(tiny_
     data = yaml.safe_load(recipe.read_text())
     data["sampling"].update(steps=8, batch_size=1)  # batches long enough for the second Ctrl-C to land in one
     recipe.write_text(yaml.safe_dump(data))
-    process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stderr, lines), daemon=True).start()
     try:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and process.poll() is None and not any(
-                path.read_text().strip() for path in out.glob("manifest/*.jsonl")):
+        while (
+            time.monotonic() < deadline
+            and process.poll() is None
+            and not any(path.read_text().strip() for path in out.glob("manifest/*.jsonl"))
+        ):
             time.sleep(0.02)  # the first sample is written: the run is sampling
         process.send_signal(signal.SIGINT)
         seen = []

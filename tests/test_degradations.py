@@ -11,7 +11,15 @@ import torch
 from PIL import Image
 
 from mdsd3_cli.model.presets.degradations import (
-    CLASSES, DEGRADATIONS, RAIN_ANGLE_DEG, RAIN_DENSITY, RAIN_VEIL, RAIN_VEIL_COLOUR, degrade, quantize, rain,
+    CLASSES,
+    DEGRADATIONS,
+    RAIN_ANGLE_DEG,
+    RAIN_DENSITY,
+    RAIN_VEIL,
+    RAIN_VEIL_COLOUR,
+    degrade,
+    quantize,
+    rain,
 )
 
 PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
@@ -20,7 +28,9 @@ PHOTOS = Path(__file__).resolve().parents[1] / "examples" / "photos"
 @pytest.fixture(scope="module")
 def photos() -> torch.Tensor:
     """Two real photos at 64 px, [2, 3, 64, 64] in [0, 1]."""
-    images = [np.asarray(Image.open(PHOTOS / f"{name}.jpg").convert("RGB").resize((64, 64))) for name in ("chelsea", "rocket")]
+    images = [
+        np.asarray(Image.open(PHOTOS / f"{name}.jpg").convert("RGB").resize((64, 64))) for name in ("chelsea", "rocket")
+    ]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
 
@@ -59,7 +69,9 @@ def test_physical_directions(photos):
 
 def test_degrade_applies_one_class_per_sample(photos):
     batch = torch.cat([photos, photos])
-    out = degrade(batch, CLASSES, torch.tensor([0, 1, 2, 3]), torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.Generator().manual_seed(0))
+    out = degrade(
+        batch, CLASSES, torch.tensor([0, 1, 2, 3]), torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.Generator().manual_seed(0)
+    )
     assert torch.equal(out[0], batch[0]) and torch.equal(out[3], batch[3])
     hazed = out[1]
     assert hazed.mean() > batch[1].mean()
@@ -69,8 +81,9 @@ def test_degrade_applies_one_class_per_sample(photos):
 def test_make_synthetic_pairs_writes_physical_pairs_at_full_and_half_strength(tmp_path):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_synthetic_pairs",
-                                                  PHOTOS.parents[1] / "scripts" / "make_synthetic_pairs.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic_pairs", PHOTOS.parents[1] / "scripts" / "make_synthetic_pairs.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "pairs"
@@ -80,8 +93,9 @@ def test_make_synthetic_pairs_writes_physical_pairs_at_full_and_half_strength(tm
     module.make_physical_pairs(PHOTOS, out, ["haze", "noise"], size=32)
     assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))} == first  # seeded
     for name in ("haze", "noise"):
-        clean, full, half = (np.asarray(Image.open(out / f / "rocket.png"), dtype=np.float64)
-                             for f in ("clean", name, f"{name}_half"))
+        clean, full, half = (
+            np.asarray(Image.open(out / f / "rocket.png"), dtype=np.float64) for f in ("clean", name, f"{name}_half")
+        )
         assert 0 < np.abs(half - clean).mean() < np.abs(full - clean).mean(), name
     with pytest.raises(ValueError, match="unknown classes"):
         module.make_physical_pairs(PHOTOS, out, ["snow"])

@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 
-from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.model.prompts import load_prompt_embeddings
-from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.model.weights import fingerprint_base
+from mdsd3_cli.recipe.generate import load_recipe
 
 from .test_generate import dataset_files, manifest_lines, write_photos, write_recipe
 
@@ -32,10 +32,27 @@ def test_concurrent_shards_under_cpu_load_reproduce_the_quiet_run(tmp_path, monk
     environment = {**os.environ, "MDSD3_PROMPT_CACHE": str(loaded_cache)}
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(BUSY_LOOPS)]
     try:
-        shards = [subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe),
-                                    "--shard-index", str(index), "--num-shards", "2"], env=environment,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                  for index in range(2)]
+        shards = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mdsd3_cli",
+                    "generate",
+                    "--config",
+                    str(recipe),
+                    "--shard-index",
+                    str(index),
+                    "--num-shards",
+                    "2",
+                ],
+                env=environment,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for index in range(2)
+        ]
         results = [(shard.wait(timeout=600), shard.stderr.read()) for shard in shards]
     finally:
         for loop in busy:

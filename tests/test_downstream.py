@@ -56,8 +56,17 @@ def test_quick_run_writes_every_arm_generator_and_interval(harness, tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == report["rows"]
     generators = {row["generator"] for row in report["rows"]}
-    assert generators == {"albumentations.RandomRain", "albumentations.RandomFog", "albumentations.ISONoise",
-                          "kornia.RandomRain", "unprocess low light"} and report["skipped"] == []
+    assert (
+        generators
+        == {
+            "albumentations.RandomRain",
+            "albumentations.RandomFog",
+            "albumentations.ISONoise",
+            "kornia.RandomRain",
+            "unprocess low light",
+        }
+        and report["skipped"] == []
+    )
     assert {row["class"] for row in report["rows"]} == {"rain", "haze", "noise", "low_light"}
     for row in report["rows"]:
         assert row["items"] == 3 * report["test_tiles"] and math.isfinite(row["input_psnr"])

@@ -12,24 +12,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import stats
 from PIL import Image
 from rich.console import Console
+from scipy import stats
 from skimage import data
 from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.evaluate import (CLASS_ESTIMATORS, CLASS_SCALES, ESTIMATOR_VERSIONS, EvaluateError, evaluate_dataset,
-                                measure_pair, normalised_strengths, write_report)
-from mdsd3_cli.evaluate import classical
+from mdsd3_cli.evaluate import (
+    CLASS_ESTIMATORS,
+    CLASS_SCALES,
+    ESTIMATOR_VERSIONS,
+    EvaluateError,
+    classical,
+    evaluate_dataset,
+    measure_pair,
+    normalised_strengths,
+    write_report,
+)
 from mdsd3_cli.evaluate.aggregate import spearman
+from mdsd3_cli.evaluate.estimators import Pair, blur_loss, haze_veil, low_light_stops, noise_sigma, rain_streaks, ssim
 from mdsd3_cli.evaluate.report import classes_table
 from mdsd3_cli.evaluate.runner import retain_freed_memory
 
 from .tiny_datasets import copy_dataset, generate, write_recipe
-from mdsd3_cli.evaluate.estimators import (Pair, blur_loss, haze_veil, low_light_stops, noise_sigma, rain_streaks,
-                                           ssim)
 
 SIZE = 128
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -58,8 +65,7 @@ def test_noise_sigma_is_recovered_within_15_percent(name: str) -> None:
 
 def test_haze_follows_transmission_and_airlight() -> None:
     clean = photo("chelsea")
-    by_transmission = [haze_veil(Pair(clean, classical.haze(clean, t, 230.0)))
-                       for t in (0.9, 0.7, 0.5, 0.3, 0.1)]
+    by_transmission = [haze_veil(Pair(clean, classical.haze(clean, t, 230.0))) for t in (0.9, 0.7, 0.5, 0.3, 0.1)]
     assert np.all(np.diff(by_transmission) > 0), by_transmission
     by_airlight = [haze_veil(Pair(clean, classical.haze(clean, 0.5, a))) for a in (120, 160, 200, 240)]
     assert np.all(np.diff(by_airlight) > 0), by_airlight
@@ -70,15 +76,15 @@ def test_haze_follows_transmission_and_airlight() -> None:
 def test_rain_follows_streak_density() -> None:
     for name in ("astronaut", "coffee"):
         clean = photo(name)
-        readings = [rain_streaks(Pair(clean, classical.rain(clean, density, seed=3)))
-                    for density in (0.001, 0.003, 0.01, 0.03)]
+        readings = [
+            rain_streaks(Pair(clean, classical.rain(clean, density, seed=3))) for density in (0.001, 0.003, 0.01, 0.03)
+        ]
         assert np.all(np.diff(readings) > 0), (name, readings)
 
 
 def test_low_light_reads_stops_and_blur_reads_detail_loss() -> None:
     clean = photo("coffee")
-    stops = [low_light_stops(Pair(clean, classical.low_light(clean, exposure)))
-             for exposure in (0.5, 0.25, 0.125)]
+    stops = [low_light_stops(Pair(clean, classical.low_light(clean, exposure))) for exposure in (0.5, 0.25, 0.125)]
     assert stops == pytest.approx([1.0, 2.0, 3.0], abs=0.15)
     blur = [blur_loss(Pair(clean, classical.gaussian_blur(clean, s))) for s in (0.5, 1.0, 2.0)]
     assert np.all(np.diff(blur) > 0) and 0 < blur[0] and blur[-1] <= 1, blur
@@ -130,15 +136,29 @@ def build_dataset(root: Path, names=("astronaut", "chelsea", "coffee"), size: in
         samples = [("identity", "identity", 1, {}, clean)]
         for repeat in (1, 2):
             ratio = 0.25 * (index + 1)
-            samples.append(("noise", f"noise_r{repeat}", repeat, {"noise": ratio},
-                            classical.gaussian_noise(clean, 40 * ratio, seed=10 * index + repeat)))
+            samples.append(
+                (
+                    "noise",
+                    f"noise_r{repeat}",
+                    repeat,
+                    {"noise": ratio},
+                    classical.gaussian_noise(clean, 40 * ratio, seed=10 * index + repeat),
+                )
+            )
         haze_ratio = [0.2, 0.5, 0.9][index]
         samples.append(("haze", "haze", 1, {"haze": haze_ratio}, classical.haze(clean, 1 - 0.7 * haze_ratio)))
         for variant, folder, repeat, ratios, pixels in samples:
             degraded_rel = f"degraded/{folder}/{name}.png"
             save(pixels, root / degraded_rel)
-            record = {"key": name, "variant": variant, "folder": folder, "repeat": repeat, "clean": clean_rel,
-                      "degraded": degraded_rel, "ratios": {"noise": 0.0, "haze": 0.0, **ratios}}
+            record = {
+                "key": name,
+                "variant": variant,
+                "folder": folder,
+                "repeat": repeat,
+                "clean": clean_rel,
+                "degraded": degraded_rel,
+                "ratios": {"noise": 0.0, "haze": 0.0, **ratios},
+            }
             lines["shard-a" if index % 2 == 0 else "shard-b"].append(json.dumps(record))
     (root / "manifest").mkdir()
     for shard, shard_lines in lines.items():
@@ -188,12 +208,24 @@ def test_selectivity_counts_only_rises_of_other_classes(tmp_path: Path) -> None:
     for name in ("astronaut", "chelsea", "coffee"):
         clean = photo(name, 64)
         save(clean, root / "clean" / f"{name}.png")
-        for variant, pixels, ratio in (("identity", classical.gaussian_blur(clean, 1.5), 0.0),
-                                       ("haze", classical.haze(clean, 0.8), 0.5)):
+        for variant, pixels, ratio in (
+            ("identity", classical.gaussian_blur(clean, 1.5), 0.0),
+            ("haze", classical.haze(clean, 0.8), 0.5),
+        ):
             save(pixels, root / "degraded" / variant / f"{name}.png")
-            lines.append(json.dumps({"key": name, "variant": variant, "folder": variant, "repeat": 1,
-                                     "clean": f"clean/{name}.png", "degraded": f"degraded/{variant}/{name}.png",
-                                     "ratios": {"haze": ratio}}))
+            lines.append(
+                json.dumps(
+                    {
+                        "key": name,
+                        "variant": variant,
+                        "folder": variant,
+                        "repeat": 1,
+                        "clean": f"clean/{name}.png",
+                        "degraded": f"degraded/{variant}/{name}.png",
+                        "ratios": {"haze": ratio},
+                    }
+                )
+            )
     (root / "manifest").mkdir()
     (root / "manifest" / "shard-a.jsonl").write_text("".join(line + "\n" for line in lines))
     report = evaluate_dataset(root, workers=1)
@@ -234,8 +266,18 @@ def test_pairs_folders_with_bad_files_and_a_shifted_against_set(tmp_path: Path) 
     (ten / "clean" / "broken.png").write_bytes(b"not a png")
     (ten / "degraded" / "broken.png").write_bytes((ten / "degraded" / "rocket.png").read_bytes())
     out = tmp_path / "report"
-    result = run_cli("evaluate", "--pairs", str(ten / "clean"), str(ten / "degraded"), "--against", str(twenty),
-                     "--out", str(out), "--workers", "2")
+    result = run_cli(
+        "evaluate",
+        "--pairs",
+        str(ten / "clean"),
+        str(ten / "degraded"),
+        "--against",
+        str(twenty),
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["estimators"] == ESTIMATOR_VERSIONS
@@ -297,8 +339,9 @@ def test_webdataset_layout_measures_the_same_pairs(folders_dataset: Path, tiny_p
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "wds", layout="webdataset")
     generate(recipe)
     assert not (tmp_path / "wds" / "degraded").exists() and list((tmp_path / "wds" / "tars").iterdir())
-    in_folders, in_tars = (evaluate_dataset(dataset, workers=1).samples() for dataset in (folders_dataset,
-                                                                                          tmp_path / "wds"))
+    in_folders, in_tars = (
+        evaluate_dataset(dataset, workers=1).samples() for dataset in (folders_dataset, tmp_path / "wds")
+    )
     assert len(in_tars) == 9 and in_tars == in_folders  # same bytes, same numbers
 
 
@@ -307,8 +350,9 @@ def test_ssim_equals_scikit_image(name: str) -> None:
     clean = photo(name)
     for degraded in (classical.gaussian_noise(clean, 20, seed=2), classical.haze(clean, 0.4), clean):
         pair = Pair(clean, degraded)
-        reference = structural_similarity(pair.clean_luma.astype(np.float64), pair.degraded_luma.astype(np.float64),
-                                          data_range=255.0)
+        reference = structural_similarity(
+            pair.clean_luma.astype(np.float64), pair.degraded_luma.astype(np.float64), data_range=255.0
+        )
         assert ssim(pair) == pytest.approx(reference, abs=1e-5)
 
 
@@ -320,11 +364,13 @@ def test_measuring_processes_keep_freed_memory_on_glibc() -> None:
 def test_evaluate_command_does_not_load_the_model_libraries(tmp_path: Path) -> None:
     """evaluate needs no model: loading torch and diffusers doubled its time on 600 pairs and tripled its memory."""
     pairs = write_pairs(tmp_path / "pairs", 10, names=("astronaut", "chelsea"))
-    script = ("import sys\nfrom typer.testing import CliRunner\nfrom mdsd3_cli.cli import app\n"
-              f"result = CliRunner().invoke(app, ['evaluate', '--dataset', {str(pairs)!r}, '--out', "
-              f"{str(tmp_path / 'report')!r}, '--workers', '1'])\n"
-              "assert result.exit_code == 0, result.output\n"
-              "print(sorted(name for name in ('torch', 'diffusers', 'transformers') if name in sys.modules))\n")
+    script = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom mdsd3_cli.cli import app\n"
+        f"result = CliRunner().invoke(app, ['evaluate', '--dataset', {str(pairs)!r}, '--out', "
+        f"{str(tmp_path / 'report')!r}, '--workers', '1'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(sorted(name for name in ('torch', 'diffusers', 'transformers') if name in sys.modules))\n"
+    )
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr
     assert finished.stdout.strip().splitlines()[-1] == "[]"

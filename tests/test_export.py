@@ -18,10 +18,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.export.run import ExportError, run_export
 from mdsd3_cli.export import basicsr_lmdb
 from mdsd3_cli.export import parquet as parquet_format
 from mdsd3_cli.export import webdataset as webdataset_format
+from mdsd3_cli.export.run import ExportError, run_export
 from mdsd3_cli.export.sample import flat_key
 
 from .tiny_datasets import FOLDERS, copy_dataset, generate, write_recipe
@@ -35,8 +35,10 @@ def folders_pairs(dataset: Path) -> dict[tuple[str, str], tuple[bytes, bytes]]:
     for path in sorted((dataset / "manifest").glob("*.jsonl")):
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            pairs[record["key"], record["folder"]] = ((dataset / record["clean"]).read_bytes(),
-                                                      (dataset / record["degraded"]).read_bytes())
+            pairs[record["key"], record["folder"]] = (
+                (dataset / record["clean"]).read_bytes(),
+                (dataset / record["degraded"]).read_bytes(),
+            )
     return pairs
 
 
@@ -76,7 +78,8 @@ def test_lmdb_export_reads_like_basicsr(folders_dataset, tmp_path, monkeypatch):
             assert basicsr_lmdb_get(gt, flat) == clean
             assert basicsr_lmdb_get(lq, flat) == degraded
     assert sorted(p.name for p in (tmp_path / "lmdb").iterdir()) == sorted(
-        ["gt.lmdb", *(f"lq_{folder}.lmdb" for folder in FOLDERS)])
+        ["gt.lmdb", *(f"lq_{folder}.lmdb" for folder in FOLDERS)]
+    )
 
 
 def test_parquet_export_loads_with_datasets(folders_dataset, tmp_path, monkeypatch):
@@ -85,8 +88,9 @@ def test_parquet_export_loads_with_datasets(folders_dataset, tmp_path, monkeypat
     run_export(folders_dataset, "parquet", tmp_path / "parquet", per_file=4)
     files = sorted((tmp_path / "parquet").glob("*.parquet"))
     assert [pq.ParquetFile(path).metadata.num_row_groups for path in files] == [4, 4, 1]
-    loaded = datasets.load_dataset("parquet", data_dir=str(tmp_path / "parquet"), split="train",
-                                   cache_dir=str(tmp_path / "hf_cache"))
+    loaded = datasets.load_dataset(
+        "parquet", data_dir=str(tmp_path / "parquet"), split="train", cache_dir=str(tmp_path / "hf_cache")
+    )
     assert len(loaded) == len(expected)
     assert set(loaded.features["ratios"]) == {"rain", "haze", "noise"}
     for row in loaded:
@@ -94,7 +98,9 @@ def test_parquet_export_loads_with_datasets(folders_dataset, tmp_path, monkeypat
         assert isinstance(row["clean"], Image.Image) and (row["width"], row["height"]) == (32, 32)
         np.testing.assert_array_equal(np.asarray(row["degraded"]), np.asarray(Image.open(io.BytesIO(degraded))))
         assert json.loads(row["manifest"])["key"] == row["key"]
-    raw = loaded.cast_column("clean", datasets.Image(decode=False)).cast_column("degraded", datasets.Image(decode=False))
+    raw = loaded.cast_column("clean", datasets.Image(decode=False)).cast_column(
+        "degraded", datasets.Image(decode=False)
+    )
     for row in raw:
         assert (row["clean"]["bytes"], row["degraded"]["bytes"]) == expected[row["key"], row["folder"]]
 
@@ -115,15 +121,20 @@ def test_webdataset_export_reads_with_webdataset(folders_dataset, tmp_path):
 
 def test_webdataset_layout_output_exports_the_same_pairs(folders_dataset, tiny_photos, tmp_path):
     """A dataset generated straight into tars exports to the same images as its folders-layout twin."""
-    generate(write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "in_tars", layout="webdataset",
-                          samples_per_tar=2))
+    generate(
+        write_recipe(
+            tmp_path / "recipe.yaml", tiny_photos, tmp_path / "in_tars", layout="webdataset", samples_per_tar=2
+        )
+    )
     assert not (tmp_path / "in_tars" / "degraded").exists() and len(list((tmp_path / "in_tars" / "tars").iterdir())) > 1
 
     def exported(dataset: Path, name: str) -> dict[str, tuple[bytes, bytes]]:
         run_export(dataset, "webdataset", tmp_path / name, per_file=4)
         tars = sorted(str(path) for path in (tmp_path / name).glob("*.tar"))
-        return {sample["__key__"]: {name: data for name, data in sample.items() if name.endswith(".png")}
-                for sample in wds.WebDataset(tars, shardshuffle=False)}
+        return {
+            sample["__key__"]: {name: data for name, data in sample.items() if name.endswith(".png")}
+            for sample in wds.WebDataset(tars, shardshuffle=False)
+        }
 
     from_tars = exported(tmp_path / "in_tars", "from_tars")
     assert len(from_tars) == 3 and sum(len(images) for images in from_tars.values()) == 3 + 9
@@ -183,8 +194,9 @@ def test_export_refuses_damaged_images(folders_dataset, tmp_path):
 
 def test_lmdb_export_with_one_lq_database_reads_like_basicsr(folders_dataset, tmp_path):
     expected = folders_pairs(folders_dataset)
-    result = CliRunner().invoke(app, ["export", "--dataset", str(folders_dataset), "--to", "lmdb", "--one-lq",
-                                      str(tmp_path / "lmdb")])
+    result = CliRunner().invoke(
+        app, ["export", "--dataset", str(folders_dataset), "--to", "lmdb", "--one-lq", str(tmp_path / "lmdb")]
+    )
     assert result.exit_code == 0, result.output
     gt, lq = tmp_path / "lmdb" / "gt.lmdb", tmp_path / "lmdb" / "lq.lmdb"
     assert sorted(p.name for p in (tmp_path / "lmdb").iterdir()) == ["gt.lmdb", "lq.lmdb"]
@@ -196,6 +208,7 @@ def test_lmdb_export_with_one_lq_database_reads_like_basicsr(folders_dataset, tm
     for line in (lq / "meta_info.txt").read_text().splitlines():
         name, height, width = META_LINE.match(line).groups()
         assert (int(height), int(width)) == (32, 32) and name in pair_keys
-    refused = CliRunner().invoke(app, ["export", "--dataset", str(folders_dataset), "--to", "parquet", "--one-lq",
-                                       str(tmp_path / "parquet")])
+    refused = CliRunner().invoke(
+        app, ["export", "--dataset", str(folders_dataset), "--to", "parquet", "--one-lq", str(tmp_path / "parquet")]
+    )
     assert refused.exit_code == 2 and "lmdb layout" in refused.output and not (tmp_path / "parquet").exists()

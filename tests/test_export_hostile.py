@@ -20,13 +20,18 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.export.run import ExportError, run_export
+from mdsd3_cli.dataset.ownership import shard_lock
 from mdsd3_cli.export import webdataset as webdataset_format
 from mdsd3_cli.export.parquet import PARTIAL_METADATA_KEY
+from mdsd3_cli.export.run import ExportError, run_export
 from mdsd3_cli.export.sample import flat_key
-from mdsd3_cli.export.staging import (DestinationBusyError, DestinationExistsError, PARTIAL_FILE, lock_path,
-                                       rename_no_replace)
-from mdsd3_cli.dataset.ownership import shard_lock
+from mdsd3_cli.export.staging import (
+    PARTIAL_FILE,
+    DestinationBusyError,
+    DestinationExistsError,
+    lock_path,
+    rename_no_replace,
+)
 from mdsd3_cli.util.safe_names import safe_component
 
 from .tiny_datasets import FOLDERS, copy_dataset
@@ -94,8 +99,9 @@ def test_export_never_deletes_a_partial_folder_it_did_not_create(folders_dataset
 # 2. one writer per destination; the final rename never replaces
 
 
-def test_a_second_export_to_the_same_destination_is_refused_while_the_first_writes(folders_dataset, tmp_path,
-                                                                                     monkeypatch):
+def test_a_second_export_to_the_same_destination_is_refused_while_the_first_writes(
+    folders_dataset, tmp_path, monkeypatch
+):
     destination = tmp_path / "out"
     original = webdataset_format.TarWriter.write_key
     second: list[BaseException] = []
@@ -192,9 +198,16 @@ def test_partial_export_leaves_out_incomplete_keys_and_says_so(folders_dataset, 
     summary = run_export(dataset, "lmdb", tmp_path / "lmdb", partial=True)
     assert summary.pairs == 6 and summary.keys_left_out == 1
     note = json.loads((tmp_path / "lmdb" / PARTIAL_FILE).read_text())
-    assert note == {"partial": True, "dataset": str(dataset.resolve()), "pairs": 6, "keys_left_out": 1,
-                    "why": ["the manifests list 8 samples, the finished shards planned 9 (records were lost: "
-                            "rerun generate)", "1 of 9 pairs have no record (mdsd3 verify lists them)"]}
+    assert note == {
+        "partial": True,
+        "dataset": str(dataset.resolve()),
+        "pairs": 6,
+        "keys_left_out": 1,
+        "why": [
+            "the manifests list 8 samples, the finished shards planned 9 (records were lost: rerun generate)",
+            "1 of 9 pairs have no record (mdsd3 verify lists them)",
+        ],
+    }
     for database in ["gt", *(f"lq_{folder}" for folder in FOLDERS)]:  # the same key set everywhere (BasicSR)
         lines = (tmp_path / "lmdb" / f"{database}.lmdb" / "meta_info.txt").read_text().splitlines()
         assert sorted(line.split(".")[0] for line in lines) == ["astronaut", "sub/chelsea%2Ev2%20x"]
@@ -230,9 +243,19 @@ def test_a_variant_name_that_is_a_path_writes_nothing_outside(folders_dataset, t
 # 5. a bad record: one error naming the manifest file and the field
 
 
-@pytest.mark.parametrize(("field", "value"), [("size", None), ("size", "32x32"), ("size", [32]),
-                                              ("ratios", None), ("seed", "3"), ("repeat", 2**40), ("key", ""),
-                                              ("key", "k" * 600)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("size", None),
+        ("size", "32x32"),
+        ("size", [32]),
+        ("ratios", None),
+        ("seed", "3"),
+        ("repeat", 2**40),
+        ("key", ""),
+        ("key", "k" * 600),
+    ],
+)
 @pytest.mark.parametrize("to", ["lmdb", "parquet"])
 def test_a_bad_record_names_the_manifest_and_the_field(folders_dataset, tmp_path, field, value, to):
     dataset = copy_dataset(folders_dataset, tmp_path / "dataset")
@@ -297,10 +320,17 @@ def test_the_destination_lock_holds_across_processes_and_survives_kill_9(folders
     stale lock file over and removes it."""
     destination = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from mdsd3_cli.util.output_lock import OutputLock; "
-         f"lock = OutputLock(Path({str(destination)!r}), 'export'); print('locked', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; "
+            "from mdsd3_cli.util.output_lock import OutputLock; "
+            f"lock = OutputLock(Path({str(destination)!r}), 'export'); print('locked', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         result = export_cli("--dataset", str(folders_dataset), "--to", "parquet", str(destination))

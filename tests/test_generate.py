@@ -20,15 +20,13 @@ from skimage import data
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.generate.run import plan_run, run_generate
-from mdsd3_cli.util.images import load_image
-from mdsd3_cli.generate.plan import ShardSpec
-from mdsd3_cli.recipe.generate import load_recipe
-from mdsd3_cli.model.sampler import MDSD3Sampler
-from mdsd3_cli.dataset.writer import OutputConflictError
 from mdsd3_cli.dataset.verify import verify_dataset
-
-from .slurm_cluster import slurm_cluster  # noqa: F401  (session fixture)
+from mdsd3_cli.dataset.writer import OutputConflictError
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.generate.run import plan_run, run_generate
+from mdsd3_cli.model.sampler import MDSD3Sampler
+from mdsd3_cli.recipe.generate import load_recipe
+from mdsd3_cli.util.images import load_image
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat"]
 
@@ -67,15 +65,19 @@ def mdsd3(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     invoked = CliRunner().invoke(app, list(args))
     result = subprocess.CompletedProcess(args, invoked.exit_code, invoked.stdout, invoked.stderr)
     if check and result.returncode != 0:
-        raise AssertionError(f"mdsd3 {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n"
-                             f"{invoked.exception!r}")
+        raise AssertionError(
+            f"mdsd3 {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n{invoked.exception!r}"
+        )
     return result
 
 
 def dataset_files(out: Path) -> dict[str, bytes]:
     """Every image under clean/ and degraded/, by relative path."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*.png"))
-            if p.relative_to(out).parts[0] in ("clean", "degraded")}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*.png"))
+        if p.relative_to(out).parts[0] in ("clean", "degraded")
+    }
 
 
 def manifest_lines(out: Path) -> list[str]:
@@ -104,15 +106,29 @@ def reference(tmp_path_factory, photos) -> Path:
 def test_cli_writes_the_paired_dataset(reference, photos):
     files = dataset_files(reference)
     assert sorted(files) == sorted(
-        [f"clean/{n}.png" for n in PHOTOS]
-        + [f"degraded/{v}/{n}.png" for v in ("rain", "mix") for n in PHOTOS]
+        [f"clean/{n}.png" for n in PHOTOS] + [f"degraded/{v}/{n}.png" for v in ("rain", "mix") for n in PHOTOS]
     )
     records = [json.loads(line) for line in manifest_lines(reference)]
     assert len(records) == 12 and len({(r["key"], r["folder"]) for r in records}) == 12
     for record in records:
-        for field in ("key", "source", "clean", "degraded", "variant", "ratios", "alpha", "beta", "steps",
-                      "guidance", "seed", "size", "crop_box", "base_fingerprint", "adapter_fingerprint",
-                      "mdsd3_version"):
+        for field in (
+            "key",
+            "source",
+            "clean",
+            "degraded",
+            "variant",
+            "ratios",
+            "alpha",
+            "beta",
+            "steps",
+            "guidance",
+            "seed",
+            "size",
+            "crop_box",
+            "base_fingerprint",
+            "adapter_fingerprint",
+            "mdsd3_version",
+        ):
             assert field in record, field
         assert record["size"] == [64, 64] and record["steps"] == 3 and record["beta"] == 0.3
         clean = np.asarray(Image.open(reference / record["clean"]))
@@ -136,8 +152,15 @@ def test_clean_images_are_exactly_what_the_model_was_given(tmp_path, photos, mon
         return original(self, pixels, requests, *args, **kwargs)
 
     monkeypatch.setattr(MDSD3Sampler, "generate", spy)
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out", input__resize="native",
-                                      input__paths=[str(photos / "coffee.png"), str(photos / "camera.png")]))
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml",
+            photos,
+            tmp_path / "out",
+            input__resize="native",
+            input__paths=[str(photos / "coffee.png"), str(photos / "camera.png")],
+        )
+    )
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
     assert summary.written == 4 and summary.exit_code == 0
     records = {r["seed"]: r for r in map(json.loads, manifest_lines(tmp_path / "out"))}
@@ -194,7 +217,7 @@ def make_bad_input_folder(folder: Path) -> tuple[Path, list[str], list[str]]:
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.png").write_text("this is not an image")
     Image.new("RGB", (1, 1), "red").save(folder / "tiny.png")
-    Image.fromarray((data.camera().astype(np.uint16) * 257)).save(folder / "sixteen_bit.png")
+    Image.fromarray(data.camera().astype(np.uint16) * 257).save(folder / "sixteen_bit.png")
     Image.fromarray(photo).convert("CMYK").save(folder / "cmyk.jpg")
     Image.fromarray(photo).convert("RGBA").save(folder / "rgba.png")
     Image.fromarray(photo).convert("P").save(folder / "palette.gif")
@@ -209,8 +232,14 @@ def make_bad_input_folder(folder: Path) -> tuple[Path, list[str], list[str]]:
 
 def test_bad_inputs_are_recorded_and_the_run_completes(tmp_path):
     folder, good, bad = make_bad_input_folder(tmp_path / "inputs")
-    recipe = write_recipe(tmp_path / "r.yaml", folder, tmp_path / "out", input__max_pixels=3_000_000,
-                          variants=[{"name": "rain", "classes": {"rain": 1.0}}], sampling__steps=1)
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        folder,
+        tmp_path / "out",
+        input__max_pixels=3_000_000,
+        variants=[{"name": "rain", "classes": {"rain": 1.0}}],
+        sampling__steps=1,
+    )
     result = mdsd3("generate", "--config", str(recipe))
     assert result.returncode == 1, result.stderr
     out = tmp_path / "out"
@@ -228,8 +257,12 @@ def test_bad_inputs_are_recorded_and_the_run_completes(tmp_path):
 def test_killed_then_rerun_gives_the_uninterrupted_dataset(reference, tmp_path, photos, how, after_lines):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", photos, out)
-    process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         done = len(manifest_lines(out)) if (out / "manifest").is_dir() else -1
@@ -251,15 +284,30 @@ def test_two_shard_processes_share_one_output_folder(reference, tmp_path, photos
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", photos, out)
     processes = [
-        subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe),
-                          "--shard-index", str(i), "--num-shards", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mdsd3_cli",
+                "generate",
+                "--config",
+                str(recipe),
+                "--shard-index",
+                str(i),
+                "--num-shards",
+                "2",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for i in range(2)
     ]
     for process in processes:
         process.communicate(timeout=300)
         assert process.returncode == 0
     assert sorted(p.name for p in (out / "manifest").iterdir()) == [  # each shard's plan, finished marker, records
-        f"shard-0000{index}-of-00002.{suffix}" for index in (0, 1) for suffix in ("finished.json", "jsonl", "plan.json")]
+        f"shard-0000{index}-of-00002.{suffix}" for index in (0, 1) for suffix in ("finished.json", "jsonl", "plan.json")
+    ]
     assert dataset_files(out) == dataset_files(reference)
     assert sorted(manifest_lines(out)) == sorted(manifest_lines(reference))
 
@@ -268,11 +316,27 @@ def test_torchrun_ranks_write_their_shards(reference, tmp_path, photos):
     """A real `torchrun --nproc-per-node 2 -m mdsd3_cli generate` (CPU): each rank takes its own shard."""
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", photos, out)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "mdsd3_cli",
-                             "generate", "--config", str(recipe)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "mdsd3_cli",
+            "generate",
+            "--config",
+            str(recipe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (out / "manifest").iterdir()) == [  # each shard's plan, finished marker, records
-        f"shard-0000{index}-of-00002.{suffix}" for index in (0, 1) for suffix in ("finished.json", "jsonl", "plan.json")]
+        f"shard-0000{index}-of-00002.{suffix}" for index in (0, 1) for suffix in ("finished.json", "jsonl", "plan.json")
+    ]
     assert dataset_files(out) == dataset_files(reference)
 
 
@@ -341,12 +405,18 @@ def test_slurm_array_job_produces_the_single_process_dataset(reference, tmp_path
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", photos, out)
     script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_generate.sbatch"
-    result = slurm_cluster.submit_array(script, array="0-2", args=[str(recipe)], cwd=tmp_path, timeout=600,
-                                        env={"MDSD3_PYTHON": sys.executable,
-                                             "MDSD3_PROMPT_CACHE": os.environ["MDSD3_PROMPT_CACHE"]})
+    result = slurm_cluster.submit_array(
+        script,
+        array="0-2",
+        args=[str(recipe)],
+        cwd=tmp_path,
+        timeout=600,
+        env={"MDSD3_PYTHON": sys.executable, "MDSD3_PROMPT_CACHE": os.environ["MDSD3_PROMPT_CACHE"]},
+    )
     assert result.ok, result.report()
     assert sorted(p.name for p in (out / "manifest").iterdir()) == sorted(  # each shard's records, plan, marker
-        f"shard-0000{i}-of-00003.{suffix}" for i in range(3) for suffix in ("jsonl", "plan.json", "finished.json"))
+        f"shard-0000{i}-of-00003.{suffix}" for i in range(3) for suffix in ("jsonl", "plan.json", "finished.json")
+    )
     assert verify_dataset(out).ok
     assert dataset_files(out) == dataset_files(reference)
     assert sorted(manifest_lines(out)) == sorted(manifest_lines(reference))
@@ -356,8 +426,11 @@ def test_slurm_array_job_produces_the_single_process_dataset(reference, tmp_path
 def test_shipped_recipes_are_valid(name, tmp_path, photos):
     """The configs in configs/ follow the schema; the SD3 ones are checked with their paths pointed at tiny."""
     path = Path(__file__).resolve().parents[1] / "configs" / name
-    overrides = [] if name == "demo.yaml" else [
-        "model.base=tiny", "model.adapter=null", "model.classes=[rain, haze, noise]", f"input.paths=[{photos}]"]
+    overrides = (
+        []
+        if name == "demo.yaml"
+        else ["model.base=tiny", "model.adapter=null", "model.classes=[rain, haze, noise]", f"input.paths=[{photos}]"]
+    )
     recipe = load_recipe(path, [*overrides, f"output.dir={tmp_path / 'out'}"])
     expected = ["rain", "haze", "noise", "low_light"] if name == "demo.yaml" else ["rain", "haze", "noise"]
     assert recipe.variants and recipe.classes() == expected

@@ -21,12 +21,12 @@ import yaml
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.dataset.manifest import run_folders
 from mdsd3_cli.dataset.ownership import clear_outputs, sharding_lock
-from mdsd3_cli.generate.plan import ShardSpec
-from mdsd3_cli.recipe.generate import MAX_SAMPLES_PER_INPUT, load_recipe
 from mdsd3_cli.dataset.writer import DatasetWriter, write_run_json
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.generate.run import plan_run, run_generate
+from mdsd3_cli.recipe.generate import MAX_SAMPLES_PER_INPUT, load_recipe
 
 from .tiny_datasets import PHOTOS, write_recipe
 
@@ -56,8 +56,12 @@ def manifest_lines(out: Path) -> list[str]:
 
 def images(out: Path) -> dict[str, bytes]:
     """Every file under clean/, degraded/ and tars/, by relative path."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for area in ("clean", "degraded", "tars")
-            for p in sorted((out / area).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for area in ("clean", "degraded", "tars")
+        for p in sorted((out / area).rglob("*"))
+        if p.is_file()
+    }
 
 
 def one_photo(tiny_photos: Path, folder: Path) -> Path:
@@ -78,19 +82,29 @@ def webdataset_reference(tmp_path_factory, tiny_photos) -> Path:
 def outside_tar(folder: Path) -> Path:
     """A tar outside the dataset holding a record of a variant the recipe does not have."""
     path = folder / "outside.tar"
-    record = {"key": "coffee", "folder": "evil", "tar": f"tars/{TARS[1]}", "clean_member": "coffee.clean.png",
-              "degraded_member": "coffee.evil.degraded.png", "json_member": "coffee.json"}
+    record = {
+        "key": "coffee",
+        "folder": "evil",
+        "tar": f"tars/{TARS[1]}",
+        "clean_member": "coffee.clean.png",
+        "degraded_member": "coffee.evil.degraded.png",
+        "json_member": "coffee.json",
+    }
     with tarfile.open(path, "w") as archive:
-        for name, data in ((record["clean_member"], b"x"), (record["degraded_member"], b"y"),
-                           (record["json_member"], json.dumps({"evil": record}).encode())):
+        for name, data in (
+            (record["clean_member"], b"x"),
+            (record["degraded_member"], b"y"),
+            (record["json_member"], json.dumps({"evil": record}).encode()),
+        ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     return path
 
 
-@pytest.mark.parametrize("planted", ["link to an outside tar", "not a tar", "another group's tar",
-                                     "link to this group's own tar"])
+@pytest.mark.parametrize(
+    "planted", ["link to an outside tar", "not a tar", "another group's tar", "link to this group's own tar"]
+)
 def test_a_file_at_a_tar_name_that_this_run_did_not_record_is_redone(webdataset_reference, tmp_path, planted):
     out = shutil.copytree(webdataset_reference, tmp_path / "out")
     manifest = out / "manifest" / "shard-00000-of-00001.jsonl"
@@ -122,8 +136,12 @@ def test_a_file_at_a_tar_name_that_this_run_did_not_record_is_redone(webdataset_
 
 def test_a_users_run_json_does_not_make_the_folder_mdsd3s(tiny_photos, tmp_path):
     out = tmp_path / "results"
-    files = {"run.json": b'{"experiment": "baseline", "identity": {}}', "manifest/data.json": b'{"files": []}',
-             "errors/train.jsonl": b'{"step": 1}\n', "clean/astronaut.png": b"user image"}
+    files = {
+        "run.json": b'{"experiment": "baseline", "identity": {}}',
+        "manifest/data.json": b'{"files": []}',
+        "errors/train.jsonl": b'{"step": 1}\n',
+        "clean/astronaut.png": b"user image",
+    }
     for relative, data in files.items():
         (out / relative).parent.mkdir(parents=True, exist_ok=True)
         (out / relative).write_bytes(data)
@@ -141,8 +159,12 @@ def test_overwrite_removes_only_what_mdsd3_wrote_and_recorded(tmp_path):
     with open(out / "manifest" / "shard-00000-of-00001.jsonl", "a") as manifest:  # a line naming a user's file
         line = {"key": "n", "folder": "rain", "clean": "notes.txt", "degraded": "errors/x.txt"}
         manifest.write(json.dumps(line) + "\n")
-    user = {"notes.txt": "mine", "errors/x.txt": "mine", "manifest/data.json": '{"files": ["notes.txt"]}',
-            "errors/train.jsonl": "{}\n"}
+    user = {
+        "notes.txt": "mine",
+        "errors/x.txt": "mine",
+        "manifest/data.json": '{"files": ["notes.txt"]}',
+        "errors/train.jsonl": "{}\n",
+    }
     for relative, text in user.items():
         (out / relative).write_text(text)
     clear_outputs(out)
@@ -179,11 +201,18 @@ def test_sigterm_stops_within_a_batch(tiny_photos, tmp_path, layout, photos, rep
 
     out = tmp_path / "stopped"
     recipe = recipe_for(out)
-    process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and process.poll() is None and not (
-            (out / "manifest").is_dir() and manifest_lines(out)):
+    while (
+        time.monotonic() < deadline
+        and process.poll() is None
+        and not ((out / "manifest").is_dir() and manifest_lines(out))
+    ):
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
@@ -203,9 +232,15 @@ def test_one_output_takes_one_shard_count_at_a_time(tiny_photos, tmp_path):
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), out)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from mdsd3_cli.dataset.ownership import sharding_lock\n"
-         f"with sharding_lock({str(out)!r}, 2):\n    print('locked', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import time; from mdsd3_cli.dataset.ownership import sharding_lock\n"
+            f"with sharding_lock({str(out)!r}, 2):\n    print('locked', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         refused = mdsd3("generate", "--config", recipe, "--shard-index", 0, "--num-shards", 3)
@@ -220,11 +255,14 @@ def test_one_output_takes_one_shard_count_at_a_time(tiny_photos, tmp_path):
         pass
 
 
-@pytest.mark.parametrize("base, overrides, limit", [
-    ("mini", ["input.size=512"], 384),
-    ("tiny", ["input.size=2048"], 1536),
-    ("tiny", ["input.resize=native", "input.max_side=2000"], 1536),
-])
+@pytest.mark.parametrize(
+    "base, overrides, limit",
+    [
+        ("mini", ["input.size=512"], 384),
+        ("tiny", ["input.size=2048"], 1536),
+        ("tiny", ["input.resize=native", "input.max_side=2000"], 1536),
+    ],
+)
 def test_check_refuses_a_size_the_model_cannot_take(tiny_photos, tmp_path, base, overrides, limit, monkeypatch):
     recipe = write_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), tmp_path / "out")
     model = ["model.base=mini", "model.adapter=mini", "model.classes=null"] if base == "mini" else []
@@ -247,10 +285,14 @@ def test_huge_repeats_are_counted_not_expanded(tiny_photos, tmp_path, monkeypatc
     data = yaml.safe_load(recipe.read_text())
     data["variants"] = [{"name": f"v{index}", "classes": {"rain": 0.5}, "repeats": 1000} for index in range(1500)]
     recipe.write_text(yaml.safe_dump(data))
-    assert_clean_error(mdsd3("check", "--config", recipe), "variants", "1,500,000 samples per input image",
-                       f"at most {MAX_SAMPLES_PER_INPUT:,}")
+    assert_clean_error(
+        mdsd3("check", "--config", recipe),
+        "variants",
+        "1,500,000 samples per input image",
+        f"at most {MAX_SAMPLES_PER_INPUT:,}",
+    )
 
-    data["variants"] = data["variants"][:MAX_SAMPLES_PER_INPUT // 1000]  # exactly the limit is fine
+    data["variants"] = data["variants"][: MAX_SAMPLES_PER_INPUT // 1000]  # exactly the limit is fine
     recipe.write_text(yaml.safe_dump(data))
     monkeypatch.setattr("mdsd3_cli.generate.run.build_plan", lambda *a: pytest.fail("check built the plan"))
     result = mdsd3("check", "--config", recipe)

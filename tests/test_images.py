@@ -348,7 +348,10 @@ def test_iter_loaded_keeps_input_order_and_yields_errors_as_values(tmp_path: Pat
     assert [item for item, _ in results] == items
     assert isinstance(results[2][1], ImageError)
     assert [r.original_size for _, r in results if isinstance(r, LoadedImage)] == [
-        (512, 512), (600, 400), (451, 300), (640, 427)
+        (512, 512),
+        (600, 400),
+        (451, 300),
+        (640, 427),
     ]
 
 

@@ -52,12 +52,15 @@ def test_init_preset_mini_runs_mini_as_the_demo_does(mini_recipe):
     assert warnings_of(checked) == []
 
 
-@pytest.mark.parametrize("override, field, trained", [
-    ("sampling.steps=20", "sampling.steps 20", "trained for 4 steps"),
-    ("sampling.guidance=3", "sampling.guidance 3", "trained for guidance 0-1"),
-    ("input.size=320", "input.size 320", "trained on 64-256-pixel crops"),
-    ("input.size=32", "input.size 32", "trained on 64-256-pixel crops"),
-])
+@pytest.mark.parametrize(
+    "override, field, trained",
+    [
+        ("sampling.steps=20", "sampling.steps 20", "trained for 4 steps"),
+        ("sampling.guidance=3", "sampling.guidance 3", "trained for guidance 0-1"),
+        ("input.size=320", "input.size 320", "trained on 64-256-pixel crops"),
+        ("input.size=32", "input.size 32", "trained on 64-256-pixel crops"),
+    ],
+)
 def test_check_warns_when_a_mini_recipe_leaves_what_mini_was_trained_for(mini_recipe, override, field, trained):
     checked = mdsd3("check", "--config", mini_recipe, "--set", override)
     assert checked.exit_code == 0, checked.output

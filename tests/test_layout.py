@@ -33,7 +33,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             if base == "mdsd3_cli" and all(alias.name == "__version__" for alias in node.names):
                 continue
@@ -69,7 +69,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for child in sorted(graph.get(node, ())):
             if state.get(child) == 1:
-                return stack[stack.index(child):] + [child]
+                return stack[stack.index(child) :] + [child]
             if child not in state and (found := visit(child)):
                 return found
         stack.pop()
@@ -93,7 +93,7 @@ def test_no_subpackage_imports_a_later_layer_or_a_top_level_module() -> None:
         if _unit(module) not in LAYERS:
             continue
         for target in imported:
-            allowed = LAYERS[:LAYERS.index(_unit(module)) + 1]
+            allowed = LAYERS[: LAYERS.index(_unit(module)) + 1]
             if _unit(target) not in allowed:
                 upward.append(f"{module} imports {target}")
     assert upward == []
@@ -108,7 +108,9 @@ def test_no_import_cycle_between_subpackages_or_modules() -> None:
     graph = _graph()
     units: dict[str, set[str]] = {}
     for module, imported in graph.items():
-        units.setdefault(_unit(module), set()).update(_unit(target) for target in imported if _unit(target) != _unit(module))
+        units.setdefault(_unit(module), set()).update(
+            _unit(target) for target in imported if _unit(target) != _unit(module)
+        )
     assert _cycle(units) is None
     assert _cycle(graph) is None
 

@@ -15,9 +15,9 @@ from mdsd3_cli.model.codec import PixelUnshuffleCodec
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.presets.build_mini import MINI_CLASSES, MINI_CODEC, fresh_mini, save_preset
 from mdsd3_cli.model.prompts import load_prompt_embeddings
-from mdsd3_cli.recipe.generate import RecipeError, load_recipe
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
 from mdsd3_cli.model.weights import build_model, load_base
+from mdsd3_cli.recipe.generate import RecipeError, load_recipe
 
 
 def test_codec_round_trip_is_exact():
@@ -71,8 +71,12 @@ def test_preset_loads_by_name_with_its_fingerprints(installed, tmp_path):
 
 
 def _recipe(tmp_path, photos_dir):
-    data = {"model": {"base": "mini", "adapter": "mini"}, "input": {"paths": [str(photos_dir)], "size": 32},
-            "output": {"dir": str(tmp_path / "out")}, "variants": [{"name": "rain", "classes": {"rain": 1.0}}]}
+    data = {
+        "model": {"base": "mini", "adapter": "mini"},
+        "input": {"paths": [str(photos_dir)], "size": 32},
+        "output": {"dir": str(tmp_path / "out")},
+        "variants": [{"name": "rain", "classes": {"rain": 1.0}}],
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -90,8 +90,9 @@ def test_the_last_step_returns_x0_hat(monkeypatch, tmp_path):
     save_preset(model, words, root / "mini", start=START, prediction="residual_x0")
     sampler = _sampler(root, monkeypatch, tmp_path)
     pixels = torch.randint(0, 256, (1, 32, 32, 3), dtype=torch.uint8)
-    latents = sampler.generate(pixels, [SampleRequest({"haze": 0.5}, 3, START.alpha, START.beta)], steps=4,
-                               guidance=2.0, output="latent")
+    latents = sampler.generate(
+        pixels, [SampleRequest({"haze": 0.5}, 3, START.alpha, START.beta)], steps=4, guidance=2.0, output="latent"
+    )
     assert torch.allclose(latents, sampler.encode(pixels) + 0.125, atol=1e-6)
 
 
@@ -116,8 +117,13 @@ def test_residual_helpers():
 def test_output_conv_starts_at_zero_and_changes_nothing():
     _, model, _ = fresh_mini(2)
     latents, clean = torch.randn(1, 48, 8, 8), torch.randn(1, 48, 8, 8)
-    kwargs = dict(encoder_hidden_states=torch.randn(1, 4, 64), pooled_projections=torch.randn(1, 64),
-                  timestep=torch.tensor([500.0]), clean_latents=clean, return_dict=False)
+    kwargs = dict(
+        encoder_hidden_states=torch.randn(1, 4, 64),
+        pooled_projections=torch.randn(1, 64),
+        timestep=torch.tensor([500.0]),
+        clean_latents=clean,
+        return_dict=False,
+    )
     with torch.no_grad():
         before = model(hidden_states=latents, **kwargs)[0]
         model.enable_output_conv()
@@ -131,8 +137,16 @@ def test_residual_loss_is_zero_for_an_exact_x0_and_rejects_unknown_predictions()
     zero output is not."""
     base, model, _ = _residual_mini()
     clean = torch.randn(2, 48, 4, 4)
-    args = (model, clean, clean.clone(), torch.randn(2, 4, 64), torch.randn(2, 64), torch.ones(2, 8),
-            step_generator(0, 1, 0), FlowSchedule.from_base(base))
+    args = (
+        model,
+        clean,
+        clean.clone(),
+        torch.randn(2, 4, 64),
+        torch.randn(2, 64),
+        torch.ones(2, 8),
+        step_generator(0, 1, 0),
+        FlowSchedule.from_base(base),
+    )
     with torch.no_grad():
         assert float(flow_matching_loss(*args, start=START, prediction="residual_x0")) == 0.0
         assert float(flow_matching_loss(*args, start=START)) > 0.0
@@ -155,8 +169,15 @@ def test_given_noise_is_the_flow_start():
     drawn = torch.randn(target.shape, generator=generator)
     with torch.no_grad():
         reference = flow_matching_loss(*args, step_generator(0, 2, 0), schedule, start=START, prediction="residual_x0")
-        same = flow_matching_loss(*args, step_generator(0, 2, 0), schedule, start=START, prediction="residual_x0",
-                                  noise=drawn)
-        other = flow_matching_loss(*args, step_generator(0, 2, 0), schedule, start=START, prediction="residual_x0",
-                                   noise=torch.randn(target.shape))
+        same = flow_matching_loss(
+            *args, step_generator(0, 2, 0), schedule, start=START, prediction="residual_x0", noise=drawn
+        )
+        other = flow_matching_loss(
+            *args,
+            step_generator(0, 2, 0),
+            schedule,
+            start=START,
+            prediction="residual_x0",
+            noise=torch.randn(target.shape),
+        )
     assert torch.equal(reference, same) and not torch.equal(reference, other)

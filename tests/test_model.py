@@ -41,7 +41,9 @@ def test_fresh_adapter_with_all_ones_mask_equals_sd3(fresh_base):
     with torch.no_grad():
         expected = reference(latents, embeds, pooled, timestep).sample
         uncached = model(latents, embeds, pooled, timestep, head_mask=ones, clean_latents=clean).sample
-        cached = model(latents, embeds, pooled, timestep, head_mask=ones, clean_injections=model.encode_clean(clean)).sample
+        cached = model(
+            latents, embeds, pooled, timestep, head_mask=ones, clean_injections=model.encode_clean(clean)
+        ).sample
     torch.testing.assert_close(uncached, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(cached, expected, atol=1e-5, rtol=0)
 
@@ -53,7 +55,9 @@ def test_cached_equals_uncached_with_trained_z_layers(fresh_base):
     mask = head_mask([[1.0, 0.5, 0.0], [0.2, 1.0, 0.7]], partition_heads(HEADS, 3))
     with torch.no_grad():
         uncached = model(latents, embeds, pooled, timestep, head_mask=mask, clean_latents=clean).sample
-        cached = model(latents, embeds, pooled, timestep, head_mask=mask, clean_injections=model.encode_clean(clean)).sample
+        cached = model(
+            latents, embeds, pooled, timestep, head_mask=mask, clean_injections=model.encode_clean(clean)
+        ).sample
         no_clean = model(latents, embeds, pooled, timestep, head_mask=mask).sample
     torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
     assert (cached - no_clean).abs().max() > 1e-3, "non-zero Z layers must change the output"
@@ -94,12 +98,12 @@ def _direct_joint_attention(attn, x, e, mask):
     for h in range(heads):
         sl = slice(h * hd, (h + 1) * hd)
         scale = torch.ones(q.shape[:2] + (1,))
-        scale[:, x.shape[1]:] = mask[:, h].view(-1, 1, 1)
+        scale[:, x.shape[1] :] = mask[:, h].view(-1, 1, 1)
         qh, kh, vh = q[..., sl] * scale, k[..., sl] * scale, v[..., sl] * scale
         weights = torch.softmax(qh @ kh.transpose(1, 2) / hd**0.5, dim=-1)
         outs.append(weights @ vh)
     out = torch.cat(outs, -1)
-    return attn.to_out[0](out[:, : x.shape[1]]), attn.to_add_out(out[:, x.shape[1]:]), out
+    return attn.to_out[0](out[:, : x.shape[1]]), attn.to_add_out(out[:, x.shape[1] :]), out
 
 
 def test_mask_semantics_against_direct_computation(fresh_base):
@@ -182,8 +186,13 @@ def test_block_loop_compiles_without_graph_breaks(fresh_base):
     mask = torch.ones(2, HEADS)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model.forward)(
-        torch.cat([latents, latents]), torch.cat([embeds, embeds]), torch.cat([pooled, pooled]),
-        torch.cat([timestep, timestep]), head_mask=mask, clean_injections=cache, return_dict=False,
+        torch.cat([latents, latents]),
+        torch.cat([embeds, embeds]),
+        torch.cat([pooled, pooled]),
+        torch.cat([timestep, timestep]),
+        head_mask=mask,
+        clean_injections=cache,
+        return_dict=False,
     )
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1

@@ -33,8 +33,9 @@ def cli(*arguments: str):
 
 def leftovers(folder: Path) -> list[str]:
     """Temp files, staging folders and lock files anywhere under `folder`."""
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*")
-                  if path.name.endswith((".tmp", ".partial", ".lock")))
+    return sorted(
+        str(path.relative_to(folder)) for path in folder.rglob("*") if path.name.endswith((".tmp", ".partial", ".lock"))
+    )
 
 
 # item 3: unique temp names, one writer per output
@@ -50,7 +51,6 @@ def test_two_writers_of_one_name_keep_their_own_temp_files(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["report.json"]
 
 
-
 def test_a_killed_writers_temp_file_goes_when_its_name_is_written_again(tmp_path):
     (tmp_path / ".a.png.k1ll3d0x.tmp").write_bytes(b"half a png")  # a killed run writing a.png
     (tmp_path / ".b.png.l1v3w0rk.tmp").write_bytes(b"in flight")  # another process writing b.png now
@@ -58,12 +58,15 @@ def test_a_killed_writers_temp_file_goes_when_its_name_is_written_again(tmp_path
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert sorted(path.name for path in tmp_path.iterdir()) == [".b.png.l1v3w0rk.tmp", "a.png"]
 
+
 @pytest.mark.parametrize("command", ["evaluate", "preview", "calibrate"])
 def test_a_second_writer_of_one_report_is_refused(folders_dataset, tmp_path, command):
     out = tmp_path / ("report" if command == "evaluate" else "sheet.png" if command == "preview" else "r.yaml")
-    arguments = {"evaluate": ["--dataset", str(folders_dataset), "--workers", "1"],
-                 "preview": ["--dataset", str(folders_dataset), "--n", "1"],
-                 "calibrate": ["--config", str(tmp_path / "missing.yaml"), "--reference", str(folders_dataset)]}
+    arguments = {
+        "evaluate": ["--dataset", str(folders_dataset), "--workers", "1"],
+        "preview": ["--dataset", str(folders_dataset), "--n", "1"],
+        "calibrate": ["--config", str(tmp_path / "missing.yaml"), "--reference", str(folders_dataset)],
+    }
     with OutputLock(out, "output"):  # another mdsd3 process writing this output
         result = cli(command, *arguments[command], "--out", str(out))
     assert result.exit_code == 2, result.output
@@ -134,8 +137,9 @@ class _FullTransaction:
 def test_export_on_a_full_disk_names_the_file_and_leaves_nothing(folders_dataset, tmp_path, monkeypatch, to):
     if to == "lmdb":
         real_open = lmdb.open
-        monkeypatch.setattr(lmdb, "open", lambda *arguments, **options: _FullEnvironment(
-            real_open(*arguments, **options)))
+        monkeypatch.setattr(
+            lmdb, "open", lambda *arguments, **options: _FullEnvironment(real_open(*arguments, **options))
+        )
     else:
         _fill_disk_after(monkeypatch, 20_000)
     destination = tmp_path / "exports" / "out"
@@ -158,24 +162,31 @@ from mdsd3_cli.dataset.writer import DatasetWriter
 from mdsd3_cli.util.atomic import atomic_write
 pixels = np.full((16, 16, 3), 7, dtype=np.uint8)
 try:
-    with DatasetWriter({str(tmp_path / 'out')!r}, "shard-00000-of-00001") as writer:
+    with DatasetWriter({str(tmp_path / "out")!r}, "shard-00000-of-00001") as writer:
         writer.submit({{"key": "a", "folder": "rain", "prompt": "x" * 3000}}, pixels, pixels)
 except OSError as error:
     print(error)
 try:
-    atomic_write({str(tmp_path / 'big.bin')!r}, bytes(3000))
+    atomic_write({str(tmp_path / "big.bin")!r}, bytes(3000))
 except OSError as error:
     print(error)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     lines = result.stdout.splitlines()
     assert result.returncode == 0, result.stderr
     manifest = tmp_path / "out" / "manifest" / "shard-00000-of-00001.jsonl"
-    assert lines == [f"cannot write {manifest}: the file is larger than this process may write (file size limit, "
-                     "`ulimit -f`)",
-                     f"cannot write {tmp_path / 'big.bin'}: the file is larger than this process may write (file "
-                     "size limit, `ulimit -f`)"]
+    assert lines == [
+        f"cannot write {manifest}: the file is larger than this process may write (file size limit, `ulimit -f`)",
+        f"cannot write {tmp_path / 'big.bin'}: the file is larger than this process may write (file "
+        "size limit, `ulimit -f`)",
+    ]
     assert [path.name for path in tmp_path.rglob("*.tmp")] == []
 
 
@@ -188,8 +199,14 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
 from mdsd3_cli.cli import app
 app(["export", "--dataset", {str(folders_dataset)!r}, "--to", "webdataset", {str(destination)!r}])
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "300"},
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "file size limit" in result.stderr and ".tar" in result.stderr and "Traceback" not in result.stderr
     assert not destination.exists() and leftovers(tmp_path) == []
@@ -227,8 +244,10 @@ def test_exports_get_the_umask_modes(folders_dataset, tmp_path, to):
     finally:
         os.umask(previous)
         current_umask.cache_clear()
-    modes = {str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode)
-             for path in [destination, *destination.rglob("*")]}
+    modes = {
+        str(path.relative_to(tmp_path)): stat.S_IMODE(path.stat().st_mode)
+        for path in [destination, *destination.rglob("*")]
+    }
     assert modes["out"] == 0o755  # mkdtemp's 0700 before
     assert all(mode in (0o644, 0o755) for mode in modes.values()), modes
     assert FOLDERS
@@ -246,16 +265,33 @@ def test_sigterm_during_evaluate_stops_cleanly(tmp_path):
         (tmp_path / side).mkdir()
     rows, columns = np.indices((256, 256))
     for index in range(400):  # 256 px: measuring takes seconds even on a quiet machine (96 px took 1 s in all)
-        pixels = np.stack([(rows * (index + 1) + columns) % 256, (rows + columns * 3) % 256,
-                           (rows ^ columns) % 256], axis=-1).astype(np.uint8)
+        pixels = np.stack(
+            [(rows * (index + 1) + columns) % 256, (rows + columns * 3) % 256, (rows ^ columns) % 256], axis=-1
+        ).astype(np.uint8)
         pixels[rng.integers(0, 256, 64), rng.integers(0, 256, 64)] = 255
         Image.fromarray(pixels).save(tmp_path / "clean" / f"{index:03d}.png", compress_level=1)
         Image.fromarray(255 - pixels).save(tmp_path / "degraded" / f"{index:03d}.png", compress_level=1)
     out = tmp_path / "report"
-    process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "evaluate", "--pairs", str(tmp_path / "clean"),
-                                str(tmp_path / "degraded"), "--out", str(out), "--workers", "2"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mdsd3_cli",
+            "evaluate",
+            "--pairs",
+            str(tmp_path / "clean"),
+            str(tmp_path / "degraded"),
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     while process.poll() is None and not list(out.glob(".samples.csv.*")):  # measuring has begun
         time.sleep(0.01)
     time.sleep(0.5)  # the workers are busy: before, they printed BrokenPipeError tracebacks once the parent died

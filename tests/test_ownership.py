@@ -3,7 +3,6 @@ one process per shard, the output folder is never an input, key schemes and batc
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdsd3_cli.generate.run import describe_plan, free_space_warning, plan_run
 from mdsd3_cli.dataset.ownership import ShardBusyError, claim_output, clear_outputs, shard_lock
-from mdsd3_cli.generate.plan import ShardSpec
-from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.dataset.writer import DatasetWriter, OutputConflictError, check_run_compatible, write_run_json
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.generate.run import describe_plan, free_space_warning, plan_run
+from mdsd3_cli.recipe.generate import load_recipe
 
 from .test_generate import mdsd3, write_photos, write_recipe
 
@@ -34,7 +33,9 @@ def test_a_folder_mdsd3_did_not_make_is_refused_by_generate_and_check(tmp_path):
         result = mdsd3(*command, "--config", str(recipe))
         assert result.returncode == 2 and "mdsd3 did not make it" in result.stderr, (command, result.stderr)
     assert {p.name: p.read_bytes() for p in (out / "clean").iterdir()} == {
-        "astronaut.png": b"user file", "mine.png": b"user file"}
+        "astronaut.png": b"user file",
+        "mine.png": b"user file",
+    }
     assert sorted(p.name for p in out.iterdir()) == ["clean"]
 
 
@@ -70,9 +71,15 @@ def test_a_second_process_on_the_same_shard_is_refused_with_the_holders_pid(tmp_
     recipe = write_recipe(tmp_path / "r.yaml", photos, out)
     write_run_json(out, {"identity": load_recipe(recipe).identity()})
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from mdsd3_cli.dataset.ownership import shard_lock\n"
-         f"with shard_lock({str(out)!r}, 'shard-00000-of-00001'):\n    print('locked', flush=True); time.sleep(600)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from mdsd3_cli.dataset.ownership import shard_lock\n"
+            f"with shard_lock({str(out)!r}, 'shard-00000-of-00001'):\n    print('locked', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         result = mdsd3("generate", "--config", str(recipe))
@@ -102,8 +109,9 @@ def test_the_output_folder_inside_an_input_folder_is_not_an_input(tmp_path):
 def test_a_folder_listed_twice_counts_once(tmp_path):
     photos = write_photos(tmp_path / "photos", ["astronaut"])
     (tmp_path / "alias").symlink_to(photos)
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "O",
-                                      input__paths=[str(photos), str(tmp_path / "alias")]))
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", photos, tmp_path / "O", input__paths=[str(photos), str(tmp_path / "alias")])
+    )
     run = plan_run(recipe, ShardSpec(0, 1))
     assert [source.key for source in run.discovery.sources] == ["astronaut"] and not run.discovery.prefixed_keys
 
@@ -114,8 +122,10 @@ def test_adding_an_input_folder_to_a_one_folder_run_is_a_different_run(tmp_path)
     out = tmp_path / "O"
     one = plan_run(load_recipe(write_recipe(tmp_path / "r.yaml", photos, out)), ShardSpec(0, 1))
     write_run_json(out, {"identity": one.identity})
-    two = plan_run(load_recipe(write_recipe(tmp_path / "r.yaml", photos, out, input__paths=[str(photos), str(more)])),
-                   ShardSpec(0, 1))
+    two = plan_run(
+        load_recipe(write_recipe(tmp_path / "r.yaml", photos, out, input__paths=[str(photos), str(more)])),
+        ShardSpec(0, 1),
+    )
     with pytest.raises(OutputConflictError, match="input_keys"):
         check_run_compatible(out, two.identity, overwrite=False)
 

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import hashlib
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mdsd3_cli.generate.plan import (ShardError, ShardSpec, WorkItem, build_plan, detect_shard, iter_plan, sample_seed,
-                                     shard_sources, source_plan)
+from mdsd3_cli.generate.plan import (
+    ShardError,
+    ShardSpec,
+    WorkItem,
+    build_plan,
+    detect_shard,
+    iter_plan,
+    sample_seed,
+    shard_sources,
+    source_plan,
+)
 from mdsd3_cli.recipe.generate import Recipe, parse_recipe
 
 KEYS = ["b/photo2", "a", "c", "b/photo1", "d", "e", "f"]
@@ -23,10 +31,16 @@ def make_recipe(tmp_path: Path, variants: list[dict[str, Any]] | None = None, se
         "input": {"paths": ["."]},
         "output": {"dir": "out"},
         "sampling": {"seed": seed, "alpha": 1.0, "beta": 0.0},
-        "variants": variants or [
+        "variants": variants
+        or [
             {"name": "rain", "classes": {"rain": 1.0}},
-            {"name": "mix", "classes": {"rain": [0.3, 1.0], "haze": [0.0, 0.6], "noise": 0.5},
-             "repeats": 3, "alpha": 0.9, "beta": 0.4},
+            {
+                "name": "mix",
+                "classes": {"rain": [0.3, 1.0], "haze": [0.0, 0.6], "noise": 0.5},
+                "repeats": 3,
+                "alpha": 0.9,
+                "beta": 0.4,
+            },
         ],
     }
     return parse_recipe(data, tmp_path / "recipe.yaml")
@@ -40,12 +54,23 @@ def test_plan_order_folders_and_fields(tmp_path: Path) -> None:
     plan = build_plan(make_recipe(tmp_path), sources())
     assert len(plan) == len(KEYS) * 4
     assert [(item.key, item.folder) for item in plan[:8]] == [
-        ("a", "rain"), ("a", "mix_r1"), ("a", "mix_r2"), ("a", "mix_r3"),
-        ("b/photo1", "rain"), ("b/photo1", "mix_r1"), ("b/photo1", "mix_r2"), ("b/photo1", "mix_r3"),
+        ("a", "rain"),
+        ("a", "mix_r1"),
+        ("a", "mix_r2"),
+        ("a", "mix_r3"),
+        ("b/photo1", "rain"),
+        ("b/photo1", "mix_r1"),
+        ("b/photo1", "mix_r2"),
+        ("b/photo1", "mix_r3"),
     ]
     first, mixed = plan[0], plan[2]
     assert (first.variant, first.repeat, first.source, first.alpha, first.beta) == (
-        "rain", 1, Path("/photos/a.jpg"), 1.0, 0.0)
+        "rain",
+        1,
+        Path("/photos/a.jpg"),
+        1.0,
+        0.0,
+    )
     assert first.ratios == {"rain": 1.0, "haze": 0.0, "noise": 0.0}
     assert (mixed.variant, mixed.repeat, mixed.alpha, mixed.beta) == ("mix", 2, 0.9, 0.4)
     assert list(mixed.ratios) == ["rain", "haze", "noise"] and mixed.ratios["noise"] == 0.5
@@ -71,8 +96,13 @@ def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
 def test_sample_seed_is_stable_and_63_bits() -> None:
     pinned = 4052186269320365055  # the seed scheme must never change: it would change every output
     assert sample_seed(0, "a", "rain", 1) == sample_seed(0, "a", "rain", 1) == pinned
-    seeds = {sample_seed(seed, key, variant, repeat)
-             for seed in (0, 1) for key in ("a", "b", "a/b") for variant in ("rain", "mix") for repeat in (1, 2)}
+    seeds = {
+        sample_seed(seed, key, variant, repeat)
+        for seed in (0, 1)
+        for key in ("a", "b", "a/b")
+        for variant in ("rain", "mix")
+        for repeat in (1, 2)
+    }
     assert len(seeds) == 2 * 3 * 2 * 2
     assert all(0 <= seed < 2**63 for seed in seeds)
 
@@ -96,8 +126,11 @@ def test_items_do_not_depend_on_order_subset_or_sharding(tmp_path: Path) -> None
     recipe = make_recipe(tmp_path)
     full = build_plan(recipe, sources())
     by_sample = {(item.key, item.folder): item for item in full}
-    for partial in (build_plan(recipe, sources(KEYS[::-1])), build_plan(recipe, sources(["d", "a"])),
-                    build_plan(recipe, shard_sources(sources(), 1, 3))):
+    for partial in (
+        build_plan(recipe, sources(KEYS[::-1])),
+        build_plan(recipe, sources(["d", "a"])),
+        build_plan(recipe, shard_sources(sources(), 1, 3)),
+    ):
         assert all(by_sample[(item.key, item.folder)] == item for item in partial)
     assert build_plan(recipe, sources(KEYS[::-1])) == full
 
@@ -116,7 +149,8 @@ def test_shards_partition_the_plan_by_source(tmp_path: Path, count: int) -> None
     plan = build_plan(recipe, sources())
     shards = [build_plan(recipe, shard_sources(sources(), index, count)) for index in range(count)]
     assert sorted((item.key, item.folder) for shard in shards for item in shard) == sorted(
-        (item.key, item.folder) for item in plan)
+        (item.key, item.folder) for item in plan
+    )
     owners: dict[str, set[int]] = {}
     for index, shard in enumerate(shards):
         for item in shard:
@@ -165,19 +199,26 @@ def test_detect_shard_slurm_array() -> None:
     assert detect_shard(None, None, {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}) == ShardSpec(2, 4)
     offset = {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "10"}
     assert detect_shard(None, None, offset) == ShardSpec(1, 4)
-    stepped = {"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "0",
-               "SLURM_ARRAY_TASK_STEP": "4"}
+    stepped = {
+        "SLURM_ARRAY_TASK_ID": "8",
+        "SLURM_ARRAY_TASK_COUNT": "4",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_STEP": "4",
+    }
     assert detect_shard(None, None, stepped) == ShardSpec(2, 4)
 
 
-@pytest.mark.parametrize("env", [
-    {"SLURM_ARRAY_TASK_ID": "1"},
-    {"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"},
-    {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"},
-    {"RANK": "0"},
-    {"WORLD_SIZE": "2"},
-    {"RANK": "2", "WORLD_SIZE": "2"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"SLURM_ARRAY_TASK_ID": "1"},
+        {"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "1"},
+        {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "3"},
+        {"RANK": "0"},
+        {"WORLD_SIZE": "2"},
+        {"RANK": "2", "WORLD_SIZE": "2"},
+    ],
+)
 def test_detect_shard_refuses_incomplete_or_inconsistent_env(env: dict[str, str]) -> None:
     with pytest.raises(ShardError):
         detect_shard(None, None, env)
@@ -195,11 +236,24 @@ def test_detect_shard_torchrun() -> None:
 
 
 def test_detect_shard_slurm_and_torchrun() -> None:
-    env = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3",
-           "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    env = {
+        "SLURM_ARRAY_TASK_ID": "6",
+        "SLURM_ARRAY_TASK_MIN": "5",
+        "SLURM_ARRAY_TASK_COUNT": "3",
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+    }
     assert detect_shard(None, None, env) == ShardSpec(1 * 2 + 1, 3 * 2)
-    specs = {detect_shard(None, None, {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3",
-                                       "RANK": str(rank), "WORLD_SIZE": "2"}) for task in range(3) for rank in range(2)}
+    specs = {
+        detect_shard(
+            None,
+            None,
+            {"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3", "RANK": str(rank), "WORLD_SIZE": "2"},
+        )
+        for task in range(3)
+        for rank in range(2)
+    }
     assert specs == {ShardSpec(index, 6) for index in range(6)}
 
 

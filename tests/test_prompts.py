@@ -71,5 +71,7 @@ def test_a_batch_encoded_cache_entry_of_an_older_version_is_reencoded(tiny_base,
     cache = PromptCache(tmp_path, tiny_base.fingerprint)
     load_prompt_embeddings("tiny", tiny_base.fingerprint, ["rain"], tmp_path)
     entry = load_prompt_embeddings("tiny", tiny_base.fingerprint, ["rain"], tmp_path)["rain"]
-    save_file({"embeds": entry.embeds, "pooled": entry.pooled}, str(cache.path_for("rain")), metadata={"prompt": "rain"})
+    save_file(
+        {"embeds": entry.embeds, "pooled": entry.pooled}, str(cache.path_for("rain")), metadata={"prompt": "rain"}
+    )
     assert cache.missing(["rain"]) == ["rain"]

@@ -25,16 +25,16 @@ from skimage import data
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.evaluate import EvaluateError, evaluate_dataset
-from mdsd3_cli.evaluate.runner import read_rgb
-from mdsd3_cli.util.images import load_image
 from mdsd3_cli.dataset.manifest import MAX_LINE_BYTES, ManifestLineError, manifest_lines, parse_record
 from mdsd3_cli.dataset.preview import contact_sheet
-from mdsd3_cli.util.safe_names import safe_component
 from mdsd3_cli.dataset.stored_images import ImageRef
-from mdsd3_cli.train.data import BAD_RECORD, UNREADABLE, DataReport, _mdsd3_output, _open_rgb, _PairSkipped
-from mdsd3_cli.recipe.train import Mdsd3OutputDataset
 from mdsd3_cli.dataset.verify import verify_dataset
+from mdsd3_cli.evaluate import EvaluateError, evaluate_dataset
+from mdsd3_cli.evaluate.runner import read_rgb
+from mdsd3_cli.recipe.train import Mdsd3OutputDataset
+from mdsd3_cli.train.data import BAD_RECORD, UNREADABLE, DataReport, _mdsd3_output, _open_rgb, _PairSkipped
+from mdsd3_cli.util.images import load_image
+from mdsd3_cli.util.safe_names import safe_component
 
 from .test_images import png_header
 
@@ -61,26 +61,47 @@ def image_fields(role: str, content: bytes) -> dict[str, Any]:
 def build_dataset(root: Path, layout: str = "folders") -> Path:
     """A finished two-key, two-variant mdsd3 output as generate writes it (folders or webdataset layout)."""
     (root / "manifest").mkdir(parents=True)
-    (root / "run.json").write_text(json.dumps({"classes": ["rain", "haze"], "recipe": {
-        "variants": [{"name": folder, "classes": {folder: 1.0}, "repeats": 1} for folder in FOLDERS]}}))
+    (root / "run.json").write_text(
+        json.dumps(
+            {
+                "classes": ["rain", "haze"],
+                "recipe": {
+                    "variants": [{"name": folder, "classes": {folder: 1.0}, "repeats": 1} for folder in FOLDERS]
+                },
+            }
+        )
+    )
     lines, members = [], []
     for key in KEYS:
         clean = png_bytes(photo(key))
         for index, folder in enumerate(FOLDERS):
             degraded = png_bytes(np.clip(photo(key).astype(int) + 20 * (index + 1), 0, 255).astype(np.uint8))
-            record = {"key": key, "folder": folder, "variant": folder, "repeat": 1, "size": [SIDE, SIDE],
-                      "ratios": {"haze": float(folder == "haze"), "rain": float(folder == "rain")},
-                      **image_fields("clean", clean), **image_fields("degraded", degraded)}
+            record = {
+                "key": key,
+                "folder": folder,
+                "variant": folder,
+                "repeat": 1,
+                "size": [SIDE, SIDE],
+                "ratios": {"haze": float(folder == "haze"), "rain": float(folder == "rain")},
+                **image_fields("clean", clean),
+                **image_fields("degraded", degraded),
+            }
             if layout == "folders":
                 record.update(clean=f"clean/{key}.png", degraded=f"degraded/{folder}/{key}.png")
                 for relative, content in ((record["clean"], clean), (record["degraded"], degraded)):
                     (root / relative).parent.mkdir(parents=True, exist_ok=True)
                     (root / relative).write_bytes(content)
             else:
-                names = {role: f"{key}.{folder}.{role}.{extension}" for role, extension in
-                         (("clean", "png"), ("degraded", "png"), ("json", "json"))}
-                record.update(tar="tars/shard-000000.tar", clean_member=names["clean"],
-                              degraded_member=names["degraded"], json_member=names["json"])
+                names = {
+                    role: f"{key}.{folder}.{role}.{extension}"
+                    for role, extension in (("clean", "png"), ("degraded", "png"), ("json", "json"))
+                }
+                record.update(
+                    tar="tars/shard-000000.tar",
+                    clean_member=names["clean"],
+                    degraded_member=names["degraded"],
+                    json_member=names["json"],
+                )
                 members += [(names["clean"], clean), (names["degraded"], degraded)]
                 members.append((names["json"], json.dumps(record, sort_keys=True).encode()))
             lines.append(json.dumps(record, sort_keys=True) + "\n")
@@ -223,8 +244,12 @@ def test_preview_skips_and_names_malformed_records_and_unreadable_images(dataset
     result = mdsd3("preview", "--dataset", dataset, "--out", tmp_path / "sheet.png", "--cell", "32")
     assert result.exit_code == 0 and result.exception is None, result.output
     output = " ".join(result.output.split())  # rich wraps long lines
-    for expected in (f"{MANIFEST}:1: 'ratios'", f"{MANIFEST}:2: 'size'", "decompression bomb guard",
-                     f"{written[3]['degraded']}: file not found"):
+    for expected in (
+        f"{MANIFEST}:1: 'ratios'",
+        f"{MANIFEST}:2: 'size'",
+        "decompression bomb guard",
+        f"{written[3]['degraded']}: file not found",
+    ):
         assert expected in output, (expected, output)
 
 
@@ -297,8 +322,9 @@ def test_evaluate_leaves_out_too_small_pairs_with_a_reason(tmp_path: Path) -> No
             pixels = np.clip(photo("astronaut", SIDE)[:height, :width].astype(int) + shift, 0, 255)
             Image.fromarray(pixels.astype(np.uint8)).save(root / role / f"{name}.png")
     report = evaluate_dataset(root, workers=1)
-    assert report.summary["samples"] == 1 and all(np.isfinite(v) for v in report.samples()[0].values()
-                                                   if isinstance(v, float))
+    assert report.summary["samples"] == 1 and all(
+        np.isfinite(v) for v in report.samples()[0].values() if isinstance(v, float)
+    )
     reasons = {Path(problem.path).name: problem.reason for problem in report.problems}
     assert set(reasons) == {"a.png", "b.png"} and "too small: 1x1" in reasons["a.png"]
     assert "too small: 2x3" in reasons["b.png"]
@@ -352,8 +378,29 @@ def test_a_sixteen_bit_png_measures_like_its_eight_bit_twin(tmp_path: Path) -> N
 # ------------------------------------------------------------------ fuzz
 
 HOSTILE_VALUES: list[Any] = [
-    None, True, 0, -1, 1.5, 10**30, 10**400, "", ".", "..", "../x", "/etc/passwd", "a\0b", "x" * 300, "[bold]",
-    "rain.lmdb/../../../x/PWNED", [], [1], [1, 2, 3], ["24", "24"], {}, {"rain": "lots"}, {"rain": 10**400},
+    None,
+    True,
+    0,
+    -1,
+    1.5,
+    10**30,
+    10**400,
+    "",
+    ".",
+    "..",
+    "../x",
+    "/etc/passwd",
+    "a\0b",
+    "x" * 300,
+    "[bold]",
+    "rain.lmdb/../../../x/PWNED",
+    [],
+    [1],
+    [1, 2, 3],
+    ["24", "24"],
+    {},
+    {"rain": "lots"},
+    {"rain": 10**400},
 ]
 
 
@@ -368,7 +415,7 @@ def _mutate_record(line: bytes, rng: random.Random) -> bytes:
     elif action < 0.75 and isinstance(record, dict) and record:
         del record[rng.choice(sorted(record))]
     elif action < 0.85:
-        return line[:rng.randrange(len(line) + 1)]
+        return line[: rng.randrange(len(line) + 1)]
     elif action < 0.9:
         return b"[" * 100_000 + b"\n"
     else:
@@ -391,7 +438,7 @@ def _mutate_run_json(root: Path, rng: random.Random) -> None:
         path.write_text("[" * 100_000)
         return
     elif action < 0.8:
-        path.write_bytes(path.read_bytes()[:rng.randrange(path.stat().st_size)])
+        path.write_bytes(path.read_bytes()[: rng.randrange(path.stat().st_size)])
         return
     else:
         _replace_with_hostile_file(path, rng)
@@ -416,13 +463,13 @@ def _replace_with_hostile_file(path: Path, rng: random.Random) -> None:
 def _mutate_image(path: Path, rng: random.Random) -> None:
     action = rng.random()
     if action < 0.2:
-        path.write_bytes(path.read_bytes()[:rng.randrange(path.stat().st_size)])
+        path.write_bytes(path.read_bytes()[: rng.randrange(path.stat().st_size)])
     elif action < 0.35:
         path.write_bytes(png_header(30000, 30000))
     elif action < 0.5:
         Image.fromarray(np.zeros((rng.randint(1, 3), rng.randint(1, 3)), np.uint8)).save(path, "PNG")
     elif action < 0.6:
-        Image.fromarray((photo("coffee")[..., 0].astype(np.uint16) * 257)).save(path, "PNG")
+        Image.fromarray(photo("coffee")[..., 0].astype(np.uint16) * 257).save(path, "PNG")
     elif action < 0.7:
         path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 300))))
     elif action < 0.8:
@@ -489,11 +536,17 @@ def test_fuzzed_datasets_never_crash_or_hang_a_reader(tmp_path: Path) -> None:
             shutil.copytree(bases[rng.choice(sorted(bases))], root, symlinks=True)
             mutate(root, rng)
             signal.alarm(30)
-            for name, args in (("verify", ("verify", "--dataset", root, "--workers", "1")),
-                               ("preview", ("preview", "--dataset", root, "--out", tmp_path / "p.png", "--cell", "32"))):
+            for name, args in (
+                ("verify", ("verify", "--dataset", root, "--workers", "1")),
+                ("preview", ("preview", "--dataset", root, "--out", tmp_path / "p.png", "--cell", "32")),
+            ):
                 result = mdsd3(*args)
                 assert result.exception is None or isinstance(result.exception, SystemExit), (
-                    number, name, repr(result.exception), result.output)
+                    number,
+                    name,
+                    repr(result.exception),
+                    result.output,
+                )
                 assert result.exit_code in (0, 1, 2) and "Traceback" not in result.output, (number, result.output)
                 outcomes[f"{name} {result.exit_code}"] = outcomes.get(f"{name} {result.exit_code}", 0) + 1
             try:
@@ -518,6 +571,7 @@ def test_fuzzed_datasets_never_crash_or_hang_a_reader(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ size caps (issue 27, item 4)
+
 
 def _size_problems(root: Path) -> dict[str, str]:
     """What verify, evaluate and preview say about the images they did not read, by reader."""
@@ -561,8 +615,9 @@ def test_an_image_larger_than_its_record_is_refused_before_it_is_read(tmp_path: 
         tracemalloc.stop()
     assert peak < 16 << 20, f"peak {peak / 2**20:.0f} MiB: the image was read"
     for reader, text in said.items():
-        assert where in text and re.search(f"{size} bytes, (manifest says|the manifest's clean_bytes is) {recorded}",
-                                           text), (reader, text)
+        assert where in text and re.search(
+            f"{size} bytes, (manifest says|the manifest's clean_bytes is) {recorded}", text
+        ), (reader, text)
     assert not (tmp_path / "parquet").exists()
 
 
@@ -591,5 +646,7 @@ def test_verify_does_not_read_a_records_member_over_its_line_limit(tmp_path: Pat
     found = {(p.kind, p.where, p.detail) for p in verify_dataset(root, workers=1).problems}
     for record in records(root):
         where = f"tars/shard-000000.tar:{record['json_member']}"
-        assert any(kind == "size" and at == where and detail.endswith(" bytes for 1 record(s); not read")
-                   for kind, at, detail in found), found
+        assert any(
+            kind == "size" and at == where and detail.endswith(" bytes for 1 record(s); not read")
+            for kind, at, detail in found
+        ), found

@@ -86,25 +86,25 @@ def test_valid_recipe_loads_with_defaults(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("sampling.stepz", 3),                      # unknown key in a section
-        ("extra_section", {}),                      # unknown top-level key
-        ("variants.0.ratio", 1.0),                  # unknown key in a variant
-        ("sampling.steps", "many"),                 # wrong type
+        ("sampling.stepz", 3),  # unknown key in a section
+        ("extra_section", {}),  # unknown top-level key
+        ("variants.0.ratio", 1.0),  # unknown key in a variant
+        ("sampling.steps", "many"),  # wrong type
         ("sampling.steps", 2.5),
         ("input.recursive", "yes"),
         ("model.compile", 1),
         ("variants.0.classes.rain", True),
         ("sampling.guidance", float("nan")),
         ("sampling.beta", float("inf")),
-        ("sampling.steps", 0),                      # steps < 1
-        ("sampling.guidance", -0.5),                # guidance < 0
-        ("sampling.alpha", 0.0),                    # alpha <= 0
+        ("sampling.steps", 0),  # steps < 1
+        ("sampling.guidance", -0.5),  # guidance < 0
+        ("sampling.alpha", 0.0),  # alpha <= 0
         ("variants.1.alpha", -1.0),
-        ("sampling.beta", -0.1),                    # beta < 0
+        ("sampling.beta", -0.1),  # beta < 0
         ("variants.1.beta", -0.1),
-        ("sampling.batch_size", 0),                 # batch_size < 1
-        ("sampling.grid_shifts", 3),                # not 1, 2 or 4
-        ("input.size", 500),                        # not a multiple of 16
+        ("sampling.batch_size", 0),  # batch_size < 1
+        ("sampling.grid_shifts", 3),  # not 1, 2 or 4
+        ("input.size", 500),  # not a multiple of 16
         ("input.size", 0),
         ("input.resize", "stretch"),
         ("input.paths", []),
@@ -115,20 +115,20 @@ def test_valid_recipe_loads_with_defaults(tmp_path: Path) -> None:
         ("model.device", "gpu"),
         ("model.classes", ["rain", "rain"]),
         ("model.classes", ["clean"]),
-        ("model.base", ...),                        # required field
-        ("variants.0.classes.rain", 1.5),           # ratio outside [0, 1]
+        ("model.base", ...),  # required field
+        ("variants.0.classes.rain", 1.5),  # ratio outside [0, 1]
         ("variants.0.classes.rain", -0.1),
         ("variants.1.classes.rain", [0.2, 1.2]),
-        ("variants.1.classes.rain", [0.8, 0.2]),    # range lo > hi
+        ("variants.1.classes.rain", [0.8, 0.2]),  # range lo > hi
         ("variants.1.classes.rain", [0.1, 0.2, 0.3]),
         ("variants.1.repeats", 0),
-        ("variants.0.name", "../up"),               # not a plain folder name
+        ("variants.0.name", "../up"),  # not a plain folder name
         ("variants.0.name", "."),
         ("variants.0.name", ".."),
         ("variants.0.name", "has space"),
         ("variants.0.name", "a/b"),
         ("variants.0.name", "x" * 101),
-        ("variants", []),                           # at least one variant
+        ("variants", []),  # at least one variant
     ],
 )
 def test_schema_rules_name_file_and_field(tmp_path: Path, field: str, value: Any) -> None:
@@ -141,8 +141,9 @@ def test_name_of_exactly_100_characters_is_accepted(tmp_path: Path) -> None:
 
 
 def test_unknown_class_in_variant(tmp_path: Path) -> None:
-    message = assert_error(write_recipe(tmp_path, with_change("variants.1.classes.snow", 0.5)),
-                           "variants.1.classes.snow")
+    message = assert_error(
+        write_recipe(tmp_path, with_change("variants.1.classes.snow", 0.5)), "variants.1.classes.snow"
+    )
     assert "'snow'" in message and "rain" in message
 
 
@@ -300,14 +301,17 @@ def test_python_object_tags_are_refused(tmp_path: Path) -> None:
 
 def test_overrides_set_values_with_yaml_types(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, VALID)
-    recipe = load_recipe(path, [
-        "sampling.steps=20",
-        "sampling.guidance=3",
-        "model.compile=true",
-        "variants.0.classes.rain=[0.1, 0.5]",
-        "variants.1.name=renamed",
-        "output.dir=elsewhere/out",
-    ])
+    recipe = load_recipe(
+        path,
+        [
+            "sampling.steps=20",
+            "sampling.guidance=3",
+            "model.compile=true",
+            "variants.0.classes.rain=[0.1, 0.5]",
+            "variants.1.name=renamed",
+            "output.dir=elsewhere/out",
+        ],
+    )
     assert recipe.sampling.steps == 20 and isinstance(recipe.sampling.steps, int)
     assert recipe.sampling.guidance == 3.0 and isinstance(recipe.sampling.guidance, float)
     assert recipe.model.compile is True
@@ -323,8 +327,18 @@ def test_override_creates_missing_sections(tmp_path: Path) -> None:
     assert recipe.sampling.seed == 7 and recipe.sampling.steps == 28
 
 
-@pytest.mark.parametrize("override", ["sampling.steps", "=3", "sampling..steps=3", "variants.5.name=x",
-                                      "variants.name=x", "sampling.steps.deeper=1", "sampling.steps=[1,"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "sampling.steps",
+        "=3",
+        "sampling..steps=3",
+        "variants.5.name=x",
+        "variants.name=x",
+        "sampling.steps.deeper=1",
+        "sampling.steps=[1,",
+    ],
+)
 def test_bad_overrides_name_the_override(tmp_path: Path, override: str) -> None:
     with pytest.raises(RecipeError) as caught:
         load_recipe(write_recipe(tmp_path, VALID), [override])
@@ -337,21 +351,25 @@ def test_override_values_are_validated_and_blamed_on_the_override(tmp_path: Path
     assert_error(path, "sampling.newfield (from --set sampling.newfield=1)", ("sampling.newfield=1",))
     assert_error(path, "variants.1.repeats (from --set variants.mix.repeats=0)", ("variants.mix.repeats=0",))
     assert_error(path, "sampling.steps (from --set sampling={steps: 0})", ("sampling.steps=3", "sampling={steps: 0}"))
-    assert "from --set" not in assert_error(write_recipe(tmp_path, with_change("sampling.steps", 0)), "sampling.steps",
-                                            ("sampling.seed=3",))
+    assert "from --set" not in assert_error(
+        write_recipe(tmp_path, with_change("sampling.steps", 0)), "sampling.steps", ("sampling.seed=3",)
+    )
 
 
 def test_unknown_field_suggests_the_closest_valid_one(tmp_path: Path) -> None:
-    assert "did you mean 'steps'?" in assert_error(write_recipe(tmp_path, with_change("sampling.stpes", 3)),
-                                                   "sampling.stpes")
-    assert "did you mean 'repeats'?" in assert_error(write_recipe(tmp_path, with_change("variants.0.repeat", 2)),
-                                                     "variants.0.repeat")
+    assert "did you mean 'steps'?" in assert_error(
+        write_recipe(tmp_path, with_change("sampling.stpes", 3)), "sampling.stpes"
+    )
+    assert "did you mean 'repeats'?" in assert_error(
+        write_recipe(tmp_path, with_change("variants.0.repeat", 2)), "variants.0.repeat"
+    )
     assert "did you mean 'sampling'?" in assert_error(write_recipe(tmp_path, with_change("samplng", {})), "samplng")
-    assert "did you mean 'webdataset'?" in assert_error(write_recipe(tmp_path, with_change("output.layout",
-                                                                                             "webdatset")),
-                                                        "output.layout")
-    assert "did you mean" not in assert_error(write_recipe(tmp_path, with_change("output.layout", "lmdb")),
-                                              "output.layout")
+    assert "did you mean 'webdataset'?" in assert_error(
+        write_recipe(tmp_path, with_change("output.layout", "webdatset")), "output.layout"
+    )
+    assert "did you mean" not in assert_error(
+        write_recipe(tmp_path, with_change("output.layout", "lmdb")), "output.layout"
+    )
     unlike = assert_error(write_recipe(tmp_path, with_change("model.zzz", 1)), "model.zzz")
     assert "known fields here: adapter, base, classes, compile, device, dtype, prompt_cache" in unlike
 
@@ -364,21 +382,29 @@ def test_duplicate_keys_are_refused_naming_both_lines(tmp_path: Path) -> None:
     path.write_text(text)
     with pytest.raises(RecipeError) as caught:
         load_recipe(path)
-    assert str(caught.value) == (f"{path}: line {again}: duplicate key 'steps' (first at line {first}); "
-                                 "each key may appear once in a mapping")
+    assert str(caught.value) == (
+        f"{path}: line {again}: duplicate key 'steps' (first at line {first}); each key may appear once in a mapping"
+    )
     merged = tmp_path / "merge.yaml"  # a merge key may be overridden: that is no duplicate
-    merged.write_text(text.replace("  steps: 2\n", "").replace("sampling:\n", "defaults: &d {steps: 4}\nsampling:\n  <<: *d\n"))
+    merged.write_text(
+        text.replace("  steps: 2\n", "").replace("sampling:\n", "defaults: &d {steps: 4}\nsampling:\n  <<: *d\n")
+    )
     with pytest.raises(RecipeError, match="defaults: unknown field"):
         load_recipe(merged)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("seed: " + "[" * 600 + "]" * 600, "nested deeper than 32 levels"),
-    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
-        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)),
-     "expands to more than 100,000 values"),
-    ("a: &a [*a]\n", "line 1: invalid recipe: an alias refers to a collection that contains it"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("seed: " + "[" * 600 + "]" * 600, "nested deeper than 32 levels"),
+        (
+            "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+            + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8)),
+            "expands to more than 100,000 values",
+        ),
+        ("a: &a [*a]\n", "line 1: invalid recipe: an alias refers to a collection that contains it"),
+    ],
+)
 def test_hostile_yaml_is_a_recipe_error(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "hostile.yaml"
     path.write_text(text)
@@ -398,7 +424,8 @@ def test_recipe_file_size_is_bounded(tmp_path: Path) -> None:
 
 def test_repeats_are_bounded(tmp_path: Path) -> None:
     assert "less than or equal to 1000" in assert_error(
-        write_recipe(tmp_path, with_change("variants.1.repeats", 1_000_000)), "variants.1.repeats")
+        write_recipe(tmp_path, with_change("variants.1.repeats", 1_000_000)), "variants.1.repeats"
+    )
 
 
 def test_fifo_input_path_is_not_a_regular_file(tmp_path: Path) -> None:
@@ -417,20 +444,44 @@ def test_prompt_cache_location(tmp_path: Path) -> None:
     assert explicit.prompt_cache_dir({"MDSD3_PROMPT_CACHE": "/cache/p"}) == tmp_path / "cache"
 
 
-@pytest.mark.parametrize("override", ["input.workers=8", "output.workers=8",
-                                      "model.device=cuda:1", "model.dtype=float32", "model.compile=true",
-                                      "model.prompt_cache=elsewhere", "output.png_compress_level=9",
-                                      "output.quality=50", "input.paths=[photos/, photos]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "input.workers=8",
+        "output.workers=8",
+        "model.device=cuda:1",
+        "model.dtype=float32",
+        "model.compile=true",
+        "model.prompt_cache=elsewhere",
+        "output.png_compress_level=9",
+        "output.quality=50",
+        "input.paths=[photos/, photos]",
+    ],
+)
 def test_identity_ignores_execution_settings(tmp_path: Path, override: str) -> None:
     path = write_recipe(tmp_path, VALID)
     assert load_recipe(path, [override]).identity() == load_recipe(path).identity()
 
 
-@pytest.mark.parametrize("override", ["sampling.steps=5", "sampling.batch_size=16", "sampling.seed=2",
-                                      "sampling.guidance=4.5", "sampling.grid_shifts=2",
-                                      "sampling.alpha=0.5", "variants.1.beta=0.1", "variants.0.classes.rain=0.5",
-                                      "variants.1.repeats=3", "variants.0.name=other", "input.size=256",
-                                      "input.resize=resize", "output.format=jpeg", "model.classes=[rain, haze, fog]"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "sampling.steps=5",
+        "sampling.batch_size=16",
+        "sampling.seed=2",
+        "sampling.guidance=4.5",
+        "sampling.grid_shifts=2",
+        "sampling.alpha=0.5",
+        "variants.1.beta=0.1",
+        "variants.0.classes.rain=0.5",
+        "variants.1.repeats=3",
+        "variants.0.name=other",
+        "input.size=256",
+        "input.resize=resize",
+        "output.format=jpeg",
+        "model.classes=[rain, haze, fog]",
+    ],
+)
 def test_identity_follows_output_settings(tmp_path: Path, override: str) -> None:
     path = write_recipe(tmp_path, VALID)
     assert load_recipe(path, [override]).identity() != load_recipe(path).identity()

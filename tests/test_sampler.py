@@ -33,8 +33,15 @@ def _pipeline(base) -> StableDiffusion3Pipeline:
     transformer.load_state_dict(base.transformer.state_dict())
     assert type(transformer.transformer_blocks[0].attn.processor).__name__ == "JointAttnProcessor2_0"
     return StableDiffusion3Pipeline(
-        transformer=transformer.eval(), scheduler=base.make_scheduler(), vae=base.vae,
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        transformer=transformer.eval(),
+        scheduler=base.make_scheduler(),
+        vae=base.vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
     )
 
 
@@ -55,10 +62,16 @@ def test_sampler_equals_sd3_pipeline(fresh_base, tiny_prompts, guidance):
     uncond = sampler.conditioning([""] * 2, ones)
     ours = sampler.denoise(latents, [sampler.model.encode_clean(clean)], cond, uncond, steps=3, guidance=guidance)
     theirs = _pipeline(fresh_base)(
-        prompt_embeds=text.embeds[None].repeat(2, 1, 1), pooled_prompt_embeds=text.pooled[None].repeat(2, 1),
+        prompt_embeds=text.embeds[None].repeat(2, 1, 1),
+        pooled_prompt_embeds=text.pooled[None].repeat(2, 1),
         negative_prompt_embeds=empty.embeds[None].repeat(2, 1, 1),
         negative_pooled_prompt_embeds=empty.pooled[None].repeat(2, 1),
-        latents=latents, num_inference_steps=3, guidance_scale=guidance, height=32, width=32, output_type="latent",
+        latents=latents,
+        num_inference_steps=3,
+        guidance_scale=guidance,
+        height=32,
+        width=32,
+        output_type="latent",
     ).images
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
@@ -108,8 +121,11 @@ def test_alpha_beta_and_ratios_change_the_output(fresh_base, tiny_prompts):
     sampler = _sampler(fresh_base, tiny_prompts, z_scale=0.3)
     photo = _photos(1)
     base = sampler.generate(photo, [SampleRequest({"rain": 1.0}, seed=3)], steps=2, guidance=2.0, output="latent")
-    for changed in (SampleRequest({"rain": 1.0}, seed=3, beta=0.5), SampleRequest({"rain": 0.5}, seed=3),
-                    SampleRequest({"rain": 1.0}, seed=4)):
+    for changed in (
+        SampleRequest({"rain": 1.0}, seed=3, beta=0.5),
+        SampleRequest({"rain": 0.5}, seed=3),
+        SampleRequest({"rain": 1.0}, seed=4),
+    ):
         other = sampler.generate(photo, [changed], steps=2, guidance=2.0, output="latent")
         assert (other - base).abs().max() > 1e-4
 
@@ -162,15 +178,26 @@ def test_grid_shifts_average_the_velocity_of_the_rolled_latents(fresh_base, tiny
 
     def velocity(rolled: torch.Tensor, clean_rolled: torch.Tensor) -> torch.Tensor:
         branches = [uncond, cond] if guidance > 1 else [cond]
-        v = [plain.model(hidden_states=rolled, encoder_hidden_states=b.embeds, pooled_projections=b.pooled,
-                         timestep=torch.tensor([1000.0]), head_mask=b.head_mask,
-                         clean_injections=plain.model.encode_clean(clean_rolled), return_dict=False)[0]
-             for b in branches]
+        v = [
+            plain.model(
+                hidden_states=rolled,
+                encoder_hidden_states=b.embeds,
+                pooled_projections=b.pooled,
+                timestep=torch.tensor([1000.0]),
+                head_mask=b.head_mask,
+                clean_injections=plain.model.encode_clean(clean_rolled),
+                return_dict=False,
+            )[0]
+            for b in branches
+        ]
         return v[0] + guidance * (v[1] - v[0]) if guidance > 1 else v[0]
 
     with torch.no_grad():
-        back = torch.roll(velocity(torch.roll(latents, (half, half), (2, 3)), torch.roll(clean, (half, half), (2, 3))),
-                          (-half, -half), (2, 3))
+        back = torch.roll(
+            velocity(torch.roll(latents, (half, half), (2, 3)), torch.roll(clean, (half, half), (2, 3))),
+            (-half, -half),
+            (2, 3),
+        )
         expected = latents - (velocity(latents, clean) + back) / 2  # σ 1 -> 0 in one step
     ours = shifted.generate(pixels, [request], steps=1, guidance=guidance, output="latent")
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)

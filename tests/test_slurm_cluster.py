@@ -10,11 +10,6 @@ import textwrap
 
 import pytest
 
-try:  # tests/ is a package (tests/__init__.py); keep working if it stops being one
-    from .slurm_cluster import slurm_cluster  # noqa: F401  (session fixture, one cluster per run)
-except ImportError:
-    from slurm_cluster import slurm_cluster  # noqa: F401
-
 pytestmark = pytest.mark.slow
 
 
@@ -26,16 +21,18 @@ def _script(path, body: str):
 
 def test_array_job_runs_every_task(slurm_cluster, tmp_path):
     out = tmp_path / "out"
-    script = _script(tmp_path / "write_task.sh", """\
+    script = _script(
+        tmp_path / "write_task.sh",
+        """\
         echo "task $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT (min $SLURM_ARRAY_TASK_MIN) in $PWD"
         mkdir -p "$OUT_DIR"
         echo "$SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT $1" > "$OUT_DIR/task_$SLURM_ARRAY_TASK_ID.txt"
-        """)
+        """,
+    )
     work = tmp_path / "work"
     work.mkdir()
 
-    result = slurm_cluster.submit_array(script, array="0-2", args=["hello"],
-                                        env={"OUT_DIR": str(out)}, cwd=work)
+    result = slurm_cluster.submit_array(script, array="0-2", args=["hello"], env={"OUT_DIR": str(out)}, cwd=work)
 
     assert result.ok, result.report()
     assert result.task_ids == [0, 1, 2]
@@ -49,7 +46,9 @@ def test_failed_task_is_reported_and_resubmitted_array_completes(slurm_cluster, 
     done = tmp_path / "done"
     done.mkdir()
     # Task 1 fails on its first run only (like a preempted/crashed shard); the others succeed.
-    script = _script(tmp_path / "flaky.sh", """\
+    script = _script(
+        tmp_path / "flaky.sh",
+        """\
         if [ "$SLURM_ARRAY_TASK_ID" = 1 ] && [ ! -e "$DONE/.task1_failed_once" ]; then
             touch "$DONE/.task1_failed_once"
             echo "simulated failure in task 1" >&2
@@ -60,7 +59,8 @@ def test_failed_task_is_reported_and_resubmitted_array_completes(slurm_cluster, 
         else
             echo "$SLURM_ARRAY_JOB_ID" > "$DONE/task_$SLURM_ARRAY_TASK_ID"
         fi
-        """)
+        """,
+    )
     env = {"DONE": str(done)}
 
     first = slurm_cluster.submit_array(script, array="0-2", env=env, cwd=tmp_path)

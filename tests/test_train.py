@@ -28,12 +28,6 @@ from mdsd3_cli.cli import app
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
-from mdsd3_cli.train.checkpoints import CHECKPOINTS, list_checkpoints
-from mdsd3_cli.train.errors import TrainError
-from mdsd3_cli.train.run import Trainer, run_train
-from mdsd3_cli.train.step import FlowSchedule, is_trainable, step_generator
-from mdsd3_cli.train.data import EmptyDatasetError
-from mdsd3_cli.recipe.train import load_train_recipe
 from mdsd3_cli.model.weights import (
     SD3_SCHEDULER,
     TINY_SEED,
@@ -43,6 +37,12 @@ from mdsd3_cli.model.weights import (
     fresh_adapter_config,
     load_base,
 )
+from mdsd3_cli.recipe.train import load_train_recipe
+from mdsd3_cli.train.checkpoints import CHECKPOINTS, list_checkpoints
+from mdsd3_cli.train.data import EmptyDatasetError
+from mdsd3_cli.train.errors import TrainError
+from mdsd3_cli.train.run import Trainer, run_train
+from mdsd3_cli.train.step import FlowSchedule, is_trainable, step_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "train_tiny.yaml"
@@ -75,9 +75,20 @@ def tiny_overrides(pairs: Path, out: Path, *extra: str) -> list[str]:
 
 
 # Small and quick: random crops (so no latent cache), identity and condition drop both frequent, grad accumulation.
-QUICK = ("data.resolution=32", "data.random_crop=true", "data.cache_latents=false", "data.identity_fraction=0.3",
-         "data.condition_drop=0.3", "train.batch_size=2", "train.grad_accum=2", "train.warmup_steps=2",
-         "output.log_every=1", "output.checkpoint_every=2", "output.keep_checkpoints=2", "output.preview_every=3")
+QUICK = (
+    "data.resolution=32",
+    "data.random_crop=true",
+    "data.cache_latents=false",
+    "data.identity_fraction=0.3",
+    "data.condition_drop=0.3",
+    "train.batch_size=2",
+    "train.grad_accum=2",
+    "train.warmup_steps=2",
+    "output.log_every=1",
+    "output.checkpoint_every=2",
+    "output.keep_checkpoints=2",
+    "output.preview_every=3",
+)
 
 
 def quick_recipe(pairs: Path, out: Path, *extra: str):
@@ -179,7 +190,6 @@ def test_latent_cache_with_random_crops_is_refused(pairs, tmp_path):
         Trainer(recipe)
 
 
-
 def test_train_refuses_a_foreign_folder_and_its_own_dataset(pairs, tmp_path):
     foreign = tmp_path / "results"
     foreign.mkdir()
@@ -191,13 +201,15 @@ def test_train_refuses_a_foreign_folder_and_its_own_dataset(pairs, tmp_path):
         Trainer(quick_recipe(pairs, inside))
     assert os.listdir(foreign) == ["notes.txt"] and not inside.exists()
 
+
 # ---------------------------------------------------------------- trainable sets
 
 
 @pytest.mark.parametrize("trainable", ["default", "lora_only"])
 def test_only_the_intended_parameters_train(trainable, pairs, tmp_path):
-    trainer = Trainer(quick_recipe(pairs, tmp_path, "train.steps=2", "output.preview_every=0",
-                                   f"train.trainable={trainable}"))
+    trainer = Trainer(
+        quick_recipe(pairs, tmp_path, "train.steps=2", "output.preview_every=0", f"train.trainable={trainable}")
+    )
     trainer.setup()
     model = trainer.unwrapped
     intended = {name for name, _ in model.named_parameters() if is_trainable(name, trainable)}
@@ -223,8 +235,10 @@ def test_only_the_intended_parameters_train(trainable, pairs, tmp_path):
     assert all(torch.equal(trainer.base.vae.state_dict()[k[4:]], v) for k, v in frozen.items() if k.startswith("vae."))
     assert any(not torch.equal(after[name], before) for name, before in start.items())
     saved = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
-    assert not any(name.startswith(("transformer_blocks.", "pos_embed.", "proj_out.", "norm_out.")) and "lora_" not in name
-                   for name in saved)
+    assert not any(
+        name.startswith(("transformer_blocks.", "pos_embed.", "proj_out.", "norm_out.")) and "lora_" not in name
+        for name in saved
+    )
 
 
 # ---------------------------------------------------------------- CLI: SIGUSR1 and generate
@@ -232,16 +246,24 @@ def test_only_the_intended_parameters_train(trainable, pairs, tmp_path):
 
 def _cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "mdsd3_cli", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mdsd3_cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_sigusr1_saves_a_checkpoint_and_the_cli_resumes(uninterrupted, pairs, tmp_path):
     out = tmp_path / "preempted"
 
     def train_args(steps: int, *extra: str) -> list[str]:
-        sets = tiny_overrides(pairs, out, *QUICK, f"train.steps={steps}", "output.checkpoint_every=100000",
-                              "output.preview_every=0")
+        sets = tiny_overrides(
+            pairs, out, *QUICK, f"train.steps={steps}", "output.checkpoint_every=100000", "output.preview_every=0"
+        )
         return ["train", "--config", str(TINY_CONFIG), *(arg for item in sets for arg in ("--set", item)), *extra]
 
     process = _cli(*train_args(100000))
@@ -252,12 +274,14 @@ def test_sigusr1_saves_a_checkpoint_and_the_cli_resumes(uninterrupted, pairs, tm
     process.send_signal(signal.SIGUSR1)  # what scripts/slurm_train.sbatch forwards before the time limit
     output = process.communicate(timeout=120)[0]
     assert process.returncode == 138, output
-    (stopped, folder), = list_checkpoints(out)
+    ((stopped, folder),) = list_checkpoints(out)
     assert stopped >= 2 and json.loads((folder / "trainer_state.json").read_text())["step"] == stopped
     assert not (out / "adapter").exists()
     # the CLI computes what the library computed (fresh LoRA initialisation included)
     reference = log_losses(uninterrupted)
-    assert {s: v for s, v in log_losses(out).items() if s <= 6} == {s: reference[s] for s in range(1, min(stopped, 6) + 1)}
+    assert {s: v for s, v in log_losses(out).items() if s <= 6} == {
+        s: reference[s] for s in range(1, min(stopped, 6) + 1)
+    }
 
     resumed = _cli(*train_args(stopped + 1, "--resume", "latest"))
     output = resumed.communicate(timeout=180)[0]
@@ -276,14 +300,20 @@ def test_generate_uses_the_trained_adapter(uninterrupted, tmp_path):
         "input": {"paths": [str(photos)], "size": 32},
         "output": {"dir": str(tmp_path / "generated")},
         "sampling": {"steps": 2, "guidance": 2.0, "alpha": 1.0, "beta": 0.3, "batch_size": 2},
-        "variants": [{"name": "haze", "classes": {"haze": 1.0}}, {"name": "mix", "classes": {"haze": 0.5, "noise": 1.0}}],
+        "variants": [
+            {"name": "haze", "classes": {"haze": 1.0}},
+            {"name": "mix", "classes": {"haze": 0.5, "noise": 1.0}},
+        ],
     }
     path = tmp_path / "generate.yaml"
     path.write_text(yaml.safe_dump(recipe))
     result = CliRunner().invoke(app, ["generate", "--config", str(path)])  # in process: no interpreter start-up
     assert result.exit_code == 0, (result.output, result.exception)
-    lines = [json.loads(line) for f in (tmp_path / "generated" / "manifest").glob("*.jsonl")
-             for line in f.read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for f in (tmp_path / "generated" / "manifest").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
     assert len(lines) == 4
     assert {Path(line["degraded"]).parts[-2] for line in lines} == {"haze", "mix"}
 
@@ -291,7 +321,7 @@ def test_generate_uses_the_trained_adapter(uninterrupted, tmp_path):
 # ---------------------------------------------------------------- learning
 
 PRETRAIN_STEPS = 400  # the tiny base as a denoiser (see pretrain_tiny_base)
-ADAPTER_STEPS = 800   # = train.steps of configs/train_tiny.yaml
+ADAPTER_STEPS = 800  # = train.steps of configs/train_tiny.yaml
 ALPHA, BETA, SAMPLE_STEPS, GUIDANCE = 1.0, 0.0, 8, 3.0  # plain SD3 start; guidance as in the preview grids
 MARGIN, BETWEEN = 0.05, 0.02  # seen (1 and 2 threads, identical): >= 0.32, >= 0.10
 
@@ -332,9 +362,13 @@ def pretrain_tiny_base(pairs: Path, root: Path, cache_dir: Path, steps: int, lr:
         sigma, timestep = schedule.draw(batch, generator, 0.0, 1.0)
         noise = torch.randn(x0.shape, generator=generator)
         noisy = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise
-        prediction = model(hidden_states=noisy, timestep=timestep, return_dict=False,
-                           encoder_hidden_states=torch.stack([embeddings[n].embeds for n in names]),
-                           pooled_projections=torch.stack([embeddings[n].pooled for n in names]))[0]
+        prediction = model(
+            hidden_states=noisy,
+            timestep=timestep,
+            return_dict=False,
+            encoder_hidden_states=torch.stack([embeddings[n].embeds for n in names]),
+            pooled_projections=torch.stack([embeddings[n].pooled for n in names]),
+        )[0]
         loss = ((prediction - (noise - x0)) ** 2).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -344,8 +378,9 @@ def pretrain_tiny_base(pairs: Path, root: Path, cache_dir: Path, steps: int, lr:
     model.save_pretrained(root / "transformer")
     vae.save_pretrained(root / "vae")
     FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER).save_pretrained(root / "scheduler")
-    PromptCache(cache_dir, fingerprint_folder(root)).get(all_prompts(["haze", "noise"]),
-                                                         lambda: tiny_text_encoder(TINY_SEED))
+    PromptCache(cache_dir, fingerprint_folder(root)).get(
+        all_prompts(["haze", "noise"]), lambda: tiny_text_encoder(TINY_SEED)
+    )
     return root
 
 
@@ -353,7 +388,7 @@ def _pixels(path: Path, size: int = 128) -> torch.Tensor:
     """The centre crop the trainer uses (no random crop): uint8 [size, size, 3]."""
     array = np.asarray(Image.open(path).convert("RGB"))
     top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-    return torch.from_numpy(array[top:top + size, left:left + size].copy())
+    return torch.from_numpy(array[top : top + size, left : left + size].copy())
 
 
 def dc(latents: torch.Tensor) -> torch.Tensor:
@@ -381,13 +416,23 @@ def test_training_learns_the_classes(pairs, tmp_path):
     base_dir = pretrain_tiny_base(pairs, tmp_path / "base", cache, steps=PRETRAIN_STEPS)
     pretrain_s = time.perf_counter() - started
     out = tmp_path / "run"
-    recipe = load_train_recipe(TINY_CONFIG, tiny_overrides(pairs, out, f"model.base={base_dir}",
-                                                           f"model.prompt_cache={cache}", "output.preview_every=0",
-                                                           f"train.steps={ADAPTER_STEPS}"))
+    recipe = load_train_recipe(
+        TINY_CONFIG,
+        tiny_overrides(
+            pairs,
+            out,
+            f"model.base={base_dir}",
+            f"model.prompt_cache={cache}",
+            "output.preview_every=0",
+            f"train.steps={ADAPTER_STEPS}",
+        ),
+    )
     summary = run_train(recipe)
     train_s = time.perf_counter() - started - pretrain_s
     assert summary.exit_code == 0 and summary.last_loss < summary.first_loss
-    print(f"pretrain {pretrain_s:.0f}s, adapter {train_s:.0f}s, loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
+    print(
+        f"pretrain {pretrain_s:.0f}s, adapter {train_s:.0f}s, loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}"
+    )
 
     trainer_base = load_base(str(base_dir))
     clean = torch.stack([_pixels(p) for p in sorted((pairs / "clean").glob("*.png"))])
@@ -399,11 +444,18 @@ def test_training_learns_the_classes(pairs, tmp_path):
             model, config = build_model(trainer_base, adapter)
         prompts = load_prompt_embeddings(str(base_dir), trainer_base.fingerprint, all_prompts(config.classes), cache)
         sampler = MDSD3Sampler(trainer_base, model, config, prompts)
-        targets = {k: sampler.encode(torch.stack([_pixels(p) for p in sorted((pairs / k).glob("*.png"))]))
-                   for k in ("clean", "haze", "noise")}
+        targets = {
+            k: sampler.encode(torch.stack([_pixels(p) for p in sorted((pairs / k).glob("*.png"))]))
+            for k in ("clean", "haze", "noise")
+        }
         generated = {}
-        for label, ratios in (("empty", {}), ("haze", {"haze": 1.0}), ("haze_half", {"haze": 0.5}),
-                              ("noise", {"noise": 1.0}), ("noise_half", {"noise": 0.5})):
+        for label, ratios in (
+            ("empty", {}),
+            ("haze", {"haze": 1.0}),
+            ("haze_half", {"haze": 0.5}),
+            ("noise", {"noise": 1.0}),
+            ("noise_half", {"noise": 0.5}),
+        ):
             requests = [SampleRequest(ratios, seed=100 + i, alpha=ALPHA, beta=BETA) for i in range(len(clean))]
             generated[label] = sampler.generate(clean, requests, steps=SAMPLE_STEPS, guidance=GUIDANCE, output="latent")
         results[name] = (targets, generated)
@@ -418,8 +470,8 @@ def test_training_learns_the_classes(pairs, tmp_path):
         return coordinate(generated[label], targets["clean"], targets[cls]).mean().item()
 
     for cls in ("haze", "noise"):
-        assert coord(cls, cls) > 0.5 + MARGIN, cls                               # closer to its target
-        assert coord("empty", cls) < 0.5 - MARGIN, cls                           # empty set: closer to clean
+        assert coord(cls, cls) > 0.5 + MARGIN, cls  # closer to its target
+        assert coord("empty", cls) < 0.5 - MARGIN, cls  # empty set: closer to clean
     # Ratio 0.5 between 0 and 1, checked for haze: the statistic scales with haze strength, whereas for noise
     # it saturates (the half-sigma target itself sits at ~0.8 of the way), so "between" is not resolvable there.
     assert coord("empty", "haze") + BETWEEN < coord("haze_half", "haze") < coord("haze", "haze") - BETWEEN
@@ -429,7 +481,6 @@ def test_training_learns_the_classes(pairs, tmp_path):
     trained_gap = (dc(generated["empty"]) - dc(targets["clean"])).norm(dim=1).mean()
     fresh_gap = (dc(fresh_generated["empty"]) - dc(fresh_targets["clean"])).norm(dim=1).mean()
     assert trained_gap < 0.8 * fresh_gap
-
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_a_second_trainer_is_refused(pairs, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 from skimage import data as skdata
 
+from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 from mdsd3_cli.train.data import (
     BAD_RECORD,
     MISSING_FILE,
@@ -28,7 +29,6 @@ from mdsd3_cli.train.data import (
     build_dataset,
     condition_drop_mask,
 )
-from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 
 RESOLUTION = 32
 
@@ -67,8 +67,14 @@ def folders_dataset(tmp_path: Path, pairs: dict[str, tuple[Image.Image, Image.Im
     for key, (clean, degraded) in pairs.items():
         save(clean, tmp_path / "clean" / f"{key}.png")
         save(degraded, tmp_path / "degraded" / f"{key}.png")
-    return {"name": "pairs", "kind": "paired_folders", "clean": "clean", "degraded": "degraded",
-            "classes": {"haze": 1.0}, **spec}
+    return {
+        "name": "pairs",
+        "kind": "paired_folders",
+        "clean": "clean",
+        "degraded": "degraded",
+        "classes": {"haze": 1.0},
+        **spec,
+    }
 
 
 # ---------------------------------------------------------------- recipe
@@ -94,8 +100,15 @@ def test_recipe_errors_name_file_and_dotted_field(tmp_path: Path) -> None:
     with pytest.raises(TrainRecipeError) as caught:
         load_train_recipe(path)
     lines = str(caught.value).splitlines()
-    for field in ("datasets.0.weight", "datasets.1.degraded", "datasets.1.match", "datasets.2.list",
-                  "data.resolution", "data.identity_fraction", "data.speed"):
+    for field in (
+        "datasets.0.weight",
+        "datasets.1.degraded",
+        "datasets.1.match",
+        "datasets.2.list",
+        "data.resolution",
+        "data.identity_fraction",
+        "data.speed",
+    ):
         assert any(line.startswith(f"{path}: {field}: ") for line in lines), (field, lines)
 
     with pytest.raises(TrainRecipeError, match=r"datasets\.0\.classes\.rain: unknown class"):
@@ -114,13 +127,22 @@ def test_regex_pairs_reside_style_names(tmp_path: Path) -> None:
     save(photo("coffee"), tmp_path / "clear" / "0002.jpg")
     for name in ("0001_0.8_0.2.png", "0001_0.9_0.16.jpg", "0002_0.7_0.1.png", "9999_0.8_0.2.png", "notes.png"):
         save(photo("chelsea"), tmp_path / "hazy" / name)
-    spec = {"name": "reside", "kind": "paired_folders", "clean": "clear", "degraded": "hazy",
-            "match": r"^(?P<stem>\d+)_.*$", "classes": {"haze": 1.0}}
+    spec = {
+        "name": "reside",
+        "kind": "paired_folders",
+        "clean": "clear",
+        "degraded": "hazy",
+        "match": r"^(?P<stem>\d+)_.*$",
+        "classes": {"haze": 1.0},
+    }
     dataset = dataset_from(tmp_path, [spec])
 
     pairs = {(pair.degraded.path.name, pair.clean.path.name) for pair in dataset.pairs}
-    assert pairs == {("0001_0.8_0.2.png", "0001.png"), ("0001_0.9_0.16.jpg", "0001.png"),
-                     ("0002_0.7_0.1.png", "0002.jpg")}
+    assert pairs == {
+        ("0001_0.8_0.2.png", "0001.png"),
+        ("0001_0.9_0.16.jpg", "0001.png"),
+        ("0002_0.7_0.1.png", "0002.jpg"),
+    }
     assert dataset.report.counts() == {UNMATCHED: 2}
     assert "reside: 3 pairs" in dataset.summary() and "unmatched: 2" in dataset.summary()
 
@@ -133,8 +155,10 @@ def test_folders_pair_by_relative_path_with_other_extension(tmp_path: Path) -> N
     save(photo("coffee"), tmp_path / "lq" / "other" / "b.png")
     spec = {"name": "n", "kind": "paired_folders", "clean": "gt", "degraded": "lq", "classes": {"noise": 0.5}}
     dataset = dataset_from(tmp_path, [spec])
-    assert sorted((p.clean.path.relative_to(tmp_path).as_posix(), p.degraded.path.relative_to(tmp_path).as_posix())
-                  for p in dataset.pairs) == [("gt/b.png", "lq/b.png"), ("gt/city/a.png", "lq/city/a.jpg")]
+    assert sorted(
+        (p.clean.path.relative_to(tmp_path).as_posix(), p.degraded.path.relative_to(tmp_path).as_posix())
+        for p in dataset.pairs
+    ) == [("gt/b.png", "lq/b.png"), ("gt/city/a.png", "lq/city/a.jpg")]
     assert dataset.report.counts() == {UNMATCHED: 1}
     assert dataset.pairs[0].ratios == {"noise": 0.5}
 
@@ -144,10 +168,7 @@ def test_csv_and_jsonl_pair_lists(tmp_path: Path) -> None:
         save(photo(name), tmp_path / "lists" / "gt" / f"{index}.png")
         save(photo(name), tmp_path / "lists" / "noisy" / f"{index}.png")
     (tmp_path / "lists" / "pairs.csv").write_text(
-        "clean,degraded,classes\n"
-        "gt/0.png,noisy/0.png,\n"
-        "gt/1.png,noisy/1.png,haze noise:0.5\n"
-        "gt/9.png,noisy/9.png,\n"
+        "clean,degraded,classes\ngt/0.png,noisy/0.png,\ngt/1.png,noisy/1.png,haze noise:0.5\ngt/9.png,noisy/9.png,\n"
     )
     rows = [
         {"clean": "gt/0.png", "degraded": "noisy/0.png", "classes": {"haze": 0.25}},
@@ -181,8 +202,16 @@ def test_mdsd3_output_manifest(tmp_path: Path) -> None:
     for key, name in (("a", "astronaut"), ("b", "coffee"), ("c", "chelsea")):
         save(photo(name), out / "clean" / f"{key}.png")
         save(inverted(photo(name)), out / "degraded" / "haze_noise" / f"{key}.png")
-        records.append({"key": key, "folder": "haze_noise", "clean": f"clean/{key}.png", "degraded": f"degraded/haze_noise/{key}.png",
-                        "variant": "haze_noise", "ratios": {"haze": 1.0, "noise": 0.4}})
+        records.append(
+            {
+                "key": key,
+                "folder": "haze_noise",
+                "clean": f"clean/{key}.png",
+                "degraded": f"degraded/haze_noise/{key}.png",
+                "variant": "haze_noise",
+                "ratios": {"haze": 1.0, "noise": 0.4},
+            }
+        )
     records[1]["ratios"] = {"rain": 1.0, "haze": 0.5}
     records[2]["ratios"] = {"rain": 0.0, "noise": 0.7}
     lines = [json.dumps(record) for record in records]
@@ -190,7 +219,9 @@ def test_mdsd3_output_manifest(tmp_path: Path) -> None:
     (out / "manifest" / "shard0.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
     dataset = dataset_from(tmp_path, [{"name": "synth", "kind": "mdsd3_output", "dir": "out"}])
 
-    assert [(p.clean.path.name, p.degraded.path.relative_to(out).as_posix(), dict(p.ratios)) for p in dataset.pairs] == [
+    assert [
+        (p.clean.path.name, p.degraded.path.relative_to(out).as_posix(), dict(p.ratios)) for p in dataset.pairs
+    ] == [
         ("a.png", "degraded/haze_noise/a.png", {"haze": 1.0, "noise": 0.4}),
         ("c.png", "degraded/haze_noise/c.png", {"noise": 0.7}),
     ]
@@ -217,8 +248,15 @@ def test_mdsd3_output_in_webdataset_layout_reads_the_tar_members(tmp_path: Path)
                 info = tarfile.TarInfo(f"{key}/haze.{role}.png")
                 info.size = len(encoded.getvalue())
                 archive.addfile(info, io.BytesIO(encoded.getvalue()))
-            tar_lines.append({**record, "tar": "tars/shard-0.tar", "clean_member": f"{key}/haze.clean.png",
-                              "degraded_member": f"{key}/haze.degraded.png", "json_member": f"{key}/haze.json"})
+            tar_lines.append(
+                {
+                    **record,
+                    "tar": "tars/shard-0.tar",
+                    "clean_member": f"{key}/haze.clean.png",
+                    "degraded_member": f"{key}/haze.degraded.png",
+                    "json_member": f"{key}/haze.json",
+                }
+            )
     escaping = {**tar_lines[0], "key": "c", "tar": "../folders/elsewhere.tar"}
     for root, lines in ((folders, folder_lines), (tars, tar_lines + [escaping])):
         (root / "manifest").mkdir()
@@ -227,7 +265,9 @@ def test_mdsd3_output_in_webdataset_layout_reads_the_tar_members(tmp_path: Path)
     from_folders = dataset_from(tmp_path, [{"name": "f", "kind": "mdsd3_output", "dir": "folders"}])
     from_tars = dataset_from(tmp_path, [{"name": "t", "kind": "mdsd3_output", "dir": "tars"}])
     assert [str(pair.degraded) for pair in from_tars.pairs] == [
-        f"{tars / 'tars' / 'shard-0.tar'}:a/haze.degraded.png", f"{tars / 'tars' / 'shard-0.tar'}:b/haze.degraded.png"]
+        f"{tars / 'tars' / 'shard-0.tar'}:a/haze.degraded.png",
+        f"{tars / 'tars' / 'shard-0.tar'}:b/haze.degraded.png",
+    ]
     assert from_tars.report.counts() == {BAD_RECORD: 1}
     assert "leaves" in from_tars.report.examples(BAD_RECORD)[0]
     for index in range(2):
@@ -266,8 +306,13 @@ def test_crop_and_flip_are_identical_on_both_images(tmp_path: Path, resize: str)
 
 
 def test_center_crop_without_flip_is_fixed(tmp_path: Path) -> None:
-    dataset = dataset_from(tmp_path, [folders_dataset(tmp_path, {"a": (photo(), inverted(photo()))})],
-                           random_crop=False, random_flip=False, identity_fraction=0.0)
+    dataset = dataset_from(
+        tmp_path,
+        [folders_dataset(tmp_path, {"a": (photo(), inverted(photo()))})],
+        random_crop=False,
+        random_flip=False,
+        identity_fraction=0.0,
+    )
     batch = dataset.sample_batch(step=3, batch_size=3)
     assert torch.equal(batch["clean"][0], batch["clean"][1]) and torch.equal(batch["clean"][0], batch["clean"][2])
     expected = photo().resize((48, RESOLUTION), Image.Resampling.BICUBIC).crop((8, 0, 40, RESOLUTION))
@@ -300,7 +345,9 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path: Path) -> None:
     assert (batch["degraded"] + batch["clean"]).abs().max() <= 2.5 / 127.5
     assert dataset.report.counts() == {UNREADABLE: 2}
     assert {Path(detail.split(":")[0]).name for detail in dataset.report.examples(UNREADABLE)} == {
-        "garbage.png", "truncated.png"}
+        "garbage.png",
+        "truncated.png",
+    }
 
 
 def test_no_usable_pair_raises(tmp_path: Path) -> None:

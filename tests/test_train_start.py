@@ -18,15 +18,15 @@ from PIL import Image
 from skimage import data
 from typer.testing import CliRunner
 
-from mdsd3_cli.model.adapter import CONFIG_NAME, FlowStart, read_adapter_config
 from mdsd3_cli.cli import app
+from mdsd3_cli.model.adapter import CONFIG_NAME, FlowStart, read_adapter_config
 from mdsd3_cli.model.heads import all_prompts, head_mask
 from mdsd3_cli.model.prompts import load_prompt_embeddings
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.model.weights import build_model, fresh_adapter_config
+from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 from mdsd3_cli.train.run import run_train
 from mdsd3_cli.train.step import FlowSchedule, flow_matching_loss, step_generator
-from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
-from mdsd3_cli.model.weights import build_model, fresh_adapter_config
 
 from .conftest import CLASSES
 
@@ -75,8 +75,15 @@ def hand_loss(model, clean, degraded, embeds, pooled, mask, schedule, source_of)
     source = source_of(noise)
     sigma = sigmas.view(-1, 1, 1, 1)
     noisy = (1.0 - sigma) * degraded + sigma * source
-    prediction = model(hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
-                       timestep=timesteps, head_mask=mask, clean_latents=clean, return_dict=False)[0]
+    prediction = model(
+        hidden_states=noisy,
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        timestep=timesteps,
+        head_mask=mask,
+        clean_latents=clean,
+        return_dict=False,
+    )[0]
     return ((prediction - (source - degraded)) ** 2).reshape(len(degraded), -1).mean(dim=1).mean()
 
 
@@ -85,8 +92,9 @@ def test_the_default_start_gives_the_pure_noise_loss_bit_for_bit(loss_inputs) ->
     with torch.no_grad():
         expected = hand_loss(model, clean, degraded, embeds, pooled, mask, schedule, lambda noise: noise)
         for start in (None, FlowStart(), FlowStart(alpha=1, beta=0)):
-            loss = flow_matching_loss(model, clean, degraded, embeds, pooled, mask, step_generator(0, 3, 0), schedule,
-                                      start=start)
+            loss = flow_matching_loss(
+                model, clean, degraded, embeds, pooled, mask, step_generator(0, 3, 0), schedule, start=start
+            )
             assert torch.equal(loss, expected), start
 
 
@@ -94,12 +102,13 @@ def test_another_start_is_the_flow_from_alpha_noise_plus_beta_clean(loss_inputs)
     model, clean, degraded, embeds, pooled, mask, schedule = loss_inputs
     start = FlowStart(alpha=0.6, beta=0.8)
     with torch.no_grad():
-        expected = hand_loss(model, clean, degraded, embeds, pooled, mask, schedule,
-                             lambda noise: 0.6 * noise + 0.8 * clean)
-        loss = flow_matching_loss(model, clean, degraded, embeds, pooled, mask, step_generator(0, 3, 0), schedule,
-                                  start=start)
-        pure_noise = flow_matching_loss(model, clean, degraded, embeds, pooled, mask, step_generator(0, 3, 0),
-                                        schedule)
+        expected = hand_loss(
+            model, clean, degraded, embeds, pooled, mask, schedule, lambda noise: 0.6 * noise + 0.8 * clean
+        )
+        loss = flow_matching_loss(
+            model, clean, degraded, embeds, pooled, mask, step_generator(0, 3, 0), schedule, start=start
+        )
+        pure_noise = flow_matching_loss(model, clean, degraded, embeds, pooled, mask, step_generator(0, 3, 0), schedule)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     assert not torch.isclose(loss, pure_noise, rtol=1e-3)
 
@@ -120,14 +129,40 @@ def identity_recipe(folder: Path, photos: Path, out: Path, start: FlowStart | No
     recipe = {
         "model": {"base": "tiny", "prompt_cache": str(cache)},
         "classes": ["haze"],
-        "datasets": [{"name": "identity", "kind": "paired_folders", "clean": str(photos), "degraded": str(photos),
-                      "classes": {"haze": 0.0}}],
-        "data": {"resolution": RES, "random_crop": False, "random_flip": False, "cache_latents": True,
-                 "identity_fraction": 0.0, "condition_drop": 0.0, "workers": 0},
-        "train": {"steps": STEPS, "batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "weight_decay": 0.0,
-                  "lora_rank": 0, **({"start": start.model_dump()} if start is not None else {})},
-        "output": {"dir": str(out), "preview_every": 0, "checkpoint_every": STEPS, "keep_checkpoints": 1,
-                   "log_every": STEPS},
+        "datasets": [
+            {
+                "name": "identity",
+                "kind": "paired_folders",
+                "clean": str(photos),
+                "degraded": str(photos),
+                "classes": {"haze": 0.0},
+            }
+        ],
+        "data": {
+            "resolution": RES,
+            "random_crop": False,
+            "random_flip": False,
+            "cache_latents": True,
+            "identity_fraction": 0.0,
+            "condition_drop": 0.0,
+            "workers": 0,
+        },
+        "train": {
+            "steps": STEPS,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "warmup_steps": 0,
+            "weight_decay": 0.0,
+            "lora_rank": 0,
+            **({"start": start.model_dump()} if start is not None else {}),
+        },
+        "output": {
+            "dir": str(out),
+            "preview_every": 0,
+            "checkpoint_every": STEPS,
+            "keep_checkpoints": 1,
+            "log_every": STEPS,
+        },
     }
     path = folder / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -161,8 +196,9 @@ def trained(identity_photos, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("train_start")
     adapters = {}
     for label, start in (("start", START), ("noise", None)):
-        summary = run_train(load_train_recipe(identity_recipe(root, identity_photos, root / label, start,
-                                                              root / "prompts")))
+        summary = run_train(
+            load_train_recipe(identity_recipe(root, identity_photos, root / label, start, root / "prompts"))
+        )
         assert summary.exit_code == 0 and summary.last_loss < summary.first_loss
         adapters[label] = summary.adapter_dir
     return adapters
@@ -177,8 +213,9 @@ def identity_error(base, adapter: Path | None, start: FlowStart, photos: Path, c
         model, config = build_model(base, adapter)
     prompts = load_prompt_embeddings("tiny", base.fingerprint, all_prompts(config.classes), cache)
     sampler = MDSD3Sampler(base, model, config, prompts)
-    pixels = torch.stack([torch.from_numpy(np.array(Image.open(path).convert("RGB")))
-                          for path in sorted(photos.glob("*.png"))])
+    pixels = torch.stack(
+        [torch.from_numpy(np.array(Image.open(path).convert("RGB"))) for path in sorted(photos.glob("*.png"))]
+    )
     requests = [SampleRequest({}, seed=50 + index, alpha=start.alpha, beta=start.beta) for index in range(len(pixels))]
     latents = sampler.generate(pixels, requests, steps=2, guidance=1.0, output="latent")
     return float(((latents - sampler.encode(pixels)) ** 2).mean())
@@ -189,14 +226,16 @@ def test_the_exported_adapter_records_the_start_it_was_trained_for(trained) -> N
     assert read_adapter_config(trained["noise"]).start == FlowStart()
 
 
-def test_training_for_a_start_near_the_clean_image_lowers_the_2_step_identity_error(trained, identity_photos,
-                                                                                     fresh_base, tmp_path) -> None:
+def test_training_for_a_start_near_the_clean_image_lowers_the_2_step_identity_error(
+    trained, identity_photos, fresh_base, tmp_path
+) -> None:
     cache = tmp_path / "prompts"
     errors = {
         "trained for the start": identity_error(fresh_base, trained["start"], START, identity_photos, cache),
         "trained for pure noise": identity_error(fresh_base, trained["noise"], FlowStart(), identity_photos, cache),
-        "trained for pure noise, sampled from the start": identity_error(fresh_base, trained["noise"], START,
-                                                                         identity_photos, cache),
+        "trained for pure noise, sampled from the start": identity_error(
+            fresh_base, trained["noise"], START, identity_photos, cache
+        ),
         "untrained, sampled from the start": identity_error(fresh_base, None, START, identity_photos, cache),
     }
     print(errors)
@@ -214,8 +253,11 @@ def generate_recipe(folder: Path, adapter: Path, photos: Path, alpha: float, bet
         "input": {"paths": [str(photos)], "size": RES},
         "output": {"dir": str(folder / "out")},
         "sampling": {"steps": 2, "guidance": 1.0, "alpha": alpha, "beta": beta},
-        "variants": [{"name": "identity", "classes": {}}, {"name": "haze", "classes": {"haze": 1.0}},
-                     {"name": "own", "classes": {"haze": 0.5}, "alpha": START.alpha, "beta": START.beta}],
+        "variants": [
+            {"name": "identity", "classes": {}},
+            {"name": "haze", "classes": {"haze": 1.0}},
+            {"name": "own", "classes": {"haze": 0.5}, "alpha": START.alpha, "beta": START.beta},
+        ],
     }
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -229,9 +271,10 @@ def test_check_and_generate_warn_when_a_recipe_samples_from_another_start(traine
         result = runner.invoke(app, command)
         assert result.exit_code == 0, result.output
         text = " ".join(result.output.split())
-        assert (f"warning: model.adapter {trained['start']} was trained for the start alpha 0.3, beta 1 "
-                "(z_T = alpha·noise + beta·clean latent), but variants identity, haze sample from alpha 1, beta 0."
-                in text), text
+        assert (
+            f"warning: model.adapter {trained['start']} was trained for the start alpha 0.3, beta 1 "
+            "(z_T = alpha·noise + beta·clean latent), but variants identity, haze sample from alpha 1, beta 0." in text
+        ), text
         assert "Set sampling.alpha: 0.3 and sampling.beta: 1" in text and "train.start" in text
         assert "variants own" not in text
     matching = generate_recipe(tmp_path, trained["start"], identity_photos, alpha=START.alpha, beta=START.beta)

@@ -16,8 +16,11 @@ from .tiny_datasets import FOLDERS, copy_dataset
 
 
 def records(dataset: Path) -> list[dict]:
-    return [json.loads(line) for path in sorted((dataset / "manifest").glob("*.jsonl"))
-            for line in path.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for path in sorted((dataset / "manifest").glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
 
 
 def kinds(dataset: Path) -> dict[str, list[str]]:
@@ -85,7 +88,9 @@ def test_unfinished_and_corrupt_manifest_lines_are_problems(folders_dataset, tmp
     text = manifest.read_text()
     manifest.write_text(text + "{not json}\n" + '{"key": "half')
     assert [problem.detail.split(":")[0] for problem in verify_dataset(dataset).problems] == [
-        "not JSON", "unfinished last line (a killed run; rerun generate)"]
+        "not JSON",
+        "unfinished last line (a killed run; rerun generate)",
+    ]
 
 
 @pytest.mark.parametrize("field", ["clean", "degraded"])

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from mdsd3_cli.generate.run import plan_run, run_generate
-from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.dataset.preview import contact_sheet
-from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.dataset.verify import verify_dataset
 from mdsd3_cli.dataset.writer import OutputConflictError
 from mdsd3_cli.export.run import run_export
 from mdsd3_cli.export.sample import flat_key
 from mdsd3_cli.export.webdataset import record_json
+from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.generate.run import plan_run, run_generate
+from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.recipe.train import Mdsd3OutputDataset
 from mdsd3_cli.train.data import DataReport, discover_pairs
 
@@ -45,8 +45,9 @@ def manifest_lines(out: Path) -> list[str]:
 
 
 def webdataset_recipe(root: Path, photos: Path, samples_per_tar: int = PER_TAR) -> Path:
-    return write_recipe(root / "recipe.yaml", photos, root / "out", layout="webdataset",
-                        samples_per_tar=samples_per_tar)
+    return write_recipe(
+        root / "recipe.yaml", photos, root / "out", layout="webdataset", samples_per_tar=samples_per_tar
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,13 @@ def test_preview_reads_the_tars(reference, folders_dataset):
 def test_tar_membership_follows_the_plan(reference):
     with tarfile.open(reference / "tars" / TARS[0]) as archive:
         members = archive.getmembers()
-    assert [m.name for m in members] == ["astronaut.clean.png", "astronaut.rain.degraded.png",
-                                         "astronaut.mix_r1.degraded.png", "astronaut.mix_r2.degraded.png",
-                                         "astronaut.json"]
+    assert [m.name for m in members] == [
+        "astronaut.clean.png",
+        "astronaut.rain.degraded.png",
+        "astronaut.mix_r1.degraded.png",
+        "astronaut.mix_r2.degraded.png",
+        "astronaut.json",
+    ]
     assert {(m.mtime, m.mode, m.uid, m.uname) for m in members} == {(0, 0o644, 0, "")}
 
 
@@ -97,12 +102,15 @@ def test_tar_membership_follows_the_plan(reference):
 def test_killed_run_rebuilds_the_same_tars(reference, tiny_photos, tmp_path, moment):
     out = tmp_path / "out"
     recipe = webdataset_recipe(tmp_path, tiny_photos)
-    process = subprocess.Popen([sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         tars = out / "tars"
-        if (list(tars.glob(".*.tmp")) if moment == "temp tar" else len(list(tars.glob("*.tar"))) >= int(moment[0])):
+        if list(tars.glob(".*.tmp")) if moment == "temp tar" else len(list(tars.glob("*.tar"))) >= int(moment[0]):
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
@@ -140,8 +148,9 @@ def test_manifest_lines_lost_after_a_rename_are_restored(reference, tmp_path):
     assert tar_bytes(out) == tar_bytes(reference)
 
 
-@pytest.mark.parametrize("shard, limit, message", [(ShardSpec(1, 2), None, "with .1. shards"),
-                                                    (ShardSpec(0, 1), 2, "another plan")])
+@pytest.mark.parametrize(
+    "shard, limit, message", [(ShardSpec(1, 2), None, "with .1. shards"), (ShardSpec(0, 1), 2, "another plan")]
+)
 def test_resuming_another_plan_is_refused(reference, tmp_path, shard, limit, message):
     out = shutil.copytree(reference, tmp_path / "out")
     (out / "tars" / TARS[-1]).unlink()
@@ -201,7 +210,8 @@ def test_overwrite_replaces_every_planned_tar(reference, tmp_path):
     old, new = tar_bytes(reference), tar_bytes(out)
     assert all(old[name] != new[name] for name in TARS)  # the unlisted last tar was replaced too
     assert {json.loads(line)["seed"] for line in manifest_lines(out)}.isdisjoint(
-        json.loads(line)["seed"] for line in manifest_lines(reference))
+        json.loads(line)["seed"] for line in manifest_lines(reference)
+    )
     assert verify_dataset(out).ok
 
 
@@ -216,8 +226,11 @@ def as_earlier_version(out: Path) -> None:
             for name in [name for name in members if name.endswith(".json")]:
                 for folder, record in json.loads(members[name]).items():
                     stem = f"{flat_key(record['key'])}/{flat_key(folder)}"
-                    old = {"clean_member": f"{stem}.clean.png", "degraded_member": f"{stem}.degraded.png",
-                           "json_member": f"{stem}.json"}
+                    old = {
+                        "clean_member": f"{stem}.clean.png",
+                        "degraded_member": f"{stem}.degraded.png",
+                        "json_member": f"{stem}.json",
+                    }
                     old_record = {**record, **old}
                     images = (members[record["clean_member"]], members[record["degraded_member"]])
                     for member, data in zip(old.values(), (*images, record_json(old_record))):
@@ -237,8 +250,9 @@ def test_an_earlier_versions_output_is_read_but_not_resumed(reference, folders_d
     with tarfile.open(out / "tars" / TARS[0]) as archive:
         assert {"astronaut/rain.clean.png", "astronaut/rain.degraded.png"} <= set(archive.getnames())
     assert verify_dataset(out).ok
-    np.testing.assert_array_equal(np.asarray(contact_sheet(out, count=3, cell=32)),
-                                  np.asarray(contact_sheet(folders_dataset, count=3, cell=32)))
+    np.testing.assert_array_equal(
+        np.asarray(contact_sheet(out, count=3, cell=32)), np.asarray(contact_sheet(folders_dataset, count=3, cell=32))
+    )
     report = DataReport()
     spec = Mdsd3OutputDataset(name="old", kind="mdsd3_output", dir=out)
     pairs = discover_pairs(spec, ["rain", "haze", "noise"], report)

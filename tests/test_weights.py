@@ -10,7 +10,13 @@ from safetensors.torch import load_file
 
 from mdsd3_cli.model.adapter import AdapterError, read_adapter_config
 from mdsd3_cli.model.weights import (
-    BaseModelError, adapter_state_dict, build_model, build_tiny, describe_parameters, fresh_adapter_config, load_base,
+    BaseModelError,
+    adapter_state_dict,
+    build_model,
+    build_tiny,
+    describe_parameters,
+    fresh_adapter_config,
+    load_base,
     save_adapter,
 )
 

@@ -159,8 +159,10 @@ def test_samples_share_one_clean_image_and_get_manifest_lines(tmp_path: Path, mo
         (key, folder) for folder in ("rain", "haze", "snow") for key in ("div2k/0001", "div2k/0002")
     )
     first = next(r for r in records if r["key"] == "div2k/0002" and r["folder"] == "snow")
-    clean_bytes, degraded_bytes = (tmp_path / "clean/div2k/0002.png").read_bytes(), \
-        (tmp_path / "degraded/snow/div2k/0002.png").read_bytes()
+    clean_bytes, degraded_bytes = (
+        (tmp_path / "clean/div2k/0002.png").read_bytes(),
+        (tmp_path / "degraded/snow/div2k/0002.png").read_bytes(),
+    )
     assert first == {
         "alpha": 0.9,
         "clean": "clean/div2k/0002.png",
@@ -344,7 +346,7 @@ def test_completed_needs_both_files_and_skips_corrupt_lines(tmp_path: Path) -> N
     (tmp_path / "degraded" / "rain" / "b.png").unlink()
     (tmp_path / "clean" / "c.png").unlink()
     with open(tmp_path / "manifest" / "1of2.jsonl", "ab") as manifest:
-        manifest.write(b"garbage\n[1, 2]\n{\"key\": 3}\n\xff\xfe\n")
+        manifest.write(b'garbage\n[1, 2]\n{"key": 3}\n\xff\xfe\n')
         manifest.write(b'{"clean":"clean/a.png","degraded":"degraded/rain/a.png","folder":"haze","key":"a"}')
     assert completed_samples(tmp_path) == {("a", "rain"), ("d", "haze")}
 
@@ -421,8 +423,11 @@ def test_run_json_identity_check(tmp_path: Path) -> None:
 
     changed = {**identity, "size": 1024, "model": "sd3", "sampling": {"batch_size": 2}}
     write_run_json(tmp_path, {"identity": {**identity, "sampling": {"batch_size": 4}}})
-    with pytest.raises(OutputConflictError, match=r'model: \(none\) → "sd3"; sampling\.batch_size: 4 → 2; '
-                                                  r"size: 512 → 1024; its run\.json → this recipe") as caught:
+    with pytest.raises(
+        OutputConflictError,
+        match=r'model: \(none\) → "sd3"; sampling\.batch_size: 4 → 2; '
+        r"size: 512 → 1024; its run\.json → this recipe",
+    ) as caught:
         check_run_compatible(tmp_path, changed, overwrite=False)
     assert str(tmp_path) in str(caught.value)
     check_run_compatible(tmp_path, changed, overwrite=True)
@@ -440,13 +445,18 @@ def test_run_conflict_names_the_differing_field_inside_lists_and_long_values(tmp
     source = "/data/photos/" + "x" * 80
     stored = {"input": source + "/a", "variants": [{**variant, "name": "identity"}, {**variant, "name": "rain"}]}
     write_run_json(tmp_path, {"identity": stored})
-    changed = {"input": source + "/b",
-               "variants": [{**variant, "name": "identity_b"}, {**variant, "name": "rain", "beta": 0.9},
-                            {**variant, "name": "haze"}]}
+    changed = {
+        "input": source + "/b",
+        "variants": [
+            {**variant, "name": "identity_b"},
+            {**variant, "name": "rain", "beta": 0.9},
+            {**variant, "name": "haze"},
+        ],
+    }
     with pytest.raises(OutputConflictError) as caught:
         check_run_compatible(tmp_path, changed, overwrite=False)
     message = str(caught.value)
-    assert 'input: …' in message and 'x/a" → …' in message and 'x/b"' in message  # the differing tail shows
+    assert "input: …" in message and 'x/a" → …' in message and 'x/b"' in message  # the differing tail shows
     assert "variants: 2 items → 3 items" in message
     assert 'variants[0].name: "identity" → "identity_b"' in message
     assert "variants[1].beta: 0.8 → 0.9" in message

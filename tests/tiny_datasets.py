@@ -10,8 +10,8 @@ import yaml
 from PIL import Image
 from skimage import data
 
-from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.generate.plan import ShardSpec
+from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.recipe.generate import load_recipe
 
 PHOTOS = {"astronaut": "astronaut.png", "coffee": "coffee.png", "chelsea": "sub/chelsea.v2 x.png"}

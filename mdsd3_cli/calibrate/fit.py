@@ -45,8 +45,11 @@ class Curve:
     def decreasing_intervals(self) -> list[tuple[float, float]]:
         """Ratio intervals [r_g, r_g+1] over which the median strength falls."""
         median = self.median
-        return [(float(self.ratios[g]), float(self.ratios[g + 1])) for g in range(len(median) - 1)
-                if median[g + 1] < median[g]]
+        return [
+            (float(self.ratios[g]), float(self.ratios[g + 1]))
+            for g in range(len(median) - 1)
+            if median[g + 1] < median[g]
+        ]
 
     def rise(self) -> float:
         """How far the monotone curve climbs from its lowest to its highest ratio."""
@@ -65,8 +68,10 @@ def isotonic(values: np.ndarray) -> np.ndarray:
         blocks.append([float(value), 1.0])
         while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
             mean, count = blocks.pop()
-            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count),
-                          blocks[-1][1] + count]
+            blocks[-1] = [
+                (blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count),
+                blocks[-1][1] + count,
+            ]
     return np.concatenate([np.full(int(count), mean) for mean, count in blocks])
 
 

@@ -76,8 +76,9 @@ class Job:
     request: SampleRequest
 
 
-def run_jobs(synth: Synthesizer, probes: Sequence[Probe], jobs: Sequence[Job], description: str,
-             console: Console | None = None) -> list[dict[str, float]]:
+def run_jobs(
+    synth: Synthesizer, probes: Sequence[Probe], jobs: Sequence[Job], description: str, console: Console | None = None
+) -> list[dict[str, float]]:
     """Sample every job, batched as `generate` batches (`sampling.batch_size` at a time), and measure each image
     against its probe photo (evaluate's `measure_pair`: every class's strength), in order, with a progress bar."""
     references = [probe.reference() for probe in probes]
@@ -85,15 +86,16 @@ def run_jobs(synth: Synthesizer, probes: Sequence[Probe], jobs: Sequence[Job], d
     step = synth.recipe.sampling.batch_size
     with RunProgress(len(jobs), description, unit="samples", console=console) as progress:
         for start in range(0, len(jobs), step):
-            batch = jobs[start:start + step]
+            batch = jobs[start : start + step]
             images = synth.sample([probes[job.probe].pixels for job in batch], [job.request for job in batch])
             measured += [measure_pair(references[job.probe], image) for job, image in zip(batch, images)]
             progress.advance(len(batch))
     return measured
 
 
-def sweep(synth: Synthesizer, probes: Sequence[Probe], names: Sequence[str], grid: np.ndarray,
-          console: Console | None = None) -> dict[str, np.ndarray]:
+def sweep(
+    synth: Synthesizer, probes: Sequence[Probe], names: Sequence[str], grid: np.ndarray, console: Console | None = None
+) -> dict[str, np.ndarray]:
     """Strength [probe, grid point] of each class with that class alone at each ratio of `grid` (grid[0] is 0:
     that sample, the photo as the model reproduces it, is made once per probe and read by every class). Seeds
     come from the recipe seed, the probe's key, the class and the grid index, never from the recipe's ratios."""
@@ -105,8 +107,12 @@ def sweep(synth: Synthesizer, probes: Sequence[Probe], names: Sequence[str], gri
         for name in names:
             for point, ratio in enumerate(grid[1:], start=1):
                 seed = sample_seed(sampling.seed, probe.key, SWEEP_VARIANT.format(name=name), point)
-                jobs.append(Job(index, SampleRequest(synth.full_ratios({name: float(ratio)}), seed, sampling.alpha,
-                                                     sampling.beta)))
+                jobs.append(
+                    Job(
+                        index,
+                        SampleRequest(synth.full_ratios({name: float(ratio)}), seed, sampling.alpha, sampling.beta),
+                    )
+                )
     measured = iter(run_jobs(synth, probes, jobs, "calibrate: sweep ratios", console))
     strengths = {name: np.empty((len(probes), len(grid))) for name in names}
     for index in range(len(probes)):
@@ -116,8 +122,9 @@ def sweep(synth: Synthesizer, probes: Sequence[Probe], names: Sequence[str], gri
     return strengths
 
 
-def check_jobs(recipe: Recipe, synth: Synthesizer, probes: Sequence[Probe], name: str, variants: Sequence[Variant],
-               count: int) -> list[Job]:
+def check_jobs(
+    recipe: Recipe, synth: Synthesizer, probes: Sequence[Probe], name: str, variants: Sequence[Variant], count: int
+) -> list[Job]:
     """`count` check samples of class `name` alone, drawn as `generate` draws them: probe photos x `variants`
     (those using the class) x repeats 1, 2, ... (as many as needed), each with its `plan.sample_seed`, the class's
     ratio from `plan.draw_ratios` and the variant's α and β. The same seeds for the recipe as given and the
@@ -130,6 +137,15 @@ def check_jobs(recipe: Recipe, synth: Synthesizer, probes: Sequence[Probe], name
             for variant in variants:
                 seed = sample_seed(recipe.sampling.seed, probe.key, variant.name, repeat)
                 ratio = draw_ratios(variant, classes, seed)[name]
-                jobs.append(Job(index, SampleRequest(synth.full_ratios({name: ratio}), seed, recipe.variant_alpha(variant),
-                                                     recipe.variant_beta(variant))))
+                jobs.append(
+                    Job(
+                        index,
+                        SampleRequest(
+                            synth.full_ratios({name: ratio}),
+                            seed,
+                            recipe.variant_alpha(variant),
+                            recipe.variant_beta(variant),
+                        ),
+                    )
+                )
     return jobs[:count]

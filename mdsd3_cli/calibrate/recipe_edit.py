@@ -37,8 +37,9 @@ def _moved(recipe: Recipe, raw: str, folder: Path) -> str:
     return os.path.relpath(recipe.resolve(raw), folder)
 
 
-def calibrated_data(data: Mapping[str, Any], recipe: Recipe, quantiles: Mapping[str, list[float]],
-                    out: Path) -> dict[str, Any]:
+def calibrated_data(
+    data: Mapping[str, Any], recipe: Recipe, quantiles: Mapping[str, list[float]], out: Path
+) -> dict[str, Any]:
     """The recipe data to write at `out`: `quantiles[name]` replaces class `name`'s ratio in each variant using it."""
     result = copy.deepcopy(dict(data))
     for index, variant in enumerate(recipe.variants):

@@ -49,13 +49,17 @@ def _single_class(path: Path, classes: list[str], workers: int | None, console: 
     return found
 
 
-def _class_folders(path: Path, folders: list[Path], classes: list[str], workers: int | None,
-                   console: Console | None) -> ReferenceStrengths:
+def _class_folders(
+    path: Path, folders: list[Path], classes: list[str], workers: int | None, console: Console | None
+) -> ReferenceStrengths:
     """clean/ with degraded/<class>/: each class folder measured against clean/ as evaluate --pairs does."""
     found = ReferenceStrengths("clean/ + degraded/<class>/")
     names = {folder.name for folder in folders}
-    found.problems += [Problem(str(entry), "not a class folder of the recipe; left out")
-                       for entry in sorted((path / "degraded").iterdir()) if entry.name not in names]
+    found.problems += [
+        Problem(str(entry), "not a class folder of the recipe; left out")
+        for entry in sorted((path / "degraded").iterdir())
+        if entry.name not in names
+    ]
     for name in classes:
         if name not in names:
             found.absent[name] = f"no folder degraded/{name}/ in the reference"
@@ -66,8 +70,14 @@ def _class_folders(path: Path, folders: list[Path], classes: list[str], workers:
     return found
 
 
-def measure_reference(path: Path, classes: list[str], known: list[str], named: bool, workers: int | None = None,
-                      console: Console | None = None) -> ReferenceStrengths:
+def measure_reference(
+    path: Path,
+    classes: list[str],
+    known: list[str],
+    named: bool,
+    workers: int | None = None,
+    console: Console | None = None,
+) -> ReferenceStrengths:
     """Strengths of `classes` (those with an estimator) in the reference at `path`; `known`: every class of the
     recipe (a degraded/ sub folder named after one makes the per-class layout); `named`: the user listed the
     classes (a flat clean/ + degraded/ set needs that). EvaluateError, with evaluate's messages, when the
@@ -79,20 +89,27 @@ def measure_reference(path: Path, classes: list[str], known: list[str], named: b
     return found
 
 
-def _measure(path: Path, classes: list[str], known: list[str], named: bool, workers: int | None,
-             console: Console | None) -> ReferenceStrengths:
+def _measure(
+    path: Path, classes: list[str], known: list[str], named: bool, workers: int | None, console: Console | None
+) -> ReferenceStrengths:
     """`measure_reference` for the classes with an estimator, by the reference's layout."""
     if (path / "manifest").is_dir():
         return _single_class(path, classes, workers, console)
     degraded = path / "degraded"
-    folders = sorted(entry for entry in degraded.iterdir() if entry.is_dir() and entry.name in known) \
-        if (path / "clean").is_dir() and degraded.is_dir() else []
+    folders = (
+        sorted(entry for entry in degraded.iterdir() if entry.is_dir() and entry.name in known)
+        if (path / "clean").is_dir() and degraded.is_dir()
+        else []
+    )
     if folders:
         return _class_folders(path, folders, classes, workers, console)
     if not named and (path / "clean").is_dir() and degraded.is_dir():
-        raise EvaluateError(f"{path}: clean/ + degraded/ holds one set of pairs with no class folders "
-                            "(degraded/<class>/); name the class(es) it shows with --classes, e.g. --classes haze")
+        raise EvaluateError(
+            f"{path}: clean/ + degraded/ holds one set of pairs with no class folders "
+            "(degraded/<class>/); name the class(es) it shows with --classes, e.g. --classes haze"
+        )
     report = evaluate_dataset(path, workers=workers, console=console)
     table = report.tables[report.summary["label"]]
-    return ReferenceStrengths("clean/ + degraded/", {name: _finite(table.column(name)) for name in classes},
-                              problems=list(report.problems))
+    return ReferenceStrengths(
+        "clean/ + degraded/", {name: _finite(table.column(name)) for name in classes}, problems=list(report.problems)
+    )

@@ -26,9 +26,13 @@ class Distribution(BaseModel):
     def of(cls, values: np.ndarray) -> Distribution:
         values = np.asarray(values, dtype=np.float64)
         levels = (0.05, 0.25, 0.5, 0.75, 0.95)
-        return cls(count=int(values.size), mean=float(values.mean()), std=float(values.std()),
-                   quantiles={f"q{round(level * 100):02d}": float(q) for level, q in zip(levels, np.quantile(values, levels))},
-                   values=[float(value) for value in values])
+        return cls(
+            count=int(values.size),
+            mean=float(values.mean()),
+            std=float(values.std()),
+            quantiles={f"q{round(level * 100):02d}": float(q) for level, q in zip(levels, np.quantile(values, levels))},
+            values=[float(value) for value in values],
+        )
 
 
 class CurveInfo(BaseModel):
@@ -103,19 +107,31 @@ class CalibrationReport(BaseModel):
 def summary_table(report: CalibrationReport) -> Table:
     """One row per class: what happened, the reference's median, W1 before and after (units and fraction)."""
     table = Table(title=f"mdsd3 calibrate — {Path(report.out).name}")
-    for column in ("class", "status", "variants", "reference median", "W1 as given", "W1 calibrated", "after/before",
-                   "calibrated ratio q10 / q50 / q90"):
+    for column in (
+        "class",
+        "status",
+        "variants",
+        "reference median",
+        "W1 as given",
+        "W1 calibrated",
+        "after/before",
+        "calibrated ratio q10 / q50 / q90",
+    ):
         table.add_column(column, justify="left" if column in ("class", "status", "variants") else "right")
     for result in report.classes:
         before, after = result.before, result.after
-        cells = [result.name, result.status if result.reason is None else f"{result.status}: {result.reason}",
-                 ", ".join(result.variants) or "-",
-                 "-" if result.reference is None else f"{result.reference.quantiles['q50']:.3g}",
-                 "-" if before is None else f"{before.wasserstein:.3g} ({before.wasserstein_of_spread:.0%})",
-                 "-" if after is None else f"{after.wasserstein:.3g} ({after.wasserstein_of_spread:.0%})",
-                 "-" if before is None or after is None or before.wasserstein == 0
-                 else f"{after.wasserstein / before.wasserstein:.0%}",
-                 "-" if result.quantiles is None else " / ".join(f"{result.quantiles[i]:.2f}" for i in (1, 5, 9))]
+        cells = [
+            result.name,
+            result.status if result.reason is None else f"{result.status}: {result.reason}",
+            ", ".join(result.variants) or "-",
+            "-" if result.reference is None else f"{result.reference.quantiles['q50']:.3g}",
+            "-" if before is None else f"{before.wasserstein:.3g} ({before.wasserstein_of_spread:.0%})",
+            "-" if after is None else f"{after.wasserstein:.3g} ({after.wasserstein_of_spread:.0%})",
+            "-"
+            if before is None or after is None or before.wasserstein == 0
+            else f"{after.wasserstein / before.wasserstein:.0%}",
+            "-" if result.quantiles is None else " / ".join(f"{result.quantiles[i]:.2f}" for i in (1, 5, 9)),
+        ]
         table.add_row(*cells)
     return table
 
@@ -144,8 +160,11 @@ def plot_png(report: CalibrationReport) -> bytes | None:
         curve_axis.set_ylabel(result.units or "strength")
         curve_axis.set_title(f"{result.name}: strength(ratio)")
         curve_axis.legend(fontsize=7)
-        sets = {"reference": result.reference, "as given": result.before and result.before.strengths,
-                "calibrated": result.after and result.after.strengths}
+        sets = {
+            "reference": result.reference,
+            "as given": result.before and result.before.strengths,
+            "calibrated": result.after and result.after.strengths,
+        }
         values = [np.array(item.values) for item in sets.values() if item is not None]
         bins = np.histogram_bin_edges(np.concatenate(values), bins=20)
         for label, item in sets.items():

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.dataset.manifest import open_regular
 from mdsd3_cli.dataset.ownership import LOCKS, locked_by_another
 from mdsd3_cli.dataset.writer import own_logs
+from mdsd3_cli.util.atomic import atomic_write
 
 PLAN_SUFFIX = ".plan.json"
 FINISHED_SUFFIX = ".finished.json"
@@ -45,8 +45,13 @@ class ShardPlan:
     """SHA-256 of this shard's keys and the variant folders (`plan_fingerprint`)."""
 
     def payload(self) -> dict[str, Any]:
-        return {"shard": self.shard, "samples": self.samples, "per_input": self.per_input,
-                "plan_samples": self.plan_samples, "fingerprint": self.fingerprint}
+        return {
+            "shard": self.shard,
+            "samples": self.samples,
+            "per_input": self.per_input,
+            "plan_samples": self.plan_samples,
+            "fingerprint": self.fingerprint,
+        }
 
 
 def plan_fingerprint(keys: Iterable[str], folders: Sequence[str]) -> str:
@@ -121,8 +126,9 @@ class Completeness:
     @property
     def unfinished(self) -> list[str]:
         """Why the dataset is not complete (empty: complete, or not known)."""
-        return [state.describe() for state in self.shards if not state.finished or state.writer is not None] \
-            + self.notes
+        return [
+            state.describe() for state in self.shards if not state.finished or state.writer is not None
+        ] + self.notes
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -138,8 +144,9 @@ def _plan_of(payload: dict[str, Any] | None, shard: str) -> ShardPlan | None:
     if payload is None or payload.get("shard") != shard:
         return None
     numbers = [payload.get("samples"), payload.get("per_input"), payload.get("plan_samples")]
-    if not all(type(number) is int and number >= 0 for number in numbers) \
-            or not isinstance(payload.get("fingerprint"), str):
+    if not all(type(number) is int and number >= 0 for number in numbers) or not isinstance(
+        payload.get("fingerprint"), str
+    ):
         return None
     return ShardPlan(shard, *numbers, payload["fingerprint"])
 
@@ -148,12 +155,12 @@ def live_writers(root: Path) -> dict[str, str]:
     """Shard name -> PID (as its lock file says) of every shard lock under OUT/.locks a live process holds."""
     writers = {}
     for path in sorted((Path(root) / LOCKS).glob("*.lock")):
-        if _SHARD_NAME.fullmatch(path.name[:-len(".lock")]) and locked_by_another(path):
+        if _SHARD_NAME.fullmatch(path.name[: -len(".lock")]) and locked_by_another(path):
             try:
                 with open_regular(path) as file:
-                    writers[path.name[:-len(".lock")]] = file.read(32).decode("ascii", "replace").strip()
+                    writers[path.name[: -len(".lock")]] = file.read(32).decode("ascii", "replace").strip()
             except OSError:
-                writers[path.name[:-len(".lock")]] = ""
+                writers[path.name[: -len(".lock")]] = ""
     return writers
 
 
@@ -166,13 +173,13 @@ def completeness(root: Path, recorded: Mapping[str, int], listed: int) -> Comple
     distinct samples per shard manifest (by shard name), and `listed`: distinct samples of all manifests (fewer
     than the finished shards planned, less their failed inputs', means records were lost)."""
     root = Path(root)
-    names = [tuple(map(int, _SHARD_NAME.match(path.name).groups())) for path in own_logs(root, "manifest",
-                                                                                        PLAN_SUFFIX)]
+    names = [tuple(map(int, _SHARD_NAME.match(path.name).groups())) for path in own_logs(root, "manifest", PLAN_SUFFIX)]
     counts = sorted({count for index, count in names if index < count})
     writers = live_writers(root)
     if not counts:
-        return Completeness(False, notes=_legacy_missing_shards(root) + [_writing(shard, pid) for shard, pid
-                                                                           in writers.items()])
+        return Completeness(
+            False, notes=_legacy_missing_shards(root) + [_writing(shard, pid) for shard, pid in writers.items()]
+        )
     count = counts[-1]  # a shard starting removes other counts' plans: several mean an interrupted start
     result = Completeness(True)
     if len(counts) > 1:
@@ -195,11 +202,15 @@ def completeness(root: Path, recorded: Mapping[str, int], listed: int) -> Comple
     result.notes += [_writing(shard, pid) for shard, pid in writers.items()]
     planned = [state.planned for state in result.shards]
     if len(whole) > 1 or (None not in planned and whole and sum(planned) != whole.pop()):
-        result.notes.append("the shards planned from different inputs (inputs or --limit changed between shards): "
-                            "rerun every shard with the same inputs")
+        result.notes.append(
+            "the shards planned from different inputs (inputs or --limit changed between shards): "
+            "rerun every shard with the same inputs"
+        )
     if all(state.finished for state in result.shards) and listed < expected:
-        result.notes.append(f"the manifests list {listed} samples, the finished shards planned {expected} "
-                            "(records were lost: rerun generate)")
+        result.notes.append(
+            f"the manifests list {listed} samples, the finished shards planned {expected} "
+            "(records were lost: rerun generate)"
+        )
     return result
 
 

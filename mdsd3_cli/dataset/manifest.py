@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mdsd3_cli.util.images import unsafe_key_reason
 from mdsd3_cli.recipe.file import MAX_REPEATS, MAX_SAMPLES_PER_INPUT
+from mdsd3_cli.util.images import unsafe_key_reason
 from mdsd3_cli.util.safe_names import safe_component
 
 TAR_FIELD = "tar"
@@ -61,6 +61,7 @@ def parse_record(line: bytes) -> dict[str, Any]:
 def number_problem(record: dict[str, Any]) -> str | None:
     """The first field of a record holding a number that is not finite or too large for a 64-bit float (JSON
     allows `1e999` and integers of any length; JSON writers and Parquet columns refuse them), named; else None."""
+
     def bad(value: Any) -> bool:
         if isinstance(value, dict):
             return any(bad(item) for item in value.values())
@@ -92,8 +93,11 @@ def record_ratios(record: dict[str, Any], required: bool = True) -> dict[str, fl
     if not isinstance(ratios, dict):
         raise ManifestLineError("'ratios' must map class names to numbers")
     try:
-        converted = {name: float(value) for name, value in ratios.items()
-                     if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        converted = {
+            name: float(value)
+            for name, value in ratios.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
     except OverflowError:
         converted = {}
     if len(converted) != len(ratios) or not all(math.isfinite(value) for value in converted.values()):
@@ -116,8 +120,7 @@ def manifest_lines(path: Path) -> Iterator[tuple[int, bytes]]:
 
 def manifest_files(root: Path) -> list[Path]:
     """Every shard's manifest, in name order: regular files only (a link, folder or pipe there is never read)."""
-    return sorted(path for path in Path(root).glob("manifest/*.jsonl")
-                  if stat.S_ISREG(path.lstat().st_mode))
+    return sorted(path for path in Path(root).glob("manifest/*.jsonl") if stat.S_ISREG(path.lstat().st_mode))
 
 
 def open_regular(path: Path) -> BinaryIO:
@@ -167,7 +170,10 @@ def run_folders(info: dict[str, Any]) -> list[str]:
             raise ValueError(f"{where}.repeats: {repeats!r} is not an integer in 1..{MAX_REPEATS}")
         named.append((name, repeats))
     if sum(repeats for _, repeats in named) > MAX_SAMPLES_PER_INPUT:
-        raise ValueError(f"recipe.variants: more than {MAX_SAMPLES_PER_INPUT:,} variant folders, more than a "
-                         "recipe may ask for (a damaged run.json?)")
-    return [name if repeats == 1 else f"{name}_r{repeat}" for name, repeats in named
-            for repeat in range(1, repeats + 1)]
+        raise ValueError(
+            f"recipe.variants: more than {MAX_SAMPLES_PER_INPUT:,} variant folders, more than a "
+            "recipe may ask for (a damaged run.json?)"
+        )
+    return [
+        name if repeats == 1 else f"{name}_r{repeat}" for name, repeats in named for repeat in range(1, repeats + 1)
+    ]

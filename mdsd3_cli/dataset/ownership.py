@@ -13,8 +13,15 @@ import stat
 from pathlib import Path
 from types import TracebackType
 
+from mdsd3_cli.dataset.writer import (
+    RUN_JSON,
+    RUN_SCHEMA,
+    RUN_TOOL,
+    OutputConflictError,
+    manifest_listed_files,
+    own_logs,
+)
 from mdsd3_cli.util.atomic import leftover_temps, open_append
-from mdsd3_cli.dataset.writer import RUN_JSON, RUN_SCHEMA, RUN_TOOL, OutputConflictError, manifest_listed_files, own_logs
 
 LOCKS = ".locks"
 _OWN_TRANSIENT_PREFIXES = (f".{RUN_JSON}.", ".mdsd3-write-test-")
@@ -61,15 +68,22 @@ def foreign_output_reason(out: Path) -> str | None:
         problem = run_json_problem(out / RUN_JSON)
         if problem is None:
             return None
-        return (f"output folder {out} holds a {RUN_JSON} that mdsd3 did not write ({problem}), so mdsd3 did not "
-                "make it; mdsd3 writes only into an empty folder or its own output: choose another output.dir")
-    others = sorted(entry.name for entry in out.iterdir()
-                    if entry.name != LOCKS and not entry.name.startswith(_OWN_TRANSIENT_PREFIXES))
+        return (
+            f"output folder {out} holds a {RUN_JSON} that mdsd3 did not write ({problem}), so mdsd3 did not "
+            "make it; mdsd3 writes only into an empty folder or its own output: choose another output.dir"
+        )
+    others = sorted(
+        entry.name
+        for entry in out.iterdir()
+        if entry.name != LOCKS and not entry.name.startswith(_OWN_TRANSIENT_PREFIXES)
+    )
     if not others:
         return None
     shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
-    return (f"output folder {out} is not empty ({shown}) and has no {RUN_JSON}, so mdsd3 did not make it; "
-            "mdsd3 writes only into an empty folder or its own output: choose another output.dir")
+    return (
+        f"output folder {out} is not empty ({shown}) and has no {RUN_JSON}, so mdsd3 did not make it; "
+        "mdsd3 writes only into an empty folder or its own output: choose another output.dir"
+    )
 
 
 def claim_output(out: Path) -> None:
@@ -104,8 +118,10 @@ class OutputLock:
             holder = file.read(32).decode("ascii", "replace").strip() or "unknown"
             file.close()
             if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ShardBusyError(f"{self.what} of {self.root} is being written by another process (PID {holder}); "
-                                     "wait for it to finish or stop it") from None
+                raise ShardBusyError(
+                    f"{self.what} of {self.root} is being written by another process (PID {holder}); "
+                    "wait for it to finish or stop it"
+                ) from None
             raise
         file.truncate(0)
         file.write(f"{os.getpid()}\n".encode("ascii"))
@@ -113,8 +129,9 @@ class OutputLock:
         self._file = file
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if self._file is not None:
             self._file.close()  # closing the last descriptor releases the flock
             self._file = None
@@ -148,14 +165,17 @@ class ShardingLock:
             other_count = int(match.group(1)) if match else self.count
             if other_count != self.count and locked_by_another(other):
                 file.close()
-                raise ShardBusyError(f"{self.root} is being written by another process with {other_count} shards "
-                                     f"(this run has {self.count}); one output takes one shard count at a time: "
-                                     "wait for it to finish or use its --num-shards")
+                raise ShardBusyError(
+                    f"{self.root} is being written by another process with {other_count} shards "
+                    f"(this run has {self.count}); one output takes one shard count at a time: "
+                    "wait for it to finish or use its --num-shards"
+                )
         self._file = file
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -190,14 +210,28 @@ def clear_outputs(out: Path) -> int:
     root = Path(out)
     removed = 0
     listed = manifest_listed_files(root)
-    logs = [*(path for suffix in (".jsonl", ".tars.json", ".plan.json", ".finished.json")
-              for path in own_logs(root, "manifest", suffix)), *own_logs(root, "errors", ".jsonl")]
+    logs = [
+        *(
+            path
+            for suffix in (".jsonl", ".tars.json", ".plan.json", ".finished.json")
+            for path in own_logs(root, "manifest", suffix)
+        ),
+        *own_logs(root, "errors", ".jsonl"),
+    ]
     for path in [*listed, *leftover_temps(listed), *logs, root / RUN_JSON]:
         if os.path.lexists(path) and not path.is_dir():
             path.unlink()  # a link is removed, never followed
             removed += 1
-    for folder in sorted({parent for path in [*listed, *logs] for parent in path.parents if parent != root
-                          and parent.is_relative_to(root)}, key=lambda p: len(p.parts), reverse=True):
+    for folder in sorted(
+        {
+            parent
+            for path in [*listed, *logs]
+            for parent in path.parents
+            if parent != root and parent.is_relative_to(root)
+        },
+        key=lambda p: len(p.parts),
+        reverse=True,
+    ):
         try:
             folder.rmdir()  # only when empty
         except OSError:

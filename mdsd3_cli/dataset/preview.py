@@ -12,10 +12,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from mdsd3_cli.util.atomic import atomic_write
-from mdsd3_cli.util.images import ImageError
 from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios
 from mdsd3_cli.dataset.stored_images import record_image
+from mdsd3_cli.util.atomic import atomic_write
+from mdsd3_cli.util.images import ImageError
 
 LABEL_HEIGHT = 18
 MIN_CELL = 96
@@ -28,8 +28,9 @@ def _checked(record: dict[str, Any]) -> dict[str, Any]:
     """`record` with its ratios as finite floats; ManifestLineError when `ratios` or `size` is unusable."""
     record = {**record, "ratios": record_ratios(record)}
     size = record.get("size")
-    if size is not None and not (isinstance(size, list) and len(size) == 2
-                                 and all(isinstance(side, int) and side > 0 for side in size)):
+    if size is not None and not (
+        isinstance(size, list) and len(size) == 2 and all(isinstance(side, int) and side > 0 for side in size)
+    ):
         raise ManifestLineError("'size' must be [width, height] in pixels")
     return record
 
@@ -48,8 +49,9 @@ def read_manifests(dataset: Path, problems: list[str] | None = None) -> list[dic
     return records
 
 
-def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0,
-                  problems: list[str] | None = None) -> Image.Image:
+def contact_sheet(
+    dataset: Path, count: int = 16, cell: int = 192, seed: int = 0, problems: list[str] | None = None
+) -> Image.Image:
     """A grid: a header row of folder names, then up to `count` randomly chosen keys, one per row: the clean
     image and every variant folder's image, each labelled (key, or the sample's class ratios).
 
@@ -60,8 +62,10 @@ def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0
         raise FileNotFoundError(f"dataset folder not found: {dataset}")
     records = read_manifests(dataset, problems)
     if not records:
-        raise FileNotFoundError(f"{dataset} has no usable manifest records (is it an mdsd3 generate output folder?)"
-                                + (f"; e.g. {problems[0]}" if problems else ""))
+        raise FileNotFoundError(
+            f"{dataset} has no usable manifest records (is it an mdsd3 generate output folder?)"
+            + (f"; e.g. {problems[0]}" if problems else "")
+        )
     by_key: dict[str, dict[str, dict]] = defaultdict(dict)
     for record in records:
         by_key[record["key"]][record["folder"]] = record
@@ -91,21 +95,30 @@ def contact_sheet(dataset: Path, count: int = 16, cell: int = 192, seed: int = 0
             if image_ref is None:
                 label = "missing" if record is None else "outside the dataset"
                 if record is not None:
-                    problems.append(f"key {key!r} folder {record['folder']!r}: the {role} image path leaves the "
-                                    "dataset folder")
+                    problems.append(
+                        f"key {key!r} folder {record['folder']!r}: the {role} image path leaves the dataset folder"
+                    )
             else:
-                label = key if name == "clean" else " ".join(
-                    f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
+                label = (
+                    key
+                    if name == "clean"
+                    else " ".join(f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
+                )
                 try:
                     image = image_ref.read_rgb()
                 except ImageError as error:
                     problems.append(f"{image_ref}: {error.reason}")
                     label = "unreadable"
                 else:
-                    thumb = ImageOps.contain(image, (cell, cell), Image.Resampling.NEAREST
-                                             if max(image.size) < cell else Image.Resampling.LANCZOS)
+                    thumb = ImageOps.contain(
+                        image,
+                        (cell, cell),
+                        Image.Resampling.NEAREST if max(image.size) < cell else Image.Resampling.LANCZOS,
+                    )
                     sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + LABEL_HEIGHT))
-            draw.text((left + 3, top + 3), label[-width:] if name == "clean" else label[:width], fill="dimgray", font=font)
+            draw.text(
+                (left + 3, top + 3), label[-width:] if name == "clean" else label[:width], fill="dimgray", font=font
+            )
     return sheet
 
 

@@ -16,9 +16,8 @@ from typing import Any, BinaryIO
 
 from PIL import Image
 
-from mdsd3_cli.util.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
 from mdsd3_cli.dataset.manifest import MEMBER_FIELDS, TAR_FIELD, open_regular
-
+from mdsd3_cli.util.images import DEFAULT_MAX_PIXELS, ImageError, decode_rgb
 
 MAX_IMAGE_BYTES = DEFAULT_MAX_PIXELS * 8 + (16 << 20)
 """Largest image file (or tar member) read: an uncompressed 16-bit RGBA image at the decompression-bomb pixel limit,

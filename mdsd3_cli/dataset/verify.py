@@ -25,15 +25,26 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mdsd3_cli.util.images import ImageError, decode_rgb
 from mdsd3_cli.dataset.completeness import Completeness, completeness
-from mdsd3_cli.dataset.manifest import (FILE_FIELDS, MAX_LINE_BYTES, MEMBER_FIELDS, TAR_FIELD, ManifestLineError,
-                                        manifest_files, manifest_lines, number_problem, open_regular, parse_record,
-                                        run_folders, run_info)
-from mdsd3_cli.util.ordered_map import ordered_map
-from mdsd3_cli.util.progress import RunProgress
+from mdsd3_cli.dataset.manifest import (
+    FILE_FIELDS,
+    MAX_LINE_BYTES,
+    MEMBER_FIELDS,
+    TAR_FIELD,
+    ManifestLineError,
+    manifest_files,
+    manifest_lines,
+    number_problem,
+    open_regular,
+    parse_record,
+    run_folders,
+    run_info,
+)
 from mdsd3_cli.dataset.stored_images import inside_dataset, too_large
 from mdsd3_cli.dataset.writer import RUN_JSON
+from mdsd3_cli.util.images import ImageError, decode_rgb
+from mdsd3_cli.util.ordered_map import ordered_map
+from mdsd3_cli.util.progress import RunProgress
 
 SCANNED_FOLDERS = ("clean", "degraded", "tars")
 """Where dataset files live: a file there without a record is an orphan."""
@@ -42,7 +53,6 @@ LISTED_PER_KIND = 20
 """Problems of one kind listed by `print_problems`; the rest are counted."""
 HASH_CHUNK_BYTES = 1 << 20
 """Bytes hashed at a time: an image is never held whole to be hashed."""
-
 
 
 class NotADatasetError(ValueError):
@@ -107,7 +117,8 @@ class VerifyReport:
         state = self.completeness
         if state is None or not state.recorded:
             return "completeness not recorded (an output of an earlier mdsd3)" + (
-                "; unfinished" if state is not None and state.unfinished else "")
+                "; unfinished" if state is not None and state.unfinished else ""
+            )
         finished = sum(shard.finished and shard.writer is None for shard in state.shards)
         if not state.unfinished:
             return f"complete ({len(state.shards)} of {len(state.shards)} shards finished)"
@@ -116,8 +127,11 @@ class VerifyReport:
     def table(self) -> Table:
         table = Table(title=f"mdsd3 verify — {self.dataset}", show_header=False)
         rows = [
-            ("records", self.records), ("files checked", self.files), ("MiB read", f"{self.bytes / 2**20:.1f}"),
-            ("elapsed", f"{self.elapsed_s:.2f} s"), ("files/s", f"{self.files_per_s:.0f}"),
+            ("records", self.records),
+            ("files checked", self.files),
+            ("MiB read", f"{self.bytes / 2**20:.1f}"),
+            ("elapsed", f"{self.elapsed_s:.2f} s"),
+            ("files/s", f"{self.files_per_s:.0f}"),
             ("MiB/s", f"{self.bytes / 2**20 / self.elapsed_s:.1f}" if self.elapsed_s > 0 else "-"),
             ("failed inputs (errors/, not checked)", self.failed_inputs),
         ]
@@ -145,8 +159,9 @@ class _Index:
     """Distinct (key, folder) records."""
 
 
-def verify_dataset(dataset: str | os.PathLike, workers: int | None = None,
-                   console: Console | None = None) -> VerifyReport:
+def verify_dataset(
+    dataset: str | os.PathLike, workers: int | None = None, console: Console | None = None
+) -> VerifyReport:
     """Check every record and file of `dataset`; the report lists each problem found."""
     root = Path(dataset).expanduser().resolve()
     if not (root / "manifest").is_dir():
@@ -172,8 +187,11 @@ def verify_dataset(dataset: str | os.PathLike, workers: int | None = None,
             report.problems += checked.problems
             progress.advance(checked.files)
     referenced = set(index.files) | set(index.members)
-    report.problems += [Problem("orphan", relative, "no manifest record refers to this file")
-                        for relative in _dataset_files(root) if relative not in referenced]
+    report.problems += [
+        Problem("orphan", relative, "no manifest record refers to this file")
+        for relative in _dataset_files(root)
+        if relative not in referenced
+    ]
     report.elapsed_s = time.perf_counter() - started
     return report
 
@@ -195,8 +213,11 @@ def _read_manifests(root: Path, report: VerifyReport, recorded: dict[str, int]) 
     index = _Index()
     seen: dict[tuple[str, str], bytes] = {}
     read = manifest_files(root)
-    report.problems += [Problem("manifest", path.relative_to(root).as_posix(), "not a regular file (a link, folder "
-                                "or pipe); not read") for path in sorted(root.glob("manifest/*.jsonl")) if path not in read]
+    report.problems += [
+        Problem("manifest", path.relative_to(root).as_posix(), "not a regular file (a link, folder or pipe); not read")
+        for path in sorted(root.glob("manifest/*.jsonl"))
+        if path not in read
+    ]
     for manifest in read:
         where_file = manifest.relative_to(root).as_posix()
         own: set[tuple[str, str]] = set()
@@ -216,8 +237,11 @@ def _read_manifests(root: Path, report: VerifyReport, recorded: dict[str, int]) 
             digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
             if sample in seen:
                 if seen[sample] != digest:
-                    report.problems.append(Problem("conflict", where, f"a second, different record for key "
-                                                   f"{sample[0]!r} folder {sample[1]!r}"))
+                    report.problems.append(
+                        Problem(
+                            "conflict", where, f"a second, different record for key {sample[0]!r} folder {sample[1]!r}"
+                        )
+                    )
                 continue
             seen[sample] = digest
             index.samples += 1
@@ -227,34 +251,43 @@ def _read_manifests(root: Path, report: VerifyReport, recorded: dict[str, int]) 
     return index
 
 
-def _index_record(root: Path, record: dict[str, Any], where: str, index: _Index,
-                  report: VerifyReport) -> None:
+def _index_record(root: Path, record: dict[str, Any], where: str, index: _Index, report: VerifyReport) -> None:
     size = record.get("size")
     dims = (size[0], size[1]) if isinstance(size, list) and len(size) == 2 else None
     if TAR_FIELD in record:
         tar = record[TAR_FIELD]
         if inside_dataset(root, tar) is None:
-            report.problems.append(Problem("manifest", where, f"field tar: {tar!r} is outside the dataset (or not a "
-                                           "relative path)"))
+            report.problems.append(
+                Problem("manifest", where, f"field tar: {tar!r} is outside the dataset (or not a relative path)")
+            )
             return
         members = index.members[tar]
         for role in FILE_FIELDS:
             member, expected = record[MEMBER_FIELDS[role]], _expected(record, role, dims, report)
             if members.setdefault(member, expected) != expected:  # a key's folders share its clean image
-                report.problems.append(Problem("conflict", where, f"{tar}:{member} is recorded with another size, "
-                                               "hash or role"))
+                report.problems.append(
+                    Problem("conflict", where, f"{tar}:{member} is recorded with another size, hash or role")
+                )
         records = members.setdefault(record[MEMBER_FIELDS["json"]], {})
         if isinstance(records, dict):
             records[record["folder"]] = record
         else:
-            report.problems.append(Problem("conflict", where, f"{tar}:{record[MEMBER_FIELDS['json']]} is recorded "
-                                           "as an image and as records"))
+            report.problems.append(
+                Problem(
+                    "conflict", where, f"{tar}:{record[MEMBER_FIELDS['json']]} is recorded as an image and as records"
+                )
+            )
         return
     for role in FILE_FIELDS:
         relative = record[role]
         if inside_dataset(root, relative) is None:
-            report.problems.append(Problem("manifest", where, f"field {role}: path {relative!r} is outside the dataset "
-                                           "(or not a relative path)"))
+            report.problems.append(
+                Problem(
+                    "manifest",
+                    where,
+                    f"field {role}: path {relative!r} is outside the dataset (or not a relative path)",
+                )
+            )
             continue
         expected = _expected(record, role, dims, report)
         known = index.files.setdefault(relative, expected)
@@ -298,8 +331,7 @@ def _count_lines(path: Path, report: VerifyReport) -> int:
         with open_regular(path) as handle:
             return sum(1 for _ in iter(lambda: handle.readline(1 << 20), b""))
     except OSError as error:
-        report.problems.append(Problem("manifest", path.relative_to(report.dataset).as_posix(),
-                                       f"unreadable: {error}"))
+        report.problems.append(Problem("manifest", path.relative_to(report.dataset).as_posix(), f"unreadable: {error}"))
         return 0
 
 
@@ -326,8 +358,9 @@ def _file_task(root: Path, relative: str, expected: Expected) -> Callable[[], _C
             if path.is_symlink() or not path.is_file():
                 raise FileNotFoundError
             with open_regular(path) as file:
-                checked.bytes, checked.problems = _check_stream(relative, file, os.fstat(file.fileno()).st_size,
-                                                                expected)
+                checked.bytes, checked.problems = _check_stream(
+                    relative, file, os.fstat(file.fileno()).st_size, expected
+                )
         except FileNotFoundError:
             checked.problems.append(Problem("missing", relative, "recorded in the manifest but not on disk"))
         except OSError as error:
@@ -408,8 +441,13 @@ def _check_stream(where: str, stream: BinaryIO, size: int, expected: Expected) -
     (from the stream). One larger than its record or than `stored_images.MAX_IMAGE_BYTES` is not read."""
     problems = []
     if expected.size is not None and size != expected.size:
-        problems.append(Problem("size", where, f"{size} bytes, manifest says {expected.size}"
-                                + ("; not read" if size > expected.size else "")))
+        problems.append(
+            Problem(
+                "size",
+                where,
+                f"{size} bytes, manifest says {expected.size}" + ("; not read" if size > expected.size else ""),
+            )
+        )
         if size > expected.size:
             return 0, problems
     over = too_large(size)
@@ -427,6 +465,7 @@ def _check_stream(where: str, stream: BinaryIO, size: int, expected: Expected) -
         problems.append(Problem("decode", where, f"does not decode: {error.reason}"))
         return size, problems
     if expected.dims is not None and dims != expected.dims:
-        problems.append(Problem("size", where, f"{dims[0]}x{dims[1]} pixels, manifest says "
-                                f"{expected.dims[0]}x{expected.dims[1]}"))
+        problems.append(
+            Problem("size", where, f"{dims[0]}x{dims[1]} pixels, manifest says {expected.dims[0]}x{expected.dims[1]}")
+        )
     return size, problems

@@ -15,11 +15,11 @@ from typing import Any, BinaryIO, Literal
 import numpy as np
 from PIL import Image
 
+from mdsd3_cli.dataset.manifest import RUN_JSON, ManifestLineError, parse_record
 from mdsd3_cli.util.atomic import atomic_write, open_append
 from mdsd3_cli.util.background_writer import BackgroundWriter
 from mdsd3_cli.util.images import unsafe_key_reason
 from mdsd3_cli.util.safe_names import safe_component
-from mdsd3_cli.dataset.manifest import RUN_JSON, ManifestLineError, parse_record
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 FORMAT_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -91,9 +91,7 @@ def _checked_name(name: str, what: str) -> str:
     return name
 
 
-def encode_image(
-    pixels: np.ndarray, fmt: ImageFormat, quality: int = 95, png_compress_level: int = 1
-) -> bytes:
+def encode_image(pixels: np.ndarray, fmt: ImageFormat, quality: int = 95, png_compress_level: int = 1) -> bytes:
     """Encode HxWx3 uint8 pixels; the same pixels and settings always give the same bytes (no metadata)."""
     _check_pixels(pixels, "pixels")
     image = Image.fromarray(pixels)
@@ -262,8 +260,13 @@ class DatasetWriter(BackgroundWriter):
             self._write_file(degraded_path, degraded_bytes)
             if clean_wait is not None:
                 clean_digest = clean_wait.result()  # the clean image of this key is written by an earlier sample
-            line = _json_line({**record, **file_digest_fields("clean", *clean_digest),
-                               **file_digest_fields("degraded", *digest(degraded_bytes))})
+            line = _json_line(
+                {
+                    **record,
+                    **file_digest_fields("clean", *clean_digest),
+                    **file_digest_fields("degraded", *digest(degraded_bytes)),
+                }
+            )
             with self._lock:
                 self._manifest.write(line)
                 self._manifest.flush()
@@ -298,7 +301,6 @@ class DatasetWriter(BackgroundWriter):
         atomic_write(path, data, root=self.layout.root)
         with self._lock:
             self.bytes_written += len(data)
-
 
 
 def completed_samples(out_dir: str | Path, keys: Container[str] | None = None) -> set[tuple[str, str]]:
@@ -338,8 +340,9 @@ def write_run_json(out_dir: str | Path, payload: Mapping[str, Any]) -> Path:
         raise ValueError("run.json payload needs an 'identity' entry")
     path = Path(out_dir) / RUN_JSON
     marked = {**payload, "tool": RUN_TOOL, "schema": RUN_SCHEMA}
-    atomic_write(path, (json.dumps(marked, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"),
-                 shared=True)
+    atomic_write(
+        path, (json.dumps(marked, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"), shared=True
+    )
     return path
 
 
@@ -378,8 +381,11 @@ def identity_differences(stored: Any, expected: Any, path: str = "") -> list[str
             found += identity_differences(stored.get(name), expected.get(name), f"{path}.{name}" if path else name)
         return found
     if isinstance(stored, list) and isinstance(expected, list):
-        found = [] if len(stored) == len(expected) else [
-            f"{path or 'identity'}: {_items(len(stored))} → {_items(len(expected))}"]
+        found = (
+            []
+            if len(stored) == len(expected)
+            else [f"{path or 'identity'}: {_items(len(stored))} → {_items(len(expected))}"]
+        )
         for index, (old, new) in enumerate(zip(stored, expected)):
             found += identity_differences(old, new, f"{path}[{index}]")
         return found
@@ -400,8 +406,10 @@ def _shown_pair(stored: Any, expected: Any, limit: int = 60) -> str:
         return " → ".join(texts)
     first = next((i for i, (a, b) in enumerate(zip(*texts)) if a != b), min(len(text) for text in texts))
     start = max(0, first - limit // 3)
-    return " → ".join(("…" if start else "") + text[start:start + limit] + ("…" if start + limit < len(text) else "")
-                      for text in texts)
+    return " → ".join(
+        ("…" if start else "") + text[start : start + limit] + ("…" if start + limit < len(text) else "")
+        for text in texts
+    )
 
 
 LISTED_FILE_FIELDS = ("clean", "degraded", "tar")
@@ -438,8 +446,11 @@ def manifest_listed_files(out_dir: str | Path) -> list[Path]:
     def add(names: list[Any]) -> None:
         for relative in (name for name in names if isinstance(name, str)):
             path = root / relative
-            if unsafe_key_reason(relative) is None and _recorded_shape(relative) \
-                    and path.parent.resolve().is_relative_to(root):
+            if (
+                unsafe_key_reason(relative) is None
+                and _recorded_shape(relative)
+                and path.parent.resolve().is_relative_to(root)
+            ):
                 listed.add(path)
 
     for manifest in own_logs(root, "manifest", ".jsonl"):

@@ -1,8 +1,8 @@
 """`mdsd3 evaluate`: measure the degradations a dataset actually contains (classical estimators, no weights).
 
-    from mdsd3_cli.evaluate import evaluate_dataset, measure_pair
-    report = evaluate_dataset(Path("out/demo"))
-    report.variant("rain")["normalised"]["rain"]
+from mdsd3_cli.evaluate import evaluate_dataset, measure_pair
+report = evaluate_dataset(Path("out/demo"))
+report.variant("rain")["normalised"]["rain"]
 """
 
 from .estimators import ESTIMATOR_VERSIONS
@@ -12,6 +12,15 @@ from .report import Report, write_report
 from .run import evaluate_dataset
 
 __all__ = [
-    "CLASS_ESTIMATORS", "CLASS_SCALES", "CLASS_UNITS", "ESTIMATOR_VERSIONS", "EvaluateError", "Problem", "Report",
-    "evaluate_dataset", "measure_pair", "normalised_strengths", "write_report",
+    "CLASS_ESTIMATORS",
+    "CLASS_SCALES",
+    "CLASS_UNITS",
+    "ESTIMATOR_VERSIONS",
+    "EvaluateError",
+    "Problem",
+    "Report",
+    "evaluate_dataset",
+    "measure_pair",
+    "normalised_strengths",
+    "write_report",
 ]

@@ -65,8 +65,12 @@ class SampleTable:
 
     def row(self, index: int) -> dict[str, Any]:
         """One sample as a flat mapping (the per-sample CSV's columns)."""
-        row: dict[str, Any] = {"key": self.keys[index], "variant": self.variants[index], "folder": self.folders[index],
-                               "repeat": self.repeats[index]}
+        row: dict[str, Any] = {
+            "key": self.keys[index],
+            "variant": self.variants[index],
+            "folder": self.folders[index],
+            "repeat": self.repeats[index],
+        }
         row.update({f"ratio:{name}": self.ratios[name][index] for name in self.classes})
         row.update({name: self.measures[name][index] for name in MEASURE_NAMES})
         row.update({f"{name}_norm": self.measures[name][index] / CLASS_SCALES[name] for name in CLASS_ESTIMATORS})
@@ -115,8 +119,10 @@ def monotonicity(table: SampleTable) -> dict[str, dict[str, Any]]:
         others = [table.column(f"ratio:{other}") for other in table.classes if other != name]
         alone = np.all([column == 0 for column in others], axis=0) if others else np.ones(len(table), dtype=bool)
         result[name] = {
-            "spearman": spearman(ratio, strength), "samples": len(table),
-            "spearman_single_class": spearman(ratio[alone], strength[alone]), "single_class_samples": int(alone.sum()),
+            "spearman": spearman(ratio, strength),
+            "samples": len(table),
+            "spearman_single_class": spearman(ratio[alone], strength[alone]),
+            "single_class_samples": int(alone.sum()),
         }
     return result
 
@@ -134,8 +140,9 @@ def selectivity(table: SampleTable) -> dict[str, dict[str, Any]]:
         if table.classes and not requested[variant]:
             identity |= masks[variant]
     estimated = list(CLASS_ESTIMATORS)
-    baseline = {name: float(np.median(table.normalised(name)[identity])) if identity.any() else 0.0
-                for name in estimated}
+    baseline = {
+        name: float(np.median(table.normalised(name)[identity])) if identity.any() else 0.0 for name in estimated
+    }
     result = {}
     for variant in variants:
         own = requested[variant]
@@ -146,7 +153,10 @@ def selectivity(table: SampleTable) -> dict[str, dict[str, Any]]:
         other_class = max((name for name in estimated if name != own_class), key=lambda name: moves[name])
         largest_rise = max(moves[other_class], 0.0)
         result[variant] = {
-            "class": own_class, "moves": moves, "largest_other_class": other_class, "largest_other_rise": largest_rise,
+            "class": own_class,
+            "moves": moves,
+            "largest_other_class": other_class,
+            "largest_other_rise": largest_rise,
             "ratio": moves[own_class] / max(largest_rise, SELECTIVITY_FLOOR),
             "baseline": "identity variants" if identity.any() else "zero",
         }
@@ -167,8 +177,12 @@ def summarise(table: SampleTable, label: str) -> dict[str, Any]:
             "diversity": None if diversity is None else {"groups": int(diversity.size), **describe(diversity)},
         }
     return {
-        "label": label, "samples": len(table), "classes": list(table.classes), "variants": variants,
-        "monotonicity": monotonicity(table), "selectivity": selectivity(table),
+        "label": label,
+        "samples": len(table),
+        "classes": list(table.classes),
+        "variants": variants,
+        "monotonicity": monotonicity(table),
+        "selectivity": selectivity(table),
     }
 
 
@@ -197,8 +211,10 @@ def compare(table: SampleTable, other: SampleTable) -> dict[str, dict[str, Any]]
             "wasserstein": float(stats.wasserstein_distance(mine, theirs)),
             "median_shift": float(np.median(theirs) - np.median(mine)),
             "samples": [int(mine.size), int(theirs.size)],
-            "quantiles": {f"q{round(q * 100):02d}": [float(a), float(b)]
-                          for q, a, b in zip(QUANTILES, np.quantile(mine, QUANTILES), np.quantile(theirs, QUANTILES))},
+            "quantiles": {
+                f"q{round(q * 100):02d}": [float(a), float(b)]
+                for q, a, b in zip(QUANTILES, np.quantile(mine, QUANTILES), np.quantile(theirs, QUANTILES))
+            },
         }
     return result
 
@@ -206,4 +222,3 @@ def compare(table: SampleTable, other: SampleTable) -> dict[str, dict[str, Any]]
 def class_info() -> dict[str, dict[str, Any]]:
     """Units and reference scale of every estimated class."""
     return {name: {"units": CLASS_UNITS[name], "scale": CLASS_SCALES[name]} for name in CLASS_ESTIMATORS}
-

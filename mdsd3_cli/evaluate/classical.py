@@ -35,8 +35,14 @@ def gaussian_blur(pixels: np.ndarray, sigma: float) -> np.ndarray:
     return _to_uint8(ndimage.gaussian_filter(pixels.astype(np.float64), sigma=(sigma, sigma, 0)))
 
 
-def rain_layer(shape: tuple[int, int], density: float, seed: int = 0, length: int = 17, angle_deg: float = 10.0,
-               brightness: float = 200.0) -> np.ndarray:
+def rain_layer(
+    shape: tuple[int, int],
+    density: float,
+    seed: int = 0,
+    length: int = 17,
+    angle_deg: float = 10.0,
+    brightness: float = 200.0,
+) -> np.ndarray:
     """A rain-streak layer [H, W] in 8-bit levels: `density` = fraction of pixels seeding a streak, each seed
     smeared into a line `length` pixels long at `angle_deg` from vertical (motion blur), peak `brightness`."""
     rng = np.random.default_rng(seed)

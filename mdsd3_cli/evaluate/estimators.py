@@ -88,7 +88,7 @@ def _window_sums(planes: np.ndarray, size: int, axis: int) -> np.ndarray:
     making up `size` are added (7 = 4 + 2 + 1: four additions instead of six)."""
 
     def cut(values: np.ndarray, start: int, count: int) -> np.ndarray:
-        return values[..., start:start + count, :] if axis == -2 else values[..., start:start + count]
+        return values[..., start : start + count, :] if axis == -2 else values[..., start : start + count]
 
     spans = {1: planes}
     while 2 * max(spans) <= size:
@@ -135,10 +135,13 @@ def grid_step_ratio(planes: np.ndarray, grid: int) -> float:
     across_rows = np.abs(np.diff(planes, axis=1))
     column_border = np.arange(1, planes.shape[2]) % grid == 0
     row_border = np.arange(1, planes.shape[1]) % grid == 0
-    border_sum = float(across_columns[:, :, column_border].sum(dtype=np.float64)
-                       + across_rows[:, row_border, :].sum(dtype=np.float64))
+    border_sum = float(
+        across_columns[:, :, column_border].sum(dtype=np.float64) + across_rows[:, row_border, :].sum(dtype=np.float64)
+    )
     total = float(across_columns.sum(dtype=np.float64) + across_rows.sum(dtype=np.float64))
-    border_count = planes.shape[0] * (planes.shape[1] * int(column_border.sum()) + planes.shape[2] * int(row_border.sum()))
+    border_count = planes.shape[0] * (
+        planes.shape[1] * int(column_border.sum()) + planes.shape[2] * int(row_border.sum())
+    )
     inside_count = across_columns.size + across_rows.size - border_count
     if border_count == 0 or inside_count == 0 or total == border_sum:
         return float("nan")
@@ -204,8 +207,10 @@ class Pair:
         self.reference = clean if isinstance(clean, Reference) else Reference(clean)
         degraded = np.asarray(degraded)
         if degraded.shape != self.reference.planes.shape[1:] + (3,):
-            raise ValueError(f"expected two RGB arrays [H, W, 3] of one shape, got "
-                             f"{self.reference.planes.shape[1:] + (3,)} and {degraded.shape}")
+            raise ValueError(
+                f"expected two RGB arrays [H, W, 3] of one shape, got "
+                f"{self.reference.planes.shape[1:] + (3,)} and {degraded.shape}"
+            )
         self.clean = self.reference.planes
         self.degraded = np.moveaxis(degraded, 2, 0).astype(np.float32, order="C")
 
@@ -294,8 +299,9 @@ def haze_veil(pair: Pair) -> float:
     second pixel (sparse bright additions such as rain streaks do not move a median), averaged over channels.
     Darkening reads 0."""
     clean, degraded = pair.clean[:, ::2, ::2], pair.degraded[:, ::2, ::2]
-    veils = [_median((degraded[c] - np.float32(slope) * clean[c]).ravel())
-             for c, (slope, _) in enumerate(pair.channel_fits)]
+    veils = [
+        _median((degraded[c] - np.float32(slope) * clean[c]).ravel()) for c, (slope, _) in enumerate(pair.channel_fits)
+    ]
     return max(0.0, float(np.mean(veils)) / 255.0)
 
 
@@ -381,6 +387,9 @@ def repeat_diversity(images: list[np.ndarray]) -> float:
     sample); 0 when they are identical. Needs at least two images of one shape."""
     if len(images) < 2:
         raise ValueError("repeat diversity needs at least two images")
-    differences = [float(np.mean(np.abs(np.asarray(a, np.float32) - b), dtype=np.float64))
-                   for index, a in enumerate(images) for b in images[index + 1:]]
+    differences = [
+        float(np.mean(np.abs(np.asarray(a, np.float32) - b), dtype=np.float64))
+        for index, a in enumerate(images)
+        for b in images[index + 1 :]
+    ]
     return float(np.mean(differences))

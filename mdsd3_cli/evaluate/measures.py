@@ -40,8 +40,9 @@ under-exposed, half the finest detail gone) and classes compare on one scale."""
 MEASURE_NAMES: tuple[str, ...] = (*GENERIC_MEASURES, SEAM, *CLASS_ESTIMATORS)
 
 
-def measure_pair(clean: np.ndarray | estimators.Reference, degraded: np.ndarray,
-                 seam_grid: int = estimators.DEFAULT_SEAM_GRID) -> dict[str, float]:
+def measure_pair(
+    clean: np.ndarray | estimators.Reference, degraded: np.ndarray, seam_grid: int = estimators.DEFAULT_SEAM_GRID
+) -> dict[str, float]:
     """Every measure of one pair: PSNR (dB), SSIM, the seam ratio on a `seam_grid`-pixel grid (1.0: no seams)
     and each class's strength in its own units (CLASS_UNITS).
 

@@ -9,10 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mdsd3_cli.util.images import walk_images
-from mdsd3_cli.dataset.manifest import (ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios,
-                        run_info)
+from mdsd3_cli.dataset.manifest import (
+    ManifestLineError,
+    manifest_files,
+    manifest_lines,
+    parse_record,
+    record_ratios,
+    run_info,
+)
 from mdsd3_cli.dataset.stored_images import ImageRef, record_image
+from mdsd3_cli.util.images import walk_images
 
 
 class EvaluateError(ValueError):
@@ -70,8 +76,9 @@ def open_dataset(path: Path, label: str | None = None) -> PairSource:
         return read_manifests(path, label)
     if (path / "clean").is_dir() and (path / "degraded").is_dir():
         return match_folders(path / "clean", path / "degraded", label or path.name)
-    raise EvaluateError(f"{path}: neither an mdsd3 output (no manifest/ folder) nor a folder with clean/ and "
-                        f"degraded/ subfolders")
+    raise EvaluateError(
+        f"{path}: neither an mdsd3 output (no manifest/ folder) nor a folder with clean/ and degraded/ subfolders"
+    )
 
 
 def _sample_from_record(root: Path, record: dict[str, Any]) -> tuple[str, ImageRef, Sample] | str:
@@ -108,11 +115,12 @@ def read_manifests(root: Path, label: str | None = None) -> PairSource:
             classes.update(dict.fromkeys(sample.ratios))
             _, samples = grouped.setdefault(key, (clean, {}))
             samples.setdefault(sample.folder, sample)
-    groups = [PairGroup(key, clean, tuple(sorted(samples.values(), key=lambda s: (s.variant, s.repeat, s.folder))))
-              for key, (clean, samples) in sorted(grouped.items())]
+    groups = [
+        PairGroup(key, clean, tuple(sorted(samples.values(), key=lambda s: (s.variant, s.repeat, s.folder))))
+        for key, (clean, samples) in sorted(grouped.items())
+    ]
     ordered = [name for name in _run_classes(root) if name in classes]
-    return PairSource(label or root.name, groups, ordered + [name for name in classes if name not in ordered],
-                      problems)
+    return PairSource(label or root.name, groups, ordered + [name for name in classes if name not in ordered], problems)
 
 
 def _run_classes(root: Path) -> list[str]:

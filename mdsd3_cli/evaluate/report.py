@@ -17,6 +17,7 @@ from rich.table import Table
 
 from mdsd3_cli import __version__
 from mdsd3_cli.util.atomic import AtomicFile, atomic_write
+
 from .aggregate import class_info
 from .estimators import DEFAULT_SEAM_GRID, ESTIMATOR_VERSIONS
 from .measures import CLASS_ESTIMATORS, MEASURE_NAMES, SEAM
@@ -30,8 +31,10 @@ COLUMN_NAMES = {"noise": "noise σ", "haze": "haze veil", "rain": "rain", "low_l
 """Terminal column headers of the class strengths (units: see CLASS_UNITS)."""
 REPORT_VERSION = 1
 """report.json's format version."""
-SELECTIVITY_CAPTION = ("selectivity: the variant's own class move over the largest rise of another class; "
-                       "a class reading lower than on the identity is not counted")
+SELECTIVITY_CAPTION = (
+    "selectivity: the variant's own class move over the largest rise of another class; "
+    "a class reading lower than on the identity is not counted"
+)
 
 
 @dataclass
@@ -57,8 +60,13 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "report_version": REPORT_VERSION, "mdsd3_version": __version__, "estimators": ESTIMATOR_VERSIONS,
-            "classes": class_info(), "seam_grid": self.seam_grid, "dataset": self.summary, "against": self.against,
+            "report_version": REPORT_VERSION,
+            "mdsd3_version": __version__,
+            "estimators": ESTIMATOR_VERSIONS,
+            "classes": class_info(),
+            "seam_grid": self.seam_grid,
+            "dataset": self.summary,
+            "against": self.against,
             "distances": self.distances,
             "problems": [{"path": problem.path, "reason": problem.reason} for problem in self.problems],
         }
@@ -71,8 +79,16 @@ class SampleCsv:
 
     def __init__(self, path: Path, sources: list[PairSource]) -> None:
         classes = list(dict.fromkeys(name for source in sources for name in source.classes))
-        self.columns = ["set", "key", "variant", "folder", "repeat", *(f"ratio:{name}" for name in classes),
-                        *MEASURE_NAMES, *(f"{name}_norm" for name in CLASS_ESTIMATORS)]
+        self.columns = [
+            "set",
+            "key",
+            "variant",
+            "folder",
+            "repeat",
+            *(f"ratio:{name}" for name in classes),
+            *MEASURE_NAMES,
+            *(f"{name}_norm" for name in CLASS_ESTIMATORS),
+        ]
         self._atomic = AtomicFile(path)
         self._file = io.TextIOWrapper(self._atomic.file, encoding="utf-8", newline="")
         self._writer = csv.DictWriter(self._file, self.columns, restval="")
@@ -130,8 +146,9 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
             axis.scatter(ratio, strength, s=8, alpha=0.5)
             levels = np.unique(ratio)
             if levels.size <= 20:
-                axis.plot(levels, [np.median(strength[ratio == level]) for level in levels], "k-o", ms=3,
-                          label="median")
+                axis.plot(
+                    levels, [np.median(strength[ratio == level]) for level in levels], "k-o", ms=3, label="median"
+                )
                 axis.legend(loc="upper left", fontsize=8)
             rho = report.summary["monotonicity"][name]["spearman"]
             axis.set_title(f"{name} (Spearman {rho:.2f})" if rho is not None else name)
@@ -139,8 +156,9 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
             axis.set_ylabel(f"measured {name}")
         written.append(_save(figure, out_dir / "strength_vs_ratio.png", pyplot))
     variants = list(report.summary["variants"])
-    grid = np.array([[report.summary["variants"][v]["normalised"][name] or 0.0 for name in CLASS_ESTIMATORS]
-                     for v in variants])
+    grid = np.array(
+        [[report.summary["variants"][v]["normalised"][name] or 0.0 for name in CLASS_ESTIMATORS] for v in variants]
+    )
     figure, axis = pyplot.subplots(figsize=(1.2 * len(CLASS_ESTIMATORS) + 2, 0.4 * len(variants) + 1.5))
     image = axis.imshow(grid, cmap="viridis", aspect="auto")
     axis.set_xticks(range(len(CLASS_ESTIMATORS)), list(CLASS_ESTIMATORS))
@@ -155,8 +173,9 @@ def write_plots(report: Report, out_dir: Path) -> list[Path]:
     return written
 
 
-def _against_plot(table: SampleTable, other: SampleTable, label: str, other_label: str, out_dir: Path,
-                  pyplot: Any) -> Path:
+def _against_plot(
+    table: SampleTable, other: SampleTable, label: str, other_label: str, out_dir: Path, pyplot: Any
+) -> Path:
     from .aggregate import class_selection
 
     names = ["psnr", *CLASS_ESTIMATORS]
@@ -197,9 +216,15 @@ def variants_table(summary: dict[str, Any]) -> Table:
         measures = stats["measures"]
         strengths = [_number(measures[name].get("median")) for name in CLASS_ESTIMATORS]
         diversity = stats["diversity"]
-        table.add_row(escape(variant), str(stats["samples"]), _number(measures["psnr"].get("median"), 1),
-                      _number(measures["ssim"].get("median"), 3), _number(measures[SEAM].get("median")), *strengths,
-                      "-" if diversity is None else _number(diversity.get("median")))
+        table.add_row(
+            escape(variant),
+            str(stats["samples"]),
+            _number(measures["psnr"].get("median"), 1),
+            _number(measures["ssim"].get("median"), 3),
+            _number(measures[SEAM].get("median")),
+            *strengths,
+            "-" if diversity is None else _number(diversity.get("median")),
+        )
     return table
 
 
@@ -211,11 +236,16 @@ def classes_table(summary: dict[str, Any]) -> Table:
     for name, result in summary["monotonicity"].items():
         picks = [(v, s) for v, s in summary["selectivity"].items() if s["class"] == name] or [(None, None)]
         for variant, chosen in picks:
-            table.add_row(escape(name), _number(result["spearman"]), _number(result["spearman_single_class"]),
-                          "-" if variant is None else escape(variant),
-                          "-" if chosen is None else f"{chosen['ratio']:.1f}x",
-                          "-" if chosen is None else
-                          f"{escape(chosen['largest_other_class'])} {chosen['largest_other_rise']:+.2f}")
+            table.add_row(
+                escape(name),
+                _number(result["spearman"]),
+                _number(result["spearman_single_class"]),
+                "-" if variant is None else escape(variant),
+                "-" if chosen is None else f"{chosen['ratio']:.1f}x",
+                "-"
+                if chosen is None
+                else f"{escape(chosen['largest_other_class'])} {chosen['largest_other_rise']:+.2f}",
+            )
     return table
 
 
@@ -225,8 +255,13 @@ def distances_table(label: str, distances: dict[str, Any]) -> Table:
     for column in ("measure", "Wasserstein", "median (dataset)", "median (against)", "median shift"):
         table.add_column(column)
     for name, result in distances.items():
-        table.add_row(name, _number(result["wasserstein"], 3), _number(result["quantiles"]["q50"][0], 3),
-                      _number(result["quantiles"]["q50"][1], 3), _number(result["median_shift"], 3))
+        table.add_row(
+            name,
+            _number(result["wasserstein"], 3),
+            _number(result["quantiles"]["q50"][0], 3),
+            _number(result["quantiles"]["q50"][1], 3),
+            _number(result["median_shift"], 3),
+        )
     return table
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mdsd3_cli.util.progress import RunProgress
+
 from .aggregate import SampleTable, compare, summarise
 from .estimators import DEFAULT_SEAM_GRID
 from .pairs import EvaluateError, PairSource, Problem, match_folders, open_dataset
@@ -44,8 +45,9 @@ def _stop_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _measure(source: PairSource, workers: int, csv: SampleCsv | None, console: Console | None,
-             seam_grid: int) -> SampleTable:
+def _measure(
+    source: PairSource, workers: int, csv: SampleCsv | None, console: Console | None, seam_grid: int
+) -> SampleTable:
     table = SampleTable(source.classes)
     with RunProgress(source.sample_count, f"evaluate {source.label}", unit="pairs", console=console) as progress:
         for result in measure_groups(source.groups, min(workers, max(1, len(source.groups))), seam_grid):
@@ -97,8 +99,10 @@ def evaluate_dataset(
         csv.close()
     for source in (main, *others):
         if len(tables[source.label]) == 0:
-            raise EvaluateError(f"{source.label}: none of its {source.sample_count} pairs could be read"
-                                + _first_problems(source.problems))
+            raise EvaluateError(
+                f"{source.label}: none of its {source.sample_count} pairs could be read"
+                + _first_problems(source.problems)
+            )
     main_table = tables[main.label]
     return Report(
         summary=summarise(main_table, main.label),
@@ -117,8 +121,10 @@ def _refuse_out_inside_inputs(out_dir: Path, inputs: list[Path]) -> None:
     for folder in inputs:
         folder_resolved = folder.expanduser().resolve()
         if out.is_relative_to(folder_resolved):
-            raise EvaluateError(f"--out {out_dir} is inside the input folder {folder} (its plots would be read as "
-                                "images by the next run); choose a report folder outside the inputs")
+            raise EvaluateError(
+                f"--out {out_dir} is inside the input folder {folder} (its plots would be read as "
+                "images by the next run); choose a report folder outside the inputs"
+            )
 
 
 def _unique_labels(sources: list[PairSource]) -> None:

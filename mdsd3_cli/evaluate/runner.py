@@ -13,8 +13,9 @@ from functools import partial
 
 import numpy as np
 
-from mdsd3_cli.util.images import DEFAULT_MAX_PIXELS, MIN_SIDE, ImageError
 from mdsd3_cli.dataset.stored_images import ImageRef
+from mdsd3_cli.util.images import DEFAULT_MAX_PIXELS, MIN_SIDE, ImageError
+
 from .estimators import DEFAULT_SEAM_GRID, Reference, repeat_diversity
 from .measures import measure_pair
 from .pairs import PairGroup, Problem, Sample
@@ -61,8 +62,7 @@ def measure_group(group: PairGroup, seam_grid: int = DEFAULT_SEAM_GRID) -> Group
     try:
         clean = read_rgb(group.clean)
     except ImageError as error:
-        problem = Problem(str(group.clean), f"clean image: {error.reason} (skipped {len(group.samples)} "
-                          "pair(s))")
+        problem = Problem(str(group.clean), f"clean image: {error.reason} (skipped {len(group.samples)} pair(s))")
         return GroupResult(group, (), {}, (problem,))
     reference = Reference(clean)
     measured, problems = [], []
@@ -75,8 +75,13 @@ def measure_group(group: PairGroup, seam_grid: int = DEFAULT_SEAM_GRID) -> Group
             problems.append(Problem(str(sample.image), error.reason))
             continue
         if degraded.shape != clean.shape:
-            problems.append(Problem(str(sample.image), f"size {degraded.shape[1]}x{degraded.shape[0]} differs from "
-                                    f"its clean image {group.clean} ({clean.shape[1]}x{clean.shape[0]})"))
+            problems.append(
+                Problem(
+                    str(sample.image),
+                    f"size {degraded.shape[1]}x{degraded.shape[0]} differs from "
+                    f"its clean image {group.clean} ({clean.shape[1]}x{clean.shape[0]})",
+                )
+            )
             continue
         measured.append(MeasuredSample(sample, measure_pair(reference, degraded, seam_grid)))
         if sample.variant in repeats:
@@ -105,8 +110,9 @@ def _start_worker() -> None:
     retain_freed_memory()
 
 
-def measure_groups(groups: Iterable[PairGroup], workers: int, seam_grid: int = DEFAULT_SEAM_GRID
-                   ) -> Iterator[GroupResult]:
+def measure_groups(
+    groups: Iterable[PairGroup], workers: int, seam_grid: int = DEFAULT_SEAM_GRID
+) -> Iterator[GroupResult]:
     """`measure_group` over `groups`, results in input order; `workers` > 1 uses that many processes. The process
     measuring (this one when `workers` <= 1) keeps freed memory for reuse (`retain_freed_memory`)."""
     if workers <= 1:
@@ -116,4 +122,3 @@ def measure_groups(groups: Iterable[PairGroup], workers: int, seam_grid: int = D
     context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     with context.Pool(workers, initializer=_start_worker) as pool:
         yield from pool.imap(partial(measure_group, seam_grid=seam_grid), groups, chunksize=4)
-

@@ -15,10 +15,10 @@ from typing import Any
 
 import lmdb
 
-from mdsd3_cli.util.atomic import naming, space_error
-from mdsd3_cli.util.safe_names import safe_component
 from mdsd3_cli.export.sample import EncodedSample, flat_key
 from mdsd3_cli.export.staging import StagedFolder
+from mdsd3_cli.util.atomic import naming, space_error
+from mdsd3_cli.util.safe_names import safe_component
 
 GT_NAME = "gt.lmdb"
 ONE_LQ_NAME = "lq.lmdb"
@@ -89,8 +89,11 @@ class _Database:
 
     def abort(self) -> None:
         """Close without committing what is pending; never raises (the folder is about to be deleted)."""
-        for close in (getattr(self.transaction, "abort", None), getattr(self.environment, "close", None),
-                      getattr(self.meta_info, "close", None)):
+        for close in (
+            getattr(self.transaction, "abort", None),
+            getattr(self.environment, "close", None),
+            getattr(self.meta_info, "close", None),
+        ):
             try:
                 if close is not None:
                     close()
@@ -109,13 +112,22 @@ class LmdbWriter:
     `one_lq`: one `lq.lmdb` for every variant folder (see the module's docstring).
     """
 
-    def __init__(self, destination: Path, folders: Sequence[str], sizes: Mapping[str | None, tuple[int, int]],
-                 level: int, partial: Mapping[str, Any] | None = None, one_lq: bool = False) -> None:
+    def __init__(
+        self,
+        destination: Path,
+        folders: Sequence[str],
+        sizes: Mapping[str | None, tuple[int, int]],
+        level: int,
+        partial: Mapping[str, Any] | None = None,
+        one_lq: bool = False,
+    ) -> None:
         names = [lq_name(folder) for folder in folders]  # checked before anything is created
         if one_lq:  # gt: the clean image once per pair; lq: every folder's images
             pairs = len(folders)
-            layout = {None: (GT_NAME, (sizes[None][0] * pairs, sizes[None][1] * pairs)),
-                      ONE_LQ_NAME: (ONE_LQ_NAME, tuple(map(sum, zip(*(sizes[folder] for folder in folders)))))}
+            layout = {
+                None: (GT_NAME, (sizes[None][0] * pairs, sizes[None][1] * pairs)),
+                ONE_LQ_NAME: (ONE_LQ_NAME, tuple(map(sum, zip(*(sizes[folder] for folder in folders))))),
+            }
         else:
             layout = {folder: (name, sizes[folder]) for folder, name in zip((None, *folders), (GT_NAME, *names))}
         self._folder = StagedFolder(destination)
@@ -138,17 +150,21 @@ class LmdbWriter:
         if self.one_lq:
             key = f"{key}/{flat_key(sample.folder)}"
             if len(key) > MAX_KEY_BYTES:
-                raise ValueError(f"key {sample.key!r} of folder {sample.folder!r}: the pair key {key!r} is longer "
-                                 f"than LMDB's {MAX_KEY_BYTES} bytes; export without the one-LQ layout")
+                raise ValueError(
+                    f"key {sample.key!r} of folder {sample.folder!r}: the pair key {key!r} is longer "
+                    f"than LMDB's {MAX_KEY_BYTES} bytes; export without the one-LQ layout"
+                )
             self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
-            self._databases[ONE_LQ_NAME].put(key, sample.degraded,
-                                             self._meta_line(key, sample.extension, sample.degraded_shape))
+            self._databases[ONE_LQ_NAME].put(
+                key, sample.degraded, self._meta_line(key, sample.extension, sample.degraded_shape)
+            )
             return
         if sample.key != self._last_key:
             self._databases[None].put(key, sample.clean, self._meta_line(key, sample.extension, sample.clean_shape))
             self._last_key = sample.key
-        self._databases[sample.folder].put(key, sample.degraded,
-                                           self._meta_line(key, sample.extension, sample.degraded_shape))
+        self._databases[sample.folder].put(
+            key, sample.degraded, self._meta_line(key, sample.extension, sample.degraded_shape)
+        )
 
     def _meta_line(self, key: str, extension: str, shape: tuple[int, int, int]) -> str:
         height, width, channels = shape

@@ -84,10 +84,14 @@ def _why(path: Path) -> str:
 def _record_expectations(records: Any, where: str, report: VerifyReport) -> dict[str, dict[str, Any]] | None:
     """A `.json` member's records by folder, each with the fields the checks need; None (and a problem) if not."""
     fields = ("clean_sha256", "clean_bytes", "degraded_sha256", "degraded_bytes", "size")
-    if not isinstance(records, dict) or not records or not all(
-            isinstance(record, dict) and all(name in record for name in fields) for record in records.values()):
-        report.problems.append(Problem("manifest", where, f"not a map of variant folder to records with "
-                                       f"{', '.join(fields)}"))
+    if (
+        not isinstance(records, dict)
+        or not records
+        or not all(isinstance(record, dict) and all(name in record for name in fields) for record in records.values())
+    ):
+        report.problems.append(
+            Problem("manifest", where, f"not a map of variant folder to records with {', '.join(fields)}")
+        )
         return None
     return records
 
@@ -119,12 +123,14 @@ def _check_tars(root: Path, report: VerifyReport) -> None:
         for stem, names in by_stem.items():
             json_name = f"{stem}.json"
             if json_name not in members:
-                report.problems += [Problem("orphan", f"{tar.name}:{name}", "no .json member of its key records it")
-                                    for name in names]
+                report.problems += [
+                    Problem("orphan", f"{tar.name}:{name}", "no .json member of its key records it") for name in names
+                ]
                 continue
             if stem in keys_seen:
-                report.problems.append(Problem("duplicate", f"{tar.name}:{json_name}",
-                                               f"key also in {keys_seen[stem]}"))
+                report.problems.append(
+                    Problem("duplicate", f"{tar.name}:{json_name}", f"key also in {keys_seen[stem]}")
+                )
             keys_seen[stem] = tar.name
             try:
                 records = json.loads(members[json_name])
@@ -139,8 +145,10 @@ def _check_tars(root: Path, report: VerifyReport) -> None:
             expected = key_members(str(first.get("key", stem)), list(records), extension)
             if flat_key(str(first.get("key", ""))) != stem:
                 report.problems.append(Problem("manifest", f"{tar.name}:{json_name}", "its records name another key"))
-            wanted = {expected.clean: _expected(first, "clean"),
-                      **{expected.degraded[folder]: _expected(records[folder], "degraded") for folder in records}}
+            wanted = {
+                expected.clean: _expected(first, "clean"),
+                **{expected.degraded[folder]: _expected(records[folder], "degraded") for folder in records},
+            }
             for name, expectation in wanted.items():
                 if name not in members:
                     report.problems.append(Problem("missing", f"{tar.name}:{name}", "its key's records name it"))
@@ -148,8 +156,11 @@ def _check_tars(root: Path, report: VerifyReport) -> None:
                 report.files += 1
                 report.bytes += len(members[name])
                 report.problems += check_bytes(f"{tar.name}:{name}", members[name], expectation)
-            report.problems += [Problem("orphan", f"{tar.name}:{name}", "no record of its key names it")
-                                for name in names if name not in wanted and name != json_name]
+            report.problems += [
+                Problem("orphan", f"{tar.name}:{name}", "no record of its key names it")
+                for name in names
+                if name not in wanted and name != json_name
+            ]
 
 
 def _meta_info(database: Path, report: VerifyReport) -> dict[str, tuple[int, int, int]]:
@@ -204,14 +215,22 @@ def _check_lmdb(root: Path, report: VerifyReport) -> None:
                     continue  # check_bytes named it
                 if bands != channels:
                     report.problems.append(Problem("size", where, f"{bands} channels, {META_INFO} says {channels}"))
-        report.problems += [Problem("missing", f"{database.name}:{key}", f"listed in {META_INFO}, not in the database")
-                            for key in sorted(set(shapes) - stored)]
+        report.problems += [
+            Problem("missing", f"{database.name}:{key}", f"listed in {META_INFO}, not in the database")
+            for key in sorted(set(shapes) - stored)
+        ]
         key_sets[database.name] = stored
     gt = key_sets.get(GT_NAME, set())
     for name, keys in key_sets.items():
         if keys != gt:
-            report.problems.append(Problem("incomplete", name, f"{len(keys - gt)} keys not in {GT_NAME}, "
-                                           f"{len(gt - keys)} of its keys missing (BasicSR pairs need the same keys)"))
+            report.problems.append(
+                Problem(
+                    "incomplete",
+                    name,
+                    f"{len(keys - gt)} keys not in {GT_NAME}, "
+                    f"{len(gt - keys)} of its keys missing (BasicSR pairs need the same keys)",
+                )
+            )
 
 
 def _rows(path: Path) -> Iterator[dict[str, Any]]:
@@ -226,16 +245,18 @@ def _check_parquet(root: Path, report: VerifyReport) -> None:
             metadata = pq.read_schema(path).metadata or {}
             if PARTIAL_METADATA_KEY.encode() in metadata:
                 note = json.loads(metadata[PARTIAL_METADATA_KEY.encode()])
-                report.problems.append(Problem("unfinished", path.name, "a --partial export: "
-                                               + "; ".join(map(str, note.get("why", [])))))
+                report.problems.append(
+                    Problem("unfinished", path.name, "a --partial export: " + "; ".join(map(str, note.get("why", []))))
+                )
             for number, row in enumerate(_rows(path)):
                 _check_row(path.name, number, row, seen, report)
         except (OSError, ValueError) as error:  # pyarrow's errors are both
             report.problems.append(Problem("decode", path.name, f"unreadable Parquet file: {error}"))
 
 
-def _check_row(name: str, number: int, row: dict[str, Any], seen: dict[tuple[str, str], str],
-               report: VerifyReport) -> None:
+def _check_row(
+    name: str, number: int, row: dict[str, Any], seen: dict[tuple[str, str], str], report: VerifyReport
+) -> None:
     where = f"{name}:row {number}"
     try:
         record = json.loads(row.get("manifest") or "")

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mdsd3_cli.export.sample import EncodedSample
-from mdsd3_cli.util.atomic import AtomicFile, naming
 from mdsd3_cli.export.staging import StagedFolder
+from mdsd3_cli.util.atomic import AtomicFile, naming
 
 FILE_PATTERN = "data-{index:05d}.parquet"
 ROW_GROUP_ROWS = 100
@@ -24,10 +24,18 @@ PARTIAL_METADATA_KEY = "mdsd3_partial_export"
 """Schema metadata key (every file) of a --partial export: why it is partial and what was left out (JSON)."""
 _IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SCALAR_FIELDS: list[tuple[str, pa.DataType, str]] = [
-    ("key", pa.string(), "string"), ("folder", pa.string(), "string"), ("variant", pa.string(), "string"),
-    ("repeat", pa.int32(), "int32"), ("seed", pa.int64(), "int64"), ("prompt", pa.string(), "string"),
-    ("alpha", pa.float64(), "float64"), ("beta", pa.float64(), "float64"), ("steps", pa.int32(), "int32"),
-    ("guidance", pa.float64(), "float64"), ("width", pa.int32(), "int32"), ("height", pa.int32(), "int32"),
+    ("key", pa.string(), "string"),
+    ("folder", pa.string(), "string"),
+    ("variant", pa.string(), "string"),
+    ("repeat", pa.int32(), "int32"),
+    ("seed", pa.int64(), "int64"),
+    ("prompt", pa.string(), "string"),
+    ("alpha", pa.float64(), "float64"),
+    ("beta", pa.float64(), "float64"),
+    ("steps", pa.int32(), "int32"),
+    ("guidance", pa.float64(), "float64"),
+    ("width", pa.int32(), "int32"),
+    ("height", pa.int32(), "int32"),
 ]
 
 
@@ -36,12 +44,17 @@ def pair_schema(classes: Sequence[str], partial: Mapping[str, Any] | None = None
     (Hugging Face's Image struct), `manifest` (the whole record as JSON); `datasets` features in the metadata,
     and `partial` under PARTIAL_METADATA_KEY when given."""
     fields = [pa.field(name, kind) for name, kind, _ in SCALAR_FIELDS]
-    fields += [pa.field("ratios", pa.struct([(name, pa.float64()) for name in classes])),
-               pa.field("clean", _IMAGE), pa.field("degraded", _IMAGE), pa.field("manifest", pa.string())]
+    fields += [
+        pa.field("ratios", pa.struct([(name, pa.float64()) for name in classes])),
+        pa.field("clean", _IMAGE),
+        pa.field("degraded", _IMAGE),
+        pa.field("manifest", pa.string()),
+    ]
     features: dict[str, Any] = {name: {"dtype": dtype, "_type": "Value"} for name, _, dtype in SCALAR_FIELDS}
     features["ratios"] = {name: {"dtype": "float64", "_type": "Value"} for name in classes}
-    features.update(clean={"_type": "Image"}, degraded={"_type": "Image"},
-                    manifest={"dtype": "string", "_type": "Value"})
+    features.update(
+        clean={"_type": "Image"}, degraded={"_type": "Image"}, manifest={"dtype": "string", "_type": "Value"}
+    )
     metadata = {"huggingface": json.dumps({"info": {"features": features}})}
     if partial is not None:
         metadata[PARTIAL_METADATA_KEY] = json.dumps(dict(partial), sort_keys=True)
@@ -51,8 +64,9 @@ def pair_schema(classes: Sequence[str], partial: Mapping[str, Any] | None = None
 class ParquetWriter:
     """Writes `data-00000.parquet, ...` under `destination`, appearing as a whole on `close()`."""
 
-    def __init__(self, destination: Path, classes: Sequence[str], rows_per_file: int,
-                 partial: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, destination: Path, classes: Sequence[str], rows_per_file: int, partial: Mapping[str, Any] | None = None
+    ) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows per file must be at least 1, got {rows_per_file}")
         self.schema = pair_schema(classes, partial)
@@ -77,8 +91,11 @@ class ParquetWriter:
         self._rows.append(row)
         self._rows_in_file += 1
         self._buffered_bytes += len(sample.clean) + len(sample.degraded)
-        if (len(self._rows) == ROW_GROUP_ROWS or self._buffered_bytes >= ROW_GROUP_BYTES
-                or self._rows_in_file == self.rows_per_file):
+        if (
+            len(self._rows) == ROW_GROUP_ROWS
+            or self._buffered_bytes >= ROW_GROUP_BYTES
+            or self._rows_in_file == self.rows_per_file
+        ):
             self._flush()
 
     def close(self) -> None:
@@ -105,8 +122,9 @@ class ParquetWriter:
             self._writer = pq.ParquetWriter(self._file.file, self.schema)
             self.files += 1
         try:
-            self._writer.write_table(pa.Table.from_pylist(self._rows, schema=self.schema),
-                                     row_group_size=ROW_GROUP_ROWS)
+            self._writer.write_table(
+                pa.Table.from_pylist(self._rows, schema=self.schema), row_group_size=ROW_GROUP_ROWS
+            )
         except OSError as error:
             raise naming(error, self._file.path) from None
         self._rows, self._buffered_bytes = [], 0

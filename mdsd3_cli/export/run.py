@@ -28,17 +28,24 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from mdsd3_cli.dataset.completeness import completeness
+from mdsd3_cli.dataset.manifest import (
+    TAR_FIELD,
+    ManifestLineError,
+    manifest_files,
+    number_problem,
+    parse_record,
+    run_folders,
+    run_info,
+)
+from mdsd3_cli.dataset.stored_images import ImageRef, record_image
 from mdsd3_cli.export.basicsr_lmdb import MAX_KEY_BYTES, LmdbWriter
 from mdsd3_cli.export.parquet import SCALAR_FIELDS, ParquetWriter
 from mdsd3_cli.export.sample import EncodedSample, SampleWriter, flat_key
 from mdsd3_cli.export.webdataset import WebDatasetWriter
-from mdsd3_cli.dataset.completeness import completeness
-from mdsd3_cli.dataset.manifest import (TAR_FIELD, ManifestLineError, manifest_files, number_problem, parse_record,
-                                        run_folders, run_info)
 from mdsd3_cli.util.ordered_map import ordered_map
 from mdsd3_cli.util.progress import RunProgress
 from mdsd3_cli.util.safe_names import safe_component
-from mdsd3_cli.dataset.stored_images import ImageRef, record_image
 
 ExportFormat = Literal["webdataset", "lmdb", "parquet"]
 EXPORT_FORMATS: tuple[str, ...] = ("webdataset", "lmdb", "parquet")
@@ -91,8 +98,13 @@ class ExportPlan:
         """What a partial export records in its output, or None for a complete run."""
         if not self.unfinished:
             return None
-        return {"partial": True, "dataset": str(self.root), "why": self.unfinished,
-                "pairs": len(self.pairs), "keys_left_out": self.keys_left_out}
+        return {
+            "partial": True,
+            "dataset": str(self.root),
+            "why": self.unfinished,
+            "pairs": len(self.pairs),
+            "keys_left_out": self.keys_left_out,
+        }
 
     @property
     def classes(self) -> list[str]:
@@ -125,8 +137,12 @@ class ExportSummary:
         rows = [("destination", self.destination), ("pairs", self.pairs)]
         if self.partial:
             rows.append(("PARTIAL", f"{'; '.join(self.partial)}; {self.keys_left_out} keys left out"))
-        rows += [("MiB read", f"{self.bytes_read / 2**20:.1f}"), ("elapsed", f"{self.elapsed_s:.1f} s"),
-                 ("pairs/s", f"{rate:.1f}"), ("read it with", self.how_to_read)]
+        rows += [
+            ("MiB read", f"{self.bytes_read / 2**20:.1f}"),
+            ("elapsed", f"{self.elapsed_s:.1f} s"),
+            ("pairs/s", f"{rate:.1f}"),
+            ("read it with", self.how_to_read),
+        ]
         for name, value in rows:
             table.add_row(name, str(value))
         return table
@@ -188,13 +204,17 @@ def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan
     plan.pairs.sort()
     per_key = Counter(pair.key for pair in plan.pairs)  # pairs are unique, so a full count is every folder
     if len(plan.pairs) != len(per_key) * len(folders):
-        plan.unfinished.append(f"{len(per_key) * len(folders) - len(plan.pairs)} of {len(per_key) * len(folders)} "
-                               "pairs have no record (mdsd3 verify lists them)")
+        plan.unfinished.append(
+            f"{len(per_key) * len(folders) - len(plan.pairs)} of {len(per_key) * len(folders)} "
+            "pairs have no record (mdsd3 verify lists them)"
+        )
         plan.keys_left_out = sum(count != len(folders) for count in per_key.values())
         plan.pairs = [pair for pair in plan.pairs if per_key[pair.key] == len(folders)]
     if plan.unfinished and not partial:
-        raise ExportError(f"{root}: unfinished: {'; '.join(plan.unfinished)}. Finish the run with mdsd3 generate, "
-                          "or pass --partial to export the complete keys and mark the output partial")
+        raise ExportError(
+            f"{root}: unfinished: {'; '.join(plan.unfinished)}. Finish the run with mdsd3 generate, "
+            "or pass --partial to export the complete keys and mark the output partial"
+        )
     if not plan.pairs:
         raise ExportError(f"{root}: the manifest holds no {'complete key' if per_key else 'records'}")
     plan.bytes_per_database = {folder: (size, count) for folder, (size, count) in sizes.items()}
@@ -202,8 +222,11 @@ def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan
 
 
 def _check_classes(classes: Any) -> None:
-    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes) \
-            or len(set(classes)) != len(classes):
+    if (
+        not isinstance(classes, list)
+        or not all(isinstance(name, str) for name in classes)
+        or len(set(classes)) != len(classes)
+    ):
         raise ValueError(f"classes must be a list of distinct names, got {classes!r}")
 
 
@@ -255,8 +278,9 @@ def _count_bytes(total: list[int], root: Path, record: dict[str, Any], role: str
     total[1] += 1
 
 
-def open_writer(plan: ExportPlan, to: str, destination: Path, per_file: int | None = None,
-                one_lq: bool = False) -> SampleWriter:
+def open_writer(
+    plan: ExportPlan, to: str, destination: Path, per_file: int | None = None, one_lq: bool = False
+) -> SampleWriter:
     """The writer of format `to` (see EXPORT_FORMATS) for `plan`'s dataset (marked partial when the plan is);
     `one_lq`: lmdb with one LQ database for every variant folder."""
     if one_lq and to != "lmdb":
@@ -264,16 +288,23 @@ def open_writer(plan: ExportPlan, to: str, destination: Path, per_file: int | No
     if to == "webdataset":
         return WebDatasetWriter(destination, per_file or DEFAULT_KEYS_PER_TAR, plan.partial_note)
     if to == "lmdb":
-        return LmdbWriter(destination, plan.folders, plan.bytes_per_database, plan.meta_info_level, plan.partial_note,
-                          one_lq)
+        return LmdbWriter(
+            destination, plan.folders, plan.bytes_per_database, plan.meta_info_level, plan.partial_note, one_lq
+        )
     if to == "parquet":
         return ParquetWriter(destination, plan.classes, per_file or DEFAULT_ROWS_PER_FILE, plan.partial_note)
     raise ValueError(f"unknown export format {to!r}; expected one of {list(EXPORT_FORMATS)}")
 
 
-def run_export(dataset: str | os.PathLike, to: str, destination: str | os.PathLike,
-               per_file: int | None = None, console: Console | None = None,
-               partial: bool = False, one_lq: bool = False) -> ExportSummary:
+def run_export(
+    dataset: str | os.PathLike,
+    to: str,
+    destination: str | os.PathLike,
+    per_file: int | None = None,
+    console: Console | None = None,
+    partial: bool = False,
+    one_lq: bool = False,
+) -> ExportSummary:
     """Write `dataset` (a finished generate output, either layout) as `to` into the folder `destination`, which
     must not exist. `partial`: export an unfinished run's complete keys, marked partial (see `plan_export`).
     `one_lq`: lmdb with one LQ database for every variant folder (`basicsr_lmdb`)."""
@@ -313,15 +344,19 @@ class _Reader:
             line = handle.readline()
         if _line_hash(line) != pointer.line_hash:  # key, folder and every field: the line indexed, byte for byte
             folder = self.plan.folders[pointer.folder_index]
-            raise ExportError(f"{manifest}: the record of key {pointer.key!r} folder {folder!r} is no longer at "
-                              "its indexed place: the dataset changed during the export (is a generate writing "
-                              "it?); nothing was published")
+            raise ExportError(
+                f"{manifest}: the record of key {pointer.key!r} folder {folder!r} is no longer at "
+                "its indexed place: the dataset changed during the export (is a generate writing "
+                "it?); nothing was published"
+            )
         record = parse_record(line)  # the line indexed, so it parses and passed record_problem
         clean, degraded = (_stored(self.plan.root, record, role) for role in ("clean", "degraded"))
         extension = Path(clean.name).suffix.lstrip(".").lower()
         if extension not in PIL_FORMATS or Path(degraded.name).suffix.lstrip(".").lower() != extension:
-            raise ExportError(f"{manifest}: key {record['key']!r}: image files {clean.name!r} and {degraded.name!r} "
-                              f"must both end in one of .{', .'.join(PIL_FORMATS)}")
+            raise ExportError(
+                f"{manifest}: key {record['key']!r}: image files {clean.name!r} and {degraded.name!r} "
+                f"must both end in one of .{', .'.join(PIL_FORMATS)}"
+            )
         clean_bytes, clean_shape = self._read(clean, record, "clean", extension)
         degraded_bytes, degraded_shape = self._read(degraded, record, "degraded", extension)
         return EncodedSample(record, clean_bytes, degraded_bytes, extension, clean_shape, degraded_shape)
@@ -357,8 +392,10 @@ def _header_shape(data: bytes, image: ImageRef, size: tuple[int, ...], pil_forma
         raise ExportError(f"{image}: not a {pil_format} image ({error})") from None
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
-        raise ExportError(f"{image}: {width}x{height} pixels is more than Pillow's MAX_IMAGE_PIXELS ({limit}); "
-                          "refusing a possible decompression bomb")
+        raise ExportError(
+            f"{image}: {width}x{height} pixels is more than Pillow's MAX_IMAGE_PIXELS ({limit}); "
+            "refusing a possible decompression bomb"
+        )
     if (width, height) != size:
         raise ExportError(f"{image}: decodes to {width}x{height}, the manifest's size is {size[0]}x{size[1]}")
     return height, width, channels
@@ -368,8 +405,10 @@ def _stored(root: Path, record: dict[str, Any], role: str) -> ImageRef:
     """Where a record's image is (file or tar member); ExportError when its path leaves the dataset."""
     image = record_image(root, record, role)
     if image is None:
-        raise ExportError(f"the {role} image of key {record['key']!r} ({record.get(TAR_FIELD, record.get(role))!r}) is "
-                          "outside the dataset")
+        raise ExportError(
+            f"the {role} image of key {record['key']!r} ({record.get(TAR_FIELD, record.get(role))!r}) is "
+            "outside the dataset"
+        )
     return image
 
 
@@ -383,9 +422,10 @@ def _how_to_read(to: str, destination: Path, writer: SampleWriter) -> str:
     if isinstance(writer, WebDatasetWriter):
         return f'webdataset.WebDataset("{writer.pattern()}")'
     if isinstance(writer, LmdbWriter) and writer.one_lq:
-        return (f"BasicSR PairedImageDataset, io_backend type lmdb: dataroot_gt {destination}/gt.lmdb, "
-                f"dataroot_lq {destination}/lq.lmdb")
+        return (
+            f"BasicSR PairedImageDataset, io_backend type lmdb: dataroot_gt {destination}/gt.lmdb, "
+            f"dataroot_lq {destination}/lq.lmdb"
+        )
     if to == "lmdb":
         return f"BasicSR PairedImageDataset, io_backend type lmdb: dataroot_gt {destination}/gt.lmdb"
     return f'datasets.load_dataset("parquet", data_dir="{destination}")'
-

@@ -48,4 +48,3 @@ def flat_key(name: str) -> str:
     so different names never share a key: `sub/img.v2 x` -> `sub/img%2Ev2%20x`.
     """
     return quote(name, safe="/").replace(".", "%2E")
-

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from mdsd3_cli.util.atomic import atomic_write, folder_mode
-from mdsd3_cli.util.output_lock import OutputBusyError as DestinationBusyError, OutputLock, lock_path
+from mdsd3_cli.util.output_lock import OutputBusyError as DestinationBusyError
+from mdsd3_cli.util.output_lock import OutputLock, lock_path
 
 __all__ = ["DestinationBusyError", "DestinationExistsError", "StagedFolder", "lock_path", "rename_no_replace"]
 """`DestinationBusyError` and `lock_path` are `util.output_lock`'s, under the names export's callers use."""
@@ -79,23 +80,25 @@ class StagedFolder:
         try:
             if os.path.lexists(self.path):
                 raise DestinationExistsError(f"{self.path} exists; remove it or choose another destination")
-            self.stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=STAGE_SUFFIX,
-                                               dir=self.path.parent))
+            self.stage = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=STAGE_SUFFIX, dir=self.path.parent))
         except BaseException:
             self._lock.release()
             raise
         self._owned = True
         try:
             os.chmod(self.stage, folder_mode())  # mkdtemp's 0700 would become DEST's mode
-            atomic_write(self.stage / OWNER_MARKER, f"{os.getpid()}\n{self.path}\n".encode("utf-8"))
+            atomic_write(self.stage / OWNER_MARKER, f"{os.getpid()}\n{self.path}\n".encode())
         except BaseException:
             self.discard()
             raise
 
     def record_partial(self, partial: Mapping[str, Any]) -> None:
         """Write PARTIAL_FILE (what `partial` says) into the folder."""
-        atomic_write(self.stage / PARTIAL_FILE, json.dumps(dict(partial), indent=2, sort_keys=True).encode("utf-8"),
-                     root=self.stage)
+        atomic_write(
+            self.stage / PARTIAL_FILE,
+            json.dumps(dict(partial), indent=2, sort_keys=True).encode("utf-8"),
+            root=self.stage,
+        )
 
     def commit(self) -> None:
         (self.stage / OWNER_MARKER).unlink()
@@ -104,8 +107,10 @@ class StagedFolder:
         except FileExistsError:
             self._owned = False  # keep the finished result
             self._lock.release()
-            raise DestinationExistsError(f"{self.path} appeared while it was being written (not by mdsd3 export); "
-                                         f"the finished result is left in {self.stage}") from None
+            raise DestinationExistsError(
+                f"{self.path} appeared while it was being written (not by mdsd3 export); "
+                f"the finished result is left in {self.stage}"
+            ) from None
         self._owned = False
         self._lock.release()
 

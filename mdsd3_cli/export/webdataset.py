@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from mdsd3_cli.export.sample import EncodedSample, flat_key
-from mdsd3_cli.util.atomic import AtomicFile, naming
 from mdsd3_cli.export.staging import StagedFolder
+from mdsd3_cli.util.atomic import AtomicFile, naming
 
 MEMBER_MTIME = 0
 MEMBER_MODE = 0o644
@@ -40,9 +40,11 @@ def key_members(key: str, folders: Sequence[str], extension: str) -> KeyMembers:
     """The members of `key`'s sample with `folders` (folder names are escaped like keys, so hold no dot and no
     member name is another's: `photo.clean.png`, `photo.rain.degraded.png`, `photo.json`)."""
     stem = flat_key(key)
-    return KeyMembers(f"{stem}.clean.{extension}",
-                      {folder: f"{stem}.{flat_key(folder)}.degraded.{extension}" for folder in folders},
-                      f"{stem}.json")
+    return KeyMembers(
+        f"{stem}.clean.{extension}",
+        {folder: f"{stem}.{flat_key(folder)}.degraded.{extension}" for folder in folders},
+        f"{stem}.json",
+    )
 
 
 def record_json(record: Mapping[str, Any]) -> bytes:

@@ -38,8 +38,9 @@ def discovery_failures(discovery: Discovery) -> list[FailedInput]:
     return [FailedInput(error.key, error.path, error.reason) for error in discovery.errors if not error.fatal]
 
 
-def decode_failures(recipe: Recipe, sources: Sequence[Source],
-                    console: rich.console.Console | None = None) -> list[FailedInput]:
+def decode_failures(
+    recipe: Recipe, sources: Sequence[Source], console: rich.console.Console | None = None
+) -> list[FailedInput]:
     """Decode every source as `generate` would (input.workers threads, a progress bar) and return those that
     fail, in key order. Nothing is written."""
     failed = []

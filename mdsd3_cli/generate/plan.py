@@ -96,9 +96,19 @@ def source_plan(recipe: Recipe, key: str, path: Path, classes: Sequence[str]) ->
         alpha, beta = recipe.variant_alpha(variant), recipe.variant_beta(variant)
         for repeat in range(1, variant.repeats + 1):
             seed = sample_seed(recipe.sampling.seed, key, variant.name, repeat)
-            items.append(WorkItem(key=key, source=path, variant=variant.name, repeat=repeat,
-                                  folder=variant.folder(repeat), seed=seed,
-                                  ratios=draw_ratios(variant, classes, seed), alpha=alpha, beta=beta))
+            items.append(
+                WorkItem(
+                    key=key,
+                    source=path,
+                    variant=variant.name,
+                    repeat=repeat,
+                    folder=variant.folder(repeat),
+                    seed=seed,
+                    ratios=draw_ratios(variant, classes, seed),
+                    alpha=alpha,
+                    beta=beta,
+                )
+            )
     return items
 
 
@@ -155,15 +165,18 @@ def _slurm_shard(environ: Mapping[str, str]) -> ShardSpec | None:
     if "SLURM_ARRAY_TASK_ID" not in environ:
         return None
     if "SLURM_ARRAY_TASK_COUNT" not in environ:
-        raise ShardError("$SLURM_ARRAY_TASK_ID is set but $SLURM_ARRAY_TASK_COUNT is not; "
-                         "pass --shard-index and --num-shards")
+        raise ShardError(
+            "$SLURM_ARRAY_TASK_ID is set but $SLURM_ARRAY_TASK_COUNT is not; pass --shard-index and --num-shards"
+        )
     task, count = _env_int(environ, "SLURM_ARRAY_TASK_ID"), _env_int(environ, "SLURM_ARRAY_TASK_COUNT")
     first = _env_int(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
     step = _env_int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
     offset = task - first
     if step < 1 or offset % step or not 0 <= offset // step < count:
-        raise ShardError(f"SLURM array task {task} (min {first}, step {step}, count {count}) is not one of "
-                         f"{count} evenly spaced tasks; use --array=A-B[:S] or pass --shard-index/--num-shards")
+        raise ShardError(
+            f"SLURM array task {task} (min {first}, step {step}, count {count}) is not one of "
+            f"{count} evenly spaced tasks; use --array=A-B[:S] or pass --shard-index/--num-shards"
+        )
     return ShardSpec(offset // step, count)
 
 

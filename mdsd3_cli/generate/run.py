@@ -21,22 +21,29 @@ from rich.markup import escape
 from rich.table import Table
 
 from mdsd3_cli import __version__
-from mdsd3_cli.model.adapter import AdapterConfig
-from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, prompt_for
-from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded
-from mdsd3_cli.generate.plan import (ShardSpec, WorkItem, build_plan, check_unique_keys, iter_plan, shard_sources,
-                                     source_plan)
-from mdsd3_cli.util.progress import Console, RunProgress
-from mdsd3_cli.model.prompts import PromptEmbedding, load_prompt_embeddings
-from mdsd3_cli.recipe.generate import Recipe
-from mdsd3_cli.util.runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
-from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest, is_guided
-from mdsd3_cli.model.weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
-from mdsd3_cli.generate.layouts import LayoutWriter, completed_in_layout, open_layout_writer
 from mdsd3_cli.dataset.completeness import ShardPlan, begin_shard, finish_shard, plan_fingerprint
 from mdsd3_cli.dataset.ownership import claim_output, clear_outputs, shard_lock, sharding_lock
 from mdsd3_cli.dataset.writer import RUN_JSON, check_run_compatible, write_run_json
 from mdsd3_cli.generate.inputs import FailedInput, decode_failures, discovery_failures, input_loader
+from mdsd3_cli.generate.layouts import LayoutWriter, completed_in_layout, open_layout_writer
+from mdsd3_cli.generate.plan import (
+    ShardSpec,
+    WorkItem,
+    build_plan,
+    check_unique_keys,
+    iter_plan,
+    shard_sources,
+    source_plan,
+)
+from mdsd3_cli.model.adapter import AdapterConfig
+from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, prompt_for
+from mdsd3_cli.model.prompts import PromptEmbedding, load_prompt_embeddings
+from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest, is_guided
+from mdsd3_cli.model.weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
+from mdsd3_cli.recipe.generate import Recipe
+from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded
+from mdsd3_cli.util.progress import Console, RunProgress
+from mdsd3_cli.util.runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
 FAILURES_SHOWN = 5
@@ -73,13 +80,19 @@ class RunPlan:
     def todo(self) -> Iterator[WorkItem]:
         """This shard's samples not done yet (settled inputs left out), in plan order, built one source image at a
         time."""
-        return (item for item in iter_plan(self.recipe, self.my_sources)
-                if (item.key, item.folder) not in self.done and item.key not in self.settled)
+        return (
+            item
+            for item in iter_plan(self.recipe, self.my_sources)
+            if (item.key, item.folder) not in self.done and item.key not in self.settled
+        )
 
     def todo_of(self, source: Source) -> list[WorkItem]:
         """One source image's samples not done yet, in plan order."""
-        return [item for item in source_plan(self.recipe, source.key, Path(source.path), self.recipe.classes())
-                if (item.key, item.folder) not in self.done]
+        return [
+            item
+            for item in source_plan(self.recipe, source.key, Path(source.path), self.recipe.classes())
+            if (item.key, item.folder) not in self.done
+        ]
 
     @property
     def samples_in_shard(self) -> int:
@@ -93,8 +106,13 @@ class RunPlan:
     def shard_plan(self) -> ShardPlan:
         """What this shard records as its plan (`dataset.completeness`), counted, not built."""
         folders = [folder for variant in self.recipe.variants for folder in variant.folders()]
-        return ShardPlan(self.shard.name, self.samples_in_shard, len(folders), self.samples_in_plan,
-                         plan_fingerprint((source.key for source in self.my_sources), folders))
+        return ShardPlan(
+            self.shard.name,
+            self.samples_in_shard,
+            len(folders),
+            self.samples_in_plan,
+            plan_fingerprint((source.key for source in self.my_sources), folders),
+        )
 
     def done_per_key(self) -> Counter[str]:
         """How many of each of this shard's keys' samples are done (counted from `done`, nothing built)."""
@@ -159,11 +177,22 @@ class RunSummary:
     def table(self) -> Table:
         table = Table(title=f"mdsd3 generate — {self.shard}", show_header=False)
         rows = [
-            ("samples in this shard", self.planned), ("already done (resumed)", self.already_done),
-            ("written now", self.written), ("failed inputs", self.failed_inputs),
-            *([("sampled, not kept", f"{self.dropped} (their tar was unfinished; lower output.samples_per_tar to "
-                "keep more)")] if self.dropped else []),
-            ("elapsed", f"{self.elapsed_s:.1f} s"), ("images/s", f"{self.images_per_s:.2f}"),
+            ("samples in this shard", self.planned),
+            ("already done (resumed)", self.already_done),
+            ("written now", self.written),
+            ("failed inputs", self.failed_inputs),
+            *(
+                [
+                    (
+                        "sampled, not kept",
+                        f"{self.dropped} (their tar was unfinished; lower output.samples_per_tar to keep more)",
+                    )
+                ]
+                if self.dropped
+                else []
+            ),
+            ("elapsed", f"{self.elapsed_s:.1f} s"),
+            ("images/s", f"{self.images_per_s:.2f}"),
             ("sampler busy", f"{100 * self.sampler_busy:.0f}% of wall time"),
         ]
         if self.interrupted:
@@ -175,8 +204,7 @@ class RunSummary:
 
 def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunPlan:
     """Discover inputs, count the deterministic plan and build this shard's part; reads manifests, writes nothing."""
-    discovery = discover_sources(recipe.input_paths(), recursive=recipe.input.recursive,
-                                 exclude=[recipe.output_dir()])
+    discovery = discover_sources(recipe.input_paths(), recursive=recipe.input.recursive, exclude=[recipe.output_dir()])
     fatal = [error for error in discovery.errors if error.fatal]
     if fatal:
         lines = "\n".join(f"  {error.path}: {error.reason}" for error in fatal)
@@ -218,9 +246,13 @@ def needed_prompts(items: Iterable[WorkItem | SampleRequest], classes: Sequence[
     return sorted(prompts)
 
 
-def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: Callable[[Source], list[WorkItem]],
-             batch_size: Callable[[], int], on_error: Callable[[Source, str], None],
-             stop: StopRequest) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
+def _batches(
+    loaded: Iterator[tuple[Source, LoadedImage | ImageError]],
+    todo: Callable[[Source], list[WorkItem]],
+    batch_size: Callable[[], int],
+    on_error: Callable[[Source, str], None],
+    stop: StopRequest,
+) -> Iterator[list[tuple[WorkItem, LoadedImage]]]:
     """Group samples of equally sized images into batches of the current batch size (it drops after an
     out-of-memory); yield nothing more once a stop is requested, even within one image's many repeats."""
     pending: dict[tuple[int, ...], list[tuple[WorkItem, LoadedImage]]] = defaultdict(list)
@@ -235,26 +267,28 @@ def _batches(loaded: Iterator[tuple[Source, LoadedImage | ImageError]], todo: Ca
         while len(group) >= batch_size():
             if stop.requested:
                 return
-            batch, group[:] = group[:batch_size()], group[batch_size():]
+            batch, group[:] = group[: batch_size()], group[batch_size() :]
             yield batch
     for group in pending.values():
         while group and not stop.requested:
-            batch, group[:] = group[:batch_size()], group[batch_size():]
+            batch, group[:] = group[: batch_size()], group[batch_size() :]
             yield batch
 
 
 def prompt_embeddings(recipe: Recipe, session: Session, prompts: Sequence[str]) -> dict[str, PromptEmbedding]:
     """Embeddings of `prompts` from the recipe's prompt cache, encoding only those missing."""
     base = session.base
-    return load_prompt_embeddings(base.source, base.fingerprint, prompts, recipe.prompt_cache_dir(), base.vae.device,
-                                  base.vae.dtype)
+    return load_prompt_embeddings(
+        base.source, base.fingerprint, prompts, recipe.prompt_cache_dir(), base.vae.device, base.vae.dtype
+    )
 
 
 def open_sampler(recipe: Recipe, session: Session, prompts: Sequence[str]) -> MDSD3Sampler:
     """The sampler `generate` runs: the session's model (compiled when model.compile) with `prompts` embedded."""
     model = torch.compile(session.model) if recipe.model.compile else session.model
-    return MDSD3Sampler(session.base, model, session.adapter, prompt_embeddings(recipe, session, prompts),
-                        recipe.sampling.grid_shifts)
+    return MDSD3Sampler(
+        session.base, model, session.adapter, prompt_embeddings(recipe, session, prompts), recipe.sampling.grid_shifts
+    )
 
 
 class SamplingMemoryError(ValueError):
@@ -266,14 +300,15 @@ class BatchSampler:
     out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch is retried in parts; at
     batch size 1 a SamplingMemoryError says what to change."""
 
-    def __init__(self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int,
-                 console: rich.console.Console):
+    def __init__(
+        self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: rich.console.Console
+    ):
         self.sampler, self.steps, self.guidance = sampler, steps, guidance
         self.batch_size, self.console = batch_size, console
 
     def __call__(self, batch: Sequence[tuple[SampleRequest, np.ndarray]]) -> np.ndarray:
         if len(batch) > self.batch_size:  # formed before the batch size was lowered
-            parts = [batch[start:start + self.batch_size] for start in range(0, len(batch), self.batch_size)]
+            parts = [batch[start : start + self.batch_size] for start in range(0, len(batch), self.batch_size)]
             return np.concatenate([self(part) for part in parts])
         try:
             pixels = torch.from_numpy(np.stack([image for _, image in batch]))
@@ -286,9 +321,11 @@ class BatchSampler:
             torch.cuda.empty_cache()
         device = self.sampler.device
         if self.batch_size == 1:
-            raise SamplingMemoryError(f"out of memory on {device} at batch size 1 with {batch[0][1].shape[1]}x"
-                                      f"{batch[0][1].shape[0]} images; use a smaller input.size or "
-                                      "input.max_side, or a device with more memory") from None
+            raise SamplingMemoryError(
+                f"out of memory on {device} at batch size 1 with {batch[0][1].shape[1]}x"
+                f"{batch[0][1].shape[0]} images; use a smaller input.size or "
+                "input.max_side, or a device with more memory"
+            ) from None
         self.batch_size = max(1, min(self.batch_size, len(batch)) // 2)
         self.console.print(f"[yellow]out of memory on {device}: batch size lowered to {self.batch_size}[/]")
         return self(batch)
@@ -302,12 +339,23 @@ def request_for(item: WorkItem) -> SampleRequest:
 def _record(item: WorkItem, image: LoadedImage, run: RunPlan, session: Session) -> dict:
     recipe = run.recipe
     return {
-        "key": item.key, "source": str(item.source), "variant": item.variant, "folder": item.folder,
-        "repeat": item.repeat, "ratios": item.ratios, "prompt": prompt_for(item.ratios, session.adapter.classes),
-        "alpha": item.alpha, "beta": item.beta, "steps": recipe.sampling.steps, "guidance": recipe.sampling.guidance,
-        "seed": item.seed, "size": [int(image.pixels.shape[1]), int(image.pixels.shape[0])],
-        "crop_box": list(image.crop_box), "original_size": list(image.original_size),
-        "base_fingerprint": session.base.fingerprint, "adapter_fingerprint": session.adapter_fingerprint,
+        "key": item.key,
+        "source": str(item.source),
+        "variant": item.variant,
+        "folder": item.folder,
+        "repeat": item.repeat,
+        "ratios": item.ratios,
+        "prompt": prompt_for(item.ratios, session.adapter.classes),
+        "alpha": item.alpha,
+        "beta": item.beta,
+        "steps": recipe.sampling.steps,
+        "guidance": recipe.sampling.guidance,
+        "seed": item.seed,
+        "size": [int(image.pixels.shape[1]), int(image.pixels.shape[0])],
+        "crop_box": list(image.crop_box),
+        "original_size": list(image.original_size),
+        "base_fingerprint": session.base.fingerprint,
+        "adapter_fingerprint": session.adapter_fingerprint,
         "mdsd3_version": __version__,
     }
 
@@ -317,11 +365,18 @@ def run_payload(recipe: Recipe, identity: dict, session: Session) -> dict:
     import diffusers
 
     return {
-        "identity": identity, "recipe": recipe.model_dump(mode="json"),
-        "classes": session.adapter.classes, "head_partition": session.adapter.head_partition,
-        "base_fingerprint": session.base.fingerprint, "adapter_fingerprint": session.adapter_fingerprint,
-        "versions": {"mdsd3": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "python": platform.python_version()},
+        "identity": identity,
+        "recipe": recipe.model_dump(mode="json"),
+        "classes": session.adapter.classes,
+        "head_partition": session.adapter.head_partition,
+        "base_fingerprint": session.base.fingerprint,
+        "adapter_fingerprint": session.adapter_fingerprint,
+        "versions": {
+            "mdsd3": __version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
     }
 
 
@@ -331,8 +386,10 @@ def preflight_output(run: RunPlan, overwrite: bool = False) -> None:
     out = run.recipe.output_dir()
     claim_output(out)
     if overwrite and run.shard.count > 1:
-        raise ValueError("--overwrite clears the whole output folder; it cannot be combined with shards. "
-                         "Run it once without shards, or choose a new output.dir")
+        raise ValueError(
+            "--overwrite clears the whole output folder; it cannot be combined with shards. "
+            "Run it once without shards, or choose a new output.dir"
+        )
     check_run_compatible(out, run.identity, overwrite=overwrite)
 
 
@@ -359,8 +416,11 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
     """`run_generate` once this process owns the shard."""
     recipe, out = run.recipe, run.recipe.output_dir()
     per_source, done = recipe.samples_per_input(), run.done_per_key()
-    summary = RunSummary(shard=run.shard.name, planned=run.samples_in_shard,
-                         already_done=run.samples_in_shard - run.samples_to_do - per_source * len(run.settled))
+    summary = RunSummary(
+        shard=run.shard.name,
+        planned=run.samples_in_shard,
+        already_done=run.samples_in_shard - run.samples_to_do - per_source * len(run.settled),
+    )
     dtype = resolve_dtype(recipe.model.dtype, device)
 
     def announce(received: signal.Signals) -> None:
@@ -403,8 +463,15 @@ def stop_message(received: signal.Signals) -> str:
     return f"{received.name}: stopping after this batch…{again}"
 
 
-def _sample_all(run: RunPlan, session: Session, writer: LayoutWriter, summary: RunSummary, stop: StopRequest,
-                console: rich.console.Console, on_failure: Callable[[FailedInput], None]) -> None:
+def _sample_all(
+    run: RunPlan,
+    session: Session,
+    writer: LayoutWriter,
+    summary: RunSummary,
+    stop: StopRequest,
+    console: rich.console.Console,
+    on_failure: Callable[[FailedInput], None],
+) -> None:
     """Decode, sample and submit every sample of `run.todo()` (one source image's samples built at a time), counting
     into `summary`; inputs that cannot be decoded go to `on_failure`."""
     recipe = run.recipe
@@ -412,16 +479,20 @@ def _sample_all(run: RunPlan, session: Session, writer: LayoutWriter, summary: R
     sampler = open_sampler(recipe, session, needed_prompts(run.todo(), classes, recipe.sampling.guidance))
     sample = BatchSampler(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
     per_source, done = recipe.samples_per_input(), run.done_per_key()
-    sources = [source for source in sorted(run.my_sources, key=lambda source: source.key)
-               if done[source.key] < per_source and source.key not in run.settled]
+    sources = [
+        source
+        for source in sorted(run.my_sources, key=lambda source: source.key)
+        if done[source.key] < per_source and source.key not in run.settled
+    ]
 
     def failed(source: Source, reason: str) -> None:
         on_failure(FailedInput(source.key, str(source.path), reason))
         progress.total -= per_source - done[source.key]
 
     with RunProgress(run.samples_to_do, f"generate {run.shard.name}", console=console) as progress:
-        loaded = iter_loaded(sources, input_loader(recipe), workers=recipe.input.workers,
-                             prefetch=4 * recipe.sampling.batch_size)
+        loaded = iter_loaded(
+            sources, input_loader(recipe), workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size
+        )
         for batch in _batches(loaded, run.todo_of, lambda: sample.batch_size, failed, stop):
             tick = time.perf_counter()
             degraded = sample([(request_for(item), image.pixels) for item, image in batch])
@@ -438,16 +509,22 @@ def describe_plan(run: RunPlan) -> Table:
     """The plan's size, for `check` and `--dry-run`."""
     recipe = run.recipe
     table = Table(title=escape(f"plan for {recipe.source_path.name} — {run.shard.name}"), show_header=False)
-    folders = [variant.name if variant.repeats == 1 else f"{variant.folder(1)} ... {variant.folder(variant.repeats)}"
-               for variant in recipe.variants]
+    folders = [
+        variant.name if variant.repeats == 1 else f"{variant.folder(1)} ... {variant.folder(variant.repeats)}"
+        for variant in recipe.variants
+    ]
     nonfatal = [error for error in run.discovery.errors if not error.fatal]
     rows = [
-        ("input images", len(run.discovery.sources)), ("inputs skipped at discovery", len(nonfatal)),
+        ("input images", len(run.discovery.sources)),
+        ("inputs skipped at discovery", len(nonfatal)),
         *([(f"in plan (--limit {run.limit})", run.sources_in_plan)] if run.limit is not None else []),
         ("variant folders", ", ".join(folders)),
-        ("samples in plan", run.samples_in_plan), ("samples in this shard", run.samples_in_shard),
-        ("already done", run.samples_in_shard - run.samples_to_do), ("to do", run.samples_to_do),
-        ("classes", ", ".join(recipe.classes())), ("output", str(recipe.output_dir())),
+        ("samples in plan", run.samples_in_plan),
+        ("samples in this shard", run.samples_in_shard),
+        ("already done", run.samples_in_shard - run.samples_to_do),
+        ("to do", run.samples_to_do),
+        ("classes", ", ".join(recipe.classes())),
+        ("output", str(recipe.output_dir())),
         *(("note", note) for note in run.discovery.notes),
     ]
     for name, value in rows:
@@ -481,8 +558,10 @@ def free_space_warning(run: RunPlan, free_bytes: int | None = None) -> str | Non
     needed = estimated_output_bytes(run)
     if free >= needed:
         return None
-    return (f"only {free / 1e6:,.0f} MB free on the disk of {run.recipe.output_dir()}; the remaining "
-            f"{run.samples_to_do} samples may need up to {needed / 1e6:,.0f} MB")
+    return (
+        f"only {free / 1e6:,.0f} MB free on the disk of {run.recipe.output_dir()}; the remaining "
+        f"{run.samples_to_do} samples may need up to {needed / 1e6:,.0f} MB"
+    )
 
 
 def check_output_writable(path: Path, source: str | os.PathLike) -> None:
@@ -495,7 +574,8 @@ def check_output_writable(path: Path, source: str | os.PathLike) -> None:
     try:
         descriptor, probe = tempfile.mkstemp(dir=probe_dir, prefix=".mdsd3-write-test-")
     except OSError as error:
-        raise OSError(f"{source}: output.dir: cannot write in {probe_dir}: {error.strerror} "
-                      f"(output.dir is {path})") from error
+        raise OSError(
+            f"{source}: output.dir: cannot write in {probe_dir}: {error.strerror} (output.dir is {path})"
+        ) from error
     os.close(descriptor)
     os.unlink(probe)

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,26 +24,26 @@ from PIL import Image
 from pydantic import ValidationError
 
 from mdsd3_cli.generate.run import BatchSampler, needed_prompts, open_sampler, open_session, prompt_embeddings
+from mdsd3_cli.model.sampler import SampleRequest
+from mdsd3_cli.recipe.generate import TINY_BASE, ModelSection, Recipe, SamplingSection, load_recipe, parse_recipe
+from mdsd3_cli.recipe.overrides import apply_override
+from mdsd3_cli.recipe.presets import MINI, MINI_SETTINGS
 from mdsd3_cli.util.images import ImageError, fit_image, load_image
 from mdsd3_cli.util.names import unknown_class_message
-from mdsd3_cli.recipe.overrides import apply_override
 from mdsd3_cli.util.progress import Console
-from mdsd3_cli.recipe.generate import TINY_BASE, ModelSection, Recipe, SamplingSection, load_recipe, parse_recipe
-from mdsd3_cli.recipe.presets import MINI, MINI_SETTINGS
 from mdsd3_cli.util.runtime import resolve_dtype
-from mdsd3_cli.model.sampler import SampleRequest
 
-ImageInput = Union[Image.Image, np.ndarray, torch.Tensor, str, os.PathLike]
+ImageInput = Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 """A PIL image (any mode; EXIF orientation applied), an [H, W, 3] RGB array or a [3, H, W] tensor (uint8, or float
 in [0, 1]), or the path of an image file (decoded as `generate` decodes its inputs)."""
-Images = Union[ImageInput, Sequence[ImageInput]]
+Images = ImageInput | Sequence[ImageInput]
 """One image, a [B, H, W, 3] array or [B, 3, H, W] tensor, or a sequence of images."""
 Ratios = Mapping[str, float]
 """Class name -> ratio in [0, 1]; classes left out are 0."""
 OutputType = Literal["np", "pt", "pil"]
 """What a Pair holds: "np" uint8 [H, W, 3] arrays, "pt" float32 [3, H, W] tensors in [0, 1] (as `DegradedPairs`
 items), "pil" RGB PIL images."""
-PairImage = Union[np.ndarray, torch.Tensor, Image.Image]
+PairImage = np.ndarray | torch.Tensor | Image.Image
 
 OUTPUT_TYPES = ("np", "pt", "pil")
 SEED_LIMIT = 2**64
@@ -51,8 +51,11 @@ SEED_LIMIT = 2**64
 
 PRESET_SETTINGS: dict[str, dict[str, Any]] = {
     MINI: MINI_SETTINGS,  # configs/demo.yaml's, as `mdsd3 init --preset mini` writes them
-    TINY_BASE: {"model": {"base": TINY_BASE, "classes": ["rain", "haze", "noise"]}, "input": {"size": 64},
-                "sampling": {"steps": 4, "guidance": 1.0}},  # random weights: for tests, images mean nothing
+    TINY_BASE: {
+        "model": {"base": TINY_BASE, "classes": ["rain", "haze", "noise"]},
+        "input": {"size": 64},
+        "sampling": {"steps": 4, "guidance": 1.0},
+    },  # random weights: for tests, images mean nothing
 }
 """Settings of `Synthesizer.from_preset`, over the recipe defaults."""
 
@@ -72,8 +75,10 @@ class Pair:
 
     def __repr__(self) -> str:
         ratios = ", ".join(f"{name!r}: {value:g}" for name, value in self.ratios.items())
-        return (f"Pair(clean={_describe(self.clean)}, degraded={_describe(self.degraded)}, ratios={{{ratios}}}, "
-                f"seed={self.seed})")
+        return (
+            f"Pair(clean={_describe(self.clean)}, degraded={_describe(self.degraded)}, ratios={{{ratios}}}, "
+            f"seed={self.seed})"
+        )
 
 
 class Synthesizer:
@@ -91,26 +96,42 @@ class Synthesizer:
         self.classes: list[str] = list(self.session.adapter.classes)
         sampling = recipe.sampling
         sampler = open_sampler(recipe, self.session, [])  # prompts are embedded when first needed
-        self._sample = BatchSampler(sampler, sampling.steps, sampling.guidance, sampling.batch_size,
-                                    Console(stderr=True))
+        self._sample = BatchSampler(
+            sampler, sampling.steps, sampling.guidance, sampling.batch_size, Console(stderr=True)
+        )
 
     def __repr__(self) -> str:
         model, sampling, settings = self.recipe.model, self.recipe.sampling, self.recipe.input
-        return (f"Synthesizer(base={model.base!r}, adapter={model.adapter!r}, classes={self.classes}, "
-                f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r}, "
-                f"size={settings.size}, resize={settings.resize!r}, steps={sampling.steps}, "
-                f"guidance={sampling.guidance:g}, alpha={sampling.alpha:g}, beta={sampling.beta:g})")
+        return (
+            f"Synthesizer(base={model.base!r}, adapter={model.adapter!r}, classes={self.classes}, "
+            f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r}, "
+            f"size={settings.size}, resize={settings.resize!r}, steps={sampling.steps}, "
+            f"guidance={sampling.guidance:g}, alpha={sampling.alpha:g}, beta={sampling.beta:g})"
+        )
 
     @classmethod
-    def from_recipe(cls, path: str | os.PathLike, overrides: Sequence[str] = (), *,
-                    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Synthesizer:
+    def from_recipe(
+        cls,
+        path: str | os.PathLike,
+        overrides: Sequence[str] = (),
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Synthesizer:
         """The model and settings of a recipe file; `overrides` as `--set` gives them (`sampling.steps=20`);
         `device` and `dtype` set model.device and model.dtype."""
         return cls(load_recipe(path, [*overrides, *_device_overrides(device, dtype)]))
 
     @classmethod
-    def from_preset(cls, name: str = "mini", classes: Sequence[str] | None = None, overrides: Sequence[str] = (), *,
-                    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Synthesizer:
+    def from_preset(
+        cls,
+        name: str = "mini",
+        classes: Sequence[str] | None = None,
+        overrides: Sequence[str] = (),
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Synthesizer:
         """A shipped model: `mini` (with its adapter, at configs/demo.yaml's settings), or `tiny` (random weights,
         for tests; `classes` default rain, haze, noise)."""
         if name not in PRESET_SETTINGS:
@@ -118,23 +139,43 @@ class Synthesizer:
         data = copy.deepcopy(PRESET_SETTINGS[name])
         if classes is not None:
             data["model"]["classes"] = list(classes)
-        return cls(_settings_recipe(data, [*overrides, *_device_overrides(device, dtype)],
-                                    f"Synthesizer.from_preset({name!r})"))
+        return cls(
+            _settings_recipe(
+                data, [*overrides, *_device_overrides(device, dtype)], f"Synthesizer.from_preset({name!r})"
+            )
+        )
 
     @classmethod
-    def from_folder(cls, base: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                    classes: Sequence[str] | None = None, overrides: Sequence[str] = (), *,
-                    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Synthesizer:
+    def from_folder(
+        cls,
+        base: str | os.PathLike,
+        adapter: str | os.PathLike | None = None,
+        classes: Sequence[str] | None = None,
+        overrides: Sequence[str] = (),
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> Synthesizer:
         """A diffusers SD3 folder with a trained adapter folder (or, with `classes`, a fresh untrained one), at the
         recipe defaults (512 px centre crops, 28 steps, guidance 7) unless `overrides` change them."""
         model: dict[str, Any] = {"base": str(base), "adapter": None if adapter is None else str(adapter)}
         if classes is not None:
             model["classes"] = list(classes)
-        return cls(_settings_recipe({"model": model}, [*overrides, *_device_overrides(device, dtype)],
-                                    "Synthesizer.from_folder"))
+        return cls(
+            _settings_recipe(
+                {"model": model}, [*overrides, *_device_overrides(device, dtype)], "Synthesizer.from_folder"
+            )
+        )
 
-    def degrade(self, images: Images, classes: Ratios | Sequence[Ratios], seed: int | Sequence[int] = 0,
-                alpha: float | None = None, beta: float | None = None, output_type: OutputType = "np") -> list[Pair]:
+    def degrade(
+        self,
+        images: Images,
+        classes: Ratios | Sequence[Ratios],
+        seed: int | Sequence[int] = 0,
+        alpha: float | None = None,
+        beta: float | None = None,
+        output_type: OutputType = "np",
+    ) -> list[Pair]:
         """Degrade images with class ratios (one mapping for all, or one per image) and noise seeds (an integer in
         [0, 2**64) gives image i the seed `seed + i`). α and β default to the recipe's sampling.alpha and
         sampling.beta and are held to the recipe's bounds.
@@ -147,12 +188,15 @@ class Synthesizer:
         count = len(fitted)
         ratio_rows = _ratio_rows(classes, count)
         seeds = _seeds(seed, count)
-        alpha, beta = _start(self.recipe.sampling.alpha if alpha is None else alpha,
-                             self.recipe.sampling.beta if beta is None else beta)
+        alpha, beta = _start(
+            self.recipe.sampling.alpha if alpha is None else alpha, self.recipe.sampling.beta if beta is None else beta
+        )
         requests = [SampleRequest(self.full_ratios(row), value, alpha, beta) for row, value in zip(ratio_rows, seeds)]
         degraded = self.sample(fitted, requests)
-        return [Pair(_as_output(clean, output_type), _as_output(output, output_type), dict(request.ratios),
-                     request.seed) for clean, output, request in zip(fitted, degraded, requests)]
+        return [
+            Pair(_as_output(clean, output_type), _as_output(output, output_type), dict(request.ratios), request.seed)
+            for clean, output, request in zip(fitted, degraded, requests)
+        ]
 
     def degrade_batch(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """A `DegradedPairs(..., degrade=False)` batch (from a DataLoader) with its `degraded` images added: float
@@ -160,10 +204,16 @@ class Synthesizer:
         ratios, seeds, α and β are checked as `degrade` checks them."""
         clean = batch["clean"]
         pixels = list((clean.detach().cpu() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
-        requests = [SampleRequest(self.full_ratios(dict(zip(self.classes, row.tolist()))),
-                                  _seed(seed, f"batch['seed'][{index}]"), *_start(float(a), float(b)))
-                    for index, (row, seed, a, b) in enumerate(zip(batch["ratios"], batch["seed"], batch["alpha"],
-                                                                  batch["beta"]))]
+        requests = [
+            SampleRequest(
+                self.full_ratios(dict(zip(self.classes, row.tolist()))),
+                _seed(seed, f"batch['seed'][{index}]"),
+                *_start(float(a), float(b)),
+            )
+            for index, (row, seed, a, b) in enumerate(
+                zip(batch["ratios"], batch["seed"], batch["alpha"], batch["beta"])
+            )
+        ]
         degraded = self.sample(pixels, requests)
         return {**batch, "degraded": to_tensor(np.stack(degraded)).to(clean.device)}
 
@@ -181,8 +231,11 @@ class Synthesizer:
         """Degrade fitted uint8 [H, W, 3] images, batched as `generate` batches them: images of one size
         together, `sampling.batch_size` at a time (lowered after an out-of-memory error)."""
         sampler = self._sample.sampler
-        missing = [prompt for prompt in needed_prompts(requests, self.classes, self.recipe.sampling.guidance)
-                   if prompt not in sampler.prompts]
+        missing = [
+            prompt
+            for prompt in needed_prompts(requests, self.classes, self.recipe.sampling.guidance)
+            if prompt not in sampler.prompts
+        ]
         if missing:
             sampler.prompts.update(prompt_embeddings(self.recipe, self.session, missing))
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
@@ -191,7 +244,7 @@ class Synthesizer:
         outputs: list[np.ndarray] = [np.empty(0, np.uint8)] * len(pixels)
         for indexes in by_shape.values():
             while indexes:
-                batch, indexes = indexes[:self._sample.batch_size], indexes[self._sample.batch_size:]
+                batch, indexes = indexes[: self._sample.batch_size], indexes[self._sample.batch_size :]
                 for index, output in zip(batch, self._sample([(requests[i], pixels[i]) for i in batch])):
                     outputs[index] = output
         return outputs
@@ -249,7 +302,9 @@ def _uint8_pixels(label: str, image: Any) -> np.ndarray:
     """An [H, W, 3] array or a [3, H, W] tensor, uint8 or float in [0, 1], as uint8 [H, W, 3]."""
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"{label}: tensors are [3, H, W] RGB (a batch [B, 3, H, W]); got shape {list(image.shape)}")
+            raise ValueError(
+                f"{label}: tensors are [3, H, W] RGB (a batch [B, 3, H, W]); got shape {list(image.shape)}"
+            )
         tensor = image.detach().cpu()
         image = np.ascontiguousarray((tensor.double() if tensor.is_floating_point() else tensor).permute(1, 2, 0))
     elif not isinstance(image, np.ndarray):
@@ -276,8 +331,12 @@ def _is_number(value: Any) -> bool:
 def _is_integer(value: Any) -> bool:
     """A Python or numpy integer (or a one-element integer tensor, as a DataLoader batch holds), not a bool."""
     if isinstance(value, torch.Tensor):
-        return value.numel() == 1 and not value.is_floating_point() and not value.is_complex() \
+        return (
+            value.numel() == 1
+            and not value.is_floating_point()
+            and not value.is_complex()
             and value.dtype != torch.bool
+        )
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -308,8 +367,10 @@ def _ratio_rows(classes: Any, count: int) -> list[Ratios]:
     if isinstance(classes, Mapping):
         return [classes] * count
     if isinstance(classes, (str, bytes)) or not isinstance(classes, Sequence):
-        raise TypeError(f"classes must be a mapping of class name to ratio, or a list of them (one per image); got "
-                        f"{type(classes).__name__} {classes!r}")
+        raise TypeError(
+            f"classes must be a mapping of class name to ratio, or a list of them (one per image); got "
+            f"{type(classes).__name__} {classes!r}"
+        )
     for index, row in enumerate(classes):
         if not isinstance(row, Mapping):
             raise TypeError(f"classes[{index}] must be a mapping of class name to ratio; got {type(row).__name__}")
@@ -340,8 +401,9 @@ def _device_overrides(device: str | torch.device | None, dtype: str | torch.dtyp
         if value is None:
             continue
         if not isinstance(value, (str, kind)):
-            raise TypeError(f"{label} must be a string or a {kind.__module__}.{kind.__name__}; got "
-                            f"{type(value).__name__} {value!r}")
+            raise TypeError(
+                f"{label} must be a string or a {kind.__module__}.{kind.__name__}; got {type(value).__name__} {value!r}"
+            )
         settings[label] = str(value).removeprefix("torch.")
     try:
         ModelSection.model_validate({"base": "-", **settings})
@@ -356,8 +418,12 @@ def _settings_recipe(data: dict[str, Any], overrides: Sequence[str], label: str)
     """A recipe from model/input/sampling settings: inputs and output are placeholders (the Synthesizer reads
     neither); one variant draws every class in [0, 1]. Relative paths resolve against the working folder."""
     source = Path.cwd() / label
-    data = {**data, "input": {"paths": ["."], **data.get("input", {})}, "output": {"dir": "."},
-            "variants": [{"name": "mix", "classes": {}}]}
+    data = {
+        **data,
+        "input": {"paths": ["."], **data.get("input", {})},
+        "output": {"dir": "."},
+        "variants": [{"name": "mix", "classes": {}}],
+    }
     for override in overrides:
         try:
             apply_override(data, override)

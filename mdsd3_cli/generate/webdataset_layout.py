@@ -34,16 +34,24 @@ from typing import Any
 
 import numpy as np
 
-from mdsd3_cli.util.atomic import atomic_write
-from mdsd3_cli.util.background_writer import BackgroundWriter
 from mdsd3_cli.dataset.manifest import MEMBER_FIELDS, TAR_FIELD, ManifestLineError, parse_record
+from mdsd3_cli.dataset.writer import (
+    FORMAT_EXTENSIONS,
+    DatasetWriter,
+    ImageFormat,
+    OutputConflictError,
+    OutputLayout,
+    digest,
+    encode_image,
+    file_digest_fields,
+)
+from mdsd3_cli.export.sample import EncodedSample
+from mdsd3_cli.export.webdataset import TarWriter, key_members, record_json
 from mdsd3_cli.generate.inputs import FailedInput
 from mdsd3_cli.generate.plan import ShardSpec, WorkItem
 from mdsd3_cli.recipe.generate import TAR_SAMPLE
-from mdsd3_cli.dataset.writer import (FORMAT_EXTENSIONS, DatasetWriter, ImageFormat, OutputConflictError, OutputLayout, digest,
-                      encode_image, file_digest_fields)
-from mdsd3_cli.export.sample import EncodedSample
-from mdsd3_cli.export.webdataset import TarWriter, key_members, record_json
+from mdsd3_cli.util.atomic import atomic_write
+from mdsd3_cli.util.background_writer import BackgroundWriter
 
 TARS_FOLDER = "tars"
 PLAN_SUFFIX = ".tars.json"
@@ -58,8 +66,10 @@ def groups_of(items: Sequence[WorkItem], keys_per_tar: int) -> list[list[WorkIte
     """The shard's items cut into groups of `keys_per_tar` consecutive keys (the last may hold fewer); a plan
     lists each key's items together."""
     keys = [list(key_items) for _, key_items in itertools.groupby(items, key=lambda item: item.key)]
-    return [[item for key_items in keys[start:start + keys_per_tar] for item in key_items]
-            for start in range(0, len(keys), keys_per_tar)]
+    return [
+        [item for key_items in keys[start : start + keys_per_tar] for item in key_items]
+        for start in range(0, len(keys), keys_per_tar)
+    ]
 
 
 def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int) -> None:
@@ -70,13 +80,22 @@ def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
     counts = {int(match.group(1)) for path in folder.glob("*.tar") if (match := _TAR_NAME.match(path.name))}
     advice = "rerun with the same inputs, --limit and shard count, or pass --overwrite"
     if counts - {shard.count}:
-        raise OutputConflictError(f"{folder} holds tars of a run with {sorted(counts - {shard.count})} shards "
-                                  f"(not {shard.count}); the webdataset layout resumes only the same plan: {advice}")
-    plan = {"tar_sample": TAR_SAMPLE, "samples_per_tar": samples_per_tar, "samples": len(items),
-            "plan_sha256": hashlib.sha256(json.dumps([(item.key, item.folder) for item in items],
-                                                     ensure_ascii=True).encode("ascii")).hexdigest(),
-        "files": [f"{TARS_FOLDER}/{tar_path(out_dir, shard, group).name}"  # what --overwrite removes
-                  for group in range(len(groups_of(items, samples_per_tar)))]}
+        raise OutputConflictError(
+            f"{folder} holds tars of a run with {sorted(counts - {shard.count})} shards "
+            f"(not {shard.count}); the webdataset layout resumes only the same plan: {advice}"
+        )
+    plan = {
+        "tar_sample": TAR_SAMPLE,
+        "samples_per_tar": samples_per_tar,
+        "samples": len(items),
+        "plan_sha256": hashlib.sha256(
+            json.dumps([(item.key, item.folder) for item in items], ensure_ascii=True).encode("ascii")
+        ).hexdigest(),
+        "files": [
+            f"{TARS_FOLDER}/{tar_path(out_dir, shard, group).name}"  # what --overwrite removes
+            for group in range(len(groups_of(items, samples_per_tar)))
+        ],
+    }
     record = Path(out_dir) / "manifest" / f"{shard.name}{PLAN_SUFFIX}"
     if any(folder.glob(f"{shard.name}-*.tar")) and record.is_file():
         try:
@@ -84,9 +103,11 @@ def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
         except ValueError:
             stored = None
         if stored != plan:
-            raise OutputConflictError(f"{folder} holds {shard.name} tars of another plan (inputs or --limit "
-                                      f"changed; see {record}); the webdataset layout resumes only the same plan: "
-                                      f"{advice}")
+            raise OutputConflictError(
+                f"{folder} holds {shard.name} tars of another plan (inputs or --limit "
+                f"changed; see {record}); the webdataset layout resumes only the same plan: "
+                f"{advice}"
+            )
     atomic_write(record, (json.dumps(plan, indent=2) + "\n").encode("ascii"), root=Path(out_dir))
 
 
@@ -134,8 +155,14 @@ def _regular_file_lines(path: Path) -> Iterator[bytes]:
         return
 
 
-def finished_groups(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
-                    extension: str, failed: Container[str] = ()) -> dict[int, list[bytes]]:
+def finished_groups(
+    out_dir: Path,
+    shard: ShardSpec,
+    items: Sequence[WorkItem],
+    samples_per_tar: int,
+    extension: str,
+    failed: Container[str] = (),
+) -> dict[int, list[bytes]]:
     """The groups whose tar is finished (see the module's docstring), each with the manifest lines to restore
     (empty when the manifest lists them all); keys in `failed` (recorded failed inputs) are not expected in their
     tar, and a group of failed keys only is finished without one. Reads tars, writes nothing."""
@@ -156,8 +183,9 @@ def finished_groups(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
     return finished
 
 
-def completed_tar_samples(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
-                          extension: str) -> tuple[set[Sample], dict[str, FailedInput]]:
+def completed_tar_samples(
+    out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int, extension: str
+) -> tuple[set[Sample], dict[str, FailedInput]]:
     """(key, folder) of every item whose group's tar is finished, and the recorded failed inputs of those groups
     (settled: not retried)."""
     groups = groups_of(items, samples_per_tar)
@@ -173,8 +201,9 @@ def completed_tar_samples(out_dir: Path, shard: ShardSpec, items: Sequence[WorkI
     return done, settled
 
 
-def _unlisted_lines_of_finished_tar(path: Path, relative: str, members: Sequence[WorkItem],
-                                    listed: Mapping[Sample, bytes], extension: str) -> list[bytes] | None:
+def _unlisted_lines_of_finished_tar(
+    path: Path, relative: str, members: Sequence[WorkItem], listed: Mapping[Sample, bytes], extension: str
+) -> list[bytes] | None:
     """The lines of the finished tar at `path` that the manifest lacks (`listed`: the lines it has for this tar),
     or None when that file is not a finished tar of this group: a link, not a regular file, not a tar, other
     keys or members, or sizes, bytes or hashes that differ from the records."""
@@ -192,8 +221,9 @@ def _unlisted_lines_of_finished_tar(path: Path, relative: str, members: Sequence
             return None
 
 
-def _check_tar(archive: tarfile.TarFile, relative: str, items: Sequence[WorkItem], listed: Mapping[Sample, bytes],
-               extension: str) -> list[bytes] | None:
+def _check_tar(
+    archive: tarfile.TarFile, relative: str, items: Sequence[WorkItem], listed: Mapping[Sample, bytes], extension: str
+) -> list[bytes] | None:
     """`_unlisted_lines_of_finished_tar` on an open tar."""
     folders: dict[str, list[str]] = defaultdict(list)
     for item in items:
@@ -203,8 +233,9 @@ def _check_tar(archive: tarfile.TarFile, relative: str, items: Sequence[WorkItem
     members = {key: key_members(key, key_folders, extension) for key, key_folders in folders.items()}
     entries = archive.getmembers()
     sizes = {entry.name: entry.size for entry in entries if entry.isfile()}
-    if [entry.name for entry in entries] != [name for names in members.values() for name in names.names()] \
-            or len(sizes) != len(entries):
+    if [entry.name for entry in entries] != [name for names in members.values() for name in names.names()] or len(
+        sizes
+    ) != len(entries):
         return None
     missing = []
     for key, key_folders in folders.items():
@@ -218,12 +249,15 @@ def _check_tar(archive: tarfile.TarFile, relative: str, items: Sequence[WorkItem
         for folder in key_folders:
             line = record_json(records[folder]) + b"\n"
             record = parse_record(line)  # ManifestLineError is a ValueError
-            if (record["key"], record["folder"]) != (key, folder) or record.get(TAR_FIELD) != relative \
-                    or record.get(MEMBER_FIELDS["clean"]) != names.clean \
-                    or record.get(MEMBER_FIELDS["degraded"]) != names.degraded[folder] \
-                    or record.get(MEMBER_FIELDS["json"]) != names.json \
-                    or record.get("clean_bytes") != sizes[names.clean] \
-                    or record.get("degraded_bytes") != sizes[names.degraded[folder]]:
+            if (
+                (record["key"], record["folder"]) != (key, folder)
+                or record.get(TAR_FIELD) != relative
+                or record.get(MEMBER_FIELDS["clean"]) != names.clean
+                or record.get(MEMBER_FIELDS["degraded"]) != names.degraded[folder]
+                or record.get(MEMBER_FIELDS["json"]) != names.json
+                or record.get("clean_bytes") != sizes[names.clean]
+                or record.get("degraded_bytes") != sizes[names.degraded[folder]]
+            ):
                 return None
             if (key, folder) in listed:
                 if listed[key, folder] != line:
@@ -231,8 +265,10 @@ def _check_tar(archive: tarfile.TarFile, relative: str, items: Sequence[WorkItem
             else:
                 unlisted.append((record, line))
         if unlisted:  # a kill between the tar's rename and its manifest lines: trusted when the bytes match
-            checks = [(names.clean, unlisted[0][0].get("clean_sha256")),
-                      *((names.degraded[record["folder"]], record.get("degraded_sha256")) for record, _ in unlisted)]
+            checks = [
+                (names.clean, unlisted[0][0].get("clean_sha256")),
+                *((names.degraded[record["folder"]], record.get("degraded_sha256")) for record, _ in unlisted),
+            ]
             if any(hashlib.sha256(archive.extractfile(name).read()).hexdigest() != sha for name, sha in checks):
                 return None
             if any(record.get("clean_sha256") != unlisted[0][0].get("clean_sha256") for record, _ in unlisted):
@@ -277,16 +313,26 @@ class WebDatasetLayoutWriter(BackgroundWriter):
     `submit`, `drain` or `close`.
     """
 
-    def __init__(self, out_dir: str | Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int,
-                 fmt: ImageFormat = "png", quality: int = 95, png_compress_level: int = 1, workers: int = 2) -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        shard: ShardSpec,
+        items: Sequence[WorkItem],
+        samples_per_tar: int,
+        fmt: ImageFormat = "png",
+        quality: int = 95,
+        png_compress_level: int = 1,
+        workers: int = 2,
+    ) -> None:
         super().__init__(workers, "mdsd3-tar")
         self.layout = OutputLayout(out_dir, fmt)
         self.shard, self.fmt, self.quality, self.png_compress_level = shard, fmt, quality, png_compress_level
         self.extension = FORMAT_EXTENSIONS[fmt]
         self.written = self.errors = self.bytes_written = 0
         check_same_plan(self.layout.root, shard, items, samples_per_tar)
-        finished = finished_groups(self.layout.root, shard, items, samples_per_tar, self.extension,
-                                   recorded_failures(self.layout.root, shard))  # read before _log truncates it
+        finished = finished_groups(
+            self.layout.root, shard, items, samples_per_tar, self.extension, recorded_failures(self.layout.root, shard)
+        )  # read before _log truncates it
         self._listed = set(listed_tar_lines(self.layout.root, shard))
         self._groups: dict[int, _Group] = {}
         self._keys: dict[str, _Key] = {}
@@ -312,8 +358,9 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         with self._lock:
             state = self._keys.get(key)
             if state is None or folder not in state.folders or folder in state.submitted:
-                raise ValueError(f"sample key={key!r} folder={folder!r} is not an unfinished sample of "
-                                 f"{self.shard.name}")
+                raise ValueError(
+                    f"sample key={key!r} folder={folder!r} is not an unfinished sample of {self.shard.name}"
+                )
             state.submitted.add(folder)
             if state.clean is None:
                 state.clean = self._pool.submit(self._encode, clean.copy())
@@ -347,11 +394,16 @@ class WebDatasetLayoutWriter(BackgroundWriter):
             key, folder = record["key"], record["folder"]
             state, group = self._keys[key], self._group_of[key]
             names = key_members(key, state.folders, self.extension)
-            record.update({TAR_FIELD: self.layout.relative(self._groups[group].path),
-                           MEMBER_FIELDS["clean"]: names.clean, MEMBER_FIELDS["degraded"]: names.degraded[folder],
-                           MEMBER_FIELDS["json"]: names.json,
-                           **file_digest_fields("clean", *digest(clean_bytes)),
-                           **file_digest_fields("degraded", *digest(degraded_bytes))})
+            record.update(
+                {
+                    TAR_FIELD: self.layout.relative(self._groups[group].path),
+                    MEMBER_FIELDS["clean"]: names.clean,
+                    MEMBER_FIELDS["degraded"]: names.degraded[folder],
+                    MEMBER_FIELDS["json"]: names.json,
+                    **file_digest_fields("clean", *digest(clean_bytes)),
+                    **file_digest_fields("degraded", *digest(degraded_bytes)),
+                }
+            )
             with self._lock:
                 state.ready[folder] = EncodedSample(record, clean_bytes, degraded_bytes, self.extension)
                 if state.complete:
@@ -375,8 +427,11 @@ class WebDatasetLayoutWriter(BackgroundWriter):
                 if group.tar is None:
                     group.tar = TarWriter(group.path, self.layout.root)
                 group.tar.write_key(samples)
-                group.lines += [record_json(sample.record) + b"\n" for sample in samples
-                                if (sample.key, sample.folder) not in self._listed]  # listed by a killed run
+                group.lines += [
+                    record_json(sample.record) + b"\n"
+                    for sample in samples
+                    if (sample.key, sample.folder) not in self._listed
+                ]  # listed by a killed run
                 self.bytes_written += len(samples[0].clean) + sum(len(sample.degraded) for sample in samples)
                 group.samples += len(samples)
                 del self._keys[group.keys[group.next]]

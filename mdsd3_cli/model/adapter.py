@@ -11,13 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.model.heads import partition_heads
+from mdsd3_cli.util.atomic import atomic_write
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT_VERSION = 1
-PROMPT_RULE = "names of the classes with ratio > 0, in class order, joined by spaces; 'clean' when none; '' unconditional"
+PROMPT_RULE = (
+    "names of the classes with ratio > 0, in class order, joined by spaces; 'clean' when none; '' unconditional"
+)
 
 
 class AdapterError(ValueError):
@@ -72,7 +74,7 @@ class AdapterConfig(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _check(self) -> "AdapterConfig":
+    def _check(self) -> AdapterConfig:
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"duplicate class names in {self.classes}")
         for name in self.classes:
@@ -84,11 +86,18 @@ class AdapterConfig(BaseModel):
         return self
 
     @classmethod
-    def fresh(cls, classes: list[str], base_fingerprint: str, base_shape: dict[str, int], **extra: Any) -> "AdapterConfig":
+    def fresh(
+        cls, classes: list[str], base_fingerprint: str, base_shape: dict[str, int], **extra: Any
+    ) -> AdapterConfig:
         """Config for a new adapter on a given base."""
         partition = partition_heads(base_shape["num_attention_heads"], len(classes))
-        return cls(classes=list(classes), head_partition=partition, base_fingerprint=base_fingerprint,
-                   base_shape=dict(base_shape), **extra)
+        return cls(
+            classes=list(classes),
+            head_partition=partition,
+            base_fingerprint=base_fingerprint,
+            base_shape=dict(base_shape),
+            **extra,
+        )
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> AdapterConfig:

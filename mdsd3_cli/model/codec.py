@@ -57,7 +57,7 @@ class PixelUnshuffleCodec(nn.Module, ConfigMixin):
         return DecoderOutput(sample=F.pixel_shuffle(latents, self.config.factor))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "PixelUnshuffleCodec":
+    def load(cls, folder: str | Path) -> PixelUnshuffleCodec:
         """The codec described by `folder/config.json`."""
         return cls.from_config(json.loads((Path(folder) / cls.config_name).read_text()))
 

@@ -16,8 +16,9 @@ def grid_offsets(shifts: int, patch_size: int) -> list[tuple[int, int]]:
         raise ValueError(f"grid shifts must be one of {GRID_SHIFTS}, got {shifts}")
     half = patch_size // 2
     if shifts > 1 and half == 0:
-        raise ValueError(f"grid shifts need tokens of at least 2 latent pixels (this model's patch size is "
-                         f"{patch_size})")
+        raise ValueError(
+            f"grid shifts need tokens of at least 2 latent pixels (this model's patch size is {patch_size})"
+        )
     return {1: [(0, 0)], 2: [(0, 0), (half, half)], 4: [(0, 0), (0, half), (half, 0), (half, half)]}[shifts]
 
 

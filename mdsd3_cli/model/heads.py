@@ -21,7 +21,9 @@ def partition_heads(num_heads: int, num_classes: int) -> list[list[int]]:
     if num_classes < 1:
         raise ValueError("an adapter needs at least one degradation class")
     if num_classes > num_heads:
-        raise ValueError(f"{num_classes} classes cannot share {num_heads} attention heads (one head per class at least)")
+        raise ValueError(
+            f"{num_classes} classes cannot share {num_heads} attention heads (one head per class at least)"
+        )
     base, extra = divmod(num_heads, num_classes)
     groups, start = [], 0
     for index in range(num_classes):
@@ -57,7 +59,9 @@ def head_mask(
 ) -> torch.Tensor:
     """A [batch, heads] mask with m[b, h] = ratio of the class owning head h."""
     owners = torch.tensor(head_class_index(partition), dtype=torch.long)
-    table = torch.tensor([list(row) for row in ratio_rows], dtype=torch.float32).reshape(len(ratio_rows), len(partition))
+    table = torch.tensor([list(row) for row in ratio_rows], dtype=torch.float32).reshape(
+        len(ratio_rows), len(partition)
+    )
     return table[:, owners].to(device=device, dtype=dtype)
 
 

@@ -31,8 +31,14 @@ _TEXT_FOLDERS = {
     "text_encoder_2": ("tokenizer_2", "CLIPTextModelWithProjection"),
     "text_encoder_3": ("tokenizer_3", "T5EncoderModel"),
 }
-TINY_CLIP = dict(hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                 projection_dim=16, max_position_embeddings=77)
+TINY_CLIP = dict(
+    hidden_size=16,
+    intermediate_size=37,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    projection_dim=16,
+    max_position_embeddings=77,
+)
 TINY_T5 = dict(d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 
 
@@ -59,8 +65,13 @@ class TextEncoder:
 
     def _encode_one(self, prompt: str) -> PromptEmbedding:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(
-            prompt=[prompt], prompt_2=None, prompt_3=None, device=self.device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False, max_sequence_length=T5_MAX_TOKENS,
+            prompt=[prompt],
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+            max_sequence_length=T5_MAX_TOKENS,
         )
         return PromptEmbedding(embeds[0].float().cpu().contiguous(), pooled[0].float().cpu().contiguous())
 
@@ -73,11 +84,21 @@ def _char_tokenizer(max_length: int, bos: bool):
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
     vocab = {token: index for index, token in enumerate(specials + [chr(i) for i in range(33, 127)])}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Split("", "isolated")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Split("", "isolated")]
+    )
     template = "<bos> $A <eos>" if bos else "$A <eos>"
-    tokenizer.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<bos>", 1), ("<eos>", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>", model_max_length=max_length)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<bos>", 1), ("<eos>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
 
 
 def tiny_text_encoder(seed: int, device: torch.device | str = "cpu") -> TextEncoder:
@@ -92,10 +113,15 @@ def tiny_text_encoder(seed: int, device: torch.device | str = "cpu") -> TextEnco
         clip_l, clip_g = CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_config)
         t5 = T5EncoderModel(T5Config(vocab_size=vocab, pad_token_id=0, eos_token_id=2, **TINY_T5))
     pipeline = StableDiffusion3Pipeline(
-        transformer=None, scheduler=None, vae=None,
-        text_encoder=clip_l.to(device).eval(), tokenizer=_char_tokenizer(77, bos=True),
-        text_encoder_2=clip_g.to(device).eval(), tokenizer_2=_char_tokenizer(77, bos=True),
-        text_encoder_3=t5.to(device).eval(), tokenizer_3=_char_tokenizer(512, bos=False),
+        transformer=None,
+        scheduler=None,
+        vae=None,
+        text_encoder=clip_l.to(device).eval(),
+        tokenizer=_char_tokenizer(77, bos=True),
+        text_encoder_2=clip_g.to(device).eval(),
+        tokenizer_2=_char_tokenizer(77, bos=True),
+        text_encoder_3=t5.to(device).eval(),
+        tokenizer_3=_char_tokenizer(512, bos=False),
     )
     return TextEncoder(pipeline, device)
 
@@ -117,8 +143,10 @@ class WordTextEncoder:
 
     def __init__(self, words: list[str], vectors: torch.Tensor, pooled: torch.Tensor, max_words: int):
         if vectors.shape[0] != len(words) or pooled.shape != vectors.shape[1:]:
-            raise ValueError(f"{len(words)} words need vectors [{len(words)}, D] and pooled [D]; got "
-                             f"{list(vectors.shape)} and {list(pooled.shape)}")
+            raise ValueError(
+                f"{len(words)} words need vectors [{len(words)}, D] and pooled [D]; got "
+                f"{list(vectors.shape)} and {list(pooled.shape)}"
+            )
         self.words, self.vectors, self.pooled, self.max_words = list(words), vectors.float(), pooled.float(), max_words
 
     def encode(self, prompts: list[str]) -> list[PromptEmbedding]:
@@ -127,8 +155,9 @@ class WordTextEncoder:
             tokens = prompt.split()
             unknown = [token for token in tokens if token not in self.words]
             if unknown or len(tokens) > self.max_words:
-                raise ValueError(f"prompt {prompt!r}: this text encoder knows at most {self.max_words} of the words "
-                                 f"{self.words}")
+                raise ValueError(
+                    f"prompt {prompt!r}: this text encoder knows at most {self.max_words} of the words {self.words}"
+                )
             embeds = torch.zeros(self.max_words, self.vectors.shape[1])
             for index, token in enumerate(tokens):
                 embeds[index] = self.vectors[self.words.index(token)]
@@ -138,12 +167,14 @@ class WordTextEncoder:
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / self.WEIGHTS, save({"vectors": self.vectors.contiguous(), "pooled": self.pooled.contiguous()}))
+        atomic_write(
+            folder / self.WEIGHTS, save({"vectors": self.vectors.contiguous(), "pooled": self.pooled.contiguous()})
+        )
         config = {"_class_name": self.CLASS_NAME, "words": self.words, "max_words": self.max_words}
         atomic_write(folder / "config.json", (json.dumps(config, indent=2) + "\n").encode())
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "WordTextEncoder":
+    def load(cls, folder: str | os.PathLike) -> WordTextEncoder:
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
         with safe_open(str(folder / cls.WEIGHTS), framework="pt") as handle:
@@ -158,8 +189,9 @@ class WordTextEncoder:
             return False
 
 
-def folder_text_encoder(root: str | os.PathLike, device: torch.device | str,
-                        dtype: torch.dtype) -> TextEncoder | WordTextEncoder:
+def folder_text_encoder(
+    root: str | os.PathLike, device: torch.device | str, dtype: torch.dtype
+) -> TextEncoder | WordTextEncoder:
     """SD3's text encoders from a local diffusers folder; T5 is optional (SD3 then uses zeros for it). A folder
     whose text_encoder/ is a `WordTextEncoder` (the mini preset) gets that instead."""
     import transformers
@@ -176,7 +208,9 @@ def folder_text_encoder(root: str | os.PathLike, device: torch.device | str,
             parts[encoder_name] = parts[tokenizer_name] = None
             continue
         model_class = getattr(transformers, class_name)
-        parts[encoder_name] = model_class.from_pretrained(root / encoder_name, torch_dtype=dtype, local_files_only=True).to(device).eval()
+        parts[encoder_name] = (
+            model_class.from_pretrained(root / encoder_name, torch_dtype=dtype, local_files_only=True).to(device).eval()
+        )
         parts[tokenizer_name] = transformers.AutoTokenizer.from_pretrained(root / tokenizer_name, local_files_only=True)
     pipeline = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, **parts)
     return TextEncoder(pipeline, device)
@@ -221,8 +255,9 @@ class PromptCache:
         """Prompts that have no valid cache entry."""
         return [prompt for prompt in dict.fromkeys(prompts) if self._read(prompt) is None]
 
-    def get(self, prompts: Iterable[str],
-            make_encoder: Callable[[], TextEncoder | WordTextEncoder]) -> dict[str, PromptEmbedding]:
+    def get(
+        self, prompts: Iterable[str], make_encoder: Callable[[], TextEncoder | WordTextEncoder]
+    ) -> dict[str, PromptEmbedding]:
         """Embeddings for `prompts`; only on a miss is `make_encoder` called (once), then the encoders are freed."""
         prompts = list(dict.fromkeys(prompts))
         found = {prompt: self._read(prompt) for prompt in prompts}
@@ -239,8 +274,9 @@ class PromptCache:
         return found
 
 
-def text_encoder_for(source: str, device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> TextEncoder | WordTextEncoder:
+def text_encoder_for(
+    source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> TextEncoder | WordTextEncoder:
     """The text encoders of a base: the tiny preset's stand-ins, or those in a local SD3 folder."""
     from mdsd3_cli.model.presets import resolve_base_source
     from mdsd3_cli.model.weights import TINY, TINY_SEED
@@ -250,8 +286,14 @@ def text_encoder_for(source: str, device: torch.device | str = "cpu",
     return folder_text_encoder(resolve_base_source(source), device, dtype)
 
 
-def load_prompt_embeddings(source: str, fingerprint: str, prompts: Iterable[str], cache_dir: str | os.PathLike | None = None,
-                           device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, PromptEmbedding]:
+def load_prompt_embeddings(
+    source: str,
+    fingerprint: str,
+    prompts: Iterable[str],
+    cache_dir: str | os.PathLike | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, PromptEmbedding]:
     """Embeddings for `prompts` from the cache, encoding (and caching) only those missing."""
     cache = PromptCache(cache_dir or default_cache_dir(), fingerprint)
     return cache.get(prompts, lambda: text_encoder_for(source, device, dtype))

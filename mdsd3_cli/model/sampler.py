@@ -16,8 +16,8 @@ import torch
 from mdsd3_cli.model.adapter import AdapterConfig
 from mdsd3_cli.model.grid_shifts import grid_offsets, roll
 from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, head_mask, prompt_for, ratio_vector
-from mdsd3_cli.model.transformer import MDSD3Transformer, residual_velocity, residual_x0
 from mdsd3_cli.model.prompts import PromptEmbedding
+from mdsd3_cli.model.transformer import MDSD3Transformer, residual_velocity, residual_x0
 from mdsd3_cli.model.weights import BaseModel
 
 
@@ -50,7 +50,9 @@ def seeded_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds])
 
 
-def initial_latents(noise: torch.Tensor, clean_latents: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+def initial_latents(
+    noise: torch.Tensor, clean_latents: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor
+) -> torch.Tensor:
     """z_T = α·ε + β·z_clean, per sample (docs/METHOD.md §3)."""
     view = (-1,) + (1,) * (noise.dim() - 1)
     return alpha.view(view) * noise + beta.view(view) * clean_latents
@@ -59,8 +61,14 @@ def initial_latents(noise: torch.Tensor, clean_latents: torch.Tensor, alpha: tor
 class MDSD3Sampler:
     """Turns clean images plus per-sample requests into degraded images with an MDSD3 transformer."""
 
-    def __init__(self, base: BaseModel, model: MDSD3Transformer, adapter: AdapterConfig,
-                 prompts: Mapping[str, PromptEmbedding], grid_shifts: int = 1):
+    def __init__(
+        self,
+        base: BaseModel,
+        model: MDSD3Transformer,
+        adapter: AdapterConfig,
+        prompts: Mapping[str, PromptEmbedding],
+        grid_shifts: int = 1,
+    ):
         self.base = base
         self.model = model
         self.vae = base.vae  # AutoencoderKL or a pixel codec with its interface
@@ -101,8 +109,9 @@ class MDSD3Sampler:
         pooled = torch.stack([r.pooled for r in rows]).to(self.device, self.dtype)
         return Conditioning(embeds, pooled, masks.to(self.device, self.dtype))
 
-    def request_conditioning(self, requests: Sequence[SampleRequest],
-                             unconditional: bool = True) -> tuple[Conditioning, Conditioning | None]:
+    def request_conditioning(
+        self, requests: Sequence[SampleRequest], unconditional: bool = True
+    ) -> tuple[Conditioning, Conditioning | None]:
         """(conditional, unconditional) branches (docs/METHOD.md §1): class prompt + ratio mask; "" + all-zero mask.
         Without guidance (`unconditional=False`) the unconditional branch is None and "" need not be cached."""
         classes = self.adapter.classes
@@ -116,9 +125,16 @@ class MDSD3Sampler:
 
     # -- denoising ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, clean_injections: Sequence[torch.Tensor], cond: Conditioning,
-                uncond: Conditioning | None, steps: int, guidance: float,
-                clean_latents: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        clean_injections: Sequence[torch.Tensor],
+        cond: Conditioning,
+        uncond: Conditioning | None,
+        steps: int,
+        guidance: float,
+        clean_latents: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """SD3 flow-matching Euler from σ = 1; guidance when `guidance > 1` and an unconditional branch is given.
 
         `clean_injections` holds one `encode_clean` result per grid offset (`self.offsets`, one without grid
@@ -147,8 +163,12 @@ class MDSD3Sampler:
                 rolled = roll(latents, offset)
                 model_input = torch.cat([rolled, rolled]) if guided else rolled
                 prediction = self.model(
-                    hidden_states=model_input, encoder_hidden_states=embeds, pooled_projections=pooled,
-                    timestep=t.expand(model_input.shape[0]), head_mask=mask, clean_injections=injections,
+                    hidden_states=model_input,
+                    encoder_hidden_states=embeds,
+                    pooled_projections=pooled,
+                    timestep=t.expand(model_input.shape[0]),
+                    head_mask=mask,
+                    clean_injections=injections,
                     return_dict=False,
                 )[0]
                 if residual:  # x̂0 (linear in Δ̂: guidance and the offsets' mean act on it as on the velocity)
@@ -166,8 +186,15 @@ class MDSD3Sampler:
         return latents
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor, requests: Sequence[SampleRequest], steps: int, guidance: float,
-                 output: str = "np", pad_to: int | None = None) -> np.ndarray | torch.Tensor:
+    def generate(
+        self,
+        pixels: torch.Tensor,
+        requests: Sequence[SampleRequest],
+        steps: int,
+        guidance: float,
+        output: str = "np",
+        pad_to: int | None = None,
+    ) -> np.ndarray | torch.Tensor:
         """Degrade a batch of clean uint8 images [B, H, W, 3]; returns uint8 numpy images or latents.
 
         `pad_to` runs the transformer on a batch of at least that many samples (the last one repeated, its
@@ -183,8 +210,12 @@ class MDSD3Sampler:
         if self.device.type == "cpu" and count > 1:
             # CPU matrix kernels (MKL on AMD EPYC, seen here) give a row other bits depending on its position in
             # the batch, so on the CPU each sample runs alone and its bytes never depend on its batch mates.
-            latents = torch.cat([self.generate(pixels[i:i + 1], requests[i:i + 1], steps, guidance, output="latent")
-                                 for i in range(count)])
+            latents = torch.cat(
+                [
+                    self.generate(pixels[i : i + 1], requests[i : i + 1], steps, guidance, output="latent")
+                    for i in range(count)
+                ]
+            )
             return latents if output == "latent" else self.decode(latents)
         clean_latents = self.encode(pixels)
         padding = max((pad_to or count) - count, 0)

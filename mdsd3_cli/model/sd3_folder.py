@@ -22,8 +22,10 @@ def base_folder_problem(root: Path) -> str | None:
         return f"base model folder not found: {root}"
     missing = [f"{sub}/{name}" for sub, name in REQUIRED_CONFIGS.items() if not (root / sub / name).is_file()]
     if missing:
-        return (f"{root} is not a diffusers-format SD3 folder: no {', '.join(missing)} "
-                "(expected e.g. a local copy of stable-diffusion-3-medium-diffusers)")
+        return (
+            f"{root} is not a diffusers-format SD3 folder: no {', '.join(missing)} "
+            "(expected e.g. a local copy of stable-diffusion-3-medium-diffusers)"
+        )
     return None
 
 

@@ -49,7 +49,9 @@ def residual_x0(output: torch.Tensor, clean_latents: torch.Tensor, noisy: torch.
     if output.shape[1] == channels:
         return (grouped + clean).flatten(0, 1)
     if output.shape[1] != 2 * channels:
-        raise ValueError(f"a residual x-prediction output has {channels} or {2 * channels} channels, not {output.shape[1]}")
+        raise ValueError(
+            f"a residual x-prediction output has {channels} or {2 * channels} channels, not {output.shape[1]}"
+        )
     delta, gate = grouped[:, :, :channels], grouped[:, :, channels:]
     beyond = noisy.to(output.dtype).unflatten(0, (groups, clean_latents.shape[0])) - clean
     return (clean + delta + gate * beyond).flatten(0, 1)
@@ -194,7 +196,7 @@ class MDSD3Transformer(SD3Transformer2DModel):
         self.set_attn_processor(MDSD3AttnProcessor())
 
     @classmethod
-    def from_base(cls, base: SD3Transformer2DModel) -> "MDSD3Transformer":
+    def from_base(cls, base: SD3Transformer2DModel) -> MDSD3Transformer:
         """Wrap a loaded base transformer: its modules are taken over, not copied (no second copy of 2B
         weights), so the base object afterwards runs MDSD3's attention processor too; the clean branch is
         initialised from them with zero Z layers."""
@@ -283,7 +285,9 @@ class MDSD3Transformer(SD3Transformer2DModel):
             checkpoint = torch.is_grad_enabled() and self.gradient_checkpointing
             if clean_tokens is not None:
                 clean = self.clean_blocks[index]
-                injection, clean_tokens = self._gradient_checkpointing_func(clean, clean_tokens) if checkpoint else clean(clean_tokens)
+                injection, clean_tokens = (
+                    self._gradient_checkpointing_func(clean, clean_tokens) if checkpoint else clean(clean_tokens)
+                )
             else:
                 injection = None if clean_injections is None else clean_injections[index]
             kwargs = extra if injection is None else {**extra, "clean_injection": injection}
@@ -293,7 +297,9 @@ class MDSD3Transformer(SD3Transformer2DModel):
                 )
             else:
                 encoder_hidden_states, hidden_states = block(
-                    hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                    hidden_states=hidden_states,
+                    encoder_hidden_states=encoder_hidden_states,
+                    temb=temb,
                     joint_attention_kwargs=kwargs,
                 )
 

@@ -13,25 +13,42 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from safetensors.torch import load_file, save
 
-from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, read_adapter_config, write_adapter_config
 from mdsd3_cli.model.codec import PixelUnshuffleCodec, is_codec_folder
-from mdsd3_cli.model.transformer import MDSD3Transformer
 from mdsd3_cli.model.presets import resolve_base_source
 from mdsd3_cli.model.sd3_folder import BaseModelError, check_base_folder  # noqa: F401  (BaseModelError: what load_base raises)
+from mdsd3_cli.model.transformer import MDSD3Transformer
+from mdsd3_cli.util.atomic import atomic_write
 
 TINY = "tiny"
 TINY_SEED = 0
 TINY_TRANSFORMER = dict(
-    sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=6,
-    joint_attention_dim=32, caption_projection_dim=48, pooled_projection_dim=32, out_channels=16,
+    sample_size=32,
+    patch_size=2,
+    in_channels=16,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=6,
+    joint_attention_dim=32,
+    caption_projection_dim=48,
+    pooled_projection_dim=32,
+    out_channels=16,
     pos_embed_max_size=96,
 )
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
-    block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, shift_factor=0.0609, scaling_factor=1.5305,
-    use_quant_conv=False, use_post_quant_conv=False, sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=16,
+    layers_per_block=1,
+    norm_num_groups=8,
+    block_out_channels=(8, 8, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    shift_factor=0.0609,
+    scaling_factor=1.5305,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    sample_size=64,
 )
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 BASE_SHAPE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size")
@@ -70,7 +87,9 @@ def _tensor_digest(modules: list[torch.nn.Module], prefix: str) -> str:
     return digest.hexdigest()[:24]
 
 
-def build_tiny(seed: int = TINY_SEED, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> BaseModel:
+def build_tiny(
+    seed: int = TINY_SEED, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> BaseModel:
     """The `tiny` preset: a seeded random small SD3 (2 blocks, 6 heads) and VAE. Its images mean nothing."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -83,7 +102,7 @@ def build_tiny(seed: int = TINY_SEED, dtype: torch.dtype = torch.float32, device
     return BaseModel(TINY, transformer, vae, dict(SD3_SCHEDULER), fingerprint, {"seed": seed})
 
 
-def _file_digest(digest: "hashlib._Hash", path: Path) -> None:
+def _file_digest(digest: hashlib._Hash, path: Path) -> None:
     """Add a weights file's identity: size, safetensors header and three 1 MiB samples."""
     size = path.stat().st_size
     digest.update(f"{path.name}:{size}".encode())
@@ -118,7 +137,9 @@ def load_base(source: str, dtype: torch.dtype = torch.float32, device: str | tor
     if source == TINY:
         return build_tiny(dtype=dtype, device=device)
     root = check_base_folder(resolve_base_source(source))
-    transformer = SD3Transformer2DModel.from_pretrained(root, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
+    transformer = SD3Transformer2DModel.from_pretrained(
+        root, subfolder="transformer", torch_dtype=dtype, local_files_only=True
+    )
     if is_codec_folder(root / "vae"):
         vae = PixelUnshuffleCodec.load(root / "vae").to(dtype=dtype)
     else:
@@ -172,8 +193,9 @@ def adapter_state_dict(model: MDSD3Transformer) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
 
 
-def save_adapter(model: MDSD3Transformer, config: AdapterConfig, adapter_dir: str | os.PathLike,
-                 root: Path | None = None) -> Path:
+def save_adapter(
+    model: MDSD3Transformer, config: AdapterConfig, adapter_dir: str | os.PathLike, root: Path | None = None
+) -> Path:
     """Write `adapter.safetensors` and `adapter_config.json` atomically (inside `root`, when given)."""
     folder = Path(adapter_dir)
     metadata = {"format": "mdsd3-adapter", "config": config.model_dump_json()}
@@ -198,12 +220,19 @@ def check_adapter_matches(config: AdapterConfig, base: BaseModel, adapter_dir: s
 
 def fresh_adapter_config(base: BaseModel, classes: list[str], lora_rank: int = 0, **extra: Any) -> AdapterConfig:
     """Config of a new (untrained) adapter on `base`."""
-    return AdapterConfig.fresh(classes, base.fingerprint, base.shape, lora_rank=lora_rank,
-                               lora_targets=LORA_TARGETS if lora_rank else [], **extra)
+    return AdapterConfig.fresh(
+        classes,
+        base.fingerprint,
+        base.shape,
+        lora_rank=lora_rank,
+        lora_targets=LORA_TARGETS if lora_rank else [],
+        **extra,
+    )
 
 
-def build_model(base: BaseModel, adapter_dir: str | os.PathLike | None = None,
-                config: AdapterConfig | None = None) -> tuple[MDSD3Transformer, AdapterConfig]:
+def build_model(
+    base: BaseModel, adapter_dir: str | os.PathLike | None = None, config: AdapterConfig | None = None
+) -> tuple[MDSD3Transformer, AdapterConfig]:
     """MDSD3 transformer on `base`: with `adapter_dir` its saved weights, else a fresh adapter from `config`
     (with the output convolution when the config asks for it)."""
     model = MDSD3Transformer.from_base(base.transformer)
@@ -236,8 +265,13 @@ def build_model(base: BaseModel, adapter_dir: str | os.PathLike | None = None,
     return model, config
 
 
-PARAMETER_GROUPS = {"base": "base (frozen)", "clean_branch": "clean branch (excl. Z)",
-                    "z_layers": "Z layers", "lora": "LoRA", "output_conv": "output convolution"}
+PARAMETER_GROUPS = {
+    "base": "base (frozen)",
+    "clean_branch": "clean branch (excl. Z)",
+    "z_layers": "Z layers",
+    "lora": "LoRA",
+    "output_conv": "output convolution",
+}
 """Disjoint parameter groups of an MDSD3 transformer, with their display names; they add up to the total."""
 
 

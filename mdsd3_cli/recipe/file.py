@@ -5,8 +5,8 @@ validation problems worded the same way for both kinds of recipe."""
 from __future__ import annotations
 
 import inspect
-import re
 import os
+import re
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from mdsd3_cli.util.names import closest_name
 from mdsd3_cli.recipe.overrides import apply_override
 from mdsd3_cli.recipe.safe_yaml import YamlError, load_yaml
+from mdsd3_cli.util.names import closest_name
 
 MAX_REPEATS = 1000
 """Most draws per photo one variant may ask for (`repeats`)."""
@@ -54,12 +54,15 @@ def read_text(path: str | os.PathLike) -> str:
     except OSError as error:
         raise RecipeFileError(source, "", f"cannot read recipe: {error.strerror or error}") from None
     if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeFileError(source, "", f"larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a small "
-                                          "YAML text file")
+        raise RecipeFileError(
+            source, "", f"larger than {MAX_RECIPE_BYTES // 1024} KiB; a recipe is a small YAML text file"
+        )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise RecipeFileError(source, "", f"not UTF-8 text (byte {error.start}); a recipe is a YAML text file") from None
+        raise RecipeFileError(
+            source, "", f"not UTF-8 text (byte {error.start}); a recipe is a YAML text file"
+        ) from None
 
 
 @dataclass
@@ -116,8 +119,12 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
 
 def _tags(model: type[BaseModel]) -> set[Any]:
     """Values of the model's Literal fields (the discriminator of a tagged union among them)."""
-    return {value for info in model.model_fields.values() if typing.get_origin(info.annotation) is Literal
-            for value in typing.get_args(info.annotation)}
+    return {
+        value
+        for info in model.model_fields.values()
+        if typing.get_origin(info.annotation) is Literal
+        for value in typing.get_args(info.annotation)
+    }
 
 
 def known_fields(root: type[BaseModel], location: Sequence[str | int]) -> list[str]:
@@ -126,8 +133,12 @@ def known_fields(root: type[BaseModel], location: Sequence[str | int]) -> list[s
     for part in location[:-1]:
         if isinstance(part, int):
             continue
-        inner = [found for model in models if part in model.model_fields
-                 for found in _models_in(model.model_fields[part].annotation)]
+        inner = [
+            found
+            for model in models
+            if part in model.model_fields
+            for found in _models_in(model.model_fields[part].annotation)
+        ]
         models = inner or [model for model in models if part in _tags(model)] or models
     return sorted({name for model in models for name in model.model_fields})
 
@@ -141,7 +152,7 @@ def unknown_field_message(name: str, known: Sequence[str]) -> str:
 
 
 def _short(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def schema_problems(error: ValidationError, root: type[BaseModel], drop: Sequence[str] = ()) -> list[Problem]:

@@ -9,15 +9,37 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 from mdsd3_cli.model.grid_shifts import GRID_SHIFTS
-from mdsd3_cli.util.names import unknown_class_message
-from mdsd3_cli.model.presets import PresetNotInstalledError, is_preset, preset_adapter_dir, preset_base_dir, preset_folder
-from mdsd3_cli.recipe.file import (MAX_REPEATS, MAX_SAMPLES_PER_INPUT, Problem, RecipeData, RecipeFileError, read_recipe,
-                          schema_problems)
+from mdsd3_cli.model.presets import (
+    PresetNotInstalledError,
+    is_preset,
+    preset_adapter_dir,
+    preset_base_dir,
+    preset_folder,
+)
 from mdsd3_cli.model.sd3_folder import base_folder_problem, folder_image_side_limit, largest_image_side
+from mdsd3_cli.recipe.file import (
+    MAX_REPEATS,
+    MAX_SAMPLES_PER_INPUT,
+    Problem,
+    RecipeData,
+    RecipeFileError,
+    read_recipe,
+    schema_problems,
+)
+from mdsd3_cli.util.names import unknown_class_message
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +55,11 @@ class RecipeError(ValueError):
     def __init__(self, source: str, problems: Sequence[Problem]) -> None:
         self.source = source
         self.problems = list(problems)
-        super().__init__("\n".join(f"{source}: {field}: {message}" if field else f"{source}: {message}"
-                                   for field, message in self.problems))
+        super().__init__(
+            "\n".join(
+                f"{source}: {field}: {message}" if field else f"{source}: {message}" for field, message in self.problems
+            )
+        )
 
     def __reduce__(self) -> tuple[type[RecipeError], tuple[str, list[Problem]]]:
         return type(self), (self.source, self.problems)
@@ -67,10 +92,12 @@ class QuantileRatio(_Section):
 def _ratio(value: Any) -> float | list[float] | QuantileRatio:
     """A class ratio: a number in [0, 1], a range [lo, hi] with 0 <= lo <= hi <= 1, or {quantiles: [q0, ..., qK]}
     (non-decreasing, in [0, 1]); ranges and quantiles are drawn per sample."""
+
     def number(item: Any) -> float:
         if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise ValueError(f"ratio must be a number in [0, 1], a range [lo, hi] or {{quantiles: [q0, ..., qK]}}, "
-                             f"got {item!r}")
+            raise ValueError(
+                f"ratio must be a number in [0, 1], a range [lo, hi] or {{quantiles: [q0, ..., qK]}}, got {item!r}"
+            )
         if not 0.0 <= item <= 1.0:
             raise ValueError(f"ratio {item} is outside [0, 1]")
         return float(item)
@@ -187,8 +214,9 @@ class Variant(_Section):
     @classmethod
     def _plain_folder_name(cls, name: str) -> str:
         if not re.fullmatch(VARIANT_NAME_PATTERN, name):
-            raise ValueError(f"{name!r} is not a plain folder name (letters, digits, '_', '.', '-'; "
-                             "starting with a letter or digit)")
+            raise ValueError(
+                f"{name!r} is not a plain folder name (letters, digits, '_', '.', '-'; starting with a letter or digit)"
+            )
         return name
 
     def folder(self, repeat: int) -> str:
@@ -249,9 +277,12 @@ class Recipe(_Section):
             self._classes = list(read_adapter_config(adapter).classes if adapter else self.model.classes or [])
         return list(self._classes)
 
-    def device(self) -> "torch.device":
+    def device(self) -> torch.device:
         """The device model.device names on this machine; RecipeError (model.device) when there is none here."""
-        from mdsd3_cli.util.runtime import DeviceError, resolve_device  # torch-free import of the recipe module stays possible
+        from mdsd3_cli.util.runtime import (
+            DeviceError,
+            resolve_device,
+        )  # torch-free import of the recipe module stays possible
 
         try:
             return resolve_device(self.model.device)
@@ -304,8 +335,11 @@ class Recipe(_Section):
             "output": {
                 "format": self.output.format,
                 "quality": None if self.output.format == "png" else self.output.quality,
-                **({"layout": "webdataset", "tar_sample": TAR_SAMPLE, "samples_per_tar": self.output.samples_per_tar}
-                   if self.output.layout == "webdataset" else {}),  # a folders run keeps its old identity
+                **(
+                    {"layout": "webdataset", "tar_sample": TAR_SAMPLE, "samples_per_tar": self.output.samples_per_tar}
+                    if self.output.layout == "webdataset"
+                    else {}
+                ),  # a folders run keeps its old identity
             },
             "sampling": {
                 "steps": self.sampling.steps,
@@ -342,13 +376,17 @@ def start_warning(recipe: Recipe) -> str | None:
             others.setdefault((alpha, beta), []).append(variant.name)
     if not others:
         return None
-    used = "; ".join(f"variants {', '.join(names)} sample from alpha {alpha:g}, beta {beta:g}"
-                     for (alpha, beta), names in others.items())
-    return (f"model.adapter {recipe.model.adapter} was trained for the start {trained.describe()} "
-            f"(z_T = alpha·noise + beta·clean latent), but {used}. A start the adapter was not trained for is out "
-            f"of its training distribution (mini, for one, then gives dark, over-saturated images). Set sampling.alpha: "
-            f"{trained.alpha:g} and sampling.beta: {trained.beta:g} (and remove the variants' own alpha/beta), or "
-            "use an adapter trained with train.start set to the start you want (docs/METHOD.md §4).")
+    used = "; ".join(
+        f"variants {', '.join(names)} sample from alpha {alpha:g}, beta {beta:g}"
+        for (alpha, beta), names in others.items()
+    )
+    return (
+        f"model.adapter {recipe.model.adapter} was trained for the start {trained.describe()} "
+        f"(z_T = alpha·noise + beta·clean latent), but {used}. A start the adapter was not trained for is out "
+        f"of its training distribution (mini, for one, then gives dark, over-saturated images). Set sampling.alpha: "
+        f"{trained.alpha:g} and sampling.beta: {trained.beta:g} (and remove the variants' own alpha/beta), or "
+        "use an adapter trained with train.start set to the start you want (docs/METHOD.md §4)."
+    )
 
 
 _NOT_A_MAPPING = "a recipe is a YAML mapping with model, input, output, sampling and variants"
@@ -384,8 +422,13 @@ def _classes_problems(recipe: Recipe) -> tuple[list[str] | None, list[Problem]]:
 def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem]:
     per_input = recipe.samples_per_input()
     if per_input > MAX_SAMPLES_PER_INPUT:  # counted before any folder list is built
-        return [("variants", f"{len(recipe.variants)} variants with their repeats ask for {per_input:,} samples per "
-                             f"input image; at most {MAX_SAMPLES_PER_INPUT:,}")]
+        return [
+            (
+                "variants",
+                f"{len(recipe.variants)} variants with their repeats ask for {per_input:,} samples per "
+                f"input image; at most {MAX_SAMPLES_PER_INPUT:,}",
+            )
+        ]
     problems = []
     name_owner: dict[str, int] = {}
     folder_owner: dict[str, int] = {}
@@ -396,15 +439,21 @@ def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem
                     problems.append((f"variants.{index}.classes.{name}", unknown_class_message(name, classes)))
         first = name_owner.setdefault(variant.name, index)
         if first != index:
-            problems.append((f"variants.{index}.name", f"duplicate variant name {variant.name!r} "
-                                                       f"(also variants.{first})"))
+            problems.append(
+                (f"variants.{index}.name", f"duplicate variant name {variant.name!r} (also variants.{first})")
+            )
             continue
         for folder in variant.folders():
             owner = folder_owner.setdefault(folder, index)
             if owner != index:
                 other = recipe.variants[owner]
-                problems.append((f"variants.{index}", f"output folder {folder!r} collides with variants.{owner} "
-                                                      f"({other.name!r}, repeats {other.repeats})"))
+                problems.append(
+                    (
+                        f"variants.{index}",
+                        f"output folder {folder!r} collides with variants.{owner} "
+                        f"({other.name!r}, repeats {other.repeats})",
+                    )
+                )
     return problems
 
 
@@ -436,7 +485,10 @@ def _image_size_problems(recipe: Recipe) -> list[Problem]:
     files without loading weights."""
     base = recipe.base_dir()
     if base is None:
-        from mdsd3_cli.model.weights import TINY_TRANSFORMER, TINY_VAE  # the built-in preset's configs are code, not files
+        from mdsd3_cli.model.weights import (
+            TINY_TRANSFORMER,
+            TINY_VAE,
+        )  # the built-in preset's configs are code, not files
 
         limit = largest_image_side(TINY_TRANSFORMER, TINY_VAE)
     else:
@@ -444,12 +496,20 @@ def _image_size_problems(recipe: Recipe) -> list[Problem]:
             limit = folder_image_side_limit(base)
         except ValueError as error:
             return [("model.base", str(error))]
-    field, side = ("input.max_side", recipe.input.max_side) if recipe.input.resize == "native" else \
-        ("input.size", recipe.input.size)
+    field, side = (
+        ("input.max_side", recipe.input.max_side)
+        if recipe.input.resize == "native"
+        else ("input.size", recipe.input.size)
+    )
     if limit is None or side <= limit:
         return []
-    return [(field, f"{side} is larger than the base model {recipe.model.base!r} can take: at most {limit} pixels "
-                    "per side (its transformer's pos_embed_max_size x patch size x VAE downscale)")]
+    return [
+        (
+            field,
+            f"{side} is larger than the base model {recipe.model.base!r} can take: at most {limit} pixels "
+            "per side (its transformer's pos_embed_max_size x patch size x VAE downscale)",
+        )
+    ]
 
 
 def parse_recipe(data: Any, source_path: str | os.PathLike, overridden: Mapping[str, str] | None = None) -> Recipe:
@@ -462,8 +522,9 @@ def parse_recipe(data: Any, source_path: str | os.PathLike, overridden: Mapping[
     try:
         recipe = Recipe.model_validate(dict(data))
     except ValidationError as error:
-        raise RecipeError(source, [(label(field), message)
-                                   for field, message in schema_problems(error, Recipe)]) from None
+        raise RecipeError(
+            source, [(label(field), message) for field, message in schema_problems(error, Recipe)]
+        ) from None
     recipe._source_path = Path(os.path.abspath(source_path))
     classes, problems = _classes_problems(recipe)
     problems += _variant_problems(recipe, classes)

@@ -31,9 +31,12 @@ class TrainedFor:
 
 
 TRAINED_FOR: dict[str, TrainedFor] = {
-    MINI: TrainedFor(steps=(4, 4), guidance=(0.0, 1.0),
-                     note="mini was trained to sample in 4 steps from its start, conditionally (guidance <= 1: "
-                          "no unconditional pass), and measured only there (docs/mini.md)"),
+    MINI: TrainedFor(
+        steps=(4, 4),
+        guidance=(0.0, 1.0),
+        note="mini was trained to sample in 4 steps from its start, conditionally (guidance <= 1: "
+        "no unconditional pass), and measured only there (docs/mini.md)",
+    ),
 }
 """Steps and guidance per preset. The sizes come from the adapter config's training record (its `crop`,
 `final_crop` and `phases`), which the training script writes with the weights."""
@@ -68,19 +71,25 @@ def trained_range_warnings(recipe: Recipe) -> list[str]:
     warnings = []
     steps, guidance = recipe.sampling.steps, recipe.sampling.guidance
     if _outside(steps, trained.steps):
-        warnings.append(f"sampling.steps {steps}: {adapter} was trained for {_span(trained.steps)} steps "
-                        f"({trained.note}); set sampling.steps: {MINI_SETTINGS['sampling']['steps']}")
+        warnings.append(
+            f"sampling.steps {steps}: {adapter} was trained for {_span(trained.steps)} steps "
+            f"({trained.note}); set sampling.steps: {MINI_SETTINGS['sampling']['steps']}"
+        )
     if _outside(guidance, trained.guidance):
-        warnings.append(f"sampling.guidance {guidance:g}: {adapter} was trained for guidance {_span(trained.guidance)} "
-                        f"({trained.note}); higher guidance overshoots haze and low light and adds mosaic; set "
-                        f"sampling.guidance: {MINI_SETTINGS['sampling']['guidance']:g}")
+        warnings.append(
+            f"sampling.guidance {guidance:g}: {adapter} was trained for guidance {_span(trained.guidance)} "
+            f"({trained.note}); higher guidance overshoots haze and low light and adds mosaic; set "
+            f"sampling.guidance: {MINI_SETTINGS['sampling']['guidance']:g}"
+        )
     sizes = trained_sizes(read_adapter_config(recipe.adapter_dir()).training)
     native = recipe.input.resize == "native"
     field, side = ("input.max_side", recipe.input.max_side) if native else ("input.size", recipe.input.size)
     if sizes is not None and (side > sizes[1] if native else _outside(side, sizes)):
-        warnings.append(f"{field} {side}: {adapter} was trained on {_span(sizes)}-pixel crops (its "
-                        f"adapter_config.json's training record); other sizes are outside its training "
-                        f"distribution; set {field}: {MINI_SETTINGS['input']['size']}")
+        warnings.append(
+            f"{field} {side}: {adapter} was trained on {_span(sizes)}-pixel crops (its "
+            f"adapter_config.json's training record); other sizes are outside its training "
+            f"distribution; set {field}: {MINI_SETTINGS['input']['size']}"
+        )
     return warnings
 
 
@@ -130,5 +139,6 @@ def preset_recipe_text(name: str, path: str = "recipe.yaml") -> str:
     that is not a trained preset."""
     if name != MINI:
         raise ValueError(f"unknown preset {name!r}; presets with a recipe: {MINI}")
-    return _MINI_RECIPE.format(path=path, **MINI_SETTINGS["model"], **MINI_SETTINGS["input"],
-                               **MINI_SETTINGS["sampling"])
+    return _MINI_RECIPE.format(
+        path=path, **MINI_SETTINGS["model"], **MINI_SETTINGS["input"], **MINI_SETTINGS["sampling"]
+    )

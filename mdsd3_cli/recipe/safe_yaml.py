@@ -74,8 +74,10 @@ class _RecipeLoader(yaml.SafeLoader):
             elif isinstance(node, yaml.MappingNode):
                 children = [part for pair in node.value for part in pair]
             extents = [self._extent(child) for child in children]
-            self._extents[id(node)] = (1 + sum(size for size, _ in extents),
-                                       1 + max((height for _, height in extents), default=-1))
+            self._extents[id(node)] = (
+                1 + sum(size for size, _ in extents),
+                1 + max((height for _, height in extents), default=-1),
+            )
         return self._extents[id(node)]
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -106,8 +108,10 @@ def load_yaml(text: str, name: str) -> Any:
     except yaml.reader.ReaderError as error:
         raise _character_error(text, error) from None
     except _DuplicateKey as error:
-        raise YamlError(_line(error.again), f"duplicate key {error.key!r} (first at {_line(error.first)}); "
-                                            "each key may appear once in a mapping") from None
+        raise YamlError(
+            _line(error.again),
+            f"duplicate key {error.key!r} (first at {_line(error.first)}); each key may appear once in a mapping",
+        ) from None
     except _TooComplex as error:
         raise YamlError(_line(error.mark), f"invalid recipe: {error.problem}") from None
     except RecursionError:
@@ -120,7 +124,9 @@ def load_yaml(text: str, name: str) -> Any:
 
 def _character_error(text: str, error: yaml.reader.ReaderError) -> YamlError:
     """A YamlError naming the line, column and code of a character YAML does not allow (a control character)."""
-    before = text[:error.position]
+    before = text[: error.position]
     column = error.position - (before.rfind("\n") + 1) + 1
-    return YamlError(f"line {before.count(chr(10)) + 1}", f"column {column}: character U+{error.character:04X} is "
-                     "not allowed in YAML (a control character); remove it")
+    return YamlError(
+        f"line {before.count(chr(10)) + 1}",
+        f"column {column}: character U+{error.character:04X} is not allowed in YAML (a control character); remove it",
+    )

@@ -10,17 +10,26 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mdsd3_cli.model.adapter import FlowStart
 from mdsd3_cli.model.heads import CLEAN_PROMPT
 from mdsd3_cli.model.presets import is_preset
+from mdsd3_cli.model.sd3_folder import base_folder_problem
 from mdsd3_cli.recipe.file import RecipeData, RecipeFileError, read_recipe, schema_problems
 from mdsd3_cli.util.runtime import DeviceError, resolve_device
-from mdsd3_cli.model.sd3_folder import base_folder_problem
 
 TINY_BASE = "tiny"
 PAIR_LIST_SUFFIXES = (".csv", ".jsonl")
@@ -169,7 +178,7 @@ class Mdsd3OutputDataset(_Section):
         return path
 
 
-DatasetSpec = Annotated[Union[PairedFoldersDataset, PairListDataset, Mdsd3OutputDataset], Field(discriminator="kind")]
+DatasetSpec = Annotated[PairedFoldersDataset | PairListDataset | Mdsd3OutputDataset, Field(discriminator="kind")]
 DATASET_KINDS = ("paired_folders", "pair_list", "mdsd3_output")
 
 
@@ -276,7 +285,7 @@ class TrainRecipe(_Section):
         return value
 
     @model_validator(mode="after")
-    def _cross_check(self) -> "TrainRecipe":
+    def _cross_check(self) -> TrainRecipe:
         problems = []
         seen: dict[str, int] = {}
         for index, dataset in enumerate(self.datasets):
@@ -286,8 +295,9 @@ class TrainRecipe(_Section):
             seen.setdefault(dataset.name, index)
             for name in getattr(dataset, "classes", {}):
                 if name not in self.classes:
-                    problems.append(f"datasets.{index}.classes.{name}: unknown class; "
-                                    f"the recipe's classes are {self.classes}")
+                    problems.append(
+                        f"datasets.{index}.classes.{name}: unknown class; the recipe's classes are {self.classes}"
+                    )
         if problems:
             raise ValueError("\n".join(problems))
         return self

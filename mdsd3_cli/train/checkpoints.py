@@ -70,8 +70,10 @@ def resolve_resume(out_dir: Path, resume: str | os.PathLike | None) -> Path | No
     existing = list_checkpoints(out_dir)
     if resume is None:
         if existing:
-            raise TrainError(f"{Path(out_dir) / CHECKPOINTS} already holds checkpoints (newest: {existing[-1][1].name}); "
-                             "pass --resume latest to continue that run, or choose another output.dir")
+            raise TrainError(
+                f"{Path(out_dir) / CHECKPOINTS} already holds checkpoints (newest: {existing[-1][1].name}); "
+                "pass --resume latest to continue that run, or choose another output.dir"
+            )
         return None
     if str(resume) == "latest":
         return existing[-1][1] if existing else None
@@ -85,19 +87,27 @@ def resolve_resume(out_dir: Path, resume: str | os.PathLike | None) -> Path | No
 def check_resume_state(state: dict[str, Any], where: Path, recipe: TrainRecipe) -> None:
     """Refuse a checkpoint (`state`, read from `where`) that `recipe` cannot continue: other classes or set."""
     if state.get("classes") != list(recipe.classes):
-        raise TrainError(f"{where}: the checkpoint was trained for classes {state.get('classes')}, "
-                         f"the recipe has {list(recipe.classes)}")
+        raise TrainError(
+            f"{where}: the checkpoint was trained for classes {state.get('classes')}, "
+            f"the recipe has {list(recipe.classes)}"
+        )
     if state.get("trainable") != recipe.train.trainable:
-        raise TrainError(f"{where}: the checkpoint trained the {state.get('trainable')!r} set; "
-                         f"set train.trainable={state.get('trainable')} to resume it")
+        raise TrainError(
+            f"{where}: the checkpoint trained the {state.get('trainable')!r} set; "
+            f"set train.trainable={state.get('trainable')} to resume it"
+        )
 
 
-def export_config(adapter_config: AdapterConfig, recipe: TrainRecipe, step: int, first_loss: float | None,
-                  last_loss: float | None) -> AdapterConfig:
+def export_config(
+    adapter_config: AdapterConfig, recipe: TrainRecipe, step: int, first_loss: float | None, last_loss: float | None
+) -> AdapterConfig:
     """The adapter config a checkpoint or the exported adapter records: the run's facts and `train.start`."""
     training = {
-        "tool": f"mdsd3 {__version__}", "steps": step, "trainable": recipe.train.trainable,
-        "first_loss": first_loss, "last_loss": last_loss,
+        "tool": f"mdsd3 {__version__}",
+        "steps": step,
+        "trainable": recipe.train.trainable,
+        "first_loss": first_loss,
+        "last_loss": last_loss,
         "recipe": recipe.model_dump(mode="json"),
     }
     return adapter_config.model_copy(update={"training": training, "start": recipe.train.start})
@@ -114,13 +124,17 @@ def load_checkpoint_adapter(model: MDSD3Transformer, checkpoint: str | os.PathLi
     except (AdapterError, OSError) as error:
         raise TrainError(f"checkpoint {checkpoint}: {error}") from error
     if config.base_fingerprint != base_fingerprint:
-        raise TrainError(f"checkpoint {checkpoint} was trained on base {config.base_fingerprint}, "
-                         f"this recipe's base is {base_fingerprint}")
+        raise TrainError(
+            f"checkpoint {checkpoint} was trained on base {config.base_fingerprint}, "
+            f"this recipe's base is {base_fingerprint}"
+        )
     expected = set(adapter_state_dict(model))
     if set(tensors) != expected:
-        raise TrainError(f"checkpoint {checkpoint}: adapter tensors do not fit this model (LoRA rank or trainable "
-                         f"set changed?): missing {sorted(expected - set(tensors))[:3]}, "
-                         f"unexpected {sorted(set(tensors) - expected)[:3]}")
+        raise TrainError(
+            f"checkpoint {checkpoint}: adapter tensors do not fit this model (LoRA rank or trainable "
+            f"set changed?): missing {sorted(expected - set(tensors))[:3]}, "
+            f"unexpected {sorted(set(tensors) - expected)[:3]}"
+        )
     model.load_state_dict(tensors, strict=False)
 
 
@@ -140,8 +154,10 @@ def write_checkpoint(accelerator: Accelerator, out: Path, step: int, state: dict
     except RuntimeError as error:  # torch.save reports a full disk as "[enforce fail ...] unexpected pos"
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(folder).free
-        raise TrainError(f"cannot write checkpoint {final} ({str(error).splitlines()[0]}); {free / 1e6:,.0f} MB "
-                         "free on that disk: free some space, then rerun with --resume latest") from None
+        raise TrainError(
+            f"cannot write checkpoint {final} ({str(error).splitlines()[0]}); {free / 1e6:,.0f} MB "
+            "free on that disk: free some space, then rerun with --resume latest"
+        ) from None
     if accelerator.is_main_process:
         atomic_write(tmp / STATE_NAME, (json.dumps(state, indent=2) + "\n").encode())
     accelerator.wait_for_everyone()
@@ -154,7 +170,7 @@ def write_checkpoint(accelerator: Accelerator, out: Path, step: int, state: dict
         os.replace(tmp, final)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-        for _, old in list_checkpoints(out)[: -keep]:
+        for _, old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

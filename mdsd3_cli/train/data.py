@@ -23,10 +23,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mdsd3_cli.model.heads import UnknownClassError, check_ratios, prompt_for, ratio_vector
-from mdsd3_cli.util.images import ImageError, walk_images
 from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios
 from mdsd3_cli.dataset.stored_images import ImageRef, record_image
+from mdsd3_cli.model.heads import UnknownClassError, check_ratios, prompt_for, ratio_vector
 from mdsd3_cli.recipe.train import (
     DataSection,
     DatasetSpec,
@@ -35,6 +34,7 @@ from mdsd3_cli.recipe.train import (
     PairListDataset,
     TrainRecipe,
 )
+from mdsd3_cli.util.images import ImageError, walk_images
 
 MAX_DRAW_ATTEMPTS = 64
 _SAMPLE_STREAM = 0x5A3D
@@ -89,8 +89,9 @@ class DataReport:
 
     def counts(self, dataset: str | None = None) -> dict[str, int]:
         """Distinct skipped items per reason (optionally for one dataset)."""
-        counts = {reason: sum(1 for skip in items if dataset in (None, skip.dataset))
-                  for reason, items in self._items.items()}
+        counts = {
+            reason: sum(1 for skip in items if dataset in (None, skip.dataset)) for reason, items in self._items.items()
+        }
         return {reason: count for reason, count in counts.items() if count}
 
     def draws_skipped(self) -> int:
@@ -174,8 +175,9 @@ def _list_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             reader = csv.DictReader(handle)
             missing = {"clean", "degraded"} - set(reader.fieldnames or ())
             if missing:
-                raise DatasetError(f"{path}:1: the header needs columns clean,degraded[,classes]; "
-                                   f"missing {sorted(missing)}")
+                raise DatasetError(
+                    f"{path}:1: the header needs columns clean,degraded[,classes]; missing {sorted(missing)}"
+                )
             for row in reader:
                 yield f"{path}:{reader.line_num}", row
         return
@@ -317,8 +319,13 @@ class PairedDataset(Dataset):
     order, `identity` (bool). `batches()` runs a DataLoader over steps and keeps `report` up to date.
     """
 
-    def __init__(self, groups: Sequence[tuple[DatasetSpec, list[Pair]]], classes: Sequence[str], data: DataSection,
-                 report: DataReport | None = None) -> None:
+    def __init__(
+        self,
+        groups: Sequence[tuple[DatasetSpec, list[Pair]]],
+        classes: Sequence[str],
+        data: DataSection,
+        report: DataReport | None = None,
+    ) -> None:
         self.classes = list(classes)
         self.data = data
         self.report = report if report is not None else DataReport()
@@ -351,8 +358,10 @@ class PairedDataset(Dataset):
         clean = _open_rgb(pair.clean, pair.dataset)
         degraded = clean if draw.identity else _open_rgb(pair.degraded, pair.dataset)
         if clean.size != degraded.size:
-            detail = (f"{pair.clean} is {clean.width}x{clean.height} but {pair.degraded} is "
-                      f"{degraded.width}x{degraded.height}")
+            detail = (
+                f"{pair.clean} is {clean.width}x{clean.height} but {pair.degraded} is "
+                f"{degraded.width}x{degraded.height}"
+            )
             raise _PairSkipped(Skip(SIZE_MISMATCH, pair.dataset, detail))
         resolution = self.data.resolution
         width, height = _resized_size(clean.width, clean.height, resolution, self.data.resize)
@@ -388,8 +397,9 @@ class PairedDataset(Dataset):
         self._record(skips)
         return sample
 
-    def batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
-              ) -> tuple[dict[str, torch.Tensor], list[Skip]]:
+    def batch(
+        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[dict[str, torch.Tensor], list[Skip]]:
         """This rank's batch at a data step, and the skips on the way (no side effects)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
@@ -406,8 +416,16 @@ class PairedDataset(Dataset):
         self._record(skips)
         return batch
 
-    def batches(self, start_step: int, end_step: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                workers: int | None = None, pin_memory: bool = False) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def batches(
+        self,
+        start_step: int,
+        end_step: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int | None = None,
+        pin_memory: bool = False,
+    ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(step, batch) for data steps start_step..end_step-1, built by `workers` loader processes, in order."""
         loader = DataLoader(
             _StepBatches(self, batch_size, rank, world_size),
@@ -450,8 +468,11 @@ def build_dataset(recipe: TrainRecipe) -> PairedDataset:
     groups = [(spec, discover_pairs(spec, recipe.classes, report)) for spec in recipe.datasets]
     empty = [(index, spec) for index, (spec, pairs) in enumerate(groups) if not pairs]
     if empty:
-        lines = [f"{recipe.source}: datasets.{index}: dataset {spec.name!r} ({spec.kind}: {describe_source(spec)}) "
-                 "has no pairs" for index, spec in empty]
+        lines = [
+            f"{recipe.source}: datasets.{index}: dataset {spec.name!r} ({spec.kind}: {describe_source(spec)}) "
+            "has no pairs"
+            for index, spec in empty
+        ]
         lines += [f"  {line}" for _, spec in empty for line in report.lines(spec.name)]
         raise EmptyDatasetError("\n".join(lines))
     return PairedDataset(groups, recipe.classes, recipe.data, report)
@@ -460,8 +481,9 @@ def build_dataset(recipe: TrainRecipe) -> PairedDataset:
 def condition_drop_mask(seed: int, step: int, batch_size: int, p: float, rank: int = 0) -> torch.Tensor:
     """[B] bool: which of this rank's slots drop their condition (prompt "" and zero mask) at a data step."""
     slots = range(rank * batch_size, (rank + 1) * batch_size)
-    return torch.tensor([bool(np.random.default_rng([seed, _DROP_STREAM, step, slot]).random() < p) for slot in slots],
-                        dtype=torch.bool)
+    return torch.tensor(
+        [bool(np.random.default_rng([seed, _DROP_STREAM, step, slot]).random() < p) for slot in slots], dtype=torch.bool
+    )
 
 
 def batch_prompts(ratios: torch.Tensor, classes: Sequence[str]) -> list[str]:

@@ -48,12 +48,20 @@ class DegradedPairs(Dataset):
     one variant per class, named after it, with that class alone.
     """
 
-    def __init__(self, images: str | os.PathLike | Sequence[str | os.PathLike], synth: Synthesizer,
-                 degrade: bool = True, epoch: int = 0, *,
-                 classes: Sequence[str] | Mapping[str, Any] | None = None, mode: Mode | None = None) -> None:
+    def __init__(
+        self,
+        images: str | os.PathLike | Sequence[str | os.PathLike],
+        synth: Synthesizer,
+        degrade: bool = True,
+        epoch: int = 0,
+        *,
+        classes: Sequence[str] | Mapping[str, Any] | None = None,
+        mode: Mode | None = None,
+    ) -> None:
         recipe = synth.recipe
-        self.variants = _variants(synth, classes, mode) if classes is not None or mode is not None \
-            else list(recipe.variants)
+        self.variants = (
+            _variants(synth, classes, mode) if classes is not None or mode is not None else list(recipe.variants)
+        )
         paths = [images] if isinstance(images, (str, os.PathLike)) else list(images)
         discovery = discover_sources(paths, recursive=recipe.input.recursive)
         fatal = [f"{error.path}: {error.reason}" for error in discovery.errors if error.fatal]
@@ -69,9 +77,11 @@ class DegradedPairs(Dataset):
         return len(self.sources) * len(self.variants)
 
     def __repr__(self) -> str:
-        return (f"DegradedPairs({len(self.sources)} photos x {len(self.variants)} variants "
-                f"{[variant.name for variant in self.variants]} = {len(self)} items, epoch={self.epoch}, "
-                f"degrade={self.degrade}, failed={len(self.failed)})")
+        return (
+            f"DegradedPairs({len(self.sources)} photos x {len(self.variants)} variants "
+            f"{[variant.name for variant in self.variants]} = {len(self)} items, epoch={self.epoch}, "
+            f"degrade={self.degrade}, failed={len(self.failed)})"
+        )
 
     def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's ratios and noise (DataLoader workers copy the dataset when an epoch starts)."""
@@ -85,9 +95,15 @@ class DegradedPairs(Dataset):
         variant = self.variants[index % len(self.variants)]
         seed = sample_seed(recipe.sampling.seed, source.key, variant.name, self.epoch + 1)
         ratios = draw_ratios(variant, synth.classes, seed)
-        item = {"clean": to_tensor(clean), "ratios": torch.tensor(list(ratios.values()), dtype=torch.float64),
-                "seed": seed, "alpha": recipe.variant_alpha(variant), "beta": recipe.variant_beta(variant),
-                "key": source.key, "variant": variant.name}
+        item = {
+            "clean": to_tensor(clean),
+            "ratios": torch.tensor(list(ratios.values()), dtype=torch.float64),
+            "seed": seed,
+            "alpha": recipe.variant_alpha(variant),
+            "beta": recipe.variant_beta(variant),
+            "key": source.key,
+            "variant": variant.name,
+        }
         if self.degrade:
             request = SampleRequest(ratios, seed, item["alpha"], item["beta"])
             item["degraded"] = to_tensor(synth.sample([clean], [request])[0])
@@ -107,13 +123,18 @@ class DegradedPairs(Dataset):
             except ImageError as error:
                 self._undecodable.add(at)
                 self.failed.append(FailedInput(source.key, str(source.path), error.reason))
-                warnings.warn(f"DegradedPairs skips {source.path}: {error.reason} ({len(self._undecodable)} of "
-                              f"{count} photos skipped so far; its items use the next photo)", stacklevel=3)
+                warnings.warn(
+                    f"DegradedPairs skips {source.path}: {error.reason} ({len(self._undecodable)} of "
+                    f"{count} photos skipped so far; its items use the next photo)",
+                    stacklevel=3,
+                )
         reasons = "; ".join(f"{failure.path}: {failure.reason}" for failure in self.failed[:3])
         raise ValueError(f"none of the {count} photos decodes ({reasons}{'; ...' if len(self.failed) > 3 else ''})")
 
 
-def _variants(synth: Synthesizer, classes: Sequence[str] | Mapping[str, Any] | None, mode: Mode | None) -> list[Variant]:
+def _variants(
+    synth: Synthesizer, classes: Sequence[str] | Mapping[str, Any] | None, mode: Mode | None
+) -> list[Variant]:
     """The variants `classes` and `mode` ask for, each checked as a recipe variant is."""
     if mode is None:
         mode = "mix"
@@ -122,8 +143,10 @@ def _variants(synth: Synthesizer, classes: Sequence[str] | Mapping[str, Any] | N
     if classes is None:
         classes = list(synth.classes)
     if isinstance(classes, (str, bytes)) or not isinstance(classes, (Sequence, Mapping)):
-        raise TypeError(f"classes must be a list of class names or a mapping of class name to ratio; got "
-                        f"{type(classes).__name__} {classes!r}")
+        raise TypeError(
+            f"classes must be a list of class names or a mapping of class name to ratio; got "
+            f"{type(classes).__name__} {classes!r}"
+        )
     specs = dict(classes) if isinstance(classes, Mapping) else {name: [0.0, 1.0] for name in classes}
     if not specs:
         raise ValueError("classes names no class")

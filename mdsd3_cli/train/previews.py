@@ -65,8 +65,9 @@ def preview_pixels(dataset: PairedDataset, count: int) -> torch.Tensor:
     return _to_uint8(torch.stack(chosen))
 
 
-def render_preview(sampler: MDSD3Sampler, pixels: torch.Tensor, classes: Sequence[str],
-                   settings: PreviewSettings) -> "Image.Image":
+def render_preview(
+    sampler: MDSD3Sampler, pixels: torch.Tensor, classes: Sequence[str], settings: PreviewSettings
+) -> Image.Image:
     """A grid: one row per image, columns clean | each class | all classes, labelled on top."""
     from PIL import Image, ImageDraw
 

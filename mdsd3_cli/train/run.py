@@ -25,8 +25,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 import rich.console
+import torch
 from rich.markup import escape
 
 from mdsd3_cli import __version__
@@ -36,18 +36,43 @@ from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import load_prompt_embeddings
 from mdsd3_cli.model.sampler import MDSD3Sampler
 from mdsd3_cli.model.transformer import MDSD3Transformer
-from mdsd3_cli.model.weights import PARAMETER_GROUPS, BaseModel, add_lora, build_model, describe_parameters, fingerprint_base, fresh_adapter_config, load_base, save_adapter
+from mdsd3_cli.model.weights import (
+    PARAMETER_GROUPS,
+    BaseModel,
+    add_lora,
+    build_model,
+    describe_parameters,
+    fingerprint_base,
+    fresh_adapter_config,
+    load_base,
+    save_adapter,
+)
 from mdsd3_cli.recipe.train import Mdsd3OutputDataset, PairedFoldersDataset, TrainRecipe
 from mdsd3_cli.train.checkpoints import (
-    ADAPTER_DIR, CHECKPOINTS, STATE_FORMAT, STATE_NAME, check_resume_state, checkpoint_name, export_config,
-    load_checkpoint_adapter, read_state, resolve_resume, write_checkpoint,
+    ADAPTER_DIR,
+    CHECKPOINTS,
+    STATE_FORMAT,
+    STATE_NAME,
+    check_resume_state,
+    checkpoint_name,
+    export_config,
+    load_checkpoint_adapter,
+    read_state,
+    resolve_resume,
+    write_checkpoint,
 )
 from mdsd3_cli.train.data import build_dataset, condition_drop_mask
 from mdsd3_cli.train.errors import TrainError
 from mdsd3_cli.train.log import LOG_NAME, append_log, open_tensorboard, truncate_log
 from mdsd3_cli.train.previews import PREVIEWS, PreviewSettings, preview_pixels, render_preview
 from mdsd3_cli.train.step import (
-    FlowSchedule, LatentEncoder, PromptTable, batch_conditioning, flow_matching_loss, set_trainable, step_generator,
+    FlowSchedule,
+    LatentEncoder,
+    PromptTable,
+    batch_conditioning,
+    flow_matching_loss,
+    set_trainable,
+    step_generator,
     upcast_trainable,
 )
 from mdsd3_cli.train.summary import TrainSummary
@@ -74,7 +99,6 @@ def agree_on_stop(stop: StopRequest, accelerator: Accelerator) -> str | None:
     return signal.Signals(code).name if code else None
 
 
-
 def resolve_precision(recipe: TrainRecipe, device: torch.device) -> tuple[str, torch.dtype]:
     """(accelerate mixed_precision, dtype of the frozen weights). CPU default: fp32, no autocast."""
     mixed = recipe.train.mixed_precision
@@ -85,16 +109,20 @@ def resolve_precision(recipe: TrainRecipe, device: torch.device) -> tuple[str, t
         return mixed, natural
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
     if mixed == "no" and dtype != torch.float32:
-        raise TrainError(f"model.dtype {recipe.model.dtype} needs train.mixed_precision bf16 or fp16 (low-precision "
-                         "frozen weights need autocast); use model.dtype: float32 or auto")
+        raise TrainError(
+            f"model.dtype {recipe.model.dtype} needs train.mixed_precision bf16 or fp16 (low-precision "
+            "frozen weights need autocast); use model.dtype: float32 or auto"
+        )
     return mixed, dtype
 
 
 def check_recipe(recipe: TrainRecipe) -> None:
     """Problems that are visible without data or models."""
     if recipe.data.cache_latents and recipe.data.random_crop:
-        raise TrainError("data.cache_latents needs data.random_crop: false (with random crops no two samples share "
-                         "pixels, so cached latents would never be reused)")
+        raise TrainError(
+            "data.cache_latents needs data.random_crop: false (with random crops no two samples share "
+            "pixels, so cached latents would never be reused)"
+        )
     if recipe.train.trainable == "lora_only" and recipe.train.lora_rank == 0:
         raise TrainError("train.trainable lora_only needs train.lora_rank > 0")
 
@@ -117,21 +145,25 @@ def check_output_folder(recipe: TrainRecipe) -> None:
         for folder in folders:
             data = Path(folder).resolve()
             if out.is_relative_to(data) or data.is_relative_to(out):
-                raise TrainError(f"{recipe.source}: output.dir {out} overlaps the training data {folder} (dataset "
-                                 f"{spec.name!r}); choose an output folder outside the datasets")
+                raise TrainError(
+                    f"{recipe.source}: output.dir {out} overlaps the training data {folder} (dataset "
+                    f"{spec.name!r}); choose an output folder outside the datasets"
+                )
     if out.exists() and not out.is_dir():
         raise TrainError(f"{recipe.source}: output.dir {out} is not a folder")
     entries = set(os.listdir(out)) - {LOCKS} if out.is_dir() else set()
     if entries and not entries & set(TRAIN_OUTPUT_MARKERS):
         shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
-        raise TrainError(f"{recipe.source}: output.dir {out} is a non-empty folder that training did not write "
-                         f"(it holds {shown}); choose a new or empty folder")
+        raise TrainError(
+            f"{recipe.source}: output.dir {out} is a non-empty folder that training did not write "
+            f"(it holds {shown}); choose a new or empty folder"
+        )
 
 
 class _NoProgress:
     """The progress display of the processes other than the main one: nothing."""
 
-    def __enter__(self) -> "_NoProgress":
+    def __enter__(self) -> _NoProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -148,9 +180,13 @@ class Trainer:
     `resume`: None (fresh; refused when OUT already has checkpoints), "latest" or a checkpoint folder.
     """
 
-    def __init__(self, recipe: TrainRecipe, resume: str | os.PathLike | None = None,
-                 console: rich.console.Console | None = None,
-                 preview: PreviewSettings | None = None):
+    def __init__(
+        self,
+        recipe: TrainRecipe,
+        resume: str | os.PathLike | None = None,
+        console: rich.console.Console | None = None,
+        preview: PreviewSettings | None = None,
+    ):
         self.recipe = recipe
         self.out = Path(recipe.output.dir)
         self.console = console or Console(stderr=True)
@@ -184,7 +220,9 @@ class Trainer:
         wanted = recipe.device()
         mixed, weight_dtype = resolve_precision(recipe, wanted)
         accelerator = Accelerator(
-            gradient_accumulation_steps=train.grad_accum, mixed_precision=mixed, cpu=wanted.type == "cpu",
+            gradient_accumulation_steps=train.grad_accum,
+            mixed_precision=mixed,
+            cpu=wanted.type == "cpu",
             project_config=ProjectConfiguration(project_dir=str(self.out)),
         )
         self.accelerator = accelerator
@@ -203,8 +241,9 @@ class Trainer:
         source = recipe.model.base
         prompts = all_prompts(self.classes)
         with accelerator.main_process_first():
-            embeddings = load_prompt_embeddings(source, fingerprint_base(source), prompts, recipe.model.prompt_cache,
-                                                self.device, weight_dtype)
+            embeddings = load_prompt_embeddings(
+                source, fingerprint_base(source), prompts, recipe.model.prompt_cache, self.device, weight_dtype
+            )
         self.prompt_embeddings = embeddings
         self.prompts = PromptTable(embeddings, self.device)
 
@@ -224,15 +263,20 @@ class Trainer:
         frozen = describe_parameters(model)["base"]
         trained = describe_parameters(model, trainable_only=True)
         parts = " + ".join(f"{PARAMETER_GROUPS[name]} {count:,}" for name, count in trained.items() if count)
-        self._print(f"model: base {source} ({base.fingerprint}), {frozen:,} frozen base parameters; "
-                    f"training {sum(trained.values()):,} ({train.trainable}: {parts}); device {self.device}, "
-                    f"precision {mixed}, {self.world_size} process(es)")
+        self._print(
+            f"model: base {source} ({base.fingerprint}), {frozen:,} frozen base parameters; "
+            f"training {sum(trained.values()):,} ({train.trainable}: {parts}); device {self.device}, "
+            f"precision {mixed}, {self.world_size} process(es)"
+        )
 
         optimizer = torch.optim.AdamW(self.trainable, lr=train.lr, weight_decay=train.weight_decay)
         # accelerate steps a prepared scheduler once per process per optimizer step (diffusers' scripts scale too).
-        lr_scheduler = get_scheduler("constant_with_warmup", optimizer,
-                                     num_warmup_steps=train.warmup_steps * self.world_size,
-                                     num_training_steps=train.steps * self.world_size)
+        lr_scheduler = get_scheduler(
+            "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=train.warmup_steps * self.world_size,
+            num_training_steps=train.steps * self.world_size,
+        )
         self.model, self.optimizer, self.lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
         self.unwrapped: MDSD3Transformer = accelerator.unwrap_model(self.model)
         accelerator.register_save_state_pre_hook(self._save_hook)
@@ -253,19 +297,34 @@ class Trainer:
             self.first_loss, self.last_loss = state.get("first_loss"), state.get("last_loss")
             self.last_saved, self.last_checkpoint = self.start_step, self.resume_from
             recorded = {"start": FlowStart().model_dump(), **state}  # older checkpoints trained from pure noise
-            changed = [key for key, now in (("batch_size", train.batch_size), ("grad_accum", train.grad_accum),
-                                            ("world_size", self.world_size), ("seed", recipe.data.seed),
-                                            ("start", train.start.model_dump()))
-                       if recorded.get(key) != now]
-            self._print(f"resumed from {self.resume_from} at step {self.start_step}"
-                        + (f" (changed since: {', '.join(changed)}; the run differs from an uninterrupted one)"
-                           if changed else ""))
+            changed = [
+                key
+                for key, now in (
+                    ("batch_size", train.batch_size),
+                    ("grad_accum", train.grad_accum),
+                    ("world_size", self.world_size),
+                    ("seed", recipe.data.seed),
+                    ("start", train.start.model_dump()),
+                )
+                if recorded.get(key) != now
+            ]
+            self._print(
+                f"resumed from {self.resume_from} at step {self.start_step}"
+                + (
+                    f" (changed since: {', '.join(changed)}; the run differs from an uninterrupted one)"
+                    if changed
+                    else ""
+                )
+            )
         elif self.resume_from is None and accelerator.is_main_process:
             (self.out / LOG_NAME).unlink(missing_ok=True)
         if accelerator.is_main_process:
             truncate_log(self.out, self.start_step)
-        self.preview_batch = (preview_pixels(self.dataset, self.preview_settings.images)
-                              if recipe.output.preview_every and accelerator.is_main_process else None)
+        self.preview_batch = (
+            preview_pixels(self.dataset, self.preview_settings.images)
+            if recipe.output.preview_every and accelerator.is_main_process
+            else None
+        )
         self._tensorboard = open_tensorboard(self.out, self.start_step) if accelerator.is_main_process else None
         self._ready = True
 
@@ -275,18 +334,26 @@ class Trainer:
             return build_model(base, config=fresh_adapter_config(base, self.classes, lora_rank=rank))
         model, config = build_model(base, recipe.model.adapter)
         if config.classes != self.classes:
-            raise TrainError(f"model.adapter {recipe.model.adapter} was trained for classes {config.classes}; "
-                             f"the recipe's classes are {self.classes} (they must be equal, in order)")
+            raise TrainError(
+                f"model.adapter {recipe.model.adapter} was trained for classes {config.classes}; "
+                f"the recipe's classes are {self.classes} (they must be equal, in order)"
+            )
         if config.lora_rank == 0 and rank > 0:
             add_lora(model, rank)
-            config = config.model_copy(update={"lora_rank": rank, "lora_targets": list(fresh_adapter_config(
-                base, self.classes, lora_rank=rank).lora_targets)})
+            config = config.model_copy(
+                update={
+                    "lora_rank": rank,
+                    "lora_targets": list(fresh_adapter_config(base, self.classes, lora_rank=rank).lora_targets),
+                }
+            )
             self._print(f"model.adapter has no LoRA: adding a fresh rank-{rank} LoRA")
         elif config.lora_rank != rank:
             self._print(f"model.adapter has LoRA rank {config.lora_rank}; using it (train.lora_rank {rank} ignored)")
         if config.start != recipe.train.start:
-            self._print(f"model.adapter was trained for the start {config.start.describe()}; this run trains it for "
-                        f"{recipe.train.start.describe()} (train.start), which its exported config will record")
+            self._print(
+                f"model.adapter was trained for the start {config.start.describe()}; this run trains it for "
+                f"{recipe.train.start.describe()} (train.start), which its exported config will record"
+            )
         return model, config
 
     def _save_hook(self, models: list, weights: list, output_dir: str) -> None:
@@ -312,20 +379,32 @@ class Trainer:
         """The trainer_state.json of a checkpoint at `step`: the step, the run's facts and losses."""
         recipe = self.recipe
         return {
-            "format": STATE_FORMAT, "version": 1, "step": step, "data_step": step * recipe.train.grad_accum,
-            "total_steps": recipe.train.steps, "batch_size": recipe.train.batch_size,
-            "grad_accum": recipe.train.grad_accum, "world_size": self.world_size, "seed": recipe.data.seed,
+            "format": STATE_FORMAT,
+            "version": 1,
+            "step": step,
+            "data_step": step * recipe.train.grad_accum,
+            "total_steps": recipe.train.steps,
+            "batch_size": recipe.train.batch_size,
+            "grad_accum": recipe.train.grad_accum,
+            "world_size": self.world_size,
+            "seed": recipe.data.seed,
             "start": recipe.train.start.model_dump(),
-            "classes": self.classes, "trainable": recipe.train.trainable, "lora_rank": self.adapter_config.lora_rank,
-            "base_fingerprint": self.base.fingerprint, "elapsed_s": elapsed,
-            "first_loss": self.first_loss, "last_loss": self.last_loss, "tool": f"mdsd3 {__version__}",
+            "classes": self.classes,
+            "trainable": recipe.train.trainable,
+            "lora_rank": self.adapter_config.lora_rank,
+            "base_fingerprint": self.base.fingerprint,
+            "elapsed_s": elapsed,
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "tool": f"mdsd3 {__version__}",
         }
 
     def save_checkpoint(self, step: int, elapsed: float) -> Path:
         """OUT/checkpoints/step-N (see `checkpoints.write_checkpoint`); every process calls it."""
         self._saving_step = step
-        final = write_checkpoint(self.accelerator, self.out, step, self._state(step, elapsed),
-                                 self.recipe.output.keep_checkpoints)
+        final = write_checkpoint(
+            self.accelerator, self.out, step, self._state(step, elapsed), self.recipe.output.keep_checkpoints
+        )
         self.last_saved, self.last_checkpoint = step, final
         return final
 
@@ -366,14 +445,30 @@ class Trainer:
         prompts, mask = batch_conditioning(batch["ratios"], dropped, self.classes, self.partition)
         embeds, pooled = self.prompts.batch(prompts)
         clean, target = self.encoder.pair(batch["clean"], batch["degraded"])
-        return flow_matching_loss(self.model, clean, target, embeds, pooled, mask.to(self.device),
-                                  step_generator(seed, data_step, self.rank), self.schedule,
-                                  self.recipe.train.logit_mean, self.recipe.train.logit_std, start=self.recipe.train.start)
+        return flow_matching_loss(
+            self.model,
+            clean,
+            target,
+            embeds,
+            pooled,
+            mask.to(self.device),
+            step_generator(seed, data_step, self.rank),
+            self.schedule,
+            self.recipe.train.logit_mean,
+            self.recipe.train.logit_std,
+            start=self.recipe.train.start,
+        )
 
     def _batches(self, start: int, end: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         ga = self.recipe.train.grad_accum
-        return self.dataset.batches(start * ga, end * ga, self.recipe.train.batch_size, self.rank, self.world_size,
-                                    pin_memory=self.device.type == "cuda")
+        return self.dataset.batches(
+            start * ga,
+            end * ga,
+            self.recipe.train.batch_size,
+            self.rank,
+            self.world_size,
+            pin_memory=self.device.type == "cuda",
+        )
 
     _output_lock: OutputLock | None = None
 
@@ -391,16 +486,26 @@ class Trainer:
             self.setup()
         accelerator, recipe = self.accelerator, self.recipe
         out, total, ga = recipe.output, recipe.train.steps, recipe.train.grad_accum
-        summary = TrainSummary(self.out, total, self.start_step, self.start_step,
-                               self.first_loss, self.last_loss, checkpoint=self.last_checkpoint)
+        summary = TrainSummary(
+            self.out,
+            total,
+            self.start_step,
+            self.start_step,
+            self.first_loss,
+            self.last_loss,
+            checkpoint=self.last_checkpoint,
+        )
         step = self.start_step
         started = time.perf_counter()
         elapsed = lambda: self.elapsed_before + time.perf_counter() - started  # noqa: E731
         window: list[float] = []
         micro_losses: list[torch.Tensor] = []
         grad_norm: float | None = None
-        progress = (RunProgress(max(total - step, 0), "train", unit="steps", console=self.console)
-                    if accelerator.is_main_process else _NoProgress())
+        progress = (
+            RunProgress(max(total - step, 0), "train", unit="steps", console=self.console)
+            if accelerator.is_main_process
+            else _NoProgress()
+        )
         stop_signal = None
         with StopRequest(TRAIN_STOP_SIGNALS) as stop, progress:
             batches = self._batches(step, total) if step < total else iter(())
@@ -431,8 +536,15 @@ class Trainer:
                     window.append(value)
                     progress.advance()
                     if step % out.log_every == 0 or step == total:
-                        self._log({"step": step, "loss": sum(window) / len(window), "lr": self.lr_scheduler.get_last_lr()[0],
-                                   "grad_norm": grad_norm, "elapsed": round(elapsed(), 3)})
+                        self._log(
+                            {
+                                "step": step,
+                                "loss": sum(window) / len(window),
+                                "lr": self.lr_scheduler.get_last_lr()[0],
+                                "grad_norm": grad_norm,
+                                "elapsed": round(elapsed(), 3),
+                            }
+                        )
                         window.clear()
                     stop_signal = agree_on_stop(stop, accelerator)
                     if step % out.checkpoint_every == 0 or step == total or stop_signal:
@@ -462,8 +574,11 @@ class Trainer:
         return summary
 
 
-def run_train(recipe: TrainRecipe, resume: str | os.PathLike | None = None,
-              console: rich.console.Console | None = None, preview: PreviewSettings | None = None) -> TrainSummary:
+def run_train(
+    recipe: TrainRecipe,
+    resume: str | os.PathLike | None = None,
+    console: rich.console.Console | None = None,
+    preview: PreviewSettings | None = None,
+) -> TrainSummary:
     """Train the adapter a recipe describes; see `Trainer`."""
     return Trainer(recipe, resume, console, preview).run()
-

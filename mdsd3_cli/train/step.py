@@ -100,26 +100,39 @@ class FlowSchedule:
     timesteps: torch.Tensor
 
     @classmethod
-    def from_base(cls, base: BaseModel) -> "FlowSchedule":
+    def from_base(cls, base: BaseModel) -> FlowSchedule:
         scheduler = base.make_scheduler()
         return cls(scheduler.sigmas.detach().float().cpu().clone(), scheduler.timesteps.detach().float().cpu().clone())
 
-    def draw(self, batch: int, generator: torch.Generator, logit_mean: float, logit_std: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(
+        self, batch: int, generator: torch.Generator, logit_mean: float, logit_std: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(σ [B], timestep [B]) on the CPU, σ logit-normal as in diffusers' SD3 training scripts."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
-        u = compute_density_for_timestep_sampling(WEIGHTING_SCHEME, batch, logit_mean, logit_std,
-                                                  device="cpu", generator=generator)
+        u = compute_density_for_timestep_sampling(
+            WEIGHTING_SCHEME, batch, logit_mean, logit_std, device="cpu", generator=generator
+        )
         index = (u * len(self.timesteps)).long().clamp_(0, len(self.timesteps) - 1)
         return self.sigmas[index], self.timesteps[index]
 
 
-def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, target_latents: torch.Tensor,
-                       embeds: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
-                       schedule: FlowSchedule, logit_mean: float = 0.0, logit_std: float = 1.0,
-                       noise_generator: torch.Generator | None = None, start: FlowStart | None = None,
-                       prediction: str = "velocity", noise: torch.Tensor | None = None) -> torch.Tensor:
+def flow_matching_loss(
+    model: torch.nn.Module,
+    clean_latents: torch.Tensor,
+    target_latents: torch.Tensor,
+    embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    schedule: FlowSchedule,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    noise_generator: torch.Generator | None = None,
+    start: FlowStart | None = None,
+    prediction: str = "velocity",
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Flow-matching loss of one batch; σ drawn from `generator` on the CPU, ε too (device independent) unless
     `noise_generator` is given: then ε is drawn on that generator's device (fast, device dependent), or `noise`
     is given: then ε is that tensor (mini's training couples its degradations to it).
@@ -152,8 +165,13 @@ def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, targ
     sigma = sigmas.to(device).view(-1, *([1] * (x0.dim() - 1)))
     noisy = (1.0 - sigma) * x0 + sigma * source
     output = model(
-        hidden_states=noisy, encoder_hidden_states=embeds, pooled_projections=pooled,
-        timestep=timesteps.to(device), head_mask=mask, clean_latents=clean_latents, return_dict=False,
+        hidden_states=noisy,
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        timestep=timesteps.to(device),
+        head_mask=mask,
+        clean_latents=clean_latents,
+        return_dict=False,
     )[0].float()
     weighting = compute_loss_weighting_for_sd3(WEIGHTING_SCHEME, sigmas=sigma)
     if prediction == "residual_x0":
@@ -164,8 +182,9 @@ def flow_matching_loss(model: torch.nn.Module, clean_latents: torch.Tensor, targ
     return error.reshape(x0.shape[0], -1).mean(dim=1).mean()
 
 
-def batch_conditioning(ratios: torch.Tensor, dropped: torch.Tensor, classes: Sequence[str],
-                       partition: Sequence[Sequence[int]]) -> tuple[list[str], torch.Tensor]:
+def batch_conditioning(
+    ratios: torch.Tensor, dropped: torch.Tensor, classes: Sequence[str], partition: Sequence[Sequence[int]]
+) -> tuple[list[str], torch.Tensor]:
     """Prompts and [B, H] head masks of a batch: class prompt + ratio mask; dropped rows "" + zero mask."""
     prompts = batch_prompts(ratios, classes)
     mask = head_mask(ratios.tolist(), partition)
@@ -218,5 +237,4 @@ class LatentEncoder:
         if self.cache is not None:
             return self(clean), self(degraded)
         latents = self(torch.cat([clean, degraded]))
-        return latents[: len(clean)], latents[len(clean):]
-
+        return latents[: len(clean)], latents[len(clean) :]

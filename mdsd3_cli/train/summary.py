@@ -46,7 +46,10 @@ class TrainSummary:
         table = Table(title="mdsd3 train", show_header=False)
         fmt = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
         rows = [
-            ("steps", f"{self.end_step}/{self.total_steps}" + (f" (resumed at {self.start_step})" if self.start_step else "")),
+            (
+                "steps",
+                f"{self.end_step}/{self.total_steps}" + (f" (resumed at {self.start_step})" if self.start_step else ""),
+            ),
             ("loss first / last", f"{fmt(self.first_loss)} / {fmt(self.last_loss)}"),
             ("steps/s (this process)", f"{self.steps_per_s:.2f}"),
             ("elapsed", f"{self.elapsed_s:.1f} s"),
@@ -66,7 +69,8 @@ def describe_training(recipe: TrainRecipe, dataset: PairedDataset) -> Table:
     train = recipe.train
     table = Table(title="training plan", show_header=False)
     rows = [
-        ("classes", ", ".join(recipe.classes)), ("base", recipe.model.base),
+        ("classes", ", ".join(recipe.classes)),
+        ("base", recipe.model.base),
         ("adapter", str(recipe.model.adapter or "fresh (untrained)")),
         ("pairs", f"{len(dataset.pairs)}\n{dataset.summary()}"),
         ("steps", f"{train.steps} x batch {train.batch_size} x accumulation {train.grad_accum}"),

@@ -85,8 +85,9 @@ def ensure_folder(folder: Path, root: Path | None = None) -> None:
     except OSError as error:
         raise naming(error, folder) from None
     if root is not None and not folder.resolve().is_relative_to(Path(root).resolve()):
-        raise UnsafeOutputError(f"{folder} leads outside the output folder {root} (a symbolic link?); "
-                                "refusing to write there")
+        raise UnsafeOutputError(
+            f"{folder} leads outside the output folder {root} (a symbolic link?); refusing to write there"
+        )
 
 
 def atomic_write(path: Path, content: bytes | WriteFunction, root: Path | None = None, shared: bool = False) -> int:
@@ -282,8 +283,9 @@ def open_append(path: Path, root: Path | None = None, truncate: bool = False) ->
         if not stat.S_ISREG(status.st_mode):
             raise UnsafeOutputError(f"{path} is not a regular file; refusing to write to it")
         if status.st_nlink > 1:
-            raise UnsafeOutputError(f"{path} has other hard links; refusing to write to a file shared with "
-                                    "another path")
+            raise UnsafeOutputError(
+                f"{path} has other hard links; refusing to write to a file shared with another path"
+            )
         if truncate:
             os.ftruncate(descriptor, 0)
         raw = _NamedFileIO(descriptor, path)
@@ -330,4 +332,3 @@ def naming(error: OSError, path: str | os.PathLike) -> OSError:
     if error.filename is not None:
         return error
     return type(error)(error.errno, error.strerror or str(error), str(path))
-

@@ -136,7 +136,9 @@ def unsafe_key_reason(key: str) -> str | None:
 
 
 def discover_sources(
-    paths: Sequence[str | Path], recursive: bool = True, base_dir: Path | None = None,
+    paths: Sequence[str | Path],
+    recursive: bool = True,
+    base_dir: Path | None = None,
     exclude: Sequence[Path] = (),
 ) -> Discovery:
     """Expand folders, glob patterns and `.txt` list files into uniquely keyed sources (see docs/output.md).
@@ -232,8 +234,9 @@ def _expand_entry(entry: str, base: Path, recursive: bool) -> _Expanded:
     return expanded
 
 
-def walk_images(root: Path, recursive: bool = True,
-                on_error: Callable[[OSError], None] | None = None) -> Iterator[Path]:
+def walk_images(
+    root: Path, recursive: bool = True, on_error: Callable[[OSError], None] | None = None
+) -> Iterator[Path]:
     """Image files below `root` (the formats Pillow decodes, `image_extensions`), in sorted order, hidden entries
     skipped, symlinked folders followed once each; the one folder walk of generate, train and evaluate.
     `on_error` receives a folder that cannot be listed (default: skipped)."""
@@ -353,8 +356,9 @@ def _decode(path: Path, max_pixels: int, max_side: int | None) -> Image.Image:
         return decode_image(file, max_pixels, max_side)
 
 
-def decode_image(file: BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None,
-                 min_side: int = MIN_SIDE) -> Image.Image:
+def decode_image(
+    file: BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None, min_side: int = MIN_SIDE
+) -> Image.Image:
     """Check the header size (`min_side`, `max_pixels`, `max_side`), fully decode and apply EXIF orientation;
     any failure is an ImageError with the reason."""
     try:
@@ -394,8 +398,9 @@ def _open_without_bomb_warning(file: BinaryIO) -> Image.Image:
         return Image.open(file)
 
 
-def _check_header_size(width: int, height: int, max_pixels: int, max_side: int | None,
-                       min_side: int = MIN_SIDE) -> None:
+def _check_header_size(
+    width: int, height: int, max_pixels: int, max_side: int | None, min_side: int = MIN_SIDE
+) -> None:
     """Reject images too small, too many pixels, or (native policy) too large, before decoding."""
     if width < min_side or height < min_side:
         raise ImageError(f"too small: {width}x{height}, need at least {min_side}x{min_side}")
@@ -498,4 +503,3 @@ def iter_loaded(
         finally:
             for _, future in pending:
                 future.cancel()
-

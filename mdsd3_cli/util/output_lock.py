@@ -50,8 +50,10 @@ class OutputLock:
                 if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     pid = f" (PID {holder[0]})" if holder and holder[0] else ""
                     what = "export" if kind == "export" else "mdsd3 process"
-                    raise OutputBusyError(f"another {what} is writing {self.output}{pid}; wait for it to "
-                                          "finish or choose another destination") from None
+                    raise OutputBusyError(
+                        f"another {what} is writing {self.output}{pid}; wait for it to "
+                        "finish or choose another destination"
+                    ) from None
                 raise
             if self._still_at_path(descriptor):
                 os.ftruncate(descriptor, 0)
@@ -73,16 +75,22 @@ class OutputLock:
             descriptor = os.open(self.path, flags, 0o644)
         except OSError:
             if os.path.islink(self.path):
-                raise OutputBusyError(f"{self.path} (the lock of {self.output}) is a symbolic link that "
-                                      "mdsd3 did not make; remove it") from None
+                raise OutputBusyError(
+                    f"{self.path} (the lock of {self.output}) is a symbolic link that mdsd3 did not make; remove it"
+                ) from None
             raise
         status = os.fstat(descriptor)  # st_nlink 0: its holder just removed it (the lock then fails or is retried)
-        foreign = (not stat.S_ISREG(status.st_mode) or status.st_nlink > 1
-                   or (status.st_size and not os.pread(descriptor, len(self._content), 0) == self._content))
+        foreign = (
+            not stat.S_ISREG(status.st_mode)
+            or status.st_nlink > 1
+            or (status.st_size and not os.pread(descriptor, len(self._content), 0) == self._content)
+        )
         if foreign:
             os.close(descriptor)
-            raise OutputBusyError(f"{self.path} (the lock of {self.output}) is a file mdsd3 did not write; "
-                                  "remove it or choose another destination")
+            raise OutputBusyError(
+                f"{self.path} (the lock of {self.output}) is a file mdsd3 did not write; "
+                "remove it or choose another destination"
+            )
         return descriptor
 
     def _still_at_path(self, descriptor: int) -> bool:

@@ -12,7 +12,6 @@ from typing import Any
 import rich.console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-
 UNCUT_WIDTH = 10_000
 """Console width off a terminal: wide enough that no table cell is cut or wrapped."""
 
@@ -30,8 +29,14 @@ class Console(rich.console.Console):
 class RunProgress:
     """Counts finished items; `rate_label` names the unit (images/s)."""
 
-    def __init__(self, total: int, description: str, unit: str = "images", console: rich.console.Console | None = None,
-                 plain_interval_s: float = 5.0):
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        unit: str = "images",
+        console: rich.console.Console | None = None,
+        plain_interval_s: float = 5.0,
+    ):
         self.total, self.done, self.unit = total, 0, unit
         self.description = description
         self.console = console or Console(stderr=True)
@@ -40,19 +45,26 @@ class RunProgress:
         self._bar: Progress | None = None
         self._task = None
 
-    def __enter__(self) -> "RunProgress":
+    def __enter__(self) -> RunProgress:
         self._start = self._last_line = time.perf_counter()
         if self.console.is_terminal:
             self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
                 console=self.console,
             )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total, rate="")
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
         if self._bar is not None:
             self._bar.__exit__(kind, error, trace)
         elif self.total:
@@ -77,5 +89,9 @@ class RunProgress:
         rate = self.rate()
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
-        print(f"{self.description}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
-              f"elapsed {self.elapsed_s:.0f}s, ETA {eta_text}", file=sys.stderr, flush=True)
+        print(
+            f"{self.description}: {self.done}/{self.total} {self.unit}, {rate:.2f} {self.unit}/s, "
+            f"elapsed {self.elapsed_s:.0f}s, ETA {eta_text}",
+            file=sys.stderr,
+            flush=True,
+        )

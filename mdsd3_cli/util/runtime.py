@@ -34,8 +34,10 @@ def resolve_device(spec: str, environ: Mapping[str, str] = os.environ) -> torch.
             raise DeviceError(f"{spec!r} is not a device name (auto, cpu, cuda or cuda:N)") from None
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise DeviceError(f"{spec!r} requested but CUDA is not available on this machine "
-                                  "(device: auto uses a GPU when there is one)")
+                raise DeviceError(
+                    f"{spec!r} requested but CUDA is not available on this machine "
+                    "(device: auto uses a GPU when there is one)"
+                )
             if device.index is not None and device.index >= torch.cuda.device_count():
                 raise DeviceError(f"{spec!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
         return device
@@ -64,14 +66,17 @@ class StopRequest:
 
     Handlers are installed only from the main thread (elsewhere a stop is never requested)."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
-                 on_stop: Callable[[signal.Signals], None] | None = None) -> None:
+    def __init__(
+        self,
+        signals: tuple[signal.Signals, ...] = STOP_SIGNALS,
+        on_stop: Callable[[signal.Signals], None] | None = None,
+    ) -> None:
         self.signals = signals
         self.signal: signal.Signals | None = None
         self.on_stop = on_stop
         self._previous: dict[signal.Signals, object] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)

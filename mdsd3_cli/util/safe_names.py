@@ -7,6 +7,7 @@ def safe_component(name: str, what: str) -> str:
     """`name` when it is one safe path component; ValueError naming `what` and the name otherwise (empty, '.',
     '..', or holding '/', '\\' or NUL)."""
     if not isinstance(name, str) or name in ("", ".", "..") or any(char in name for char in "/\\\0"):
-        raise ValueError(f"{what} {name!r} is not a single safe file name (empty, '.', '..', or holding '/', '\\' "
-                         "or NUL)")
+        raise ValueError(
+            f"{what} {name!r} is not a single safe file name (empty, '.', '..', or holding '/', '\\' or NUL)"
+        )
     return name

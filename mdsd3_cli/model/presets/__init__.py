@@ -31,8 +31,9 @@ def preset_base_dir(name: str) -> Path:
     """`<preset>/base`; raises PresetNotInstalledError when its transformer weights are missing."""
     folder = preset_folder(name) / "base"
     if not (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
-        raise PresetNotInstalledError(f"{name} weights not installed (expected {folder}); "
-                                      f"they are made by {REPRODUCE[name]}")
+        raise PresetNotInstalledError(
+            f"{name} weights not installed (expected {folder}); they are made by {REPRODUCE[name]}"
+        )
     return folder
 
 
@@ -40,8 +41,9 @@ def preset_adapter_dir(name: str) -> Path:
     """`<preset>/adapter`; raises PresetNotInstalledError when its weights are missing."""
     folder = preset_folder(name) / "adapter"
     if not (folder / "adapter.safetensors").is_file():
-        raise PresetNotInstalledError(f"{name} adapter weights not installed (expected {folder}); "
-                                      f"they are made by {REPRODUCE[name]}")
+        raise PresetNotInstalledError(
+            f"{name} adapter weights not installed (expected {folder}); they are made by {REPRODUCE[name]}"
+        )
     return folder
 
 

@@ -22,22 +22,36 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from mdsd3_cli.model.adapter import AdapterConfig, FlowStart
-from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.model.codec import PixelUnshuffleCodec
-from mdsd3_cli.model.presets.degradations import CLASSES
 from mdsd3_cli.model.heads import CLEAN_PROMPT
-from mdsd3_cli.model.transformer import MDSD3Transformer
+from mdsd3_cli.model.presets.degradations import CLASSES
 from mdsd3_cli.model.prompts import WordTextEncoder
-from mdsd3_cli.model.weights import BaseModel, fingerprint_adapter, fingerprint_folder, fresh_adapter_config, save_adapter
+from mdsd3_cli.model.transformer import MDSD3Transformer
+from mdsd3_cli.model.weights import (
+    BaseModel,
+    fingerprint_adapter,
+    fingerprint_folder,
+    fresh_adapter_config,
+    save_adapter,
+)
+from mdsd3_cli.util.atomic import atomic_write
 
 MINI_CLASSES = list(CLASSES)
 MINI_RESOLUTION = 128
 MINI_CODEC = dict(factor=4, in_channels=3, shift_factor=0.0, scaling_factor=2.0)
 MINI_TEXT_DIM = 64
 MINI_TRANSFORMER = dict(
-    sample_size=MINI_RESOLUTION // 4, patch_size=2, in_channels=48, num_layers=6, attention_head_dim=24,
-    num_attention_heads=8, joint_attention_dim=MINI_TEXT_DIM, caption_projection_dim=192,
-    pooled_projection_dim=MINI_TEXT_DIM, out_channels=48, pos_embed_max_size=48,
+    sample_size=MINI_RESOLUTION // 4,
+    patch_size=2,
+    in_channels=48,
+    num_layers=6,
+    attention_head_dim=24,
+    num_attention_heads=8,
+    joint_attention_dim=MINI_TEXT_DIM,
+    caption_projection_dim=192,
+    pooled_projection_dim=MINI_TEXT_DIM,
+    out_channels=48,
+    pos_embed_max_size=48,
 )
 MINI_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)  # 256 tokens at 128 px: SD3's low-resolution shift
 STORE_DTYPE = torch.float16
@@ -59,8 +73,13 @@ def fresh_mini(seed: int, gated: bool = False) -> tuple[BaseModel, MDSD3Transfor
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = SD3Transformer2DModel(**shape)
-    base = BaseModel(f"mini (fresh, seed {seed})", transformer, PixelUnshuffleCodec(**MINI_CODEC),
-                     dict(MINI_SCHEDULER), f"mini-fresh-{seed}")
+    base = BaseModel(
+        f"mini (fresh, seed {seed})",
+        transformer,
+        PixelUnshuffleCodec(**MINI_CODEC),
+        dict(MINI_SCHEDULER),
+        f"mini-fresh-{seed}",
+    )
     return base, MDSD3Transformer.from_base(transformer), mini_words(seed)
 
 
@@ -69,9 +88,14 @@ def _base_state(model: MDSD3Transformer) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in model.state_dict().items() if not name.startswith(adapter_prefixes)}
 
 
-def save_preset(model: MDSD3Transformer, words: WordTextEncoder, folder: str | os.PathLike,
-                training: dict | None = None, start: FlowStart | None = None,
-                prediction: str = "velocity") -> dict[str, str]:
+def save_preset(
+    model: MDSD3Transformer,
+    words: WordTextEncoder,
+    folder: str | os.PathLike,
+    training: dict | None = None,
+    start: FlowStart | None = None,
+    prediction: str = "velocity",
+) -> dict[str, str]:
     """Write `folder/base` and `folder/adapter` (weights in fp16) from a jointly trained mini model, whose adapter
     config records the flow `start` and the `prediction` it was trained for and whether it has the output
     convolution (stored with the adapter's weights); returns the fingerprints {"base": ..., "adapter": ...}.
@@ -93,10 +117,17 @@ def save_preset(model: MDSD3Transformer, words: WordTextEncoder, folder: str | o
     if model.output_conv is not None:
         stored.enable_output_conv()
     stored.load_state_dict({k: v.to(STORE_DTYPE) for k, v in model.state_dict().items()})
-    base = BaseModel(str(base_dir), transformer, PixelUnshuffleCodec(**MINI_CODEC), dict(MINI_SCHEDULER), base_fingerprint)
-    adapter_config: AdapterConfig = fresh_adapter_config(base, MINI_CLASSES, training=dict(training or {}),
-                                                         start=start or FlowStart(), prediction=prediction,
-                                                         output_conv=model.output_conv is not None)
+    base = BaseModel(
+        str(base_dir), transformer, PixelUnshuffleCodec(**MINI_CODEC), dict(MINI_SCHEDULER), base_fingerprint
+    )
+    adapter_config: AdapterConfig = fresh_adapter_config(
+        base,
+        MINI_CLASSES,
+        training=dict(training or {}),
+        start=start or FlowStart(),
+        prediction=prediction,
+        output_conv=model.output_conv is not None,
+    )
     save_adapter(stored, adapter_config, adapter_dir)
     fingerprints = {"base": base_fingerprint, "adapter": fingerprint_adapter(adapter_dir)}
     atomic_write(folder / "fingerprints.json", (json.dumps(fingerprints, indent=2) + "\n").encode())

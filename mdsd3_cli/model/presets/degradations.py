@@ -67,7 +67,9 @@ def _ratios(ratio: torch.Tensor | float, images: torch.Tensor) -> torch.Tensor:
     return r.view(-1, 1, 1, 1)
 
 
-def _uniform(shape: Sequence[int], low: float, high: float, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+def _uniform(
+    shape: Sequence[int], low: float, high: float, generator: torch.Generator, like: torch.Tensor
+) -> torch.Tensor:
     return low + (high - low) * torch.rand(tuple(shape), generator=generator, device=like.device, dtype=like.dtype)
 
 
@@ -80,7 +82,9 @@ def _field(images: torch.Tensor, generator: torch.Generator, field: torch.Tensor
     return field.to(images.device, images.dtype)
 
 
-def _poisson_gaussian(signal: torch.Tensor, shot: torch.Tensor, read: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def _poisson_gaussian(
+    signal: torch.Tensor, shot: torch.Tensor, read: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
     """signal + sqrt(shot·signal + read²)·n, clipped to [0, 1]; zero shot and read give the signal exactly."""
     return (signal + torch.sqrt(shot * signal.clamp(min=0) + read * read) * noise).clamp(0, 1)
 
@@ -93,14 +97,17 @@ def depth_proxy(batch: int, height: int, width: int, generator: torch.Generator,
     return HAZE_DEPTH_MIN + (1 - HAZE_DEPTH_MIN) * (0.6 * rows + 0.4 * field)
 
 
-def haze(images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator,
-         field: torch.Tensor | None = None) -> torch.Tensor:
+def haze(
+    images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator, field: torch.Tensor | None = None
+) -> torch.Tensor:
     """Atmospheric scattering I = J·t + A·(1 − t), t = exp(−2.2·r·d) (see the module docstring); smooth, so
     `field` is not used."""
     r = _ratios(ratio, images)
     batch, _, height, width = images.shape
     depth = depth_proxy(batch, height, width, generator, images)
-    airlight = _uniform((batch, 1, 1, 1), 0.82, 0.92, generator, images) + _uniform((batch, 3, 1, 1), -0.04, 0.03, generator, images)
+    airlight = _uniform((batch, 1, 1, 1), 0.82, 0.92, generator, images) + _uniform(
+        (batch, 3, 1, 1), -0.04, 0.03, generator, images
+    )
     transmission = torch.exp(-HAZE_BETA * r * depth)
     return (images * transmission + airlight * (1 - transmission)).clamp(0, 1)
 
@@ -111,12 +118,17 @@ def _blur_transfer(rows: int, cols: int, sigmas: tuple[float, ...]) -> torch.Ten
     line keeps about its peak (the streak's brightness)."""
     fy2 = torch.fft.fftfreq(rows, dtype=torch.float64)[:, None] ** 2
     fx2 = torch.fft.rfftfreq(cols, dtype=torch.float64)[None, :] ** 2
-    return torch.stack([math.sqrt(2 * math.pi * (sigma**2 + 0.1)) * torch.exp(-2 * math.pi**2 * sigma**2 * (fy2 + fx2))
-                        for sigma in sigmas]).float()
+    return torch.stack(
+        [
+            math.sqrt(2 * math.pi * (sigma**2 + 0.1)) * torch.exp(-2 * math.pi**2 * sigma**2 * (fy2 + fx2))
+            for sigma in sigmas
+        ]
+    ).float()
 
 
-def streak_layer(shape: tuple[int, int, int], drops: torch.Tensor, near: torch.Tensor, brightness: torch.Tensor,
-                 angles: torch.Tensor) -> torch.Tensor:
+def streak_layer(
+    shape: tuple[int, int, int], drops: torch.Tensor, near: torch.Tensor, brightness: torch.Tensor, angles: torch.Tensor
+) -> torch.Tensor:
     """[B, 1, H, W] streak layer in [0, 1] for images of `shape` (B, H, W): one streak centred on each drop.
     `drops` [D, 3] holds (image, row, column), `near` [D] in [0, 1] each streak's size (length and width grow
     with it), `brightness` [D] its peak value; `angles` [B] each image's direction (rad from vertical).
@@ -125,8 +137,10 @@ def streak_layer(shape: tuple[int, int, int], drops: torch.Tensor, near: torch.T
     batch, height, width = shape
     like = brightness
     scale = height / RAIN_REFERENCE_HEIGHT
-    sigmas = [(RAIN_WIDTH[0] + (RAIN_WIDTH[1] - RAIN_WIDTH[0]) * (index + 0.5) / RAIN_WIDTH_CLASSES) * scale
-              for index in range(RAIN_WIDTH_CLASSES)]
+    sigmas = [
+        (RAIN_WIDTH[0] + (RAIN_WIDTH[1] - RAIN_WIDTH[0]) * (index + 0.5) / RAIN_WIDTH_CLASSES) * scale
+        for index in range(RAIN_WIDTH_CLASSES)
+    ]
     pad = math.ceil(3 * max(sigmas)) + 2
     rows, cols = height + 2 * pad, width + 2 * pad
     lengths = (RAIN_LENGTH[0] + (RAIN_LENGTH[1] - RAIN_LENGTH[0]) * near) * height
@@ -151,11 +165,12 @@ def streak_layer(shape: tuple[int, int, int], drops: torch.Tensor, near: torch.T
     spectrum = torch.fft.rfft2(canvas.view(RAIN_WIDTH_CLASSES, batch, rows, cols))
     transfer = _blur_transfer(rows, cols, tuple(sigmas)).to(like.device, like.dtype)
     layer = torch.fft.irfft2((spectrum * transfer[:, None]).sum(0), s=(rows, cols))
-    return layer[:, None, pad:pad + height, pad:pad + width].clamp(0, 1)
+    return layer[:, None, pad : pad + height, pad : pad + width].clamp(0, 1)
 
 
-def rain(images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator,
-         field: torch.Tensor | None = None) -> torch.Tensor:
+def rain(
+    images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator, field: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rain streaks screen-blended onto a slight veil (see the module docstring). Where the drops fall, their
     size and brightness come from `field` (drawn from `generator` when None): a drop wherever Φ(field[:, 0])
     < ρ·r, size Φ(field[:, 1]), brightness from Φ(field[:, 2]); the direction comes from `generator`."""
@@ -182,15 +197,17 @@ def rain(images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Gen
     return torch.where(r == 0, images, rained) if bool((r == 0).any()) else rained  # r = 0: the clean image exactly
 
 
-def noise(images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator,
-          field: torch.Tensor | None = None) -> torch.Tensor:
+def noise(
+    images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator, field: torch.Tensor | None = None
+) -> torch.Tensor:
     """Signal-dependent Poisson–Gaussian noise, shot a = 0.03·r, read b = 0.05·r; n is `field` when given."""
     r = _ratios(ratio, images)
     return _poisson_gaussian(images, NOISE_SHOT * r, NOISE_READ * r, _field(images, generator, field))
 
 
-def low_light(images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator,
-              field: torch.Tensor | None = None) -> torch.Tensor:
+def low_light(
+    images: torch.Tensor, ratio: torch.Tensor | float, generator: torch.Generator, field: torch.Tensor | None = None
+) -> torch.Tensor:
     """Under-exposure by 1.8·r stops and gamma 1 + 0.4·r, then the dark image's sensor noise (n: `field`)."""
     r = _ratios(ratio, images)
     dark = torch.exp2(-LOW_LIGHT_EV * r) * images.clamp(min=0) ** (1 + LOW_LIGHT_GAMMA * r)
@@ -198,12 +215,21 @@ def low_light(images: torch.Tensor, ratio: torch.Tensor | float, generator: torc
 
 
 DEGRADATIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "rain": rain, "haze": haze, "noise": noise, "low_light": low_light,
+    "rain": rain,
+    "haze": haze,
+    "noise": noise,
+    "low_light": low_light,
 }
 
 
-def degrade(images: torch.Tensor, classes: Sequence[str], class_index: torch.Tensor, ratio: torch.Tensor,
-            generator: torch.Generator, field: torch.Tensor | None = None) -> torch.Tensor:
+def degrade(
+    images: torch.Tensor,
+    classes: Sequence[str],
+    class_index: torch.Tensor,
+    ratio: torch.Tensor,
+    generator: torch.Generator,
+    field: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One class per sample: sample b gets `classes[class_index[b]]` at `ratio[b]` (ratio 0: unchanged); the
     per-pixel randomness from `field[b]` when a field is given."""
     out = images.clone()
@@ -211,8 +237,7 @@ def degrade(images: torch.Tensor, classes: Sequence[str], class_index: torch.Ten
     for index, name in enumerate(classes):
         rows = torch.nonzero(class_index.to(images.device) == index).flatten()
         if len(rows):
-            out[rows] = DEGRADATIONS[name](images[rows], ratio[rows], generator,
-                                           None if field is None else field[rows])
+            out[rows] = DEGRADATIONS[name](images[rows], ratio[rows], generator, None if field is None else field[rows])
     return out
 
 
