@@ -7,7 +7,7 @@ sample's output does not depend on batch size, order or device count.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,95 @@ def initial_latents(
     """z_T = α·ε + β·z_clean, per sample (docs/METHOD.md §3)."""
     view = (-1,) + (1,) * (noise.dim() - 1)
     return alpha.view(view) * noise + beta.view(view) * clean_latents
+
+
+Prediction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(latents [B, C, H, W], timestep) -> a prediction shaped like the latents: a flow velocity, or x̂0."""
+
+
+def stacked(first: Conditioning, second: Conditioning) -> Conditioning:
+    """Two branches' conditioning as one batch: `first`'s samples, then `second`'s."""
+    return Conditioning(
+        torch.cat([first.embeds, second.embeds]),
+        torch.cat([first.pooled, second.pooled]),
+        torch.cat([first.head_mask, second.head_mask]),
+    )
+
+
+def transformer_prediction(
+    model: MDSD3Transformer, cond: Conditioning, injections: torch.Tensor, clean_latents: torch.Tensor | None = None
+) -> Prediction:
+    """The transformer's output under `cond` with `injections` (its clean branch); with `clean_latents` (an adapter
+    trained for the residual x-prediction) the x̂0 it gives (`residual_x0`)."""
+
+    def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        output = model(
+            hidden_states=latents,
+            encoder_hidden_states=cond.embeds,
+            pooled_projections=cond.pooled,
+            timestep=timestep.expand(latents.shape[0]),
+            head_mask=cond.head_mask,
+            clean_injections=injections,
+            return_dict=False,
+        )[0]
+        return output if clean_latents is None else residual_x0(output, clean_latents, latents)
+
+    return predict
+
+
+def guided(prediction: Prediction, guidance: float) -> Prediction:
+    """Classifier-free guidance around a prediction conditioned on [unconditional; conditional] branches: the
+    latents run through both in one batch, u + guidance·(c − u). Linear, so it acts on x̂0 as on a velocity."""
+
+    def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        uncond, cond = prediction(torch.cat([latents, latents]), timestep).chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+    return predict
+
+
+def shift_averaged(predictions: Sequence[Prediction], offsets: Sequence[tuple[int, int]]) -> Prediction:
+    """Token-grid shift averaging (docs/METHOD.md §6): the mean over `offsets` of each offset's prediction for the
+    latents rolled by it, rolled back; with one offset (0, 0), that prediction itself."""
+
+    def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        rolled_back = [
+            roll(prediction(roll(latents, offset), timestep), offset, -1)
+            for prediction, offset in zip(predictions, offsets)
+        ]
+        return rolled_back[0] if len(rolled_back) == 1 else torch.stack(rolled_back).mean(0)
+
+    return predict
+
+
+def euler_step(
+    latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
+    """x + (σ_next − σ)·v, in float32 and cast to the velocity's dtype, as FlowMatchEulerDiscreteScheduler.step."""
+    return (latents.float() + (sigma_next - sigma) * velocity).to(velocity.dtype)
+
+
+def sample_euler(
+    velocity: Prediction, latents: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor
+) -> torch.Tensor:
+    """Flow-matching Euler over a velocity: one step per timestep, from sigmas[0] to sigmas[-1]."""
+    for index, timestep in enumerate(timesteps):
+        latents = euler_step(latents, velocity(latents, timestep), sigmas[index], sigmas[index + 1])
+    return latents
+
+
+def sample_euler_x0(
+    denoised: Prediction, latents: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor
+) -> torch.Tensor:
+    """Flow-matching Euler over an x̂0 prediction (docs/METHOD.md §7): each step's velocity is (x_t − x̂0)/σ, and
+    the step to σ = 0 returns x̂0 itself."""
+    for index, timestep in enumerate(timesteps):
+        x0 = denoised(latents, timestep)
+        if float(sigmas[index + 1]) == 0.0:
+            return x0
+        velocity = residual_velocity(x0, latents, sigmas[index])
+        latents = euler_step(latents, velocity, sigmas[index], sigmas[index + 1])
+    return latents
 
 
 class MDSD3Sampler:
@@ -149,41 +238,19 @@ class MDSD3Sampler:
             raise ValueError("a residual x-prediction adapter needs the clean latents of every grid offset")
         scheduler = self.base.make_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
-        guided = is_guided(guidance) and uncond is not None
-        if guided:
-            embeds = torch.cat([uncond.embeds, cond.embeds])
-            pooled = torch.cat([uncond.pooled, cond.pooled])
-            mask = torch.cat([uncond.head_mask, cond.head_mask])
-        else:
-            embeds, pooled, mask = cond.embeds, cond.pooled, cond.head_mask
-        latents = latents.to(self.dtype)
-        for index, t in enumerate(scheduler.timesteps):
-            predictions = []
-            for offset_index, (offset, injections) in enumerate(zip(self.offsets, clean_injections)):
-                rolled = roll(latents, offset)
-                model_input = torch.cat([rolled, rolled]) if guided else rolled
-                prediction = self.model(
-                    hidden_states=model_input,
-                    encoder_hidden_states=embeds,
-                    pooled_projections=pooled,
-                    timestep=t.expand(model_input.shape[0]),
-                    head_mask=mask,
-                    clean_injections=injections,
-                    return_dict=False,
-                )[0]
-                if residual:  # x̂0 (linear in Δ̂: guidance and the offsets' mean act on it as on the velocity)
-                    prediction = residual_x0(prediction, clean_latents[offset_index].to(self.dtype), model_input)
-                if guided:
-                    uncond_p, cond_p = prediction.chunk(2)
-                    prediction = uncond_p + guidance * (cond_p - uncond_p)
-                predictions.append(roll(prediction, offset, -1))
-            prediction = predictions[0] if len(predictions) == 1 else torch.stack(predictions).mean(0)
-            if residual:
-                if float(scheduler.sigmas[index + 1]) == 0.0:
-                    return prediction  # the last Euler step lands on x̂0 exactly
-                prediction = residual_velocity(prediction, latents, scheduler.sigmas[index].to(self.device))
-            latents = scheduler.step(prediction, t, latents, return_dict=False)[0]
-        return latents
+        guided_run = is_guided(guidance) and uncond is not None
+        branches = stacked(uncond, cond) if guided_run else cond
+        predictions = [
+            transformer_prediction(
+                self.model, branches, injections, clean_latents[index].to(self.dtype) if residual else None
+            )
+            for index, injections in enumerate(clean_injections)
+        ]
+        if guided_run:
+            predictions = [guided(prediction, guidance) for prediction in predictions]
+        prediction = shift_averaged(predictions, self.offsets)
+        euler = sample_euler_x0 if residual else sample_euler
+        return euler(prediction, latents.to(self.dtype), scheduler.timesteps, scheduler.sigmas)
 
     @torch.no_grad()
     def generate(
