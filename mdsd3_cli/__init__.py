@@ -13,10 +13,10 @@ __version__ = "0.1.0"
 __all__ = ["DegradedPairs", "Pair", "Synthesizer", "__version__"]
 
 if TYPE_CHECKING:
-    from mdsd3_cli.generate.synthesizer import Pair, Synthesizer
+    from mdsd3_cli.pipeline.synthesizer import Pair, Synthesizer
     from mdsd3_cli.train.onthefly import DegradedPairs
 
-_LAZY = {"Synthesizer": "generate.synthesizer", "Pair": "generate.synthesizer", "DegradedPairs": "train.onthefly"}
+_LAZY = {"Synthesizer": "pipeline.synthesizer", "Pair": "pipeline.synthesizer", "DegradedPairs": "train.onthefly"}
 
 
 def __getattr__(name: str) -> Any:

@@ -15,8 +15,8 @@ from mdsd3_cli import __version__
 from mdsd3_cli.util.progress import Console  # tables in full off a terminal
 
 if TYPE_CHECKING:
-    from mdsd3_cli.generate.inputs import FailedInput
     from mdsd3_cli.generate.run import RunPlan
+    from mdsd3_cli.pipeline.inputs import FailedInput
 
 app = typer.Typer(
     help="Paired clean/degraded image datasets from a masked Stable Diffusion 3 transformer.\n\n"
@@ -213,8 +213,8 @@ def check(
 
 def _check_decoding(run: RunPlan) -> None:
     """`check --decode`: list the inputs generate would fail and exit 1 when there are any."""
-    from mdsd3_cli.generate.inputs import discovery_failures
     from mdsd3_cli.generate.run import EXIT_FAILED_INPUTS, predicted_failures
+    from mdsd3_cli.pipeline.inputs import discovery_failures
 
     failures = predicted_failures(run, console)
     _list_failed(failures, len(failures))
@@ -354,22 +354,22 @@ def info(config: ConfigOption, overrides: SetOption = None) -> None:
     _quiet_libraries()
     import torch
 
-    from mdsd3_cli.generate.run import open_session
     from mdsd3_cli.model.weights import PARAMETER_GROUPS, describe_parameters
+    from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline
 
     with _clear_errors():
         recipe = _load(config, overrides)
-        session = open_session(recipe, torch.device("cpu"), torch.float32)
+        pipeline = MDSD3Pipeline.from_recipe(recipe, torch.device("cpu"), torch.float32)
     table = Table(title="mdsd3 model", show_header=False)
-    adapter = session.adapter
-    table.add_row("base", escape(f"{session.base.source} ({session.base.fingerprint})"))
+    adapter = pipeline.adapter
+    table.add_row("base", escape(f"{pipeline.base.source} ({pipeline.base.fingerprint})"))
     table.add_row(
-        "adapter", escape(f"{recipe.model.adapter or 'fresh (untrained)'} ({session.adapter_fingerprint or '-'})")
+        "adapter", escape(f"{recipe.model.adapter or 'fresh (untrained)'} ({pipeline.adapter_fingerprint or '-'})")
     )
-    table.add_row("shape", ", ".join(f"{k}={v}" for k, v in session.base.shape.items()))
+    table.add_row("shape", ", ".join(f"{k}={v}" for k, v in pipeline.base.shape.items()))
     for name, heads in zip(adapter.classes, adapter.head_partition):
         table.add_row(f"class {escape(name)}", f"heads {heads[0]}-{heads[-1]} ({len(heads)})")
-    counts = describe_parameters(session.model)
+    counts = describe_parameters(pipeline.model)
     for name, count in counts.items():
         table.add_row(f"parameters: {PARAMETER_GROUPS[name]}", f"{count:,}")
     table.add_row("parameters: total", f"{sum(counts.values()):,}")

@@ -27,7 +27,8 @@ from mdsd3_cli.calibrate import calibrate
 from mdsd3_cli.calibrate.fit import Curve, invert, isotonic, quantile_mapping
 from mdsd3_cli.cli import app
 from mdsd3_cli.evaluate import EvaluateError
-from mdsd3_cli.generate.plan import build_plan, draw_ratios
+from mdsd3_cli.generate.plan import build_plan
+from mdsd3_cli.pipeline.requests import draw_ratios
 from mdsd3_cli.recipe.generate import QuantileRatio, RecipeError, load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,11 +153,11 @@ def test_quantile_ratio_draw_is_deterministic_per_seed_and_within_0_1(tmp_path):
     recipe = parse_recipe(data, tmp_path / "r.yaml")
     sources = [(f"k{i}", tmp_path / f"k{i}.png") for i in range(4)]
     first, second = build_plan(recipe, sources), build_plan(recipe, sources)
-    assert [item.ratios for item in first] == [item.ratios for item in second]
-    hazes = np.array([item.ratios["haze"] for item in first if item.variant == "q"])
+    assert [item.request.ratios for item in first] == [item.request.ratios for item in second]
+    hazes = np.array([item.request.ratios["haze"] for item in first if item.variant == "q"])
     assert hazes.min() >= 0.0 and hazes.max() <= 1.0 and len(set(hazes.tolist())) == len(hazes)
     assert 0.35 <= np.mean(hazes <= 0.1) <= 0.65  # half the probability mass lies below the median quantile 0.1
-    assert all(item.ratios["rain"] == 0.5 for item in first if item.variant == "q")
+    assert all(item.request.ratios["rain"] == 0.5 for item in first if item.variant == "q")
     ranged, quantiled = recipe.variants[1], recipe.variants[2]
     for seed in range(20):
         assert draw_ratios(ranged, ["rain", "haze"], seed) == pytest.approx(

@@ -25,10 +25,11 @@ from typer.testing import CliRunner
 from mdsd3_cli import __version__
 from mdsd3_cli.cli import app
 from mdsd3_cli.generate.plan import ShardSpec
-from mdsd3_cli.generate.run import SamplingMemoryError, plan_run, run_generate
+from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.model.prompts import PromptCache
 from mdsd3_cli.model.sampler import MDSD3Sampler
 from mdsd3_cli.model.weights import build_tiny
+from mdsd3_cli.pipeline.pipeline import SamplingMemoryError
 from mdsd3_cli.recipe.generate import example_recipe_text, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,9 +27,9 @@ from mdsd3_cli.export import run as export_run
 from mdsd3_cli.export.check import verify_export
 from mdsd3_cli.export.run import ExportError, run_export
 from mdsd3_cli.export.staging import PARTIAL_FILE
-from mdsd3_cli.generate import run as generate_run
 from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import plan_run, run_generate
+from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline
 from mdsd3_cli.recipe.generate import load_recipe
 
 from .tiny_datasets import PHOTOS, copy_dataset, write_recipe
@@ -44,15 +44,15 @@ class Killed(Exception):
 
 def cut_short(monkeypatch, after_batches: int, action) -> None:
     """Make the sampler run `after_batches` batches, then call `action` (raise, or send a signal)."""
-    original, calls = generate_run.BatchSampler.__call__, []
+    original, calls = MDSD3Pipeline.__call__, []
 
-    def sample(self, batch):
+    def sample(self, batch, steps, guidance):
         if len(calls) == after_batches:
             action()
         calls.append(1)
-        return original(self, batch)
+        return original(self, batch, steps, guidance)
 
-    monkeypatch.setattr(generate_run.BatchSampler, "__call__", sample)
+    monkeypatch.setattr(MDSD3Pipeline, "__call__", sample)
 
 
 def raise_killed() -> None:

@@ -25,6 +25,7 @@ from mdsd3_cli.dataset.writer import OutputConflictError
 from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.model.sampler import MDSD3Sampler
+from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline
 from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.util.images import load_image
 
@@ -457,8 +458,6 @@ def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, photos, monkeypat
 
 
 def test_a_finished_shard_loads_no_model(tmp_path, photos, monkeypatch):
-    from mdsd3_cli.generate import run as generate_module  # noqa: PLC0415
-
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out"))
     first = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
     assert first.written == 2
@@ -466,7 +465,7 @@ def test_a_finished_shard_loads_no_model(tmp_path, photos, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a shard with nothing to do must not load the model")
 
-    monkeypatch.setattr(generate_module, "open_session", no_model)
+    monkeypatch.setattr(MDSD3Pipeline, "from_recipe", no_model)
     again = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
     assert again.written == 0 and again.already_done == 2 and again.exit_code == 0
 

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.generate.synthesizer import PRESET_SETTINGS
+from mdsd3_cli.pipeline.synthesizer import PRESET_SETTINGS
 from mdsd3_cli.recipe.generate import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mdsd3_cli"
-LAYERS = ["util", "model", "recipe", "dataset", "export", "generate", "train", "evaluate", "calibrate"]
+LAYERS = ["util", "model", "recipe", "pipeline", "dataset", "export", "generate", "train", "evaluate", "calibrate"]
 """Subpackages from the bottom: each may import itself and the ones before it, never one after it."""
 
 
@@ -116,10 +116,10 @@ def test_no_import_cycle_between_subpackages_or_modules() -> None:
 
 
 def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
-    """The graph reader finds real edges (so the checks above can fail): generate.run imports the model's
-    sampler, and a made-up loop is reported."""
+    """The graph reader finds real edges (so the checks above can fail): generate.run imports the pipeline, and
+    a made-up loop is reported."""
     graph = _graph()
-    assert "mdsd3_cli.model.sampler" in graph["mdsd3_cli.generate.run"]
+    assert "mdsd3_cli.pipeline.pipeline" in graph["mdsd3_cli.generate.run"]
     assert "mdsd3_cli.evaluate.report" in graph["mdsd3_cli.evaluate.run"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
@@ -135,3 +135,31 @@ def test_one_image_walker_and_one_to_rgb() -> None:
         if ('.convert("RGB")' in text or "def _to_rgb" in text) and name != "mdsd3_cli.util.images":
             converters.append(name)
     assert walkers == [] and converters == []
+
+
+def test_train_and_calibrate_run_the_model_through_the_pipeline_not_generate() -> None:
+    importers = sorted(
+        f"{module} imports {target}"
+        for module, imported in _graph().items()
+        if _unit(module) in ("train", "calibrate")
+        for target in imported
+        if _unit(target) == "generate"
+    )
+    assert importers == []
+
+
+def test_one_home_for_running_the_model() -> None:
+    """The sampler is built by the pipeline only, inputs are fitted by pipeline.inputs only and seeds are drawn by
+    pipeline.requests only."""
+    homes = {
+        "MDSD3Sampler(": "mdsd3_cli.pipeline.pipeline",
+        "load_image(": "mdsd3_cli.pipeline.inputs",
+        "sample_seed(": "mdsd3_cli.pipeline.requests",
+    }
+    elsewhere = []
+    for name, path in _module_names().items():
+        text = path.read_text(encoding="utf-8")
+        for call, home in homes.items():
+            if call in text and name not in (home, "mdsd3_cli.util.images", "mdsd3_cli.model.sampler"):
+                elsewhere.append(f"{name}: {call}")
+    assert elsewhere == []

@@ -16,10 +16,10 @@ from mdsd3_cli.generate.plan import (
     build_plan,
     detect_shard,
     iter_plan,
-    sample_seed,
     shard_sources,
     source_plan,
 )
+from mdsd3_cli.pipeline.requests import sample_seed
 from mdsd3_cli.recipe.generate import Recipe, parse_recipe
 
 KEYS = ["b/photo2", "a", "c", "b/photo1", "d", "e", "f"]
@@ -64,17 +64,17 @@ def test_plan_order_folders_and_fields(tmp_path: Path) -> None:
         ("b/photo1", "mix_r3"),
     ]
     first, mixed = plan[0], plan[2]
-    assert (first.variant, first.repeat, first.source, first.alpha, first.beta) == (
+    assert (first.variant, first.repeat, first.source, first.request.alpha, first.request.beta) == (
         "rain",
         1,
         Path("/photos/a.jpg"),
         1.0,
         0.0,
     )
-    assert first.ratios == {"rain": 1.0, "haze": 0.0, "noise": 0.0}
-    assert (mixed.variant, mixed.repeat, mixed.alpha, mixed.beta) == ("mix", 2, 0.9, 0.4)
-    assert list(mixed.ratios) == ["rain", "haze", "noise"] and mixed.ratios["noise"] == 0.5
-    assert first.seed == sample_seed(0, "a", "rain", 1)
+    assert first.request.ratios == {"rain": 1.0, "haze": 0.0, "noise": 0.0}
+    assert (mixed.variant, mixed.repeat, mixed.request.alpha, mixed.request.beta) == ("mix", 2, 0.9, 0.4)
+    assert list(mixed.request.ratios) == ["rain", "haze", "noise"] and mixed.request.ratios["noise"] == 0.5
+    assert first.request.seed == sample_seed(0, "a", "rain", 1)
     assert len({item for item in plan}) == len(plan)
 
 
@@ -109,14 +109,14 @@ def test_sample_seed_is_stable_and_63_bits() -> None:
 
 def test_seeds_are_distinct_across_the_plan(tmp_path: Path) -> None:
     plan = build_plan(make_recipe(tmp_path), sources())
-    assert len({item.seed for item in plan}) == len(plan)
+    assert len({item.request.seed for item in plan}) == len(plan)
     other_seed = build_plan(make_recipe(tmp_path, seed=1), sources())
-    assert not {item.seed for item in plan} & {item.seed for item in other_seed}
+    assert not {item.request.seed for item in plan} & {item.request.seed for item in other_seed}
 
 
 def test_range_draws_stay_in_bounds_and_vary(tmp_path: Path) -> None:
     plan = build_plan(make_recipe(tmp_path), sources([f"img{i:03d}" for i in range(100)]))
-    mixed = [item.ratios for item in plan if item.variant == "mix"]
+    mixed = [item.request.ratios for item in plan if item.variant == "mix"]
     assert all(0.3 <= ratios["rain"] <= 1.0 and 0.0 <= ratios["haze"] <= 0.6 for ratios in mixed)
     assert len({ratios["rain"] for ratios in mixed}) == len(mixed)
     assert min(r["rain"] for r in mixed) < 0.4 and max(r["rain"] for r in mixed) > 0.9
@@ -140,7 +140,7 @@ def test_a_class_draw_ignores_other_classes_specs(tmp_path: Path) -> None:
     wider = [{"name": "mix", "classes": {"rain": [0.3, 1.0], "haze": [0.2, 0.4], "noise": 1.0}, "repeats": 2}]
     first = build_plan(make_recipe(tmp_path, narrow), sources())
     second = build_plan(make_recipe(tmp_path, wider), sources())
-    assert [item.ratios["rain"] for item in first] == [item.ratios["rain"] for item in second]
+    assert [item.request.ratios["rain"] for item in first] == [item.request.ratios["rain"] for item in second]
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 5])
@@ -260,7 +260,7 @@ def test_detect_shard_slurm_and_torchrun() -> None:
 def test_work_item_is_frozen(tmp_path: Path) -> None:
     item: WorkItem = build_plan(make_recipe(tmp_path), sources(["a"]))[0]
     with pytest.raises(AttributeError):
-        item.seed = 1  # type: ignore[misc]
+        item.request = item.request  # type: ignore[misc]
 
 
 def test_a_plan_is_iterated_one_source_image_at_a_time(tmp_path: Path) -> None:
@@ -273,7 +273,7 @@ def test_a_plan_is_iterated_one_source_image_at_a_time(tmp_path: Path) -> None:
     try:
         iterated = hashlib.sha256()
         for item in iter_plan(recipe, many):
-            iterated.update(repr((item.key, item.folder, item.seed, item.ratios)).encode())
+            iterated.update(repr((item.key, item.folder, item.request.seed, item.request.ratios)).encode())
         _, iterated_peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         tracemalloc.start()
@@ -283,7 +283,7 @@ def test_a_plan_is_iterated_one_source_image_at_a_time(tmp_path: Path) -> None:
         tracemalloc.stop()
     held_digest = hashlib.sha256()
     for item in held:
-        held_digest.update(repr((item.key, item.folder, item.seed, item.ratios)).encode())
+        held_digest.update(repr((item.key, item.folder, item.request.seed, item.request.ratios)).encode())
     assert iterated.hexdigest() == held_digest.hexdigest() and len(held) == 10_000
     assert iterated_peak < held_peak / 10, (iterated_peak, held_peak)  # seen: 0.24 MiB against 4.5 MiB
     assert source_plan(recipe, "img0007", Path("/photos/img0007.jpg"), recipe.classes()) == held[70:80]

@@ -13,16 +13,17 @@ from rich.console import Console
 
 from mdsd3_cli.evaluate.estimators import Reference
 from mdsd3_cli.evaluate.measures import measure_pair
-from mdsd3_cli.generate.plan import draw_ratios, sample_seed
-from mdsd3_cli.generate.synthesizer import Synthesizer
 from mdsd3_cli.model.sampler import SampleRequest
+from mdsd3_cli.pipeline.inputs import load_input
+from mdsd3_cli.pipeline.requests import sample_request
+from mdsd3_cli.pipeline.synthesizer import Synthesizer
 from mdsd3_cli.recipe.generate import Recipe, Variant
-from mdsd3_cli.util.images import ImageError, discover_sources, load_image
+from mdsd3_cli.util.images import ImageError, discover_sources
 from mdsd3_cli.util.progress import RunProgress
 
 SWEEP_VARIANT = "calibrate:sweep:{name}"
-"""The variant name in the seeds of a class's sweep samples (`plan.sample_seed`), so they never equal a
-generated sample's; the grid index is the repeat."""
+"""The variant name in the seeds of a class's sweep samples (`requests.sample_seed`), so they never equal a
+generated sample's; the grid index is the repeat. These variants name seeds, not output folders."""
 ZERO_VARIANT = "calibrate:sweep"
 """The variant name in the seeds of the ratio-0 samples, shared by every class."""
 
@@ -52,13 +53,12 @@ def pick_probes(recipe: Recipe, count: int) -> tuple[list[Probe], list[str]]:
     spread = sorted({round(index) for index in np.linspace(0, len(sources) - 1, min(count, len(sources)))})
     order = spread + [index for index in range(len(sources)) if index not in spread]
     probes, skipped = [], []
-    settings = recipe.input
     for index in order:
         if len(probes) == count:
             break
         source = sources[index]
         try:
-            image = load_image(source.path, settings.size, settings.resize, settings.max_side, settings.max_pixels)
+            image = load_input(source.path, recipe.input)
         except ImageError as error:
             skipped.append(f"{source.path}: {error.reason}")
             continue
@@ -99,20 +99,15 @@ def sweep(
     """Strength [probe, grid point] of each class with that class alone at each ratio of `grid` (grid[0] is 0:
     that sample, the photo as the model reproduces it, is made once per probe and read by every class). Seeds
     come from the recipe seed, the probe's key, the class and the grid index, never from the recipe's ratios."""
-    sampling = synth.recipe.sampling
+    recipe, classes = synth.recipe, synth.classes
     jobs = []
     for index, probe in enumerate(probes):
-        seed = sample_seed(sampling.seed, probe.key, ZERO_VARIANT, 0)
-        jobs.append(Job(index, SampleRequest(synth.full_ratios({}), seed, sampling.alpha, sampling.beta)))
+        zero = Variant.model_construct(name=ZERO_VARIANT, classes={})
+        jobs.append(Job(index, sample_request(recipe, probe.key, zero, 0, classes)))
         for name in names:
             for point, ratio in enumerate(grid[1:], start=1):
-                seed = sample_seed(sampling.seed, probe.key, SWEEP_VARIANT.format(name=name), point)
-                jobs.append(
-                    Job(
-                        index,
-                        SampleRequest(synth.full_ratios({name: float(ratio)}), seed, sampling.alpha, sampling.beta),
-                    )
-                )
+                alone = Variant.model_construct(name=SWEEP_VARIANT.format(name=name), classes={name: float(ratio)})
+                jobs.append(Job(index, sample_request(recipe, probe.key, alone, point, classes)))
     measured = iter(run_jobs(synth, probes, jobs, "calibrate: sweep ratios", console))
     strengths = {name: np.empty((len(probes), len(grid))) for name in names}
     for index in range(len(probes)):
@@ -126,26 +121,15 @@ def check_jobs(
     recipe: Recipe, synth: Synthesizer, probes: Sequence[Probe], name: str, variants: Sequence[Variant], count: int
 ) -> list[Job]:
     """`count` check samples of class `name` alone, drawn as `generate` draws them: probe photos x `variants`
-    (those using the class) x repeats 1, 2, ... (as many as needed), each with its `plan.sample_seed`, the class's
-    ratio from `plan.draw_ratios` and the variant's α and β. The same seeds for the recipe as given and the
+    (those using the class) x repeats 1, 2, ... (as many as needed), each with its `requests.sample_seed`, the class's
+    ratio from `requests.draw_ratios` and the variant's α and β. The same seeds for the recipe as given and the
     calibrated one (same variant names), so before and after differ only by the ratios."""
-    classes = synth.classes
     repeats = math.ceil(count / (len(probes) * len(variants)))
+    # the class alone: each class's draw depends only on the seed and its own spec (`draw_ratios`)
+    alone = [variant.model_copy(update={"classes": {name: variant.classes.get(name, 0.0)}}) for variant in variants]
     jobs = []
     for repeat in range(1, repeats + 1):
         for index, probe in enumerate(probes):
-            for variant in variants:
-                seed = sample_seed(recipe.sampling.seed, probe.key, variant.name, repeat)
-                ratio = draw_ratios(variant, classes, seed)[name]
-                jobs.append(
-                    Job(
-                        index,
-                        SampleRequest(
-                            synth.full_ratios({name: ratio}),
-                            seed,
-                            recipe.variant_alpha(variant),
-                            recipe.variant_beta(variant),
-                        ),
-                    )
-                )
+            for variant in alone:
+                jobs.append(Job(index, sample_request(recipe, probe.key, variant, repeat, synth.classes)))
     return jobs[:count]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from mdsd3_cli.dataset.writer import FORMAT_EXTENSIONS, DatasetWriter, completed_samples
-from mdsd3_cli.generate.inputs import FailedInput
 from mdsd3_cli.generate.plan import ShardSpec, WorkItem
 from mdsd3_cli.generate.webdataset_layout import WebDatasetLayoutWriter, completed_tar_samples
+from mdsd3_cli.pipeline.inputs import FailedInput
 from mdsd3_cli.recipe.generate import Recipe
 
 LayoutWriter = DatasetWriter | WebDatasetLayoutWriter

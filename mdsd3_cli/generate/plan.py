@@ -3,15 +3,14 @@ concrete class ratios, and the split of that list into shards that own whole sou
 
 from __future__ import annotations
 
-import hashlib
-import json
-import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from mdsd3_cli.recipe.generate import QuantileRatio, Recipe, Variant
+from mdsd3_cli.model.sampler import SampleRequest
+from mdsd3_cli.pipeline.requests import sample_request
+from mdsd3_cli.recipe.generate import Recipe
 
 
 class ShardError(ValueError):
@@ -37,38 +36,8 @@ class WorkItem:
     variant: str
     repeat: int
     folder: str
-    seed: int
-    ratios: dict[str, float] = field(hash=False)
-    alpha: float
-    beta: float
-
-
-def sample_seed(recipe_seed: int, key: str, variant: str, repeat: int) -> int:
-    """A sample's seed: sha256 of the canonical JSON of (recipe seed, key, variant, repeat), 63 bits."""
-    canonical = json.dumps([recipe_seed, key, variant, repeat], ensure_ascii=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode("ascii")).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def draw_ratios(variant: Variant, classes: Sequence[str], seed: int) -> dict[str, float]:
-    """Concrete ratios for every class, in class order (absent class: 0.0).
-
-    One uniform number per class is drawn from `random.Random(seed)` in class order, whatever the variant
-    says; a range [lo, hi] maps it linearly, `{quantiles: [...]}` through its quantile function (inverse CDF). So a
-    draw depends only on the sample's seed and its own class's spec.
-    """
-    rng = random.Random(seed)
-    ratios = {}
-    for name in classes:
-        unit = rng.random()
-        spec = variant.classes.get(name, 0.0)
-        if isinstance(spec, QuantileRatio):
-            ratios[name] = spec.at(unit)
-        elif isinstance(spec, list):
-            ratios[name] = spec[0] + (spec[1] - spec[0]) * unit
-        else:
-            ratios[name] = float(spec)
-    return ratios
+    request: SampleRequest = field(hash=False)
+    """Its seed, ratios, α and β (`pipeline.requests.sample_request`)."""
 
 
 def _key_and_path(source: tuple[str, Path] | SourceLike) -> tuple[str, Path]:
@@ -93,9 +62,7 @@ def source_plan(recipe: Recipe, key: str, path: Path, classes: Sequence[str]) ->
     `recipe.file.MAX_SAMPLES_PER_INPUT` items, the bound every recipe is checked against."""
     items = []
     for variant in recipe.variants:
-        alpha, beta = recipe.variant_alpha(variant), recipe.variant_beta(variant)
         for repeat in range(1, variant.repeats + 1):
-            seed = sample_seed(recipe.sampling.seed, key, variant.name, repeat)
             items.append(
                 WorkItem(
                     key=key,
@@ -103,10 +70,7 @@ def source_plan(recipe: Recipe, key: str, path: Path, classes: Sequence[str]) ->
                     variant=variant.name,
                     repeat=repeat,
                     folder=variant.folder(repeat),
-                    seed=seed,
-                    ratios=draw_ratios(variant, classes, seed),
-                    alpha=alpha,
-                    beta=beta,
+                    request=sample_request(recipe, key, variant, repeat, classes),
                 )
             )
     return items

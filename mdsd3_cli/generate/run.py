@@ -9,12 +9,11 @@ import signal
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-import numpy as np
 import rich.console
 import torch
 from rich.markup import escape
@@ -24,7 +23,7 @@ from mdsd3_cli import __version__
 from mdsd3_cli.dataset.completeness import ShardPlan, begin_shard, finish_shard, plan_fingerprint
 from mdsd3_cli.dataset.ownership import claim_output, clear_outputs, shard_lock, sharding_lock
 from mdsd3_cli.dataset.writer import RUN_JSON, check_run_compatible, write_run_json
-from mdsd3_cli.generate.inputs import FailedInput, decode_failures, discovery_failures, input_loader
+from mdsd3_cli.generate.inputs import decode_failures
 from mdsd3_cli.generate.layouts import LayoutWriter, completed_in_layout, open_layout_writer
 from mdsd3_cli.generate.plan import (
     ShardSpec,
@@ -35,15 +34,13 @@ from mdsd3_cli.generate.plan import (
     shard_sources,
     source_plan,
 )
-from mdsd3_cli.model.adapter import AdapterConfig
-from mdsd3_cli.model.heads import UNCONDITIONAL_PROMPT, prompt_for
-from mdsd3_cli.model.prompts import PromptEmbedding, load_prompt_embeddings
-from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest, is_guided
-from mdsd3_cli.model.weights import BaseModel, build_model, fingerprint_adapter, fresh_adapter_config, load_base
+from mdsd3_cli.model.heads import prompt_for
+from mdsd3_cli.pipeline.inputs import FailedInput, discovery_failures, load_input
+from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline, needed_prompts
 from mdsd3_cli.recipe.generate import Recipe
 from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded
 from mdsd3_cli.util.progress import Console, RunProgress
-from mdsd3_cli.util.runtime import StopRequest, exit_code_for, is_out_of_memory, resolve_dtype
+from mdsd3_cli.util.runtime import StopRequest, exit_code_for, resolve_dtype
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
 FAILURES_SHOWN = 5
@@ -218,34 +215,6 @@ def plan_run(recipe: Recipe, shard: ShardSpec, limit: int | None = None) -> RunP
     return run
 
 
-@dataclass
-class Session:
-    """Loaded models for a recipe: base, MDSD3 transformer with its adapter, and their fingerprints."""
-
-    base: BaseModel
-    model: torch.nn.Module
-    adapter: AdapterConfig
-    adapter_fingerprint: str | None
-
-
-def open_session(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> Session:
-    """Load the base and the adapter (or a fresh one with the recipe's classes)."""
-    base = load_base(recipe.model.base if recipe.base_dir() is None else str(recipe.base_dir()), dtype, device)
-    adapter_dir = recipe.adapter_dir()
-    fresh = None if adapter_dir else fresh_adapter_config(base, recipe.classes())
-    model, config = build_model(base, adapter_dir, config=fresh)
-    model.to(device).eval()
-    return Session(base, model, config, fingerprint_adapter(adapter_dir) if adapter_dir else None)
-
-
-def needed_prompts(items: Iterable[WorkItem | SampleRequest], classes: Sequence[str], guidance: float) -> list[str]:
-    """The prompts a list of work items or requests needs (plus the unconditional one when guided)."""
-    prompts = {prompt_for(item.ratios, classes) for item in items}
-    if is_guided(guidance):
-        prompts.add(UNCONDITIONAL_PROMPT)
-    return sorted(prompts)
-
-
 def _batches(
     loaded: Iterator[tuple[Source, LoadedImage | ImageError]],
     todo: Callable[[Source], list[WorkItem]],
@@ -275,102 +244,41 @@ def _batches(
             yield batch
 
 
-def prompt_embeddings(recipe: Recipe, session: Session, prompts: Sequence[str]) -> dict[str, PromptEmbedding]:
-    """Embeddings of `prompts` from the recipe's prompt cache, encoding only those missing."""
-    base = session.base
-    return load_prompt_embeddings(
-        base.source, base.fingerprint, prompts, recipe.prompt_cache_dir(), base.vae.device, base.vae.dtype
-    )
-
-
-def open_sampler(recipe: Recipe, session: Session, prompts: Sequence[str]) -> MDSD3Sampler:
-    """The sampler `generate` runs: the session's model (compiled when model.compile) with `prompts` embedded."""
-    model = torch.compile(session.model) if recipe.model.compile else session.model
-    return MDSD3Sampler(
-        session.base, model, session.adapter, prompt_embeddings(recipe, session, prompts), recipe.sampling.grid_shifts
-    )
-
-
-class SamplingMemoryError(ValueError):
-    """Out of memory even at batch size 1: the images are too large for this device."""
-
-
-class BatchSampler:
-    """Samples one batch of (request, uint8 [H, W, 3] pixels) at a time, padded to the batch size, with
-    out-of-memory back-off (GPU and CPU alike): the batch size halves and the batch is retried in parts; at
-    batch size 1 a SamplingMemoryError says what to change."""
-
-    def __init__(
-        self, sampler: MDSD3Sampler, steps: int, guidance: float, batch_size: int, console: rich.console.Console
-    ):
-        self.sampler, self.steps, self.guidance = sampler, steps, guidance
-        self.batch_size, self.console = batch_size, console
-
-    def __call__(self, batch: Sequence[tuple[SampleRequest, np.ndarray]]) -> np.ndarray:
-        if len(batch) > self.batch_size:  # formed before the batch size was lowered
-            parts = [batch[start : start + self.batch_size] for start in range(0, len(batch), self.batch_size)]
-            return np.concatenate([self(part) for part in parts])
-        try:
-            pixels = torch.from_numpy(np.stack([image for _, image in batch]))
-            requests = [request for request, _ in batch]
-            return self.sampler.generate(pixels, requests, self.steps, self.guidance, pad_to=self.batch_size)
-        except (RuntimeError, MemoryError) as error:
-            if not is_out_of_memory(error):
-                raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        device = self.sampler.device
-        if self.batch_size == 1:
-            raise SamplingMemoryError(
-                f"out of memory on {device} at batch size 1 with {batch[0][1].shape[1]}x"
-                f"{batch[0][1].shape[0]} images; use a smaller input.size or "
-                "input.max_side, or a device with more memory"
-            ) from None
-        self.batch_size = max(1, min(self.batch_size, len(batch)) // 2)
-        self.console.print(f"[yellow]out of memory on {device}: batch size lowered to {self.batch_size}[/]")
-        return self(batch)
-
-
-def request_for(item: WorkItem) -> SampleRequest:
-    """What the sampler needs of a work item: its ratios, seed, α and β."""
-    return SampleRequest(item.ratios, item.seed, item.alpha, item.beta)
-
-
-def _record(item: WorkItem, image: LoadedImage, run: RunPlan, session: Session) -> dict:
-    recipe = run.recipe
+def _record(item: WorkItem, image: LoadedImage, run: RunPlan, pipeline: MDSD3Pipeline) -> dict:
+    recipe, request = run.recipe, item.request
     return {
         "key": item.key,
         "source": str(item.source),
         "variant": item.variant,
         "folder": item.folder,
         "repeat": item.repeat,
-        "ratios": item.ratios,
-        "prompt": prompt_for(item.ratios, session.adapter.classes),
-        "alpha": item.alpha,
-        "beta": item.beta,
+        "ratios": request.ratios,
+        "prompt": prompt_for(request.ratios, pipeline.classes),
+        "alpha": request.alpha,
+        "beta": request.beta,
         "steps": recipe.sampling.steps,
         "guidance": recipe.sampling.guidance,
-        "seed": item.seed,
+        "seed": request.seed,
         "size": [int(image.pixels.shape[1]), int(image.pixels.shape[0])],
         "crop_box": list(image.crop_box),
         "original_size": list(image.original_size),
-        "base_fingerprint": session.base.fingerprint,
-        "adapter_fingerprint": session.adapter_fingerprint,
+        "base_fingerprint": pipeline.base.fingerprint,
+        "adapter_fingerprint": pipeline.adapter_fingerprint,
         "mdsd3_version": __version__,
     }
 
 
-def run_payload(recipe: Recipe, identity: dict, session: Session) -> dict:
+def run_payload(recipe: Recipe, identity: dict, pipeline: MDSD3Pipeline) -> dict:
     """run.json: the resolved recipe, versions and model fingerprints."""
     import diffusers
 
     return {
         "identity": identity,
         "recipe": recipe.model_dump(mode="json"),
-        "classes": session.adapter.classes,
-        "head_partition": session.adapter.head_partition,
-        "base_fingerprint": session.base.fingerprint,
-        "adapter_fingerprint": session.adapter_fingerprint,
+        "classes": pipeline.adapter.classes,
+        "head_partition": pipeline.adapter.head_partition,
+        "base_fingerprint": pipeline.base.fingerprint,
+        "adapter_fingerprint": pipeline.adapter_fingerprint,
         "versions": {
             "mdsd3": __version__,
             "torch": torch.__version__,
@@ -427,9 +335,10 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
         console.print(stop_message(received), highlight=False, soft_wrap=True)
 
     with StopRequest(on_stop=announce) as stop:
-        session = open_session(recipe, device, dtype) if run.samples_to_do else None  # a finished shard loads none
-        if session is not None:
-            write_run_json(out, run_payload(recipe, identity, session))
+        # a finished shard loads no model
+        pipeline = MDSD3Pipeline.from_recipe(recipe, device, dtype, console) if run.samples_to_do else None
+        if pipeline is not None:
+            write_run_json(out, run_payload(recipe, identity, pipeline))
         with open_layout_writer(recipe, run.shard, lambda: run.mine) as writer:  # refuses another webdataset plan
             plan = run.shard_plan()
             begin_shard(out, plan)  # unfinished from here until finish_shard
@@ -444,8 +353,8 @@ def _generate_locked(run: RunPlan, identity: dict, device: torch.device, console
                     failed(failure)
             for failure in run.settled.values():  # not retried: listed again in this run's errors file
                 failed(failure)
-            if session is not None:
-                _sample_all(run, session, writer, summary, stop, console, failed)
+            if pipeline is not None:
+                _sample_all(run, pipeline, writer, summary, stop, console, failed)
         summary.dropped, summary.written = summary.written - writer.written, writer.written
         if stop.requested:
             summary.interrupted = stop.signal.name
@@ -465,7 +374,7 @@ def stop_message(received: signal.Signals) -> str:
 
 def _sample_all(
     run: RunPlan,
-    session: Session,
+    pipeline: MDSD3Pipeline,
     writer: LayoutWriter,
     summary: RunSummary,
     stop: StopRequest,
@@ -474,10 +383,8 @@ def _sample_all(
 ) -> None:
     """Decode, sample and submit every sample of `run.todo()` (one source image's samples built at a time), counting
     into `summary`; inputs that cannot be decoded go to `on_failure`."""
-    recipe = run.recipe
-    classes = session.adapter.classes
-    sampler = open_sampler(recipe, session, needed_prompts(run.todo(), classes, recipe.sampling.guidance))
-    sample = BatchSampler(sampler, recipe.sampling.steps, recipe.sampling.guidance, recipe.sampling.batch_size, console)
+    recipe, sampling = run.recipe, run.recipe.sampling
+    pipeline.embed(needed_prompts((item.request for item in run.todo()), pipeline.classes, sampling.guidance))
     per_source, done = recipe.samples_per_input(), run.done_per_key()
     sources = [
         source
@@ -491,18 +398,23 @@ def _sample_all(
 
     with RunProgress(run.samples_to_do, f"generate {run.shard.name}", console=console) as progress:
         loaded = iter_loaded(
-            sources, input_loader(recipe), workers=recipe.input.workers, prefetch=4 * recipe.sampling.batch_size
+            sources,
+            lambda source: load_input(source.path, recipe.input),
+            workers=recipe.input.workers,
+            prefetch=4 * sampling.batch_size,
         )
-        for batch in _batches(loaded, run.todo_of, lambda: sample.batch_size, failed, stop):
+        for batch in _batches(loaded, run.todo_of, lambda: pipeline.batch_size, failed, stop):
             tick = time.perf_counter()
-            degraded = sample([(request_for(item), image.pixels) for item, image in batch])
+            degraded = pipeline(
+                [(item.request, image.pixels) for item, image in batch], sampling.steps, sampling.guidance
+            )
             summary.sampler_s += time.perf_counter() - tick
             for (item, image), output in zip(batch, degraded):
-                writer.submit(_record(item, image, run, session), image.pixels, output)
+                writer.submit(_record(item, image, run, pipeline), image.pixels, output)
             summary.written += len(batch)
             progress.advance(len(batch))
         writer.drain()
-    summary.batch_size = sample.batch_size
+    summary.batch_size = pipeline.batch_size
 
 
 def describe_plan(run: RunPlan) -> Table:
@@ -542,7 +454,7 @@ def estimated_output_bytes(run: RunPlan) -> int:
     """A generous estimate of what the remaining work writes: every image at its raw RGB size, plus 1 KB of
     manifest per sample (PNG at compression level 1 rarely beats raw by much on photos)."""
     recipe = run.recipe
-    side = recipe.input.max_side if recipe.input.resize == "native" else recipe.input.size
+    _, side = recipe.input.largest_side()
     per_source = recipe.samples_per_input()
     done = run.done_per_key()
     new_keys = sum(1 for source in run.my_sources if done[source.key] < per_source)

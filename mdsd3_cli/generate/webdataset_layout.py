@@ -47,8 +47,8 @@ from mdsd3_cli.dataset.writer import (
 )
 from mdsd3_cli.export.sample import EncodedSample
 from mdsd3_cli.export.webdataset import TarWriter, key_members, record_json
-from mdsd3_cli.generate.inputs import FailedInput
 from mdsd3_cli.generate.plan import ShardSpec, WorkItem
+from mdsd3_cli.pipeline.inputs import FailedInput
 from mdsd3_cli.recipe.generate import TAR_SAMPLE
 from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.util.background_writer import BackgroundWriter

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -39,12 +41,17 @@ def head_class_index(partition: Sequence[Sequence[int]]) -> list[int]:
     return [owner[h] for h in range(len(owner))]
 
 
+def is_ratio(value: Any) -> bool:
+    """A real number (Python or numpy, not a bool) in [0, 1]; NaN is not."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def check_ratios(ratios: Mapping[str, float], classes: Sequence[str]) -> None:
     """Raise a clear error for unknown class names or ratios outside [0, 1]."""
     for name, value in ratios.items():
         if name not in classes:
             raise UnknownClassError(unknown_class_message(name, classes))
-        if not 0.0 <= float(value) <= 1.0:
+        if not is_ratio(float(value)):
             raise ValueError(f"ratio for {name!r} is {value}; ratios must lie in [0, 1]")
 
 

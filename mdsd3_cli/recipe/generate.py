@@ -22,6 +22,7 @@ from pydantic import (
 
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterError, read_adapter_config
 from mdsd3_cli.model.grid_shifts import GRID_SHIFTS
+from mdsd3_cli.model.heads import is_ratio
 from mdsd3_cli.model.presets import (
     PresetNotInstalledError,
     is_preset,
@@ -98,7 +99,7 @@ def _ratio(value: Any) -> float | list[float] | QuantileRatio:
             raise ValueError(
                 f"ratio must be a number in [0, 1], a range [lo, hi] or {{quantiles: [q0, ..., qK]}}, got {item!r}"
             )
-        if not 0.0 <= item <= 1.0:
+        if not is_ratio(item):
             raise ValueError(f"ratio {item} is outside [0, 1]")
         return float(item)
 
@@ -165,6 +166,11 @@ class InputSection(_Section):
     max_side: int = Field(default=1536, ge=16)
     max_pixels: int = Field(default=89_478_485, ge=1)
     workers: int = Field(default=2, ge=1)
+
+    def largest_side(self) -> tuple[str, int]:
+        """The largest side an input reaches the model with, and the field that sets it: input.max_side with
+        `native`, else input.size."""
+        return ("input.max_side", self.max_side) if self.resize == "native" else ("input.size", self.size)
 
 
 TAR_SAMPLE = "key"
@@ -496,11 +502,7 @@ def _image_size_problems(recipe: Recipe) -> list[Problem]:
             limit = folder_image_side_limit(base)
         except ValueError as error:
             return [("model.base", str(error))]
-    field, side = (
-        ("input.max_side", recipe.input.max_side)
-        if recipe.input.resize == "native"
-        else ("input.size", recipe.input.size)
-    )
+    field, side = recipe.input.largest_side()
     if limit is None or side <= limit:
         return []
     return [

@@ -83,7 +83,7 @@ def trained_range_warnings(recipe: Recipe) -> list[str]:
         )
     sizes = trained_sizes(read_adapter_config(recipe.adapter_dir()).training)
     native = recipe.input.resize == "native"
-    field, side = ("input.max_side", recipe.input.max_side) if native else ("input.size", recipe.input.size)
+    field, side = recipe.input.largest_side()
     if sizes is not None and (side > sizes[1] if native else _outside(side, sizes)):
         warnings.append(
             f"{field} {side}: {adapter} was trained on {_span(sizes)}-pixel crops (its "

@@ -20,10 +20,9 @@ import torch
 from pydantic import ValidationError
 from torch.utils.data import Dataset
 
-from mdsd3_cli.generate.inputs import FailedInput, discovery_failures, input_loader
-from mdsd3_cli.generate.plan import draw_ratios, sample_seed
-from mdsd3_cli.generate.synthesizer import Synthesizer, to_tensor
-from mdsd3_cli.model.sampler import SampleRequest
+from mdsd3_cli.pipeline.inputs import FailedInput, discovery_failures, load_input
+from mdsd3_cli.pipeline.requests import sample_request
+from mdsd3_cli.pipeline.synthesizer import Synthesizer, to_tensor
 from mdsd3_cli.recipe.file import schema_problems
 from mdsd3_cli.recipe.generate import Variant
 from mdsd3_cli.util.images import ImageError, Source, discover_sources
@@ -93,19 +92,17 @@ class DegradedPairs(Dataset):
         recipe, synth = self.synth.recipe, self.synth
         source, clean = self._decoded(index // len(self.variants))
         variant = self.variants[index % len(self.variants)]
-        seed = sample_seed(recipe.sampling.seed, source.key, variant.name, self.epoch + 1)
-        ratios = draw_ratios(variant, synth.classes, seed)
+        request = sample_request(recipe, source.key, variant, self.epoch + 1, synth.classes)
         item = {
             "clean": to_tensor(clean),
-            "ratios": torch.tensor(list(ratios.values()), dtype=torch.float64),
-            "seed": seed,
-            "alpha": recipe.variant_alpha(variant),
-            "beta": recipe.variant_beta(variant),
+            "ratios": torch.tensor(list(request.ratios.values()), dtype=torch.float64),
+            "seed": request.seed,
+            "alpha": request.alpha,
+            "beta": request.beta,
             "key": source.key,
             "variant": variant.name,
         }
         if self.degrade:
-            request = SampleRequest(ratios, seed, item["alpha"], item["beta"])
             item["degraded"] = to_tensor(synth.sample([clean], [request])[0])
         return item
 
@@ -119,7 +116,7 @@ class DegradedPairs(Dataset):
                 continue
             source = self.sources[at]
             try:
-                return source, input_loader(self.synth.recipe)(source).pixels
+                return source, load_input(source.path, self.synth.recipe.input).pixels
             except ImageError as error:
                 self._undecodable.add(at)
                 self.failed.append(FailedInput(source.key, str(source.path), error.reason))

@@ -3,15 +3,19 @@ class alone and all of them together."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from mdsd3_cli.model.adapter import FlowStart
-from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.model.adapter import AdapterConfig, FlowStart
+from mdsd3_cli.model.prompts import PromptEmbedding
+from mdsd3_cli.model.sampler import SampleRequest
+from mdsd3_cli.model.transformer import MDSD3Transformer
+from mdsd3_cli.model.weights import BaseModel
+from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline
 from mdsd3_cli.train.data import Draw, PairedDataset
 
 if TYPE_CHECKING:
@@ -23,13 +27,27 @@ PREVIEWS = "previews"
 @dataclass(frozen=True)
 class PreviewSettings:
     """How preview grids are sampled: few steps on a fixed batch of up to `images` pairs' clean images, from the
-    start the run trains for (`train.start`) unless `start` is given."""
+    start the run trains for (`train.start`) unless `start` is given, each step averaged over `grid_shifts` token
+    grids (`sampling.grid_shifts`)."""
 
     images: int = 4
     steps: int = 12
     guidance: float = 4.0
     start: FlowStart | None = None
     seed: int = 1234
+    grid_shifts: int = 1
+
+
+def preview_pipeline(
+    base: BaseModel,
+    model: MDSD3Transformer,
+    adapter: AdapterConfig,
+    prompts: Mapping[str, PromptEmbedding],
+    settings: PreviewSettings,
+) -> MDSD3Pipeline:
+    """The pipeline a preview grid is sampled with: the model in training, its prompts, the settings' grid shifts,
+    a whole column in one batch."""
+    return MDSD3Pipeline(base, model, adapter, prompts, grid_shifts=settings.grid_shifts, batch_size=settings.images)
 
 
 def preview_columns(classes: Sequence[str]) -> list[tuple[str, dict[str, float]]]:
@@ -66,16 +84,19 @@ def preview_pixels(dataset: PairedDataset, count: int) -> torch.Tensor:
 
 
 def render_preview(
-    sampler: MDSD3Sampler, pixels: torch.Tensor, classes: Sequence[str], settings: PreviewSettings
+    pipeline: MDSD3Pipeline, pixels: torch.Tensor, classes: Sequence[str], settings: PreviewSettings
 ) -> Image.Image:
     """A grid: one row per image, columns clean | each class | all classes, labelled on top."""
     from PIL import Image, ImageDraw
 
-    start = settings.start or sampler.adapter.start
+    start = settings.start or pipeline.adapter.start
     columns = [("clean", pixels.numpy())]
     for label, ratios in preview_columns(classes):
-        requests = [SampleRequest(ratios, settings.seed + row, start.alpha, start.beta) for row in range(len(pixels))]
-        columns.append((label, sampler.generate(pixels, requests, settings.steps, settings.guidance)))
+        batch = [
+            (SampleRequest(ratios, settings.seed + row, start.alpha, start.beta), image)
+            for row, image in enumerate(pixels.numpy())
+        ]
+        columns.append((label, pipeline(batch, settings.steps, settings.guidance)))
     rows, size = len(pixels), pixels.shape[1]
     header = 14
     grid = Image.new("RGB", (size * len(columns), header + size * rows), "white")

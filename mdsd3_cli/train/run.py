@@ -34,7 +34,6 @@ from mdsd3_cli.dataset.ownership import LOCKS, OutputLock
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, FlowStart
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import load_prompt_embeddings
-from mdsd3_cli.model.sampler import MDSD3Sampler
 from mdsd3_cli.model.transformer import MDSD3Transformer
 from mdsd3_cli.model.weights import (
     PARAMETER_GROUPS,
@@ -64,7 +63,7 @@ from mdsd3_cli.train.checkpoints import (
 from mdsd3_cli.train.data import build_dataset, condition_drop_mask
 from mdsd3_cli.train.errors import TrainError
 from mdsd3_cli.train.log import LOG_NAME, append_log, open_tensorboard, truncate_log
-from mdsd3_cli.train.previews import PREVIEWS, PreviewSettings, preview_pixels, render_preview
+from mdsd3_cli.train.previews import PREVIEWS, PreviewSettings, preview_pipeline, preview_pixels, render_preview
 from mdsd3_cli.train.step import (
     FlowSchedule,
     LatentEncoder,
@@ -425,11 +424,13 @@ class Trainer:
         """OUT/previews/step-N.png (main process; the others wait)."""
         path = None
         if self.accelerator.is_main_process and self.preview_batch is not None and len(self.preview_batch):
-            sampler = MDSD3Sampler(self.base, self.unwrapped, self._export_config(step), self.prompt_embeddings)
+            pipeline = preview_pipeline(
+                self.base, self.unwrapped, self._export_config(step), self.prompt_embeddings, self.preview_settings
+            )
             self.unwrapped.eval()
             try:
                 with torch.no_grad(), self.accelerator.autocast():
-                    grid = render_preview(sampler, self.preview_batch, self.classes, self.preview_settings)
+                    grid = render_preview(pipeline, self.preview_batch, self.classes, self.preview_settings)
             finally:
                 self.unwrapped.train()
             path = self.out / PREVIEWS / f"{checkpoint_name(step)}.png"

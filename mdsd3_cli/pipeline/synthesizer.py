@@ -9,10 +9,8 @@ has the bytes `generate` wrote for that sample.
 from __future__ import annotations
 
 import copy
-import math
 import numbers
 import os
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +21,22 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from mdsd3_cli.generate.run import BatchSampler, needed_prompts, open_sampler, open_session, prompt_embeddings
+from mdsd3_cli.model.heads import is_ratio
 from mdsd3_cli.model.sampler import SampleRequest
-from mdsd3_cli.recipe.generate import TINY_BASE, ModelSection, Recipe, SamplingSection, load_recipe, parse_recipe
+from mdsd3_cli.pipeline.inputs import fit_input, load_input
+from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline
+from mdsd3_cli.recipe.generate import (
+    TINY_BASE,
+    ModelSection,
+    Recipe,
+    SamplingSection,
+    Variant,
+    load_recipe,
+    parse_recipe,
+)
 from mdsd3_cli.recipe.overrides import apply_override
 from mdsd3_cli.recipe.presets import MINI, MINI_SETTINGS
-from mdsd3_cli.util.images import ImageError, fit_image, load_image
+from mdsd3_cli.util.images import ImageError
 from mdsd3_cli.util.names import unknown_class_message
 from mdsd3_cli.util.progress import Console
 from mdsd3_cli.util.runtime import resolve_dtype
@@ -92,13 +100,8 @@ class Synthesizer:
         self.recipe = recipe
         self.device = recipe.device()
         self.dtype = resolve_dtype(recipe.model.dtype, self.device)
-        self.session = open_session(recipe, self.device, self.dtype)
-        self.classes: list[str] = list(self.session.adapter.classes)
-        sampling = recipe.sampling
-        sampler = open_sampler(recipe, self.session, [])  # prompts are embedded when first needed
-        self._sample = BatchSampler(
-            sampler, sampling.steps, sampling.guidance, sampling.batch_size, Console(stderr=True)
-        )
+        self.pipeline = MDSD3Pipeline.from_recipe(recipe, self.device, self.dtype, Console(stderr=True))
+        self.classes: list[str] = self.pipeline.classes
 
     def __repr__(self) -> str:
         model, sampling, settings = self.recipe.model, self.recipe.sampling, self.recipe.input
@@ -223,31 +226,15 @@ class Synthesizer:
         for name, value in ratios.items():
             if name not in self.classes:
                 raise ValueError(unknown_class_message(name, self.classes))
-            if not _is_number(value) or not 0.0 <= value <= 1.0 or math.isnan(value):
+            if not is_ratio(value):
                 raise ValueError(f"ratio for class {name!r} is {value!r}; ratios are numbers in [0, 1]")
         return {name: float(ratios.get(name, 0.0)) for name in self.classes}
 
     def sample(self, pixels: Sequence[np.ndarray], requests: Sequence[SampleRequest]) -> list[np.ndarray]:
         """Degrade fitted uint8 [H, W, 3] images, batched as `generate` batches them: images of one size
         together, `sampling.batch_size` at a time (lowered after an out-of-memory error)."""
-        sampler = self._sample.sampler
-        missing = [
-            prompt
-            for prompt in needed_prompts(requests, self.classes, self.recipe.sampling.guidance)
-            if prompt not in sampler.prompts
-        ]
-        if missing:
-            sampler.prompts.update(prompt_embeddings(self.recipe, self.session, missing))
-        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, image in enumerate(pixels):
-            by_shape[image.shape].append(index)
-        outputs: list[np.ndarray] = [np.empty(0, np.uint8)] * len(pixels)
-        for indexes in by_shape.values():
-            while indexes:
-                batch, indexes = indexes[: self._sample.batch_size], indexes[self._sample.batch_size :]
-                for index, output in zip(batch, self._sample([(requests[i], pixels[i]) for i in batch])):
-                    outputs[index] = output
-        return outputs
+        sampling = self.recipe.sampling
+        return self.pipeline.sample(pixels, requests, sampling.steps, sampling.guidance)
 
     def _fit(self, label: str, image: ImageInput) -> np.ndarray:
         """An input fitted as `generate` fits a decoded file (input.size, input.resize, input.max_side); a path is
@@ -255,10 +242,10 @@ class Synthesizer:
         settings = self.recipe.input
         try:
             if isinstance(image, (str, os.PathLike)):
-                return load_image(image, settings.size, settings.resize, settings.max_side, settings.max_pixels).pixels
+                return load_input(image, settings).pixels
             if not isinstance(image, Image.Image):
                 image = Image.fromarray(_uint8_pixels(label, image))
-            return fit_image(image, settings.size, settings.resize, settings.max_side).pixels
+            return fit_input(image, settings).pixels
         except ImageError as error:
             where = f" ({os.fspath(image)})" if isinstance(image, (str, os.PathLike)) else ""
             raise ValueError(f"{label}{where}: {error.reason}") from None
@@ -415,8 +402,9 @@ def _device_overrides(device: str | torch.device | None, dtype: str | torch.dtyp
 
 
 def _settings_recipe(data: dict[str, Any], overrides: Sequence[str], label: str) -> Recipe:
-    """A recipe from model/input/sampling settings: inputs and output are placeholders (the Synthesizer reads
-    neither); one variant draws every class in [0, 1]. Relative paths resolve against the working folder."""
+    """A recipe from model/input/sampling settings, parsed once: inputs and output are placeholders (the Synthesizer
+    reads neither); one variant `mix` draws every class in [0, 1]. Relative paths resolve against the working
+    folder."""
     source = Path.cwd() / label
     data = {
         **data,
@@ -429,6 +417,6 @@ def _settings_recipe(data: dict[str, Any], overrides: Sequence[str], label: str)
             apply_override(data, override)
         except ValueError as error:
             raise ValueError(f"{label}: --set {override}: {error}") from None
-    classes = parse_recipe(data, source).classes()
-    data["variants"] = [{"name": "mix", "classes": {name: [0.0, 1.0] for name in classes}}]
-    return parse_recipe(data, source)
+    recipe = parse_recipe(data, source)
+    recipe.variants = [Variant(name="mix", classes={name: [0.0, 1.0] for name in recipe.classes()})]
+    return recipe
