@@ -41,6 +41,7 @@ from mdsd3_cli.recipe.train import load_train_recipe
 from mdsd3_cli.train.checkpoints import CHECKPOINTS, list_checkpoints
 from mdsd3_cli.train.data import EmptyDatasetError
 from mdsd3_cli.train.errors import TrainError
+from mdsd3_cli.train.previews import PreviewSettings
 from mdsd3_cli.train.run import Trainer, run_train
 from mdsd3_cli.train.step import FlowSchedule, is_trainable, step_generator
 
@@ -129,6 +130,22 @@ def test_checkpoints_hold_only_the_adapter_and_rotate(uninterrupted):
     assert [row["step"] for row in rows] == [1, 2, 3, 4, 5, 6]
     assert all({"loss", "lr", "grad_norm", "elapsed"} <= set(row) for row in rows)
     assert rows[0]["lr"] < rows[-1]["lr"] == 3e-3  # warmup
+
+
+def test_training_previews_average_over_their_grid_shifts(pairs, tmp_path, monkeypatch):
+    """Previews are sampled by the pipeline with the grid shifts they are given (the trainer built its own sampler
+    on one grid, dropping them)."""
+    offsets, original = [], MDSD3Sampler.generate
+
+    def spy(self, *args, **kwargs):
+        offsets.append(self.offsets)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MDSD3Sampler, "generate", spy)
+    recipe = quick_recipe(pairs, tmp_path / "out", "train.steps=1", "output.preview_every=1")
+    run_train(recipe, preview=PreviewSettings(images=1, steps=1, grid_shifts=2))
+    assert (tmp_path / "out" / "previews" / "step-000001.png").is_file()
+    assert offsets and all(len(grid) == 2 for grid in offsets)
 
 
 def test_resume_reproduces_the_uninterrupted_losses_exactly(uninterrupted, pairs, tmp_path):
