@@ -24,10 +24,9 @@ from PIL import Image
 from skimage import data
 
 from mdsd3_cli.generate.plan import ShardSpec
-from mdsd3_cli.generate.run import open_session, plan_run, run_generate
+from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.model.heads import all_prompts
-from mdsd3_cli.model.prompts import load_prompt_embeddings
-from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline
 from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.util.images import load_image
 from mdsd3_cli.util.runtime import resolve_device, resolve_dtype
@@ -74,10 +73,8 @@ def main() -> None:
     recipe = load_recipe(recipe_path)
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
-    session = open_session(recipe, device, dtype)
-    load_prompt_embeddings(
-        session.base.source, session.base.fingerprint, all_prompts(recipe.classes()), recipe.prompt_cache_dir()
-    )  # warm the cache: neither measurement encodes prompts
+    pipeline = MDSD3Pipeline.from_recipe(recipe, device, dtype)
+    pipeline.embed(all_prompts(recipe.classes()))  # warm the cache: neither measurement encodes prompts
 
     run = plan_run(recipe, ShardSpec(0, 1))
     summary = run_generate(run)
@@ -93,10 +90,7 @@ def main() -> None:
     print(json.dumps({"measure": "sampler_busy", "value": round(summary.sampler_busy, 3), **common}))
     print(json.dumps({"measure": "generate_images_per_s", "value": round(summary.images_per_s, 3), **common}))
 
-    prompts = load_prompt_embeddings(
-        session.base.source, session.base.fingerprint, all_prompts(recipe.classes()), recipe.prompt_cache_dir()
-    )
-    sampler = MDSD3Sampler(session.base, session.model, session.adapter, prompts)
+    sampler = pipeline.sampler
     items = run.mine
     pixels = {item.key: load_image(item.source, args.size, "center_crop").pixels for item in items}
     start = time.perf_counter()
@@ -104,7 +98,7 @@ def main() -> None:
         batch = items[first : first + args.batch]
         sampler.generate(
             torch.from_numpy(np.stack([pixels[i.key] for i in batch])),
-            [SampleRequest(i.ratios, i.seed, i.alpha, i.beta) for i in batch],
+            [i.request for i in batch],
             args.steps,
             recipe.sampling.guidance,
             pad_to=args.batch,

@@ -69,7 +69,7 @@ from mdsd3_cli.model.presets.build_mini import (  # noqa: E402
 from mdsd3_cli.model.presets.degradations import degrade, quantize  # noqa: E402
 from mdsd3_cli.model.presets.mini_photos import COLOUR, EXTRA, GRAY, HELD_OUT  # noqa: E402
 from mdsd3_cli.train.data import condition_drop_mask  # noqa: E402
-from mdsd3_cli.train.previews import PreviewSettings, render_preview  # noqa: E402
+from mdsd3_cli.train.previews import PreviewSettings, preview_pipeline, render_preview  # noqa: E402
 from mdsd3_cli.train.step import (  # noqa: E402
     FlowSchedule,
     LatentEncoder,
@@ -481,7 +481,7 @@ def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: 
     from PIL import Image
 
     from mdsd3_cli.model.prompts import load_prompt_embeddings
-    from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
+    from mdsd3_cli.model.sampler import SampleRequest
     from mdsd3_cli.model.weights import build_model, load_base
 
     base = load_base(str(out / "preset" / "base"), device=device)
@@ -490,9 +490,10 @@ def sanity(out: Path, held: torch.Tensor, names: list[str], steps: int, device: 
     embeddings = load_prompt_embeddings(
         str(out / "preset" / "base"), base.fingerprint, all_prompts(config.classes), out / "prompt_cache"
     )
-    sampler = MDSD3Sampler(base, model, config, embeddings)
     settings = PreviewSettings(images=len(held), steps=steps, guidance=1.0, start=start)
-    render_preview(sampler, held, config.classes, settings).save(out / "sanity.png")
+    pipeline = preview_pipeline(base, model, config, embeddings, settings)
+    render_preview(pipeline, held, config.classes, settings).save(out / "sanity.png")
+    sampler = pipeline.sampler
     rows = []
     for name in config.classes:
         requests = [SampleRequest({name: r} if r else {}, settings.seed, start.alpha, start.beta) for r in RATIO_SWEEP]
