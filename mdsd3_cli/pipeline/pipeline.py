@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol
 
 import numpy as np
 import rich.console
@@ -29,11 +28,7 @@ class SamplingMemoryError(ValueError):
     """Out of memory even at batch size 1: the images are too large for this device."""
 
 
-class HasRatios(Protocol):
-    ratios: Mapping[str, float]
-
-
-def needed_prompts(requests: Iterable[HasRatios], classes: Sequence[str], guidance: float) -> list[str]:
+def needed_prompts(requests: Iterable[SampleRequest], classes: Sequence[str], guidance: float) -> list[str]:
     """The prompts a list of requests needs (plus the unconditional one when guided)."""
     prompts = {prompt_for(request.ratios, classes) for request in requests}
     if is_guided(guidance):
