@@ -362,7 +362,7 @@ def test_errors_file_describes_the_latest_run(tmp_path: Path) -> None:
 KILLED_RUN = """
 import sys
 from skimage import data
-from mdsd3_cli.dataset.writer import FoldersWriter
+from mdsd3_cli.dataset.folders_writer import FoldersWriter
 astronaut = data.astronaut()
 with FoldersWriter(sys.argv[1], "0of1", workers=2) as writer:
     for index in range(int(sys.argv[2])):
