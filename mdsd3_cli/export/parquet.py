@@ -81,6 +81,7 @@ class ParquetWriter:
         self._file: AtomicFile | None = None
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
+        self.files = 0
 
     @classmethod
     def open(cls, target: ExportTarget) -> ParquetWriter:
@@ -88,7 +89,6 @@ class ParquetWriter:
 
     def how_to_read(self) -> str:
         return f'datasets.load_dataset("parquet", data_dir="{self._folder.path}")'
-        self.files = 0
 
     def write(self, sample: EncodedSample) -> None:
         record = sample.record
