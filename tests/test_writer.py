@@ -21,7 +21,7 @@ from skimage import data
 from mdsd3_cli.dataset import folders_writer as writer_module
 from mdsd3_cli.dataset.encoding import encode_image
 from mdsd3_cli.dataset.folders_writer import FoldersWriter, completed_samples
-from mdsd3_cli.dataset.output_paths import OutputLayout, OutputPathError
+from mdsd3_cli.dataset.output_paths import OutputPathError, OutputPaths
 from mdsd3_cli.dataset.run_record import OutputConflictError, check_run_compatible, write_run_json
 
 ASTRONAUT = data.astronaut()
@@ -51,7 +51,7 @@ def decode(path: Path) -> np.ndarray:
 
 
 def test_layout_paths(tmp_path: Path) -> None:
-    layout = OutputLayout(tmp_path / "out", "jpeg")
+    layout = OutputPaths(tmp_path / "out", "jpeg")
     root = (tmp_path / "out").resolve()
     assert layout.clean_path("div2k/0001") == root / "clean" / "div2k" / "0001.jpg"
     assert layout.degraded_path("rain", "div2k/0001") == root / "degraded" / "rain" / "div2k" / "0001.jpg"
@@ -63,7 +63,7 @@ def test_layout_paths(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", ["../escape", "/etc/passwd", "a//b", "a/../../b", "", "line\nbreak"])
 def test_layout_rejects_unsafe_keys(tmp_path: Path, key: str) -> None:
-    layout = OutputLayout(tmp_path)
+    layout = OutputPaths(tmp_path)
     with pytest.raises(OutputPathError):
         layout.clean_path(key)
     with pytest.raises(OutputPathError):
@@ -72,7 +72,7 @@ def test_layout_rejects_unsafe_keys(tmp_path: Path, key: str) -> None:
 
 @pytest.mark.parametrize("name", ["../up", "a/b", "", ".."])
 def test_layout_rejects_unsafe_folder_and_shard_names(tmp_path: Path, name: str) -> None:
-    layout = OutputLayout(tmp_path)
+    layout = OutputPaths(tmp_path)
     with pytest.raises(OutputPathError):
         layout.degraded_path(name, "key")
     with pytest.raises(OutputPathError):
@@ -85,7 +85,7 @@ def test_layout_rejects_symlinked_folders_pointing_outside(tmp_path: Path) -> No
     (tmp_path / "out" / "clean").mkdir(parents=True)
     (tmp_path / "out" / "clean" / "evil").symlink_to(outside)
     (tmp_path / "out" / "degraded").symlink_to(outside)
-    layout = OutputLayout(tmp_path / "out")
+    layout = OutputPaths(tmp_path / "out")
     with pytest.raises(OutputPathError, match="outside the output folder"):
         layout.clean_path("evil/x")
     with pytest.raises(OutputPathError):

@@ -12,7 +12,7 @@ import numpy as np
 
 from mdsd3_cli.dataset.encoding import FileDigest, ImageFormat, check_pixels, digest, encode_image, file_digest_fields
 from mdsd3_cli.dataset.layout_writer import LayoutWriter, Plan, Sample
-from mdsd3_cli.dataset.output_paths import OutputLayout
+from mdsd3_cli.dataset.output_paths import OutputPaths
 from mdsd3_cli.dataset.reader import manifest_entries
 from mdsd3_cli.dataset.shard_log import ErrorLine, ShardLog, json_line
 from mdsd3_cli.recipe.generate import OutputSection
@@ -44,7 +44,7 @@ class FoldersWriter(LayoutWriter):
         workers: int = 2,
     ) -> None:
         super().__init__(workers, "mdsd3-writer")
-        self.layout = OutputLayout(out_dir, fmt)
+        self.layout = OutputPaths(out_dir, fmt)
         self.shard = shard
         self.fmt: ImageFormat = fmt
         self.quality = quality

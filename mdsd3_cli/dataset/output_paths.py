@@ -21,7 +21,7 @@ class OutputPathError(ValueError):
     """An output path would leave the output folder (or is not a safe relative path)."""
 
 
-class OutputLayout:
+class OutputPaths:
     """Where every output file of a run lives; every path is checked to stay inside `root`."""
 
     def __init__(self, out_dir: str | Path, image_format: ImageFormat = "png") -> None:

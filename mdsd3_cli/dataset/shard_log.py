@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
-from mdsd3_cli.dataset.output_paths import OutputLayout
+from mdsd3_cli.dataset.output_paths import OutputPaths
 from mdsd3_cli.util.atomic import open_append
 
 _TAIL_CHUNK = 1 << 16
@@ -53,7 +53,7 @@ class ShardLog:
     """A shard's manifest (kept, a killed append's unfinished line cut) and error log (emptied: the latest run's
     errors), open until `close`; safe to call from several threads."""
 
-    def __init__(self, layout: OutputLayout, shard: str) -> None:
+    def __init__(self, layout: OutputPaths, shard: str) -> None:
         self._lock = threading.Lock()
         self._manifest = open_append(layout.manifest_path(shard), layout.root)
         _truncate_partial_line(self._manifest)
@@ -78,7 +78,7 @@ class ShardLog:
         self._errors.close()
 
 
-def recorded_failures(layout: OutputLayout, shard: str) -> dict[str, ErrorLine]:
+def recorded_failures(layout: OutputPaths, shard: str) -> dict[str, ErrorLine]:
     """The inputs a shard's error log lists as failed, by key (unreadable lines and lines without a key are
     ignored)."""
     failures: dict[str, ErrorLine] = {}

@@ -46,7 +46,7 @@ from mdsd3_cli.dataset.names import (
     shard_file,
     tar_name,
 )
-from mdsd3_cli.dataset.output_paths import OutputLayout
+from mdsd3_cli.dataset.output_paths import OutputPaths
 from mdsd3_cli.dataset.reader import manifest_entries
 from mdsd3_cli.dataset.run_record import OutputConflictError
 from mdsd3_cli.dataset.shard_log import ErrorLine, ShardLog, recorded_failures
@@ -83,7 +83,8 @@ def check_same_plan(out_dir: Path, shard: str, items: Sequence[PlannedSample], s
     samples. Records this shard's plan digest for the next run."""
     folder = Path(out_dir) / TARS_FOLDER
     count = shard_count(shard)
-    counts = {parsed[1] for path in folder.glob("*.tar") if (parsed := parse_tar_name(path.name))}
+    tars = [parsed for path in folder.glob("*.tar") if (parsed := parse_tar_name(path.name))]
+    counts = {tar_count for _, tar_count, _ in tars}
     advice = "rerun with the same inputs, --limit and shard count, or pass --overwrite"
     if counts - {count}:
         raise OutputConflictError(
@@ -103,7 +104,7 @@ def check_same_plan(out_dir: Path, shard: str, items: Sequence[PlannedSample], s
         ],
     }
     record = shard_file(out_dir, MANIFEST_FOLDER, shard, TARS_PLAN_SUFFIX)
-    if any(folder.glob(f"{shard}-*.tar")) and record.is_file():
+    if any(tar[:2] == parse_shard(shard) for tar in tars) and record.is_file():
         try:
             stored = json.loads(record.read_text(encoding="utf-8"))
         except ValueError:
@@ -165,7 +166,7 @@ def completed_tar_samples(
     """(key, folder) of every item whose group's tar is finished, and the recorded failed inputs of those groups
     (settled: not retried)."""
     groups = groups_of(items, samples_per_tar)
-    failures = recorded_failures(OutputLayout(out_dir), shard)
+    failures = recorded_failures(OutputPaths(out_dir), shard)
     done: set[Sample] = set()
     settled: dict[str, ErrorLine] = {}
     for index in finished_groups(out_dir, shard, items, samples_per_tar, extension, failures):
@@ -305,7 +306,7 @@ class WebDatasetLayoutWriter(LayoutWriter):
         workers: int = 2,
     ) -> None:
         super().__init__(workers, "mdsd3-tar")
-        self.layout = OutputLayout(out_dir, fmt)
+        self.layout = OutputPaths(out_dir, fmt)
         self.shard, self.fmt, self.quality, self.png_compress_level = shard, fmt, quality, png_compress_level
         self.extension = FORMAT_EXTENSIONS[fmt]
         self.written = self.errors = self.bytes_written = 0
