@@ -273,14 +273,14 @@ def open_writer(
     if to not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {to!r}; expected one of {list(EXPORT_FORMATS)}")
     target = ExportTarget(
-        destination,
-        plan.folders,
-        plan.classes,
-        plan.bytes_per_database,
-        plan.info,
-        plan.partial_note,
-        per_file,
-        one_lq,
+        destination=destination,
+        folders=plan.folders,
+        classes=plan.classes,
+        bytes_per_database=plan.bytes_per_database,
+        run_info=plan.info,
+        partial=plan.partial_note,
+        per_file=per_file,
+        one_lq=one_lq,
     )
     return EXPORT_FORMATS[to](target)
 
