@@ -74,8 +74,8 @@ def _quiet_libraries() -> None:
 def _clear_errors():
     """Known user errors (and a diverged training loss) become one red message and exit status 2. Every error type
     mdsd3 raises for bad input is a ValueError or an OSError, except the output-folder conflicts (imported from the
-    light `writer` module, so a command that needs no model does not load torch for this)."""
-    from mdsd3_cli.dataset.writer import OutputConflictError
+    light `run_record` module, so a command that needs no model does not load torch for this)."""
+    from mdsd3_cli.dataset.run_record import OutputConflictError
 
     try:
         yield
@@ -236,7 +236,7 @@ def _warn(message: str | None) -> None:
 
 
 def _check_generate(config: Path, overrides: list[str] | None) -> tuple[RunPlan, Table, list[str]]:
-    from mdsd3_cli.dataset.writer import OutputConflictError
+    from mdsd3_cli.dataset.run_record import OutputConflictError
     from mdsd3_cli.generate.plan import detect_shard
     from mdsd3_cli.generate.run import (
         check_output_writable,
@@ -458,11 +458,12 @@ def verify(
     Exit status: 0 no problem, 1 problems found (listed; an unfinished run or a --partial export is one), 2 not a
     dataset.
     """
+    from mdsd3_cli.dataset.names import is_generate_output
     from mdsd3_cli.dataset.verify import NotADatasetError, print_problems, verify_dataset
     from mdsd3_cli.export.check import export_format, verify_export
 
     try:
-        if not (dataset / "manifest").is_dir() and export_format(dataset) is not None:
+        if not is_generate_output(dataset) and export_format(dataset) is not None:
             report = verify_export(dataset)
         else:
             report = verify_dataset(dataset, workers, console=console)
@@ -707,7 +708,8 @@ def export(
     destination; an interrupted export may leave a `.DEST.<random>.partial` sibling (safe to delete). An unfinished
     run is refused unless --partial. Exit status: 0 done, 2 unusable input (docs/export.md).
     """
-    from mdsd3_cli.export.run import EXPORT_FORMATS, run_export
+    from mdsd3_cli.export.formats import EXPORT_FORMATS
+    from mdsd3_cli.export.run import run_export
     from mdsd3_cli.util.names import closest_name
 
     if to not in EXPORT_FORMATS:

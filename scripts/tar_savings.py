@@ -27,8 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdsd3_cli.export.sample import flat_key  # noqa: E402
-from mdsd3_cli.export.webdataset import MEMBER_MODE, MEMBER_MTIME, record_json  # noqa: E402
+from mdsd3_cli.dataset.tar_format import MEMBER_MODE, MEMBER_MTIME, flat_key, record_json  # noqa: E402
 from mdsd3_cli.generate.plan import ShardSpec  # noqa: E402
 from mdsd3_cli.generate.run import plan_run, run_generate  # noqa: E402
 from mdsd3_cli.recipe.generate import load_recipe  # noqa: E402

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from mdsd3_cli import DegradedPairs, Synthesizer
 from mdsd3_cli.cli import app
-from mdsd3_cli.dataset.manifest import manifest_files, parse_record
+from mdsd3_cli.dataset.manifest import parse_record
+from mdsd3_cli.dataset.reader import manifest_files
 from mdsd3_cli.dataset.stored_images import record_image
 from mdsd3_cli.recipe.generate import RecipeError, load_recipe
 

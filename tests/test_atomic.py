@@ -10,7 +10,8 @@ import stat
 import numpy as np
 import pytest
 
-from mdsd3_cli.dataset.writer import DatasetWriter, write_run_json
+from mdsd3_cli.dataset.folders_writer import FoldersWriter
+from mdsd3_cli.dataset.run_record import write_run_json
 from mdsd3_cli.util.atomic import (
     AtomicFile,
     UnsafeOutputError,
@@ -46,7 +47,7 @@ def test_images_never_write_through_planted_links(tmp_path, victim, kind, where)
     out = tmp_path / "O"
     final = out / "clean" / "astronaut.png"
     plant(kind, final.with_name(".astronaut.png.tmp") if where == "old temp name" else final, victim)
-    with DatasetWriter(out, "shard-00000-of-00001") as writer:
+    with FoldersWriter(out, "shard-00000-of-00001") as writer:
         writer.submit({"key": "astronaut", "folder": "rain"}, PIXELS, PIXELS)
     assert victim.read_bytes() == b"X\n"
     assert not final.is_symlink() and final.stat().st_nlink == 1 and final.read_bytes().startswith(b"\x89PNG")
@@ -58,7 +59,7 @@ def test_appends_refuse_links(tmp_path, victim, kind, name):
     out = tmp_path / "O"
     plant(kind, out / name / "shard-00000-of-00001.jsonl", victim)
     with pytest.raises(UnsafeOutputError, match="shard-00000-of-00001.jsonl"):
-        DatasetWriter(out, "shard-00000-of-00001")
+        FoldersWriter(out, "shard-00000-of-00001")
     assert victim.read_bytes() == b"X\n"
 
 

@@ -18,11 +18,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
+from mdsd3_cli.dataset.tar_format import flat_key
 from mdsd3_cli.export import basicsr_lmdb
 from mdsd3_cli.export import parquet as parquet_format
 from mdsd3_cli.export import webdataset as webdataset_format
 from mdsd3_cli.export.run import ExportError, run_export
-from mdsd3_cli.export.sample import flat_key
 
 from .tiny_datasets import FOLDERS, copy_dataset, generate, write_recipe
 

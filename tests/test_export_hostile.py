@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.ownership import shard_lock
+from mdsd3_cli.dataset.tar_format import flat_key
 from mdsd3_cli.export import webdataset as webdataset_format
 from mdsd3_cli.export.parquet import PARTIAL_METADATA_KEY
 from mdsd3_cli.export.run import ExportError, run_export
-from mdsd3_cli.export.sample import flat_key
 from mdsd3_cli.export.staging import (
     PARTIAL_FILE,
     DestinationBusyError,

@@ -20,8 +20,8 @@ from skimage import data
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
+from mdsd3_cli.dataset.run_record import OutputConflictError
 from mdsd3_cli.dataset.verify import verify_dataset
-from mdsd3_cli.dataset.writer import OutputConflictError
 from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.model.sampler import MDSD3Sampler

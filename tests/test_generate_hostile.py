@@ -21,9 +21,10 @@ import yaml
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
+from mdsd3_cli.dataset.folders_writer import FoldersWriter
 from mdsd3_cli.dataset.manifest import run_folders
 from mdsd3_cli.dataset.ownership import clear_outputs, sharding_lock
-from mdsd3_cli.dataset.writer import DatasetWriter, write_run_json
+from mdsd3_cli.dataset.run_record import write_run_json
 from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.recipe.generate import MAX_SAMPLES_PER_INPUT, load_recipe
@@ -153,7 +154,7 @@ def test_a_users_run_json_does_not_make_the_folder_mdsd3s(tiny_photos, tmp_path)
 
 def test_overwrite_removes_only_what_mdsd3_wrote_and_recorded(tmp_path):
     out = tmp_path / "O"
-    with DatasetWriter(out, "shard-00000-of-00001") as writer:
+    with FoldersWriter(out, "shard-00000-of-00001") as writer:
         writer.submit({"key": "a", "folder": "rain"}, *[np.zeros((16, 16, 3), np.uint8)] * 2)
     write_run_json(out, {"identity": {}})
     with open(out / "manifest" / "shard-00000-of-00001.jsonl", "a") as manifest:  # a line naming a user's file

@@ -158,11 +158,11 @@ import resource, signal
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 import numpy as np
-from mdsd3_cli.dataset.writer import DatasetWriter
+from mdsd3_cli.dataset.folders_writer import FoldersWriter
 from mdsd3_cli.util.atomic import atomic_write
 pixels = np.full((16, 16, 3), 7, dtype=np.uint8)
 try:
-    with DatasetWriter({str(tmp_path / "out")!r}, "shard-00000-of-00001") as writer:
+    with FoldersWriter({str(tmp_path / "out")!r}, "shard-00000-of-00001") as writer:
         writer.submit({{"key": "a", "folder": "rain", "prompt": "x" * 3000}}, pixels, pixels)
 except OSError as error:
     print(error)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mdsd3_cli.dataset.folders_writer import FoldersWriter
 from mdsd3_cli.dataset.ownership import ShardBusyError, claim_output, clear_outputs, shard_lock
-from mdsd3_cli.dataset.writer import DatasetWriter, OutputConflictError, check_run_compatible, write_run_json
+from mdsd3_cli.dataset.run_record import OutputConflictError, check_run_compatible, write_run_json
 from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import describe_plan, free_space_warning, plan_run
 from mdsd3_cli.recipe.generate import load_recipe
@@ -53,7 +54,7 @@ def test_empty_and_own_folders_are_claimed(tmp_path):
 
 def test_overwrite_removes_only_recorded_files(tmp_path):
     out = tmp_path / "O"
-    with DatasetWriter(out, "shard-00000-of-00001") as writer:
+    with FoldersWriter(out, "shard-00000-of-00001") as writer:
         writer.submit({"key": "a", "folder": "rain"}, PIXELS, PIXELS)
         writer.record_error("b", "/in/b.jpg", "empty file")
     write_run_json(out, {"identity": {}})

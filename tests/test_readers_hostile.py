@@ -25,8 +25,9 @@ from skimage import data
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
-from mdsd3_cli.dataset.manifest import MAX_LINE_BYTES, ManifestLineError, manifest_lines, parse_record
+from mdsd3_cli.dataset.manifest import MAX_LINE_BYTES, ManifestLineError, parse_record
 from mdsd3_cli.dataset.preview import contact_sheet
+from mdsd3_cli.dataset.reader import manifest_lines
 from mdsd3_cli.dataset.stored_images import ImageRef
 from mdsd3_cli.dataset.verify import verify_dataset
 from mdsd3_cli.evaluate import EvaluateError, evaluate_dataset
@@ -306,9 +307,10 @@ def test_an_overlong_manifest_line_is_refused_without_being_held(tmp_path: Path)
     path = tmp_path / "m.jsonl"
     path.write_bytes(b'{"key": "' + b"x" * (3 * MAX_LINE_BYTES) + b'"}\n{"key": 1}\n')
     lines = list(manifest_lines(path))
-    assert [number for number, _ in lines] == [1, 2] and len(lines[0][1]) == MAX_LINE_BYTES + 1
+    assert [number for number, _, _ in lines] == [1, 2] and len(lines[0][2]) == MAX_LINE_BYTES + 1
+    assert [offset for _, offset, _ in lines] == [0, path.read_bytes().index(b"\n") + 1]  # past the whole long line
     with pytest.raises(ManifestLineError, match="longer than"):
-        parse_record(lines[0][1])
+        parse_record(lines[0][2])
 
 
 # ------------------------------------------------------------------ evaluate: sizes and decoding (medium items)

@@ -19,11 +19,10 @@ import pytest
 import webdataset as wds
 
 from mdsd3_cli.dataset.preview import contact_sheet
+from mdsd3_cli.dataset.run_record import OutputConflictError
+from mdsd3_cli.dataset.tar_format import flat_key, record_json
 from mdsd3_cli.dataset.verify import verify_dataset
-from mdsd3_cli.dataset.writer import OutputConflictError
 from mdsd3_cli.export.run import run_export
-from mdsd3_cli.export.sample import flat_key
-from mdsd3_cli.export.webdataset import record_json
 from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.recipe.generate import load_recipe

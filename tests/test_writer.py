@@ -18,17 +18,11 @@ import pytest
 from PIL import Image, JpegImagePlugin
 from skimage import data
 
-from mdsd3_cli.dataset import writer as writer_module
-from mdsd3_cli.dataset.writer import (
-    DatasetWriter,
-    OutputConflictError,
-    OutputLayout,
-    OutputPathError,
-    check_run_compatible,
-    completed_samples,
-    encode_image,
-    write_run_json,
-)
+from mdsd3_cli.dataset import folders_writer as writer_module
+from mdsd3_cli.dataset.encoding import encode_image
+from mdsd3_cli.dataset.folders_writer import FoldersWriter, completed_samples
+from mdsd3_cli.dataset.output_paths import OutputPathError, OutputPaths
+from mdsd3_cli.dataset.run_record import OutputConflictError, check_run_compatible, write_run_json
 
 ASTRONAUT = data.astronaut()
 
@@ -57,7 +51,7 @@ def decode(path: Path) -> np.ndarray:
 
 
 def test_layout_paths(tmp_path: Path) -> None:
-    layout = OutputLayout(tmp_path / "out", "jpeg")
+    layout = OutputPaths(tmp_path / "out", "jpeg")
     root = (tmp_path / "out").resolve()
     assert layout.clean_path("div2k/0001") == root / "clean" / "div2k" / "0001.jpg"
     assert layout.degraded_path("rain", "div2k/0001") == root / "degraded" / "rain" / "div2k" / "0001.jpg"
@@ -69,7 +63,7 @@ def test_layout_paths(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", ["../escape", "/etc/passwd", "a//b", "a/../../b", "", "line\nbreak"])
 def test_layout_rejects_unsafe_keys(tmp_path: Path, key: str) -> None:
-    layout = OutputLayout(tmp_path)
+    layout = OutputPaths(tmp_path)
     with pytest.raises(OutputPathError):
         layout.clean_path(key)
     with pytest.raises(OutputPathError):
@@ -78,7 +72,7 @@ def test_layout_rejects_unsafe_keys(tmp_path: Path, key: str) -> None:
 
 @pytest.mark.parametrize("name", ["../up", "a/b", "", ".."])
 def test_layout_rejects_unsafe_folder_and_shard_names(tmp_path: Path, name: str) -> None:
-    layout = OutputLayout(tmp_path)
+    layout = OutputPaths(tmp_path)
     with pytest.raises(OutputPathError):
         layout.degraded_path(name, "key")
     with pytest.raises(OutputPathError):
@@ -91,7 +85,7 @@ def test_layout_rejects_symlinked_folders_pointing_outside(tmp_path: Path) -> No
     (tmp_path / "out" / "clean").mkdir(parents=True)
     (tmp_path / "out" / "clean" / "evil").symlink_to(outside)
     (tmp_path / "out" / "degraded").symlink_to(outside)
-    layout = OutputLayout(tmp_path / "out")
+    layout = OutputPaths(tmp_path / "out")
     with pytest.raises(OutputPathError, match="outside the output folder"):
         layout.clean_path("evil/x")
     with pytest.raises(OutputPathError):
@@ -146,7 +140,7 @@ def test_samples_share_one_clean_image_and_get_manifest_lines(tmp_path: Path, mo
     encoded: list[int] = []
     real_encode = writer_module.encode_image
     monkeypatch.setattr(writer_module, "encode_image", lambda pixels, *a: encoded.append(1) or real_encode(pixels, *a))
-    with DatasetWriter(tmp_path, "0of1", workers=3) as writer:
+    with FoldersWriter(tmp_path, "0of1", workers=3) as writer:
         for folder in ("rain", "haze", "snow"):
             for index, key in enumerate(("div2k/0001", "div2k/0002")):
                 clean, degraded = sample_pixels(index)
@@ -184,7 +178,7 @@ def test_samples_share_one_clean_image_and_get_manifest_lines(tmp_path: Path, mo
 
 def test_resumed_key_replaces_temp_files_left_by_a_killed_run(tmp_path: Path) -> None:
     clean, degraded = sample_pixels(0)
-    with DatasetWriter(tmp_path, "0of1") as writer:
+    with FoldersWriter(tmp_path, "0of1") as writer:
         writer.submit({"key": "a", "folder": "rain"}, clean, degraded)
     clean_bytes = (tmp_path / "clean" / "a.png").read_bytes()
     (tmp_path / "clean" / ".a.png.tmp").write_bytes(b"half a png")  # killed while rewriting the clean image
@@ -192,14 +186,14 @@ def test_resumed_key_replaces_temp_files_left_by_a_killed_run(tmp_path: Path) ->
     (tmp_path / "degraded" / "haze" / ".a.png.tmp").write_bytes(b"half a png")
 
     assert completed_samples(tmp_path) == {("a", "rain")}
-    with DatasetWriter(tmp_path, "0of1") as writer:
+    with FoldersWriter(tmp_path, "0of1") as writer:
         writer.submit({"key": "a", "folder": "haze"}, clean, degraded)
     assert temp_files(tmp_path) == [] and (tmp_path / "clean" / "a.png").read_bytes() == clean_bytes
     assert completed_samples(tmp_path) == {("a", "rain"), ("a", "haze")}
 
 
 def test_many_concurrent_submits_write_every_line_once(tmp_path: Path) -> None:
-    with DatasetWriter(tmp_path, "7of8", workers=4) as writer:
+    with FoldersWriter(tmp_path, "7of8", workers=4) as writer:
         for index in range(120):
             clean, degraded = sample_pixels(index)
             writer.submit({"key": f"k{index // 3:03d}", "folder": f"v{index % 3}"}, clean, degraded)
@@ -219,7 +213,7 @@ def test_failed_encoding_leaves_no_final_file_and_no_manifest_line(tmp_path: Pat
 
     monkeypatch.setattr(writer_module, "encode_image", encode_failing_on_degraded)
     clean, degraded = sample_pixels(0)
-    writer = DatasetWriter(tmp_path, "0of1")
+    writer = FoldersWriter(tmp_path, "0of1")
     writer.submit({"key": "a", "folder": "rain"}, clean, degraded)
     with pytest.raises(RuntimeError, match="encoder crashed") as caught:
         writer.close()
@@ -229,7 +223,7 @@ def test_failed_encoding_leaves_no_final_file_and_no_manifest_line(tmp_path: Pat
 
     monkeypatch.setattr(writer_module, "encode_image", real_encode)
     assert completed_samples(tmp_path) == set()
-    with DatasetWriter(tmp_path, "0of1") as writer:
+    with FoldersWriter(tmp_path, "0of1") as writer:
         writer.submit({"key": "a", "folder": "rain"}, clean, degraded)
     assert [r["key"] for r in manifest_records(tmp_path)] == ["a"] and temp_files(tmp_path) == []
 
@@ -240,7 +234,7 @@ def test_failed_disk_write_keeps_final_names_absent(tmp_path: Path, monkeypatch)
 
     monkeypatch.setattr(os, "fsync", full_disk)
     clean, degraded = sample_pixels(0)
-    with pytest.raises(OSError, match="the disk is full"), DatasetWriter(tmp_path, "0of1") as writer:
+    with pytest.raises(OSError, match="the disk is full"), FoldersWriter(tmp_path, "0of1") as writer:
         writer.submit({"key": "a", "folder": "rain"}, clean, degraded)
     assert list((tmp_path / "clean").iterdir()) == [] and temp_files(tmp_path) == []
 
@@ -248,7 +242,7 @@ def test_failed_disk_write_keeps_final_names_absent(tmp_path: Path, monkeypatch)
 def test_worker_failure_stops_further_submits(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(writer_module, "encode_image", lambda *args: 1 / 0)
     clean, degraded = sample_pixels(0)
-    with pytest.raises(ZeroDivisionError), DatasetWriter(tmp_path, "0of1") as writer:
+    with pytest.raises(ZeroDivisionError), FoldersWriter(tmp_path, "0of1") as writer:
         writer.submit({"key": "a", "folder": "rain"}, clean, degraded)
         writer.drain()
     with pytest.raises(ZeroDivisionError):
@@ -257,7 +251,7 @@ def test_worker_failure_stops_further_submits(tmp_path: Path, monkeypatch) -> No
 
 def test_bad_records_fail_in_the_caller(tmp_path: Path) -> None:
     clean, degraded = sample_pixels(0)
-    with DatasetWriter(tmp_path, "0of1") as writer:
+    with FoldersWriter(tmp_path, "0of1") as writer:
         with pytest.raises(TypeError):
             writer.submit({"key": "a", "folder": "rain", "ratio": np.float32(0.5)}, clean, degraded)
         with pytest.raises(ValueError):
@@ -275,7 +269,7 @@ def test_backpressure_bounds_samples_in_flight(tmp_path: Path, monkeypatch) -> N
     monkeypatch.setattr(writer_module, "encode_image", lambda *a: release.wait() and real_encode(*a))
     submitted: list[int] = []
     clean, degraded = sample_pixels(0)
-    with DatasetWriter(tmp_path, "0of1", workers=1) as writer:
+    with FoldersWriter(tmp_path, "0of1", workers=1) as writer:
 
         def producer() -> None:
             for index in range(10):
@@ -295,7 +289,7 @@ def test_backpressure_bounds_samples_in_flight(tmp_path: Path, monkeypatch) -> N
 
 def test_two_shards_write_into_one_folder(tmp_path: Path) -> None:
     def run_shard(shard: str, keys: range) -> None:
-        with DatasetWriter(tmp_path, shard) as writer:
+        with FoldersWriter(tmp_path, shard) as writer:
             for index in keys:
                 clean, degraded = sample_pixels(index)
                 writer.submit({"key": f"k{index:02d}", "folder": "rain"}, clean, degraded)
@@ -325,23 +319,23 @@ def test_partial_manifest_line_is_cut_on_open(tmp_path: Path) -> None:
     manifest.parent.mkdir()
     good = b'{"clean":"clean/a.png","degraded":"degraded/r/a.png","folder":"r","key":"a"}\n'
     manifest.write_bytes(good * 2 + b'{"clean":"clean/b.png","deg')
-    DatasetWriter(tmp_path, "0of1").close()
+    FoldersWriter(tmp_path, "0of1").close()
     assert manifest.read_bytes() == good * 2
 
     manifest.write_bytes(good + b"x" * 200_000)  # partial line longer than one read-back chunk
-    DatasetWriter(tmp_path, "0of1").close()
+    FoldersWriter(tmp_path, "0of1").close()
     assert manifest.read_bytes() == good
 
     manifest.write_bytes(b'{"key":')
-    DatasetWriter(tmp_path, "0of1").close()
+    FoldersWriter(tmp_path, "0of1").close()
     assert manifest.read_bytes() == b""
 
 
 def test_completed_needs_both_files_and_skips_corrupt_lines(tmp_path: Path) -> None:
-    with DatasetWriter(tmp_path, "0of2") as writer:
+    with FoldersWriter(tmp_path, "0of2") as writer:
         for key in ("a", "b", "c"):
             writer.submit({"key": key, "folder": "rain"}, *sample_pixels(0))
-    with DatasetWriter(tmp_path, "1of2") as writer:
+    with FoldersWriter(tmp_path, "1of2") as writer:
         writer.submit({"key": "d", "folder": "haze"}, *sample_pixels(1))
     (tmp_path / "degraded" / "rain" / "b.png").unlink()
     (tmp_path / "clean" / "c.png").unlink()
@@ -352,9 +346,9 @@ def test_completed_needs_both_files_and_skips_corrupt_lines(tmp_path: Path) -> N
 
 
 def test_errors_file_describes_the_latest_run(tmp_path: Path) -> None:
-    with DatasetWriter(tmp_path, "0of1") as writer:
+    with FoldersWriter(tmp_path, "0of1") as writer:
         writer.record_error("old", "/in/old.jpg", "empty file")
-    with DatasetWriter(tmp_path, "0of1") as writer:
+    with FoldersWriter(tmp_path, "0of1") as writer:
         writer.record_error("bad", "/in/bad.jpg", "truncated or corrupt image: broken data stream")
         writer.record_error(None, "/in/x/*.jpg", "pattern matches no image files")
     assert writer.errors == 2
@@ -368,9 +362,9 @@ def test_errors_file_describes_the_latest_run(tmp_path: Path) -> None:
 KILLED_RUN = """
 import sys
 from skimage import data
-from mdsd3_cli.dataset.writer import DatasetWriter
+from mdsd3_cli.dataset.folders_writer import FoldersWriter
 astronaut = data.astronaut()
-with DatasetWriter(sys.argv[1], "0of1", workers=2) as writer:
+with FoldersWriter(sys.argv[1], "0of1", workers=2) as writer:
     for index in range(int(sys.argv[2])):
         clean = astronaut[index % 256 : index % 256 + 64, :64].copy()
         writer.submit({"key": f"k{index:04d}", "folder": "rain"}, clean, 255 - clean)
@@ -395,7 +389,7 @@ def test_killed_run_resumes_to_the_same_files_and_lines(tmp_path: Path) -> None:
         decode(image_path)
     done = completed_samples(out)
     assert 0 < len(done) < 2 * total
-    with DatasetWriter(out, "0of1") as writer:
+    with FoldersWriter(out, "0of1") as writer:
         for index in range(total):
             clean, degraded = sample_pixels(index)
             for folder in ("rain", "haze"):

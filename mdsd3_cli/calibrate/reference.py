@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from mdsd3_cli.dataset.names import CLEAN_FOLDER, DEGRADED_FOLDER, is_generate_output
 from mdsd3_cli.evaluate import CLASS_ESTIMATORS, EvaluateError, Problem, evaluate_dataset
 
 
@@ -57,14 +58,16 @@ def _class_folders(
     names = {folder.name for folder in folders}
     found.problems += [
         Problem(str(entry), "not a class folder of the recipe; left out")
-        for entry in sorted((path / "degraded").iterdir())
+        for entry in sorted((path / DEGRADED_FOLDER).iterdir())
         if entry.name not in names
     ]
     for name in classes:
         if name not in names:
-            found.absent[name] = f"no folder degraded/{name}/ in the reference"
+            found.absent[name] = f"no folder {DEGRADED_FOLDER}/{name}/ in the reference"
             continue
-        report = evaluate_dataset(pairs=(path / "clean", path / "degraded" / name), workers=workers, console=console)
+        report = evaluate_dataset(
+            pairs=(path / CLEAN_FOLDER, path / DEGRADED_FOLDER / name), workers=workers, console=console
+        )
         found.problems += report.problems
         found.strengths[name] = _finite(report.tables[report.summary["label"]].column(name))
     return found
@@ -93,17 +96,17 @@ def _measure(
     path: Path, classes: list[str], known: list[str], named: bool, workers: int | None, console: Console | None
 ) -> ReferenceStrengths:
     """`measure_reference` for the classes with an estimator, by the reference's layout."""
-    if (path / "manifest").is_dir():
+    if is_generate_output(path):
         return _single_class(path, classes, workers, console)
-    degraded = path / "degraded"
+    clean, degraded = path / CLEAN_FOLDER, path / DEGRADED_FOLDER
     folders = (
         sorted(entry for entry in degraded.iterdir() if entry.is_dir() and entry.name in known)
-        if (path / "clean").is_dir() and degraded.is_dir()
+        if clean.is_dir() and degraded.is_dir()
         else []
     )
     if folders:
         return _class_folders(path, folders, classes, workers, console)
-    if not named and (path / "clean").is_dir() and degraded.is_dir():
+    if not named and clean.is_dir() and degraded.is_dir():
         raise EvaluateError(
             f"{path}: clean/ + degraded/ holds one set of pairs with no class folders "
             "(degraded/<class>/); name the class(es) it shows with --classes, e.g. --classes haze"

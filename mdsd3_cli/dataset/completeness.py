@@ -12,20 +12,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mdsd3_cli.dataset.manifest import open_regular
-from mdsd3_cli.dataset.ownership import LOCKS, locked_by_another
-from mdsd3_cli.dataset.writer import own_logs
+from mdsd3_cli.dataset.names import (
+    FINISHED_SUFFIX,
+    LOCK_SUFFIX,
+    LOCKS_FOLDER,
+    MANIFEST_FOLDER,
+    MANIFEST_SUFFIX,
+    PLAN_SUFFIX,
+    own_logs,
+    parse_shard,
+    shard_file,
+    shard_name,
+)
+from mdsd3_cli.dataset.ownership import locked_by_another
 from mdsd3_cli.util.atomic import atomic_write
 
-PLAN_SUFFIX = ".plan.json"
-FINISHED_SUFFIX = ".finished.json"
-_SHARD_NAME = re.compile(r"shard-(\d{5})-of-(\d{5})")
 _MAX_RECORD_BYTES = 16 << 20
 """Largest plan or finished marker read (a marker lists the failed inputs' keys)."""
 
@@ -64,7 +71,12 @@ def plan_fingerprint(keys: Iterable[str], folders: Sequence[str]) -> str:
 
 
 def _record_path(root: Path, shard: str, suffix: str) -> Path:
-    return Path(root) / "manifest" / f"{shard}{suffix}"
+    return shard_file(root, MANIFEST_FOLDER, shard, suffix)
+
+
+def _shard_of(path: Path, suffix: str) -> tuple[int, int]:
+    """(index, count) of an `own_logs` file."""
+    return parse_shard(path.name[: -len(suffix)])
 
 
 def _write(root: Path, path: Path, payload: Mapping[str, Any]) -> None:
@@ -74,11 +86,12 @@ def _write(root: Path, path: Path, payload: Mapping[str, Any]) -> None:
 def begin_shard(root: Path, plan: ShardPlan) -> None:
     """A shard starts (its shard and sharding locks held): drop its finished marker and every other shard count's
     plans and markers, then record its plan."""
-    count = _SHARD_NAME.fullmatch(plan.shard).group(2)
+    count = parse_shard(plan.shard)[1]
     _record_path(root, plan.shard, FINISHED_SUFFIX).unlink(missing_ok=True)
-    for path in [*own_logs(root, "manifest", PLAN_SUFFIX), *own_logs(root, "manifest", FINISHED_SUFFIX)]:
-        if _SHARD_NAME.match(path.name).group(2) != count:
-            path.unlink(missing_ok=True)
+    for suffix in (PLAN_SUFFIX, FINISHED_SUFFIX):
+        for path in own_logs(root, MANIFEST_FOLDER, suffix):
+            if _shard_of(path, suffix)[1] != count:
+                path.unlink(missing_ok=True)
     _write(root, _record_path(root, plan.shard, PLAN_SUFFIX), plan.payload())
 
 
@@ -154,13 +167,14 @@ def _plan_of(payload: dict[str, Any] | None, shard: str) -> ShardPlan | None:
 def live_writers(root: Path) -> dict[str, str]:
     """Shard name -> PID (as its lock file says) of every shard lock under OUT/.locks a live process holds."""
     writers = {}
-    for path in sorted((Path(root) / LOCKS).glob("*.lock")):
-        if _SHARD_NAME.fullmatch(path.name[: -len(".lock")]) and locked_by_another(path):
+    for path in own_logs(root, LOCKS_FOLDER, LOCK_SUFFIX):
+        if locked_by_another(path):
+            shard = path.name[: -len(LOCK_SUFFIX)]
             try:
                 with open_regular(path) as file:
-                    writers[path.name[: -len(".lock")]] = file.read(32).decode("ascii", "replace").strip()
+                    writers[shard] = file.read(32).decode("ascii", "replace").strip()
             except OSError:
-                writers[path.name[: -len(".lock")]] = ""
+                writers[shard] = ""
     return writers
 
 
@@ -173,7 +187,7 @@ def completeness(root: Path, recorded: Mapping[str, int], listed: int) -> Comple
     distinct samples per shard manifest (by shard name), and `listed`: distinct samples of all manifests (fewer
     than the finished shards planned, less their failed inputs', means records were lost)."""
     root = Path(root)
-    names = [tuple(map(int, _SHARD_NAME.match(path.name).groups())) for path in own_logs(root, "manifest", PLAN_SUFFIX)]
+    names = [_shard_of(path, PLAN_SUFFIX) for path in own_logs(root, MANIFEST_FOLDER, PLAN_SUFFIX)]
     counts = sorted({count for index, count in names if index < count})
     writers = live_writers(root)
     if not counts:
@@ -187,7 +201,7 @@ def completeness(root: Path, recorded: Mapping[str, int], listed: int) -> Comple
     whole: set[int] = set()
     expected = 0
     for index in range(count):
-        name = f"shard-{index:05d}-of-{count:05d}"
+        name = shard_name(index, count)
         state = ShardState(name, recorded=recorded.get(name, 0), writer=writers.pop(name, None))
         plan = _plan_of(_read_json(_record_path(root, name, PLAN_SUFFIX)), name)
         if plan is not None:
@@ -218,8 +232,8 @@ def _legacy_missing_shards(root: Path) -> list[str]:
     """An output without plans: a note when no shard count has every shard's manifest (every shard writes one
     when it starts)."""
     present: dict[int, set[int]] = {}
-    for path in own_logs(root, "manifest", ".jsonl"):
-        index, count = map(int, _SHARD_NAME.match(path.name).groups())
+    for path in own_logs(root, MANIFEST_FOLDER, MANIFEST_SUFFIX):
+        index, count = _shard_of(path, MANIFEST_SUFFIX)
         if index < count:
             present.setdefault(count, set()).add(index)
     if not present or any(len(indices) == count for count, indices in present.items()):

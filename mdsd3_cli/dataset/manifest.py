@@ -6,11 +6,11 @@ import json
 import math
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mdsd3_cli.recipe.file import MAX_REPEATS, MAX_SAMPLES_PER_INPUT
+from mdsd3_cli.dataset.names import RUN_JSON
+from mdsd3_cli.recipe.file import MAX_REPEATS, MAX_SAMPLES_PER_INPUT, variant_folder
 from mdsd3_cli.util.images import unsafe_key_reason
 from mdsd3_cli.util.safe_names import safe_component
 
@@ -21,11 +21,8 @@ MEMBER_FIELDS = {"clean": "clean_member", "degraded": "degraded_member", "json":
 """Webdataset layout: the sample's tar (`tar`, relative to the dataset) and its member names, by role."""
 MAX_LINE_BYTES = 1 << 20
 """Longest manifest line read (a record is well under 4 KiB); a longer one is a damaged line, never held whole."""
-RUN_JSON = "run.json"
-"""A run's record of itself, beside manifest/ (dataset/writer.py writes it)."""
 MAX_RUN_JSON_BYTES = 64 << 20
 """Largest run.json read (a resolved recipe is a few KiB)."""
-"""Most variant folders (variants x repeats) a run.json may list; more means a damaged file."""
 
 
 class ManifestLineError(ValueError):
@@ -105,24 +102,6 @@ def record_ratios(record: dict[str, Any], required: bool = True) -> dict[str, fl
     return converted
 
 
-def manifest_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, line) of one manifest; a line over MAX_LINE_BYTES is cut to MAX_LINE_BYTES + 1 bytes (which
-    `parse_record` refuses) and the rest of it skipped, so memory stays bounded whatever the file holds."""
-    with open_regular(path) as handle:
-        number = 0
-        while line := handle.readline(MAX_LINE_BYTES + 1):
-            number += 1
-            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
-                while (rest := handle.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                    pass
-            yield number, line
-
-
-def manifest_files(root: Path) -> list[Path]:
-    """Every shard's manifest, in name order: regular files only (a link, folder or pipe there is never read)."""
-    return sorted(path for path in Path(root).glob("manifest/*.jsonl") if stat.S_ISREG(path.lstat().st_mode))
-
-
 def open_regular(path: Path) -> BinaryIO:
     """`path` open for reading when it is a regular file (a pipe or device is refused, never waited on): OSError
     naming the path otherwise."""
@@ -174,6 +153,4 @@ def run_folders(info: dict[str, Any]) -> list[str]:
             f"recipe.variants: more than {MAX_SAMPLES_PER_INPUT:,} variant folders, more than a "
             "recipe may ask for (a damaged run.json?)"
         )
-    return [
-        name if repeats == 1 else f"{name}_r{repeat}" for name, repeats in named for repeat in range(1, repeats + 1)
-    ]
+    return [variant_folder(name, repeat, repeats) for name, repeats in named for repeat in range(1, repeats + 1)]

@@ -12,18 +12,32 @@ import re
 import stat
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from mdsd3_cli.dataset.writer import (
+from mdsd3_cli.dataset.encoding import FORMAT_EXTENSIONS
+from mdsd3_cli.dataset.manifest import FILE_FIELDS, TAR_FIELD
+from mdsd3_cli.dataset.names import (
+    CLEAN_FOLDER,
+    DEGRADED_FOLDER,
+    ERRORS_FOLDER,
+    ERRORS_SUFFIX,
+    LOCK_SUFFIX,
+    LOCKS_FOLDER,
+    MANIFEST_FOLDER,
+    MANIFEST_SUFFIX,
     RUN_JSON,
-    RUN_SCHEMA,
-    RUN_TOOL,
-    OutputConflictError,
-    manifest_listed_files,
+    SHARD_LOG_SUFFIXES,
+    TARS_FOLDER,
+    TARS_PLAN_SUFFIX,
     own_logs,
+    parse_tar_name,
 )
+from mdsd3_cli.dataset.reader import manifest_entries
+from mdsd3_cli.dataset.run_record import RUN_SCHEMA, RUN_TOOL, OutputConflictError
 from mdsd3_cli.util.atomic import leftover_temps, open_append
+from mdsd3_cli.util.images import unsafe_key_reason
+from mdsd3_cli.util.safe_names import safe_component
 
-LOCKS = ".locks"
 _OWN_TRANSIENT_PREFIXES = (f".{RUN_JSON}.", ".mdsd3-write-test-")
 """Names mdsd3 itself creates for a moment in OUT before run.json exists (ignored when deciding "empty")."""
 
@@ -75,7 +89,7 @@ def foreign_output_reason(out: Path) -> str | None:
     others = sorted(
         entry.name
         for entry in out.iterdir()
-        if entry.name != LOCKS and not entry.name.startswith(_OWN_TRANSIENT_PREFIXES)
+        if entry.name != LOCKS_FOLDER and not entry.name.startswith(_OWN_TRANSIENT_PREFIXES)
     )
     if not others:
         return None
@@ -104,7 +118,7 @@ class OutputLock:
     """
 
     def __init__(self, out: Path, name: str, what: str) -> None:
-        self.path = Path(out) / LOCKS / f"{name}.lock"
+        self.path = Path(out) / LOCKS_FOLDER / f"{name}{LOCK_SUFFIX}"
         self.root = Path(out)
         self.what = what
         self._file = None
@@ -154,7 +168,7 @@ class ShardingLock:
 
     def __init__(self, out: Path, count: int) -> None:
         self.root, self.count = Path(out), count
-        self.path = self.root / LOCKS / _SHARDING_LOCK.format(count=count)
+        self.path = self.root / LOCKS_FOLDER / _SHARDING_LOCK.format(count=count)
         self._file = None
 
     def __enter__(self) -> ShardingLock:
@@ -211,12 +225,8 @@ def clear_outputs(out: Path) -> int:
     removed = 0
     listed = manifest_listed_files(root)
     logs = [
-        *(
-            path
-            for suffix in (".jsonl", ".tars.json", ".plan.json", ".finished.json")
-            for path in own_logs(root, "manifest", suffix)
-        ),
-        *own_logs(root, "errors", ".jsonl"),
+        *(path for suffix in SHARD_LOG_SUFFIXES for path in own_logs(root, MANIFEST_FOLDER, suffix)),
+        *own_logs(root, ERRORS_FOLDER, ERRORS_SUFFIX),
     ]
     for path in [*listed, *leftover_temps(listed), *logs, root / RUN_JSON]:
         if os.path.lexists(path) and not path.is_dir():
@@ -237,3 +247,53 @@ def clear_outputs(out: Path) -> int:
         except OSError:
             pass
     return removed
+
+
+LISTED_FILE_FIELDS = (*FILE_FIELDS, TAR_FIELD)
+"""Manifest fields naming files in OUT (images of the folders layout, the tar of the webdataset layout)."""
+
+
+def _recorded_shape(relative: str) -> bool:
+    """Whether `relative` has the shape of a file mdsd3 writes: clean/<key>.<ext>, degraded/<folder>/<key>.<ext>
+    or tars/<shard>-<n>.tar."""
+    parts = relative.split("/")
+    if parts[0] == TARS_FOLDER:
+        return len(parts) == 2 and parse_tar_name(parts[1]) is not None
+    if parts[-1].rpartition(".")[2] not in FORMAT_EXTENSIONS.values():
+        return False
+    if parts[0] == DEGRADED_FOLDER and len(parts) >= 3:
+        try:
+            safe_component(parts[1], "variant folder")
+        except ValueError:
+            return False
+        return True
+    return parts[0] == CLEAN_FOLDER and len(parts) >= 2
+
+
+def manifest_listed_files(out_dir: str | Path) -> list[Path]:
+    """The files the manifest lines name (what mdsd3 recorded writing), and those a shard's plan file
+    (`manifest/<shard>.tars.json`) lists under "files" (its planned tars), each checked to be a safe relative path
+    of a shape mdsd3 writes whose folder lies inside the output folder; sorted, without duplicates."""
+    root = Path(out_dir).resolve()
+    listed: set[Path] = set()
+
+    def add(names: list[Any]) -> None:
+        for relative in (name for name in names if isinstance(name, str)):
+            path = root / relative
+            if (
+                unsafe_key_reason(relative) is None
+                and _recorded_shape(relative)
+                and path.parent.resolve().is_relative_to(root)
+            ):
+                listed.add(path)
+
+    # a line mdsd3 cannot read as its own record names nothing to delete
+    for entry in manifest_entries(root, own_logs(root, MANIFEST_FOLDER, MANIFEST_SUFFIX)):
+        add([entry.record.get(name) for name in LISTED_FILE_FIELDS])
+    for listing in own_logs(root, MANIFEST_FOLDER, TARS_PLAN_SUFFIX):
+        try:
+            files = json.loads(listing.read_text(encoding="utf-8")).get("files")
+        except (OSError, ValueError, AttributeError):
+            continue
+        add(files if isinstance(files, list) else [])
+    return sorted(listed)

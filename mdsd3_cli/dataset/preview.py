@@ -12,8 +12,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios
-from mdsd3_cli.dataset.stored_images import record_image
+from mdsd3_cli.dataset.manifest import ManifestLineError, record_ratios
+from mdsd3_cli.dataset.names import CLEAN_FOLDER
+from mdsd3_cli.dataset.reader import BadLine, ManifestEntry, manifest_entries
 from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.util.images import ImageError
 
@@ -24,29 +25,25 @@ MAX_COLUMNS = 64
 """Most variant folders shown (the sheet's memory stays bounded whatever the manifest names)."""
 
 
-def _checked(record: dict[str, Any]) -> dict[str, Any]:
-    """`record` with its ratios as finite floats; ManifestLineError when `ratios` or `size` is unusable."""
-    record = {**record, "ratios": record_ratios(record)}
+def _check(record: dict[str, Any]) -> None:
+    """ManifestLineError when a record's `ratios` or `size` is unusable."""
+    record_ratios(record)
     size = record.get("size")
     if size is not None and not (
         isinstance(size, list) and len(size) == 2 and all(isinstance(side, int) and side > 0 for side in size)
     ):
         raise ManifestLineError("'size' must be [width, height] in pixels")
-    return record
 
 
-def read_manifests(dataset: Path, problems: list[str] | None = None) -> list[dict]:
+def read_manifests(dataset: Path, problems: list[str] | None = None) -> list[ManifestEntry]:
     """All complete, well-formed manifest records of a generate output folder (either layout); each line left
     out is appended to `problems` as "FILE:LINE: reason"."""
-    records = []
-    for path in manifest_files(dataset):
-        for number, line in manifest_lines(path):
-            try:
-                records.append(_checked(parse_record(line)))
-            except ManifestLineError as error:
-                if problems is not None and line.strip():
-                    problems.append(f"{path}:{number}: {error}")
-    return records
+
+    def bad(line: BadLine) -> None:
+        if problems is not None and not line.blank:
+            problems.append(f"{line.where}: {line.reason}")
+
+    return list(manifest_entries(dataset, check=_check, bad=bad))
 
 
 def contact_sheet(
@@ -60,24 +57,24 @@ def contact_sheet(
     problems = [] if problems is None else problems
     if not dataset.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {dataset}")
-    records = read_manifests(dataset, problems)
-    if not records:
+    entries = read_manifests(dataset, problems)
+    if not entries:
         raise FileNotFoundError(
             f"{dataset} has no usable manifest records (is it an mdsd3 generate output folder?)"
             + (f"; e.g. {problems[0]}" if problems else "")
         )
-    by_key: dict[str, dict[str, dict]] = defaultdict(dict)
-    for record in records:
-        by_key[record["key"]][record["folder"]] = record
+    by_key: dict[str, dict[str, ManifestEntry]] = defaultdict(dict)
+    for entry in entries:
+        by_key[entry.record["key"]][entry.record["folder"]] = entry
     keys = sorted(by_key)
     keys = sorted(random.Random(seed).sample(keys, min(count, len(keys))))
     folders = sorted({folder for key in keys for folder in by_key[key]})
     if len(folders) > MAX_COLUMNS:
         problems.append(f"{dataset}: {len(folders)} variant folders; the first {MAX_COLUMNS} are shown")
         folders = folders[:MAX_COLUMNS]
-    largest = max(max(record.get("size") or [cell]) for key in keys for record in by_key[key].values())
+    largest = max(max(entry.record.get("size") or [cell]) for key in keys for entry in by_key[key].values())
     cell = min(cell, max(largest, MIN_CELL))  # no wide white margins around small images
-    columns = ["clean", *folders]
+    columns = [CLEAN_FOLDER, *folders]
     sheet = Image.new("RGB", (cell * len(columns), LABEL_HEIGHT + (cell + LABEL_HEIGHT) * len(keys)), "white")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
@@ -86,23 +83,24 @@ def contact_sheet(
         draw.text((column * cell + 3, 3), name[:width], fill="black", font=font)
     for row, key in enumerate(keys):
         top = LABEL_HEIGHT + row * (cell + LABEL_HEIGHT)
-        any_record = next(iter(by_key[key].values()))
+        any_entry = next(iter(by_key[key].values()))
         for column, name in enumerate(columns):
-            record = any_record if name == "clean" else by_key[key].get(name)
+            clean = column == 0
+            entry = any_entry if clean else by_key[key].get(name)
             left = column * cell
-            role = "clean" if name == "clean" else "degraded"
-            image_ref = None if record is None else record_image(dataset, record, role)
+            role = "clean" if clean else "degraded"
+            image_ref = None if entry is None else entry.clean if clean else entry.degraded
             if image_ref is None:
-                label = "missing" if record is None else "outside the dataset"
-                if record is not None:
+                label = "missing" if entry is None else "outside the dataset"
+                if entry is not None:
                     problems.append(
-                        f"key {key!r} folder {record['folder']!r}: the {role} image path leaves the dataset folder"
+                        f"key {key!r} folder {entry.record['folder']!r}: the {role} image path leaves the dataset folder"
                     )
             else:
                 label = (
                     key
-                    if name == "clean"
-                    else " ".join(f"{c}={v:.2g}" for c, v in record["ratios"].items() if v > 0) or "no class"
+                    if clean
+                    else " ".join(f"{c}={v:.2g}" for c, v in record_ratios(entry.record).items() if v > 0) or "no class"
                 )
                 try:
                     image = image_ref.read_rgb()
@@ -116,9 +114,7 @@ def contact_sheet(
                         Image.Resampling.NEAREST if max(image.size) < cell else Image.Resampling.LANCZOS,
                     )
                     sheet.paste(thumb, (left + (cell - thumb.width) // 2, top + LABEL_HEIGHT))
-            draw.text(
-                (left + 3, top + 3), label[-width:] if name == "clean" else label[:width], fill="dimgray", font=font
-            )
+            draw.text((left + 3, top + 3), label[-width:] if clean else label[:width], fill="dimgray", font=font)
     return sheet
 
 

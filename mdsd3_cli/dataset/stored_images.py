@@ -1,6 +1,6 @@
 """Where a generate output's images are stored, in either layout: a file (folders) or a member of a tar
-(webdataset). `evaluate`, `preview` and `train` decode records' images through `record_image(...).read_rgb()`: one
-decoding path (`images.decode_rgb`) for every reader."""
+(webdataset). `evaluate`, `preview` and `train` decode records' images (`reader.ManifestEntry.clean`/`degraded`,
+made by `record_image`) through `ImageRef.read_rgb()`: one decoding path (`images.decode_rgb`) for every reader."""
 
 from __future__ import annotations
 

@@ -31,23 +31,25 @@ from mdsd3_cli.dataset.manifest import (
     MAX_LINE_BYTES,
     MEMBER_FIELDS,
     TAR_FIELD,
-    ManifestLineError,
-    manifest_files,
-    manifest_lines,
     number_problem,
     open_regular,
-    parse_record,
     run_folders,
     run_info,
 )
+from mdsd3_cli.dataset.names import (
+    ERRORS_FOLDER,
+    ERRORS_SUFFIX,
+    IMAGE_FOLDERS,
+    MANIFEST_FOLDER,
+    MANIFEST_SUFFIX,
+    RUN_JSON,
+    is_generate_output,
+)
+from mdsd3_cli.dataset.reader import BadLine, manifest_entries, manifest_files
 from mdsd3_cli.dataset.stored_images import inside_dataset, too_large
-from mdsd3_cli.dataset.writer import RUN_JSON
 from mdsd3_cli.util.images import ImageError, decode_rgb
 from mdsd3_cli.util.ordered_map import ordered_map
 from mdsd3_cli.util.progress import RunProgress
-
-SCANNED_FOLDERS = ("clean", "degraded", "tars")
-"""Where dataset files live: a file there without a record is an orphan."""
 
 LISTED_PER_KIND = 20
 """Problems of one kind listed by `print_problems`; the rest are counted."""
@@ -164,8 +166,8 @@ def verify_dataset(
 ) -> VerifyReport:
     """Check every record and file of `dataset`; the report lists each problem found."""
     root = Path(dataset).expanduser().resolve()
-    if not (root / "manifest").is_dir():
-        raise NotADatasetError(f"{root} has no manifest/ folder; is it an mdsd3 generate output folder?")
+    if not is_generate_output(root):
+        raise NotADatasetError(f"{root} has no {MANIFEST_FOLDER}/ folder; is it an mdsd3 generate output folder?")
     started = time.perf_counter()
     report = VerifyReport(root)
     recorded: dict[str, int] = {}
@@ -173,7 +175,9 @@ def verify_dataset(
     report.completeness = completeness(root, recorded, index.samples)
     report.problems += [Problem("unfinished", "run", reason) for reason in report.completeness.unfinished]
     report.problems += _incomplete_keys(root, index, report)
-    report.failed_inputs = sum(_count_lines(path, report) for path in sorted(root.glob("errors/*.jsonl")))
+    report.failed_inputs = sum(
+        _count_lines(path, report) for path in sorted(root.glob(f"{ERRORS_FOLDER}/*{ERRORS_SUFFIX}"))
+    )
     tasks: list[Callable[[], _Checked]] = [
         _file_task(root, relative, expected) for relative, expected in sorted(index.files.items())
     ]
@@ -214,41 +218,40 @@ def _read_manifests(root: Path, report: VerifyReport, recorded: dict[str, int]) 
     seen: dict[tuple[str, str], bytes] = {}
     read = manifest_files(root)
     report.problems += [
-        Problem("manifest", path.relative_to(root).as_posix(), "not a regular file (a link, folder or pipe); not read")
-        for path in sorted(root.glob("manifest/*.jsonl"))
+        Problem("manifest", _relative(root, path), "not a regular file (a link, folder or pipe); not read")
+        for path in sorted(root.glob(f"{MANIFEST_FOLDER}/*{MANIFEST_SUFFIX}"))
         if path not in read
     ]
-    for manifest in read:
-        where_file = manifest.relative_to(root).as_posix()
-        own: set[tuple[str, str]] = set()
-        for number, line in manifest_lines(manifest):
-            where = f"{where_file}:{number}"
-            try:
-                record = parse_record(line)
-            except ManifestLineError as error:
-                report.problems.append(Problem("manifest", where, str(error)))
-                continue
-            report.records += 1
-            sample = (record["key"], record["folder"])
-            own.add(sample)
-            problem = number_problem(record)
-            if problem is not None:
-                report.problems.append(Problem("manifest", where, problem))
-            digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
-            if sample in seen:
-                if seen[sample] != digest:
-                    report.problems.append(
-                        Problem(
-                            "conflict", where, f"a second, different record for key {sample[0]!r} folder {sample[1]!r}"
-                        )
-                    )
-                continue
-            seen[sample] = digest
-            index.samples += 1
-            index.folders_by_key[record["key"]].add(record["folder"])
-            _index_record(root, record, where, index, report)
-        recorded[manifest.name.removesuffix(".jsonl")] = len(own)
+    own: dict[Path, set[tuple[str, str]]] = {manifest: set() for manifest in read}
+
+    def bad(line: BadLine) -> None:
+        report.problems.append(Problem("manifest", f"{_relative(root, line.manifest)}:{line.number}", line.reason))
+
+    for entry in manifest_entries(root, read, bad=bad):
+        record, sample = entry.record, entry.sample
+        where = f"{_relative(root, entry.manifest)}:{entry.number}"
+        report.records += 1
+        own[entry.manifest].add(sample)
+        problem = number_problem(record)
+        if problem is not None:
+            report.problems.append(Problem("manifest", where, problem))
+        digest = hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).digest()
+        if sample in seen:
+            if seen[sample] != digest:
+                report.problems.append(
+                    Problem("conflict", where, f"a second, different record for key {sample[0]!r} folder {sample[1]!r}")
+                )
+            continue
+        seen[sample] = digest
+        index.samples += 1
+        index.folders_by_key[record["key"]].add(record["folder"])
+        _index_record(root, record, where, index, report)
+    recorded.update({manifest.name.removesuffix(MANIFEST_SUFFIX): len(samples) for manifest, samples in own.items()})
     return index
+
+
+def _relative(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
 
 
 def _index_record(root: Path, record: dict[str, Any], where: str, index: _Index, report: VerifyReport) -> None:
@@ -337,7 +340,7 @@ def _count_lines(path: Path, report: VerifyReport) -> int:
 
 def _dataset_files(root: Path) -> Iterator[str]:
     """Every file (and link) under the scanned folders, relative to `root`."""
-    for folder in SCANNED_FOLDERS:
+    for folder in IMAGE_FOLDERS:
         for directory, _, names in os.walk(root / folder):
             for name in names:
                 yield (Path(directory) / name).relative_to(root).as_posix()

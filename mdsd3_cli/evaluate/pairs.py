@@ -9,15 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mdsd3_cli.dataset.manifest import (
-    ManifestLineError,
-    manifest_files,
-    manifest_lines,
-    parse_record,
-    record_ratios,
-    run_info,
-)
-from mdsd3_cli.dataset.stored_images import ImageRef, record_image
+from mdsd3_cli.dataset.manifest import record_ratios, run_info
+from mdsd3_cli.dataset.names import CLEAN_FOLDER, DEGRADED_FOLDER, MANIFEST_FOLDER, is_generate_output
+from mdsd3_cli.dataset.reader import BadLine, ManifestEntry, manifest_entries
+from mdsd3_cli.dataset.stored_images import ImageRef
 from mdsd3_cli.util.images import walk_images
 
 
@@ -72,26 +67,26 @@ def open_dataset(path: Path, label: str | None = None) -> PairSource:
     path = Path(path)
     if not path.is_dir():
         raise EvaluateError(f"{path}: not a folder")
-    if (path / "manifest").is_dir():
+    if is_generate_output(path):
         return read_manifests(path, label)
-    if (path / "clean").is_dir() and (path / "degraded").is_dir():
-        return match_folders(path / "clean", path / "degraded", label or path.name)
+    if (path / CLEAN_FOLDER).is_dir() and (path / DEGRADED_FOLDER).is_dir():
+        return match_folders(path / CLEAN_FOLDER, path / DEGRADED_FOLDER, label or path.name)
     raise EvaluateError(
-        f"{path}: neither an mdsd3 output (no manifest/ folder) nor a folder with clean/ and degraded/ subfolders"
+        f"{path}: neither an mdsd3 output (no {MANIFEST_FOLDER}/ folder) nor a folder with {CLEAN_FOLDER}/ and "
+        f"{DEGRADED_FOLDER}/ subfolders"
     )
 
 
-def _sample_from_record(root: Path, record: dict[str, Any]) -> tuple[str, ImageRef, Sample] | str:
-    """(key, clean image, sample) of a parsed manifest record, or the reason it is unusable
-    (ManifestLineError for bad ratios)."""
-    clean, degraded = record_image(root, record, "clean"), record_image(root, record, "degraded")
-    if clean is None or degraded is None:
+def _sample_from_entry(entry: ManifestEntry) -> tuple[ImageRef, Sample] | str:
+    """(clean image, sample) of a manifest entry, or the reason it is unusable."""
+    record = entry.record
+    if entry.clean is None or entry.degraded is None:
         return "an image path leaves the dataset folder"
-    ratios = record_ratios(record, required=False)
     repeat, variant = record.get("repeat", 1), record.get("variant", record["folder"])
     if not isinstance(repeat, int) or isinstance(repeat, bool) or not isinstance(variant, str):
         return "'repeat' or 'variant' has the wrong type"
-    return record["key"], clean, Sample(variant, record["folder"], degraded, repeat, ratios)
+    ratios = record_ratios(record, required=False)
+    return entry.clean, Sample(variant, record["folder"], entry.degraded, repeat, ratios)
 
 
 def read_manifests(root: Path, label: str | None = None) -> PairSource:
@@ -100,21 +95,23 @@ def read_manifests(root: Path, label: str | None = None) -> PairSource:
     grouped: dict[str, tuple[ImageRef, dict[str, Sample]]] = {}
     classes: dict[str, None] = {}
     problems: list[Problem] = []
-    for manifest in manifest_files(root):
-        for number, line in manifest_lines(manifest):
-            if not line.strip():
-                continue
-            try:
-                parsed = _sample_from_record(root, parse_record(line))
-            except ManifestLineError as error:
-                parsed = str(error)
-            if isinstance(parsed, str):
-                problems.append(Problem(f"{manifest}:{number}", parsed))
-                continue
-            key, clean, sample = parsed
-            classes.update(dict.fromkeys(sample.ratios))
-            _, samples = grouped.setdefault(key, (clean, {}))
-            samples.setdefault(sample.folder, sample)
+
+    def bad(line: BadLine) -> None:
+        if not line.blank:
+            problems.append(Problem(line.where, line.reason))
+
+    def check(record: dict[str, Any]) -> None:
+        record_ratios(record, required=False)
+
+    for entry in manifest_entries(root, check=check, bad=bad):
+        parsed = _sample_from_entry(entry)
+        if isinstance(parsed, str):
+            problems.append(Problem(entry.where, parsed))
+            continue
+        clean, sample = parsed
+        classes.update(dict.fromkeys(sample.ratios))
+        _, samples = grouped.setdefault(entry.record["key"], (clean, {}))
+        samples.setdefault(sample.folder, sample)
     groups = [
         PairGroup(key, clean, tuple(sorted(samples.values(), key=lambda s: (s.variant, s.repeat, s.folder))))
         for key, (clean, samples) in sorted(grouped.items())

@@ -15,7 +15,8 @@ from typing import Any
 
 import lmdb
 
-from mdsd3_cli.export.sample import EncodedSample, flat_key
+from mdsd3_cli.dataset.tar_format import EncodedSample, flat_key
+from mdsd3_cli.export.sample import ExportTarget
 from mdsd3_cli.export.staging import StagedFolder
 from mdsd3_cli.util.atomic import naming, space_error
 from mdsd3_cli.util.safe_names import safe_component
@@ -102,6 +103,12 @@ class _Database:
         self.environment = self.transaction = self.meta_info = None
 
 
+def meta_info_level(run_info: Mapping[str, Any]) -> int:
+    """meta_info's last field: the run's PNG compression level, else its JPEG/WebP quality."""
+    output = run_info["recipe"]["output"]
+    return output["png_compress_level"] if output["format"] == "png" else output["quality"]
+
+
 class LmdbWriter:
     """Writes pairs into the BasicSR layout under `destination`, appearing as a whole on `close()`.
 
@@ -142,6 +149,21 @@ class LmdbWriter:
             self.abort()
             raise
         self._last_key: str | None = None
+
+    @classmethod
+    def open(cls, target: ExportTarget) -> LmdbWriter:
+        return cls(
+            target.destination,
+            target.folders,
+            target.bytes_per_database,
+            meta_info_level(target.run_info),
+            target.partial,
+            target.one_lq,
+        )
+
+    def how_to_read(self) -> str:
+        lq = f", dataroot_lq {self._folder.path}/{ONE_LQ_NAME}" if self.one_lq else ""
+        return f"BasicSR PairedImageDataset, io_backend type lmdb: dataroot_gt {self._folder.path}/{GT_NAME}{lq}"
 
     def write(self, sample: EncodedSample) -> None:
         key = flat_key(sample.key)

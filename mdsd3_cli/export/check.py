@@ -26,12 +26,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mdsd3_cli.dataset.manifest import open_regular
+from mdsd3_cli.dataset.tar_format import flat_key, key_members
 from mdsd3_cli.dataset.verify import Expected, Problem, VerifyReport, check_bytes
 from mdsd3_cli.export.basicsr_lmdb import GT_NAME, META_INFO
 from mdsd3_cli.export.parquet import PARTIAL_METADATA_KEY
-from mdsd3_cli.export.sample import flat_key
 from mdsd3_cli.export.staging import PARTIAL_FILE
-from mdsd3_cli.export.webdataset import key_members
 
 _TAR = re.compile(r"data-\d{6}\.tar")
 _PARQUET = re.compile(r"data-\d{5}\.parquet")

@@ -11,7 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mdsd3_cli.export.sample import EncodedSample
+from mdsd3_cli.dataset.tar_format import EncodedSample
+from mdsd3_cli.export.sample import ExportTarget
 from mdsd3_cli.export.staging import StagedFolder
 from mdsd3_cli.util.atomic import AtomicFile, naming
 
@@ -21,6 +22,8 @@ ROW_GROUP_BYTES = 64 * 2**20
 """A row group is written at ROW_GROUP_ROWS rows or ROW_GROUP_BYTES of images, whichever comes first
 (what bounds the writer's memory)."""
 PARTIAL_METADATA_KEY = "mdsd3_partial_export"
+DEFAULT_ROWS_PER_FILE = 1000
+"""Pairs per file."""
 """Schema metadata key (every file) of a --partial export: why it is partial and what was left out (JSON)."""
 _IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SCALAR_FIELDS: list[tuple[str, pa.DataType, str]] = [
@@ -79,6 +82,13 @@ class ParquetWriter:
         self._writer: pq.ParquetWriter | None = None
         self._rows_in_file = 0
         self.files = 0
+
+    @classmethod
+    def open(cls, target: ExportTarget) -> ParquetWriter:
+        return cls(target.destination, target.classes, target.per_file or DEFAULT_ROWS_PER_FILE, target.partial)
+
+    def how_to_read(self) -> str:
+        return f'datasets.load_dataset("parquet", data_dir="{self._folder.path}")'
 
     def write(self, sample: EncodedSample) -> None:
         record = sample.record

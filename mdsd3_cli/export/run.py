@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 from PIL import Image
@@ -29,30 +29,19 @@ from rich.console import Console
 from rich.table import Table
 
 from mdsd3_cli.dataset.completeness import completeness
-from mdsd3_cli.dataset.manifest import (
-    TAR_FIELD,
-    ManifestLineError,
-    manifest_files,
-    number_problem,
-    parse_record,
-    run_folders,
-    run_info,
-)
+from mdsd3_cli.dataset.manifest import MAX_LINE_BYTES, TAR_FIELD, number_problem, parse_record, run_folders, run_info
+from mdsd3_cli.dataset.names import MANIFEST_SUFFIX, RUN_JSON
+from mdsd3_cli.dataset.reader import BadLine, manifest_entries, manifest_files
 from mdsd3_cli.dataset.stored_images import ImageRef, record_image
-from mdsd3_cli.export.basicsr_lmdb import MAX_KEY_BYTES, LmdbWriter
-from mdsd3_cli.export.parquet import SCALAR_FIELDS, ParquetWriter
-from mdsd3_cli.export.sample import EncodedSample, SampleWriter, flat_key
-from mdsd3_cli.export.webdataset import WebDatasetWriter
+from mdsd3_cli.dataset.tar_format import EncodedSample, flat_key
+from mdsd3_cli.export.basicsr_lmdb import MAX_KEY_BYTES
+from mdsd3_cli.export.formats import EXPORT_FORMATS
+from mdsd3_cli.export.parquet import SCALAR_FIELDS
+from mdsd3_cli.export.sample import ExportTarget, SampleWriter
 from mdsd3_cli.util.ordered_map import ordered_map
 from mdsd3_cli.util.progress import RunProgress
 from mdsd3_cli.util.safe_names import safe_component
 
-ExportFormat = Literal["webdataset", "lmdb", "parquet"]
-EXPORT_FORMATS: tuple[str, ...] = ("webdataset", "lmdb", "parquet")
-DEFAULT_KEYS_PER_TAR = 200
-"""WebDataset export: about 1 GB per tar at 512 px PNG with 6 variants."""
-DEFAULT_ROWS_PER_FILE = 1000
-"""Parquet export: pairs per file."""
 READ_WORKERS = 4
 PIL_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 """Image file extensions export takes, and the Pillow decoder each must decode with."""
@@ -110,12 +99,6 @@ class ExportPlan:
     def classes(self) -> list[str]:
         return list(self.info.get("classes", []))
 
-    @property
-    def meta_info_level(self) -> int:
-        """BasicSR meta_info's last field: the PNG compression level, else the JPEG/WebP quality."""
-        output = self.info["recipe"]["output"]
-        return output["png_compress_level"] if output["format"] == "png" else output["quality"]
-
 
 @dataclass
 class ExportSummary:
@@ -160,46 +143,48 @@ def plan_export(dataset: str | os.PathLike, partial: bool = False) -> ExportPlan
         folders = [safe_component(folder, "variant folder") for folder in run_folders(info)]
         _check_classes(info.get("classes", []))
     except FileNotFoundError:
-        raise ExportError(f"{root}: no run.json; export needs a finished generate output folder") from None
+        raise ExportError(f"{root}: no {RUN_JSON}; export needs a finished generate output folder") from None
     except (OSError, ValueError) as error:
-        raise ExportError(f"{root / 'run.json'}: {error}") from None
+        raise ExportError(f"{root / RUN_JSON}: {error}") from None
     if len(set(folders)) != len(folders):
-        raise ExportError(f"{root / 'run.json'}: variant folders repeat: {folders}")
+        raise ExportError(f"{root / RUN_JSON}: variant folders repeat: {folders}")
     position = {folder: index for index, folder in enumerate(folders)}
     plan = ExportPlan(root, info, folders, [], manifest_files(root))
-    recorded: dict[str, int] = {}
     sizes: dict[str | None, list[int]] = {folder: [0, 0] for folder in (None, *folders)}
     seen: set[tuple[str, int]] = set()
     torn: list[str] = []
-    for manifest_index, manifest in enumerate(plan.manifests):
-        own: set[tuple[str, int]] = set()
-        with open(manifest, "rb") as handle:
-            offset = 0
-            for number, line in enumerate(handle, 1):
-                where = f"{manifest}:{number}"
-                if not line.endswith(b"\n"):  # being appended, or a killed run's: not a record yet
-                    torn.append(f"{manifest.name} ends in an unfinished line")
-                    break
-                try:
-                    record = parse_record(line)
-                except ManifestLineError as error:
-                    raise ExportError(f"{where}: {error} (mdsd3 verify lists every problem)") from None
-                if record["folder"] not in position:
-                    raise ExportError(f"{where}: folder {record['folder']!r} is not one of run.json's {folders}")
-                problem = record_problem(record)
-                if problem is not None:
-                    raise ExportError(f"{where}: {problem} (mdsd3 verify lists every problem)")
-                pointer = _Pointer(record["key"], position[record["folder"]], manifest_index, offset, _line_hash(line))
-                offset += len(line)
-                own.add((pointer.key, pointer.folder_index))
-                if (pointer.key, pointer.folder_index) in seen:
-                    continue
-                seen.add((pointer.key, pointer.folder_index))
-                plan.pairs.append(pointer)
-                _count_bytes(sizes[record["folder"]], root, record, "degraded")
-                if pointer.folder_index == 0:
-                    _count_bytes(sizes[None], root, record, "clean")
-        recorded[manifest.name.removesuffix(".jsonl")] = len(own)
+    manifest_index = {manifest: index for index, manifest in enumerate(plan.manifests)}
+    own: dict[Path, set[tuple[str, int]]] = {manifest: set() for manifest in plan.manifests}
+
+    def refuse(bad: BadLine) -> None:
+        if bad.unfinished:  # being appended, or a killed run's: not a record yet
+            torn.append(f"{bad.manifest.name} ends in an unfinished line")
+        else:
+            raise ExportError(f"{bad.where}: {bad.reason} (mdsd3 verify lists every problem)")
+
+    for entry in manifest_entries(root, plan.manifests, bad=refuse):
+        record = entry.record
+        if record["folder"] not in position:
+            raise ExportError(f"{entry.where}: folder {record['folder']!r} is not one of run.json's {folders}")
+        problem = record_problem(record)
+        if problem is not None:
+            raise ExportError(f"{entry.where}: {problem} (mdsd3 verify lists every problem)")
+        pointer = _Pointer(
+            record["key"],
+            position[record["folder"]],
+            manifest_index[entry.manifest],
+            entry.offset,
+            _line_hash(entry.line),
+        )
+        own[entry.manifest].add((pointer.key, pointer.folder_index))
+        if (pointer.key, pointer.folder_index) in seen:
+            continue
+        seen.add((pointer.key, pointer.folder_index))
+        plan.pairs.append(pointer)
+        _count_bytes(sizes[record["folder"]], root, record, "degraded")
+        if pointer.folder_index == 0:
+            _count_bytes(sizes[None], root, record, "clean")
+    recorded = {manifest.name.removesuffix(MANIFEST_SUFFIX): len(samples) for manifest, samples in own.items()}
     plan.unfinished = completeness(root, recorded, len(seen)).unfinished + torn
     plan.pairs.sort()
     per_key = Counter(pair.key for pair in plan.pairs)  # pairs are unique, so a full count is every folder
@@ -281,19 +266,23 @@ def _count_bytes(total: list[int], root: Path, record: dict[str, Any], role: str
 def open_writer(
     plan: ExportPlan, to: str, destination: Path, per_file: int | None = None, one_lq: bool = False
 ) -> SampleWriter:
-    """The writer of format `to` (see EXPORT_FORMATS) for `plan`'s dataset (marked partial when the plan is);
+    """The writer of format `to` (an EXPORT_FORMATS name) for `plan`'s dataset (marked partial when the plan is);
     `one_lq`: lmdb with one LQ database for every variant folder."""
     if one_lq and to != "lmdb":
         raise ValueError(f"one LQ database is an lmdb layout; --to {to} has no LQ databases")
-    if to == "webdataset":
-        return WebDatasetWriter(destination, per_file or DEFAULT_KEYS_PER_TAR, plan.partial_note)
-    if to == "lmdb":
-        return LmdbWriter(
-            destination, plan.folders, plan.bytes_per_database, plan.meta_info_level, plan.partial_note, one_lq
-        )
-    if to == "parquet":
-        return ParquetWriter(destination, plan.classes, per_file or DEFAULT_ROWS_PER_FILE, plan.partial_note)
-    raise ValueError(f"unknown export format {to!r}; expected one of {list(EXPORT_FORMATS)}")
+    if to not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {to!r}; expected one of {list(EXPORT_FORMATS)}")
+    target = ExportTarget(
+        destination=destination,
+        folders=plan.folders,
+        classes=plan.classes,
+        bytes_per_database=plan.bytes_per_database,
+        run_info=plan.info,
+        partial=plan.partial_note,
+        per_file=per_file,
+        one_lq=one_lq,
+    )
+    return EXPORT_FORMATS[to](target)
 
 
 def run_export(
@@ -326,7 +315,7 @@ def run_export(
     except BaseException:
         writer.abort()
         raise
-    summary.how_to_read = _how_to_read(to, destination, writer)
+    summary.how_to_read = writer.how_to_read()
     summary.elapsed_s = time.perf_counter() - started
     return summary
 
@@ -341,7 +330,7 @@ class _Reader:
         manifest = self.plan.manifests[pointer.manifest]
         with open(manifest, "rb") as handle:
             handle.seek(pointer.offset)
-            line = handle.readline()
+            line = handle.readline(MAX_LINE_BYTES + 1)  # an indexed line is at most MAX_LINE_BYTES
         if _line_hash(line) != pointer.line_hash:  # key, folder and every field: the line indexed, byte for byte
             folder = self.plan.folders[pointer.folder_index]
             raise ExportError(
@@ -416,16 +405,3 @@ def _reason(error: BaseException) -> str:
     if isinstance(error, KeyError):
         return "not in its tar"
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-
-
-def _how_to_read(to: str, destination: Path, writer: SampleWriter) -> str:
-    if isinstance(writer, WebDatasetWriter):
-        return f'webdataset.WebDataset("{writer.pattern()}")'
-    if isinstance(writer, LmdbWriter) and writer.one_lq:
-        return (
-            f"BasicSR PairedImageDataset, io_backend type lmdb: dataroot_gt {destination}/gt.lmdb, "
-            f"dataroot_lq {destination}/lq.lmdb"
-        )
-    if to == "lmdb":
-        return f"BasicSR PairedImageDataset, io_backend type lmdb: dataroot_gt {destination}/gt.lmdb"
-    return f'datasets.load_dataset("parquet", data_dir="{destination}")'

@@ -1,32 +1,33 @@
-"""What format writers consume (an encoded sample) and the interface they share; key naming rules."""
+"""What every export format's writer is opened with and the interface it has."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
+
+from mdsd3_cli.dataset.tar_format import EncodedSample
 
 
 @dataclass(frozen=True)
-class EncodedSample:
-    """One (key, variant folder) pair as file bytes, with its manifest record."""
+class ExportTarget:
+    """A destination folder (which must not exist) and what the indexed dataset tells a format's writer."""
 
-    record: dict[str, Any]
-    clean: bytes
-    degraded: bytes
-    extension: str
-    """Image file extension without the dot (png, jpg, webp)."""
-    clean_shape: tuple[int, int, int] | None = None
-    degraded_shape: tuple[int, int, int] | None = None
-    """(height, width, channels) of each image, from its header (export fills them; BasicSR's meta_info needs them)."""
-
-    @property
-    def key(self) -> str:
-        return self.record["key"]
-
-    @property
-    def folder(self) -> str:
-        return self.record["folder"]
+    destination: Path
+    folders: Sequence[str]
+    """The run's variant folders, in recipe order."""
+    classes: Sequence[str]
+    bytes_per_database: Mapping[str | None, tuple[int, int]]
+    """(total image bytes, images) for the clean images (None) and each variant folder."""
+    run_info: Mapping[str, Any]
+    """The dataset's run.json."""
+    partial: Mapping[str, Any] | None
+    """What a partial export records in its output; None for a complete run."""
+    per_file: int | None
+    """Keys per tar or rows per file (None: the format's default)."""
+    one_lq: bool = False
+    """lmdb: one LQ database for every variant folder."""
 
 
 class SampleWriter(Protocol):
@@ -40,11 +41,5 @@ class SampleWriter(Protocol):
     def abort(self) -> None:
         """Stop without finishing: remove what was written so far (never a finished file)."""
 
-
-def flat_key(name: str) -> str:
-    """`name` as an ASCII key without dots or spaces (WebDataset and BasicSR split names at the first dot).
-
-    URL-style escaping keeps letters, digits, `_-~/` and escapes everything else, dots included (`.` -> %2E),
-    so different names never share a key: `sub/img.v2 x` -> `sub/img%2Ev2%20x`.
-    """
-    return quote(name, safe="/").replace(".", "%2E")
+    def how_to_read(self) -> str:
+        """How to load the finished export (a line of Python or a BasicSR setting)."""

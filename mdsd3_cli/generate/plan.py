@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from mdsd3_cli.dataset.names import shard_name
 from mdsd3_cli.model.sampler import SampleRequest
 from mdsd3_cli.pipeline.requests import sample_request
 from mdsd3_cli.recipe.generate import Recipe
@@ -115,7 +116,7 @@ class ShardSpec:
     @property
     def name(self) -> str:
         """File stem for this shard's manifest and error logs, e.g. `shard-00003-of-00008`."""
-        return f"shard-{self.index:05d}-of-{self.count:05d}"
+        return shard_name(self.index, self.count)
 
 
 def _env_int(environ: Mapping[str, str], name: str) -> int:

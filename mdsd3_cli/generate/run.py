@@ -21,10 +21,12 @@ from rich.table import Table
 
 from mdsd3_cli import __version__
 from mdsd3_cli.dataset.completeness import ShardPlan, begin_shard, finish_shard, plan_fingerprint
+from mdsd3_cli.dataset.layout_writer import LayoutWriter
+from mdsd3_cli.dataset.names import RUN_JSON
 from mdsd3_cli.dataset.ownership import claim_output, clear_outputs, shard_lock, sharding_lock
-from mdsd3_cli.dataset.writer import RUN_JSON, check_run_compatible, write_run_json
+from mdsd3_cli.dataset.run_record import check_run_compatible, write_run_json
 from mdsd3_cli.generate.inputs import decode_failures
-from mdsd3_cli.generate.layouts import LayoutWriter, completed_in_layout, open_layout_writer
+from mdsd3_cli.generate.layouts import completed_in_layout, open_layout_writer
 from mdsd3_cli.generate.plan import (
     ShardSpec,
     WorkItem,

@@ -23,6 +23,13 @@ MAX_REPEATS = 1000
 MAX_SAMPLES_PER_INPUT = 10_000
 """Most samples one input image may give, all variants and repeats together (bounds every per-input plan)."""
 
+
+def variant_folder(name: str, repeat: int, repeats: int) -> str:
+    """The output folder of a variant's repeat (1-based): the name itself with one repeat, else `<name>_r<repeat>`
+    (the one rule: generate names folders with it, readers of run.json rebuild them with it)."""
+    return name if repeats == 1 else f"{name}_r{repeat}"
+
+
 MAX_RECIPE_BYTES = 1 << 20
 """A recipe is a small text file; anything larger is refused before it is parsed."""
 

@@ -39,6 +39,7 @@ from mdsd3_cli.recipe.file import (
     RecipeFileError,
     read_recipe,
     schema_problems,
+    variant_folder,
 )
 from mdsd3_cli.util.names import unknown_class_message
 
@@ -229,7 +230,7 @@ class Variant(_Section):
         """Output folder of one repeat (1-based): the name itself when there is a single repeat."""
         if not 1 <= repeat <= self.repeats:
             raise ValueError(f"variant {self.name!r} has repeats 1..{self.repeats}, not {repeat}")
-        return self.name if self.repeats == 1 else f"{self.name}_r{repeat}"
+        return variant_folder(self.name, repeat, self.repeats)
 
     def folders(self) -> list[str]:
         """Output folders of all repeats, in repeat order."""

@@ -13,7 +13,7 @@ import csv
 import json
 import re
 from bisect import bisect_right
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from mdsd3_cli.dataset.manifest import ManifestLineError, manifest_files, manifest_lines, parse_record, record_ratios
-from mdsd3_cli.dataset.stored_images import ImageRef, record_image
+from mdsd3_cli.dataset.manifest import record_ratios
+from mdsd3_cli.dataset.reader import BadLine, manifest_entries
+from mdsd3_cli.dataset.stored_images import ImageRef
 from mdsd3_cli.model.heads import UnknownClassError, check_ratios, prompt_for, ratio_vector
 from mdsd3_cli.recipe.train import (
     DataSection,
@@ -119,7 +120,8 @@ def _key(path: Path, root: Path) -> str:
     return path.relative_to(root).with_suffix("").as_posix()
 
 
-def _paired_folders(spec: PairedFoldersDataset, report: DataReport) -> list[Pair]:
+def _paired_folders(spec: PairedFoldersDataset, classes: Sequence[str], report: DataReport) -> list[Pair]:
+    """Pairs matched by relative path; the ratios are the dataset's own `classes`."""
     clean_by_key: dict[str, Path] = {}
     for path in walk_images(spec.clean):
         key = _key(path, spec.clean)
@@ -216,47 +218,48 @@ def _mdsd3_output(spec: Mdsd3OutputDataset, classes: Sequence[str], report: Data
     """Pairs from the manifest records of a generate output (either layout: files, or tar members), with their
     requested ratios; paths relative to `dir` and never outside it."""
     pairs, seen = [], set()
-    for manifest in manifest_files(spec.dir):
-        for number, line in manifest_lines(manifest):
-            if not line.strip():
-                continue
-            where = f"{manifest}:{number}"
-            try:
-                record = parse_record(line)
-                ratios = record_ratios(record)
-            except ManifestLineError as error:
-                report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
-                continue
-            clean, degraded = record_image(spec.dir, record, "clean"), record_image(spec.dir, record, "degraded")
-            if clean is None or degraded is None:
-                report.add(Skip(BAD_RECORD, spec.name, f"{where}: an image path leaves {spec.dir}"))
-                continue
-            unknown = sorted(name for name, ratio in ratios.items() if name not in classes and ratio > 0)
-            if unknown:
-                report.add(Skip(UNKNOWN_CLASS, spec.name, f"{where}: classes {unknown} are not in the recipe"))
-                continue
-            ratios = {name: ratio for name, ratio in ratios.items() if name in classes}
-            try:
-                check_ratios(ratios, classes)
-            except ValueError as error:
-                report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
-                continue
-            missing = [str(image) for image in (clean, degraded) if not image.exists()]
-            if missing:
-                report.add(Skip(MISSING_FILE, spec.name, f"{where}: not found: {', '.join(missing)}"))
-            elif (clean, degraded) not in seen:
-                seen.add((clean, degraded))
-                pairs.append(Pair(clean, degraded, ratios, spec.name))
+
+    def bad(line: BadLine) -> None:
+        if not line.blank:
+            report.add(Skip(BAD_RECORD, spec.name, f"{line.where}: {line.reason}"))
+
+    for entry in manifest_entries(spec.dir, check=record_ratios, bad=bad):
+        clean, degraded, where = entry.clean, entry.degraded, entry.where
+        if clean is None or degraded is None:
+            report.add(Skip(BAD_RECORD, spec.name, f"{where}: an image path leaves {spec.dir}"))
+            continue
+        ratios = record_ratios(entry.record)
+        unknown = sorted(name for name, ratio in ratios.items() if name not in classes and ratio > 0)
+        if unknown:
+            report.add(Skip(UNKNOWN_CLASS, spec.name, f"{where}: classes {unknown} are not in the recipe"))
+            continue
+        ratios = {name: ratio for name, ratio in ratios.items() if name in classes}
+        try:
+            check_ratios(ratios, classes)
+        except ValueError as error:
+            report.add(Skip(BAD_RECORD, spec.name, f"{where}: {error}"))
+            continue
+        missing = [str(image) for image in (clean, degraded) if not image.exists()]
+        if missing:
+            report.add(Skip(MISSING_FILE, spec.name, f"{where}: not found: {', '.join(missing)}"))
+        elif (clean, degraded) not in seen:
+            seen.add((clean, degraded))
+            pairs.append(Pair(clean, degraded, ratios, spec.name))
     return pairs
+
+
+DATASET_DISCOVERY: dict[str, Callable[[Any, Sequence[str], DataReport], list[Pair]]] = {
+    "paired_folders": _paired_folders,
+    "pair_list": _pair_list,
+    "mdsd3_output": _mdsd3_output,
+}
+"""A dataset kind (its recipe section's `kind`) -> its discovery function: (spec, the recipe's classes, report) ->
+pairs."""
 
 
 def discover_pairs(spec: DatasetSpec, classes: Sequence[str], report: DataReport) -> list[Pair]:
     """All pairs of one dataset; unusable files and records go to `report`, malformed lists raise `DatasetError`."""
-    if isinstance(spec, PairedFoldersDataset):
-        return _paired_folders(spec, report)
-    if isinstance(spec, PairListDataset):
-        return _pair_list(spec, classes, report)
-    return _mdsd3_output(spec, classes, report)
+    return DATASET_DISCOVERY[spec.kind](spec, classes, report)
 
 
 def describe_source(spec: DatasetSpec) -> str:

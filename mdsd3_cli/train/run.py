@@ -30,7 +30,8 @@ import torch
 from rich.markup import escape
 
 from mdsd3_cli import __version__
-from mdsd3_cli.dataset.ownership import LOCKS, OutputLock
+from mdsd3_cli.dataset.names import LOCKS_FOLDER
+from mdsd3_cli.dataset.ownership import OutputLock
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, FlowStart
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import load_prompt_embeddings
@@ -150,7 +151,7 @@ def check_output_folder(recipe: TrainRecipe) -> None:
                 )
     if out.exists() and not out.is_dir():
         raise TrainError(f"{recipe.source}: output.dir {out} is not a folder")
-    entries = set(os.listdir(out)) - {LOCKS} if out.is_dir() else set()
+    entries = set(os.listdir(out)) - {LOCKS_FOLDER} if out.is_dir() else set()
     if entries and not entries & set(TRAIN_OUTPUT_MARKERS):
         shown = ", ".join(sorted(entries)[:3]) + (", ..." if len(entries) > 3 else "")
         raise TrainError(

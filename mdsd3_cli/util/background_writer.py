@@ -11,7 +11,7 @@ from typing import Any
 
 
 class BackgroundWriter:
-    """Base of `dataset.writer.DatasetWriter` and `generate.webdataset_layout.WebDatasetLayoutWriter`.
+    """Base of the output layouts' writers (`dataset.layout_writer.LayoutWriter`).
 
     Subclasses queue jobs with `_start` (tracked: `drain` waits for them, their first failure is raised by the
     next `_check_open`, `drain` or `close`) after taking a slot with `_slots.acquire()` (at most 2·workers + 4

@@ -1,7 +1,7 @@
 """`output.layout: webdataset`: a generate shard writes tars instead of clean/ and degraded/ folders.
 
 Each key (source image) is one WebDataset sample holding its clean image once and every variant's degraded image
-(`export.webdataset.key_members`). A shard's keys (in plan order) are cut into fixed groups of `samples_per_tar`
+(`tar_format.key_members`). A shard's keys (in plan order) are cut into fixed groups of `samples_per_tar`
 consecutive keys; group g becomes `tars/<shard>-<g:06d>.tar`, its keys in plan order. Tar membership is a
 function of the plan, so a rerun rebuilds exactly the same tars. A tar is written under a temporary name and
 renamed when its last key is in; its records' manifest lines (one per key and folder, each as the key's `.json`
@@ -22,11 +22,10 @@ import hashlib
 import itertools
 import json
 import os
-import re
 import stat
 import tarfile
 from collections import defaultdict
-from collections.abc import Container, Iterator, Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,35 +33,41 @@ from typing import Any
 
 import numpy as np
 
-from mdsd3_cli.dataset.manifest import MEMBER_FIELDS, TAR_FIELD, ManifestLineError, parse_record
-from mdsd3_cli.dataset.writer import (
-    FORMAT_EXTENSIONS,
-    DatasetWriter,
-    ImageFormat,
-    OutputConflictError,
-    OutputLayout,
-    digest,
-    encode_image,
-    file_digest_fields,
+from mdsd3_cli.dataset.encoding import FORMAT_EXTENSIONS, ImageFormat, digest, encode_image, file_digest_fields
+from mdsd3_cli.dataset.layout_writer import LayoutWriter, Plan, PlannedSample, Sample
+from mdsd3_cli.dataset.manifest import MEMBER_FIELDS, TAR_FIELD, parse_record
+from mdsd3_cli.dataset.names import (
+    MANIFEST_FOLDER,
+    MANIFEST_SUFFIX,
+    TARS_FOLDER,
+    TARS_PLAN_SUFFIX,
+    parse_shard,
+    parse_tar_name,
+    shard_file,
+    tar_name,
 )
-from mdsd3_cli.export.sample import EncodedSample
-from mdsd3_cli.export.webdataset import TarWriter, key_members, record_json
-from mdsd3_cli.generate.plan import ShardSpec, WorkItem
-from mdsd3_cli.pipeline.inputs import FailedInput
-from mdsd3_cli.recipe.generate import TAR_SAMPLE
+from mdsd3_cli.dataset.output_paths import OutputPaths
+from mdsd3_cli.dataset.reader import manifest_entries
+from mdsd3_cli.dataset.run_record import OutputConflictError
+from mdsd3_cli.dataset.shard_log import ErrorLine, ShardLog, recorded_failures
+from mdsd3_cli.dataset.tar_format import EncodedSample, TarWriter, key_members, record_json
+from mdsd3_cli.recipe.generate import TAR_SAMPLE, OutputSection
 from mdsd3_cli.util.atomic import atomic_write
-from mdsd3_cli.util.background_writer import BackgroundWriter
-
-TARS_FOLDER = "tars"
-PLAN_SUFFIX = ".tars.json"
-_TAR_NAME = re.compile(r"^shard-\d{5}-of-(\d{5})-\d{6}\.tar$")
 
 
-def tar_path(out_dir: Path, shard: ShardSpec, group: int) -> Path:
-    return Path(out_dir) / TARS_FOLDER / f"{shard.name}-{group:06d}.tar"
+def tar_path(out_dir: Path, shard: str, group: int) -> Path:
+    return Path(out_dir) / TARS_FOLDER / tar_name(shard, group)
 
 
-def groups_of(items: Sequence[WorkItem], keys_per_tar: int) -> list[list[WorkItem]]:
+def shard_count(shard: str) -> int:
+    """The shard count a shard name says; ValueError when `shard` is not a shard name (`names.shard_name`)."""
+    parsed = parse_shard(shard)
+    if parsed is None:
+        raise ValueError(f"{shard!r} is not a shard name (shard-NNNNN-of-NNNNN)")
+    return parsed[1]
+
+
+def groups_of(items: Sequence[PlannedSample], keys_per_tar: int) -> list[list[PlannedSample]]:
     """The shard's items cut into groups of `keys_per_tar` consecutive keys (the last may hold fewer); a plan
     lists each key's items together."""
     keys = [list(key_items) for _, key_items in itertools.groupby(items, key=lambda item: item.key)]
@@ -72,17 +77,19 @@ def groups_of(items: Sequence[WorkItem], keys_per_tar: int) -> list[list[WorkIte
     ]
 
 
-def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int) -> None:
+def check_same_plan(out_dir: Path, shard: str, items: Sequence[PlannedSample], samples_per_tar: int) -> None:
     """OutputConflictError when the folder holds tars of another plan: another shard count, or other items for
     this shard (inputs or --limit changed). Tar groups follow the plan, so mixing plans would lose or duplicate
     samples. Records this shard's plan digest for the next run."""
     folder = Path(out_dir) / TARS_FOLDER
-    counts = {int(match.group(1)) for path in folder.glob("*.tar") if (match := _TAR_NAME.match(path.name))}
+    count = shard_count(shard)
+    tars = [parsed for path in folder.glob("*.tar") if (parsed := parse_tar_name(path.name))]
+    counts = {tar_count for _, tar_count, _ in tars}
     advice = "rerun with the same inputs, --limit and shard count, or pass --overwrite"
-    if counts - {shard.count}:
+    if counts - {count}:
         raise OutputConflictError(
-            f"{folder} holds tars of a run with {sorted(counts - {shard.count})} shards "
-            f"(not {shard.count}); the webdataset layout resumes only the same plan: {advice}"
+            f"{folder} holds tars of a run with {sorted(counts - {count})} shards "
+            f"(not {count}); the webdataset layout resumes only the same plan: {advice}"
         )
     plan = {
         "tar_sample": TAR_SAMPLE,
@@ -96,69 +103,39 @@ def check_same_plan(out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], 
             for group in range(len(groups_of(items, samples_per_tar)))
         ],
     }
-    record = Path(out_dir) / "manifest" / f"{shard.name}{PLAN_SUFFIX}"
-    if any(folder.glob(f"{shard.name}-*.tar")) and record.is_file():
+    record = shard_file(out_dir, MANIFEST_FOLDER, shard, TARS_PLAN_SUFFIX)
+    if any(tar[:2] == parse_shard(shard) for tar in tars) and record.is_file():
         try:
             stored = json.loads(record.read_text(encoding="utf-8"))
         except ValueError:
             stored = None
         if stored != plan:
             raise OutputConflictError(
-                f"{folder} holds {shard.name} tars of another plan (inputs or --limit "
+                f"{folder} holds {shard} tars of another plan (inputs or --limit "
                 f"changed; see {record}); the webdataset layout resumes only the same plan: "
                 f"{advice}"
             )
     atomic_write(record, (json.dumps(plan, indent=2) + "\n").encode("ascii"), root=Path(out_dir))
 
 
-Sample = tuple[str, str]
-"""A sample of the plan: (key, variant folder)."""
 _MAX_RECORD_BYTES = 1 << 20
 """Largest `.json` member read per folder of its key (a record is well under 4 KiB)."""
 
 
-def listed_tar_lines(out_dir: Path, shard: ShardSpec) -> dict[Sample, tuple[str, bytes]]:
+def listed_tar_lines(out_dir: Path, shard: str) -> dict[Sample, tuple[str, bytes]]:
     """The complete lines of this shard's manifest that record a sample in a tar: sample -> (tar, line)."""
-    listed: dict[Sample, tuple[str, bytes]] = {}
-    for line in _regular_file_lines(Path(out_dir) / "manifest" / f"{shard.name}.jsonl"):
-        try:
-            record = parse_record(line)
-        except ManifestLineError:
-            continue
-        if TAR_FIELD in record:
-            listed[record["key"], record["folder"]] = (record[TAR_FIELD], line)
-    return listed
-
-
-def recorded_failures(out_dir: Path, shard: ShardSpec) -> dict[str, FailedInput]:
-    """The inputs this shard's errors/ file lists as failed, by key (unreadable lines are ignored)."""
-    failures: dict[str, FailedInput] = {}
-    for line in _regular_file_lines(OutputLayout(out_dir).errors_path(shard.name)):
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and all(isinstance(entry.get(name), str) for name in ("key", "path", "reason")):
-            failures[entry["key"]] = FailedInput(entry["key"], entry["path"], entry["reason"])
-    return failures
-
-
-def _regular_file_lines(path: Path) -> Iterator[bytes]:
-    """The lines of the log at `path`; none when it is missing or not a regular file (the writer refuses such a
-    file with a clear message)."""
-    try:
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            return
-        with open(path, "rb") as handle:
-            yield from handle
-    except FileNotFoundError:
-        return
+    manifest = shard_file(out_dir, MANIFEST_FOLDER, shard, MANIFEST_SUFFIX)
+    return {
+        entry.sample: (entry.record[TAR_FIELD], entry.line)
+        for entry in manifest_entries(out_dir, [manifest])
+        if entry.in_tar
+    }
 
 
 def finished_groups(
     out_dir: Path,
-    shard: ShardSpec,
-    items: Sequence[WorkItem],
+    shard: str,
+    items: Sequence[PlannedSample],
     samples_per_tar: int,
     extension: str,
     failed: Container[str] = (),
@@ -184,14 +161,14 @@ def finished_groups(
 
 
 def completed_tar_samples(
-    out_dir: Path, shard: ShardSpec, items: Sequence[WorkItem], samples_per_tar: int, extension: str
-) -> tuple[set[Sample], dict[str, FailedInput]]:
+    out_dir: Path, shard: str, items: Sequence[PlannedSample], samples_per_tar: int, extension: str
+) -> tuple[set[Sample], dict[str, ErrorLine]]:
     """(key, folder) of every item whose group's tar is finished, and the recorded failed inputs of those groups
     (settled: not retried)."""
     groups = groups_of(items, samples_per_tar)
-    failures = recorded_failures(out_dir, shard)
+    failures = recorded_failures(OutputPaths(out_dir), shard)
     done: set[Sample] = set()
-    settled: dict[str, FailedInput] = {}
+    settled: dict[str, ErrorLine] = {}
     for index in finished_groups(out_dir, shard, items, samples_per_tar, extension, failures):
         for item in groups[index]:
             if item.key in failures:
@@ -202,7 +179,7 @@ def completed_tar_samples(
 
 
 def _unlisted_lines_of_finished_tar(
-    path: Path, relative: str, members: Sequence[WorkItem], listed: Mapping[Sample, bytes], extension: str
+    path: Path, relative: str, members: Sequence[PlannedSample], listed: Mapping[Sample, bytes], extension: str
 ) -> list[bytes] | None:
     """The lines of the finished tar at `path` that the manifest lacks (`listed`: the lines it has for this tar),
     or None when that file is not a finished tar of this group: a link, not a regular file, not a tar, other
@@ -222,7 +199,11 @@ def _unlisted_lines_of_finished_tar(
 
 
 def _check_tar(
-    archive: tarfile.TarFile, relative: str, items: Sequence[WorkItem], listed: Mapping[Sample, bytes], extension: str
+    archive: tarfile.TarFile,
+    relative: str,
+    items: Sequence[PlannedSample],
+    listed: Mapping[Sample, bytes],
+    extension: str,
 ) -> list[bytes] | None:
     """`_unlisted_lines_of_finished_tar` on an open tar."""
     folders: dict[str, list[str]] = defaultdict(list)
@@ -305,8 +286,8 @@ class _Group:
     """Samples appended to `tar` so far (kept only when it is finished)."""
 
 
-class WebDatasetLayoutWriter(BackgroundWriter):
-    """Writes one shard's tars; the same interface as `dataset.writer.DatasetWriter` (submit, record_error, drain, close).
+class WebDatasetLayoutWriter(LayoutWriter):
+    """Writes one shard's tars (see the module's docstring).
 
     Images are encoded on worker threads (the bytes equal the folders layout's), a key's clean image once;
     `submit` blocks while too many samples are being encoded. The first worker failure is raised by the next
@@ -316,8 +297,8 @@ class WebDatasetLayoutWriter(BackgroundWriter):
     def __init__(
         self,
         out_dir: str | Path,
-        shard: ShardSpec,
-        items: Sequence[WorkItem],
+        shard: str,
+        items: Sequence[PlannedSample],
         samples_per_tar: int,
         fmt: ImageFormat = "png",
         quality: int = 95,
@@ -325,13 +306,13 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         workers: int = 2,
     ) -> None:
         super().__init__(workers, "mdsd3-tar")
-        self.layout = OutputLayout(out_dir, fmt)
+        self.layout = OutputPaths(out_dir, fmt)
         self.shard, self.fmt, self.quality, self.png_compress_level = shard, fmt, quality, png_compress_level
         self.extension = FORMAT_EXTENSIONS[fmt]
         self.written = self.errors = self.bytes_written = 0
         check_same_plan(self.layout.root, shard, items, samples_per_tar)
         finished = finished_groups(
-            self.layout.root, shard, items, samples_per_tar, self.extension, recorded_failures(self.layout.root, shard)
+            self.layout.root, shard, items, samples_per_tar, self.extension, recorded_failures(self.layout, shard)
         )  # read before _log truncates it
         self._listed = set(listed_tar_lines(self.layout.root, shard))
         self._groups: dict[int, _Group] = {}
@@ -345,10 +326,30 @@ class WebDatasetLayoutWriter(BackgroundWriter):
             for key in keys:
                 self._group_of[key] = index
                 self._keys[key] = _Key([item.folder for item in members if item.key == key])
-        self._log = DatasetWriter(out_dir, shard.name, fmt, quality, png_compress_level, workers=1)
+        self._log = ShardLog(self.layout, shard)
         restored = [line for index in sorted(finished) for line in finished[index]]
         if restored:
-            self._log.append_manifest_lines(restored)
+            self._log.append_records(restored)
+
+    @classmethod
+    def open(cls, out_dir: Path, shard: str, output: OutputSection, plan: Plan) -> WebDatasetLayoutWriter:
+        return cls(
+            out_dir,
+            shard,
+            plan(),
+            output.samples_per_tar,
+            output.format,
+            output.quality,
+            output.png_compress_level,
+            output.workers,
+        )
+
+    @classmethod
+    def completed(
+        cls, out_dir: Path, shard: str, output: OutputSection, plan: Plan
+    ) -> tuple[set[Sample], dict[str, ErrorLine]]:
+        """The samples of the shard's finished tars, and the recorded failed inputs of those tars (settled)."""
+        return completed_tar_samples(out_dir, shard, plan(), output.samples_per_tar, FORMAT_EXTENSIONS[output.format])
 
     def submit(self, record: Mapping[str, Any], clean: np.ndarray, degraded: np.ndarray) -> None:
         """Queue one sample of this shard's plan (`record` needs `key` and `folder`)."""
@@ -358,9 +359,7 @@ class WebDatasetLayoutWriter(BackgroundWriter):
         with self._lock:
             state = self._keys.get(key)
             if state is None or folder not in state.folders or folder in state.submitted:
-                raise ValueError(
-                    f"sample key={key!r} folder={folder!r} is not an unfinished sample of {self.shard.name}"
-                )
+                raise ValueError(f"sample key={key!r} folder={folder!r} is not an unfinished sample of {self.shard}")
             state.submitted.add(folder)
             if state.clean is None:
                 state.clean = self._pool.submit(self._encode, clean.copy())
@@ -371,8 +370,8 @@ class WebDatasetLayoutWriter(BackgroundWriter):
     def record_error(self, key: str | None, path: str | Path, reason: str) -> None:
         """Log a skipped input; its key is left out of its tar."""
         self._log.record_error(key, path, reason)
-        self.errors += 1
         with self._lock:
+            self.errors += 1
             if key in self._keys:
                 self._keys[key].skipped = True
                 self._pump(self._group_of[key])
@@ -440,6 +439,6 @@ class WebDatasetLayoutWriter(BackgroundWriter):
             group.next += 1
         if group.tar is not None:
             group.tar.close()
-            self._log.append_manifest_lines(group.lines)
+            self._log.append_records(group.lines)
         self.written += group.samples
         del self._groups[index]
