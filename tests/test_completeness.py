@@ -32,7 +32,7 @@ from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.recipe.generate import load_recipe
 
-from .tiny_datasets import PHOTOS, copy_dataset, write_recipe
+from .helpers import PHOTOS, copy_dataset, generate_recipe
 
 SHARD = "shard-00000-of-00001"
 runner = CliRunner()
@@ -60,7 +60,8 @@ def raise_killed() -> None:
 
 
 def recipe_at(tmp_path: Path, photos: Path, layout: str, per_tar: int = 1) -> Path:
-    return write_recipe(tmp_path / f"{layout}.yaml", photos, tmp_path / layout, layout=layout, samples_per_tar=per_tar)
+    overrides = f"output.layout={layout}", f"output.samples_per_tar={per_tar}"
+    return generate_recipe(tmp_path / f"{layout}.yaml", photos, tmp_path / layout, *overrides)
 
 
 def run(recipe: Path, *overrides: str):

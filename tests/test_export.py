@@ -24,7 +24,7 @@ from mdsd3_cli.export import webdataset as webdataset_format
 from mdsd3_cli.export.run import ExportError, run_export
 from mdsd3_cli.export.sample import flat_key
 
-from .tiny_datasets import FOLDERS, copy_dataset, generate, write_recipe
+from .helpers import FOLDERS, copy_dataset, generate, generate_recipe
 
 META_LINE = re.compile(r"^([^. ]+)\.png \((\d+),(\d+),3\) 1$")
 
@@ -122,8 +122,12 @@ def test_webdataset_export_reads_with_webdataset(folders_dataset, tmp_path):
 def test_webdataset_layout_output_exports_the_same_pairs(folders_dataset, tiny_photos, tmp_path):
     """A dataset generated straight into tars exports to the same images as its folders-layout twin."""
     generate(
-        write_recipe(
-            tmp_path / "recipe.yaml", tiny_photos, tmp_path / "in_tars", layout="webdataset", samples_per_tar=2
+        generate_recipe(
+            tmp_path / "recipe.yaml",
+            tiny_photos,
+            tmp_path / "in_tars",
+            "output.layout=webdataset",
+            "output.samples_per_tar=2",
         )
     )
     assert not (tmp_path / "in_tars" / "degraded").exists() and len(list((tmp_path / "in_tars" / "tars").iterdir())) > 1

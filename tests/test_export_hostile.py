@@ -34,7 +34,7 @@ from mdsd3_cli.export.staging import (
 )
 from mdsd3_cli.util.safe_names import safe_component
 
-from .tiny_datasets import FOLDERS, copy_dataset
+from .helpers import FOLDERS, copy_dataset
 
 PAIRS = 9  # 3 keys x 3 variant folders in the tiny dataset
 

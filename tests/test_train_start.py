@@ -28,7 +28,7 @@ from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 from mdsd3_cli.train.run import run_train
 from mdsd3_cli.train.step import FlowSchedule, flow_matching_loss, step_generator
 
-from .conftest import CLASSES
+from .helpers import CLASSES
 
 RES = 32
 START = FlowStart(alpha=0.3, beta=1.0)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.verify import verify_dataset
 
-from .tiny_datasets import FOLDERS, copy_dataset
+from .helpers import FOLDERS, copy_dataset
 
 
 def records(dataset: Path) -> list[dict]:
