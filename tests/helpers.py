@@ -47,10 +47,11 @@ TINY_RECIPE: dict[str, Any] = {
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
-def mdsd3(*args: object, check: bool = False) -> Result:
-    """`mdsd3 *args` in this process (typer's CliRunner: same commands, no interpreter start-up); `check` raises
-    on a non-zero exit. Tests about processes (kills, signals, concurrent shards) start one themselves."""
-    result = CliRunner().invoke(app, [str(arg) for arg in args])
+def mdsd3(*args: object, check: bool = False, env: dict[str, str] | None = None) -> Result:
+    """`mdsd3 *args` in this process (typer's CliRunner: same commands, no interpreter start-up), with `env` added
+    to the environment; `check` raises on a non-zero exit. Tests about processes (kills, signals, concurrent
+    shards) start one themselves."""
+    result = CliRunner().invoke(app, [str(arg) for arg in args], env=env)
     if check and result.exit_code != 0:
         raise AssertionError(f"mdsd3 {args} failed ({result.exit_code}):\n{result.output}\n{result.exception!r}")
     return result

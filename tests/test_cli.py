@@ -20,7 +20,6 @@ import torch
 import typer
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
 from mdsd3_cli import __version__
 from mdsd3_cli.cli import app
@@ -291,7 +290,7 @@ def test_check_speaks_of_limit_only_when_given(tmp_path):
 
 def test_every_command_summary_fits_one_line_of_an_80_column_help():
     names = sorted(typer.main.get_command(app).commands)
-    shown = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    shown = mdsd3("--help", env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
     assert shown.exit_code == 0, shown.output
     lines = shown.stdout.splitlines()
     start = next(index for index, line in enumerate(lines) if "Commands" in line)

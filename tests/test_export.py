@@ -15,16 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from PIL import Image
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.export import basicsr_lmdb
 from mdsd3_cli.export import parquet as parquet_format
 from mdsd3_cli.export import webdataset as webdataset_format
 from mdsd3_cli.export.run import ExportError, run_export
 from mdsd3_cli.export.sample import flat_key
 
-from .helpers import FOLDERS, copy_dataset, generate, generate_recipe
+from .helpers import FOLDERS, copy_dataset, generate, generate_recipe, mdsd3
 
 META_LINE = re.compile(r"^([^. ]+)\.png \((\d+),(\d+),3\) 1$")
 
@@ -182,7 +180,7 @@ def test_export_refuses_an_unfinished_dataset(folders_dataset, tmp_path):
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[1:]))
     with pytest.raises(ExportError, match="unfinished: .*1 of 9 pairs"):
         run_export(dataset, "parquet", tmp_path / "parquet")
-    result = CliRunner().invoke(app, ["export", "--dataset", str(dataset), "--to", "lmdb", str(tmp_path / "x")])
+    result = mdsd3("export", "--dataset", str(dataset), "--to", "lmdb", str(tmp_path / "x"))
     assert result.exit_code == 2 and "unfinished" in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "parquet").exists()
 
@@ -198,9 +196,7 @@ def test_export_refuses_damaged_images(folders_dataset, tmp_path):
 
 def test_lmdb_export_with_one_lq_database_reads_like_basicsr(folders_dataset, tmp_path):
     expected = folders_pairs(folders_dataset)
-    result = CliRunner().invoke(
-        app, ["export", "--dataset", str(folders_dataset), "--to", "lmdb", "--one-lq", str(tmp_path / "lmdb")]
-    )
+    result = mdsd3("export", "--dataset", str(folders_dataset), "--to", "lmdb", "--one-lq", str(tmp_path / "lmdb"))
     assert result.exit_code == 0, result.output
     gt, lq = tmp_path / "lmdb" / "gt.lmdb", tmp_path / "lmdb" / "lq.lmdb"
     assert sorted(p.name for p in (tmp_path / "lmdb").iterdir()) == ["gt.lmdb", "lq.lmdb"]
@@ -212,7 +208,7 @@ def test_lmdb_export_with_one_lq_database_reads_like_basicsr(folders_dataset, tm
     for line in (lq / "meta_info.txt").read_text().splitlines():
         name, height, width = META_LINE.match(line).groups()
         assert (int(height), int(width)) == (32, 32) and name in pair_keys
-    refused = CliRunner().invoke(
-        app, ["export", "--dataset", str(folders_dataset), "--to", "parquet", "--one-lq", str(tmp_path / "parquet")]
+    refused = mdsd3(
+        "export", "--dataset", str(folders_dataset), "--to", "parquet", "--one-lq", str(tmp_path / "parquet")
     )
     assert refused.exit_code == 2 and "lmdb layout" in refused.output and not (tmp_path / "parquet").exists()

@@ -22,28 +22,32 @@ from mdsd3_cli.generate.plan import (
 )
 from mdsd3_cli.recipe.generate import Recipe, parse_recipe
 
+from .helpers import recipe_data, yaml_text
+
 KEYS = ["b/photo2", "a", "c", "b/photo1", "d", "e", "f"]
 
 
+PLAN_RECIPE: dict[str, Any] = {
+    "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
+    "input": {"paths": ["."]},
+    "output": {"dir": "out"},
+    "sampling": {"seed": 0, "alpha": 1.0, "beta": 0.0},
+    "variants": [
+        {"name": "rain", "classes": {"rain": 1.0}},
+        {
+            "name": "mix",
+            "classes": {"rain": [0.3, 1.0], "haze": [0.0, 0.6], "noise": 0.5},
+            "repeats": 3,
+            "alpha": 0.9,
+            "beta": 0.4,
+        },
+    ],
+}
+
+
 def make_recipe(tmp_path: Path, variants: list[dict[str, Any]] | None = None, seed: int = 0) -> Recipe:
-    data = {
-        "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
-        "input": {"paths": ["."]},
-        "output": {"dir": "out"},
-        "sampling": {"seed": seed, "alpha": 1.0, "beta": 0.0},
-        "variants": variants
-        or [
-            {"name": "rain", "classes": {"rain": 1.0}},
-            {
-                "name": "mix",
-                "classes": {"rain": [0.3, 1.0], "haze": [0.0, 0.6], "noise": 0.5},
-                "repeats": 3,
-                "alpha": 0.9,
-                "beta": 0.4,
-            },
-        ],
-    }
-    return parse_recipe(data, tmp_path / "recipe.yaml")
+    overrides = [f"sampling.seed={seed}"] + ([f"variants={yaml_text(variants)}"] if variants else [])
+    return parse_recipe(recipe_data(*overrides, base=PLAN_RECIPE), tmp_path / "recipe.yaml")
 
 
 def sources(keys: list[str] = KEYS) -> list[tuple[str, Path]]:

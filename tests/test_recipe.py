@@ -22,6 +22,8 @@ from mdsd3_cli.recipe.generate import (
     load_recipe,
 )
 
+from .helpers import recipe_data, yaml_text
+
 VALID: dict[str, Any] = {
     "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
     "input": {"paths": ["photos/"]},
@@ -43,18 +45,8 @@ def write_recipe(folder: Path, data: Any) -> Path:
 
 
 def with_change(dotted: str, value: Any) -> dict[str, Any]:
-    """A deep copy of VALID with one field set (a `...` value deletes it)."""
-    data = copy.deepcopy(VALID)
-    *parents, last = dotted.split(".")
-    node: Any = data
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    slot: Any = int(last) if isinstance(node, list) else last
-    if value is ...:
-        del node[slot]
-    else:
-        node[slot] = value
-    return data
+    """A copy of VALID with one field set, as `--set dotted=value` sets it."""
+    return recipe_data(f"{dotted}={yaml_text(value)}", base=VALID)
 
 
 def make_adapter(folder: Path, classes: list[str], weights: bool = True) -> Path:
@@ -213,7 +205,9 @@ def test_input_globs_are_not_checked_and_paths_resolve(tmp_path: Path, monkeypat
 
 
 def test_classes_required_without_adapter(tmp_path: Path) -> None:
-    assert_error(write_recipe(tmp_path, with_change("model.classes", ...)), "model.classes")
+    data = copy.deepcopy(VALID)
+    del data["model"]["classes"]
+    assert_error(write_recipe(tmp_path, data), "model.classes")
 
 
 def test_missing_adapter(tmp_path: Path) -> None:
