@@ -4,7 +4,7 @@ the small readers of a dataset's files. Test modules import this; they never imp
 from __future__ import annotations
 
 import copy
-import json
+import math
 import shutil
 import struct
 import zlib
@@ -71,8 +71,11 @@ def assert_clean_error(result: Result, *fragments: str) -> str:
 
 
 def yaml_text(value: object) -> str:
-    """`value` as an override's YAML value (paths quoted, so spaces and colons stay text)."""
-    return json.dumps(str(value) if isinstance(value, Path) else value)
+    """`value` written as one line of YAML, for an override (`f"input.paths=[{yaml_text(path)}]"`)."""
+    text = yaml.safe_dump(
+        str(value) if isinstance(value, Path) else value, default_flow_style=True, sort_keys=False, width=math.inf
+    )
+    return text.removesuffix("...\n").strip()
 
 
 def recipe_data(*overrides: str, base: dict[str, Any] = TINY_RECIPE) -> dict[str, Any]:

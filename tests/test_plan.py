@@ -22,7 +22,7 @@ from mdsd3_cli.generate.plan import (
 )
 from mdsd3_cli.recipe.generate import Recipe, parse_recipe
 
-from .helpers import recipe_data, yaml_text
+from .helpers import generate_recipe, recipe_data, yaml_text
 
 KEYS = ["b/photo2", "a", "c", "b/photo1", "d", "e", "f"]
 
@@ -297,9 +297,7 @@ def test_generate_never_holds_the_whole_plan_in_the_folders_layout(tiny_photos, 
     from mdsd3_cli.generate.run import RunPlan, plan_run, run_generate
     from mdsd3_cli.recipe.generate import load_recipe
 
-    from .tiny_datasets import write_recipe
-
     monkeypatch.setattr(RunPlan, "mine", property(lambda run: pytest.fail("the whole plan was built")))
-    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out"))
+    recipe = load_recipe(generate_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out"))
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
     assert (summary.exit_code, summary.planned, summary.written) == (0, 3, 3)

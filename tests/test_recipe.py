@@ -45,8 +45,16 @@ def write_recipe(folder: Path, data: Any) -> Path:
 
 
 def with_change(dotted: str, value: Any) -> dict[str, Any]:
-    """A copy of VALID with one field set, as `--set dotted=value` sets it."""
-    return recipe_data(f"{dotted}={yaml_text(value)}", base=VALID)
+    """A copy of VALID with one field set as `--set dotted=value` sets it (a `...` value deletes it)."""
+    if value is not ...:
+        return recipe_data(f"{dotted}={yaml_text(value)}", base=VALID)
+    data = copy.deepcopy(VALID)
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    del node[int(last) if isinstance(node, list) else last]
+    return data
 
 
 def make_adapter(folder: Path, classes: list[str], weights: bool = True) -> Path:
@@ -205,9 +213,7 @@ def test_input_globs_are_not_checked_and_paths_resolve(tmp_path: Path, monkeypat
 
 
 def test_classes_required_without_adapter(tmp_path: Path) -> None:
-    data = copy.deepcopy(VALID)
-    del data["model"]["classes"]
-    assert_error(write_recipe(tmp_path, data), "model.classes")
+    assert_error(write_recipe(tmp_path, with_change("model.classes", ...)), "model.classes")
 
 
 def test_missing_adapter(tmp_path: Path) -> None:
