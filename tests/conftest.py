@@ -15,7 +15,7 @@ from mdsd3_cli.model.heads import all_prompts  # noqa: E402
 from mdsd3_cli.model.prompts import load_prompt_embeddings  # noqa: E402
 from mdsd3_cli.model.weights import build_tiny  # noqa: E402
 
-CLASSES = ["rain", "haze", "noise"]
+from .helpers import CLASSES  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -15,18 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
 from mdsd3_cli import DegradedPairs, Synthesizer
-from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.manifest import parse_record
 from mdsd3_cli.dataset.reader import manifest_files
 from mdsd3_cli.dataset.stored_images import record_image
 from mdsd3_cli.recipe.generate import RecipeError, load_recipe
 
-REPO = Path(__file__).resolve().parent.parent
+from .helpers import REPO, generate_recipe, mdsd3
 
 
 def _records(dataset: Path) -> list[dict]:
@@ -210,10 +207,13 @@ def test_the_recipe_refuses_alpha_and_beta_above_ten(tmp_path: Path, tiny_photos
         RecipeError,
         match=re.escape("sampling.alpha (from --set sampling.alpha=1000): Input should be less than or equal to 10"),
     ):
-        load_recipe(_recipe(tmp_path, tiny_photos, rain=1.0), ["sampling.alpha=1000"])
+        load_recipe(generate_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out"), ["sampling.alpha=1000"])
     with pytest.raises(RecipeError, match=re.escape("variants.0.beta (from --set variants.0.beta=10.5)")):
-        load_recipe(_recipe(tmp_path, tiny_photos, rain=1.0), ["variants.0.beta=10.5"])
-    assert load_recipe(_recipe(tmp_path, tiny_photos, rain=1.0), ["sampling.alpha=10", "sampling.beta=10"])
+        load_recipe(generate_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out"), ["variants.0.beta=10.5"])
+    assert load_recipe(
+        generate_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out"),
+        ["sampling.alpha=10", "sampling.beta=10"],
+    )
 
 
 @pytest.mark.parametrize(
@@ -353,21 +353,6 @@ def test_cpu_dataloader_workers_degrade_the_same_pairs(tiny_photos: Path, synth:
     assert torch.equal(batch["degraded"][1], pairs[1]["degraded"])
 
 
-def _recipe(folder: Path, tiny_photos: Path, **variant_classes: float) -> Path:
-    path = folder / "recipe.yaml"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
-                "input": {"paths": [str(tiny_photos)]},
-                "output": {"dir": str(folder / "out")},
-                "variants": [{"name": "v", "classes": variant_classes}],
-            }
-        )
-    )
-    return path
-
-
 def test_recipe_unknown_class_suggests_the_closest(tmp_path: Path, tiny_photos: Path) -> None:
     with pytest.raises(
         RecipeError,
@@ -376,7 +361,9 @@ def test_recipe_unknown_class_suggests_the_closest(tmp_path: Path, tiny_photos: 
             "did you mean 'rain'? known classes: ['rain', 'haze', 'noise']"
         ),
     ):
-        load_recipe(_recipe(tmp_path, tiny_photos, rian=1.0))
+        load_recipe(
+            generate_recipe(tmp_path / "r.yaml", tiny_photos, tmp_path / "out", "variants.rain.classes={rian: 1.0}")
+        )
 
 
 def test_tables_are_not_cut_without_a_terminal(
@@ -386,7 +373,7 @@ def test_tables_are_not_cut_without_a_terminal(
     monkeypatch.delenv("COLUMNS", raising=False)
     folder = tmp_path / ("long_folder_name_" * 8)
     folder.mkdir()
-    result = CliRunner().invoke(app, ["check", "--config", str(_recipe(folder, tiny_photos, rain=1.0))])
+    result = mdsd3("check", "--config", generate_recipe(folder / "recipe.yaml", tiny_photos, folder / "out"))
     assert result.exit_code == 0, result.output
     assert str(folder / "out") in result.output
 

@@ -21,18 +21,16 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
 from mdsd3_cli.calibrate import calibrate
 from mdsd3_cli.calibrate.fit import Curve, invert, isotonic, quantile_mapping
-from mdsd3_cli.cli import app
 from mdsd3_cli.evaluate import EvaluateError
 from mdsd3_cli.generate.plan import build_plan
 from mdsd3_cli.pipeline.requests import draw_ratios
 from mdsd3_cli.recipe.generate import QuantileRatio, RecipeError, load_recipe, parse_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO / "examples" / "photos"
+from .helpers import EXAMPLE_PHOTOS, REPO, mdsd3, write_recipe
+
 MATCHED = ("haze", "noise", "low_light")
 
 
@@ -53,13 +51,9 @@ def _write_recipe(folder: Path) -> Path:
     photos = folder / "photos"
     photos.mkdir(parents=True)
     for name in ("rocket.jpg", "astronaut.jpg"):
-        (photos / name).write_bytes((PHOTOS / name).read_bytes())
-    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    data["input"].update({"paths": ["photos"], "size": 64})
-    data["output"]["dir"] = "out"
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+        (photos / name).write_bytes((EXAMPLE_PHOTOS / name).read_bytes())
+    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    return write_recipe(folder / "recipe.yaml", "input.paths=[photos]", "input.size=64", "output.dir=out", base=demo)
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +136,7 @@ def test_calibrating_twice_is_stable(calibrated, setup, synth):
 def test_quantile_ratio_draw_is_deterministic_per_seed_and_within_0_1(tmp_path):
     data = {
         "model": {"base": "tiny", "classes": ["rain", "haze"]},
-        "input": {"paths": [str(PHOTOS)]},
+        "input": {"paths": [str(EXAMPLE_PHOTOS)]},
         "output": {"dir": str(tmp_path / "out")},
         "variants": [
             {"name": "q", "classes": {"haze": {"quantiles": [0.0, 0.05, 0.1, 0.6, 1.0]}, "rain": 0.5}, "repeats": 50},
@@ -218,56 +212,47 @@ def test_cli_reports_classes_left_as_given_and_refuses_to_overwrite(setup, tmp_p
     recipe = setup[0]
     reference = write_reference(tmp_path / "reference", classes=("noise",))
     out = tmp_path / "result" / "left.yaml"
-    result = CliRunner().invoke(
-        app,
-        [
-            "calibrate",
-            "--config",
-            str(recipe),
-            "--reference",
-            str(reference),
-            "--classes",
-            "rain,haze",
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-        ],
+    result = mdsd3(
+        "calibrate",
+        "--config",
+        str(recipe),
+        "--reference",
+        str(reference),
+        "--classes",
+        "rain,haze",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
     )
     assert result.exit_code == 1, result.output
     assert "absent" in result.output and "degraded/haze" in result.output
     assert yaml.safe_load(out.read_text())["variants"] == yaml.safe_load(recipe.read_text())["variants"]
     assert sorted(os.listdir(out.parent)) == ["left.report.json", "left.yaml"]
-    again = CliRunner().invoke(
-        app,
-        [
-            "calibrate",
-            "--config",
-            str(recipe),
-            "--reference",
-            str(reference),
-            "--classes",
-            "haze",
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-        ],
+    again = mdsd3(
+        "calibrate",
+        "--config",
+        str(recipe),
+        "--reference",
+        str(reference),
+        "--classes",
+        "haze",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
     )
     assert again.exit_code == 2 and "exists" in again.output
-    unknown = CliRunner().invoke(
-        app,
-        [
-            "calibrate",
-            "--config",
-            str(recipe),
-            "--reference",
-            str(reference),
-            "--classes",
-            "hazy",
-            "--out",
-            str(tmp_path / "x.yaml"),
-        ],
+    unknown = mdsd3(
+        "calibrate",
+        "--config",
+        str(recipe),
+        "--reference",
+        str(reference),
+        "--classes",
+        "hazy",
+        "--out",
+        str(tmp_path / "x.yaml"),
     )
     assert unknown.exit_code == 2 and "haze" in unknown.output
 
@@ -279,7 +264,7 @@ def _unchanged_reference(root: Path, count: int = 4) -> Path:
     for folder in ("clean", "degraded/haze"):
         (root / folder).mkdir(parents=True)
     for index in range(count):
-        pixels = fit_image(Image.open(PHOTOS / "chelsea.jpg"), 64 + 8 * index, "center_crop").pixels
+        pixels = fit_image(Image.open(EXAMPLE_PHOTOS / "chelsea.jpg"), 64 + 8 * index, "center_crop").pixels
         for folder in ("clean", "degraded/haze"):
             Image.fromarray(pixels).save(root / folder / f"chelsea_{index}.png")
     return root
@@ -350,40 +335,34 @@ def test_a_full_disk_writes_none_of_the_three_files_and_the_rerun_goes_on(setup,
         return real_fdopen(descriptor, mode, *arguments, **options)
 
     monkeypatch.setattr(atomic.os, "fdopen", full_for_the_report)
-    result = CliRunner().invoke(
-        app,
-        [
-            "calibrate",
-            "--config",
-            str(recipe),
-            "--reference",
-            str(reference),
-            "--classes",
-            "rain,haze",
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-        ],
+    result = mdsd3(
+        "calibrate",
+        "--config",
+        str(recipe),
+        "--reference",
+        str(reference),
+        "--classes",
+        "rain,haze",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
     )
     assert result.exit_code == 2 and "the disk is full" in result.output, result.output
     assert os.listdir(out.parent) == []  # before: left.yaml stayed, and the rerun below was refused
     monkeypatch.undo()
-    again = CliRunner().invoke(
-        app,
-        [
-            "calibrate",
-            "--config",
-            str(recipe),
-            "--reference",
-            str(reference),
-            "--classes",
-            "rain,haze",
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-        ],
+    again = mdsd3(
+        "calibrate",
+        "--config",
+        str(recipe),
+        "--reference",
+        str(reference),
+        "--classes",
+        "rain,haze",
+        "--out",
+        str(out),
+        "--workers",
+        "1",
     )
     assert again.exit_code == 1, again.output
     assert sorted(os.listdir(out.parent)) == ["left.report.json", "left.yaml"]

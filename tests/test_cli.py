@@ -20,7 +20,6 @@ import torch
 import typer
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
 
 from mdsd3_cli import __version__
 from mdsd3_cli.cli import app
@@ -32,44 +31,17 @@ from mdsd3_cli.model.weights import build_tiny
 from mdsd3_cli.pipeline.pipeline import SamplingMemoryError
 from mdsd3_cli.recipe.generate import example_recipe_text, load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
-PHOTOS = REPO / "examples" / "photos"
+from .helpers import EXAMPLE_PHOTOS, REPO, assert_clean_error, mdsd3, recipe_data, write_recipe, yaml_text
+
+PHOTOS = EXAMPLE_PHOTOS
 CONFIGS = REPO / "configs"
-runner = CliRunner()
-
-
-def mdsd3(*args: str | os.PathLike):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def assert_clean_error(result, *fragments: str) -> str:
-    """Exit status 2, no traceback, and every fragment verbatim in the error output."""
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
-    return result.stderr
-
-
-def write_recipe(path: Path, **changes: Any) -> Path:
-    """A small generate recipe on the repository's photos; `changes` maps dotted fields to values."""
-    data: dict[str, Any] = {
-        "model": {"base": "tiny", "classes": ["rain", "haze", "noise"], "prompt_cache": "prompts"},
-        "input": {"paths": [str(PHOTOS)], "size": 32},
-        "output": {"dir": "out"},
-        "sampling": {"steps": 2, "guidance": 3.0, "seed": 1, "batch_size": 2},
-        "variants": [{"name": "rain", "classes": {"rain": 1.0}}, {"name": "mix", "classes": {"haze": [0.2, 0.8]}}],
-    }
-    for dotted, value in changes.items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[leaf] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+RECIPE = recipe_data(
+    "model.prompt_cache=prompts",
+    f"input.paths=[{yaml_text(PHOTOS)}]",
+    "sampling={steps: 2, guidance: 3.0, seed: 1, batch_size: 2}",
+    "variants.mix={name: mix, classes: {haze: [0.2, 0.8]}}",
+)
+"""A small generate recipe on the repository's photos, its output and prompt cache beside the recipe file."""
 
 
 # ------------------------------------------------------------------------------------- failed inputs
@@ -107,11 +79,10 @@ def test_check_decode_lists_the_inputs_generate_fails_and_generate_names_them(tm
     failing = write_inputs(inputs)
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        **{
-            "input.paths": [str(inputs)],
-            "output.layout": layout,
-            "variants": [{"name": "rain", "classes": {"rain": 1.0}}],
-        },
+        f"input.paths=[{yaml_text(inputs)}]",
+        f"output.layout={layout}",
+        "variants=[{name: rain, classes: {rain: 1.0}}]",
+        base=RECIPE,
     )
     checked = mdsd3("check", "--config", recipe)
     assert checked.exit_code == 0, checked.output
@@ -136,7 +107,7 @@ def test_check_decode_lists_the_inputs_generate_fails_and_generate_names_them(tm
 
 
 def test_check_decode_passes_clean_inputs_and_is_for_generate_recipes(tmp_path, train_recipe):
-    recipe = write_recipe(tmp_path / "r.yaml")
+    recipe = write_recipe(tmp_path / "r.yaml", base=RECIPE)
     decoded = mdsd3("check", "--config", recipe, "--decode")
     assert decoded.exit_code == 0, decoded.output
     count = len([path for path in PHOTOS.iterdir() if not path.name.startswith(".")])
@@ -150,7 +121,7 @@ def test_a_piped_check_prints_tables_and_paths_in_full(tmp_path):
     folder = tmp_path / ("a_long_folder_name_" * 6)
     inputs = folder / "inputs"
     write_inputs(inputs)
-    recipe = write_recipe(folder / "r.yaml", **{"input.paths": [str(inputs)]})
+    recipe = write_recipe(folder / "r.yaml", f"input.paths=[{yaml_text(inputs)}]", base=RECIPE)
     environment = {name: value for name, value in os.environ.items() if name != "COLUMNS"}
     environment["PYTHONPATH"] = os.pathsep.join([str(REPO), environment.get("PYTHONPATH", "")])
     result = subprocess.run(
@@ -172,9 +143,8 @@ def test_a_piped_check_prints_tables_and_paths_in_full(tmp_path):
 def unguided(tmp_path_factory) -> Path:
     """`mdsd3 generate` with guidance 1 on one photo: no unconditional branch, so no empty prompt either."""
     folder = tmp_path_factory.mktemp("unguided")
-    result = mdsd3(
-        "generate", "--config", write_recipe(folder / "r.yaml", **{"sampling.guidance": 1.0}), "--limit", "1"
-    )
+    recipe = write_recipe(folder / "r.yaml", "sampling.guidance=1.0", base=RECIPE)
+    result = mdsd3("generate", "--config", recipe, "--limit", "1")
     assert result.exit_code == 0, (result.output, result.exception)
     return folder
 
@@ -197,10 +167,10 @@ def test_yaml_error_and_paths_with_brackets_are_printed_verbatim(tmp_path):
     message = assert_clean_error(mdsd3("check", "--config", broken), str(broken), "classes: [rain", "^")
     assert "invalid YAML" in message
 
-    missing = write_recipe(folder / "r.yaml", **{"input.paths": ["shots[raw]"]})
+    missing = write_recipe(folder / "r.yaml", 'input.paths=["shots[raw]"]', base=RECIPE)
     assert_clean_error(mdsd3("check", "--config", missing), str(folder / "shots[raw]"))
 
-    named = write_recipe(folder / "n.yaml")
+    named = write_recipe(folder / "n.yaml", base=RECIPE)
     assert_clean_error(
         mdsd3("check", "--config", named, "--set", "variants.0.name='[bold]x y'"),
         "'[bold]x y' is not a plain folder name",
@@ -210,7 +180,9 @@ def test_yaml_error_and_paths_with_brackets_are_printed_verbatim(tmp_path):
 def test_check_prints_values_in_its_plan_verbatim(tmp_path):
     recipe = write_recipe(
         tmp_path / "r.yaml",
-        **{"model.classes": ["[bold]", "a]b["], "variants": [{"name": "v", "classes": {"[bold]": 1.0}}]},
+        'model.classes=["[bold]", "a]b["]',
+        'variants=[{name: v, classes: {"[bold]": 1.0}}]',
+        base=RECIPE,
     )
     result = mdsd3("check", "--config", recipe)
     assert result.exit_code == 0, result.output
@@ -221,24 +193,21 @@ def test_check_prints_values_in_its_plan_verbatim(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("changes", "fragment"),
+    ("change", "fragment"),
     [
-        ({"variants.0.repeats": 10**8}, "variants.0.repeats: Input should be less than or equal to 1000"),
-        (
-            {"model.device": "cuda:99999999999999999999"},
-            "model.device: 'cuda:99999999999999999999' is not a device name",
-        ),
-        ({"model.base": "/"}, "model.base: / is not a diffusers-format SD3 folder"),
+        ("variants.0.repeats=100000000", "variants.0.repeats: Input should be less than or equal to 1000"),
+        ("model.device=cuda:99999999999999999999", "model.device: 'cuda:99999999999999999999' is not a device name"),
+        ("model.base=/", "model.base: / is not a diffusers-format SD3 folder"),
     ],
 )
-def test_check_refuses_what_generate_could_not_run(tmp_path, changes, fragment):
-    recipe = write_recipe(tmp_path / "r.yaml", **changes)
+def test_check_refuses_what_generate_could_not_run(tmp_path, change, fragment):
+    recipe = write_recipe(tmp_path / "r.yaml", change, base=RECIPE)
     assert_clean_error(mdsd3("check", "--config", recipe), f"{recipe}: {fragment}")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_recipe_error(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", **{"model.device": "cuda:0"})
+    recipe = write_recipe(tmp_path / "r.yaml", "model.device=cuda:0", base=RECIPE)
     for command in ("check", "generate"):
         assert_clean_error(
             mdsd3(command, "--config", recipe),
@@ -253,12 +222,12 @@ def test_hostile_recipe_files(tmp_path):
     deep.write_text("seed: " + "[" * 600 + "]" * 600 + "\n")
     assert_clean_error(mdsd3("check", "--config", deep), f"{deep}: line 1: invalid recipe: nested deeper than")
     os.mkfifo(tmp_path / "pipe")
-    recipe = write_recipe(tmp_path / "r.yaml", **{"input.paths": ["pipe"]})
+    recipe = write_recipe(tmp_path / "r.yaml", "input.paths=[pipe]", base=RECIPE)
     assert_clean_error(mdsd3("check", "--config", recipe), "input.paths.0: not a regular file or folder")
 
 
 def test_set_errors_say_they_came_from_set(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml")
+    recipe = write_recipe(tmp_path / "r.yaml", base=RECIPE)
     assert_clean_error(
         mdsd3("check", "--config", recipe, "--set", "sampling.steps=abc"),
         f"{recipe}: sampling.steps (from --set sampling.steps=abc): Input should be a valid integer",
@@ -276,7 +245,7 @@ def test_cpu_out_of_memory_backs_off_then_says_what_to_change(tmp_path, monkeypa
         return original(self, pixels, requests, *args, pad_to=pad_to, **kwargs)
 
     monkeypatch.setattr(MDSD3Sampler, "generate", cpu_allocator)
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", **{"sampling.batch_size": 100000}))
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", "sampling.batch_size=100000", base=RECIPE))
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
     assert summary.written == 2 and summary.batch_size == 1 and calls[0] == 100000 and calls[-1] == 1
 
@@ -284,7 +253,7 @@ def test_cpu_out_of_memory_backs_off_then_says_what_to_change(tmp_path, monkeypa
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(MDSD3Sampler, "generate", always)
-    again = load_recipe(write_recipe(tmp_path / "again.yaml", **{"output.dir": "out2"}))
+    again = load_recipe(write_recipe(tmp_path / "again.yaml", "output.dir=out2", base=RECIPE))
     with pytest.raises(SamplingMemoryError, match="out of memory on cpu at batch size 1 with 32x32 images"):
         run_generate(plan_run(again, ShardSpec(0, 1), limit=1))
 
@@ -313,7 +282,7 @@ def test_version_and_bare_command():
 
 
 def test_check_speaks_of_limit_only_when_given(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml")
+    recipe = write_recipe(tmp_path / "r.yaml", base=RECIPE)
     checked = mdsd3("check", "--config", recipe)
     assert checked.exit_code == 0 and "--limit" not in checked.stdout and "samples in plan" in checked.stdout
     dry = mdsd3("generate", "--config", recipe, "--dry-run", "--limit", "2")
@@ -322,7 +291,7 @@ def test_check_speaks_of_limit_only_when_given(tmp_path):
 
 def test_every_command_summary_fits_one_line_of_an_80_column_help():
     names = sorted(typer.main.get_command(app).commands)
-    shown = runner.invoke(app, ["--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+    shown = mdsd3("--help", env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
     assert shown.exit_code == 0, shown.output
     lines = shown.stdout.splitlines()
     start = next(index for index, line in enumerate(lines) if "Commands" in line)
@@ -332,7 +301,7 @@ def test_every_command_summary_fits_one_line_of_an_80_column_help():
 
 
 def test_check_plans_the_slurm_array_task_as_generate_does(tmp_path, monkeypatch):
-    recipe = write_recipe(tmp_path / "r.yaml")
+    recipe = write_recipe(tmp_path / "r.yaml", base=RECIPE)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
     checked, dry = mdsd3("check", "--config", recipe), mdsd3("generate", "--config", recipe, "--dry-run")
@@ -357,7 +326,7 @@ def test_preview_of_a_missing_folder_and_of_small_images(unguided, tmp_path):
 
 
 def test_info_parameter_counts_add_up(tmp_path):
-    result = mdsd3("info", "--config", write_recipe(tmp_path / "r.yaml"))
+    result = mdsd3("info", "--config", write_recipe(tmp_path / "r.yaml", base=RECIPE))
     assert result.exit_code == 0, result.output
     counts = dict(re.findall(r"parameters: ([^│]+?)\s*│\s*([\d,]+)", result.stdout))
     numbers = {name: int(value.replace(",", "")) for name, value in counts.items()}

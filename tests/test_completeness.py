@@ -18,9 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.ownership import shard_lock
 from mdsd3_cli.dataset.verify import verify_dataset
 from mdsd3_cli.export import run as export_run
@@ -32,10 +30,9 @@ from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline
 from mdsd3_cli.recipe.generate import load_recipe
 
-from .tiny_datasets import PHOTOS, copy_dataset, write_recipe
+from .helpers import PHOTOS, copy_dataset, generate_recipe, mdsd3
 
 SHARD = "shard-00000-of-00001"
-runner = CliRunner()
 
 
 class Killed(Exception):
@@ -60,7 +57,8 @@ def raise_killed() -> None:
 
 
 def recipe_at(tmp_path: Path, photos: Path, layout: str, per_tar: int = 1) -> Path:
-    return write_recipe(tmp_path / f"{layout}.yaml", photos, tmp_path / layout, layout=layout, samples_per_tar=per_tar)
+    overrides = f"output.layout={layout}", f"output.samples_per_tar={per_tar}"
+    return generate_recipe(tmp_path / f"{layout}.yaml", photos, tmp_path / layout, *overrides)
 
 
 def run(recipe: Path, *overrides: str):
@@ -90,7 +88,7 @@ def test_a_killed_run_is_unfinished_for_verify_and_export(tiny_photos, tmp_path,
     monkeypatch.undo()
     out = tmp_path / layout
     assert unfinished(out) == [f"{SHARD}: unfinished, 3 of 9 samples recorded (rerun generate)"]
-    result = runner.invoke(app, ["verify", "--dataset", str(out)])
+    result = mdsd3("verify", "--dataset", str(out))
     assert result.exit_code == 1 and "unfinished" in result.output, result.output
     with pytest.raises(ExportError, match="3 of 9 samples recorded.*--partial"):
         run_export(out, "webdataset", tmp_path / "refused")
@@ -111,7 +109,7 @@ def test_verify_and_export_see_a_live_generate(folders_dataset, tmp_path):
         assert unfinished(dataset) == [
             f"{SHARD}: a generate is writing it now (PID {os.getpid()}), 9 of 9 samples so far"
         ]
-        assert runner.invoke(app, ["verify", "--dataset", str(dataset)]).exit_code == 1
+        assert mdsd3("verify", "--dataset", str(dataset)).exit_code == 1
         with pytest.raises(ExportError, match="a generate is writing it now"):
             run_export(dataset, "webdataset", tmp_path / "refused")
     assert verify_dataset(dataset, workers=2).ok
@@ -263,13 +261,13 @@ def damage_export(folder: Path, to: str) -> str:
 def test_verify_checks_an_export_against_its_own_metadata(folders_dataset, tmp_path, to):
     exported = tmp_path / to
     run_export(folders_dataset, to, exported)
-    result = runner.invoke(app, ["verify", "--dataset", str(exported)])
+    result = mdsd3("verify", "--dataset", str(exported))
     assert result.exit_code == 0 and f"{to} export" in result.output, result.output
     report = verify_export(exported)
     assert report.ok and report.files == (12 if to == "webdataset" else 18 if to == "parquet" else 12), report.problems
     kind = damage_export(exported, to)
     assert kind in {problem.kind for problem in verify_export(exported).problems}
-    assert runner.invoke(app, ["verify", "--dataset", str(exported)]).exit_code == 1
+    assert mdsd3("verify", "--dataset", str(exported)).exit_code == 1
 
 
 def test_verify_reports_a_partial_export(folders_dataset, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from .tiny_datasets import write_recipe
+from .helpers import generate_recipe
 
 STOPPING = "SIGINT: stopping after this batch… (Ctrl-C again to stop at once)"
 
@@ -26,7 +26,7 @@ def _lines(stream, into: queue.Queue) -> None:
 
 def test_first_ctrl_c_says_it_stops_after_the_batch_and_a_second_exits_130(tiny_photos, tmp_path: Path):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_photos, out)
+    recipe = generate_recipe(tmp_path / "r.yaml", tiny_photos, out)
     data = yaml.safe_load(recipe.read_text())
     data["sampling"].update(steps=8, batch_size=1)  # batches long enough for the second Ctrl-C to land in one
     recipe.write_text(yaml.safe_dump(data))

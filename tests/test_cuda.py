@@ -11,7 +11,7 @@ from mdsd3_cli.model.prompts import load_prompt_embeddings
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
 from mdsd3_cli.model.weights import build_model, build_tiny, fresh_adapter_config
 
-from .conftest import CLASSES
+from .helpers import CLASSES
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -13,22 +13,22 @@ from mdsd3_cli.model.prompts import load_prompt_embeddings
 from mdsd3_cli.model.weights import fingerprint_base
 from mdsd3_cli.recipe.generate import load_recipe
 
-from .test_generate import dataset_files, manifest_lines, write_photos, write_recipe
+from .helpers import dataset_files, generate_recipe, manifest_lines, photo_files, write_photos
 
 BUSY_LOOPS = 2
 
 
 def test_concurrent_shards_under_cpu_load_reproduce_the_quiet_run(tmp_path, monkeypatch):
-    photos = write_photos(tmp_path / "photos", ["astronaut", "coffee", "chelsea"])
-    settings = {"input__size": 32, "sampling__steps": 2, "sampling__batch_size": 2}
+    photos = write_photos(tmp_path / "photos", photo_files("astronaut", "coffee", "chelsea"))
+    settings = "sampling.batch_size=2", "variants.mix.repeats=1"
     monkeypatch.setenv("MDSD3_PROMPT_CACHE", str(tmp_path / "quiet_cache"))
-    quiet = load_recipe(write_recipe(tmp_path / "quiet.yaml", photos, tmp_path / "quiet", **settings))
+    quiet = load_recipe(generate_recipe(tmp_path / "quiet.yaml", photos, tmp_path / "quiet", *settings))
     run_generate(plan_run(quiet, ShardSpec(0, 1)))
 
     # Another history: the unconditional prompt was cached alone, before any run needed the others.
     loaded_cache = tmp_path / "loaded_cache"
     load_prompt_embeddings("tiny", fingerprint_base("tiny"), [""], loaded_cache)
-    recipe = write_recipe(tmp_path / "loaded.yaml", photos, tmp_path / "loaded", **settings)
+    recipe = generate_recipe(tmp_path / "loaded.yaml", photos, tmp_path / "loaded", *settings)
     environment = {**os.environ, "MDSD3_PROMPT_CACHE": str(loaded_cache)}
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(BUSY_LOOPS)]
     try:

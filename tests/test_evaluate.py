@@ -17,9 +17,7 @@ from rich.console import Console
 from scipy import stats
 from skimage import data
 from skimage.metrics import structural_similarity
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.evaluate import (
     CLASS_ESTIMATORS,
     CLASS_SCALES,
@@ -36,7 +34,7 @@ from mdsd3_cli.evaluate.estimators import Pair, blur_loss, haze_veil, low_light_
 from mdsd3_cli.evaluate.report import classes_table
 from mdsd3_cli.evaluate.runner import retain_freed_memory
 
-from .tiny_datasets import copy_dataset, generate, write_recipe
+from .helpers import copy_dataset, generate, generate_recipe, mdsd3
 
 SIZE = 128
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -248,10 +246,6 @@ def test_selectivity_counts_only_rises_of_other_classes(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the command end to end
 
 
-def run_cli(*args: str):
-    return CliRunner().invoke(app, list(args), catch_exceptions=False)
-
-
 def write_pairs(root: Path, sigma: float, names=("astronaut", "chelsea", "coffee", "rocket")) -> Path:
     for index, name in enumerate(names):
         clean = photo(name, 64)
@@ -266,7 +260,7 @@ def test_pairs_folders_with_bad_files_and_a_shifted_against_set(tmp_path: Path) 
     (ten / "clean" / "broken.png").write_bytes(b"not a png")
     (ten / "degraded" / "broken.png").write_bytes((ten / "degraded" / "rocket.png").read_bytes())
     out = tmp_path / "report"
-    result = run_cli(
+    result = mdsd3(
         "evaluate",
         "--pairs",
         str(ten / "clean"),
@@ -297,11 +291,11 @@ def test_pairs_folders_with_bad_files_and_a_shifted_against_set(tmp_path: Path) 
 
 def test_empty_or_missing_datasets_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "empty" / "manifest").mkdir(parents=True)
-    result = run_cli("evaluate", "--dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
+    result = mdsd3("evaluate", "--dataset", str(tmp_path / "empty"), "--out", str(tmp_path / "r"))
     assert result.exit_code == 2 and "no pairs to evaluate" in result.output and "Traceback" not in result.output
-    result = run_cli("evaluate", "--dataset", str(tmp_path / "nowhere"))
+    result = mdsd3("evaluate", "--dataset", str(tmp_path / "nowhere"))
     assert result.exit_code == 2 and "not a folder" in result.output
-    result = run_cli("evaluate")
+    result = mdsd3("evaluate")
     assert result.exit_code == 2 and "exactly one of" in result.output
     with pytest.raises(EvaluateError, match="none of its 1 pairs could be read"):
         root = tmp_path / "unreadable"
@@ -336,7 +330,7 @@ def test_tiny_preset_output_in_two_shards_with_a_partial_run(folders_dataset: Pa
 
 
 def test_webdataset_layout_measures_the_same_pairs(folders_dataset: Path, tiny_photos: Path, tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "wds", layout="webdataset")
+    recipe = generate_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "wds", "output.layout=webdataset")
     generate(recipe)
     assert not (tmp_path / "wds" / "degraded").exists() and list((tmp_path / "wds" / "tars").iterdir())
     in_folders, in_tars = (

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.evaluate import classical, measure_pair
 from mdsd3_cli.evaluate.estimators import Pair, seam_ratio
+
+from .helpers import mdsd3
 
 SIZE, GRID = 128, 8
 
@@ -62,20 +62,17 @@ def test_evaluate_reports_the_seam_median_per_variant(tmp_path: Path) -> None:
         Image.fromarray(clean).save(tmp_path / "clean" / f"{name}.png")
         Image.fromarray(blocky(clean, grid=16)).save(tmp_path / "degraded" / f"{name}.png")
     out = tmp_path / "report"
-    result = CliRunner().invoke(
-        app,
-        [
-            "evaluate",
-            "--pairs",
-            str(tmp_path / "clean"),
-            str(tmp_path / "degraded"),
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-            "--seam-grid",
-            "16",
-        ],
+    result = mdsd3(
+        "evaluate",
+        "--pairs",
+        str(tmp_path / "clean"),
+        str(tmp_path / "degraded"),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--seam-grid",
+        "16",
     )
     assert result.exit_code == 0, result.output
     assert "seam" in result.stdout
@@ -84,9 +81,7 @@ def test_evaluate_reports_the_seam_median_per_variant(tmp_path: Path) -> None:
     (variant,) = report["dataset"]["variants"].values()
     assert variant["measures"]["seam"]["median"] > 1.1
     assert "seam" in (out / "samples.csv").read_text().splitlines()[0].split(",")
-    refused = CliRunner().invoke(
-        app, ["evaluate", "--pairs", str(tmp_path / "clean"), str(tmp_path / "degraded"), "--seam-grid", "1"]
-    )
+    refused = mdsd3("evaluate", "--pairs", str(tmp_path / "clean"), str(tmp_path / "degraded"), "--seam-grid", "1")
     assert refused.exit_code == 2
 
 
@@ -108,18 +103,15 @@ def test_a_clean_image_without_steps_across_the_grid_gives_nan_not_a_lost_run(tm
     Image.fromarray(coffee).save(tmp_path / "clean" / "coffee.png")
     Image.fromarray(blocky(coffee)).save(tmp_path / "degraded" / "coffee.png")
     out = tmp_path / "report"
-    result = CliRunner().invoke(
-        app,
-        [
-            "evaluate",
-            "--pairs",
-            str(tmp_path / "clean"),
-            str(tmp_path / "degraded"),
-            "--out",
-            str(out),
-            "--workers",
-            "1",
-        ],
+    result = mdsd3(
+        "evaluate",
+        "--pairs",
+        str(tmp_path / "clean"),
+        str(tmp_path / "degraded"),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
     )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())

@@ -15,16 +15,14 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from PIL import Image
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.tar_format import flat_key
 from mdsd3_cli.export import basicsr_lmdb
 from mdsd3_cli.export import parquet as parquet_format
 from mdsd3_cli.export import webdataset as webdataset_format
 from mdsd3_cli.export.run import ExportError, run_export
 
-from .tiny_datasets import FOLDERS, copy_dataset, generate, write_recipe
+from .helpers import FOLDERS, copy_dataset, generate, generate_recipe, mdsd3
 
 META_LINE = re.compile(r"^([^. ]+)\.png \((\d+),(\d+),3\) 1$")
 
@@ -122,8 +120,12 @@ def test_webdataset_export_reads_with_webdataset(folders_dataset, tmp_path):
 def test_webdataset_layout_output_exports_the_same_pairs(folders_dataset, tiny_photos, tmp_path):
     """A dataset generated straight into tars exports to the same images as its folders-layout twin."""
     generate(
-        write_recipe(
-            tmp_path / "recipe.yaml", tiny_photos, tmp_path / "in_tars", layout="webdataset", samples_per_tar=2
+        generate_recipe(
+            tmp_path / "recipe.yaml",
+            tiny_photos,
+            tmp_path / "in_tars",
+            "output.layout=webdataset",
+            "output.samples_per_tar=2",
         )
     )
     assert not (tmp_path / "in_tars" / "degraded").exists() and len(list((tmp_path / "in_tars" / "tars").iterdir())) > 1
@@ -178,7 +180,7 @@ def test_export_refuses_an_unfinished_dataset(folders_dataset, tmp_path):
     manifest.write_text("".join(manifest.read_text().splitlines(keepends=True)[1:]))
     with pytest.raises(ExportError, match="unfinished: .*1 of 9 pairs"):
         run_export(dataset, "parquet", tmp_path / "parquet")
-    result = CliRunner().invoke(app, ["export", "--dataset", str(dataset), "--to", "lmdb", str(tmp_path / "x")])
+    result = mdsd3("export", "--dataset", str(dataset), "--to", "lmdb", str(tmp_path / "x"))
     assert result.exit_code == 2 and "unfinished" in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "parquet").exists()
 
@@ -194,9 +196,7 @@ def test_export_refuses_damaged_images(folders_dataset, tmp_path):
 
 def test_lmdb_export_with_one_lq_database_reads_like_basicsr(folders_dataset, tmp_path):
     expected = folders_pairs(folders_dataset)
-    result = CliRunner().invoke(
-        app, ["export", "--dataset", str(folders_dataset), "--to", "lmdb", "--one-lq", str(tmp_path / "lmdb")]
-    )
+    result = mdsd3("export", "--dataset", str(folders_dataset), "--to", "lmdb", "--one-lq", str(tmp_path / "lmdb"))
     assert result.exit_code == 0, result.output
     gt, lq = tmp_path / "lmdb" / "gt.lmdb", tmp_path / "lmdb" / "lq.lmdb"
     assert sorted(p.name for p in (tmp_path / "lmdb").iterdir()) == ["gt.lmdb", "lq.lmdb"]
@@ -208,7 +208,7 @@ def test_lmdb_export_with_one_lq_database_reads_like_basicsr(folders_dataset, tm
     for line in (lq / "meta_info.txt").read_text().splitlines():
         name, height, width = META_LINE.match(line).groups()
         assert (int(height), int(width)) == (32, 32) and name in pair_keys
-    refused = CliRunner().invoke(
-        app, ["export", "--dataset", str(folders_dataset), "--to", "parquet", "--one-lq", str(tmp_path / "parquet")]
+    refused = mdsd3(
+        "export", "--dataset", str(folders_dataset), "--to", "parquet", "--one-lq", str(tmp_path / "parquet")
     )
     assert refused.exit_code == 2 and "lmdb layout" in refused.output and not (tmp_path / "parquet").exists()

@@ -17,9 +17,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.ownership import shard_lock
 from mdsd3_cli.dataset.tar_format import flat_key
 from mdsd3_cli.export import webdataset as webdataset_format
@@ -34,13 +32,13 @@ from mdsd3_cli.export.staging import (
 )
 from mdsd3_cli.util.safe_names import safe_component
 
-from .tiny_datasets import FOLDERS, copy_dataset
+from .helpers import FOLDERS, copy_dataset, mdsd3
 
 PAIRS = 9  # 3 keys x 3 variant folders in the tiny dataset
 
 
 def export_cli(*arguments: str) -> Any:
-    return CliRunner().invoke(app, ["export", *arguments])
+    return mdsd3("export", *arguments)
 
 
 def tree(folder: Path) -> dict[str, bytes]:

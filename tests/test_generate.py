@@ -14,12 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from skimage import data
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.run_record import OutputConflictError
 from mdsd3_cli.dataset.verify import verify_dataset
 from mdsd3_cli.generate.plan import ShardSpec
@@ -29,60 +26,24 @@ from mdsd3_cli.pipeline.pipeline import MDSD3Pipeline
 from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.util.images import load_image
 
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "cat"]
+from .helpers import (
+    dataset_files,
+    generate_recipe,
+    manifest_lines,
+    mdsd3,
+    photo_files,
+    recipe_data,
+    write_photos,
+    yaml_text,
+)
 
-
-def write_photos(folder: Path, names=PHOTOS) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
-    return folder
-
-
-def write_recipe(path: Path, inputs: Path, out: Path, **changes) -> Path:
-    recipe = {
-        "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
-        "input": {"paths": [str(inputs)], "size": 64},
-        "output": {"dir": str(out)},
-        "sampling": {"steps": 3, "guidance": 3.0, "alpha": 1.0, "beta": 0.3, "seed": 7, "batch_size": 3},
-        "variants": [
-            {"name": "rain", "classes": {"rain": 1.0}},
-            {"name": "mix", "classes": {"haze": [0.2, 0.8], "noise": 0.5}},
-        ],
-    }
-    for dotted, value in changes.items():
-        node = recipe
-        *parents, leaf = dotted.split("__")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def mdsd3(*args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """`mdsd3 *args` in this process (typer's CliRunner: same commands, no interpreter start-up); the tests that
-    need a real process (kills, concurrent shards, torchrun) start one themselves."""
-    invoked = CliRunner().invoke(app, list(args))
-    result = subprocess.CompletedProcess(args, invoked.exit_code, invoked.stdout, invoked.stderr)
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"mdsd3 {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}\n{invoked.exception!r}"
-        )
-    return result
-
-
-def dataset_files(out: Path) -> dict[str, bytes]:
-    """Every image under clean/ and degraded/, by relative path."""
-    return {
-        p.relative_to(out).as_posix(): p.read_bytes()
-        for p in sorted(out.rglob("*.png"))
-        if p.relative_to(out).parts[0] in ("clean", "degraded")
-    }
-
-
-def manifest_lines(out: Path) -> list[str]:
-    return [line for path in sorted((out / "manifest").glob("*.jsonl")) for line in path.read_text().splitlines()]
+PHOTOS = photo_files("astronaut", "coffee", "chelsea", "rocket", "camera", "cat")
+E2E_RECIPE = recipe_data(
+    "input.size=64",
+    "sampling={steps: 3, guidance: 3.0, alpha: 1.0, beta: 0.3, seed: 7, batch_size: 3}",
+    "variants.mix={name: mix, classes: {haze: [0.2, 0.8], noise: 0.5}}",
+)
+"""The tiny preset at 64 px, 3 steps: 2 samples per input (rain, mix)."""
 
 
 def leftovers(out: Path) -> list[str]:
@@ -91,14 +52,14 @@ def leftovers(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    return write_photos(tmp_path_factory.mktemp("photos"))
+    return write_photos(tmp_path_factory.mktemp("photos"), PHOTOS)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, photos) -> Path:
     """One uninterrupted CLI run: the dataset every interrupted run must reproduce."""
     root = tmp_path_factory.mktemp("reference")
-    recipe = write_recipe(root / "recipe.yaml", photos, root / "out")
+    recipe = generate_recipe(root / "recipe.yaml", photos, root / "out", base=E2E_RECIPE)
     result = mdsd3("generate", "--config", str(recipe), check=True)
     assert "written now" in result.stdout and "12" in result.stdout
     return root / "out"
@@ -154,12 +115,15 @@ def test_clean_images_are_exactly_what_the_model_was_given(tmp_path, photos, mon
 
     monkeypatch.setattr(MDSD3Sampler, "generate", spy)
     recipe = load_recipe(
-        write_recipe(
+        generate_recipe(
             tmp_path / "r.yaml",
             photos,
             tmp_path / "out",
-            input__resize="native",
-            input__paths=[str(photos / "coffee.png"), str(photos / "camera.png")],
+            "input.resize=native",
+            f"input.paths=[{yaml_text(photos / 'coffee.png')}, {yaml_text(photos / 'camera.png')}]",
+            "sampling.steps=1",  # what the model is given does not depend on what it does with it
+            "sampling.guidance=1.0",
+            base=E2E_RECIPE,
         )
     )
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
@@ -175,7 +139,7 @@ def test_clean_images_are_exactly_what_the_model_was_given(tmp_path, photos, mon
 def test_rerun_resumes_and_changes_nothing(reference, tmp_path, photos):
     before = dataset_files(reference)
     lines = manifest_lines(reference)
-    recipe = write_recipe(tmp_path / "again.yaml", photos, reference)
+    recipe = generate_recipe(tmp_path / "again.yaml", photos, reference, base=E2E_RECIPE)
     result = mdsd3("generate", "--config", str(recipe), check=True)
     assert "already done (resumed) │ 12" in result.stdout
     assert dataset_files(reference) == before and manifest_lines(reference) == lines
@@ -183,29 +147,29 @@ def test_rerun_resumes_and_changes_nothing(reference, tmp_path, photos):
 
 def test_resuming_with_another_batch_size_is_refused(reference, tmp_path, photos):
     """The batch size changes the last bits of CPU results, so it is part of the run's identity."""
-    recipe = write_recipe(tmp_path / "r.yaml", photos, reference, sampling__batch_size=5)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, reference, "sampling.batch_size=5", base=E2E_RECIPE)
     result = mdsd3("generate", "--config", str(recipe))
-    assert result.returncode == 2 and "different run (sampling.batch_size: 3 → 5; its run.json" in result.stderr
+    assert result.exit_code == 2 and "different run (sampling.batch_size: 3 → 5; its run.json" in result.stderr
     for command in (["check"], ["generate", "--dry-run"]):  # say it before the run, the same way
         predicted = mdsd3(*command, "--config", str(recipe))
-        assert predicted.returncode == 2 and "different run (sampling.batch_size: 3 → 5;" in predicted.stderr
+        assert predicted.exit_code == 2 and "different run (sampling.batch_size: 3 → 5;" in predicted.stderr
 
 
 def test_dry_run_refuses_a_foreign_folder_as_check_and_generate_do(tmp_path, photos):
     out = tmp_path / "notes"
     out.mkdir()
     (out / "todo.txt").write_text("mine")
-    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, out, base=E2E_RECIPE)
     for command in (["check"], ["generate", "--dry-run"], ["generate"]):
         result = mdsd3(*command, "--config", str(recipe))
-        assert result.returncode == 2 and "so mdsd3 did not make it" in result.stderr, (command, result.stderr)
+        assert result.exit_code == 2 and "so mdsd3 did not make it" in result.stderr, (command, result.stderr)
     assert [path.name for path in out.iterdir()] == ["todo.txt"]
 
 
 def test_other_recipe_into_same_folder_is_refused(reference, tmp_path, photos):
-    recipe = write_recipe(tmp_path / "r.yaml", photos, reference, sampling__steps=4)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, reference, "sampling.steps=4", base=E2E_RECIPE)
     result = mdsd3("generate", "--config", str(recipe))
-    assert result.returncode == 2 and "different run" in result.stderr and "sampling" in result.stderr
+    assert result.exit_code == 2 and "different run" in result.stderr and "sampling" in result.stderr
 
 
 def make_bad_input_folder(folder: Path) -> tuple[Path, list[str], list[str]]:
@@ -233,16 +197,17 @@ def make_bad_input_folder(folder: Path) -> tuple[Path, list[str], list[str]]:
 
 def test_bad_inputs_are_recorded_and_the_run_completes(tmp_path):
     folder, good, bad = make_bad_input_folder(tmp_path / "inputs")
-    recipe = write_recipe(
+    recipe = generate_recipe(
         tmp_path / "r.yaml",
         folder,
         tmp_path / "out",
-        input__max_pixels=3_000_000,
-        variants=[{"name": "rain", "classes": {"rain": 1.0}}],
-        sampling__steps=1,
+        "input.max_pixels=3000000",
+        "variants=[{name: rain, classes: {rain: 1.0}}]",
+        "sampling.steps=1",
+        base=E2E_RECIPE,
     )
     result = mdsd3("generate", "--config", str(recipe))
-    assert result.returncode == 1, result.stderr
+    assert result.exit_code == 1, result.stderr
     out = tmp_path / "out"
     assert sorted(p.stem for p in (out / "degraded" / "rain").iterdir()) == sorted(good)
     errors = [json.loads(line) for line in (out / "errors" / "shard-00000-of-00001.jsonl").read_text().splitlines()]
@@ -253,11 +218,11 @@ def test_bad_inputs_are_recorded_and_the_run_completes(tmp_path):
 
 @pytest.mark.parametrize(
     "how, after_lines",
-    [(signal.SIGKILL, 0), (signal.SIGKILL, 1), (signal.SIGKILL, 7), (signal.SIGTERM, 2), (signal.SIGINT, 5)],
+    [(signal.SIGKILL, 0), (signal.SIGKILL, 7), (signal.SIGTERM, 2), (signal.SIGINT, 5)],  # before / within a batch
 )
 def test_killed_then_rerun_gives_the_uninterrupted_dataset(reference, tmp_path, photos, how, after_lines):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, out, base=E2E_RECIPE)
     process = subprocess.Popen(
         [sys.executable, "-m", "mdsd3_cli", "generate", "--config", str(recipe)],
         stdout=subprocess.DEVNULL,
@@ -283,7 +248,7 @@ def test_killed_then_rerun_gives_the_uninterrupted_dataset(reference, tmp_path, 
 
 def test_two_shard_processes_share_one_output_folder(reference, tmp_path, photos):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, out, base=E2E_RECIPE)
     processes = [
         subprocess.Popen(
             [
@@ -316,7 +281,7 @@ def test_two_shard_processes_share_one_output_folder(reference, tmp_path, photos
 def test_torchrun_ranks_write_their_shards(reference, tmp_path, photos):
     """A real `torchrun --nproc-per-node 2 -m mdsd3_cli generate` (CPU): each rank takes its own shard."""
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, out, base=E2E_RECIPE)
     result = subprocess.run(
         [
             sys.executable,
@@ -342,7 +307,7 @@ def test_torchrun_ranks_write_their_shards(reference, tmp_path, photos):
 
 
 def test_dry_run_and_check_load_no_model(tmp_path, photos):
-    recipe = write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out")
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, tmp_path / "out", base=E2E_RECIPE)
     dry = mdsd3("generate", "--config", str(recipe), "--dry-run", "--limit", "2", check=True)
     assert "samples in plan" in dry.stdout and "│ 4" in dry.stdout
     assert not (tmp_path / "out").exists()
@@ -352,23 +317,23 @@ def test_dry_run_and_check_load_no_model(tmp_path, photos):
 
 
 @pytest.mark.parametrize(
-    "changes, field",
+    "change, field",
     [
-        ({"sampling__steps": 0}, "sampling.steps"),
-        ({"sampling__alpha": 0}, "sampling.alpha"),
-        ({"sampling__beta": -0.1}, "sampling.beta"),
-        ({"input__size": 100}, "input.size"),
-        ({"variants": [{"name": "../up", "classes": {"rain": 1.0}}]}, "variants.0.name"),
-        ({"variants": [{"name": "a", "classes": {"snow": 1.0}}]}, "variants.0.classes"),
-        ({"variants": [{"name": "a", "classes": {"rain": 1.5}}]}, "variants.0.classes.rain"),
-        ({"sampling__colour": 1}, "sampling.colour"),
-        ({"model__adapter": "/nonexistent/adapter"}, "model.adapter"),
+        ("sampling.steps=0", "sampling.steps"),
+        ("sampling.alpha=0", "sampling.alpha"),
+        ("sampling.beta=-0.1", "sampling.beta"),
+        ("input.size=100", "input.size"),
+        ("variants=[{name: ../up, classes: {rain: 1.0}}]", "variants.0.name"),
+        ("variants=[{name: a, classes: {snow: 1.0}}]", "variants.0.classes"),
+        ("variants=[{name: a, classes: {rain: 1.5}}]", "variants.0.classes.rain"),
+        ("sampling.colour=1", "sampling.colour"),
+        ("model.adapter=/nonexistent/adapter", "model.adapter"),
     ],
 )
-def test_bad_recipe_names_file_and_field_and_loads_nothing(tmp_path, photos, changes, field):
-    recipe = write_recipe(tmp_path / "bad.yaml", photos, tmp_path / "out", **changes)
+def test_bad_recipe_names_file_and_field_and_loads_nothing(tmp_path, photos, change, field):
+    recipe = generate_recipe(tmp_path / "bad.yaml", photos, tmp_path / "out", change, base=E2E_RECIPE)
     result = mdsd3("generate", "--config", str(recipe))
-    assert result.returncode == 2
+    assert result.exit_code == 2
     assert "bad.yaml" in result.stderr and field in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -376,12 +341,12 @@ def test_bad_recipe_names_file_and_field_and_loads_nothing(tmp_path, photos, cha
 def test_init_writes_a_recipe_that_check_accepts(tmp_path, photos):
     target = tmp_path / "recipe.yaml"
     mdsd3("init", str(target), check=True)
-    assert mdsd3("init", str(target)).returncode == 2  # never overwrites silently
+    assert mdsd3("init", str(target)).exit_code == 2  # never overwrites silently
     text = target.read_text()
     assert text.lstrip().startswith("#")
     (tmp_path / "photos").symlink_to(photos)
     result = mdsd3("check", "--config", str(target), "--set", f"output.dir={tmp_path / 'out'}")
-    assert result.returncode == 0, result.stderr
+    assert result.exit_code == 0, result.stderr
 
 
 def test_preview_contact_sheet(reference, tmp_path):
@@ -392,7 +357,13 @@ def test_preview_contact_sheet(reference, tmp_path):
 
 
 def test_info_and_encode_prompts(tmp_path, photos):
-    recipe = write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out", model__prompt_cache=str(tmp_path / "pc"))
+    recipe = generate_recipe(
+        tmp_path / "r.yaml",
+        photos,
+        tmp_path / "out",
+        f"model.prompt_cache={yaml_text(tmp_path / 'pc')}",
+        base=E2E_RECIPE,
+    )
     encoded = mdsd3("encode-prompts", "--config", str(recipe), check=True)
     assert "9 prompts cached" in encoded.stderr
     assert len(list((tmp_path / "pc").rglob("*.safetensors"))) == 9
@@ -404,7 +375,7 @@ def test_info_and_encode_prompts(tmp_path, photos):
 def test_slurm_array_job_produces_the_single_process_dataset(reference, tmp_path, photos, slurm_cluster):
     """A real 3-task array job (one-node cluster) through scripts/slurm_generate.sbatch."""
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, out, base=E2E_RECIPE)
     script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_generate.sbatch"
     result = slurm_cluster.submit_array(
         script,
@@ -450,7 +421,17 @@ def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, photos, monkeypat
         return original(self, pixels, requests, *args, pad_to=pad_to, **kwargs)
 
     monkeypatch.setattr(MDSD3Sampler, "generate", tight_memory)
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out", sampling__batch_size=4))
+    recipe = load_recipe(
+        generate_recipe(
+            tmp_path / "r.yaml",
+            photos,
+            tmp_path / "out",
+            "sampling.batch_size=4",
+            "input.size=32",  # the back-off is about batch sizes, not pixels
+            "sampling.steps=1",
+            base=E2E_RECIPE,
+        )
+    )
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1)))
     assert summary.written == 12 and summary.batch_size == 1 and summary.exit_code == 0
     assert calls[0] == (4, 4) and (2, 2) in calls and calls[-1] == (1, 1)
@@ -458,7 +439,7 @@ def test_out_of_memory_halves_the_batch_and_finishes(tmp_path, photos, monkeypat
 
 
 def test_a_finished_shard_loads_no_model(tmp_path, photos, monkeypatch):
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "out"))
+    recipe = load_recipe(generate_recipe(tmp_path / "r.yaml", photos, tmp_path / "out", base=E2E_RECIPE))
     first = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
     assert first.written == 2
 
@@ -472,10 +453,10 @@ def test_a_finished_shard_loads_no_model(tmp_path, photos, monkeypatch):
 
 def test_overwrite_redoes_the_run_and_keeps_unrelated_files(tmp_path, photos):
     out = tmp_path / "out"
-    first = load_recipe(write_recipe(tmp_path / "a.yaml", photos, out))
+    first = load_recipe(generate_recipe(tmp_path / "a.yaml", photos, out, base=E2E_RECIPE))
     run_generate(plan_run(first, ShardSpec(0, 1), limit=1))
     (out / "notes.txt").write_text("mine")
-    changed = load_recipe(write_recipe(tmp_path / "b.yaml", photos, out, sampling__steps=2))
+    changed = load_recipe(generate_recipe(tmp_path / "b.yaml", photos, out, "sampling.steps=2", base=E2E_RECIPE))
     with pytest.raises(OutputConflictError, match="different run"):
         run_generate(plan_run(changed, ShardSpec(0, 1), limit=1))
     with pytest.raises(ValueError, match="cannot be combined with shards"):

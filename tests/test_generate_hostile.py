@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.folders_writer import FoldersWriter
 from mdsd3_cli.dataset.manifest import run_folders
 from mdsd3_cli.dataset.ownership import clear_outputs, sharding_lock
@@ -29,22 +27,10 @@ from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.recipe.generate import MAX_SAMPLES_PER_INPUT, load_recipe
 
-from .tiny_datasets import PHOTOS, write_recipe
+from .helpers import PHOTOS, assert_clean_error, generate_recipe, mdsd3
 
 PER_TAR = 1
 TARS = [f"shard-00000-of-00001-{index:06d}.tar" for index in range(3)]  # 3 keys (x 3 folders), 1 key per tar
-runner = CliRunner()
-
-
-def mdsd3(*args: object):
-    return runner.invoke(app, [str(arg) for arg in args])
-
-
-def assert_clean_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr)
 
 
 def tar_bytes(out: Path) -> dict[str, bytes]:
@@ -75,7 +61,8 @@ def one_photo(tiny_photos: Path, folder: Path) -> Path:
 def webdataset_reference(tmp_path_factory, tiny_photos) -> Path:
     """One uninterrupted webdataset run (3 keys x 3 folders, 1 key per tar)."""
     root = tmp_path_factory.mktemp("hostile_webdataset")
-    recipe = write_recipe(root / "recipe.yaml", tiny_photos, root / "out", layout="webdataset", samples_per_tar=PER_TAR)
+    overrides = "output.layout=webdataset", f"output.samples_per_tar={PER_TAR}"
+    recipe = generate_recipe(root / "recipe.yaml", tiny_photos, root / "out", *overrides)
     assert run_generate(plan_run(load_recipe(recipe), ShardSpec(0, 1))).exit_code == 0
     return root / "out"
 
@@ -146,7 +133,7 @@ def test_a_users_run_json_does_not_make_the_folder_mdsd3s(tiny_photos, tmp_path)
     for relative, data in files.items():
         (out / relative).parent.mkdir(parents=True, exist_ok=True)
         (out / relative).write_bytes(data)
-    recipe = write_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), out)
+    recipe = generate_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), out)
     assert_clean_error(mdsd3("check", "--config", recipe), "run.json that mdsd3 did not write")
     assert_clean_error(mdsd3("generate", "--config", recipe, "--overwrite"), "run.json that mdsd3 did not write")
     assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
@@ -176,7 +163,7 @@ def test_overwrite_removes_only_what_mdsd3_wrote_and_recorded(tmp_path):
 
 def test_a_run_json_written_before_the_marker_is_still_mdsd3s(tiny_photos, tmp_path):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), out)
+    recipe = generate_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), out)
     loaded = load_recipe(recipe)
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"identity": loaded.identity(), "recipe": loaded.model_dump(mode="json")}))
@@ -193,7 +180,9 @@ def test_sigterm_stops_within_a_batch(tiny_photos, tmp_path, layout, photos, rep
         shutil.copy(folder / "astronaut.png", folder / f"astronaut{copy:02d}.png")
 
     def recipe_for(out: Path) -> Path:
-        path = write_recipe(tmp_path / f"{out.name}.yaml", folder, out, layout=layout, samples_per_tar=PER_TAR)
+        path = generate_recipe(
+            tmp_path / f"{out.name}.yaml", folder, out, f"output.layout={layout}", f"output.samples_per_tar={PER_TAR}"
+        )
         data = yaml.safe_load(path.read_text())
         data["sampling"].update(steps=1, guidance=1.0, batch_size=1)
         data["variants"] = [{"name": "rain", "classes": {"rain": [0.2, 0.9]}, "repeats": repeats}]
@@ -231,7 +220,7 @@ def test_sigterm_stops_within_a_batch(tiny_photos, tmp_path, layout, photos, rep
 
 def test_one_output_takes_one_shard_count_at_a_time(tiny_photos, tmp_path):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), out)
+    recipe = generate_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), out)
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -265,7 +254,7 @@ def test_one_output_takes_one_shard_count_at_a_time(tiny_photos, tmp_path):
     ],
 )
 def test_check_refuses_a_size_the_model_cannot_take(tiny_photos, tmp_path, base, overrides, limit, monkeypatch):
-    recipe = write_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), tmp_path / "out")
+    recipe = generate_recipe(tmp_path / "recipe.yaml", one_photo(tiny_photos, tmp_path / "photos"), tmp_path / "out")
     model = ["model.base=mini", "model.adapter=mini", "model.classes=null"] if base == "mini" else []
     monkeypatch.setattr("mdsd3_cli.model.weights.load_base", lambda *a, **k: pytest.fail("a model was loaded"))
     field = "input.max_side" if "input.resize=native" in overrides else "input.size"
@@ -282,7 +271,7 @@ def test_a_control_character_in_a_recipe_is_named_with_its_line(tmp_path):
 
 
 def test_huge_repeats_are_counted_not_expanded(tiny_photos, tmp_path, monkeypatch):
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out")  # 3 photos
+    recipe = generate_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out")  # 3 photos
     data = yaml.safe_load(recipe.read_text())
     data["variants"] = [{"name": f"v{index}", "classes": {"rain": 0.5}, "repeats": 1000} for index in range(1500)]
     recipe.write_text(yaml.safe_dump(data))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,8 @@ from mdsd3_cli.util.images import (
     unsafe_key_reason,
 )
 
+from .helpers import png_header
+
 
 def save(path: Path, pixels: np.ndarray, **options) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -33,17 +33,6 @@ def save(path: Path, pixels: np.ndarray, **options) -> Path:
 
 def keys(discovery) -> list[str]:
     return [source.key for source in discovery.sources]
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but whose data is a few bytes (bomb / truncation probe)."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 16))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 # --- discovery -----------------------------------------------------------------------------------------

@@ -8,19 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.pipeline.synthesizer import PRESET_SETTINGS
 from mdsd3_cli.recipe.generate import load_recipe
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import EXAMPLE_PHOTOS, REPO, mdsd3
+
 DEMO = REPO / "configs" / "demo.yaml"
-runner = CliRunner()
-
-
-def mdsd3(*args: object):
-    return runner.invoke(app, [str(arg) for arg in args])
 
 
 def warnings_of(result) -> list[str]:
@@ -33,7 +27,7 @@ def mini_recipe(tmp_path) -> Path:
     written = mdsd3("init", path, "--preset", "mini")
     assert written.exit_code == 0, written.output
     (tmp_path / "photos").mkdir()
-    shutil.copy(REPO / "examples" / "photos" / "chelsea.jpg", tmp_path / "photos")
+    shutil.copy(EXAMPLE_PHOTOS / "chelsea.jpg", tmp_path / "photos")
     return path
 
 
@@ -71,7 +65,7 @@ def test_check_warns_when_a_mini_recipe_leaves_what_mini_was_trained_for(mini_re
 def test_check_gives_no_mini_warning_for_other_models(tmp_path):
     data = yaml.safe_load(DEMO.read_text())
     data["model"] = {"base": "tiny", "classes": ["rain", "haze", "noise", "low_light"]}
-    data["input"]["paths"] = [str(REPO / "examples" / "photos")]
+    data["input"]["paths"] = [str(EXAMPLE_PHOTOS)]
     data["output"]["dir"] = str(tmp_path / "out")
     data["sampling"].update(steps=20, guidance=3.0, alpha=1.0, beta=0.0)
     path = tmp_path / "tiny.yaml"

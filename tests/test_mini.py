@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from mdsd3_cli.model import presets
 from mdsd3_cli.model.codec import PixelUnshuffleCodec
@@ -18,6 +17,8 @@ from mdsd3_cli.model.prompts import load_prompt_embeddings
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
 from mdsd3_cli.model.weights import build_model, load_base
 from mdsd3_cli.recipe.generate import RecipeError, load_recipe
+
+from .helpers import generate_recipe
 
 
 def test_codec_round_trip_is_exact():
@@ -71,15 +72,8 @@ def test_preset_loads_by_name_with_its_fingerprints(installed, tmp_path):
 
 
 def _recipe(tmp_path, photos_dir):
-    data = {
-        "model": {"base": "mini", "adapter": "mini"},
-        "input": {"paths": [str(photos_dir)], "size": 32},
-        "output": {"dir": str(tmp_path / "out")},
-        "variants": [{"name": "rain", "classes": {"rain": 1.0}}],
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    model, variants = "model={base: mini, adapter: mini}", "variants=[{name: rain, classes: {rain: 1.0}}]"
+    return generate_recipe(tmp_path / "recipe.yaml", photos_dir, tmp_path / "out", model, variants)
 
 
 def test_recipe_names_the_preset(installed, tmp_path):

@@ -15,20 +15,12 @@ from pathlib import Path
 
 import lmdb
 import pytest
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.util import atomic
 from mdsd3_cli.util.atomic import AtomicFile, current_umask
 from mdsd3_cli.util.output_lock import OutputLock, lock_path
 
-from .tiny_datasets import FOLDERS
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*arguments: str):
-    return CliRunner().invoke(app, list(arguments))
+from .helpers import FOLDERS, REPO, mdsd3
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -68,11 +60,11 @@ def test_a_second_writer_of_one_report_is_refused(folders_dataset, tmp_path, com
         "calibrate": ["--config", str(tmp_path / "missing.yaml"), "--reference", str(folders_dataset)],
     }
     with OutputLock(out, "output"):  # another mdsd3 process writing this output
-        result = cli(command, *arguments[command], "--out", str(out))
+        result = mdsd3(command, *arguments[command], "--out", str(out))
     assert result.exit_code == 2, result.output
     assert "another mdsd3 process is writing" in result.output and str(out.name) in result.output
     assert not os.path.lexists(out)
-    assert command != "preview" or cli(command, *arguments[command], "--out", str(out)).exit_code == 0
+    assert command != "preview" or mdsd3(command, *arguments[command], "--out", str(out)).exit_code == 0
     assert not lock_path(out, "output").exists()
 
 
@@ -143,7 +135,7 @@ def test_export_on_a_full_disk_names_the_file_and_leaves_nothing(folders_dataset
     else:
         _fill_disk_after(monkeypatch, 20_000)
     destination = tmp_path / "exports" / "out"
-    result = cli("export", "--dataset", str(folders_dataset), "--to", to, str(destination))
+    result = mdsd3("export", "--dataset", str(folders_dataset), "--to", to, str(destination))
     assert result.exit_code == 2, result.output
     assert "the disk is full" in result.output and str(destination.parent) in result.output.replace("\n", "")
     assert "Traceback" not in result.output
@@ -218,7 +210,7 @@ app(["export", "--dataset", {str(folders_dataset)!r}, "--to", "webdataset", {str
 def test_init_never_writes_through_a_link(tmp_path):
     dangling = tmp_path / "recipe.yaml"
     dangling.symlink_to(tmp_path / "elsewhere.yaml")
-    result = cli("init", str(dangling))
+    result = mdsd3("init", str(dangling))
     assert result.exit_code == 2 and "exists (a symbolic link)" in result.output
     assert not (tmp_path / "elsewhere.yaml").exists()
 
@@ -226,7 +218,7 @@ def test_init_never_writes_through_a_link(tmp_path):
     victim.write_text("mine\n")
     linked = tmp_path / "linked.yaml"
     linked.symlink_to(victim)
-    assert cli("init", str(linked), "--force").exit_code == 0
+    assert mdsd3("init", str(linked), "--force").exit_code == 0
     assert victim.read_text() == "mine\n"
     assert not linked.is_symlink() and "variants" in linked.read_text()
 
@@ -240,7 +232,7 @@ def test_exports_get_the_umask_modes(folders_dataset, tmp_path, to):
     current_umask.cache_clear()
     try:
         destination = tmp_path / "out"
-        assert cli("export", "--dataset", str(folders_dataset), "--to", to, str(destination)).exit_code == 0
+        assert mdsd3("export", "--dataset", str(folders_dataset), "--to", to, str(destination)).exit_code == 0
     finally:
         os.umask(previous)
         current_umask.cache_clear()

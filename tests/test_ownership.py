@@ -18,21 +18,21 @@ from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import describe_plan, free_space_warning, plan_run
 from mdsd3_cli.recipe.generate import load_recipe
 
-from .test_generate import mdsd3, write_photos, write_recipe
+from .helpers import generate_recipe, mdsd3, photo_files, write_photos, yaml_text
 
 PIXELS = np.full((16, 16, 3), 9, dtype=np.uint8)
 
 
 def test_a_folder_mdsd3_did_not_make_is_refused_by_generate_and_check(tmp_path):
-    photos = write_photos(tmp_path / "photos", ["astronaut"])
+    photos = write_photos(tmp_path / "photos", photo_files("astronaut"))
     out = tmp_path / "O"
     (out / "clean").mkdir(parents=True)
     for name in ("astronaut.png", "mine.png"):
         (out / "clean" / name).write_bytes(b"user file")
-    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, out)
     for command in (["generate"], ["generate", "--overwrite"], ["check"]):
         result = mdsd3(*command, "--config", str(recipe))
-        assert result.returncode == 2 and "mdsd3 did not make it" in result.stderr, (command, result.stderr)
+        assert result.exit_code == 2 and "mdsd3 did not make it" in result.stderr, (command, result.stderr)
     assert {p.name: p.read_bytes() for p in (out / "clean").iterdir()} == {
         "astronaut.png": b"user file",
         "mine.png": b"user file",
@@ -67,9 +67,9 @@ def test_overwrite_removes_only_recorded_files(tmp_path):
 
 
 def test_a_second_process_on_the_same_shard_is_refused_with_the_holders_pid(tmp_path):
-    photos = write_photos(tmp_path / "photos", ["astronaut"])
+    photos = write_photos(tmp_path / "photos", photo_files("astronaut"))
     out = tmp_path / "O"
-    recipe = write_recipe(tmp_path / "r.yaml", photos, out)
+    recipe = generate_recipe(tmp_path / "r.yaml", photos, out)
     write_run_json(out, {"identity": load_recipe(recipe).identity()})
     holder = subprocess.Popen(
         [
@@ -84,7 +84,7 @@ def test_a_second_process_on_the_same_shard_is_refused_with_the_holders_pid(tmp_
     try:
         assert holder.stdout.readline().strip() == "locked"
         result = mdsd3("generate", "--config", str(recipe))
-        assert result.returncode == 2 and f"PID {holder.pid}" in result.stderr
+        assert result.exit_code == 2 and f"PID {holder.pid}" in result.stderr
         assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
         with pytest.raises(ShardBusyError):  # also within one process
             shard_lock(out, "shard-00000-of-00001").__enter__()
@@ -96,35 +96,42 @@ def test_a_second_process_on_the_same_shard_is_refused_with_the_holders_pid(tmp_
 
 
 def test_the_output_folder_inside_an_input_folder_is_not_an_input(tmp_path):
-    photos = write_photos(tmp_path / "photos", ["astronaut", "coffee"])
+    photos = write_photos(tmp_path / "photos", photo_files("astronaut", "coffee"))
     out = photos / "out"
     (out / "clean").mkdir(parents=True)
     Image.fromarray(PIXELS).save(out / "clean" / "astronaut.png")
     write_run_json(out, {"identity": {}})
-    run = plan_run(load_recipe(write_recipe(tmp_path / "r.yaml", photos, out)), ShardSpec(0, 1))
+    run = plan_run(load_recipe(generate_recipe(tmp_path / "r.yaml", photos, out)), ShardSpec(0, 1))
     assert sorted(source.key for source in run.discovery.sources) == ["astronaut", "coffee"]
     assert any("output folder lies inside input" in note for note in run.discovery.notes)
     assert "output folder lies inside input" in "".join(str(cell) for cell in describe_plan(run).columns[1]._cells)
 
 
 def test_a_folder_listed_twice_counts_once(tmp_path):
-    photos = write_photos(tmp_path / "photos", ["astronaut"])
+    photos = write_photos(tmp_path / "photos", photo_files("astronaut"))
     (tmp_path / "alias").symlink_to(photos)
     recipe = load_recipe(
-        write_recipe(tmp_path / "r.yaml", photos, tmp_path / "O", input__paths=[str(photos), str(tmp_path / "alias")])
+        generate_recipe(
+            tmp_path / "r.yaml",
+            photos,
+            tmp_path / "O",
+            f"input.paths=[{yaml_text(photos)}, {yaml_text(tmp_path / 'alias')}]",
+        )
     )
     run = plan_run(recipe, ShardSpec(0, 1))
     assert [source.key for source in run.discovery.sources] == ["astronaut"] and not run.discovery.prefixed_keys
 
 
 def test_adding_an_input_folder_to_a_one_folder_run_is_a_different_run(tmp_path):
-    photos = write_photos(tmp_path / "photos", ["astronaut"])
-    more = write_photos(tmp_path / "more", ["coffee"])
+    photos = write_photos(tmp_path / "photos", photo_files("astronaut"))
+    more = write_photos(tmp_path / "more", photo_files("coffee"))
     out = tmp_path / "O"
-    one = plan_run(load_recipe(write_recipe(tmp_path / "r.yaml", photos, out)), ShardSpec(0, 1))
+    one = plan_run(load_recipe(generate_recipe(tmp_path / "r.yaml", photos, out)), ShardSpec(0, 1))
     write_run_json(out, {"identity": one.identity})
     two = plan_run(
-        load_recipe(write_recipe(tmp_path / "r.yaml", photos, out, input__paths=[str(photos), str(more)])),
+        load_recipe(
+            generate_recipe(tmp_path / "r.yaml", photos, out, f"input.paths=[{yaml_text(photos)}, {yaml_text(more)}]")
+        ),
         ShardSpec(0, 1),
     )
     with pytest.raises(OutputConflictError, match="input_keys"):
@@ -132,17 +139,19 @@ def test_adding_an_input_folder_to_a_one_folder_run_is_a_different_run(tmp_path)
 
 
 def test_another_batch_size_is_a_different_run(tmp_path):
-    photos = write_photos(tmp_path / "photos", ["astronaut"])
-    first = load_recipe(write_recipe(tmp_path / "a.yaml", photos, tmp_path / "O", sampling__batch_size=3))
+    photos = write_photos(tmp_path / "photos", photo_files("astronaut"))
+    first = load_recipe(generate_recipe(tmp_path / "a.yaml", photos, tmp_path / "O", "sampling.batch_size=3"))
     write_run_json(tmp_path / "O", {"identity": first.identity()})
-    other = load_recipe(write_recipe(tmp_path / "b.yaml", photos, tmp_path / "O", sampling__batch_size=5))
+    other = load_recipe(generate_recipe(tmp_path / "b.yaml", photos, tmp_path / "O", "sampling.batch_size=5"))
     with pytest.raises(OutputConflictError, match="sampling"):
         check_run_compatible(tmp_path / "O", other.identity(), overwrite=False)
 
 
 def test_check_warns_when_the_disk_has_less_free_space_than_the_plan_needs(tmp_path):
-    photos = write_photos(tmp_path / "photos", ["astronaut", "coffee"])
-    run = plan_run(load_recipe(write_recipe(tmp_path / "r.yaml", photos, tmp_path / "O")), ShardSpec(0, 1))
+    photos = write_photos(tmp_path / "photos", photo_files("astronaut", "coffee"))
+    run = plan_run(load_recipe(generate_recipe(tmp_path / "r.yaml", photos, tmp_path / "O")), ShardSpec(0, 1))
     assert free_space_warning(run, free_bytes=10**12) is None
     warning = free_space_warning(run, free_bytes=1000)
-    assert warning is not None and str(tmp_path / "O") in warning and "4 samples" in warning
+    assert (
+        warning is not None and str(tmp_path / "O") in warning and "6 samples" in warning
+    )  # 2 inputs x (rain, mix x 2)

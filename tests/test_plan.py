@@ -22,28 +22,32 @@ from mdsd3_cli.generate.plan import (
 from mdsd3_cli.pipeline.requests import sample_seed
 from mdsd3_cli.recipe.generate import Recipe, parse_recipe
 
+from .helpers import generate_recipe, recipe_data, yaml_text
+
 KEYS = ["b/photo2", "a", "c", "b/photo1", "d", "e", "f"]
 
 
+PLAN_RECIPE: dict[str, Any] = {
+    "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
+    "input": {"paths": ["."]},
+    "output": {"dir": "out"},
+    "sampling": {"seed": 0, "alpha": 1.0, "beta": 0.0},
+    "variants": [
+        {"name": "rain", "classes": {"rain": 1.0}},
+        {
+            "name": "mix",
+            "classes": {"rain": [0.3, 1.0], "haze": [0.0, 0.6], "noise": 0.5},
+            "repeats": 3,
+            "alpha": 0.9,
+            "beta": 0.4,
+        },
+    ],
+}
+
+
 def make_recipe(tmp_path: Path, variants: list[dict[str, Any]] | None = None, seed: int = 0) -> Recipe:
-    data = {
-        "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
-        "input": {"paths": ["."]},
-        "output": {"dir": "out"},
-        "sampling": {"seed": seed, "alpha": 1.0, "beta": 0.0},
-        "variants": variants
-        or [
-            {"name": "rain", "classes": {"rain": 1.0}},
-            {
-                "name": "mix",
-                "classes": {"rain": [0.3, 1.0], "haze": [0.0, 0.6], "noise": 0.5},
-                "repeats": 3,
-                "alpha": 0.9,
-                "beta": 0.4,
-            },
-        ],
-    }
-    return parse_recipe(data, tmp_path / "recipe.yaml")
+    overrides = [f"sampling.seed={seed}"] + ([f"variants={yaml_text(variants)}"] if variants else [])
+    return parse_recipe(recipe_data(*overrides, base=PLAN_RECIPE), tmp_path / "recipe.yaml")
 
 
 def sources(keys: list[str] = KEYS) -> list[tuple[str, Path]]:
@@ -293,9 +297,7 @@ def test_generate_never_holds_the_whole_plan_in_the_folders_layout(tiny_photos, 
     from mdsd3_cli.generate.run import RunPlan, plan_run, run_generate
     from mdsd3_cli.recipe.generate import load_recipe
 
-    from .tiny_datasets import write_recipe
-
     monkeypatch.setattr(RunPlan, "mine", property(lambda run: pytest.fail("the whole plan was built")))
-    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out"))
+    recipe = load_recipe(generate_recipe(tmp_path / "recipe.yaml", tiny_photos, tmp_path / "out"))
     summary = run_generate(plan_run(recipe, ShardSpec(0, 1), limit=1))
     assert (summary.exit_code, summary.planned, summary.written) == (0, 3, 3)

@@ -9,7 +9,7 @@ from mdsd3_cli.model import prompts as prompts_module
 from mdsd3_cli.model.heads import all_prompts, prompt_for
 from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings
 
-from .conftest import CLASSES
+from .helpers import CLASSES
 
 
 def test_prompt_rule_follows_adapter_order():

@@ -22,9 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.manifest import MAX_LINE_BYTES, ManifestLineError, parse_record
 from mdsd3_cli.dataset.preview import contact_sheet
 from mdsd3_cli.dataset.reader import manifest_lines
@@ -37,7 +35,7 @@ from mdsd3_cli.train.data import BAD_RECORD, UNREADABLE, DataReport, _mdsd3_outp
 from mdsd3_cli.util.images import load_image
 from mdsd3_cli.util.safe_names import safe_component
 
-from .test_images import png_header
+from .helpers import mdsd3, png_header
 
 SIDE = 24
 KEYS = ("astronaut", "coffee")
@@ -123,10 +121,6 @@ def records(root: Path) -> list[dict[str, Any]]:
 
 def write_records(root: Path, written: list[dict[str, Any]]) -> None:
     (root / MANIFEST).write_text("".join(json.dumps(record) + "\n" for record in written))
-
-
-def mdsd3(*args: object):
-    return CliRunner().invoke(app, [str(arg) for arg in args])
 
 
 def train_pairs(root: Path) -> tuple[list, DataReport]:

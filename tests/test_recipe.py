@@ -22,6 +22,8 @@ from mdsd3_cli.recipe.generate import (
     load_recipe,
 )
 
+from .helpers import recipe_data, yaml_text
+
 VALID: dict[str, Any] = {
     "model": {"base": "tiny", "classes": ["rain", "haze", "noise"]},
     "input": {"paths": ["photos/"]},
@@ -43,17 +45,15 @@ def write_recipe(folder: Path, data: Any) -> Path:
 
 
 def with_change(dotted: str, value: Any) -> dict[str, Any]:
-    """A deep copy of VALID with one field set (a `...` value deletes it)."""
+    """A copy of VALID with one field set as `--set dotted=value` sets it (a `...` value deletes it)."""
+    if value is not ...:
+        return recipe_data(f"{dotted}={yaml_text(value)}", base=VALID)
     data = copy.deepcopy(VALID)
     *parents, last = dotted.split(".")
     node: Any = data
     for part in parents:
         node = node[int(part)] if isinstance(node, list) else node[part]
-    slot: Any = int(last) if isinstance(node, list) else last
-    if value is ...:
-        del node[slot]
-    else:
-        node[slot] = value
+    del node[int(last) if isinstance(node, list) else last]
     return data
 
 

@@ -12,7 +12,7 @@ from mdsd3_cli.model.grid_shifts import grid_offsets
 from mdsd3_cli.model.sampler import Conditioning, MDSD3Sampler, SampleRequest, seeded_noise
 from mdsd3_cli.model.weights import TINY_TRANSFORMER, build_model, fresh_adapter_config
 
-from .conftest import CLASSES
+from .helpers import CLASSES
 
 
 def _sampler(base, prompts, z_scale: float = 0.0) -> MDSD3Sampler:

@@ -22,9 +22,7 @@ import torch
 import yaml
 from PIL import Image
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
@@ -45,15 +43,16 @@ from mdsd3_cli.train.previews import PreviewSettings
 from mdsd3_cli.train.run import Trainer, run_train
 from mdsd3_cli.train.step import FlowSchedule, is_trainable, step_generator
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "train_tiny.yaml"
-PHOTOS = ROOT / "examples" / "photos"
+from .helpers import REPO, mdsd3
+
+TINY_CONFIG = REPO / "configs" / "train_tiny.yaml"
+PHOTOS = REPO / "examples" / "photos"
 HAZE, NOISE_SIGMA, RES = 0.85, 60.0, 128  # the values configs/train_tiny.yaml documents
 FOLDERS = {"haze": "haze", "haze_half": "haze_half", "noise": "noise", "noise_half": "noise_half"}
 
 
 def _synthetic_module():
-    spec = importlib.util.spec_from_file_location("make_synthetic_pairs", ROOT / "scripts" / "make_synthetic_pairs.py")
+    spec = importlib.util.spec_from_file_location("make_synthetic_pairs", REPO / "scripts" / "make_synthetic_pairs.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -265,7 +264,7 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "mdsd3_cli", *args],
-        cwd=ROOT,
+        cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -324,7 +323,7 @@ def test_generate_uses_the_trained_adapter(uninterrupted, tmp_path):
     }
     path = tmp_path / "generate.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    result = CliRunner().invoke(app, ["generate", "--config", str(path)])  # in process: no interpreter start-up
+    result = mdsd3("generate", "--config", str(path))  # in process: no interpreter start-up
     assert result.exit_code == 0, (result.output, result.exception)
     lines = [
         json.loads(line)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from skimage import data as skdata
 
@@ -30,6 +29,8 @@ from mdsd3_cli.train.data import (
     condition_drop_mask,
 )
 
+from .helpers import write_recipe, yaml_text
+
 RESOLUTION = 32
 
 
@@ -48,19 +49,18 @@ def inverted(image: Image.Image) -> Image.Image:
     return Image.fromarray(255 - np.asarray(image))
 
 
-def write_recipe(folder: Path, datasets: list[dict], **data: object) -> Path:
-    recipe = {
-        "classes": ["haze", "noise"],
-        "datasets": datasets,
-        "data": {"resolution": RESOLUTION, "workers": 0, **data},
-    }
-    path = folder / "train.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+TRAIN_RECIPE = {"classes": ["haze", "noise"], "datasets": [], "data": {"resolution": RESOLUTION, "workers": 0}}
+
+
+def write_train_recipe(folder: Path, datasets: list[dict], **data: object) -> Path:
+    overrides = [f"datasets={yaml_text(datasets)}"] + [
+        f"data.{field}={yaml_text(value)}" for field, value in data.items()
+    ]
+    return write_recipe(folder / "train.yaml", *overrides, base=TRAIN_RECIPE)
 
 
 def dataset_from(folder: Path, datasets: list[dict], **data: object):
-    return build_dataset(load_train_recipe(write_recipe(folder, datasets, **data)))
+    return build_dataset(load_train_recipe(write_train_recipe(folder, datasets, **data)))
 
 
 def folders_dataset(tmp_path: Path, pairs: dict[str, tuple[Image.Image, Image.Image]], **spec: object) -> dict:
@@ -82,7 +82,7 @@ def folders_dataset(tmp_path: Path, pairs: dict[str, tuple[Image.Image, Image.Im
 
 def test_recipe_resolves_relative_paths_and_applies_overrides(tmp_path: Path) -> None:
     spec = folders_dataset(tmp_path, {"a": (photo(), photo())})
-    path = write_recipe(tmp_path, [spec])
+    path = write_train_recipe(tmp_path, [spec])
     recipe = load_train_recipe(path, ["datasets.pairs.weight=2.5", "data.resolution=64", "train.lr=3e-5"])
     assert recipe.datasets[0].clean == tmp_path / "clean"
     assert recipe.output.dir == tmp_path / "runs" / "mdsd3"
@@ -96,7 +96,7 @@ def test_recipe_errors_name_file_and_dotted_field(tmp_path: Path) -> None:
         {**spec, "degraded": "nowhere", "match": "(?P<id>\\d+)"},
         {"name": "pairs", "kind": "pair_list", "list": "pairs.txt"},
     ]
-    path = write_recipe(tmp_path, bad, resolution=500, identity_fraction=1.0, speed=3)
+    path = write_train_recipe(tmp_path, bad, resolution=500, identity_fraction=1.0, speed=3)
     with pytest.raises(TrainRecipeError) as caught:
         load_train_recipe(path)
     lines = str(caught.value).splitlines()
@@ -112,9 +112,9 @@ def test_recipe_errors_name_file_and_dotted_field(tmp_path: Path) -> None:
         assert any(line.startswith(f"{path}: {field}: ") for line in lines), (field, lines)
 
     with pytest.raises(TrainRecipeError, match=r"datasets\.0\.classes\.rain: unknown class"):
-        load_train_recipe(write_recipe(tmp_path, [{**spec, "classes": {"haze": 1.0, "rain": 1.0}}]))
+        load_train_recipe(write_train_recipe(tmp_path, [{**spec, "classes": {"haze": 1.0, "rain": 1.0}}]))
     with pytest.raises(TrainRecipeError, match=r"datasets\.1\.name: 'pairs' is also the name of datasets\.0"):
-        load_train_recipe(write_recipe(tmp_path, [spec, spec]))
+        load_train_recipe(write_train_recipe(tmp_path, [spec, spec]))
     with pytest.raises(TrainRecipeError, match=r"--set 'datasets\.7\.weight=1': .*neither an index nor a name"):
         load_train_recipe(path, ["datasets.7.weight=1"])
 

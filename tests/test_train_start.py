@@ -13,12 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 from skimage import data
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.model.adapter import CONFIG_NAME, FlowStart, read_adapter_config
 from mdsd3_cli.model.heads import all_prompts, head_mask
 from mdsd3_cli.model.prompts import load_prompt_embeddings
@@ -28,7 +25,7 @@ from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 from mdsd3_cli.train.run import run_train
 from mdsd3_cli.train.step import FlowSchedule, flow_matching_loss, step_generator
 
-from .conftest import CLASSES
+from .helpers import CLASSES, generate_recipe, mdsd3, write_recipe, yaml_text
 
 RES = 32
 START = FlowStart(alpha=0.3, beta=1.0)
@@ -124,49 +121,57 @@ def identity_photos(tmp_path_factory) -> Path:
     return folder
 
 
+IDENTITY_RECIPE = {
+    "model": {"base": "tiny", "prompt_cache": "prompts"},
+    "classes": ["haze"],
+    "datasets": [
+        {
+            "name": "identity",
+            "kind": "paired_folders",
+            "clean": "photos",
+            "degraded": "photos",
+            "classes": {"haze": 0.0},
+        }
+    ],
+    "data": {
+        "resolution": RES,
+        "random_crop": False,
+        "random_flip": False,
+        "cache_latents": True,
+        "identity_fraction": 0.0,
+        "condition_drop": 0.0,
+        "workers": 0,
+    },
+    "train": {
+        "steps": STEPS,
+        "batch_size": 4,
+        "lr": 1e-2,
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "lora_rank": 0,
+    },
+    "output": {
+        "dir": "out",
+        "preview_every": 0,
+        "checkpoint_every": STEPS,
+        "keep_checkpoints": 1,
+        "log_every": STEPS,
+    },
+}
+"""Identity pairs only (degraded = clean), fixed crops with cached latents, no LoRA, no previews."""
+
+
 def identity_recipe(folder: Path, photos: Path, out: Path, start: FlowStart | None, cache: Path) -> Path:
-    """Identity pairs only (degraded = clean), fixed crops with cached latents, no LoRA, no previews."""
-    recipe = {
-        "model": {"base": "tiny", "prompt_cache": str(cache)},
-        "classes": ["haze"],
-        "datasets": [
-            {
-                "name": "identity",
-                "kind": "paired_folders",
-                "clean": str(photos),
-                "degraded": str(photos),
-                "classes": {"haze": 0.0},
-            }
-        ],
-        "data": {
-            "resolution": RES,
-            "random_crop": False,
-            "random_flip": False,
-            "cache_latents": True,
-            "identity_fraction": 0.0,
-            "condition_drop": 0.0,
-            "workers": 0,
-        },
-        "train": {
-            "steps": STEPS,
-            "batch_size": 4,
-            "lr": 1e-2,
-            "warmup_steps": 0,
-            "weight_decay": 0.0,
-            "lora_rank": 0,
-            **({"start": start.model_dump()} if start is not None else {}),
-        },
-        "output": {
-            "dir": str(out),
-            "preview_every": 0,
-            "checkpoint_every": STEPS,
-            "keep_checkpoints": 1,
-            "log_every": STEPS,
-        },
-    }
-    path = folder / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    """IDENTITY_RECIPE on `photos` into `out`, sampling from `start` (the default start if None)."""
+    overrides = [
+        f"model.prompt_cache={yaml_text(cache)}",
+        f"datasets.identity.clean={yaml_text(photos)}",
+        f"datasets.identity.degraded={yaml_text(photos)}",
+        f"output.dir={yaml_text(out)}",
+    ]
+    if start is not None:
+        overrides.append(f"train.start={yaml_text(start.model_dump())}")
+    return write_recipe(folder / f"{out.name}.yaml", *overrides, base=IDENTITY_RECIPE)
 
 
 def test_train_start_is_validated_with_field_names(identity_photos, tmp_path) -> None:
@@ -247,28 +252,25 @@ def test_training_for_a_start_near_the_clean_image_lowers_the_2_step_identity_er
 # ---------------------------------------------------------------------------------------------- warnings
 
 
-def generate_recipe(folder: Path, adapter: Path, photos: Path, alpha: float, beta: float) -> Path:
-    recipe = {
-        "model": {"base": "tiny", "adapter": str(adapter), "prompt_cache": str(folder / "prompts")},
-        "input": {"paths": [str(photos)], "size": RES},
-        "output": {"dir": str(folder / "out")},
-        "sampling": {"steps": 2, "guidance": 1.0, "alpha": alpha, "beta": beta},
-        "variants": [
-            {"name": "identity", "classes": {}},
-            {"name": "haze", "classes": {"haze": 1.0}},
-            {"name": "own", "classes": {"haze": 0.5}, "alpha": START.alpha, "beta": START.beta},
-        ],
-    }
-    path = folder / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+def adapter_recipe(folder: Path, adapter: Path, photos: Path, alpha: float, beta: float) -> Path:
+    """A generate recipe sampling with `adapter` from (alpha, beta); the variant "own" from the adapter's start."""
+    return generate_recipe(
+        folder / "recipe.yaml",
+        photos,
+        folder / "out",
+        f"model={yaml_text({'base': 'tiny', 'adapter': str(adapter), 'prompt_cache': str(folder / 'prompts')})}",
+        f"input.size={RES}",
+        f"sampling={{steps: 2, guidance: 1.0, alpha: {alpha}, beta: {beta}}}",
+        "variants=[{name: identity, classes: {}}, {name: haze, classes: {haze: 1.0}}, {name: own, classes: {haze: 0.5}}]",
+        f"variants.own.alpha={START.alpha}",
+        f"variants.own.beta={START.beta}",
+    )
 
 
 def test_check_and_generate_warn_when_a_recipe_samples_from_another_start(trained, identity_photos, tmp_path) -> None:
-    runner = CliRunner()
-    recipe = generate_recipe(tmp_path, trained["start"], identity_photos, alpha=1.0, beta=0.0)
+    recipe = adapter_recipe(tmp_path, trained["start"], identity_photos, alpha=1.0, beta=0.0)
     for command in (["check", "--config", str(recipe)], ["generate", "--config", str(recipe), "--dry-run"]):
-        result = runner.invoke(app, command)
+        result = mdsd3(*command)
         assert result.exit_code == 0, result.output
         text = " ".join(result.output.split())
         assert (
@@ -277,6 +279,6 @@ def test_check_and_generate_warn_when_a_recipe_samples_from_another_start(traine
         ), text
         assert "Set sampling.alpha: 0.3 and sampling.beta: 1" in text and "train.start" in text
         assert "variants own" not in text
-    matching = generate_recipe(tmp_path, trained["start"], identity_photos, alpha=START.alpha, beta=START.beta)
-    result = runner.invoke(app, ["check", "--config", str(matching)])
+    matching = adapter_recipe(tmp_path, trained["start"], identity_photos, alpha=START.alpha, beta=START.beta)
+    result = mdsd3("check", "--config", str(matching))
     assert result.exit_code == 0 and "warning" not in result.output, result.output

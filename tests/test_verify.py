@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from mdsd3_cli.cli import app
 from mdsd3_cli.dataset.verify import verify_dataset
 
-from .tiny_datasets import FOLDERS, copy_dataset
+from .helpers import FOLDERS, copy_dataset, mdsd3
 
 
 def records(dataset: Path) -> list[dict]:
@@ -70,15 +68,14 @@ def test_verify_finds_each_kind_of_damage(folders_dataset, tmp_path):
     assert sorted(found["orphan"]) == sorted([dropped["degraded"], "degraded/rain/stray.png"])
     assert found["incomplete"] == [dropped["key"]]
 
-    result = CliRunner().invoke(app, ["verify", "--dataset", str(dataset)])
+    result = mdsd3("verify", "--dataset", str(dataset))
     assert result.exit_code == 1
     assert deleted in result.output and "orphan" in result.output
 
 
 def test_verify_exit_status(folders_dataset, tmp_path):
-    runner = CliRunner()
-    assert runner.invoke(app, ["verify", "--dataset", str(folders_dataset)]).exit_code == 0
-    result = runner.invoke(app, ["verify", "--dataset", str(tmp_path)])
+    assert mdsd3("verify", "--dataset", str(folders_dataset)).exit_code == 0
+    result = mdsd3("verify", "--dataset", str(tmp_path))
     assert result.exit_code == 2 and "no manifest" in result.output
 
 

@@ -29,7 +29,7 @@ from mdsd3_cli.recipe.generate import load_recipe
 from mdsd3_cli.recipe.train import Mdsd3OutputDataset
 from mdsd3_cli.train.data import DataReport, discover_pairs
 
-from .tiny_datasets import FOLDERS, PHOTOS, generate, write_recipe
+from .helpers import FOLDERS, PHOTOS, generate, generate_recipe
 
 PER_TAR = 1
 TARS = [f"shard-00000-of-00001-{index:06d}.tar" for index in range(3)]  # 3 keys (x 3 folders), 1 key per tar
@@ -44,9 +44,8 @@ def manifest_lines(out: Path) -> list[str]:
 
 
 def webdataset_recipe(root: Path, photos: Path, samples_per_tar: int = PER_TAR) -> Path:
-    return write_recipe(
-        root / "recipe.yaml", photos, root / "out", layout="webdataset", samples_per_tar=samples_per_tar
-    )
+    overrides = "output.layout=webdataset", f"output.samples_per_tar={samples_per_tar}"
+    return generate_recipe(root / "recipe.yaml", photos, root / "out", *overrides)
 
 
 @pytest.fixture(scope="module")

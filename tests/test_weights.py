@@ -20,7 +20,7 @@ from mdsd3_cli.model.weights import (
     save_adapter,
 )
 
-from .conftest import CLASSES
+from .helpers import CLASSES
 
 
 def _trained_model(base, lora_rank=4):
