@@ -11,8 +11,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mdsd3_cli import __version__
 from mdsd3_cli.util.progress import Console  # tables in full off a terminal
+from mdsd3_cli.util.version import __version__
 
 if TYPE_CHECKING:
     from mdsd3_cli.generate.inputs import FailedInput

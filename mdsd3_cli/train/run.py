@@ -29,7 +29,6 @@ import rich.console
 import torch
 from rich.markup import escape
 
-from mdsd3_cli import __version__
 from mdsd3_cli.dataset.ownership import LOCKS, OutputLock
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, FlowStart
 from mdsd3_cli.model.heads import all_prompts
@@ -79,6 +78,7 @@ from mdsd3_cli.train.summary import TrainSummary
 from mdsd3_cli.util.atomic import atomic_write
 from mdsd3_cli.util.progress import Console, RunProgress
 from mdsd3_cli.util.runtime import StopRequest
+from mdsd3_cli.util.version import __version__
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
