@@ -528,6 +528,7 @@ output: {dir: ~/runs/x}
 
 
 def test_a_train_recipe_is_read_as_strictly_as_a_generate_recipe(tmp_path: Path) -> None:
+    from mdsd3_cli.recipe.safe_yaml import load_yaml
     from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 
     (tmp_path / "clean").mkdir()
@@ -540,6 +541,8 @@ def test_a_train_recipe_is_read_as_strictly_as_a_generate_recipe(tmp_path: Path)
     generate = write_recipe(tmp_path, {**VALID, "sampling": {**VALID["sampling"], "guidance": 7e0}})
     generate.write_text(generate.read_text().replace("guidance: 7.0", "guidance: 7e0"))
     assert load_recipe(generate).sampling.guidance == 7.0
+    assert load_yaml("[1e-4, 3.0e-3, 1.5E+4, -2e3, 1_000e1, x1e5]", "t") == [1e-4, 3e-3, 1.5e4, -2e3, 1e4, "x1e5"]
+    assert yaml.safe_load("1e-4") == "1e-4"  # PyYAML's own loader is left as it was
 
     wrong = ['train.steps="20"', 'data.random_flip="true"', "train.lr=.nan", "model.device=mps", "train.stpes=2"]
     with pytest.raises(TrainRecipeError) as caught:  # generate refuses each of these the same way
