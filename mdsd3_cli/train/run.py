@@ -1,6 +1,8 @@
 """`mdsd3 train`: learn an MDSD3 adapter from clean/degraded pairs (docs/METHOD.md §4).
 
-One process or many (`accelerate launch` / torchrun); the loop is accelerate's: `accumulate`, `backward`,
+`plan_training` checks the recipe and finds the data (no model), `open_training` loads everything into one
+`TrainState` while the output folder is locked, and `train` is the loop over that state; `run_train` does all
+three. One process or many (`accelerate launch` / torchrun); the loop is accelerate's: `accumulate`, `backward`,
 `clip_grad_norm_`, `save_state` / `load_state`. What a step computes is in `train.step`, the data in
 `train.data`, checkpoints in `train.checkpoints`, previews in `train.previews`, the log in `train.log`, the
 summary in `train.summary`.
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -328,7 +331,7 @@ def setup(
     from safetensors.torch import load_file
 
     recipe, train, device = plan.recipe, plan.recipe.train, accelerator.device
-    say = lambda text: _say(accelerator, console, text)  # noqa: E731
+    say = partial(_say, accelerator, console)
     say(f"data: {len(plan.dataset.pairs)} pairs\n{plan.dataset.summary()}")
 
     # Prompt embeddings first, so the text encoders are gone before the transformer loads.
