@@ -11,8 +11,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mdsd3_cli import __version__
 from mdsd3_cli.util.progress import Console  # tables in full off a terminal
+from mdsd3_cli.util.version import __version__
 
 if TYPE_CHECKING:
     from mdsd3_cli.generate.run import RunPlan
@@ -399,13 +399,13 @@ def train(
     """
     _quiet_libraries()
     from mdsd3_cli.recipe.train import load_train_recipe
-    from mdsd3_cli.train.run import Trainer
+    from mdsd3_cli.train.run import open_training, plan_training, train
 
     with _clear_errors():  # recipe, data, checkpoint and adapter errors are ValueErrors
-        recipe = load_train_recipe(config, overrides or [])
-        trainer = Trainer(recipe, resume=resume, console=console)
-        summary = trainer.run()
-    if trainer.accelerator is None or trainer.accelerator.is_main_process:
+        plan = plan_training(load_train_recipe(config, overrides or []), resume)
+        with open_training(plan, console=console) as state:
+            summary = train(state)
+    if state.accelerator.is_main_process:
         Console().print(summary.table())
     raise typer.Exit(summary.exit_code)
 

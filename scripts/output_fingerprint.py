@@ -41,7 +41,7 @@ def _without_wall_clock(value: object) -> object:
 def _file_digest(root: Path, path: Path) -> str:
     data = path.read_bytes().replace(str(root).encode(), b"<work>")
     if path.suffix == ".json":
-        data = json.dumps(_without_wall_clock(json.loads(data)), sort_keys=True).encode()
+        data = json.dumps(_without_wall_clock(json.loads(data))).encode()  # key order kept
     elif path.suffix == ".jsonl":  # lines are appended as samples finish: their order is not part of the format
         data = b"\n".join(sorted(data.splitlines()))
     return hashlib.sha256(data).hexdigest()

@@ -15,7 +15,7 @@ Peak memory: CUDA `max_memory_allocated` (weights + optimizer state + activation
 each measurement runs in its own process and reports that process's peak resident set size (includes Python
 and torch, about 0.4-0.5 GiB).
 
-`--trainer` (CPU) also times the whole `Trainer` loop (data loading, VAE encoding or latent cache, logging) on
+`--trainer` (CPU) also times the whole training loop (`train.run.train`) (data loading, VAE encoding or latent cache, logging) on
 configs/train_tiny.yaml with synthetic pairs from examples/photos.
 """
 
@@ -161,12 +161,12 @@ def _peak_rss_bytes() -> int:
 
 
 def measure_trainer(resolution: int, steps: int) -> dict:
-    """The whole Trainer loop on configs/train_tiny.yaml (tiny preset, synthetic pairs), CPU."""
+    """The whole training loop on configs/train_tiny.yaml (tiny preset, synthetic pairs), CPU."""
     sys.path.insert(0, str(ROOT / "scripts"))
     from make_synthetic_pairs import make_pairs
 
     from mdsd3_cli.recipe.train import load_train_recipe
-    from mdsd3_cli.train.run import Trainer
+    from mdsd3_cli.train.run import run_train
 
     with tempfile.TemporaryDirectory() as tmp:
         pairs = Path(tmp) / "pairs"
@@ -181,9 +181,7 @@ def measure_trainer(resolution: int, steps: int) -> dict:
         for name in ("haze", "haze_half", "noise", "noise_half"):
             sets += [f"datasets.{name}.clean={pairs / 'clean'}", f"datasets.{name}.degraded={pairs / name}"]
         recipe = load_train_recipe(ROOT / "configs" / "train_tiny.yaml", sets)
-        trainer = Trainer(recipe, console=_quiet_console())
-        trainer.setup()
-        summary = trainer.run()
+        summary = run_train(recipe, console=_quiet_console())  # steps_per_s times the loop, not the setup
     return {
         "mode": "trainer",
         "device": f"cpu ({torch.get_num_threads()} threads)",
@@ -218,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 CUDA, 10 CPU)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--trainer", action="store_true", help="CPU: also time the whole Trainer loop")
+    parser.add_argument("--trainer", action="store_true", help="CPU: also time the whole training loop")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one CPU measurement in this process
     args = parser.parse_args(argv)
 

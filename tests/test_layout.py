@@ -24,7 +24,7 @@ def _module_names() -> dict[str, Path]:
 
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """Modules of the package that `name` imports anywhere in its file (functions and TYPE_CHECKING blocks
-    included). `from mdsd3_cli import __version__` is not counted: the root holds only the version."""
+    included); `mdsd3_cli` itself for a name imported from the package root."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -35,8 +35,6 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            if base == "mdsd3_cli" and all(alias.name == "__version__" for alias in node.names):
-                continue
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
         else:
             continue
@@ -122,6 +120,31 @@ def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
     assert "mdsd3_cli.pipeline.pipeline" in graph["mdsd3_cli.generate.run"]
     assert "mdsd3_cli.evaluate.report" in graph["mdsd3_cli.evaluate.run"]
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def _root_importers(graph: dict[str, set[str]]) -> list[str]:
+    """Modules of the subpackages that import a name from the package root `mdsd3_cli` (which sits above them all)."""
+    return sorted(module for module, imported in graph.items() if _unit(module) in LAYERS and "mdsd3_cli" in imported)
+
+
+def test_no_subpackage_imports_the_package_root() -> None:
+    assert _root_importers(_graph()) == []
+
+
+def test_the_root_check_sees_an_upward_import(tmp_path: Path) -> None:
+    """Fed made-up modules, the check reports each way of importing the root, and not an import of its layer."""
+    known = set(_module_names())
+    fakes = {
+        "from mdsd3_cli import __version__\n": True,
+        "import mdsd3_cli\n": True,
+        "def f():\n    from ... import Synthesizer\n": True,
+        "from mdsd3_cli.util.version import __version__\n": False,
+    }
+    for index, (text, upward) in enumerate(fakes.items()):
+        path = tmp_path / f"fake{index}.py"
+        path.write_text(text)
+        name = f"mdsd3_cli.model.presets.fake{index}"
+        assert _root_importers({name: _imports(name, path, known)}) == ([name] if upward else []), text
 
 
 def test_one_image_walker_and_one_to_rgb() -> None:

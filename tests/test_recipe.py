@@ -515,3 +515,50 @@ def test_example_recipe_needs_its_photos_folder(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_text(example_recipe_text())
     assert_error(path, "input.paths.0")
+
+
+# ---------------------------------------------------------------- one dialect for generate and train recipes
+
+TRAIN_TEXT = """\
+classes: [haze]
+datasets: [{name: pairs, kind: paired_folders, clean: clean, degraded: degraded, classes: {haze: 1.0}}]
+train: {lr: 1e-4, steps: 20}
+output: {dir: ~/runs/x}
+"""
+
+
+def test_a_train_recipe_is_read_as_strictly_as_a_generate_recipe(tmp_path: Path) -> None:
+    from mdsd3_cli.recipe.safe_yaml import load_yaml
+    from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
+
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "degraded").mkdir()
+    path = tmp_path / "train.yaml"
+    path.write_text(TRAIN_TEXT)
+    recipe = load_train_recipe(path)
+    assert (recipe.train.lr, recipe.train.steps) == (1e-4, 20)  # 1e-4 is a number (YAML 1.2), in both recipes
+    assert recipe.datasets[0].clean == tmp_path / "clean" and recipe.output.dir == Path.home() / "runs" / "x"
+    generate = write_recipe(tmp_path, {**VALID, "sampling": {**VALID["sampling"], "guidance": 7e0}})
+    generate.write_text(generate.read_text().replace("guidance: 7.0", "guidance: 7e0"))
+    assert load_recipe(generate).sampling.guidance == 7.0
+    assert load_yaml("[1e-4, 3.0e-3, 1.5E+4, -2e3, 1_000e1, x1e5]", "t") == [1e-4, 3e-3, 1.5e4, -2e3, 1e4, "x1e5"]
+    assert yaml.safe_load("1e-4") == "1e-4"  # PyYAML's own loader is left as it was
+
+    wrong = ['train.steps="20"', 'data.random_flip="true"', "train.lr=.nan", "model.device=mps", "train.stpes=2"]
+    with pytest.raises(TrainRecipeError) as caught:  # generate refuses each of these the same way
+        load_train_recipe(path, wrong)
+    assert isinstance(caught.value, RecipeError)
+    lines = str(caught.value).splitlines()
+    for field in ("train.steps", "data.random_flip", "train.lr", "model.device", "train.stpes"):
+        assert any(line.startswith(f"{path}: {field} (from --set ") for line in lines), (field, lines)
+    assert any("train.stpes (from --set train.stpes=2): unknown field; did you mean 'steps'?" in line for line in lines)
+    assert pickle.loads(pickle.dumps(caught.value)).problems == caught.value.problems
+
+
+def test_loading_a_train_recipe_loads_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, mdsd3_cli.recipe.train; assert 'torch' not in sys.modules, 'torch was imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

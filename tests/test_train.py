@@ -40,7 +40,7 @@ from mdsd3_cli.train.checkpoints import CHECKPOINTS, list_checkpoints
 from mdsd3_cli.train.data import EmptyDatasetError
 from mdsd3_cli.train.errors import TrainError
 from mdsd3_cli.train.previews import PreviewSettings
-from mdsd3_cli.train.run import Trainer, run_train
+from mdsd3_cli.train.run import compute_loss, open_training, plan_training, run_train, train
 from mdsd3_cli.train.step import FlowSchedule, is_trainable, step_generator
 
 from .helpers import REPO, mdsd3
@@ -168,17 +168,17 @@ def test_exported_adapter_loads_and_samples(uninterrupted, fresh_base):
 
 
 def test_training_continues_from_an_adapter(uninterrupted, pairs, tmp_path):
-    trainer = Trainer(quick_recipe(pairs, tmp_path, "train.steps=1", f"model.adapter={uninterrupted / 'adapter'}"))
-    trainer.setup()
-    exported = load_file(str(uninterrupted / "adapter" / "adapter.safetensors"))
-    params = dict(trainer.unwrapped.named_parameters())
-    assert all(torch.equal(params[name], tensor) for name, tensor in exported.items())
-    assert trainer.run().exit_code == 0
+    recipe = quick_recipe(pairs, tmp_path, "train.steps=1", f"model.adapter={uninterrupted / 'adapter'}")
+    with open_training(plan_training(recipe)) as state:
+        exported = load_file(str(uninterrupted / "adapter" / "adapter.safetensors"))
+        params = dict(state.unwrapped.named_parameters())
+        assert all(torch.equal(params[name], tensor) for name, tensor in exported.items())
+        assert train(state).exit_code == 0
 
 
 def test_fresh_start_into_a_run_with_checkpoints_is_refused(uninterrupted, pairs):
     with pytest.raises(TrainError, match="--resume latest"):
-        Trainer(quick_recipe(pairs, uninterrupted, "train.steps=6"))
+        plan_training(quick_recipe(pairs, uninterrupted, "train.steps=6"))
 
 
 def test_finished_run_resumes_to_nothing(uninterrupted, pairs, tmp_path):
@@ -197,13 +197,13 @@ def test_empty_dataset_fails_before_any_model_loads(pairs, tmp_path, monkeypatch
     empty.mkdir()
     recipe = load_train_recipe(TINY_CONFIG, tiny_overrides(pairs, tmp_path / "out", f"datasets.noise.degraded={empty}"))
     with pytest.raises(EmptyDatasetError, match="'noise'"):
-        Trainer(recipe)
+        plan_training(recipe)
 
 
 def test_latent_cache_with_random_crops_is_refused(pairs, tmp_path):
     recipe = load_train_recipe(TINY_CONFIG, tiny_overrides(pairs, tmp_path, "data.random_crop=true"))
     with pytest.raises(TrainError, match="cache_latents"):
-        Trainer(recipe)
+        plan_training(recipe)
 
 
 def test_train_refuses_a_foreign_folder_and_its_own_dataset(pairs, tmp_path):
@@ -211,10 +211,10 @@ def test_train_refuses_a_foreign_folder_and_its_own_dataset(pairs, tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(TrainError, match="non-empty folder that training did not write"):
-        Trainer(quick_recipe(pairs, foreign))
+        plan_training(quick_recipe(pairs, foreign))
     inside = pairs / "clean" / "run"  # previews there would become clean images of the next run
     with pytest.raises(TrainError, match="overlaps the training data"):
-        Trainer(quick_recipe(pairs, inside))
+        plan_training(quick_recipe(pairs, inside))
     assert os.listdir(foreign) == ["notes.txt"] and not inside.exists()
 
 
@@ -223,33 +223,33 @@ def test_train_refuses_a_foreign_folder_and_its_own_dataset(pairs, tmp_path):
 
 @pytest.mark.parametrize("trainable", ["default", "lora_only"])
 def test_only_the_intended_parameters_train(trainable, pairs, tmp_path):
-    trainer = Trainer(
-        quick_recipe(pairs, tmp_path, "train.steps=2", "output.preview_every=0", f"train.trainable={trainable}")
-    )
-    trainer.setup()
-    model = trainer.unwrapped
-    intended = {name for name, _ in model.named_parameters() if is_trainable(name, trainable)}
-    if trainable == "default":
-        assert any(".to_q." in n for n in intended) and any(".ff." in n for n in intended)
-    else:
-        assert all("lora_" in n or ".z_" in n for n in intended)
-    assert any("lora_" in n for n in intended) and any(".z_" in n for n in intended)
-    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if name not in intended}
-    frozen.update({f"vae.{k}": v.clone() for k, v in trainer.base.vae.state_dict().items()})
-    start = {name: p.detach().clone() for name, p in model.named_parameters() if name in intended}
+    recipe = quick_recipe(pairs, tmp_path, "train.steps=2", "output.preview_every=0", f"train.trainable={trainable}")
+    with open_training(plan_training(recipe)) as state:
+        model = state.unwrapped
+        intended = {name for name, _ in model.named_parameters() if is_trainable(name, trainable)}
+        if trainable == "default":
+            assert any(".to_q." in n for n in intended) and any(".ff." in n for n in intended)
+        else:
+            assert all("lora_" in n or ".z_" in n for n in intended)
+        assert any("lora_" in n for n in intended) and any(".z_" in n for n in intended)
+        frozen = {name: p.detach().clone() for name, p in model.named_parameters() if name not in intended}
+        frozen.update({f"vae.{k}": v.clone() for k, v in state.base.vae.state_dict().items()})
+        start = {name: p.detach().clone() for name, p in model.named_parameters() if name in intended}
 
-    loss = trainer.compute_loss(0, trainer.dataset.sample_batch(0, 2))
-    loss.backward()
-    graded = {name for name, p in model.named_parameters() if p.grad is not None}
-    assert graded == intended
-    assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if name in intended)
-    model.zero_grad(set_to_none=True)
+        loss = compute_loss(state, 0, state.dataset.sample_batch(0, 2))
+        loss.backward()
+        graded = {name for name, p in model.named_parameters() if p.grad is not None}
+        assert graded == intended
+        assert all(p.dtype == torch.float32 for name, p in model.named_parameters() if name in intended)
+        model.zero_grad(set_to_none=True)
 
-    trainer.run()
-    after = dict(model.named_parameters())
-    assert all(torch.equal(after[name], before) for name, before in frozen.items() if not name.startswith("vae."))
-    assert all(torch.equal(trainer.base.vae.state_dict()[k[4:]], v) for k, v in frozen.items() if k.startswith("vae."))
-    assert any(not torch.equal(after[name], before) for name, before in start.items())
+        train(state)
+        after = dict(model.named_parameters())
+        assert all(torch.equal(after[name], before) for name, before in frozen.items() if not name.startswith("vae."))
+        assert all(
+            torch.equal(state.base.vae.state_dict()[k[4:]], v) for k, v in frozen.items() if k.startswith("vae.")
+        )
+        assert any(not torch.equal(after[name], before) for name, before in start.items())
     saved = load_file(str(tmp_path / "adapter" / "adapter.safetensors"))
     assert not any(
         name.startswith(("transformer_blocks.", "pos_embed.", "proj_out.", "norm_out.")) and "lora_" not in name
@@ -503,15 +503,18 @@ def test_a_full_disk_at_a_checkpoint_is_one_clear_error_and_a_second_trainer_is_
     from mdsd3_cli.dataset.ownership import ShardBusyError
 
     recipe = quick_recipe(pairs, tmp_path, "train.steps=2", "output.preview_every=0")
-    trainer = Trainer(recipe)
-    trainer.setup()
-    with pytest.raises(ShardBusyError, match=f"PID {os.getpid()}"):  # one training process per output folder
-        Trainer(recipe).setup()
 
     def disk_full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(TrainError, match="cannot write checkpoint .*step-000002.*--resume latest"):
-        trainer.run()
+    with open_training(plan_training(recipe)) as state:
+        with pytest.raises(ShardBusyError, match=f"PID {os.getpid()}"):  # one training process per output folder
+            with open_training(plan_training(recipe)):
+                pytest.fail("a second run opened the locked output folder")
+        monkeypatch.setattr(torch, "save", disk_full)
+        with pytest.raises(TrainError, match="cannot write checkpoint .*step-000002.*--resume latest"):
+            train(state)
     assert not list((tmp_path / CHECKPOINTS).iterdir())
+    monkeypatch.undo()
+    with open_training(plan_training(recipe)):  # the block's end released the lock
+        pass

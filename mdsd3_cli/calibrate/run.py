@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from mdsd3_cli import __version__
 from mdsd3_cli.evaluate import CLASS_ESTIMATORS, CLASS_SCALES, CLASS_UNITS, ESTIMATOR_VERSIONS
 from mdsd3_cli.pipeline.synthesizer import Synthesizer
 from mdsd3_cli.recipe.generate import Recipe, load_recipe_data, parse_recipe
 from mdsd3_cli.util.atomic import atomic_write_together
 from mdsd3_cli.util.names import unknown_class_message
+from mdsd3_cli.util.version import __version__
 
 from .fit import MIN_RISE, Curve, quantile_mapping, wasserstein
 from .probe import Probe, check_jobs, pick_probes, run_jobs, sweep

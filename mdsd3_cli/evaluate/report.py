@@ -15,8 +15,8 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from mdsd3_cli import __version__
 from mdsd3_cli.util.atomic import AtomicFile, atomic_write
+from mdsd3_cli.util.version import __version__
 
 from .aggregate import class_info
 from .estimators import DEFAULT_SEAM_GRID, ESTIMATOR_VERSIONS

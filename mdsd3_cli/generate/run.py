@@ -19,7 +19,6 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from mdsd3_cli import __version__
 from mdsd3_cli.dataset.completeness import ShardPlan, begin_shard, finish_shard, plan_fingerprint
 from mdsd3_cli.dataset.layout_writer import LayoutWriter
 from mdsd3_cli.dataset.names import RUN_JSON
@@ -43,6 +42,7 @@ from mdsd3_cli.recipe.generate import Recipe
 from mdsd3_cli.util.images import Discovery, ImageError, LoadedImage, Source, discover_sources, iter_loaded
 from mdsd3_cli.util.progress import Console, RunProgress
 from mdsd3_cli.util.runtime import StopRequest, exit_code_for, resolve_dtype
+from mdsd3_cli.util.version import __version__
 
 EXIT_OK, EXIT_FAILED_INPUTS = 0, 1
 FAILURES_SHOWN = 5

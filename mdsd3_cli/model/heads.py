@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mdsd3_cli.util.names import unknown_class_message
 
 CLEAN_PROMPT = "clean"
 UNCONDITIONAL_PROMPT = ""
+
+if TYPE_CHECKING:
+    import torch
 
 
 class UnknownClassError(ValueError):
@@ -62,9 +63,11 @@ def ratio_vector(ratios: Mapping[str, float], classes: Sequence[str]) -> list[fl
 
 
 def head_mask(
-    ratio_rows: Sequence[Sequence[float]], partition: Sequence[Sequence[int]], device=None, dtype=torch.float32
+    ratio_rows: Sequence[Sequence[float]], partition: Sequence[Sequence[int]], device=None, dtype=None
 ) -> torch.Tensor:
-    """A [batch, heads] mask with m[b, h] = ratio of the class owning head h."""
+    """A [batch, heads] float32 (or `dtype`) mask with m[b, h] = ratio of the class owning head h."""
+    import torch  # the rest of this module is torch-free: recipes import it
+
     owners = torch.tensor(head_class_index(partition), dtype=torch.long)
     table = torch.tensor([list(row) for row in ratio_rows], dtype=torch.float32).reshape(
         len(ratio_rows), len(partition)

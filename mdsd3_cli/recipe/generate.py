@@ -10,8 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PlainSerializer,
     PlainValidator,
@@ -31,6 +29,8 @@ from mdsd3_cli.model.presets import (
     preset_folder,
 )
 from mdsd3_cli.model.sd3_folder import base_folder_problem, folder_image_side_limit, largest_image_side
+from mdsd3_cli.recipe.base import TINY_BASE, RecipeError, Section, check_class_names, resolve_path
+from mdsd3_cli.recipe.base import ModelSection as SharedModelSection
 from mdsd3_cli.recipe.file import (
     MAX_REPEATS,
     MAX_SAMPLES_PER_INPUT,
@@ -46,38 +46,15 @@ from mdsd3_cli.util.names import unknown_class_message
 if TYPE_CHECKING:
     import torch
 
-TINY_BASE = "tiny"
 VARIANT_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 GLOB_CHARACTERS = re.compile(r"[*?\[]")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; the message names the file and each bad field."""
-
-    def __init__(self, source: str, problems: Sequence[Problem]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        super().__init__(
-            "\n".join(
-                f"{source}: {field}: {message}" if field else f"{source}: {message}" for field, message in self.problems
-            )
-        )
-
-    def __reduce__(self) -> tuple[type[RecipeError], tuple[str, list[Problem]]]:
-        return type(self), (self.source, self.problems)
-
-
-class _Section(BaseModel):
-    """Strict base: unknown keys and wrong types are errors (no silent coercion)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 MAX_QUANTILES = 101
 """Most values a `{quantiles: [...]}` ratio may list."""
 
 
-class QuantileRatio(_Section):
+class QuantileRatio(Section):
     """A ratio drawn per sample by inverse CDF from a piecewise-linear quantile function: `quantiles[k]` is the
     ratio at cumulative probability k / K (K + 1 values, non-decreasing, in [0, 1]); `mdsd3 calibrate` writes it."""
 
@@ -130,34 +107,24 @@ def _ratio_data(value: float | list[float] | QuantileRatio) -> float | list[floa
     return {"quantiles": list(value.quantiles)} if isinstance(value, QuantileRatio) else value
 
 
-Ratio = Annotated[float | list[float] | QuantileRatio, PlainValidator(_ratio), PlainSerializer(_ratio_data)]
+RatioDraw = Annotated[float | list[float] | QuantileRatio, PlainValidator(_ratio), PlainSerializer(_ratio_data)]
+"""A variant's class ratio: fixed, or drawn per sample from a range or quantiles."""
 
 
-class ModelSection(_Section):
-    """Which base model and adapter to run, and how."""
+class ModelSection(SharedModelSection):
+    """Which base model and adapter to run, and how: the shared model section with the classes of a fresh
+    adapter and torch.compile."""
 
-    base: str = Field(min_length=1)
-    adapter: str | None = None
     classes: Annotated[list[str], Field(min_length=1)] | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
-    prompt_cache: str | None = None
     compile: bool = False
 
     @field_validator("classes")
     @classmethod
     def _class_names(cls, names: list[str] | None) -> list[str] | None:
-        if names is None:
-            return None
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate class names in {names}")
-        for name in names:
-            if name.split() != [name] or name == "clean":
-                raise ValueError(f"class name {name!r} must be one word and not 'clean'")
-        return names
+        return None if names is None else check_class_names(names)
 
 
-class InputSection(_Section):
+class InputSection(Section):
     """Where clean photos come from and how they are shaped for the model."""
 
     paths: list[str] = Field(min_length=1)
@@ -179,7 +146,7 @@ TAR_SAMPLE = "key"
 the run identity: earlier versions wrote one sample per key and folder, and such a run is never resumed."""
 
 
-class OutputSection(_Section):
+class OutputSection(Section):
     """Where and how the pairs are written."""
 
     dir: str = Field(min_length=1)
@@ -196,7 +163,7 @@ MAX_START_WEIGHT = 10.0
 and far larger weights overflow to black images."""
 
 
-class SamplingSection(_Section):
+class SamplingSection(Section):
     """Denoising settings shared by all variants."""
 
     steps: int = Field(default=28, ge=1)
@@ -208,11 +175,11 @@ class SamplingSection(_Section):
     grid_shifts: Literal[GRID_SHIFTS] = 1
 
 
-class Variant(_Section):
+class Variant(Section):
     """One degraded output folder (or `repeats` folders): class ratios and optional α/β overrides."""
 
     name: str = Field(max_length=100)
-    classes: dict[str, Ratio]
+    classes: dict[str, RatioDraw]
     repeats: int = Field(default=1, ge=1, le=MAX_REPEATS)
     alpha: Annotated[float, Field(gt=0, le=MAX_START_WEIGHT)] | None = None
     beta: Annotated[float, Field(ge=0, le=MAX_START_WEIGHT)] | None = None
@@ -237,7 +204,7 @@ class Variant(_Section):
         return [self.folder(repeat) for repeat in range(1, self.repeats + 1)]
 
 
-class Recipe(_Section):
+class Recipe(Section):
     """A validated recipe; relative paths resolve against the folder of the recipe file."""
 
     model: ModelSection
@@ -256,8 +223,7 @@ class Recipe(_Section):
 
     def resolve(self, raw: str) -> Path:
         """A path from the recipe: `~` expanded, relative paths taken against the recipe's folder."""
-        path = Path(raw).expanduser()
-        return Path(os.path.abspath(self._source_path.parent / path))
+        return resolve_path(raw, self._source_path.parent)
 
     def base_dir(self) -> Path | None:
         """The diffusers SD3 folder (a shipped preset's own for `mini`), or None for the built-in `tiny` preset."""

@@ -1,8 +1,10 @@
 """Safe YAML for recipes: yaml.safe_load's tags and values, but duplicate keys, runaway nesting and alias
-bombs are refused with a message naming the line."""
+bombs are refused with a message naming the line, and `1e-4` is a number (YAML 1.2; yaml.safe_load, which
+follows YAML 1.1, reads an exponent without a dot as a string)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -90,6 +92,14 @@ class _RecipeLoader(yaml.SafeLoader):
                 raise _DuplicateKey(key, first_seen[key], key_node.start_mark)
             first_seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
+
+
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: list(resolvers) for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}  # a copy of every list: yaml.SafeLoader itself stays as it is
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _line(mark: yaml.Mark) -> str:

@@ -10,12 +10,10 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import torch
 from pydantic import (
-    BaseModel,
-    ConfigDict,
+    BeforeValidator,
     Field,
     PrivateAttr,
     ValidationError,
@@ -25,55 +23,60 @@ from pydantic import (
 )
 
 from mdsd3_cli.model.adapter import FlowStart
-from mdsd3_cli.model.heads import CLEAN_PROMPT
 from mdsd3_cli.model.presets import is_preset
 from mdsd3_cli.model.sd3_folder import base_folder_problem
-from mdsd3_cli.recipe.file import RecipeData, RecipeFileError, read_recipe, schema_problems
-from mdsd3_cli.util.runtime import DeviceError, resolve_device
+from mdsd3_cli.recipe.base import (
+    TINY_BASE,
+    ModelSection,
+    RecipeError,
+    Section,
+    UnitRatio,
+    check_class_names,
+    resolve_path,
+)
+from mdsd3_cli.recipe.file import RecipeFileError, read_recipe, schema_problems
 
-TINY_BASE = "tiny"
+if TYPE_CHECKING:
+    import torch
+
 PAIR_LIST_SUFFIXES = (".csv", ".jsonl")
 
 
-class TrainRecipeError(ValueError):
+class TrainRecipeError(RecipeError):
     """A training recipe that cannot be used; the message names the file and the field."""
 
 
-def _resolve(value: Path, info: ValidationInfo) -> Path:
-    """Absolute path: `~` expanded, relative paths against the recipe folder (or the working folder)."""
-    value = value.expanduser()
-    if not value.is_absolute():
-        base_dir = (info.context or {}).get("base_dir")
-        value = Path(base_dir) / value if base_dir else value
-    return Path(os.path.abspath(value))
+def _recipe_path(value: Any, info: ValidationInfo) -> Path:
+    """A path field, resolved when validated: against the recipe's folder (`base_dir` in the validation
+    context), else the working folder."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"a path is a string, got {type(value).__name__} {value!r}")
+    return resolve_path(value, (info.context or {}).get("base_dir", os.curdir))
 
 
-def _existing_dir(value: Path, info: ValidationInfo) -> Path:
-    path = _resolve(value, info)
+RecipePath = Annotated[Path, BeforeValidator(_recipe_path)]
+"""An absolute path: `~` expanded, a relative one taken against the recipe's folder."""
+
+
+def _existing_dir(path: Path) -> Path:
     if not path.is_dir():
         raise ValueError(f"folder not found: {path}")
     return path
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ModelSection(_Section):
-    """Which base model and (optionally) which adapter to continue training from."""
+class TrainModelSection(ModelSection):
+    """The shared model section: `base` defaults to the built-in tiny one; `adapter` is one to continue training."""
 
     base: str = TINY_BASE
-    adapter: Path | None = None
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    device: str = "auto"
-    prompt_cache: Path | None = None
+    adapter: RecipePath | None = None
+    prompt_cache: RecipePath | None = None
 
     @field_validator("base")
     @classmethod
     def _base(cls, value: str, info: ValidationInfo) -> str:
         if value == TINY_BASE or is_preset(value):
             return value
-        folder = _existing_dir(Path(value), info)
+        folder = _existing_dir(_recipe_path(value, info))
         problem = base_folder_problem(folder)
         if problem:
             raise ValueError(problem)
@@ -81,30 +84,14 @@ class ModelSection(_Section):
 
     @field_validator("adapter")
     @classmethod
-    def _adapter(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _existing_dir(value, info)
-
-    @field_validator("prompt_cache")
-    @classmethod
-    def _prompt_cache(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _resolve(value, info)
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value != "auto":
-            try:
-                torch.device(value)
-            except RuntimeError as error:
-                raise ValueError(f"not a torch device: {value!r}") from error
-        return value
+    def _adapter(cls, value: Path | None) -> Path | None:
+        return None if value is None else _existing_dir(value)
 
 
-Ratio = Annotated[float, Field(ge=0.0, le=1.0)]
 Weight = Annotated[float, Field(gt=0.0)]
 
 
-class PairedFoldersDataset(_Section):
+class PairedFoldersDataset(Section):
     """A clean folder and a degraded folder; files pair by relative path without extension, or via `match`.
 
     `match` is a regex that must match the whole relative path (without extension, `/`-separated) of a
@@ -113,16 +100,16 @@ class PairedFoldersDataset(_Section):
 
     name: str = Field(min_length=1)
     kind: Literal["paired_folders"]
-    clean: Path
-    degraded: Path
+    clean: RecipePath
+    degraded: RecipePath
     match: str | None = None
-    classes: dict[str, Ratio] = Field(min_length=1)
+    classes: dict[str, UnitRatio] = Field(min_length=1)
     weight: Weight = 1.0
 
     @field_validator("clean", "degraded")
     @classmethod
-    def _folder(cls, value: Path, info: ValidationInfo) -> Path:
-        return _existing_dir(value, info)
+    def _folder(cls, value: Path) -> Path:
+        return _existing_dir(value)
 
     @field_validator("match")
     @classmethod
@@ -138,7 +125,7 @@ class PairedFoldersDataset(_Section):
         return value
 
 
-class PairListDataset(_Section):
+class PairListDataset(Section):
     """A CSV (header `clean,degraded[,classes]`) or JSONL list of pairs; paths relative to the list's folder.
 
     `classes` here is the default for rows that give none.
@@ -146,14 +133,13 @@ class PairListDataset(_Section):
 
     name: str = Field(min_length=1)
     kind: Literal["pair_list"]
-    list: Path
-    classes: dict[str, Ratio] = Field(default_factory=dict)
+    list: RecipePath
+    classes: dict[str, UnitRatio] = Field(default_factory=dict)
     weight: Weight = 1.0
 
     @field_validator("list")
     @classmethod
-    def _list(cls, value: Path, info: ValidationInfo) -> Path:
-        path = _resolve(value, info)
+    def _list(cls, path: Path) -> Path:
         if not path.is_file():
             raise ValueError(f"file not found: {path}")
         if path.suffix.lower() not in PAIR_LIST_SUFFIXES:
@@ -161,18 +147,18 @@ class PairListDataset(_Section):
         return path
 
 
-class Mdsd3OutputDataset(_Section):
+class Mdsd3OutputDataset(Section):
     """The output folder of `mdsd3 generate`: pairs and ratios come from its `manifest/*.jsonl`."""
 
     name: str = Field(min_length=1)
     kind: Literal["mdsd3_output"]
-    dir: Path
+    dir: RecipePath
     weight: Weight = 1.0
 
     @field_validator("dir")
     @classmethod
-    def _dir(cls, value: Path, info: ValidationInfo) -> Path:
-        path = _existing_dir(value, info)
+    def _dir(cls, value: Path) -> Path:
+        path = _existing_dir(value)
         if not (path / "manifest").is_dir():
             raise ValueError(f"no manifest/ folder in {path} (not an mdsd3 generate output?)")
         return path
@@ -182,7 +168,7 @@ DatasetSpec = Annotated[PairedFoldersDataset | PairListDataset | Mdsd3OutputData
 DATASET_KINDS = ("paired_folders", "pair_list", "mdsd3_output")
 
 
-class DataSection(_Section):
+class DataSection(Section):
     """Image size, augmentation, identity pairs, condition drop and loader settings.
 
     `resize`: `short_side` scales every image so its short side equals `resolution`; `native` keeps the
@@ -208,7 +194,7 @@ class DataSection(_Section):
         return value
 
 
-class TrainSection(_Section):
+class TrainSection(Section):
     """Optimisation settings, and `start`: the flow's source z_T = α·ε + β·z_clean the adapter is trained for
     (docs/METHOD.md §4); α 1, β 0 (the default) is plain SD3's pure noise."""
 
@@ -235,25 +221,20 @@ class TrainSection(_Section):
         return value
 
 
-class OutputSection(_Section):
+class OutputSection(Section):
     """Where checkpoints, previews and logs go; `preview_every: 0` disables previews."""
 
-    dir: Path = Field(default=Path("runs/mdsd3"), validate_default=True)
+    dir: RecipePath = Field(default=Path("runs/mdsd3"), validate_default=True)
     checkpoint_every: int = Field(default=500, gt=0)
     keep_checkpoints: int = Field(default=3, gt=0)
     preview_every: int = Field(default=500, ge=0)
     log_every: int = Field(default=10, gt=0)
 
-    @field_validator("dir")
-    @classmethod
-    def _dir(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve(value, info)
 
-
-class TrainRecipe(_Section):
+class TrainRecipe(Section):
     """A validated training recipe; `classes` order defines the head partition."""
 
-    model: ModelSection = Field(default={}, validate_default=True)
+    model: TrainModelSection = Field(default={}, validate_default=True)
     classes: list[str] = Field(min_length=1)
     datasets: list[DatasetSpec] = Field(min_length=1)
     data: DataSection = Field(default={}, validate_default=True)
@@ -269,20 +250,17 @@ class TrainRecipe(_Section):
 
     def device(self) -> torch.device:
         """The device model.device names on this machine; TrainRecipeError (model.device) when there is none."""
+        from mdsd3_cli.util.runtime import DeviceError, resolve_device  # loading a recipe loads no torch
+
         try:
             return resolve_device(self.model.device)
         except DeviceError as error:
-            raise TrainRecipeError(f"{self._source}: model.device: {error}") from None
+            raise TrainRecipeError(self._source, [("model.device", str(error))]) from None
 
     @field_validator("classes")
     @classmethod
     def _classes(cls, value: list[str]) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"duplicate class names in {value}")
-        for name in value:
-            if not name or name.split() != [name] or name == CLEAN_PROMPT:
-                raise ValueError(f"class name {name!r} must be one word and not {CLEAN_PROMPT!r}")
-        return value
+        return check_class_names(value)
 
     @model_validator(mode="after")
     def _cross_check(self) -> TrainRecipe:
@@ -303,17 +281,6 @@ class TrainRecipe(_Section):
         return self
 
 
-def _format_problems(raw: RecipeData, problems: Iterable[tuple[str, str]]) -> str:
-    """One `SOURCE: dotted.field: problem` line per problem (a multi-line problem without a field: one per line)."""
-    lines = []
-    for field, message in problems:
-        if field:
-            lines.append(f"{raw.source}: {raw.label(field)}: {message}")
-        else:
-            lines.extend(f"{raw.source}: {line}" for line in message.splitlines())
-    return "\n".join(lines)
-
-
 def load_train_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) -> TrainRecipe:
     """Read (bounded, safe YAML), override and validate a training recipe; every problem raises
     `TrainRecipeError`."""
@@ -321,10 +288,11 @@ def load_train_recipe(path: str | os.PathLike, overrides: Iterable[str] = ()) ->
     try:
         raw = read_recipe(path, list(overrides), not_mapping="the recipe must be a mapping of sections")
     except RecipeFileError as error:
-        raise TrainRecipeError(str(error)) from None
+        raise TrainRecipeError(error.source, [(error.where, error.message)]) from None
     try:
-        recipe = TrainRecipe.model_validate(raw.data, context={"base_dir": path.parent.resolve()})
+        recipe = TrainRecipe.model_validate(raw.data, context={"base_dir": Path(os.path.abspath(path)).parent})
     except ValidationError as error:
-        raise TrainRecipeError(_format_problems(raw, schema_problems(error, TrainRecipe, drop=DATASET_KINDS))) from None
+        problems = schema_problems(error, TrainRecipe, drop=DATASET_KINDS)
+        raise TrainRecipeError(raw.source, [(raw.label(field), message) for field, message in problems]) from None
     recipe._source = raw.source
     return recipe

@@ -1,2 +1,2 @@
 """`mdsd3 train`: the training data (paired sources), the step (trainable sets, loss), checkpoints, previews,
-the log and summary, and the run (the Trainer)."""
+the log and summary, and the run (a plan, a state and the loop over it)."""

@@ -16,13 +16,13 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mdsd3_cli import __version__
 from mdsd3_cli.model.adapter import WEIGHTS_NAME, AdapterConfig, AdapterError, read_adapter_config
 from mdsd3_cli.model.transformer import MDSD3Transformer
 from mdsd3_cli.model.weights import adapter_state_dict
 from mdsd3_cli.recipe.train import TrainRecipe
 from mdsd3_cli.train.errors import TrainError
 from mdsd3_cli.util.atomic import atomic_write, ensure_folder, fresh_folder
+from mdsd3_cli.util.version import __version__
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
