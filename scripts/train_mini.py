@@ -171,8 +171,18 @@ def make_data(out: Path, count: int = CROPS, seed: int = 0) -> None:
 class Batches:
     """Random crops, flips, classes and ratios of one training step, a pure function of (seed, step)."""
 
-    def __init__(self, crops: torch.Tensor, size: int, batch: int, seed: int, device: torch.device):
+    def __init__(
+        self,
+        crops: torch.Tensor,
+        size: int,
+        batch: int,
+        seed: int,
+        device: torch.device,
+        class_weights: dict[str, float] | None = None,
+    ):
         self.crops, self.size, self.batch, self.seed, self.device = crops.to(device), size, batch, seed, device
+        weights = np.array([(class_weights or {}).get(name, 1.0) for name in MINI_CLASSES])
+        self.class_mix = None if class_weights is None else weights / weights.sum()
 
     def __call__(
         self, step: int, size: int | None = None, batch: int | None = None, field: torch.Tensor | None = None
@@ -186,7 +196,10 @@ class Batches:
         index = rng.integers(0, count, batch)
         ys, xs = rng.integers(0, full - size + 1, (2, batch))
         flips = rng.random(batch) < 0.5
-        classes = rng.integers(0, len(MINI_CLASSES), batch)
+        if self.class_mix is None:
+            classes = rng.integers(0, len(MINI_CLASSES), batch)
+        else:
+            classes = rng.choice(len(MINI_CLASSES), batch, p=self.class_mix)
         ratio = np.where(rng.random(batch) < FULL_RATIO_FRACTION, 1.0, rng.uniform(0.05, 1.0, batch))
         ratio[rng.random(batch) < IDENTITY_FRACTION] = 0.0
         tiles = [self.crops[i, y : y + size, x : x + size] for i, y, x in zip(index, ys, xs)]
@@ -246,7 +259,7 @@ def train(args: argparse.Namespace) -> None:
         p.requires_grad_(True)
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    batches = Batches(crops, args.crop, args.batch, args.seed, device)
+    batches = Batches(crops, args.crop, args.batch, args.seed, device, args.class_weight)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     )
@@ -357,6 +370,7 @@ def train(args: argparse.Namespace) -> None:
         "prediction": args.prediction,
         "output_conv": args.output_conv,
         "couple_noise": args.couple_noise,
+        "class_weights": args.class_weight,
         "lr": args.lr,
         "ema": args.ema,
         "init": str(args.init) if args.init else None,
@@ -393,6 +407,22 @@ def phase_at(phases: list[tuple[int, int, int]], step: int) -> tuple[int, int, i
         if step < end:
             return crop, batch, index
     return phases[-1][0], phases[-1][1], len(phases) - 1
+
+
+def parse_class_weights(text: str) -> dict[str, float]:
+    """`rain=3,haze=1` -> {"rain": 3.0, "haze": 1.0}: mini's classes, positive weights (unnamed classes weigh 1)."""
+    weights = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--class-weight {text!r}: expected NAME=WEIGHT[,...]") from None
+        if name not in MINI_CLASSES or not weights[name] > 0:
+            raise argparse.ArgumentTypeError(
+                f"--class-weight {text!r}: {name!r} must be one of {', '.join(MINI_CLASSES)} with a weight > 0"
+            )
+    return weights
 
 
 def parse_phase(text: str) -> tuple[int, int, int]:
@@ -610,6 +640,13 @@ def main(argv: list[str] | None = None) -> int:
         "--couple-noise",
         action="store_true",
         help="draw the degradations' per-pixel randomness (rain drops, noise) from the flow's start noise",
+    )
+    run.add_argument(
+        "--class-weight",
+        type=parse_class_weights,
+        default=None,
+        metavar="NAME=W[,...]",
+        help="how often each class is drawn, relative (default: all equal); e.g. rain=3 (mini v4)",
     )
     run.add_argument("--cpu", action="store_true", help="train on the CPU even when CUDA is present")
     run.add_argument(

@@ -5,7 +5,10 @@ diffusers' SD3)."""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +25,7 @@ from mdsd3_cli.model.weights import build_model, describe_parameters, load_base
 from mdsd3_cli.train.step import FlowSchedule, flow_matching_loss, step_generator
 
 START = FlowStart(alpha=0.3, beta=1.0)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _residual_mini(seed: int = 5, conv_bias: float = 0.0, gated: bool = False):
@@ -181,3 +185,28 @@ def test_given_noise_is_the_flow_start():
             noise=torch.randn(target.shape),
         )
     assert torch.equal(reference, same) and not torch.equal(reference, other)
+
+
+def _train_mini_module():
+    spec = importlib.util.spec_from_file_location("train_mini", ROOT / "scripts" / "train_mini.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_class_weights_set_the_class_mix_of_the_training_batches():
+    """`--class-weight rain=3` (mini v4's fine-tuning): rain is drawn in about half the samples instead of a
+    quarter; without weights every class is equally likely; a bad weight names the flag and the class."""
+    train_mini = _train_mini_module()
+    crops = torch.randint(0, 256, (4, 24, 24, 3), dtype=torch.uint8)
+
+    def rain_share(weights) -> float:
+        batches = train_mini.Batches(crops, 16, 64, 0, torch.device("cpu"), weights)
+        ratios = torch.cat([batches(step)[2] for step in range(4)])
+        return float((ratios.argmax(1) == MINI_CLASSES.index("rain"))[ratios.sum(1) > 0].float().mean())
+
+    assert 0.4 < rain_share(train_mini.parse_class_weights("rain=3")) < 0.6
+    assert 0.15 < rain_share(None) < 0.35
+    for bad in ("snow=2", "rain=0", "rain"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--class-weight"):
+            train_mini.parse_class_weights(bad)

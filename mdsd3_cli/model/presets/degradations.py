@@ -3,7 +3,7 @@
 Every function takes clean images `[B, 3, H, W]` float in [0, 1], a per-sample ratio `r` in [0, 1] (a tensor
 `[B]` or a float) and a `torch.Generator` on the images' device, and returns degraded images in [0, 1]. The
 ratio scales the physical strength parameter(s) linearly from 0; `r = 0` returns the clean image exactly.
-Random parameters that do not depend on `r` (rain angle, haze depth map, noise fields) are drawn the same way
+Random parameters that do not depend on `r` (haze depth map, rain drops, noise fields) are drawn the same way
 whatever `r` is, so for one generator seed the strength grows monotonically with `r`. The per-pixel randomness
 of rain, noise and low light can instead come from a given standard-normal `field` [B, 3, H, W] (`field=`):
 mini's training passes the flow's own start noise there, so the degradation is a function of the noise the
@@ -16,7 +16,8 @@ ratio 1; lengths in pixels are relative to the image height so the look does not
 * rain (a streak layer rasterised onto the image, then a veil):  V = J + v·(c − J),  I = V + S·(1 − V)
     S = streaks: one per drop, drop density ρ = 0.003·r per pixel at 128 px (∝ 1/H²: the same drops per image
     area at any size; the drop positions of one seed or field
-    are nested: a larger r only adds drops); per image one direction, ±15° from vertical; per streak a length
+    are nested: a larger r only adds drops); every streak falls straight down (vertical: a direction the sampler
+    can know, not a per-image draw it would have to average over, docs/mini.md); per streak a length
     of 6-20 % of the height and a width (Gaussian cross-section, std 0.3-0.75 px at 128 px, in proportion to
     the height, in two classes) that grow together (near drops are longer and wider), a brightness 0.3-0.75,
     soft ends (motion blur along the fall). The screen blend makes every streak brighter than what is behind
@@ -47,7 +48,8 @@ HAZE_BETA = 2.2
 HAZE_DEPTH_MIN = 0.2
 RAIN_DENSITY = 0.003
 RAIN_LENGTH = (0.06, 0.2)
-RAIN_ANGLE_DEG = 15.0
+RAIN_ANGLE_DEG = 0.0
+"""The streaks' direction, degrees from vertical (the same for every image)."""
 RAIN_WIDTH = (0.3, 0.75)
 RAIN_WIDTH_CLASSES = 2
 RAIN_BRIGHTNESS = (0.3, 0.75)
@@ -173,10 +175,10 @@ def rain(
 ) -> torch.Tensor:
     """Rain streaks screen-blended onto a slight veil (see the module docstring). Where the drops fall, their
     size and brightness come from `field` (drawn from `generator` when None): a drop wherever Φ(field[:, 0])
-    < ρ·r, size Φ(field[:, 1]), brightness from Φ(field[:, 2]); the direction comes from `generator`."""
+    < ρ·r, size Φ(field[:, 1]), brightness from Φ(field[:, 2]); the direction is fixed (RAIN_ANGLE_DEG)."""
     r = _ratios(ratio, images)
     batch, _, height, width = images.shape
-    angles = _uniform((batch,), -1.0, 1.0, generator, images) * math.radians(RAIN_ANGLE_DEG)
+    angles = torch.full((batch,), math.radians(RAIN_ANGLE_DEG), device=images.device, dtype=images.dtype)
     density = RAIN_DENSITY * (RAIN_REFERENCE_HEIGHT / height) ** 2  # drops per image area: same look at any size
     if field is None:  # uniforms drawn directly: positions per pixel, sizes and brightness per drop
         uniform = torch.rand((batch, height, width), generator=generator, device=images.device, dtype=images.dtype)
