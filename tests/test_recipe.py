@@ -555,10 +555,12 @@ def test_a_train_recipe_is_read_as_strictly_as_a_generate_recipe(tmp_path: Path)
     assert pickle.loads(pickle.dumps(caught.value)).problems == caught.value.problems
 
 
-def test_loading_a_train_recipe_loads_no_torch() -> None:
+@pytest.mark.parametrize("module", ["mdsd3_cli.recipe.train", "mdsd3_cli.recipe.generate"])
+def test_loading_a_recipe_module_loads_no_torch(module: str) -> None:
+    """`mdsd3 check` and recipe tooling read recipes without paying torch's import."""
     import subprocess
     import sys
 
-    code = "import sys, mdsd3_cli.recipe.train; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch was imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -3,7 +3,10 @@ averages over, and the roll itself."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 GRID_SHIFTS = (1, 2, 4)
 """How many token grids a step's velocity may be averaged over."""
@@ -26,4 +29,4 @@ def roll(latents: torch.Tensor, offset: tuple[int, int], sign: int = 1) -> torch
     """Latents [B, C, H, W] rolled (circularly) by `offset` rows and columns, or back with `sign` -1."""
     if offset == (0, 0):
         return latents
-    return torch.roll(latents, (sign * offset[0], sign * offset[1]), dims=(2, 3))
+    return latents.roll((sign * offset[0], sign * offset[1]), dims=(2, 3))
