@@ -28,7 +28,14 @@ from mdsd3_cli.model.heads import all_prompts  # noqa: E402
 from mdsd3_cli.model.prompts import PromptEmbedding  # noqa: E402
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest  # noqa: E402
 from mdsd3_cli.model.transformer import MDSD3AttnProcessor, MDSD3Transformer  # noqa: E402
-from mdsd3_cli.model.weights import SD3_SCHEDULER, BaseModel, build_tiny, describe_parameters, fresh_adapter_config  # noqa: E402
+from mdsd3_cli.model.weights import (  # noqa: E402
+    SD3_MEDIUM_TRANSFORMER,
+    SD3_SCHEDULER,
+    BaseModel,
+    build_tiny,
+    describe_parameters,
+    fresh_adapter_config,
+)
 
 # --- presets ------------------------------------------------------------------------------------------------
 
@@ -44,20 +51,6 @@ MID_TRANSFORMER = dict(
     pooled_projection_dim=2048,
     out_channels=16,
     pos_embed_max_size=96,
-)
-# The real SD3-medium transformer config (stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json).
-SD3_MEDIUM_TRANSFORMER = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
 )
 _VAE_COMMON = dict(
     in_channels=3,

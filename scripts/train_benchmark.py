@@ -36,19 +36,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
 CONTEXT_TOKENS = 77 + 256  # CLIP-L/G + T5 (SD3 prompt encoding)
 CLASSES = ["rain", "haze", "noise"]
 
@@ -57,7 +44,14 @@ def build(preset: str, device: torch.device, lora_rank: int, trainable: str):
     """(MDSD3 model with trainable parameters in fp32, trainable parameter list, FlowSchedule, joint dim, pooled dim)."""
     from diffusers import SD3Transformer2DModel
 
-    from mdsd3_cli.model.weights import SD3_SCHEDULER, BaseModel, build_model, build_tiny, fresh_adapter_config
+    from mdsd3_cli.model.weights import (
+        SD3_MEDIUM_TRANSFORMER,
+        SD3_SCHEDULER,
+        BaseModel,
+        build_model,
+        build_tiny,
+        fresh_adapter_config,
+    )
     from mdsd3_cli.train.step import FlowSchedule, set_trainable, upcast_trainable
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -66,7 +60,7 @@ def build(preset: str, device: torch.device, lora_rank: int, trainable: str):
     else:
         torch.manual_seed(0)
         with torch.device(device):  # random init on the GPU: seconds, not minutes
-            transformer = SD3Transformer2DModel(**SD3_MEDIUM)
+            transformer = SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER)
         transformer.to(dtype).eval()
         base = BaseModel("sd3-medium-random", transformer, None, dict(SD3_SCHEDULER), "random")
     model, _ = build_model(base, config=fresh_adapter_config(base, CLASSES, lora_rank=lora_rank))

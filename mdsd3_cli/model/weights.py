@@ -51,6 +51,21 @@ TINY_VAE = dict(
     sample_size=64,
 )
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+SD3_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+"""The real SD3-medium transformer config (stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json):
+the benchmarks build it with random weights."""
 BASE_SHAPE_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size")
 LORA_TARGETS = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 _TEXT_FOLDERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
