@@ -292,7 +292,7 @@ def train(args: argparse.Namespace) -> None:
         dropped = condition_drop_mask(args.seed, step, batch, CONDITION_DROP)
         prompt_list, mask = batch_conditioning(ratios, dropped, MINI_CLASSES, partition)
         embeds, pooled = prompts.batch(prompt_list)
-        clean_latents, target_latents = encoder.pair(clean * 2 - 1, degraded * 2 - 1)
+        clean_latents, target_latents = encoder.pair({"clean": clean * 2 - 1, "degraded": degraded * 2 - 1})
         with autocast:
             loss = flow_matching_loss(
                 model,

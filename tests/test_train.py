@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from mdsd3_cli.dataset.stored_images import ImageRef
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
@@ -216,6 +218,51 @@ def test_train_refuses_a_foreign_folder_and_its_own_dataset(pairs, tmp_path):
     with pytest.raises(TrainError, match="overlaps the training data"):
         plan_training(quick_recipe(pairs, inside))
     assert os.listdir(foreign) == ["notes.txt"] and not inside.exists()
+
+
+# ---------------------------------------------------------------- latent cache
+
+CACHE_RUN = (
+    "data.random_crop=false",
+    "data.identity_fraction=0.3",
+    "train.batch_size=8",
+    "train.grad_accum=1",
+    "train.steps=5",
+    "output.preview_every=0",
+    "output.checkpoint_every=5",
+)
+
+
+def test_cached_latents_train_the_same_adapter_decoding_each_image_once(pairs, tmp_path, monkeypatch):
+    """data.cache_latents changes what is decoded, never what is learned: the cache (loader in this process, or
+    two worker processes) and no cache train the same adapter to the bit, and with the cache an image file is
+    decoded once per flip instead of once per sample."""
+    decodes: Counter[Path] = Counter()
+    read_rgb = ImageRef.read_rgb
+
+    def counted(self: ImageRef) -> Image.Image:
+        decodes[self.path] += 1
+        return read_rgb(self)
+
+    monkeypatch.setattr(ImageRef, "read_rgb", counted)
+    runs = {}
+    for name, cache, workers in (("plain", "false", 0), ("cached", "true", 0), ("workers", "true", 2)):
+        decodes.clear()
+        out = tmp_path / name
+        summary = run_train(
+            quick_recipe(pairs, out, *CACHE_RUN, f"data.cache_latents={cache}", f"data.workers={workers}")
+        )
+        assert summary.exit_code == 0
+        runs[name] = (load_file(str(out / "adapter" / "adapter.safetensors")), log_losses(out), Counter(decodes))
+    plain_adapter, plain_losses, plain_decodes = runs["plain"]
+    for name in ("cached", "workers"):
+        adapter, losses = runs[name][:2]
+        assert losses == plain_losses, name
+        assert adapter.keys() == plain_adapter.keys(), name
+        assert all(torch.equal(adapter[key], plain_adapter[key]) for key in plain_adapter), name
+    cached_decodes = runs["cached"][2]
+    assert max(plain_decodes.values()) > 4  # 40 samples: each clean photo is in about a sixth of them
+    assert set(cached_decodes) <= set(plain_decodes) and max(cached_decodes.values()) <= 2, cached_decodes
 
 
 # ---------------------------------------------------------------- trainable sets

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from mdsd3_cli.dataset.stored_images import ImageRef
 from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 from mdsd3_cli.train.data import (
     BAD_RECORD,
@@ -386,6 +388,64 @@ def test_sampling_is_deterministic_and_resumable(tmp_path: Path) -> None:
 
     rank_one = dataset.sample_batch(5, 2, rank=1, world_size=2)
     assert torch.equal(rank_one["clean"], first["clean"][2:])
+
+
+def mismatched_pair_list(tmp_path: Path) -> list[dict]:
+    """Three good pairs and one whose images (each also in a good pair) differ in size."""
+    sizes = {"a": ("astronaut", (72, 48)), "b": ("coffee", (60, 40)), "c": ("chelsea", (72, 48))}
+    for key, (name, size) in sizes.items():
+        save(photo(name, size), tmp_path / "gt" / f"{key}.png")
+        save(inverted(photo(name, size)), tmp_path / "deg" / f"{key}.png")
+    rows = [{"clean": f"gt/{key}.png", "degraded": f"deg/{key}.png"} for key in sizes]
+    rows.append({"clean": "gt/a.png", "degraded": "deg/b.png"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return [{"name": "pairs", "kind": "pair_list", "list": "pairs.jsonl", "classes": {"haze": 1.0}}]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_once_decodes_each_image_and_flip_once_and_keeps_the_samples(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """The trainer's loader with cached latents: what it decodes equals the plain loader's samples, each image
+    and flip is decoded once per loader process, a placeholder only names keys decoded before, and the pair of
+    mismatched sizes is still skipped."""
+    datasets = mismatched_pair_list(tmp_path)
+    plain = dataset_from(tmp_path, datasets, random_crop=False, identity_fraction=0.3)
+    expected = dict(plain.batches(0, 12, batch_size=4, workers=0))
+    decodes: Counter[Path] = Counter()
+    read_rgb = ImageRef.read_rgb
+
+    def counted(self: ImageRef) -> Image.Image:
+        decodes[self.path] += 1
+        return read_rgb(self)
+
+    monkeypatch.setattr(ImageRef, "read_rgb", counted)
+    dataset = build_dataset(load_train_recipe(tmp_path / "train.yaml"))
+    once = dict(dataset.batches(0, 12, batch_size=4, workers=workers, decode_once=True))
+
+    assert list(once) == list(range(12))
+    seen, placeholders = set(), 0
+    for step, batch in once.items():
+        for name in ("ratios", "identity", "clean_key", "degraded_key"):
+            assert torch.equal(batch[name], expected[step][name]), (step, name)
+        for row in range(4):
+            for side in ("clean", "degraded"):
+                key = int(batch[f"{side}_key"][row])
+                if batch[f"{side}_decoded"][row]:
+                    assert torch.equal(batch[side][row], expected[step][side][row]), (step, row, side)
+                    seen.add(key)
+                else:
+                    assert key in seen, (step, row, side)  # sent before by this loader
+                    placeholders += 1
+    assert placeholders > 48  # most of the 96 images reuse what was decoded
+    assert dataset.report.counts() == plain.report.counts() == {SIZE_MISMATCH: 1}
+    assert dataset.report.draws_skipped() == plain.report.draws_skipped() > 0
+    if workers == 0:  # the worker processes' decodes are not counted here
+        mismatched = {tmp_path / "gt" / "a.png", tmp_path / "deg" / "b.png"}
+        assert len(decodes) == 6  # once per flip, and once more where the mismatch is found
+        assert all(count <= 2 + (path in mismatched) for path, count in decodes.items()), decodes
+    with pytest.raises(ValueError, match="random_crop"):
+        next(dataset_from(tmp_path, datasets).batches(0, 1, batch_size=1, decode_once=True))
 
 
 def test_dataset_weights_are_respected(tmp_path: Path) -> None:

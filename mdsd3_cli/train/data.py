@@ -5,6 +5,12 @@ Sampling is a pure function of (data.seed, step, slot): slot `b` of rank `r` is 
 that cannot be used (unreadable, clean/degraded sizes differ) is skipped by drawing again with the next
 attempt number, so a resumed run sees exactly what an uninterrupted run would have seen, whatever the
 number of loader workers. With gradient accumulation, use data step `optimizer_step * grad_accum + micro`.
+
+Every sample names its images by key (`clean_key`, `degraded_key`: one per image file and flip). With
+`batches(..., decode_once=True)` (the trainer with `data.cache_latents`, fixed crops) each loader process decodes
+an image and flip once: a later sample of it carries placeholder pixels (`clean_decoded`/`degraded_decoded` False)
+for a consumer that keeps latents by key (`train.step.LatentEncoder`). A loader process then reads a file once per
+flip (and once more for a pair of mismatched sizes that it is found in): a change to it during the run is not seen.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +321,15 @@ class Draw:
     crop_y: float
 
 
+@dataclass
+class Decoded:
+    """What one loader process decoded (`PairedDataset.batches(decode_once=True)`): each image file's size, and
+    the image keys whose pixels it sent."""
+
+    sizes: dict[ImageRef, tuple[int, int]] = field(default_factory=dict)
+    sent: set[int] = field(default_factory=set)
+
+
 class PairedDataset(Dataset):
     """Pairs of all datasets, sampled deterministically by (seed, step, slot); see the module docstring.
 
@@ -340,6 +355,10 @@ class PairedDataset(Dataset):
         self._offsets = np.cumsum([0] + [len(pairs) for _, pairs in groups]).tolist()
         self._cumulative_weights = np.cumsum([spec.weight for spec in self.specs]).tolist()
         self._ratio_rows = torch.tensor([ratio_vector(pair.ratios, self.classes) for pair in self.pairs])
+        self._image_index: dict[ImageRef, int] = {}
+        for pair in self.pairs:
+            for image in (pair.clean, pair.degraded):
+                self._image_index.setdefault(image, len(self._image_index))
 
     def draw(self, step: int, slot: int, attempt: int = 0) -> Draw:
         """The draw of a global slot at a data step; a pure function of (seed, step, slot, attempt)."""
@@ -355,40 +374,73 @@ class PairedDataset(Dataset):
             crop_y=float(u[5]) if self.data.random_crop else 0.5,
         )
 
-    def load(self, draw: Draw) -> dict[str, torch.Tensor]:
-        """Decode, resize, crop and flip one draw; an unusable pair raises `_PairSkipped`."""
+    def image_keys(self, draw: Draw) -> tuple[int, int]:
+        """(clean key, degraded key) of a draw: one integer per image file and flip (identity: the clean twice)."""
         pair = self.pairs[draw.pair_index]
-        clean = _open_rgb(pair.clean, pair.dataset)
-        degraded = clean if draw.identity else _open_rgb(pair.degraded, pair.dataset)
-        if clean.size != degraded.size:
-            detail = (
-                f"{pair.clean} is {clean.width}x{clean.height} but {pair.degraded} is "
-                f"{degraded.width}x{degraded.height}"
-            )
-            raise _PairSkipped(Skip(SIZE_MISMATCH, pair.dataset, detail))
+        clean = 2 * self._image_index[pair.clean] + draw.flip
+        return clean, clean if draw.identity else 2 * self._image_index[pair.degraded] + draw.flip
+
+    def load(self, draw: Draw, decoded: Decoded | None = None) -> dict[str, torch.Tensor]:
+        """Decode, resize, crop and flip one draw; an unusable pair raises `_PairSkipped`.
+
+        `decoded`: what this loader process decoded before. An image whose key it already sent is not decoded
+        again (placeholder pixels, `clean_decoded`/`degraded_decoded` False), and a pair of known sizes that differ
+        is skipped undecoded.
+        """
+        pair = self.pairs[draw.pair_index]
+        keys = self.image_keys(draw)
+        refs = (pair.clean, pair.clean if draw.identity else pair.degraded)
+        if decoded is not None and all(ref in decoded.sizes for ref in refs):
+            self._check_sizes(pair, *(decoded.sizes[ref] for ref in refs))
+        opened: dict[ImageRef, Image.Image] = {}
+        for ref, key in zip(refs, keys):
+            if ref not in opened and (decoded is None or key not in decoded.sent):
+                opened[ref] = _open_rgb(ref, pair.dataset)
+                if decoded is not None:
+                    decoded.sizes[ref] = opened[ref].size
+        sizes = [opened[ref].size if ref in opened else decoded.sizes[ref] for ref in refs]
+        self._check_sizes(pair, *sizes)
         resolution = self.data.resolution
-        width, height = _resized_size(clean.width, clean.height, resolution, self.data.resize)
+        width, height = _resized_size(*sizes[0], resolution, self.data.resize)
         left, top = round(draw.crop_x * (width - resolution)), round(draw.crop_y * (height - resolution))
         box = (left, top, left + resolution, top + resolution)
-        tensors = []
-        for image in (clean,) if draw.identity else (clean, degraded):
+        tensors = {}
+        for ref, image in opened.items():
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
             image = image.crop(box)
-            tensors.append(_to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if draw.flip else image))
+            tensors[ref] = _to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if draw.flip else image)
+        if decoded is not None:
+            decoded.sent.update(key for ref, key in zip(refs, keys) if ref in opened)
+        clean, degraded = (
+            tensors[ref].clone() if ref in tensors else torch.zeros(3, resolution, resolution) for ref in refs
+        )
         return {
-            "clean": tensors[0],
-            "degraded": tensors[0].clone() if draw.identity else tensors[1],
+            "clean": clean,
+            "degraded": degraded,
             "ratios": torch.zeros(len(self.classes)) if draw.identity else self._ratio_rows[draw.pair_index].clone(),
             "identity": torch.tensor(draw.identity),
+            "clean_key": torch.tensor(keys[0]),
+            "degraded_key": torch.tensor(keys[1]),
+            "clean_decoded": torch.tensor(refs[0] in opened),
+            "degraded_decoded": torch.tensor(refs[1] in opened),
         }
 
-    def sample(self, step: int, slot: int) -> tuple[dict[str, torch.Tensor], list[Skip]]:
-        """The sample of a global slot, and the pairs skipped on the way (no side effects)."""
+    @staticmethod
+    def _check_sizes(pair: Pair, clean: tuple[int, int], degraded: tuple[int, int]) -> None:
+        """`_PairSkipped(SIZE_MISMATCH)` when the pair's images differ in size."""
+        if clean != degraded:
+            detail = f"{pair.clean} is {clean[0]}x{clean[1]} but {pair.degraded} is {degraded[0]}x{degraded[1]}"
+            raise _PairSkipped(Skip(SIZE_MISMATCH, pair.dataset, detail))
+
+    def sample(
+        self, step: int, slot: int, decoded: Decoded | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[Skip]]:
+        """The sample of a global slot, and the pairs skipped on the way (no side effects but on `decoded`, see `load`)."""
         skips = []
         for attempt in range(MAX_DRAW_ATTEMPTS):
             try:
-                return self.load(self.draw(step, slot, attempt)), skips
+                return self.load(self.draw(step, slot, attempt), decoded), skips
             except _PairSkipped as skipped:
                 skips.append(skipped.skip)
         reasons = "; ".join(skip.detail for skip in skips[:3])
@@ -401,20 +453,27 @@ class PairedDataset(Dataset):
         return sample
 
     def batch(
-        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
+        self,
+        step: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        decoded: Decoded | None = None,
     ) -> tuple[dict[str, torch.Tensor], list[Skip]]:
-        """This rank's batch at a data step, and the skips on the way (no side effects)."""
+        """This rank's batch at a data step, and the skips on the way (no side effects but on `decoded`, see `load`)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         samples, skips = [], []
         for slot in range(rank * batch_size, (rank + 1) * batch_size):
-            sample, sample_skips = self.sample(step, slot)
+            sample, sample_skips = self.sample(step, slot, decoded)
             samples.append(sample)
             skips.extend(sample_skips)
         return {name: torch.stack([sample[name] for sample in samples]) for name in samples[0]}, skips
 
     def sample_batch(self, step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict[str, torch.Tensor]:
-        """This rank's batch at a data step: `clean`, `degraded` [B,3,R,R], `ratios` [B,K], `identity` [B] bool."""
+        """This rank's batch at a data step: `clean`, `degraded` [B,3,R,R], `ratios` [B,K], `identity` [B] bool,
+        `clean_key`, `degraded_key` [B] int64, `clean_decoded`, `degraded_decoded` [B] bool (True here, see the
+        module docstring)."""
         batch, skips = self.batch(step, batch_size, rank, world_size)
         self._record(skips)
         return batch
@@ -428,10 +487,15 @@ class PairedDataset(Dataset):
         world_size: int = 1,
         workers: int | None = None,
         pin_memory: bool = False,
+        decode_once: bool = False,
     ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-        """(step, batch) for data steps start_step..end_step-1, built by `workers` loader processes, in order."""
+        """(step, batch) for data steps start_step..end_step-1, built by `workers` loader processes, in order.
+        `decode_once`: each loader process decodes an image and flip once (see the module docstring); it needs
+        fixed crops (`data.random_crop: false`), as a key names a file and a flip, not a crop."""
+        if decode_once and self.data.random_crop:
+            raise ValueError("decode_once needs data.random_crop: false (a key names a file and a flip, not a crop)")
         loader = DataLoader(
-            _StepBatches(self, batch_size, rank, world_size),
+            _StepBatches(self, batch_size, rank, world_size, Decoded() if decode_once else None),
             sampler=range(start_step, end_step),
             batch_size=None,
             num_workers=self.data.workers if workers is None else workers,
@@ -456,13 +520,22 @@ class PairedDataset(Dataset):
 
 
 class _StepBatches(Dataset):
-    """DataLoader view: index = data step, item = (batch, skips) of one rank."""
+    """DataLoader view: index = data step, item = (batch, skips) of one rank. `decoded` (None: decode every
+    sample) is this loader process's own record of what it decoded: each worker process gets its own copy."""
 
-    def __init__(self, dataset: PairedDataset, batch_size: int, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        dataset: PairedDataset,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        decoded: Decoded | None,
+    ) -> None:
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.decoded = decoded
 
     def __getitem__(self, step: int) -> tuple[dict[str, torch.Tensor], list[Skip]]:
-        return self.dataset.batch(step, self.batch_size, self.rank, self.world_size)
+        return self.dataset.batch(step, self.batch_size, self.rank, self.world_size, self.decoded)
 
 
 def build_dataset(recipe: TrainRecipe) -> PairedDataset:

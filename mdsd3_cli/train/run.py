@@ -542,7 +542,7 @@ def compute_loss(state: TrainState, data_step: int, batch: Mapping[str, torch.Te
     )
     prompts, mask = batch_conditioning(batch["ratios"], dropped, state.classes, state.adapter_config.head_partition)
     embeds, pooled = state.prompts.batch(prompts)
-    clean, target = state.encoder.pair(batch["clean"], batch["degraded"])
+    clean, target = state.encoder.pair(batch)
     return flow_matching_loss(
         state.model,
         clean,
@@ -570,6 +570,7 @@ def _batches(state: TrainState, start_step: int) -> Iterator[tuple[int, dict[str
             accelerator.process_index,
             accelerator.num_processes,
             pin_memory=accelerator.device.type == "cuda",
+            decode_once=state.encoder.cache is not None,
         )
 
 

@@ -23,15 +23,16 @@ Decisions:
   are kept because they start at zero and are the only path from the clean image into the model: without them
   a fresh adapter would ignore the clean image. The rest of the clean branch stays frozen. The base is always
   frozen and never stored.
-* `data.cache_latents` (`LatentEncoder`): an in-memory cache of VAE latents keyed by the exact pixels (a hash of
-  the tensor), encoded one image at a time so a cached latent equals a fresh one bit for bit (resumes stay exact).
-  It is refused with `data.random_crop: true`, where no two samples share pixels and the cache would only grow.
-  Flips are fine (two entries per pair). Memory: 2 latents per pair and flip, per process.
+* Latents (`LatentEncoder`) are encoded one image at a time, so a latent never depends on what it was batched
+  with: training with and without `data.cache_latents` is the same to the bit, and so are resumes.
+* `data.cache_latents`: an in-memory cache of VAE latents keyed by image file and flip (the batch's `clean_key`
+  and `degraded_key`, `train.data`); the trainer's loader then decodes each image and flip once per loader process
+  and sends placeholder pixels afterwards. It is refused with `data.random_crop: true`, where no two samples share
+  pixels and the cache would only grow. Memory: one latent per image file and flip, per process.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -206,11 +207,12 @@ class PromptTable:
 
 
 class LatentEncoder:
-    """Pixels in [-1, 1] -> SD3 latents (docs/METHOD.md §5), optionally cached by exact pixel content."""
+    """Pixels in [-1, 1] -> SD3 latents (docs/METHOD.md §5), one image at a time; with `cache`, each image key's
+    latent is encoded once and kept (see the module docstring)."""
 
     def __init__(self, vae: torch.nn.Module, device: torch.device, cache: bool = False):
-        self.vae, self.device, self.cache = vae, device, {} if cache else None
-        self.hits = self.misses = 0
+        self.vae, self.device = vae, device
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -218,23 +220,23 @@ class LatentEncoder:
         return ((latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor).float()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.cache is None:
-            return self._encode(pixels)
-        rows = []
-        for image in pixels:
-            key = hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest()
-            latent = self.cache.get(key)
-            if latent is None:
-                self.misses += 1
-                latent = self.cache[key] = self._encode(image[None])[0].cpu()
-            else:
-                self.hits += 1
-            rows.append(latent)
-        return torch.stack(rows).to(self.device)
+        """[B, 3, H, W] pixels -> [B, C, h, w] latents on the device, never cached."""
+        return torch.cat([self._encode(image[None]) for image in pixels])
 
-    def pair(self, clean: torch.Tensor, degraded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(clean latents, degraded latents); one VAE call for both halves when not caching."""
-        if self.cache is not None:
-            return self(clean), self(degraded)
-        latents = self(torch.cat([clean, degraded]))
-        return latents[: len(clean)], latents[len(clean) :]
+    def pair(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean latents, degraded latents) of a batch: `clean`, `degraded` and, with the cache, `clean_key`,
+        `degraded_key`, `clean_decoded` and `degraded_decoded` (see `train.data`); placeholder pixels are never
+        encoded."""
+        sides = ("clean", "degraded")
+        if self.cache is None:
+            return self(batch["clean"]), self(batch["degraded"])
+        for side in sides:
+            for image, key, decoded in zip(batch[side], batch[f"{side}_key"].tolist(), batch[f"{side}_decoded"]):
+                if decoded and key not in self.cache:
+                    self.cache[key] = self._encode(image[None])[0].cpu()
+        keys = [batch[f"{side}_key"].tolist() for side in sides]
+        missing = sorted({key for column in keys for key in column} - self.cache.keys())
+        if missing:
+            raise RuntimeError(f"image keys {missing} are neither decoded in this batch nor cached")
+        clean, degraded = (torch.stack([self.cache[key] for key in column]).to(self.device) for column in keys)
+        return clean, degraded
