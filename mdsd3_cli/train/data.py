@@ -412,9 +412,10 @@ class PairedDataset(Dataset):
             tensors[ref] = _to_tensor(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if draw.flip else image)
         if decoded is not None:
             decoded.sent.update(key for ref, key in zip(refs, keys) if ref in opened)
-        clean, degraded = (
-            tensors[ref].clone() if ref in tensors else torch.zeros(3, resolution, resolution) for ref in refs
-        )
+        placeholder = None if all(ref in tensors for ref in refs) else torch.zeros(3, resolution, resolution)
+        clean, degraded = (tensors.get(ref, placeholder) for ref in refs)
+        if draw.identity and refs[0] in tensors:
+            degraded = degraded.clone()
         return {
             "clean": clean,
             "degraded": degraded,
