@@ -471,7 +471,17 @@ def coordinate(latents: torch.Tensor, clean: torch.Tensor, target: torch.Tensor)
     return ((dc(latents) - dc(clean)) * axis).sum(dim=1) / (axis * axis).sum(dim=1)
 
 
-def test_training_learns_the_classes(pairs, tmp_path):
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, then as before. The tiny base's operations are too small to share: 40
+    pretraining steps took 8 s of CPU time on one thread and 21-32 s on two (2-core machine, others busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_training_learns_the_classes(pairs, tmp_path, one_thread):
     """Train configs/train_tiny.yaml (on a briefly pretrained tiny base, see `pretrain_tiny_base`), generate
     from the clean photos, and compare the generated latents with the VAE latents of the targets."""
     cache = tmp_path / "prompt_cache"

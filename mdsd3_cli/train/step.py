@@ -231,7 +231,8 @@ class LatentEncoder:
         if self.cache is None:
             return self(batch["clean"]), self(batch["degraded"])
         for side in sides:
-            for image, key, decoded in zip(batch[side], batch[f"{side}_key"].tolist(), batch[f"{side}_decoded"]):
+            rows = zip(batch[side], batch[f"{side}_key"].tolist(), batch[f"{side}_decoded"].tolist())
+            for image, key, decoded in rows:
                 if decoded and key not in self.cache:
                     self.cache[key] = self._encode(image[None])[0].cpu()
         keys = [batch[f"{side}_key"].tolist() for side in sides]
