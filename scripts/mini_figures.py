@@ -26,6 +26,7 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,11 @@ def training_strength(photo: np.ndarray, cls: str, seed: int) -> float:
     return measure_pair(photo, degrade_photo(photo, cls, 1.0, torch.Generator().manual_seed(seed)))[cls]
 
 
-def figures(root: Path, large: bool = True) -> dict[str, Any]:
+def figures(root: Path, large: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Generate and evaluate under `root` (see the module docstring); the figures as a JSON-ready dict. `large`:
-    also the seam ratios at LARGE px (about half as long again as the rest)."""
-    run_generate(plan_run(load_recipe(acceptance_recipe(root)), ShardSpec(0, 1)))
+    also the seam ratios at LARGE px (about half as long again as the rest). `overrides` (`--set`) change the
+    demo's settings in every run, e.g. `sampling.class_guidance.rain=1.5`."""
+    run_generate(plan_run(load_recipe(acceptance_recipe(root), overrides), ShardSpec(0, 1)))
     out = root / "out"
     report = evaluate_dataset(dataset=out, workers=2, seam_grid=SEAM_GRID)
 
@@ -176,19 +178,24 @@ def figures(root: Path, large: bool = True) -> dict[str, Any]:
         "identity_repeat_difference": identity_diversity,
         "classes": classes,
         "composition": {cls: moved(composed, cls) / moved(variant_name(cls, 1.0), cls) for cls in COMPOSED},
-        "grey_identity_colour": grey_identity_colour(root),
+        "grey_identity_colour": grey_identity_colour(root, overrides),
         "seam_grid": SEAM_GRID,
-        "seam": {str(demo_size()): seams(report), **({str(LARGE): seams(large_figures(root))} if large else {})},
+        "seam": {
+            str(demo_size()): seams(report),
+            **({str(LARGE): seams(large_figures(root, overrides))} if large else {}),
+        },
     }
 
 
-def grey_identity_colour(root: Path) -> float:
+def grey_identity_colour(root: Path, overrides: Sequence[str] = ()) -> float:
     """Colour the identity adds to greyscale versions of the held-out photos: the mean over pixels of the
     standard deviation across R, G, B, in 8-bit levels (0 for a grey image)."""
     folder = root / "grey"
     run_generate(
         plan_run(
-            load_recipe(acceptance_recipe(folder, variants=[{"name": "identity", "classes": {}}], grey=True)),
+            load_recipe(
+                acceptance_recipe(folder, variants=[{"name": "identity", "classes": {}}], grey=True), overrides
+            ),
             ShardSpec(0, 1),
         )
     )
@@ -199,10 +206,11 @@ def grey_identity_colour(root: Path) -> float:
     return float(np.mean([image.std(axis=2).mean() for image in images]))
 
 
-def large_figures(root: Path) -> Any:
+def large_figures(root: Path, overrides: Sequence[str] = ()) -> Any:
     """The evaluate report of `large_variants()` generated at LARGE px under root/LARGE."""
     folder = root / str(LARGE)
-    run_generate(plan_run(load_recipe(acceptance_recipe(folder, LARGE, large_variants())), ShardSpec(0, 1)))
+    recipe = load_recipe(acceptance_recipe(folder, LARGE, large_variants()), overrides)
+    run_generate(plan_run(recipe, ShardSpec(0, 1)))
     return evaluate_dataset(dataset=folder / "out", workers=2, seam_grid=SEAM_GRID)
 
 
@@ -231,15 +239,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     parser.add_argument("--rain-speed", action="store_true", help="only print the training rain's images/s per size")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a demo setting in every run, as `mdsd3 generate --set` does (repeatable), e.g. "
+        "sampling.class_guidance.rain=1.5",
+    )
     args = parser.parse_args()
     if args.rain_speed:
         print(json.dumps({"rain_images_per_cpu_second": rain_speed()}, indent=2))
         return 0
     if args.out is not None:
-        print(json.dumps(figures(args.out), indent=2))
+        print(json.dumps(figures(args.out, overrides=args.set), indent=2))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        print(json.dumps(figures(Path(tmp)), indent=2))
+        print(json.dumps(figures(Path(tmp), overrides=args.set), indent=2))
     return 0
 
 

@@ -53,6 +53,8 @@ def test_init_preset_mini_runs_mini_as_the_demo_does(mini_recipe):
         ("sampling.guidance=3", "sampling.guidance 3", "trained for guidance 0-1"),
         ("input.size=320", "input.size 320", "trained on 64-256-pixel crops"),
         ("input.size=32", "input.size 32", "trained on 64-256-pixel crops"),
+        ("sampling.class_guidance.rain=3", "sampling.class_guidance.rain 3", "measured with rain guidance 1-2.5"),
+        ("sampling.class_guidance.haze=2", "sampling.class_guidance.haze 2", "measured with haze guidance 1"),
     ],
 )
 def test_check_warns_when_a_mini_recipe_leaves_what_mini_was_trained_for(mini_recipe, override, field, trained):

@@ -260,6 +260,7 @@ def _record(item: WorkItem, image: LoadedImage, run: RunPlan, pipeline: MDSD3Pip
         "beta": request.beta,
         "steps": recipe.sampling.steps,
         "guidance": recipe.sampling.guidance,
+        **({"class_guidance": dict(request.class_guidance)} if request.class_guidance else {}),
         "seed": request.seed,
         "size": [int(image.pixels.shape[1]), int(image.pixels.shape[0])],
         "crop_box": list(image.crop_box),

@@ -8,7 +8,7 @@ sample's output does not depend on batch size, order or device count.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,6 +29,13 @@ class SampleRequest:
     seed: int
     alpha: float = 1.0
     beta: float = 0.0
+    class_guidance: Mapping[str, float] = field(default_factory=dict)
+    """Guidance per class this sample draws (`sampling.class_guidance`): each step adds (G − 1)·(prediction −
+    prediction without that class)."""
+
+    def without(self, name: str) -> dict[str, float]:
+        """This sample's ratios with class `name` absent: the branch its class guidance contrasts with."""
+        return {other: ratio for other, ratio in self.ratios.items() if other != name}
 
 
 @dataclass
@@ -62,12 +69,12 @@ Prediction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(latents [B, C, H, W], timestep) -> a prediction shaped like the latents: a flow velocity, or x̂0."""
 
 
-def stacked(first: Conditioning, second: Conditioning) -> Conditioning:
-    """Two branches' conditioning as one batch: `first`'s samples, then `second`'s."""
+def stacked(*branches: Conditioning) -> Conditioning:
+    """Branches' conditioning as one batch: the first branch's samples, then the next's."""
     return Conditioning(
-        torch.cat([first.embeds, second.embeds]),
-        torch.cat([first.pooled, second.pooled]),
-        torch.cat([first.head_mask, second.head_mask]),
+        torch.cat([branch.embeds for branch in branches]),
+        torch.cat([branch.pooled for branch in branches]),
+        torch.cat([branch.head_mask for branch in branches]),
     )
 
 
@@ -99,6 +106,28 @@ def guided(prediction: Prediction, guidance: float) -> Prediction:
     def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         uncond, cond = prediction(torch.cat([latents, latents]), timestep).chunk(2)
         return uncond + guidance * (cond - uncond)
+
+    return predict
+
+
+def class_guided(prediction: Prediction, guidance: float, class_scales: Sequence[float]) -> Prediction:
+    """Guidance per class around a prediction conditioned on [unconditional (when `guidance` > 1); conditional;
+    the conditional without class k, for each k] branches, run in one batch: the conditional (or its classifier-free
+    guided value) plus Σ_k (G_k − 1)·(c − c without k). Linear, so it acts on x̂0 as on a velocity."""
+    unconditional = is_guided(guidance)
+    branches = len(class_scales) + (2 if unconditional else 1)
+
+    def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        outputs = prediction(torch.cat([latents] * branches), timestep).chunk(branches)
+        if unconditional:
+            uncond, cond, contrasts = outputs[0], outputs[1], outputs[2:]
+            result = uncond + guidance * (cond - uncond)
+        else:
+            cond, contrasts = outputs[0], outputs[1:]
+            result = cond
+        for scale, without in zip(class_scales, contrasts):
+            result = result + (scale - 1.0) * (cond - without)
+        return result
 
     return predict
 
@@ -212,6 +241,16 @@ class MDSD3Sampler:
         uncond = self.conditioning([UNCONDITIONAL_PROMPT] * len(requests), torch.zeros_like(mask))
         return cond, uncond
 
+    def contrast_conditioning(self, requests: Sequence[SampleRequest]) -> list[Conditioning]:
+        """One branch per class of the requests' (shared) class guidance: each sample without that class."""
+        classes = self.adapter.classes
+        branches = []
+        for name in requests[0].class_guidance:
+            rows = [request.without(name) for request in requests]
+            mask = head_mask([ratio_vector(row, classes) for row in rows], self.adapter.head_partition)
+            branches.append(self.conditioning([prompt_for(row, classes) for row in rows], mask))
+        return branches
+
     # -- denoising ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def denoise(
@@ -223,6 +262,8 @@ class MDSD3Sampler:
         steps: int,
         guidance: float,
         clean_latents: Sequence[torch.Tensor] | None = None,
+        contrasts: Sequence[Conditioning] = (),
+        class_scales: Sequence[float] = (),
     ) -> torch.Tensor:
         """SD3 flow-matching Euler from σ = 1; guidance when `guidance > 1` and an unconditional branch is given.
 
@@ -230,7 +271,8 @@ class MDSD3Sampler:
         shifts), of the clean latents rolled by that offset; each step's prediction is the mean over the offsets of
         the prediction for the rolled latents, rolled back. An adapter trained for the residual x-prediction
         (`prediction: residual_x0`) needs `clean_latents`, rolled likewise: its output gives x̂0 (`residual_x0`),
-        the step's velocity is (x_t − x̂0)/σ, and the last step (to σ = 0) returns x̂0 itself."""
+        the step's velocity is (x_t − x̂0)/σ, and the last step (to σ = 0) returns x̂0 itself. `contrasts` (the
+        samples without class k) and `class_scales` (G_k) add class guidance (`class_guided`)."""
         if len(clean_injections) != len(self.offsets):
             raise ValueError(f"{len(clean_injections)} clean injections for {len(self.offsets)} grid offsets")
         residual = self.adapter.prediction == "residual_x0"
@@ -239,14 +281,20 @@ class MDSD3Sampler:
         scheduler = self.base.make_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
         guided_run = is_guided(guidance) and uncond is not None
-        branches = stacked(uncond, cond) if guided_run else cond
+        if contrasts:
+            branches = stacked(*([uncond] if guided_run else []), cond, *contrasts)
+        else:
+            branches = stacked(uncond, cond) if guided_run else cond
         predictions = [
             transformer_prediction(
                 self.model, branches, injections, clean_latents[index].to(self.dtype) if residual else None
             )
             for index, injections in enumerate(clean_injections)
         ]
-        if guided_run:
+        if contrasts:
+            scale = guidance if guided_run else 1.0
+            predictions = [class_guided(prediction, scale, class_scales) for prediction in predictions]
+        elif guided_run:
             predictions = [guided(prediction, guidance) for prediction in predictions]
         prediction = shift_averaged(predictions, self.offsets)
         euler = sample_euler_x0 if residual else sample_euler
@@ -267,11 +315,23 @@ class MDSD3Sampler:
         `pad_to` runs the transformer on a batch of at least that many samples (the last one repeated, its
         copies discarded). Kernels may pick another algorithm for another batch shape, so a run that always
         uses the same transformer batch gives every sample the same bytes, however partial its batch was.
-        On the CPU every sample runs alone (batch 1), which makes its bytes independent of its batch.
+        On the CPU every sample runs alone (batch 1), which makes its bytes independent of its batch. Samples
+        with other class guidance need other branches: each kind runs as its own batch.
         """
         if len(pixels) != len(requests):
             raise ValueError(f"{len(pixels)} images but {len(requests)} requests")
         count = len(requests)
+        groups: dict[tuple[tuple[str, float], ...], list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(tuple(request.class_guidance.items()), []).append(index)
+        if len(groups) > 1:  # samples with other class guidance run other branches: one batch per kind
+            parts = [
+                self.generate(pixels[ids], [requests[i] for i in ids], steps, guidance, output="latent", pad_to=pad_to)
+                for ids in groups.values()
+            ]
+            order = torch.tensor([index for ids in groups.values() for index in ids])
+            latents = torch.cat(parts)[torch.argsort(order)]
+            return latents if output == "latent" else self.decode(latents)
         if self.device.type == "cpu":
             pad_to = None  # padding only matters for batched kernels; the CPU runs one sample at a time
         if self.device.type == "cpu" and count > 1:
@@ -296,5 +356,7 @@ class MDSD3Sampler:
         beta = torch.tensor([r.beta for r in requests], device=self.device)
         latents = initial_latents(noise, clean_latents.float(), alpha, beta)
         cond, uncond = self.request_conditioning(requests, unconditional=is_guided(guidance))
-        latents = self.denoise(latents, injections, cond, uncond, steps, guidance, rolled)[:count]
+        contrasts = self.contrast_conditioning(requests)
+        scales = list(requests[0].class_guidance.values())
+        latents = self.denoise(latents, injections, cond, uncond, steps, guidance, rolled, contrasts, scales)[:count]
         return latents if output == "latent" else self.decode(latents)

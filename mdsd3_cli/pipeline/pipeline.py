@@ -29,8 +29,12 @@ class SamplingMemoryError(ValueError):
 
 
 def needed_prompts(requests: Iterable[SampleRequest], classes: Sequence[str], guidance: float) -> list[str]:
-    """The prompts a list of requests needs (plus the unconditional one when guided)."""
-    prompts = {prompt_for(request.ratios, classes) for request in requests}
+    """The prompts a list of requests needs: each sample's, and without each class it guides (class guidance),
+    plus the unconditional one when guided."""
+    prompts = set()
+    for request in requests:
+        prompts.add(prompt_for(request.ratios, classes))
+        prompts.update(prompt_for(request.without(name), classes) for name in request.class_guidance)
     if is_guided(guidance):
         prompts.add(UNCONDITIONAL_PROMPT)
     return sorted(prompts)

@@ -45,9 +45,14 @@ def draw_ratios(variant: Variant, classes: Sequence[str], seed: int) -> dict[str
 
 
 def sample_request(recipe: Recipe, key: str, variant: Variant, repeat: int, classes: Sequence[str]) -> SampleRequest:
-    """Repeat `repeat` of `variant` for the input `key`: its seed, the ratios drawn from it for `classes`, and the
-    variant's α and β."""
+    """Repeat `repeat` of `variant` for the input `key`: its seed, the ratios drawn from it for `classes`, the
+    variant's α and β, and the class guidance of the classes it draws."""
     seed = sample_seed(recipe.sampling.seed, key, variant.name, repeat)
+    ratios = draw_ratios(variant, classes, seed)
     return SampleRequest(
-        draw_ratios(variant, classes, seed), seed, recipe.variant_alpha(variant), recipe.variant_beta(variant)
+        ratios,
+        seed,
+        recipe.variant_alpha(variant),
+        recipe.variant_beta(variant),
+        recipe.sample_class_guidance(ratios),
     )

@@ -194,7 +194,7 @@ class Synthesizer:
         alpha, beta = _start(
             self.recipe.sampling.alpha if alpha is None else alpha, self.recipe.sampling.beta if beta is None else beta
         )
-        requests = [SampleRequest(self.full_ratios(row), value, alpha, beta) for row, value in zip(ratio_rows, seeds)]
+        requests = [self.request(self.full_ratios(row), value, alpha, beta) for row, value in zip(ratio_rows, seeds)]
         degraded = self.sample(fitted, requests)
         return [
             Pair(_as_output(clean, output_type), _as_output(output, output_type), dict(request.ratios), request.seed)
@@ -208,7 +208,7 @@ class Synthesizer:
         clean = batch["clean"]
         pixels = list((clean.detach().cpu() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
         requests = [
-            SampleRequest(
+            self.request(
                 self.full_ratios(dict(zip(self.classes, row.tolist()))),
                 _seed(seed, f"batch['seed'][{index}]"),
                 *_start(float(a), float(b)),
@@ -219,6 +219,10 @@ class Synthesizer:
         ]
         degraded = self.sample(pixels, requests)
         return {**batch, "degraded": to_tensor(np.stack(degraded)).to(clean.device)}
+
+    def request(self, ratios: dict[str, float], seed: int, alpha: float, beta: float) -> SampleRequest:
+        """One sample's request, with the recipe's class guidance for the classes it draws."""
+        return SampleRequest(ratios, seed, alpha, beta, self.recipe.sample_class_guidance(ratios))
 
     def full_ratios(self, ratios: Ratios) -> dict[str, float]:
         """Every class's ratio in class order; ValueError for an unknown class (with the closest name) or a ratio

@@ -163,6 +163,10 @@ MAX_START_WEIGHT = 10.0
 and far larger weights overflow to black images."""
 
 
+MAX_CLASS_GUIDANCE = 20.0
+"""Largest sampling.class_guidance value: beyond it a class's contribution saturates every image."""
+
+
 class SamplingSection(Section):
     """Denoising settings shared by all variants."""
 
@@ -173,6 +177,9 @@ class SamplingSection(Section):
     seed: int = 0
     batch_size: int = Field(default=4, ge=1)
     grid_shifts: Literal[GRID_SHIFTS] = 1
+    class_guidance: dict[str, Annotated[float, Field(ge=0, le=MAX_CLASS_GUIDANCE)]] = Field(default_factory=dict)
+    """Guidance per class (docs/METHOD.md §6): a sample drawing class c (ratio > 0) adds, at each step,
+    (G_c − 1)·(prediction − prediction without c), c's contribution alone scaled by G_c; 1 changes nothing."""
 
 
 class Variant(Section):
@@ -286,6 +293,15 @@ class Recipe(Section):
         """β of a variant: its own, else sampling.beta."""
         return self.sampling.beta if variant.beta is None else variant.beta
 
+    def class_guidance(self) -> dict[str, float]:
+        """sampling.class_guidance in class order, classes at 1 (no change) left out."""
+        guidance = self.sampling.class_guidance
+        return {name: guidance[name] for name in self.classes() if guidance.get(name, 1.0) != 1.0}
+
+    def sample_class_guidance(self, ratios: Mapping[str, float]) -> dict[str, float]:
+        """`class_guidance()` for the classes a sample draws (ratio > 0)."""
+        return {name: value for name, value in self.class_guidance().items() if float(ratios.get(name, 0.0)) > 0.0}
+
     def identity(self) -> dict[str, Any]:
         """The settings that determine output pixels; a run refuses to resume into a folder made with others.
 
@@ -320,6 +336,7 @@ class Recipe(Section):
                 "seed": self.sampling.seed,
                 "batch_size": self.sampling.batch_size,
                 **({"grid_shifts": self.sampling.grid_shifts} if self.sampling.grid_shifts != 1 else {}),
+                **({"class_guidance": self.class_guidance()} if self.class_guidance() else {}),
             },
             "variants": [
                 {
@@ -403,6 +420,10 @@ def _variant_problems(recipe: Recipe, classes: list[str] | None) -> list[Problem
             )
         ]
     problems = []
+    if classes is not None:
+        for name in recipe.sampling.class_guidance:
+            if name not in classes:
+                problems.append((f"sampling.class_guidance.{name}", unknown_class_message(name, classes)))
     name_owner: dict[str, int] = {}
     folder_owner: dict[str, int] = {}
     for index, variant in enumerate(recipe.variants):

@@ -16,7 +16,14 @@ MINI = "mini"
 MINI_SETTINGS: dict[str, Any] = {
     "model": {"base": MINI, "adapter": MINI},
     "input": {"size": 128},
-    "sampling": {"steps": 4, "guidance": 1.0, "alpha": 0.3, "beta": 1.0, "grid_shifts": 2},
+    "sampling": {
+        "steps": 4,
+        "guidance": 1.0,
+        "alpha": 0.3,
+        "beta": 1.0,
+        "grid_shifts": 2,
+        "class_guidance": {"rain": 1.35},
+    },
 }
 """mini's model, size and sampling settings (configs/demo.yaml's); α and β are also its adapter config's `start`."""
 
@@ -27,6 +34,8 @@ class TrainedFor:
 
     steps: tuple[int, int]
     guidance: tuple[float, float]
+    class_guidance: dict[str, tuple[float, float]]
+    """Per class, the sampling.class_guidance range measured (absent class: 1 only)."""
     note: str
 
 
@@ -34,6 +43,7 @@ TRAINED_FOR: dict[str, TrainedFor] = {
     MINI: TrainedFor(
         steps=(4, 4),
         guidance=(0.0, 1.0),
+        class_guidance={"rain": (1.0, 2.5)},
         note="mini was trained to sample in 4 steps from its start, conditionally (guidance <= 1: "
         "no unconditional pass), and measured only there (docs/mini.md)",
     ),
@@ -81,6 +91,13 @@ def trained_range_warnings(recipe: Recipe) -> list[str]:
             f"({trained.note}); higher guidance overshoots haze and low light and adds mosaic; set "
             f"sampling.guidance: {MINI_SETTINGS['sampling']['guidance']:g}"
         )
+    for name, value in recipe.sampling.class_guidance.items():
+        measured = trained.class_guidance.get(name, (1.0, 1.0))
+        if _outside(value, measured):
+            warnings.append(
+                f"sampling.class_guidance.{name} {value:g}: {adapter} was measured with {name} guidance "
+                f"{_span(measured)} (docs/mini.md); outside it the class overshoots and adds mosaic"
+            )
     sizes = trained_sizes(read_adapter_config(recipe.adapter_dir()).training)
     native = recipe.input.resize == "native"
     field, side = recipe.input.largest_side()
@@ -122,6 +139,7 @@ sampling:
   seed: 1234
   batch_size: 4
   grid_shifts: {grid_shifts}                # average each step over two token grids: less mosaic, twice the work
+  class_guidance: {{rain: {rain_guidance}}}   # mini's rain is faint: scale its own contribution (one more pass per rain sample)
 
 variants:                       # each writes degraded/<name>/
   - {{name: identity, classes: {{}}}}                      # the photo as mini reproduces it (evaluate's baseline)
@@ -139,6 +157,11 @@ def preset_recipe_text(name: str, path: str = "recipe.yaml") -> str:
     that is not a trained preset."""
     if name != MINI:
         raise ValueError(f"unknown preset {name!r}; presets with a recipe: {MINI}")
+    sampling = {name: value for name, value in MINI_SETTINGS["sampling"].items() if name != "class_guidance"}
     return _MINI_RECIPE.format(
-        path=path, **MINI_SETTINGS["model"], **MINI_SETTINGS["input"], **MINI_SETTINGS["sampling"]
+        path=path,
+        rain_guidance=MINI_SETTINGS["sampling"]["class_guidance"]["rain"],
+        **MINI_SETTINGS["model"],
+        **MINI_SETTINGS["input"],
+        **sampling,
     )
