@@ -8,6 +8,7 @@ import math
 import shutil
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from skimage import data
 from typer.testing import CliRunner
 
 from mdsd3_cli.cli import app
+from mdsd3_cli.dataset.stored_images import ImageRef
 from mdsd3_cli.generate.plan import ShardSpec
 from mdsd3_cli.generate.run import plan_run, run_generate
 from mdsd3_cli.recipe.generate import load_recipe
@@ -149,3 +151,16 @@ def png_header(width: int, height: int) -> bytes:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     pixels = chunk(b"IDAT", zlib.compress(b"\0" * 16))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
+
+
+def count_decodes(monkeypatch: Any) -> Counter[Path]:
+    """A counter of image decodes per file (`ImageRef.read_rgb` calls in this process), live until the test ends."""
+    decodes: Counter[Path] = Counter()
+    read_rgb = ImageRef.read_rgb
+
+    def counted(self: ImageRef) -> Image.Image:
+        decodes[self.path] += 1
+        return read_rgb(self)
+
+    monkeypatch.setattr(ImageRef, "read_rgb", counted)
+    return decodes

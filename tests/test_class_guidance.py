@@ -90,14 +90,16 @@ def test_generate_records_class_guidance_and_refuses_to_resume_with_another(tmp_
 
 
 def test_mini_rain_guidance_strengthens_rain_and_leaves_other_classes_alone() -> None:
-    photo = data.chelsea()
-    plain = Synthesizer.from_preset("mini", overrides=["sampling.class_guidance={}"])
-    guided = Synthesizer.from_preset("mini")
-    assert guided.recipe.sampling.class_guidance["rain"] > 1
-    rain = {"rain": 1.0}
-    (weak,) = plain.degrade(photo, rain, seed=5)
-    (strong,) = guided.degrade(photo, rain, seed=5)
-    assert measure_pair(strong.clean, strong.degraded)["rain"] > 1.5 * measure_pair(weak.clean, weak.degraded)["rain"]
-    (haze_plain,) = plain.degrade(photo, {"haze": 1.0}, seed=5)
-    (haze_guided,) = guided.degrade(photo, {"haze": 1.0}, seed=5)
-    np.testing.assert_array_equal(haze_plain.degraded, haze_guided.degraded)
+    synth = Synthesizer.from_preset("mini")  # configs/demo.yaml's settings, rain's class guidance included
+    guidance = synth.recipe.sampling.class_guidance["rain"]
+    assert guidance > 1
+    assert synth.request(synth.full_ratios({"haze": 1.0}), 5, 0.3, 1.0).class_guidance == {}
+    photo = synth._fit("chelsea", data.chelsea())
+    ratios = synth.full_ratios({"rain": 1.0})
+    plain, guided = synth.pipeline.sample(
+        [photo, photo],
+        [SampleRequest(ratios, 5, 0.3, 1.0), synth.request(ratios, 5, 0.3, 1.0)],
+        synth.recipe.sampling.steps,
+        synth.recipe.sampling.guidance,
+    )
+    assert measure_pair(photo, guided)["rain"] > 1.5 * measure_pair(photo, plain)["rain"]

@@ -24,7 +24,6 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from mdsd3_cli.dataset.stored_images import ImageRef
 from mdsd3_cli.model.heads import all_prompts
 from mdsd3_cli.model.prompts import PromptCache, load_prompt_embeddings, tiny_text_encoder
 from mdsd3_cli.model.sampler import MDSD3Sampler, SampleRequest
@@ -45,7 +44,7 @@ from mdsd3_cli.train.previews import PreviewSettings
 from mdsd3_cli.train.run import compute_loss, open_training, plan_training, run_train, train
 from mdsd3_cli.train.step import FlowSchedule, is_trainable, step_generator
 
-from .helpers import REPO, mdsd3
+from .helpers import REPO, count_decodes, mdsd3
 
 TINY_CONFIG = REPO / "configs" / "train_tiny.yaml"
 PHOTOS = REPO / "examples" / "photos"
@@ -237,14 +236,7 @@ def test_cached_latents_train_the_same_adapter_decoding_each_image_once(pairs, t
     """data.cache_latents changes what is decoded, never what is learned: the cache (loader in this process, or
     two worker processes) and no cache train the same adapter to the bit, and with the cache an image file is
     decoded once per flip instead of once per sample."""
-    decodes: Counter[Path] = Counter()
-    read_rgb = ImageRef.read_rgb
-
-    def counted(self: ImageRef) -> Image.Image:
-        decodes[self.path] += 1
-        return read_rgb(self)
-
-    monkeypatch.setattr(ImageRef, "read_rgb", counted)
+    decodes = count_decodes(monkeypatch)
     runs = {}
     for name, cache, workers in (("plain", "false", 0), ("cached", "true", 0), ("workers", "true", 2)):
         decodes.clear()
@@ -471,17 +463,7 @@ def coordinate(latents: torch.Tensor, clean: torch.Tensor, target: torch.Tensor)
     return ((dc(latents) - dc(clean)) * axis).sum(dim=1) / (axis * axis).sum(dim=1)
 
 
-@pytest.fixture
-def one_thread():
-    """torch on one thread for the test, then as before. The tiny base's operations are too small to share: 40
-    pretraining steps took 8 s of CPU time on one thread and 21-32 s on two (2-core machine, others busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_training_learns_the_classes(pairs, tmp_path, one_thread):
+def test_training_learns_the_classes(pairs, tmp_path):
     """Train configs/train_tiny.yaml (on a briefly pretrained tiny base, see `pretrain_tiny_base`), generate
     from the clean photos, and compare the generated latents with the VAE latents of the targets."""
     cache = tmp_path / "prompt_cache"

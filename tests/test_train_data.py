@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from mdsd3_cli.dataset.stored_images import ImageRef
 from mdsd3_cli.recipe.train import TrainRecipeError, load_train_recipe
 from mdsd3_cli.train.data import (
     BAD_RECORD,
@@ -31,7 +29,7 @@ from mdsd3_cli.train.data import (
     condition_drop_mask,
 )
 
-from .helpers import write_recipe, yaml_text
+from .helpers import count_decodes, write_recipe, yaml_text
 
 RESOLUTION = 32
 
@@ -412,14 +410,7 @@ def test_decode_once_decodes_each_image_and_flip_once_and_keeps_the_samples(
     datasets = mismatched_pair_list(tmp_path)
     plain = dataset_from(tmp_path, datasets, random_crop=False, identity_fraction=0.3)
     expected = dict(plain.batches(0, 12, batch_size=4, workers=0))
-    decodes: Counter[Path] = Counter()
-    read_rgb = ImageRef.read_rgb
-
-    def counted(self: ImageRef) -> Image.Image:
-        decodes[self.path] += 1
-        return read_rgb(self)
-
-    monkeypatch.setattr(ImageRef, "read_rgb", counted)
+    decodes = count_decodes(monkeypatch)
     dataset = build_dataset(load_train_recipe(tmp_path / "train.yaml"))
     once = dict(dataset.batches(0, 12, batch_size=4, workers=workers, decode_once=True))
 

@@ -592,6 +592,8 @@ sampling:
                             # identity (it changes a GPU run's last bits): resuming with another is refused
   grid_shifts: 1            # 1 | 2 | 4: average each step over the token grid moved by half a token (less
                             # mosaic; 2 or 4 times the transformer work). 1 is SD3's sampler exactly
+  class_guidance: {}        # per class, e.g. {rain: 1.5}: scale that class's own contribution in the samples
+                            # that draw it (one more transformer pass each); 1 changes nothing
 
 variants:                   # each writes degraded/<name>/ (or <name>_r<N>/ with repeats)
   # Fixed ratios in [0, 1]: 1 applies a class fully, 0.5 half as strongly.
