@@ -49,3 +49,15 @@ def _private_prompt_cache(tmp_path_factory):
 
 from .slurm_cluster import slurm_cluster  # noqa: E402,F401  (session fixture)
 from .tiny_datasets import folders_dataset, tiny_photos  # noqa: E402,F401  (session fixtures)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """torch on one thread for one test, then as before (the small models' matrices gain nothing from a second
+    thread on a busy machine). A test must never set the thread count for the tests after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

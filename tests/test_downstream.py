@@ -29,8 +29,7 @@ def harness():
     sys.modules.pop(spec.name, None)
 
 
-def test_a_restorer_trained_on_classical_noise_pairs_denoises_held_out_photos(harness):
-    torch.set_num_threads(1)
+def test_a_restorer_trained_on_classical_noise_pairs_denoises_held_out_photos(harness, one_torch_thread):
     train = {name: np.asarray(Image.open(PHOTOS / f"{name}.jpg").convert("RGB")) for name in ("astronaut", "rocket")}
     settings = replace(harness.QUICK, pool=8, pool_side=64, crop=32, steps=60, batch=4)
     pool = harness.draw_pool(train, settings)
@@ -50,8 +49,7 @@ def test_a_restorer_trained_on_classical_noise_pairs_denoises_held_out_photos(ha
 
 
 @pytest.mark.slow
-def test_quick_run_writes_every_arm_generator_and_interval(harness, tmp_path):
-    torch.set_num_threads(1)
+def test_quick_run_writes_every_arm_generator_and_interval(harness, tmp_path, one_torch_thread):
     report = harness.run(harness.QUICK, tmp_path, log=lambda line: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["rows"] == report["rows"]
