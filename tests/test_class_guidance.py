@@ -13,14 +13,14 @@ from skimage import data
 
 from mdsd3_cli import Synthesizer
 from mdsd3_cli.evaluate import measure_pair
-from mdsd3_cli.model.sampler import SampleRequest, class_guided
+from mdsd3_cli.model.sampler import SampleRequest, guided
 from mdsd3_cli.pipeline.requests import sample_request
 from mdsd3_cli.recipe.generate import load_recipe
 
 from .helpers import assert_clean_error, generate, generate_recipe, mdsd3, write_photos, write_recipe
 
 
-def test_class_guided_adds_each_class_contrast_to_the_guided_prediction() -> None:
+def test_guided_adds_each_class_contrast_to_the_guided_prediction() -> None:
     branches = torch.tensor([1.0, 3.0, 2.0, 5.0])  # [uncond; cond; cond without k1; cond without k2], one value each
 
     def prediction(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -28,11 +28,11 @@ def test_class_guided_adds_each_class_contrast_to_the_guided_prediction() -> Non
         return branches.view(4, 1) * torch.ones_like(latents)
 
     latent, step = torch.zeros(1, 1), torch.tensor(1.0)
-    guided = class_guided(prediction, 2.0, [1.5, 3.0])(latent, step)
+    combined = guided(prediction, 2.0, [1.5, 3.0])(latent, step)
     uncond, cond, without_1, without_2 = branches.tolist()
     expected = uncond + 2.0 * (cond - uncond) + 0.5 * (cond - without_1) + 2.0 * (cond - without_2)
-    assert guided.item() == pytest.approx(expected)
-    unguided = class_guided(lambda x, t: branches[1:].view(3, 1) * torch.ones_like(x), 1.0, [1.5, 3.0])
+    assert combined.item() == pytest.approx(expected)
+    unguided = guided(lambda x, t: branches[1:].view(3, 1) * torch.ones_like(x), 1.0, [1.5, 3.0])
     assert unguided(latent, step).item() == pytest.approx(cond + 0.5 * (cond - without_1) + 2.0 * (cond - without_2))
 
 

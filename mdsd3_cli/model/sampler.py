@@ -99,21 +99,11 @@ def transformer_prediction(
     return predict
 
 
-def guided(prediction: Prediction, guidance: float) -> Prediction:
-    """Classifier-free guidance around a prediction conditioned on [unconditional; conditional] branches: the
-    latents run through both in one batch, u + guidance·(c − u). Linear, so it acts on x̂0 as on a velocity."""
-
-    def predict(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        uncond, cond = prediction(torch.cat([latents, latents]), timestep).chunk(2)
-        return uncond + guidance * (cond - uncond)
-
-    return predict
-
-
-def class_guided(prediction: Prediction, guidance: float, class_scales: Sequence[float]) -> Prediction:
-    """Guidance per class around a prediction conditioned on [unconditional (when `guidance` > 1); conditional;
-    the conditional without class k, for each k] branches, run in one batch: the conditional (or its classifier-free
-    guided value) plus Σ_k (G_k − 1)·(c − c without k). Linear, so it acts on x̂0 as on a velocity."""
+def guided(prediction: Prediction, guidance: float, class_scales: Sequence[float] = ()) -> Prediction:
+    """Guidance around a prediction conditioned on [unconditional (when `guidance` > 1); conditional; the
+    conditional without class k, for each k of `class_scales`] branches, run in one batch: classifier-free
+    guidance u + guidance·(c − u) (or c alone), plus class guidance Σ_k (G_k − 1)·(c − c without k). Linear, so it
+    acts on x̂0 as on a velocity."""
     unconditional = is_guided(guidance)
     branches = len(class_scales) + (2 if unconditional else 1)
 
@@ -272,7 +262,7 @@ class MDSD3Sampler:
         the prediction for the rolled latents, rolled back. An adapter trained for the residual x-prediction
         (`prediction: residual_x0`) needs `clean_latents`, rolled likewise: its output gives x̂0 (`residual_x0`),
         the step's velocity is (x_t − x̂0)/σ, and the last step (to σ = 0) returns x̂0 itself. `contrasts` (the
-        samples without class k) and `class_scales` (G_k) add class guidance (`class_guided`)."""
+        samples without class k) and `class_scales` (G_k) add class guidance (`guided`)."""
         if len(clean_injections) != len(self.offsets):
             raise ValueError(f"{len(clean_injections)} clean injections for {len(self.offsets)} grid offsets")
         residual = self.adapter.prediction == "residual_x0"
@@ -281,21 +271,17 @@ class MDSD3Sampler:
         scheduler = self.base.make_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
         guided_run = is_guided(guidance) and uncond is not None
-        if contrasts:
-            branches = stacked(*([uncond] if guided_run else []), cond, *contrasts)
-        else:
-            branches = stacked(uncond, cond) if guided_run else cond
+        unconditional = [uncond] if guided_run else []
+        branches = stacked(*unconditional, cond, *contrasts) if unconditional or contrasts else cond
         predictions = [
             transformer_prediction(
                 self.model, branches, injections, clean_latents[index].to(self.dtype) if residual else None
             )
             for index, injections in enumerate(clean_injections)
         ]
-        if contrasts:
+        if unconditional or contrasts:
             scale = guidance if guided_run else 1.0
-            predictions = [class_guided(prediction, scale, class_scales) for prediction in predictions]
-        elif guided_run:
-            predictions = [guided(prediction, guidance) for prediction in predictions]
+            predictions = [guided(prediction, scale, class_scales) for prediction in predictions]
         prediction = shift_averaged(predictions, self.offsets)
         euler = sample_euler_x0 if residual else sample_euler
         return euler(prediction, latents.to(self.dtype), scheduler.timesteps, scheduler.sigmas)
