@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 import yaml
+from click.testing import Result
 from PIL import Image
 
 from mdsd3_cli.calibrate import calibrate
@@ -212,49 +213,22 @@ def test_cli_reports_classes_left_as_given_and_refuses_to_overwrite(setup, tmp_p
     recipe = setup[0]
     reference = write_reference(tmp_path / "reference", classes=("noise",))
     out = tmp_path / "result" / "left.yaml"
-    result = mdsd3(
-        "calibrate",
-        "--config",
-        str(recipe),
-        "--reference",
-        str(reference),
-        "--classes",
-        "rain,haze",
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-    )
+    result = calibrate_cli(recipe, reference, "rain,haze", out)
     assert result.exit_code == 1, result.output
     assert "absent" in result.output and "degraded/haze" in result.output
     assert yaml.safe_load(out.read_text())["variants"] == yaml.safe_load(recipe.read_text())["variants"]
     assert sorted(os.listdir(out.parent)) == ["left.report.json", "left.yaml"]
-    again = mdsd3(
-        "calibrate",
-        "--config",
-        str(recipe),
-        "--reference",
-        str(reference),
-        "--classes",
-        "haze",
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-    )
+    again = calibrate_cli(recipe, reference, "haze", out)
     assert again.exit_code == 2 and "exists" in again.output
-    unknown = mdsd3(
-        "calibrate",
-        "--config",
-        str(recipe),
-        "--reference",
-        str(reference),
-        "--classes",
-        "hazy",
-        "--out",
-        str(tmp_path / "x.yaml"),
-    )
+    unknown = calibrate_cli(recipe, reference, "hazy", tmp_path / "x.yaml")
     assert unknown.exit_code == 2 and "haze" in unknown.output
+
+
+def calibrate_cli(recipe: Path, reference: Path, classes: str, out: Path) -> Result:
+    """`mdsd3 calibrate` of `classes` against `reference`, written to `out`, on one worker."""
+    return mdsd3(
+        "calibrate", "--config", recipe, "--reference", reference, "--classes", classes, "--out", out, "--workers", "1"
+    )
 
 
 def _unchanged_reference(root: Path, count: int = 4) -> Path:
@@ -335,34 +309,10 @@ def test_a_full_disk_writes_none_of_the_three_files_and_the_rerun_goes_on(setup,
         return real_fdopen(descriptor, mode, *arguments, **options)
 
     monkeypatch.setattr(atomic.os, "fdopen", full_for_the_report)
-    result = mdsd3(
-        "calibrate",
-        "--config",
-        str(recipe),
-        "--reference",
-        str(reference),
-        "--classes",
-        "rain,haze",
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-    )
+    result = calibrate_cli(recipe, reference, "rain,haze", out)
     assert result.exit_code == 2 and "the disk is full" in result.output, result.output
     assert os.listdir(out.parent) == []  # before: left.yaml stayed, and the rerun below was refused
     monkeypatch.undo()
-    again = mdsd3(
-        "calibrate",
-        "--config",
-        str(recipe),
-        "--reference",
-        str(reference),
-        "--classes",
-        "rain,haze",
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-    )
+    again = calibrate_cli(recipe, reference, "rain,haze", out)
     assert again.exit_code == 1, again.output
     assert sorted(os.listdir(out.parent)) == ["left.report.json", "left.yaml"]
